@@ -49,7 +49,9 @@ class KVLayout:
             if getattr(self, name) <= 0:
                 raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
         if self.num_pages < 2:
-            raise ValueError(f"KVLayout.num_pages must be >= 2 (page 0 is the dummy page), got {self.num_pages}")
+            raise ValueError(
+                f"KVLayout.num_pages must be >= 2 (page 0 is the dummy page), got {self.num_pages}"
+            )
 
     @property
     def itemsize(self) -> int:
@@ -93,7 +95,9 @@ def merge_page_runs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[
     in order; a run grows while both the source and destination page ids step by one.
     """
     if len(src_pages) != len(dst_pages):
-        raise ValueError(f"page lists differ in length: {len(src_pages)} source vs {len(dst_pages)} destination")
+        raise ValueError(
+            f"page lists differ in length: {len(src_pages)} source vs {len(dst_pages)} destination"
+        )
     runs: list[tuple[int, int, int]] = []
     for src, dst in zip(src_pages, dst_pages):
         if runs:

@@ -1,0 +1,345 @@
+"""Configuration: the model architecture read from a Hugging Face ``config.json``.
+
+Frozen dataclasses with derived properties; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Model types that carry the DeepSeek-V3 architecture (Kimi-K2 ships its own model_type).
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: plain (``kind="default"``) or YaRN with DeepSeek's two mscales."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    interleave: bool = True
+
+    @staticmethod
+    def yarn_mscale(factor: float, mscale: float | None) -> float:
+        if factor <= 1 or not mscale:
+            return 1.0
+        return 0.1 * mscale * math.log(factor) + 1.0
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """Scale applied to cos/sin (YaRN's attention factor)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.mscale and self.mscale_all_dim:
+            return self.yarn_mscale(self.factor, self.mscale) / self.yarn_mscale(
+                self.factor, self.mscale_all_dim
+            )
+        return self.yarn_mscale(self.factor, 1.0)
+
+    @property
+    def softmax_scale_factor(self) -> float:
+        """Extra factor on the attention softmax scale (DeepSeek applies ``mscale_all_dim`` squared)."""
+        if self.kind != "yarn" or not self.mscale_all_dim:
+            return 1.0
+        m = self.yarn_mscale(self.factor, self.mscale_all_dim)
+        return m * m
+
+    def inv_freq(self, dim: int) -> torch.Tensor:
+        """Inverse frequencies ``[dim // 2]`` float32 for a rotary dimension ``dim``."""
+        pos_freqs = self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        extrapolation = 1.0 / pos_freqs
+        if self.kind != "yarn":
+            return extrapolation
+        interpolation = 1.0 / (self.factor * pos_freqs)
+        orig = self.original_max_position_embeddings
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # avoids a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation_weight = 1 - ramp
+        return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        # Published checkpoints write `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`.
+        params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        interleave = bool(hf.get("rope_interleave", True))
+        if kind == "default":
+            return cls(theta=theta, interleave=interleave)
+        if kind != "yarn":
+            raise ValueError(f"unsupported rope scaling type {kind!r}; expected 'yarn' or none")
+        orig = params.get("original_max_position_embeddings")
+        if orig is None:
+            raise ValueError("yarn rope scaling needs original_max_position_embeddings")
+        factor = params.get("factor")
+        if factor is None:
+            factor = hf["max_position_embeddings"] / orig
+        return cls(
+            theta=theta,
+            kind="yarn",
+            factor=float(factor),
+            original_max_position_embeddings=int(orig),
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=bool(params.get("truncate", True)),
+            interleave=interleave,
+        )
+
+
+@dataclass(frozen=True)
+class FP8Quant:
+    """Block-quantized FP8 weights (``quantization_config`` fmt e4m3): dequantized on load."""
+
+    block_out: int
+    block_in: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DeepSeek-V3 architecture fields that serving needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    n_shared_experts: int
+    first_k_dense_replace: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str = "bfloat16"
+    fp8: FP8Quant | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}"
+            )
+        if not 0 < self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.n_group > 1 and self.experts_per_group < 2:
+            raise ValueError(
+                "grouped routing scores each group by its top-2 experts: need >= 2 experts per group"
+            )
+        if self.num_experts_per_tok > self.topk_group * self.experts_per_group:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts in topk_group "
+                f"{self.topk_group} groups of {self.experts_per_group}"
+            )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values per token per layer in the KV cache: the compressed KV plus the rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim**-0.5 * self.rope.softmax_scale_factor
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type not in SUPPORTED_MODEL_TYPES and "DeepseekV3ForCausalLM" not in archs:
+            raise ValueError(
+                f"unsupported architecture: model_type {model_type!r}, architectures {archs}; "
+                f"pd serves the DeepSeek-V3 architecture (model_type in {SUPPORTED_MODEL_TYPES})"
+            )
+        scoring = hf.get("scoring_func", "sigmoid")
+        if scoring != "sigmoid":
+            raise ValueError(f"unsupported scoring_func {scoring!r}; DeepSeek-V3 routing uses 'sigmoid'")
+        topk_method = hf.get("topk_method", "noaux_tc")
+        if topk_method != "noaux_tc":
+            raise ValueError(f"unsupported topk_method {topk_method!r}; expected 'noaux_tc'")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; expected 'silu'")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        n_routed = hf.get("n_routed_experts") or 0
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            n_routed_experts=n_routed,
+            num_experts_per_tok=hf.get("num_experts_per_tok", 0),
+            n_group=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            n_shared_experts=hf.get("n_shared_experts") or 0,
+            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf["max_position_embeddings"],
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=RopeConfig.from_hf(hf),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
+            fp8=_parse_fp8(hf.get("quantization_config")),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        return cls.from_hf(load_hf_config(path))
+
+
+def load_hf_config(path: str | Path) -> dict[str, Any]:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in model directory {path}")
+    with open(config_path) as f:
+        return json.load(f)
+
+
+def _parse_fp8(qc: dict[str, Any] | None) -> FP8Quant | None:
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    fmt = qc.get("fmt", "e4m3")
+    block = qc.get("weight_block_size")
+    if method != "fp8" or fmt != "e4m3" or not block or len(block) != 2:
+        raise ValueError(
+            f"unsupported quantization_config {qc}; pd dequantizes block-quantized fp8 "
+            "(quant_method 'fp8', fmt 'e4m3', weight_block_size [out, in]) and nothing else"
+        )
+    return FP8Quant(block_out=int(block[0]), block_in=int(block[1]))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int
+    chunk_size: int  # token budget of one extend step
+    max_running: int  # most requests decoding at once
+    max_waiting: int = 4096  # bound of the waiting queue
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "chunk_size", "max_running", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one rank runs a model: device, precision, KV cache and batching limits."""
+
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    load_format: str = "auto"  # auto: safetensors from model_path; dummy: random weights
+    page_size: int = 16
+    num_pages: int | None = None  # None: fill gpu_memory_fraction on CUDA, DEFAULT_CPU_KV_TOKENS on CPU
+    gpu_memory_fraction: float = 0.85
+    chunk_size: int = 2048  # token budget of one prefill forward
+    max_running: int = 64
+    max_waiting: int = 4096
+    max_context_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: str = "torch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if not 0 < self.gpu_memory_fraction < 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return parse_dtype(self.dtype)
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.page_size, self.chunk_size, self.max_running, self.max_waiting)
+
+    def context_len(self, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        if self.max_context_len is not None and self.max_context_len > limit:
+            raise ValueError(f"max_context_len {self.max_context_len} exceeds the model's {limit} positions")
+        return self.max_context_len or limit
+
+
+DEFAULT_CPU_KV_TOKENS = 1 << 16

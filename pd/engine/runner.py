@@ -1,0 +1,103 @@
+"""The model runner: turns a scheduled ``Batch`` into tensors, runs the forward and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from pd.attention.base import AttentionBackend, AttnInputs
+from pd.attention.torch_ref import TorchMLABackend
+from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
+from pd.ep.base import EPBackend
+from pd.ep.local import LocalEP
+from pd.kv_cache import KVLayout, KVPool
+from pd.model.context import ForwardContext
+from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.weights import init_dummy_weights, load_weights
+from pd.sampling import SamplingTensors, sample
+from pd.types import Batch
+
+
+def build_model(
+    cfg: ModelConfig, ep: EPBackend, max_positions: int, device: torch.device, dtype: torch.dtype
+) -> DeepseekV3ForCausalLM:
+    """Creates the model's parameters directly on ``device`` in ``dtype`` (uninitialised)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DeepseekV3ForCausalLM(cfg, ep, max_positions)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    model.model.rotary.build_tables()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None:  # routing bias stays float32 whatever the model dtype
+            gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    return model
+
+
+def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> AttentionBackend:
+    if name == "torch":
+        return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
+    raise ValueError(f"unknown attention backend {name!r}; expected 'torch'")
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, ep: EPBackend | None = None) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.torch_dtype
+        self.ep = ep or LocalEP(model_cfg.n_routed_experts)
+        self.model = build_model(model_cfg, self.ep, cfg.context_len(model_cfg), self.device, self.dtype)
+        if cfg.load_format == "dummy":
+            init_dummy_weights(self.model, cfg.seed)
+        else:
+            load_weights(self.model, cfg.model_path, self.ep.rank, self.ep.world_size)
+        self.pool = KVPool(self._kv_layout(), self.device)
+        self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
+
+    def _kv_layout(self) -> KVLayout:
+        mc = self.model_cfg
+        layout = KVLayout(mc.num_hidden_layers, 2, self.cfg.page_size, mc.latent_dim, self.dtype)
+        num_pages = self.cfg.num_pages
+        if num_pages is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = free - total * (1 - self.cfg.gpu_memory_fraction)
+                num_pages = int(budget // (layout.page_nbytes_per_layer * mc.num_hidden_layers))
+            else:
+                num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
+        return KVLayout(mc.num_hidden_layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[list[int | None], list[float | None]]:
+        """Runs one step; returns per request the sampled token and its logprob (None if it did not sample)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
+            ids += req.all_ids[start:end]
+            positions += range(start, end)
+            if end == req.seq_len:
+                logits_rows.append(len(ids) - 1)
+        self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
+        ctx = ForwardContext(batch.mode, self.attn, self._tensor(logits_rows))
+        logits = self.model(self._tensor(ids), self._tensor(positions), ctx)
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        st = SamplingTensors.build(
+            [r.sampling for r in sampled],
+            [r.seed for r in sampled],
+            [r.seq_len for r in sampled],
+            self.device,
+        )
+        tokens, logprobs = sample(logits, st)
+        token_iter = iter(zip(tokens.tolist(), logprobs.tolist()))
+        out = [next(token_iter) if s else (None, None) for s in batch.samples]
+        return [t for t, _ in out], [lp for _, lp in out]
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -1,0 +1,149 @@
+"""Continuous-batching scheduler with chunked prefill. Works on ``Req`` objects and page ids only.
+
+Each step is either an extend batch (prefill chunks under a token budget) or a decode batch (every
+running request, one token each). Pages are reserved for a request's whole prompt on admission,
+and one page at a time as decoding crosses page boundaries; when none is free the newest running
+request is preempted (its pages freed; it is recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pd.config import SchedulerConfig
+from pd.kv_cache import PageAllocator
+from pd.types import Batch, BatchMode, FinishReason, Req, ReqState
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should refuse the request."""
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator, eos_token_ids: frozenset[int]) -> None:
+        self.cfg = cfg
+        self.allocator = allocator
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Req] = deque()
+        self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
+        self.running: list[Req] = []  # decoding
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
+
+    def add(self, req: Req) -> None:
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.cfg.max_waiting} requests)")
+        need = self._pages_for(req.max_total_len())
+        if need > self.allocator.num_pages - 1:
+            raise ValueError(
+                f"request needs {need} KV pages at its longest but the pool has {self.allocator.num_pages - 1}"
+            )
+        self.waiting.append(req)
+
+    def schedule(self) -> Batch | None:
+        return self._schedule_extend() or self._schedule_decode()
+
+    def _schedule_extend(self) -> Batch | None:
+        budget = self.cfg.chunk_size
+        reqs, starts, ends = [], [], []
+        # Requests already prefilling go first, then new ones, FIFO, while pages and budget last.
+        for req in list(self.prefilling):
+            if budget == 0:
+                break
+            n = min(budget, req.seq_len - req.num_computed)
+            reqs.append(req)
+            starts.append(req.num_computed)
+            ends.append(req.num_computed + n)
+            budget -= n
+        while budget > 0 and self.waiting and len(self.prefilling) + len(self.running) < self.cfg.max_running:
+            req = self.waiting[0]
+            pages = self.allocator.alloc(self._pages_for(req.seq_len))
+            if pages is None:
+                break  # the head waits for pages; later requests do not overtake it
+            self.waiting.popleft()
+            req.pages, req.state, req.num_computed = pages, ReqState.RUNNING, 0
+            self.prefilling.append(req)
+            n = min(budget, req.seq_len)
+            reqs.append(req)
+            starts.append(0)
+            ends.append(n)
+            budget -= n
+        return Batch(BatchMode.EXTEND, reqs, starts, ends) if reqs else None
+
+    def _schedule_decode(self) -> Batch | None:
+        for req in list(self.running):
+            if req in self.running:  # not preempted while making room for an earlier one
+                self._reserve_pages(req)
+        if not self.running:
+            return None
+        reqs = list(self.running)
+        return Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
+
+    def postprocess(self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]) -> list[Req]:
+        """Records the step's results; returns requests that finished on a token-level condition.
+
+        ``tokens[i]`` is None for a request that did not sample this step (a non-final chunk).
+        """
+        finished = []
+        for req, end, token, logprob in zip(batch.reqs, batch.ends, tokens, logprobs):
+            if req.finished:
+                continue  # aborted while the step ran
+            req.num_computed = end
+            if token is None:
+                continue
+            if req in self.prefilling:
+                self.prefilling.remove(req)
+                self.running.append(req)
+            req.output_ids.append(token)
+            req.output_logprobs.append(logprob)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def finish(self, req: Req, reason: FinishReason) -> None:
+        """Ends a request wherever it is and frees its pages exactly once."""
+        if req.finished:
+            return
+        for queue in (self.prefilling, self.running):
+            if req in queue:
+                queue.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req.pages:
+            self.allocator.free(req.pages)
+            req.pages = []
+        req.state, req.finish_reason = ReqState.FINISHED, reason
+
+    def _stop_reason(self, req: Req, token: int) -> FinishReason | None:
+        sp = req.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if len(req.output_ids) >= sp.max_tokens or req.seq_len >= req.max_context_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _reserve_pages(self, req: Req) -> None:
+        """Makes room for the token this step writes, preempting the newest requests if needed."""
+        need = self._pages_for(req.seq_len) - len(req.pages)
+        while need > 0:
+            pages = self.allocator.alloc(need)
+            if pages is not None:
+                req.pages += pages
+                return
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return
+
+    def _preempt(self, req: Req) -> None:
+        self.running.remove(req)
+        self.allocator.free(req.pages)
+        req.pages, req.num_computed, req.state = [], 0, ReqState.WAITING
+        self.waiting.appendleft(req)
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.page_size)

@@ -1,0 +1,21 @@
+"""What one forward step passes down to every layer besides the hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pd.attention.base import AttentionBackend
+from pd.types import BatchMode
+
+
+@dataclass
+class ForwardContext:
+    """Per-step state: the batch mode, the prepared attention backend, the rows to compute
+    logits for, and whether MoE layers use the low-latency (masked-layout) EP path."""
+
+    mode: BatchMode
+    attn: AttentionBackend
+    logits_indices: torch.Tensor  # [B_sample] int64 rows of the step's tokens that need logits
+    low_latency_moe: bool = False

@@ -1,0 +1,61 @@
+"""The DeepSeek-V3 causal LM over flattened tokens (no padding): ``[T]`` ids -> logits of chosen rows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pd.config import ModelConfig
+from pd.ep.base import EPBackend
+from pd.model.context import ForwardContext
+from pd.model.layers import MLP, RMSNorm, RotaryEmbedding
+from pd.model.mla import MLAttention
+from pd.model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ep: EPBackend) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer, rotary)
+        self.mlp = MoE(cfg, ep) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep: EPBackend, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_positions)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.rotary, ep) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Parameter names follow the Hugging Face checkpoint, except merged ``gate_up_proj`` and the
+    stacked routed experts ``mlp.experts.w13`` / ``w2`` (see ``pd.model.weights``)."""
+
+    def __init__(self, cfg: ModelConfig, ep: EPBackend, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekV3Model(cfg, ep, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions`` ``[T]`` int64 -> float32 logits ``[len(ctx.logits_indices), V]``."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, ctx)
+        x = self.model.norm(x[ctx.logits_indices])
+        return self.lm_head(x).float()

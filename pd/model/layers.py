@@ -1,0 +1,82 @@
+"""Building blocks: RMSNorm, rotary embedding, the SiLU-gated MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pd.config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding over ``dim`` channels with a cos/sin table for ``max_positions`` positions.
+
+    With ``interleave`` (DeepSeek's layout) channel pairs are (0,1), (2,3), ...; otherwise (i, i+d/2).
+    Either way the rotated output is laid out as ``[first of each pair..., second of each pair...]``,
+    the same for queries and keys, so their dot products are those of the checkpoint's layout.
+    """
+
+    def __init__(self, rope: RopeConfig, dim: int, max_positions: int) -> None:
+        super().__init__()
+        self.rope, self.dim, self.max_positions = rope, dim, max_positions
+        self.interleave = rope.interleave
+        self.register_buffer(
+            "cos", torch.empty(max_positions, dim // 2, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "sin", torch.empty(max_positions, dim // 2, dtype=torch.float32), persistent=False
+        )
+        if self.cos.device.type != "meta":
+            self.build_tables()
+
+    def build_tables(self) -> None:
+        """Fills the cos/sin tables ``[max_positions, dim/2]`` float32 (again after ``to_empty``)."""
+        freqs = (
+            torch.arange(self.max_positions, dtype=torch.float32)[:, None]
+            * self.rope.inv_freq(self.dim)[None, :]
+        )
+        scale = self.rope.cos_sin_scale
+        self.cos = (freqs.cos() * scale).to(self.cos.device)
+        self.sin = (freqs.sin() * scale).to(self.sin.device)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotates ``x [T, heads, dim]`` at ``positions [T]``; math in float32."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        xf = x.float()
+        if self.interleave:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 2I] -> [..., I]``: SiLU of the first half times the second half."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP; gate and up projections stored merged as ``gate_up_proj [2I, H]``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

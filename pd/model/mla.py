@@ -1,0 +1,83 @@
+"""Multi-head latent attention (MLA) of DeepSeek-V3."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pd.config import ModelConfig
+from pd.model.context import ForwardContext
+from pd.model.layers import RMSNorm, RotaryEmbedding
+from pd.types import BatchMode
+
+
+class MLAttention(nn.Module):
+    """MLA with a latent KV cache.
+
+    The cache holds, per token, ``c_kv`` (``kv_lora_rank``, normalised) and the rotated ``k_pe``
+    (``qk_rope_head_dim``). Extend expands the context latent through ``kv_b_proj`` into per-head
+    keys and values; decode absorbs ``kv_b_proj`` into the query and the output instead.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        h, qk = cfg.hidden_size, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
+        self.rotary = rotary
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj`` split per head: ``w_uk [Hh, nope, kv_lora]`` and ``w_uv [Hh, v, kv_lora]``.
+
+        Views of the loaded weight; computed on use so they always follow it.
+        """
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_rope = self.rotary(positions, q_rope)
+        k_rope = self.rotary(positions, k_rope[:, None, :])[:, 0]
+        latent = torch.cat([c_kv, k_rope], dim=-1)  # [T, kv_lora + rope]
+        attn = ctx.attn
+        attn.store(self.layer, latent)
+
+        if ctx.mode is BatchMode.EXTEND:
+            context = attn.context_latent(self.layer, latent).to(x.dtype)  # [S, D]
+            s = context.shape[0]
+            kv = self.kv_b_proj(context[:, : self.kv_lora_rank]).view(s, self.num_heads, -1)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k_pe = context[:, None, self.kv_lora_rank :].expand(s, self.num_heads, self.rope_dim)
+            k = torch.cat([k_nope, k_pe], dim=-1)
+            out = attn.extend(self.layer, torch.cat([q_nope, q_rope], dim=-1), k, v)  # [T, Hh, v]
+        else:
+            w_uk, w_uv = self.absorbed_weights()
+            q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+            out_latent = attn.decode(self.layer, q_latent, q_rope)  # [T, Hh, kv_lora]
+            out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

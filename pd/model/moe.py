@@ -1,0 +1,96 @@
+"""DeepSeek-V3 MoE: sigmoid router with grouped top-k and correction bias, routed experts behind
+the EP backend, shared experts run locally."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pd.config import ModelConfig
+from pd.ep.base import EPBackend
+from pd.model.context import ForwardContext
+from pd.model.layers import MLP, silu_and_mul
+
+
+def select_experts(
+    x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """noaux_tc routing. Returns ``topk_weights [T, K]`` float32 and ``topk_idx [T, K]`` int64.
+
+    Scores are sigmoid(router logits) in float32; the correction bias only steers the choice
+    (groups ranked by the sum of their top-2 biased scores, then the top-K experts inside the best
+    ``topk_group`` groups); the weights are the unbiased scores of the chosen experts, normalised
+    if ``norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+    """
+    t, e = x.shape[0], cfg.n_routed_experts
+    scores = F.linear(x.float(), gate_weight.float()).sigmoid()  # [T, E]
+    choice = scores + correction_bias
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        group_scores = choice.view(t, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)  # [T, G]
+        expert_mask = group_mask[:, :, None].expand(t, cfg.n_group, e // cfg.n_group).reshape(t, e)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices  # [T, K]
+    topk_weights = scores.gather(1, topk_idx)  # [T, K]
+    if cfg.norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+    return topk_weights * cfg.routed_scaling_factor, topk_idx
+
+
+def experts_forward(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Reference expert compute for the normal layout: ``x [N, H]``, ``topk_idx [N, K]`` local ids
+    (or -1), weights ``[N, K]`` float32 -> ``[N, H]`` = sum over k of weight * expert(x)."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(topk_idx == e)
+        if token.numel() == 0:
+            continue
+        h = silu_and_mul(x[token] @ w13[e].t()) @ w2[e].t()
+        out.index_add_(0, token, (h * topk_weights[token, slot, None]).to(x.dtype))
+    return out
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        # Kept in float32 whatever the model dtype: it is added to float32 scores.
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+
+class Experts(nn.Module):
+    """This rank's routed experts: ``w13 [E_local, 2I, H]`` (gate rows then up rows), ``w2 [E_local, H, I]``."""
+
+    def __init__(self, num_local: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate), requires_grad=False)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep: EPBackend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ep = ep
+        self.gate = Router(cfg)
+        self.experts = Experts(ep.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        topk_weights, topk_idx = select_experts(
+            x, self.gate.weight, self.gate.e_score_correction_bias, self.cfg
+        )
+        d = self.ep.dispatch(x, topk_idx, topk_weights)
+        y = experts_forward(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, self.experts.w13, self.experts.w2)
+        out = self.ep.combine(y, d.handle)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,135 @@
+"""Shared types: sampling parameters, requests and batches.
+
+Plain Python: the scheduler works on these and never builds tensors; the model runner turns a
+``Batch`` into tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
+    those filters. ``seed`` keys a counter-based random stream by (seed, token position), so a
+    seeded request samples the same tokens whatever its batch, rank or CUDA-graph bucket.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            (
+                "temperature",
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                "a finite number >= 0",
+            ),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(f"stop strings must be 1..{MAX_STOP_STRING_LEN} characters, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_sorting(self) -> bool:
+        """Whether top-k or top-p filtering is on (the only filters that need a sort)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+class ReqState(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Req:
+    """One request's token state. ``pages`` hold the KV of ``all_ids[:num_computed]``."""
+
+    rid: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    seed: int  # the request's random stream key (its own, or one drawn for it)
+    max_context_len: int
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    state: ReqState = ReqState.WAITING
+    finish_reason: FinishReason | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is ReqState.FINISHED
+
+    def max_total_len(self) -> int:
+        """The longest this request can grow: prompt + max_tokens, capped by the context length."""
+        return min(len(self.prompt_ids) + self.sampling.max_tokens, self.max_context_len)
+
+
+class BatchMode(str, enum.Enum):
+    EXTEND = "extend"  # prefill or chunked-prefill tokens: non-absorbed MLA
+    DECODE = "decode"  # one token per request over the latent cache: absorbed MLA
+
+
+@dataclass
+class Batch:
+    """One forward step: request ``reqs[i]`` computes ``all_ids[starts[i]:ends[i]]``.
+
+    A request samples a token this step iff its range reaches the end of its known tokens
+    (``ends[i] == seq_len``); chunks before the last one of a prompt only fill the cache.
+    """
+
+    mode: BatchMode
+    reqs: list[Req]
+    starts: list[int]
+    ends: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e - s for s, e in zip(self.starts, self.ends))
+
+    @property
+    def samples(self) -> list[bool]:
+        return [e == r.seq_len for r, e in zip(self.reqs, self.ends)]
