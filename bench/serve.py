@@ -1,0 +1,495 @@
+"""`pd-bench`: end-to-end TTFT/TPOT benchmark of any OpenAI-compatible server.
+
+Sends a dataset of prompts as streaming requests with Poisson (or immediate) arrivals and a
+concurrency cap, measures each stream, and reports latency and throughput:
+
+    pd-bench --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 1024 \
+        --random-output-len 128 --num-prompts 200 --request-rate 8 --max-concurrency 64 \
+        --slo ttft:2000 tpot:50 --result-json out.json --plot plots/
+
+From Python: `result = asyncio.run(run_benchmark(BenchConfig(base_url=..., ...)))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pd.bench.client import request_body, stream_request
+from pd.bench.datasets import (
+    CHARS_PER_TOKEN,
+    SampleRequest,
+    load_tokenizer,
+    random_requests,
+    sharegpt_requests,
+)
+from pd.bench.metrics import (
+    SLO_METRICS,
+    BenchMetrics,
+    LatencyStats,
+    RequestRecord,
+    compute_metrics,
+    group_errors,
+)
+from tqdm import tqdm
+
+DATASETS = ("random", "sharegpt")
+TABLE_WIDTH = 50
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run depends on. Latency SLOs are in milliseconds, timeouts in seconds."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "/v1/completions"
+    model: str | None = None  # None: the first id from GET /v1/models
+    api_key: str | None = None
+    dataset_name: str = "random"
+    dataset_path: str | None = None
+    tokenizer: str | None = None  # a tokenizer.json or the directory holding it
+    num_prompts: int = 100
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    random_vocab_size: int = 1000
+    sharegpt_output_len: int | None = None  # replaces the reply length of every ShareGPT sample
+    request_rate: float = math.inf  # requests/s with Poisson arrivals; inf sends all at once
+    max_concurrency: int | None = None
+    num_warmups: int = 0
+    seed: int = 0
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    request_timeout: float = 600.0
+    slo_ms: Mapping[str, float] = field(default_factory=dict)
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    disable_tqdm: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith("/") or not self.endpoint.endswith("completions"):
+            raise ValueError(
+                f"endpoint={self.endpoint!r}, expected a path like /v1/completions or /v1/chat/completions"
+            )
+        if self.dataset_name not in DATASETS:
+            raise ValueError(f"dataset_name={self.dataset_name!r}, expected one of {DATASETS}")
+        if self.dataset_name == "sharegpt" and not self.dataset_path:
+            raise ValueError("dataset_name='sharegpt' needs dataset_path (a ShareGPT JSON file)")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts={self.num_prompts}, expected >= 1")
+        if not self.request_rate > 0:
+            raise ValueError(f"request_rate={self.request_rate}, expected > 0 (or inf)")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency={self.max_concurrency}, expected >= 1 or None")
+        if self.num_warmups < 0:
+            raise ValueError(f"num_warmups={self.num_warmups}, expected >= 0")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout={self.request_timeout}, expected > 0 seconds")
+        unknown = set(self.slo_ms) - set(SLO_METRICS)
+        if unknown:
+            raise ValueError(
+                f"slo_ms has unknown metric(s) {sorted(unknown)}, expected some of {SLO_METRICS}"
+            )
+        bad = {k: v for k, v in self.slo_ms.items() if not v > 0}
+        if bad:
+            raise ValueError(f"slo_ms={dict(self.slo_ms)}: thresholds {bad} must be > 0 ms")
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + self.endpoint
+
+    @property
+    def models_url(self) -> str:
+        return self.base_url.rstrip("/") + "/v1/models"
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("chat/completions")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: inf becomes the string "inf"; the API key is left out."""
+        d = dataclasses.asdict(self)
+        d["slo_ms"], d["extra_body"] = dict(self.slo_ms), dict(self.extra_body)
+        d["api_key"] = None if self.api_key is None else "<set>"
+        if math.isinf(self.request_rate):
+            d["request_rate"] = "inf"
+        return d
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    model: str
+    records: tuple[RequestRecord, ...]
+    metrics: BenchMetrics
+    warmup_errors: dict[str, int]  # error message -> count, over the warm-up requests
+    notes: tuple[str, ...]  # caveats on the figures, e.g. estimated token counts
+    date: str  # UTC, ISO 8601, when the run started
+
+    def to_dict(self) -> dict[str, Any]:
+        """Config, aggregate metrics and per-request records, JSON-safe."""
+        metrics = dataclasses.asdict(self.metrics)
+        metrics["output_tokens_source"] = self.metrics.output_tokens_source
+        records = []
+        for r in self.records:
+            d = dataclasses.asdict(r)
+            d["token_times"] = list(r.token_times)
+            d.update(ttft=r.ttft, tpot=r.tpot, e2el=r.e2el, itls=r.itls)
+            records.append(d)
+        return {
+            "date": self.date,
+            "model": self.model,
+            "config": self.config.to_dict(),
+            "notes": list(self.notes),
+            "warmup_errors": self.warmup_errors,
+            "metrics": metrics,
+            "requests": records,
+        }
+
+
+def arrival_times(num: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from start) of `num` requests: a Poisson process of `rate`/s, or all at 0 for inf.
+
+    The first request goes at 0; gaps are exponential with mean 1/rate, deterministic in `seed`.
+    """
+    if math.isinf(rate):
+        return [0.0] * num
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(num):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+def sample_requests(cfg: BenchConfig) -> tuple[list[SampleRequest], list[str]]:
+    """The dataset `cfg` names, and notes on how exact its token counts are."""
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    notes = []
+    if cfg.dataset_name == "random":
+        requests = random_requests(
+            cfg.num_prompts,
+            cfg.random_input_len,
+            cfg.random_output_len,
+            cfg.random_range_ratio,
+            cfg.random_vocab_size,
+            cfg.seed,
+            tokenizer,
+            as_text=cfg.is_chat,
+        )
+    else:
+        requests = sharegpt_requests(
+            cfg.dataset_path, cfg.num_prompts, cfg.seed, tokenizer, output_len=cfg.sharegpt_output_len
+        )
+        if tokenizer is None:
+            notes.append(
+                f"ShareGPT token counts estimated as characters / {CHARS_PER_TOKEN} (no --tokenizer); "
+                "input totals use the server's usage where it reports one"
+            )
+    return requests, notes
+
+
+async def fetch_model(client: httpx.AsyncClient, models_url: str) -> str:
+    """The first model id the server lists at GET /v1/models."""
+    try:
+        response = await client.get(models_url)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise RuntimeError(f"could not read a model id from {models_url} ({e}); pass --model") from e
+
+
+async def _run_requests(
+    client: httpx.AsyncClient,
+    cfg: BenchConfig,
+    model: str,
+    requests: Sequence[SampleRequest],
+    offsets: Sequence[float],
+    progress: tqdm | None,
+) -> tuple[list[RequestRecord], float]:
+    """Sends request i at offsets[i] s after start, at most max_concurrency at once; returns (records, duration)."""
+    limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    t0 = time.perf_counter()
+
+    async def one(index: int, sample: SampleRequest, offset: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        body = request_body(sample, model, cfg.is_chat, cfg.temperature, cfg.ignore_eos, cfg.extra_body)
+        if limit is not None:
+            await limit.acquire()
+        try:
+            record = await stream_request(
+                client,
+                cfg.url,
+                body,
+                index=index,
+                prompt_len=sample.prompt_len,
+                t0=t0,
+                timeout_s=cfg.request_timeout,
+                chat=cfg.is_chat,
+            )
+        finally:
+            if limit is not None:
+                limit.release()
+        if progress is not None:
+            progress.update(1)
+        return record
+
+    records = await asyncio.gather(*(one(i, s, o) for i, (s, o) in enumerate(zip(requests, offsets))))
+    return list(records), time.perf_counter() - t0
+
+
+async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | None = None) -> BenchResult:
+    """Runs one benchmark against `cfg.base_url` and returns its records and metrics.
+
+    `requests` replaces the dataset named in `cfg` (then `cfg.num_prompts` is ignored). Failed
+    requests are counted with their error messages; nothing a server does raises here, except
+    that the model id must be known (given, or listed by GET /v1/models).
+    """
+    notes: list[str] = []
+    if requests is None:
+        requests, notes = sample_requests(cfg)
+    if len(requests) == 0:
+        raise ValueError("no requests to send")
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    # No pool limit (the concurrency cap is ours to set) and no httpx timeout: stream_request
+    # bounds each whole request by cfg.request_timeout.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(headers=headers, timeout=None, limits=limits) as client:
+        model = cfg.model or await fetch_model(client, cfg.models_url)
+
+        warmup_errors: dict[str, int] = {}
+        if cfg.num_warmups:
+            warmups = [requests[i % len(requests)] for i in range(cfg.num_warmups)]
+            records, _ = await _run_requests(client, cfg, model, warmups, [0.0] * len(warmups), None)
+            warmup_errors = group_errors(records)
+
+        offsets = arrival_times(len(requests), cfg.request_rate, cfg.seed)
+        with tqdm(total=len(requests), disable=cfg.disable_tqdm, desc="requests") as progress:
+            records, duration = await _run_requests(client, cfg, model, requests, offsets, progress)
+
+    metrics = compute_metrics(records, duration, cfg.slo_ms)
+    if 0 < metrics.output_tokens_from_usage < metrics.completed:
+        notes.append("output token counts: server usage where reported, else token-bearing chunks")
+    elif metrics.completed and metrics.output_tokens_from_usage == 0:
+        notes.append("output token counts are token-bearing chunks: the server reported no usage")
+    return BenchResult(cfg, model, tuple(records), metrics, warmup_errors, tuple(notes), date)
+
+
+def _fmt(value: float | int | str | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.2f}"
+    return str(value)
+
+
+def _title(text: str, fill: str = "-") -> str:
+    return f"{text:{fill}^{TABLE_WIDTH}}"
+
+
+def format_table(result: BenchResult) -> str:
+    """The result block printed at the end of a run (the layout of vllm's serving benchmark)."""
+    m, cfg = result.metrics, result.config
+    source = {
+        "usage": "server usage",
+        "chunks": "token-bearing chunks",
+        "mixed": "usage where reported, else chunks",
+        "none": "n/a",
+    }[m.output_tokens_source]
+    rows: list[tuple[str, Any]] = [
+        ("Successful requests:", m.completed),
+        ("Failed requests:", m.failed),
+        ("Request rate (req/s):", cfg.request_rate),
+        ("Maximum request concurrency:", cfg.max_concurrency),
+        ("Benchmark duration (s):", m.duration_s),
+        ("Total input tokens:", m.total_input_tokens),
+        ("Total generated tokens:", m.total_output_tokens),
+        ("Output token counts from:", source),
+        ("Request throughput (req/s):", m.request_throughput),
+    ]
+    if m.goodput is not None:
+        rows.append(("Request goodput (req/s):", m.goodput))
+    rows += [
+        ("Output token throughput (tok/s):", m.output_throughput),
+        ("Peak output token throughput (tok/s):", m.peak_output_throughput),
+        ("Peak concurrent requests:", m.peak_concurrency),
+        ("Total token throughput (tok/s):", m.total_token_throughput),
+    ]
+    lines = [_title(" Serving Benchmark Result ", "=")]
+    lines += [f"{label:<40} {_fmt(value)}" for label, value in rows]
+    sections: list[tuple[str, str, LatencyStats]] = [
+        ("Time to First Token", "TTFT", m.ttft),
+        ("Time per Output Token (excl. 1st token)", "TPOT", m.tpot),
+        ("Inter-token Latency", "ITL", m.itl),
+        ("End-to-end Latency", "E2EL", m.e2el),
+    ]
+    for title, short, stats in sections:
+        lines.append(_title(title))
+        for name, value in (
+            ("Mean", stats.mean),
+            ("Median", stats.median),
+            ("Std", stats.std),
+            ("P90", stats.p90),
+            ("P99", stats.p99),
+        ):
+            lines.append(f"{f'{name} {short} (ms):':<40} {_fmt(value)}")
+    if m.slo_ms:
+        slo = " ".join(f"{k}:{v:g}" for k, v in m.slo_ms.items())
+        lines.append(_title("Goodput"))
+        lines.append(f"{'SLO (ms):':<40} {slo}")
+        lines.append(f"{'Requests meeting every SLO:':<40} {m.good_requests}")
+    lines.append("=" * TABLE_WIDTH)
+    if m.errors:
+        lines.append("Failed requests by error:")
+        lines += [f"  {count:>6} x {message}" for message, count in m.errors.items()]
+    if result.warmup_errors:
+        lines.append("Failed warm-up requests by error (not counted above):")
+        lines += [f"  {count:>6} x {message}" for message, count in result.warmup_errors.items()]
+    lines += [f"Note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def write_result_json(result: BenchResult, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def parse_slo(items: Sequence[str]) -> dict[str, float]:
+    """["ttft:2000", "tpot:50"] -> {"ttft": 2000.0, "tpot": 50.0} (milliseconds)."""
+    slo = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = None
+        if not sep or name not in SLO_METRICS or ms is None or not ms > 0:
+            raise ValueError(f"--slo {item!r}: expected NAME:MILLISECONDS with NAME one of {SLO_METRICS}")
+        slo[name] = ms
+    return slo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="pd-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default=d.base_url, help="server root, without /v1")
+    p.add_argument("--endpoint", default=d.endpoint, help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--model", default=None, help="model name to send (default: first id from GET /v1/models)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--dataset-name", default=d.dataset_name, choices=DATASETS)
+    p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (for --dataset-name sharegpt)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or its directory: exact token counts, and text prompts for chat on random data",
+    )
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument("--random-input-len", type=int, default=d.random_input_len)
+    p.add_argument("--random-output-len", type=int, default=d.random_output_len)
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=d.random_range_ratio,
+        help="lengths uniform in [len*(1-r), len*(1+r)]",
+    )
+    p.add_argument("--random-vocab-size", type=int, default=d.random_vocab_size, help="random ids in [0, N)")
+    p.add_argument(
+        "--sharegpt-output-len", type=int, default=None, help="max_tokens for every ShareGPT prompt"
+    )
+    p.add_argument(
+        "--request-rate", type=float, default=d.request_rate, help="requests/s, Poisson; inf: all at once"
+    )
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-warmups", type=int, default=d.num_warmups, help="requests sent first, not counted")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos: true (a common server extension)"
+    )
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds per request")
+    p.add_argument(
+        "--slo", nargs="+", default=[], metavar="NAME:MS", help="e.g. ttft:2000 tpot:50 e2el:10000"
+    )
+    p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    p.add_argument("--result-json", default=None, help="write config, metrics and per-request records here")
+    p.add_argument(
+        "--plot", default=None, metavar="DIR", help="write TTFT/TPOT CDFs and throughput PNGs here"
+    )
+    p.add_argument("--disable-tqdm", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    extra_body = json.loads(args.extra_body) if args.extra_body else {}
+    if not isinstance(extra_body, dict):
+        raise ValueError(f"--extra-body {args.extra_body!r}: expected a JSON object")
+    return BenchConfig(
+        base_url=args.base_url,
+        endpoint=args.endpoint,
+        model=args.model,
+        api_key=args.api_key,
+        dataset_name=args.dataset_name,
+        dataset_path=args.dataset_path,
+        tokenizer=args.tokenizer,
+        num_prompts=args.num_prompts,
+        random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len,
+        random_range_ratio=args.random_range_ratio,
+        random_vocab_size=args.random_vocab_size,
+        sharegpt_output_len=args.sharegpt_output_len,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        num_warmups=args.num_warmups,
+        seed=args.seed,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        request_timeout=args.request_timeout,
+        slo_ms=parse_slo(args.slo),
+        extra_body=extra_body,
+        disable_tqdm=args.disable_tqdm,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    print(
+        f"pd-bench: {cfg.url}, dataset {cfg.dataset_name}, {cfg.num_prompts} prompts, "
+        f"request rate {_fmt(cfg.request_rate)}/s, max concurrency {_fmt(cfg.max_concurrency)}"
+    )
+    try:
+        result = asyncio.run(run_benchmark(cfg))
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"pd-bench: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.result_json:
+        write_result_json(result, args.result_json)
+        print(f"Wrote {args.result_json}")
+    if args.plot:
+        from pd.bench.plot import plot_results
+
+        files = plot_results(list(result.records), result.metrics, args.plot)
+        print("Wrote " + ", ".join(str(f) for f in files))
+    return 0 if result.metrics.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

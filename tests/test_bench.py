@@ -1,0 +1,523 @@
+"""pd-bench: metric math on synthetic records, datasets, arrivals, and whole runs against a stub server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from pd.bench.client import sse_data
+from pd.bench.datasets import (
+    SampleRequest,
+    count_tokens,
+    load_tokenizer,
+    random_requests,
+    sharegpt_requests,
+)
+from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
+from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# ---------------------------------------------------------------------------------------------
+# Metric math on synthetic records (exact).
+
+
+def row(label, value):
+    """A line of the printed result table."""
+    return f"{label:<40} {value}"
+
+
+def rec(index, start, token_times, end, output_tokens=None, error=None, prompt_len=10, from_usage=True):
+    return RequestRecord(
+        index=index,
+        start=start,
+        end=end,
+        token_times=tuple(token_times),
+        prompt_len=prompt_len,
+        output_tokens=len(token_times) if output_tokens is None else output_tokens,
+        max_tokens=16,
+        output_tokens_from_usage=from_usage,
+        error=error,
+    )
+
+
+def test_record_latencies_are_exact():
+    r = rec(0, start=1.0, token_times=[1.5, 1.6, 1.8, 2.1], end=2.2, output_tokens=4)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2el == pytest.approx(1.2)
+    assert r.itls == pytest.approx([0.1, 0.2, 0.3])
+    assert r.tpot == pytest.approx((1.2 - 0.5) / 3)
+    # Usage says 7 tokens arrived in 4 chunks: TPOT divides by the token count, not the chunk count.
+    assert rec(0, 1.0, [1.5, 1.6, 1.8, 2.1], 2.2, output_tokens=7).tpot == pytest.approx(0.7 / 6)
+    one = rec(0, 0.0, [0.25], 0.3, output_tokens=1)
+    assert one.tpot is None and one.itls == []
+
+
+def test_compute_metrics_exact():
+    records = [
+        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4, prompt_len=5),  # ttft 0.1, tpot 0.15, e2el 0.4
+        rec(1, 0.5, [0.8, 1.0, 1.2, 1.4], 1.5, output_tokens=8, prompt_len=7),  # ttft .3, tpot 0.7/7 = .1
+        rec(2, 1.0, [1.2], 1.3, error="HTTP 500: boom"),
+        rec(3, 1.1, [], 2.5, error="timeout: request did not finish within 1 s"),
+        rec(4, 1.2, [], 1.3, error="HTTP 500: boom"),
+    ]
+    m = compute_metrics(records, duration_s=2.5)
+    assert (m.completed, m.failed) == (2, 3)
+    assert m.errors == {"HTTP 500: boom": 2, "timeout: request did not finish within 1 s": 1}
+    assert list(m.errors) == ["HTTP 500: boom", "timeout: request did not finish within 1 s"]
+    assert (m.total_input_tokens, m.total_output_tokens) == (12, 11)
+    assert m.request_throughput == pytest.approx(2 / 2.5)
+    assert m.output_throughput == pytest.approx(11 / 2.5)
+    assert m.total_token_throughput == pytest.approx(23 / 2.5)
+    assert m.ttft.mean == pytest.approx(200.0) and m.ttft.median == pytest.approx(200.0)
+    assert m.ttft.std == pytest.approx(100.0)
+    assert m.ttft.p90 == pytest.approx(100 + 0.9 * 200) and m.ttft.p99 == pytest.approx(100 + 0.99 * 200)
+    assert m.tpot.mean == pytest.approx((150.0 + 100.0) / 2)
+    assert m.itl.count == 5 and m.itl.mean == pytest.approx(1000 * (0.1 + 0.1 + 0.2 + 0.2 + 0.2) / 5)
+    assert m.e2el.mean == pytest.approx(1000 * (0.4 + 1.0) / 2)
+    # Windows [0,1), [1,2), [2,3): record 0 has 3 tokens in window 0; record 1 has 8 tokens in
+    # 4 chunks (2 each), one chunk in window 0 and three in window 1. Failures are not counted.
+    assert m.output_throughput_timeline == pytest.approx([5.0, 6.0, 0.0])
+    assert m.peak_output_throughput == pytest.approx(6.0)
+    # In flight at t=1.2: records 1, 2, 3, 4 (failed requests occupied the server too).
+    assert m.peak_concurrency == 4
+    assert m.goodput is None and m.good_requests is None
+    assert m.output_tokens_source == "usage"
+
+
+def test_compute_metrics_without_successes_reports_none():
+    m = compute_metrics([rec(0, 0.0, [], 1.0, error="x")], duration_s=1.0)
+    assert m.completed == 0 and m.failed == 1 and m.errors == {"x": 1}
+    assert m.ttft == LatencyStats(0, None, None, None, None, None)
+    assert m.output_tokens_source == "none"
+    with pytest.raises(ValueError, match="duration_s"):
+        compute_metrics([], duration_s=0.0)
+
+
+def test_slo_goodput_math():
+    records = [
+        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4),  # ttft 100, tpot 150, e2el 400
+        rec(1, 0.0, [0.5, 0.55, 0.6], 0.65),  # ttft 500, tpot 75, e2el 650
+        rec(2, 0.0, [0.05], 0.06, output_tokens=1),  # ttft 50, no tpot, e2el 60
+        rec(3, 0.0, [0.01], 0.02, error="boom"),  # failures never count as good
+    ]
+    cases = [
+        ({"ttft": 200}, 2),
+        ({"tpot": 100}, 2),  # records 1 and 2 (no TPOT to break)
+        ({"ttft": 200, "tpot": 100}, 1),
+        ({"e2el": 650}, 3),  # the bound is inclusive
+        ({"e2el": 649}, 2),
+        ({"ttft": 1}, 0),
+    ]
+    for slo, good in cases:
+        m = compute_metrics(records, duration_s=2.0, slo_ms=slo)
+        assert m.good_requests == good, slo
+        assert m.goodput == pytest.approx(good / 2.0), slo
+    with pytest.raises(ValueError, match="itl"):
+        compute_metrics(records, duration_s=1.0, slo_ms={"itl": 5})
+    assert parse_slo(["ttft:2000", "tpot:50", "e2el:1e4"]) == {"ttft": 2000.0, "tpot": 50.0, "e2el": 10000.0}
+    for bad in ("ttft", "itl:5", "ttft:abc", "tpot:-1"):
+        with pytest.raises(ValueError, match="--slo"):
+            parse_slo([bad])
+
+
+def test_peak_concurrency_back_to_back_does_not_overlap():
+    records = [rec(0, 0.0, [0.5], 1.0), rec(1, 1.0, [1.5], 2.0), rec(2, 1.5, [1.6], 1.7)]
+    assert peak_concurrency(records) == 2
+
+
+def test_arrival_times_poisson_and_inf():
+    a = arrival_times(2000, rate=50.0, seed=3)
+    assert a == arrival_times(2000, rate=50.0, seed=3)
+    assert a != arrival_times(2000, rate=50.0, seed=4)
+    assert a[0] == 0.0 and all(x < y for x, y in itertools.pairwise(a))
+    gaps = [y - x for x, y in itertools.pairwise(a)]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50.0, rel=0.1)  # exponential gaps, mean 1/rate
+    assert arrival_times(5, rate=math.inf, seed=0) == [0.0] * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A small byte-level BPE tokenizer with two special tokens at ids 0 and 1."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7} again" for i in range(200)]
+    tok.train_from_iterator(text, trainer)
+    path = tmp_path_factory.mktemp("tok")
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_random_dataset_deterministic_with_lengths_in_range():
+    a = random_requests(50, input_len=100, output_len=20, range_ratio=0.5, vocab_size=300, seed=7)
+    assert a == random_requests(50, input_len=100, output_len=20, range_ratio=0.5, vocab_size=300, seed=7)
+    assert a != random_requests(50, input_len=100, output_len=20, range_ratio=0.5, vocab_size=300, seed=8)
+    for s in a:
+        assert isinstance(s.prompt, list) and len(s.prompt) == s.prompt_len and s.prompt_len_exact
+        assert 50 <= s.prompt_len <= 150 and 10 <= s.output_len <= 30
+        assert all(0 <= t < 300 for t in s.prompt)
+    assert len({s.prompt_len for s in a}) > 1  # lengths do vary
+    exact = random_requests(5, input_len=32, output_len=8, seed=0)
+    assert all(s.prompt_len == 32 and s.output_len == 8 for s in exact)
+    with pytest.raises(ValueError, match="range_ratio"):
+        random_requests(1, 8, 8, range_ratio=1.0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        random_requests(1, 8, 8, as_text=True)
+
+
+def test_random_dataset_with_tokenizer(tokenizer_path):
+    tok = load_tokenizer(tokenizer_path)
+    ids = random_requests(20, input_len=40, output_len=4, vocab_size=100, seed=1, tokenizer=tok)
+    assert all(t not in (0, 1) for s in ids for t in s.prompt)  # special tokens are never drawn
+    text = random_requests(
+        20, input_len=40, output_len=4, vocab_size=100, seed=1, tokenizer=tok, as_text=True
+    )
+    assert text == random_requests(
+        20, input_len=40, output_len=4, vocab_size=100, seed=1, tokenizer=tok, as_text=True
+    )
+    for s in text:
+        assert isinstance(s.prompt, str)
+        assert s.prompt_len == count_tokens(tok, s.prompt)  # exact count of what is sent
+        assert 0 < s.prompt_len <= 40
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
+        load_tokenizer(tokenizer_path / "missing")
+
+
+def sharegpt_file(tmp_path, entries):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def conv(*turns):
+    return {"conversations": [{"from": who, "value": text} for who, text in turns]}
+
+
+def test_sharegpt_parsing(tmp_path, tokenizer_path):
+    entries = [
+        conv(("human", "a" * 40), ("gpt", "b" * 80)),  # 10 / 20 estimated tokens: kept
+        conv(("gpt", "hello there!"), ("human", "c" * 40), ("gpt", "d" * 40)),  # first human turn: kept
+        conv(("human", "short"), ("gpt", "e" * 40)),  # prompt 2 tokens: too short
+        conv(("human", "f" * 40), ("gpt", "ok")),  # reply too short
+        conv(("human", "g" * 5000), ("gpt", "h" * 40)),  # prompt 1250 tokens: too long
+        conv(("human", "i" * 4000), ("gpt", "j" * 5000)),  # total too long
+        conv(("human", "k" * 40)),  # no reply
+        {"conversations": "not a list"},
+        {"id": "no conversations"},
+        "not an object",
+    ]
+    path = sharegpt_file(tmp_path, entries)
+    got = sharegpt_requests(path, num_prompts=2, seed=0)
+    assert sorted((s.prompt, s.prompt_len, s.output_len) for s in got) == [
+        ("a" * 40, 10, 20),
+        ("c" * 40, 10, 10),
+    ]
+    assert all(not s.prompt_len_exact for s in got)
+    assert got == sharegpt_requests(path, num_prompts=2, seed=0)
+    fixed = sharegpt_requests(path, num_prompts=2, seed=0, output_len=3)
+    assert all(s.output_len == 3 for s in fixed)
+    with pytest.raises(ValueError, match="only 2 usable"):
+        sharegpt_requests(path, num_prompts=3)
+
+    tok = load_tokenizer(tokenizer_path)
+    words = "the quick brown fox jumps over the lazy dog"
+    path = sharegpt_file(tmp_path, [conv(("user", words), ("assistant", words + " again and again"))])
+    (s,) = sharegpt_requests(path, num_prompts=1, tokenizer=tok)
+    assert s.prompt_len_exact
+    assert (s.prompt_len, s.output_len) == (
+        count_tokens(tok, words),
+        count_tokens(tok, words + " again and again"),
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"conversations": []}')
+    with pytest.raises(ValueError, match="JSON list"):
+        sharegpt_requests(bad, num_prompts=1)
+
+
+def test_sse_data_parsing():
+    async def collect(lines):
+        async def gen():
+            for line in lines:
+                yield line
+
+        return [d async for d in sse_data(gen())]
+
+    lines = [": comment", "event: x", 'data: {"a": 1}', "", 'data:{"b":', "data: 2}", "", "data: [DONE]"]
+    assert asyncio.run(collect(lines)) == ['{"a": 1}', '{"b":\n2}', "[DONE]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs against a stub OpenAI-compatible server.
+
+# A request timeout that fails to fire must fail the test, not hang the suite.
+bounded = pytest.mark.timeout(60)
+FIRST_TOKEN_DELAY = 0.05
+TOKEN_DELAY = 0.01
+TEXT_PROMPT_TOKENS = 11  # what the stub reports as usage.prompt_tokens for a text prompt
+
+
+class Stub:
+    """An OpenAI-compatible streaming server whose behaviour is chosen by the prompt text.
+
+    ok: first token after FIRST_TOKEN_DELAY, then one token per TOKEN_DELAY, usage at the end.
+    pair: two tokens per chunk. nousage: no usage chunk. http500: error status. midstream: an
+    error event after two tokens. truncated: no [DONE]. stall: one token, then nothing.
+    hang: never answers. Token-id prompts behave as ok.
+    """
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        routes = [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.complete, methods=["POST"]),
+            Route("/v1/chat/completions", self.complete, methods=["POST"]),
+        ]
+        self.app = Starlette(routes=routes)
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+
+    async def complete(self, request: Request):
+        body = await request.json()
+        self.bodies.append(body)
+        self.auth.append(request.headers.get("authorization"))
+        chat = "messages" in body
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+        mode = prompt if isinstance(prompt, str) else "ok"
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else TEXT_PROMPT_TOKENS
+        n = body["max_tokens"]
+        if mode == "http500":
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+        if mode == "hang":
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return JSONResponse({}, status_code=499)
+
+        def chunk(text, finish=None):
+            choice = {"index": 0, "finish_reason": finish}
+            choice.update({"delta": {"content": text}} if chat else {"text": text})
+            return "data: " + json.dumps({"id": "x", "choices": [choice]}) + "\n\n"
+
+        async def events():
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(FIRST_TOKEN_DELAY)
+                per_chunk = 2 if mode == "pair" else 1
+                sent = 0
+                while sent < n:
+                    k = min(per_chunk, n - sent)
+                    sent += k
+                    yield chunk("tok " * k, "length" if sent == n else None)
+                    if mode == "midstream" and sent == 2:
+                        yield "data: " + json.dumps({"error": {"message": "engine died"}}) + "\n\n"
+                        return
+                    if mode == "stall":
+                        await asyncio.sleep(3600)
+                    await asyncio.sleep(TOKEN_DELAY)
+                if mode != "nousage":
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": n,
+                        "total_tokens": prompt_tokens + n,
+                    }
+                    yield "data: " + json.dumps({"id": "x", "choices": [], "usage": usage}) + "\n\n"
+                if mode != "truncated":
+                    yield "data: [DONE]\n\n"
+            finally:
+                self.in_flight -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextlib.contextmanager
+def serve(stub: Stub):
+    """Runs the stub on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(stub.app, log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "stub server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def stub_url():
+    stub = Stub()
+    with serve(stub) as url:
+        yield stub, url
+
+
+@bounded
+def test_run_against_stub_counts_failures_and_usage(stub_url):
+    stub, url = stub_url
+    modes = ["ok", "ok", "pair", "nousage", "http500", "midstream", "truncated", "stall", "hang", "ok"]
+    requests = [SampleRequest(prompt=m, prompt_len=3, output_len=6) for m in modes]
+    cfg = BenchConfig(
+        base_url=url, request_timeout=1.0, ignore_eos=True, disable_tqdm=True, slo_ms={"ttft": 60000}
+    )
+    result = asyncio.run(run_benchmark(cfg, requests))
+
+    assert result.model == "stub-model"
+    by_mode = dict(zip(modes, result.records))
+    m = result.metrics
+    assert (m.completed, m.failed) == (5, 5)
+    assert m.errors == {
+        "HTTP 500: boom": 1,
+        "error in stream: engine died": 1,
+        "stream ended before data: [DONE]": 1,
+        "timeout: request did not finish within 1 s": 2,
+    }
+    for mode in ("stall", "hang"):
+        r = by_mode[mode]
+        assert r.error.startswith("timeout") and r.e2el >= 1.0
+    assert by_mode["stall"].token_times and not by_mode["hang"].token_times
+    assert m.duration_s >= 1.0
+
+    # Counts come from usage where the stub sent it, else from chunks (one token per chunk there).
+    for r, mode in zip(result.records, modes):
+        if mode in ("ok", "pair"):
+            assert r.ok and r.output_tokens == 6 and r.output_tokens_from_usage
+            assert r.prompt_len == TEXT_PROMPT_TOKENS and r.prompt_tokens_from_usage
+            assert r.finish_reason == "length" and r.text == "tok " * 6
+    assert len(by_mode["pair"].token_times) == 3
+    nousage = by_mode["nousage"]
+    assert nousage.ok and nousage.output_tokens == 6 and not nousage.output_tokens_from_usage
+    assert nousage.prompt_len == 3  # the dataset's count
+    assert m.total_output_tokens == 5 * 6 and m.total_input_tokens == 4 * TEXT_PROMPT_TOKENS + 3
+    assert m.output_tokens_source == "mixed"
+    assert any("usage where reported" in n for n in result.notes)
+
+    # Against the stub's schedule (lower bounds only: a late client can only measure more).
+    for r in result.records:
+        if r.ok:
+            assert r.ttft >= FIRST_TOKEN_DELAY
+            assert r.e2el >= FIRST_TOKEN_DELAY + (len(r.token_times) - 1) * TOKEN_DELAY
+    assert m.good_requests == 5 and m.goodput == pytest.approx(5 / m.duration_s)
+
+    body = next(b for b in stub.bodies if b.get("prompt") == "ok")
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 6 and body["temperature"] == 0.0 and body["ignore_eos"] is True
+    assert body["model"] == "stub-model"
+
+    table = format_table(result)
+    for line in (row("Successful requests:", "5"), row("Failed requests:", "5")):
+        assert line in table
+    assert "       2 x timeout: request did not finish within 1 s" in table
+    assert "Request goodput (req/s):" in table and "Median TPOT (ms):" in table
+
+
+@bounded
+def test_chat_endpoint_and_concurrency_cap(stub_url):
+    stub, url = stub_url
+    requests = [SampleRequest(prompt="ok", prompt_len=3, output_len=4) for _ in range(6)]
+    cfg = BenchConfig(
+        base_url=url,
+        endpoint="/v1/chat/completions",
+        model="given",
+        api_key="secret",
+        max_concurrency=2,
+        request_rate=200.0,
+        num_warmups=2,
+        disable_tqdm=True,
+    )
+    result = asyncio.run(run_benchmark(cfg, requests))
+    assert result.metrics.completed == 6 and result.metrics.failed == 0 and result.warmup_errors == {}
+    assert result.metrics.peak_concurrency <= 2 and stub.peak_in_flight <= 2
+    assert len(stub.bodies) == 8  # warm-ups are sent, not counted
+    assert all(
+        b["messages"] == [{"role": "user", "content": "ok"}] and b["model"] == "given" for b in stub.bodies
+    )
+    assert set(stub.auth) == {"Bearer secret"}
+    assert all(r.text == "tok " * 4 and r.output_tokens == 4 for r in result.records)
+
+
+@bounded
+def test_cli_writes_json_with_every_metric(stub_url, tmp_path, capsys):
+    stub, url = stub_url
+    out = tmp_path / "result.json"
+    argv = ["--base-url", url, "--num-prompts", "5", "--random-input-len", "8", "--random-output-len", "3"]
+    argv += ["--request-rate", "100", "--seed", "1", "--slo", "ttft:60000", "tpot:60000"]
+    argv += ["--result-json", str(out), "--disable-tqdm"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "Serving Benchmark Result" in printed and row("Output token counts from:", "server usage") in printed
+    )
+
+    data = json.loads(out.read_text())
+    assert data["model"] == "stub-model" and data["config"]["request_rate"] == 100.0
+    metric_names = {f.name for f in dataclasses.fields(BenchMetrics)} | {"output_tokens_source"}
+    assert metric_names <= set(data["metrics"])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert set(data["metrics"][name]) == {f.name for f in dataclasses.fields(LatencyStats)}
+        assert data["metrics"][name]["count"] > 0
+    assert data["metrics"]["completed"] == 5 and data["metrics"]["good_requests"] == 5
+    assert len(data["requests"]) == 5
+    for r, body in zip(sorted(data["requests"], key=lambda r: r["index"]), stub.bodies):
+        assert r["output_tokens"] == 3 and r["prompt_len"] == 8 == len(body["prompt"])  # from usage
+        assert r["ttft"] == pytest.approx(r["token_times"][0] - r["start"])
+    # The same seed sends the same prompts.
+    assert sorted(map(str, (b["prompt"] for b in stub.bodies))) == sorted(
+        str(s.prompt) for s in random_requests(5, 8, 3, seed=1)
+    )
+
+
+@bounded
+def test_cli_reports_all_failed_and_bad_flags(tmp_path, capsys):
+    # Nothing listens on this port: every request fails with a connection error, and the run ends.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3"]
+    assert main([*argv, "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"]) == 1
+    out = capsys.readouterr().out
+    assert row("Failed requests:", "3") in out and "3 x ConnectError" in out
+    assert main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--disable-tqdm"]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--slo", "itl:5"])
+
+
+@bounded
+def test_plot_writes_pngs(stub_url, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, url = stub_url
+    argv = ["--base-url", url, "--num-prompts", "4", "--random-input-len", "4", "--random-output-len", "3"]
+    assert main([*argv, "--plot", str(tmp_path / "plots"), "--disable-tqdm"]) == 0
+    for name in ("ttft_cdf.png", "tpot_cdf.png", "output_throughput.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG")
