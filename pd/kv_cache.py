@@ -12,6 +12,7 @@ into, so a padded row can never overwrite a live request's cache.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -214,10 +215,11 @@ class PageAllocator:
 
     def free(self, pages: Sequence[int]) -> None:
         """Drops one reference to each page; pages whose count reaches zero return to the pool."""
-        for p in pages:
+        counts = Counter(pages)
+        for p, n in counts.items():
             self._check(p)
-            if self._refs[p] == 0:
-                raise ValueError(f"double free of page {p}")
+            if self._refs[p] < n:
+                raise ValueError(f"double free of page {p}: {n} frees, {self._refs[p]} references")
         for p in pages:
             self._refs[p] -= 1
             if self._refs[p] == 0:

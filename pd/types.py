@@ -125,11 +125,11 @@ class Batch:
     reqs: list[Req]
     starts: list[int]
     ends: list[int]
+    samples: list[bool] = field(init=False)  # fixed when the batch is made
+
+    def __post_init__(self) -> None:
+        self.samples = [e == r.seq_len for r, e in zip(self.reqs, self.ends)]
 
     @property
     def num_tokens(self) -> int:
         return sum(e - s for s, e in zip(self.starts, self.ends))
-
-    @property
-    def samples(self) -> list[bool]:
-        return [e == r.seq_len for r, e in zip(self.reqs, self.ends)]

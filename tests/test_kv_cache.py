@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from pd.kv_cache import DUMMY_PAGE, KVLayout, KVOrder, KVPool, PageAllocator, merge_page_runs, transfer_pieces
+
+
+def test_allocator_hands_out_each_page_once_and_never_the_dummy():
+    alloc = PageAllocator(9)
+    pages = alloc.alloc(8)
+    assert sorted(pages) == list(range(1, 9))
+    assert DUMMY_PAGE not in pages
+    assert alloc.alloc(1) is None
+    assert alloc.num_free == 0 and alloc.num_used == 8
+
+
+def test_allocator_all_or_nothing_and_refcounts():
+    alloc = PageAllocator(5)
+    a = alloc.alloc(3)
+    assert alloc.alloc(2) is None  # only one free: nothing taken
+    assert alloc.num_free == 1
+    alloc.incref(a[:1])
+    alloc.free(a)
+    assert alloc.num_free == 3  # a[0] still held by its second reference
+    assert alloc.refcount(a[0]) == 1
+    alloc.free(a[:1])
+    assert alloc.num_free == 4
+
+
+def test_allocator_rejects_double_free_and_foreign_pages():
+    alloc = PageAllocator(4)
+    p = alloc.alloc(2)
+    alloc.free(p)
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free(p[:1])
+    with pytest.raises(ValueError, match="out of range"):
+        alloc.free([DUMMY_PAGE])
+    with pytest.raises(ValueError, match="out of range"):
+        alloc.free([4])
+    # A failed free changes nothing.
+    q = alloc.alloc(1)
+    with pytest.raises(ValueError):
+        alloc.free([q[0], q[0]])
+    assert alloc.refcount(q[0]) == 1
+
+
+def test_merge_page_runs():
+    assert merge_page_runs([1, 2, 3, 7, 8], [4, 5, 6, 9, 11]) == [(1, 4, 3), (7, 9, 1), (8, 11, 1)]
+    assert merge_page_runs([], []) == []
+    with pytest.raises(ValueError):
+        merge_page_runs([1], [])
+
+
+@pytest.mark.parametrize("order", list(KVOrder))
+def test_transfer_pieces_copy_exactly_the_pages(order):
+    src_l = KVLayout(3, 10, 4, 6, torch.float32, order)
+    dst_l = KVLayout(3, 12, 4, 6, torch.float32, order)
+    src, dst = KVPool(src_l, "cpu"), KVPool(dst_l, "cpu")
+    src.buffer.copy_(torch.randn(src_l.shape))
+    src_pages, dst_pages = [2, 3, 4, 9], [5, 6, 1, 2]
+    s_bytes = src.buffer.view(-1).view(torch.uint8)
+    d_bytes = dst.buffer.view(-1).view(torch.uint8)
+    pieces = transfer_pieces(src_l, dst_l, src_pages, dst_pages)
+    for s_off, d_off, n in pieces:
+        d_bytes[d_off : d_off + n] = s_bytes[s_off : s_off + n]
+    for layer in range(3):
+        for sp, dp in zip(src_pages, dst_pages):
+            assert torch.equal(src.layer(layer)[sp], dst.layer(layer)[dp])
+    untouched = [p for p in range(12) if p not in dst_pages]
+    assert all(dst.layer(layer)[p].abs().sum() == 0 for layer in range(3) for p in untouched)
+    # Merged runs: (2,5,2) (4,1,1) (9,2,1) -> 3 runs; page-major moves each as one piece.
+    assert len(pieces) == (3 if order is KVOrder.PAGE_MAJOR else 9)
+
+
+def test_transfer_pieces_refuse_mismatched_layouts():
+    a = KVLayout(3, 10, 4, 6, torch.float32)
+    with pytest.raises(ValueError, match="page_size"):
+        transfer_pieces(a, KVLayout(3, 10, 8, 6, torch.float32), [1], [1])
+    with pytest.raises(ValueError, match="out of range"):
+        transfer_pieces(a, a, [0], [1])
+
+
+def test_layout_offsets_match_tensor_layout():
+    for order in KVOrder:
+        layout = KVLayout(2, 5, 3, 4, torch.bfloat16, order)
+        pool = KVPool(layout, "cpu")
+        for layer in range(2):
+            for page in range(5):
+                view = pool.layer(layer)[page]
+                assert view.data_ptr() - pool.data_ptr == layout.offset(layer, page)
+        assert pool.nbytes == pool.buffer.numel() * 2

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from pd.sampling import SamplingTensors, apply_filters, sample, uniform_noise
+from pd.types import SamplingParams
+
+
+def build(params, seeds=None, positions=None):
+    n = len(params)
+    return SamplingTensors.build(params, seeds or [7] * n, positions or list(range(n)), "cpu")
+
+
+def test_greedy_is_argmax_with_logprob():
+    logits = torch.randn(4, 50)
+    tokens, logprobs = sample(logits, build([SamplingParams(temperature=0)] * 4))
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(logprobs, logits.log_softmax(-1).max(-1).values)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant():
+    logits = torch.randn(3, 200)
+    p = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+    batched, _ = sample(logits, build([p] * 3, seeds=[1, 2, 3], positions=[10, 11, 12]))
+    again, _ = sample(logits, build([p] * 3, seeds=[1, 2, 3], positions=[10, 11, 12]))
+    assert torch.equal(batched, again)
+    for i in range(3):  # alone, each row draws what it drew in the batch
+        alone, _ = sample(logits[i : i + 1], build([p], seeds=[i + 1], positions=[10 + i]))
+        assert alone.item() == batched[i].item()
+
+
+def test_different_positions_and_seeds_draw_differently():
+    logits = torch.zeros(1, 1000)  # uniform: draws are spread over the vocabulary
+    p = SamplingParams(temperature=1.0)
+    draws = {sample(logits, build([p], seeds=[5], positions=[pos]))[0].item() for pos in range(40)}
+    assert len(draws) > 30
+    draws = {sample(logits, build([p], seeds=[s], positions=[0]))[0].item() for s in range(40)}
+    assert len(draws) > 30
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].repeat(4000, 1)
+    p = SamplingParams(temperature=1.0)
+    tokens, _ = sample(logits, build([p] * 4000, seeds=list(range(4000)), positions=[3] * 4000))
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_uniform_noise_in_open_interval_and_uniformish():
+    u = uniform_noise(torch.tensor([1, 2**62 + 5]), torch.tensor([0, 10**9]), 50000)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_top_k_top_p_min_p_masks():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+
+    def kept(**kw):
+        st = build([SamplingParams(**kw)])
+        return (apply_filters(logits, st)[0] > float("-inf")).nonzero().flatten().tolist()
+
+    assert kept(temperature=1.0, top_k=2) == [0, 1]
+    probs = logits.softmax(-1)[0]
+    # top_p keeps the smallest prefix whose mass reaches p.
+    assert kept(temperature=1.0, top_p=float(probs[0]) - 1e-3) == [0]
+    assert kept(temperature=1.0, top_p=float(probs[0] + probs[1]) - 1e-3) == [0, 1]
+    assert kept(temperature=1.0, top_p=1.0) == [0, 1, 2, 3, 4]
+    # min_p keeps tokens with prob >= min_p * max prob.
+    ratio = math.exp(-1)  # token 1 has e^-1 of token 0's probability
+    assert kept(temperature=1.0, min_p=ratio - 1e-3) == [0, 1]
+    # top-k draws never leave the kept set.
+    st = build([SamplingParams(temperature=5.0, top_k=2)] * 500, seeds=list(range(500)))
+    tokens, _ = sample(logits.repeat(500, 1), st)
+    assert set(tokens.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(min_p=2), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_sampling_params_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)
