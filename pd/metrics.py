@@ -109,9 +109,11 @@ class Gauge(_Metric):
 class Histogram(_Metric):
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, label_names: Sequence[str], buckets: Iterable[float]) -> None:
+    def __init__(
+        self, name: str, help_text: str, label_names: Sequence[str], buckets: Iterable[float]
+    ) -> None:
         super().__init__(name, help_text, label_names)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
+        self.buckets = (*sorted(buckets), math.inf)
         self._counts: dict[Labels, list[int]] = {}
         self._sums: dict[Labels, float] = {}
 
@@ -159,7 +161,11 @@ class Registry:
         return self._add(Gauge(name, help_text, labels))
 
     def histogram(
-        self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str] = (),
+        buckets: Iterable[float] = LATENCY_BUCKETS,
     ) -> Histogram:
         return self._add(Histogram(name, help_text, labels, buckets))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -62,8 +63,12 @@ def test_logits_match_transformers_prefill_chunked_and_decode(preset, tiny_model
     # Chunked prefill over the paged cache, then one-token absorbed decode steps.
     prefill_end = n - 8
     cuts = [0, prefill_end // 3, prefill_end // 2, prefill_end]
-    chunked = torch.cat([step_logits(runner, BatchMode.EXTEND, pages, ids, a, b) for a, b in zip(cuts, cuts[1:])])
-    decoded = torch.cat([step_logits(runner, BatchMode.DECODE, pages, ids, p, p + 1) for p in range(prefill_end, n)])
+    chunked = torch.cat(
+        [step_logits(runner, BatchMode.EXTEND, pages, ids, a, b) for a, b in itertools.pairwise(cuts)]
+    )
+    decoded = torch.cat(
+        [step_logits(runner, BatchMode.DECODE, pages, ids, p, p + 1) for p in range(prefill_end, n)]
+    )
     errors[f"{preset}/chunked"] = rel_err(chunked, ref[:prefill_end])
     errors[f"{preset}/decode"] = rel_err(decoded, ref[prefill_end:])
     assert errors[f"{preset}/chunked"] < MAX_REL_ERR
@@ -78,7 +83,12 @@ def _model_cfg(path):
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
     )
     return out[0, len(prompt) :].tolist()
 
@@ -114,7 +124,9 @@ def test_seeded_sampling_is_batch_invariant_end_to_end(tiny_model_dir):
     engine = Engine(EngineConfig(str(path), page_size=4))
     rng = random.Random(1)
     prompts = [random_prompt(rng, 10 + i, engine.model_cfg.vocab_size) for i in range(4)]
-    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=100 + i, max_tokens=12) for i in range(4)]
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=100 + i, max_tokens=12) for i in range(4)
+    ]
     together = [c.output_ids for c in engine.generate(prompts, params)]
     alone = [engine.generate([p], sp)[0].output_ids for p, sp in zip(prompts, params)]
     assert together == alone
