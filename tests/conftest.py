@@ -8,16 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from pd.tiny_model import make_tiny_model
+
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir(preset="ci", **kw) -> Path``: a checkpoint made once per session per arguments."""
-    from pd.tiny_model import make_tiny_model
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `ci` preset (float32, seed 0, one safetensors file), made once per test session. Read-only."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "ci", "ci", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model(preset="ci", **kw) -> Path``: a checkpoint made once per session per arguments. Read-only."""
 
     @functools.cache
     def make(preset: str = "ci", **kw) -> Path:
-        out = tmp_path_factory.mktemp(f"tiny-{preset}")
-        return make_tiny_model(out, preset=preset, seed=0, **kw)
+        return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{preset}") / preset, preset, seed=0, **kw)
 
     return make
 
@@ -29,7 +35,6 @@ def hf_model():
 
     @functools.cache
     def load(path: Path):
-        model = transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        return model.eval()
+        return transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
     return load

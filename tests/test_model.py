@@ -43,8 +43,8 @@ def errors():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_logits_match_transformers_prefill_chunked_and_decode(preset, tiny_model_dir, hf_model, errors):
-    path = tiny_model_dir(preset)
+def test_logits_match_transformers_prefill_chunked_and_decode(preset, tiny_model, hf_model, errors):
+    path = tiny_model(preset)
     hf = hf_model(path)
     page_size = 3  # odd on purpose: pages end mid-chunk
     runner = ModelRunner(EngineConfig(str(path), page_size=page_size, num_pages=400), _model_cfg(path))
@@ -94,8 +94,8 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_greedy_generation_equals_transformers_alone_and_batched(page_size, tiny_model_dir, hf_model):
-    path = tiny_model_dir("ci")
+def test_greedy_generation_equals_transformers_alone_and_batched(page_size, tiny_model, hf_model):
+    path = tiny_model("ci")
     hf = hf_model(path)
     engine = Engine(EngineConfig(str(path), page_size=page_size, chunk_size=64))
     rng = random.Random(page_size)
@@ -109,8 +109,8 @@ def test_greedy_generation_equals_transformers_alone_and_batched(page_size, tiny
 
 
 @pytest.mark.parametrize("preset", ["nolora-groups", "yarn"])
-def test_greedy_generation_other_presets(preset, tiny_model_dir, hf_model):
-    path = tiny_model_dir(preset)
+def test_greedy_generation_other_presets(preset, tiny_model, hf_model):
+    path = tiny_model(preset)
     hf = hf_model(path)
     engine = Engine(EngineConfig(str(path), page_size=16, chunk_size=32))
     rng = random.Random(preset)
@@ -119,8 +119,8 @@ def test_greedy_generation_other_presets(preset, tiny_model_dir, hf_model):
     assert [c.output_ids for c in engine.generate(prompts, params)] == [hf_greedy(hf, p, 16) for p in prompts]
 
 
-def test_seeded_sampling_is_batch_invariant_end_to_end(tiny_model_dir):
-    path = tiny_model_dir("ci")
+def test_seeded_sampling_is_batch_invariant_end_to_end(tiny_model):
+    path = tiny_model("ci")
     engine = Engine(EngineConfig(str(path), page_size=4))
     rng = random.Random(1)
     prompts = [random_prompt(rng, 10 + i, engine.model_cfg.vocab_size) for i in range(4)]

@@ -36,17 +36,17 @@ def params_of(runner: ModelRunner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in runner.model.named_parameters()}
 
 
-def test_sharded_and_mtp_checkpoints_load_the_same_weights(tiny_model_dir):
-    base = params_of(runner_for(tiny_model_dir("ci")))
-    sharded = params_of(runner_for(tiny_model_dir("ci", shard_size=200_000)))
-    with_mtp = params_of(runner_for(tiny_model_dir("ci", with_mtp=True)))
+def test_sharded_and_mtp_checkpoints_load_the_same_weights(tiny_model):
+    base = params_of(runner_for(tiny_model("ci")))
+    sharded = params_of(runner_for(tiny_model("ci", shard_size=200_000)))
+    with_mtp = params_of(runner_for(tiny_model("ci", with_mtp=True)))
     for name, t in base.items():
         assert torch.equal(t, sharded[name]), name
         assert torch.equal(t, with_mtp[name]), name
 
 
-def test_expert_and_merged_weights_land_in_their_slots(tiny_model_dir):
-    path = tiny_model_dir("ci")
+def test_expert_and_merged_weights_land_in_their_slots(tiny_model):
+    path = tiny_model("ci")
     raw = load_file(path / "model.safetensors")
     model = runner_for(path).model
     cfg = model.cfg
@@ -62,8 +62,8 @@ def test_expert_and_merged_weights_land_in_their_slots(tiny_model_dir):
     assert torch.equal(dense[: cfg.intermediate_size], raw["model.layers.0.mlp.gate_proj.weight"])
 
 
-def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model_dir, tmp_path):
-    src = tiny_model_dir("ci")
+def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model, tmp_path):
+    src = tiny_model("ci")
     name = "model.layers.1.self_attn.kv_b_proj.weight"
 
     missing = copy_with(src, tmp_path / "missing", edit=lambda t: t.pop(name))
@@ -86,8 +86,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model_dir, tmp_
         runner_for(bad_shape)
 
 
-def test_unsupported_architectures_are_refused(tiny_model_dir, tmp_path):
-    src = tiny_model_dir("ci")
+def test_unsupported_architectures_are_refused(tiny_model, tmp_path):
+    src = tiny_model("ci")
     llama = copy_with(
         src,
         tmp_path / "llama",
@@ -105,9 +105,9 @@ def test_unsupported_architectures_are_refused(tiny_model_dir, tmp_path):
         ModelConfig.from_dir(int4)
 
 
-def test_rope_parameters_spelling_is_accepted(tiny_model_dir, tmp_path):
+def test_rope_parameters_spelling_is_accepted(tiny_model, tmp_path):
     """transformers 5 writes rope_parameters instead of rope_scaling + rope_theta."""
-    src = tiny_model_dir("yarn")
+    src = tiny_model("yarn")
 
     def respell(c):
         scaling = dict(c.pop("rope_scaling"))
@@ -130,8 +130,8 @@ def test_dequantize_fp8_blocks():
         dequantize_fp8(q, scale[:1], (4, 4))
 
 
-def test_fp8_checkpoint_is_dequantized_on_load(tiny_model_dir, tmp_path):
-    src = tiny_model_dir("ci")
+def test_fp8_checkpoint_is_dequantized_on_load(tiny_model, tmp_path):
+    src = tiny_model("ci")
     block = 16
     reference = {}
 
@@ -166,8 +166,8 @@ def test_fp8_checkpoint_is_dequantized_on_load(tiny_model_dir, tmp_path):
     )
 
 
-def test_dummy_weights_are_deterministic_and_shaped(tiny_model_dir):
-    path = tiny_model_dir("ci", config_only=True)
+def test_dummy_weights_are_deterministic_and_shaped(tiny_model):
+    path = tiny_model("ci", config_only=True)
     a = params_of(runner_for(path, load_format="dummy", seed=3))
     b = params_of(runner_for(path, load_format="dummy", seed=3))
     c = params_of(runner_for(path, load_format="dummy", seed=4))

@@ -1,0 +1,384 @@
+"""Tokenization for serving: `tokenizer.json` through the `tokenizers` library, the chat template rendered
+as transformers renders it (sandboxed jinja2), and incremental detokenization with stop strings.
+
+transformers is the reference (a test dependency only): `Tokenizer` encodes, decodes and renders chat
+templates as `transformers.AutoTokenizer` does for the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import processors
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for bytes that are not (yet) complete UTF-8
+CHAT_ROLES = ("system", "user", "assistant")
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_content(value: Any, key: str) -> str:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"tokenizer_config.json: {key} is {value!r}, expected a string or an AddedToken dict")
+
+
+def _pick_chat_template(value: Any) -> str | None:
+    """chat_template from tokenizer_config.json: a string, or a list of {name, template} (the 'default' one)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ValueError(
+            f"tokenizer_config.json: chat_template list has no 'default' template (names: {sorted(map(str, named))})"
+        )
+    raise ValueError(
+        f"tokenizer_config.json: chat_template is a {type(value).__name__}, expected a string or a list"
+    )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
+    # As transformers: no HTML escaping (jinja's own tojson escapes <, >, &, ').
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_chat_template(source: str) -> jinja2.Template:
+    """The template in the environment transformers renders chat templates in (same options, globals and
+    filters), sandboxed because templates come with downloaded models."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template does not compile: {e}") from None
+
+
+def _validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages as the template sees them: a non-empty list of {role, content} with a role in
+    CHAT_ROLES and string content. Keys with None values are dropped, as transformers does."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(
+            f"messages must be a non-empty list of {{role, content}} objects, got {messages!r:.100}"
+        )
+    plain = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"messages[{i}] must be an object with role and content, got {type(message).__name__}"
+            )
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role is {role!r}, expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        plain.append({k: v for k, v in message.items() if v is not None})
+    return plain
+
+
+class Tokenizer:
+    """A model's tokenizer, loaded from its directory with `Tokenizer.from_dir`."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        named_tokens: Mapping[str, str],
+        chat_template: str | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        """backend: the tokenizers.Tokenizer (its post-processor decides what encode adds);
+        named_tokens: {"bos_token": "<s>", "eos_token": ...} as the chat template sees them;
+        eos_token_ids: ids that end generation besides eos_token's."""
+        self._backend = backend
+        self._named_tokens = dict(named_tokens)
+        for key, content in self._named_tokens.items():
+            if backend.token_to_id(content) is None:
+                raise ValueError(f"{key} {content!r} is not in the tokenizer's vocabulary")
+        bos = self._named_tokens.get("bos_token")
+        self._bos_token_id = backend.token_to_id(bos) if bos is not None else None
+        eos = self._named_tokens.get("eos_token")
+        eos_ids = set(eos_token_ids) | ({backend.token_to_id(eos)} if eos is not None else set())
+        self._eos_token_ids = frozenset(eos_ids)
+        self._special_token_ids = frozenset(
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special
+        )
+        self._chat_template_source = chat_template
+        self._chat_template = _compile_chat_template(chat_template) if chat_template is not None else None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Loads tokenizer.json, tokenizer_config.json (chat_template, bos/eos/unk/pad tokens, add_bos_token,
+        add_eos_token), chat_template.jinja (which wins over the config's template, as in transformers) and
+        generation_config.json (eos_token_id: an int or a list) from `path`. tokenizer_class is not read
+        (tokenizer.json is used as written) and neither is clean_up_tokenization_spaces (transformers 5
+        ignores it for BPE tokenizers too)."""
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs a tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        config = _read_json(path / "tokenizer_config.json")
+        named = {
+            key: _token_content(config[key], key) for key in _NAMED_TOKENS if config.get(key) is not None
+        }
+        if backend.post_processor is None:
+            # tokenizer.json's post-processor decides what encode adds (transformers 5 keeps it, whatever
+            # add_bos_token says); without one, add_bos_token/add_eos_token do, as transformers' Llama-family
+            # tokenizers have it.
+            backend.post_processor = _bos_eos_processor(
+                backend,
+                named.get("bos_token") if config.get("add_bos_token") else None,
+                named.get("eos_token") if config.get("add_eos_token") else None,
+            )
+        template_file = path / "chat_template.jinja"
+        if template_file.is_file():
+            chat_template = template_file.read_text(encoding="utf-8")
+        else:
+            chat_template = _pick_chat_template(config.get("chat_template"))
+        generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        if generation_eos is None:
+            eos_ids: list[int] = []
+        elif isinstance(generation_eos, int):
+            eos_ids = [generation_eos]
+        elif isinstance(generation_eos, list) and all(isinstance(i, int) for i in generation_eos):
+            eos_ids = generation_eos
+        else:
+            raise ValueError(
+                f"generation_config.json: eos_token_id is {generation_eos!r}, expected an int or a list of ints"
+            )
+        return cls(backend, named_tokens=named, chat_template=chat_template, eos_token_ids=eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included (transformers' len(tokenizer));
+        the model's vocab_size may be larger (padded embedding rows)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end generation: eos_token's and generation_config.json's eos_token_id."""
+        return self._eos_token_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids that decode(skip_special_tokens=True) drops."""
+        return self._special_token_ids
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template_source
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens adds what the model's files say (e.g. a leading BOS)."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; ids outside the vocabulary decode to nothing. Incomplete UTF-8 becomes U+FFFD."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for `messages` ([{role: system|user|assistant, content: str}, ...]), as
+        transformers' apply_chat_template(..., tokenize=False) renders it. Raises ValueError for a model
+        without a chat template, malformed messages, or a conversation the template rejects.
+        The text usually starts with BOS already: tokenize it with encode_chat (no second BOS)."""
+        if self._chat_template is None:
+            raise ValueError("this model has no chat template (tokenizer_config.json has no chat_template)")
+        plain = _validate_messages(messages)
+        try:
+            return self._chat_template.render(
+                messages=plain, add_generation_prompt=add_generation_prompt, **self._named_tokens
+            )
+        except jinja2.TemplateError as e:  # raise_exception, undefined values, sandbox violations
+            raise ValueError(f"chat template rejected the messages: {e}") from None
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the chat prompt, as transformers' apply_chat_template(..., tokenize=True): the
+        template's text encoded without adding special tokens (the template writes them)."""
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
+        )
+
+
+def _bos_eos_processor(
+    backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
+) -> processors.TemplateProcessing:
+    """A post-processor adding `bos` before and `eos` after each sequence (either may be None), the one
+    transformers builds from add_bos_token/add_eos_token."""
+    special = [(t, backend.token_to_id(t)) for t in (bos, eos) if t is not None]
+    for token, token_id in special:
+        if token_id is None:
+            raise ValueError(f"special token {token!r} from tokenizer_config.json is not in tokenizer.json")
+
+    def sequence(piece: str, type_id: int) -> str:
+        parts = [f"{bos}:{type_id}"] if bos else []
+        parts.append(f"${piece}:{type_id}")
+        parts += [f"{eos}:{type_id}"] if eos else []
+        return " ".join(parts)
+
+    return processors.TemplateProcessing(
+        single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}", special_tokens=special
+    )
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas, one token at a time.
+
+    `add` never returns part of a character: while the decoded text ends in U+FFFD (a token ended inside a
+    multi-byte character) that character is held back until a later token completes it. The deltas of all
+    `add` calls plus `flush()` equal `tokenizer.decode(output_ids)`, cut before the first stop string.
+
+    Stop strings (OpenAI semantics): after the first token with which the output text contains one of
+    `stop`, `stopped` is True, `stop_string` names it (of those then in the text, the one occurring first),
+    the text returned ends just before it, and later calls return "". Text that could be the start of a stop
+    string is held back until it is known not to be.
+
+    Each call decodes a window of a few tokens: the tokens since the last character boundary plus
+    CONTEXT_TOKENS before it (decoders that drop a leading space need the token before).
+    """
+
+    CONTEXT_TOKENS = 4
+    # Tokens after the last clean boundary before the window is cut anyway: a run of tokens that each end
+    # inside a character (valid text: merges across character boundaries; or garbage bytes) has no clean
+    # boundary, and the window must stay bounded.
+    MAX_OPEN_TOKENS = 16
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        stop: Iterable[str] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = tuple(stop)
+        for s in self._stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self._max_stop_len = max(map(len, self._stop), default=0)
+        # The window: the last tokens, of which the first `_open` (a token index) are already fully accounted
+        # for, and the first `_sent` characters of the window's text already emitted (or the prompt's).
+        self._ids = list(prompt_ids)[-self.CONTEXT_TOKENS :]
+        self._open = len(self._ids)
+        self._sent = len(self._decode(self._ids))
+        self._held = ""  # emitted-ready text withheld because it may start a stop string
+        self.stopped = False
+        self.stop_string: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """The new text that `token_id` completes (possibly "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        # Everything before a trailing U+FFFD is final: later bytes can only change the incomplete character.
+        complete = not text.endswith(REPLACEMENT_CHAR)
+        end = len(text) if complete else len(text) - 1
+        delta = text[self._sent : end]
+        self._sent = max(self._sent, end)
+        if complete:
+            if len(self._ids) >= 2 * self.CONTEXT_TOKENS:
+                self._restart_window(self.CONTEXT_TOKENS, complete=True)
+            else:
+                self._open = len(self._ids)
+        elif len(self._ids) - self._open > self.MAX_OPEN_TOKENS:
+            self._restart_window(self._tokens_holding_last_bytes(), complete=False)
+        return self._release(delta, final=False)
+
+    def _tokens_holding_last_bytes(self) -> int:
+        """How many trailing tokens surely contain the incomplete character's first byte: an incomplete
+        UTF-8 character has at most 3 bytes and every token that decodes to something has at least one."""
+        skipped = self._tokenizer.special_token_ids if self._skip_special_tokens else frozenset()
+        count = with_bytes = 0
+        for token_id in reversed(self._ids):
+            count += 1
+            with_bytes += token_id not in skipped
+            if with_bytes == 4:
+                break
+        return count
+
+    def _restart_window(self, keep: int, complete: bool) -> None:
+        """Keeps only the last `keep` tokens, re-expressing `_sent` in the new window's text: all of it is
+        emitted when the text is complete, all but the trailing incomplete character otherwise."""
+        self._ids = self._ids[-keep:]
+        self._open = len(self._ids)
+        text = self._decode(self._ids)
+        self._sent = len(text) if complete else len(text) - 1
+
+    def flush(self) -> str:
+        """The text still held back, at the end of generation (an incomplete character decodes to U+FFFD,
+        as in decode)."""
+        if self.stopped:
+            return ""
+        text = self._decode(self._ids)
+        delta = text[self._sent :]
+        self._sent = len(text)
+        self._open = len(self._ids)
+        return self._release(delta, final=True)
+
+    def _release(self, delta: str, final: bool) -> str:
+        """Applies stop strings to the next `delta` of output text: returns what may be emitted."""
+        if not self._stop:
+            return delta
+        text = self._held + delta
+        hits = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
+        if hits:
+            cut, self.stop_string = min(hits)
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = 0
+        if not final:
+            # The longest tail of `text` that a stop string starts with could still become that stop string.
+            for k in range(min(len(text), self._max_stop_len - 1), 0, -1):
+                if any(s.startswith(text[-k:]) for s in self._stop):
+                    keep = k
+                    break
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
