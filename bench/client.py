@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from pd.bench.datasets import SampleRequest
 from pd.bench.metrics import RequestRecord
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from pd.bench.metrics import THROUGHPUT_WINDOW_S, BenchMetrics, RequestRecord
 
 PLOT_FILES = ("ttft_cdf.png", "tpot_cdf.png", "output_throughput.png")

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
+
 from pd.bench.client import request_body, stream_request
 from pd.bench.datasets import (
     CHARS_PER_TOKEN,
@@ -43,7 +45,6 @@ from pd.bench.metrics import (
     compute_metrics,
     group_errors,
 )
-from tqdm import tqdm
 
 DATASETS = ("random", "sharegpt")
 TABLE_WIDTH = 50

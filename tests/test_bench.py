@@ -14,6 +14,12 @@ import time
 
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from pd.bench.client import sse_data
 from pd.bench.datasets import (
     SampleRequest,
@@ -24,11 +30,6 @@ from pd.bench.datasets import (
 )
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
 from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # ---------------------------------------------------------------------------------------------
 # Metric math on synthetic records (exact).
