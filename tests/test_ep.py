@@ -16,6 +16,7 @@ import sys
 import types
 from datetime import timedelta
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -378,7 +379,7 @@ class _FakeDeepEPBuffer:
     dtype rules, implemented with plain torch (every expert is local)."""
 
     num_sms = 20
-    built: list[_FakeDeepEPBuffer] = []
+    built: ClassVar[list[_FakeDeepEPBuffer]] = []
 
     def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
                  allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False, comm=None):  # fmt: skip
@@ -395,7 +396,9 @@ class _FakeDeepEPBuffer:
         return _FakeTuning(_FakeDeepEPBuffer.num_sms, 10, 256, 6, 128)
 
     @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts) -> int:
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+    ) -> int:
         return num_max_dispatch_tokens_per_rank * hidden * num_experts
 
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,

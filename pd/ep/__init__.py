@@ -27,9 +27,7 @@ __all__ = [
     "make_mooncake_buffer",
 ]
 
-BACKENDS: dict[str, type[EPBackend]] = {
-    cls.name: cls for cls in (LocalEP, TorchEP, MooncakeEP, DeepEP)
-}
+BACKENDS: dict[str, type[EPBackend]] = {cls.name: cls for cls in (LocalEP, TorchEP, MooncakeEP, DeepEP)}
 ROLES = ("prefill", "decode")
 
 

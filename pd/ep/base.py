@@ -205,12 +205,16 @@ class EPBackend(abc.ABC):
 
     # ---- input checks shared by the backends (shape/dtype only in low-latency mode) ----
 
-    def _check_routing(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None) -> None:
+    def _check_routing(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None
+    ) -> None:
         cfg = self.config
         if x.dim() != 2 or x.shape[1] != cfg.hidden or x.dtype != cfg.dtype:
             raise ValueError(f"x must be [T, {cfg.hidden}] {cfg.dtype}, got {list(x.shape)} {x.dtype}")
         if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0] or topk_idx.dtype != torch.int64:
-            raise ValueError(f"topk_idx must be [{x.shape[0]}, K] int64, got {list(topk_idx.shape)} {topk_idx.dtype}")
+            raise ValueError(
+                f"topk_idx must be [{x.shape[0]}, K] int64, got {list(topk_idx.shape)} {topk_idx.dtype}"
+            )
         if topk_weights is not None and (
             topk_weights.shape != topk_idx.shape or topk_weights.dtype != torch.float32
         ):
@@ -223,9 +227,13 @@ class EPBackend(abc.ABC):
         self._check_routing(x, topk_idx, topk_weights)
         if topk_idx.numel() and bool(((topk_idx < -1) | (topk_idx >= self.config.num_experts)).any()):
             bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.config.num_experts)][0].item()
-            raise ValueError(f"topk_idx holds {bad}; expected -1 or an expert id in [0, {self.config.num_experts})")
+            raise ValueError(
+                f"topk_idx holds {bad}; expected -1 or an expert id in [0, {self.config.num_experts})"
+            )
 
-    def _check_ll(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None) -> None:
+    def _check_ll(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None
+    ) -> None:
         self._check_routing(x, topk_idx, topk_weights)
         if x.shape[0] > self.config.max_tokens_per_rank:
             raise ValueError(
@@ -238,7 +246,11 @@ class EPBackend(abc.ABC):
         shape = [cfg.num_local_experts, cfg.ll_rows_per_expert, cfg.hidden]
         if list(y.shape) != shape or y.dtype != cfg.dtype:
             raise ValueError(f"y must be {shape} {cfg.dtype}, got {list(y.shape)} {y.dtype}")
-        if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64 or topk_idx.shape[0] > cfg.max_tokens_per_rank:
+        if (
+            topk_idx.dim() != 2
+            or topk_idx.dtype != torch.int64
+            or topk_idx.shape[0] > cfg.max_tokens_per_rank
+        ):
             raise ValueError(
                 f"topk_idx must be [T <= {cfg.max_tokens_per_rank}, K] int64, "
                 f"got {list(topk_idx.shape)} {topk_idx.dtype}"

@@ -32,7 +32,7 @@ DEFAULT_TIMEOUT_US = 10_000_000
 def mooncake_ep_available() -> bool:
     """True when Mooncake EP's native module imports (CUDA builds of the wheel)."""
     try:
-        import mooncake.ep  # noqa: F401
+        import mooncake.ep
         import mooncake.mooncake_ep_buffer  # noqa: F401
     except ImportError:
         return False
@@ -100,7 +100,9 @@ class MooncakeEP(EPBackend):
                 f"Mooncake EP needs bfloat16 and hidden % 128 == 0, got {config.dtype} and hidden={config.hidden}"
             )
         if buffer is None:
-            buffer = make_mooncake_buffer(group, config.max_tokens_per_rank, config.hidden, config.num_experts)
+            buffer = make_mooncake_buffer(
+                group, config.max_tokens_per_rank, config.hidden, config.num_experts
+            )
         self._buffer = buffer
         self.timeout_us = timeout_us
         self.active_ranks = torch.ones(config.world_size, dtype=torch.int32, device=config.device)

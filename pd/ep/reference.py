@@ -17,7 +17,11 @@ from pd.ep.base import LLDispatch, NormalDispatch
 
 
 def random_routing(
-    num_tokens: int, num_experts: int, top_k: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct random experts per token: ``topk_idx [T, K]`` int64 and softmax weights float32."""
     scores = torch.rand(num_tokens, num_experts, generator=generator)
@@ -34,7 +38,9 @@ class ReferenceExperts:
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.up = (torch.randn(num_experts, hidden, intermediate, generator=g) / math.sqrt(hidden)).to(device)
-        self.down = (torch.randn(num_experts, intermediate, hidden, generator=g) / math.sqrt(intermediate)).to(device)
+        self.down = (
+            torch.randn(num_experts, intermediate, hidden, generator=g) / math.sqrt(intermediate)
+        ).to(device)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x (computed in float32, returned in float32)."""

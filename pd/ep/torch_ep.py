@@ -75,7 +75,8 @@ def normal_dispatch(
     local = ids - (dst_rank * n_local).unsqueeze(1)
     valid = (ids >= 0) & (local >= 0) & (local < n_local)
     send_meta = torch.cat(
-        [torch.where(valid, local, -1).int(), torch.where(valid, topk_weights[token], 0.0).view(torch.int32)], dim=1
+        [torch.where(valid, local, -1).int(), torch.where(valid, topk_weights[token], 0.0).view(torch.int32)],
+        dim=1,
     )
     num_recv = sum(recv_splits)
     recv_x = torch.empty(num_recv, cfg.hidden, dtype=cfg.dtype, device=x.device)
@@ -95,7 +96,9 @@ def normal_dispatch(
     )
 
 
-def normal_combine(config: EPConfig, group: dist.ProcessGroup, y: torch.Tensor, handle: object) -> torch.Tensor:
+def normal_combine(
+    config: EPConfig, group: dist.ProcessGroup, y: torch.Tensor, handle: object
+) -> torch.Tensor:
     """Normal-mode combine (see ``EPBackend.combine``): one ``all_to_all_single`` back, then a
     float32 ``index_add`` of each rank's row into its source token."""
     if not isinstance(handle, NormalHandle):
