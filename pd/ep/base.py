@@ -24,8 +24,9 @@ Conventions for every backend:
   router's top-k never does); backends do not check this in low-latency mode.
 - Lockstep: every rank of the group calls the same sequence of dispatch/combine; a rank with no
   tokens still calls them (normal mode with T = 0, low-latency mode with any T <= M).
-- Each source token is dispatched at most once to each rank (not once per expert), so the
-  traffic is at most ``T * min(K, W)`` rows per rank.
+- How many copies of a token cross the wire is the backend's business: normal mode delivers it
+  once per rank (the ``torch`` backend does so in low-latency mode too); DeepEP and Mooncake
+  low-latency send one copy per (token, expert).
 """
 
 from __future__ import annotations
