@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 from datetime import timedelta
 from pathlib import Path
@@ -166,11 +167,13 @@ def launch_ranks(args: list[str], out_dir: Path, world: int = WORLD) -> None:
         cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(world),
                "--port", str(port), "--out", str(out_dir), *args]  # fmt: skip
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
-        for proc, _ in procs:
-            proc.wait(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
+        # A rank that fails leaves its peer blocked in a collective: stop as soon as one fails.
+        while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p, _ in procs):
+                break
+            time.sleep(0.1)
     finally:
         for proc, log in procs:
             if proc.poll() is None:
@@ -247,6 +250,30 @@ def test_local_matches_dense(case: str) -> None:
     results = [run_case(backend, ReferenceExperts(EXPERTS, HIDDEN, INTERMEDIATE, EXPERT_SEED), *inputs[0])]
     check_normal(results, inputs, EXPERTS)
     check_ll(results, inputs, EXPERTS)
+
+
+@pytest.mark.parametrize("name", ["local", "torch"])
+def test_low_latency_paths_are_data_independent(monkeypatch, name: str) -> None:
+    """On the meta device every data-dependent op (.item(), .tolist(), .nonzero(), shapes from
+    values) raises, so a low-latency round trip that runs there has static shapes and no host
+    sync: what CUDA-graph capture needs. Normal mode, which may sync, fails there as a control."""
+    import pd.ep.torch_ep
+
+    # W = 1: the all-to-all is a copy.
+    monkeypatch.setattr(pd.ep.torch_ep.dist, "all_to_all_single", lambda out, inp, *a, **k: out.copy_(inp))
+    backend = make_ep_backend(name, EPConfig(EXPERTS, HIDDEN, MAX_TOKENS, torch.bfloat16, device="meta"))
+    x = torch.empty(MAX_TOKENS - 1, HIDDEN, dtype=torch.bfloat16, device="meta")
+    idx = torch.empty(MAX_TOKENS - 1, TOP_K, dtype=torch.long, device="meta")
+    w = torch.empty(MAX_TOKENS - 1, TOP_K, device="meta")
+    d = backend.ll_dispatch(x, idx)
+    out = backend.ll_combine(d.recv_x, idx, w, d.handle)
+    assert (d.recv_x.shape, d.recv_count.shape, out.shape) == (
+        (EXPERTS, MAX_TOKENS, HIDDEN),
+        (EXPERTS,),
+        x.shape,
+    )
+    with pytest.raises(RuntimeError, match="meta"):
+        backend.dispatch(x, idx, w)
 
 
 def test_local_normal_delivers_rows_without_experts_as_all_minus_one() -> None:
