@@ -7,8 +7,7 @@ import torch
 from pd.attention.base import AttentionBackend, AttnInputs
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
-from pd.ep.base import EPBackend
-from pd.ep.local import LocalEP
+from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.kv_cache import KVLayout, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -51,12 +50,21 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
-        self.ep = ep or LocalEP(model_cfg.n_routed_experts)
+        self.ep = ep or make_ep_backend(
+            "local",
+            EPConfig(
+                model_cfg.n_routed_experts,
+                model_cfg.hidden_size,
+                cfg.max_running,
+                self.dtype,
+                device=self.device,
+            ),
+        )
         self.model = build_model(model_cfg, self.ep, cfg.context_len(model_cfg), self.device, self.dtype)
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.seed)
         else:
-            load_weights(self.model, cfg.model_path, self.ep.rank, self.ep.world_size)
+            load_weights(self.model, cfg.model_path, self.ep.config.rank, self.ep.config.world_size)
         self.pool = KVPool(self._kv_layout(), self.device)
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
 

@@ -1,20 +1,72 @@
-"""EP = 1: every expert is local; dispatch is the identity."""
+"""``local``: the EP backend for an EP group of one rank (every expert is local).
+
+No communication. Normal mode is the identity routing; low-latency mode builds the masked
+layout on the device with scatter (no host sync, CUDA-graph capturable).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from pd.ep.base import EPBackend, NormalDispatch
+from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
+from pd.ep.layout import expert_slots, weighted_gather_sum
+
+
+@dataclass(frozen=True)
+class _LLHandle:
+    valid: torch.Tensor  # [T, K] bool: slot names an expert
+    slot: torch.Tensor  # [T, K] int64 flat row in the masked layout (dump row where not valid)
 
 
 class LocalEP(EPBackend):
-    def __init__(self, num_experts: int) -> None:
-        self.rank, self.world_size, self.num_experts = 0, 1, num_experts
+    """EP over one rank. ``ll_dispatch`` output ``recv_x`` is a persistent buffer
+    ``[E, M, H]`` allocated at construction and overwritten by every ``ll_dispatch``.
+
+    Normal mode delivers every token (``recv_x`` is ``x`` itself, not a copy), also tokens whose
+    slots are all -1; their expert output must be 0, as for any row without a local expert.
+    """
+
+    name = "local"
+
+    def __init__(self, config: EPConfig, group: dist.ProcessGroup | None = None) -> None:
+        if config.world_size != 1:
+            raise ValueError(f"the local EP backend serves world_size=1, got {config.world_size}")
+        super().__init__(config, group)
+        rows = config.num_experts * config.max_tokens_per_rank
+        # One extra (dump) row absorbs the writes of entries that name no expert.
+        self._ll_storage = torch.empty(rows + 1, config.hidden, dtype=config.dtype, device=config.device)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
-        return NormalDispatch(x, topk_idx, topk_weights, [], None)
+        self._check_normal(x, topk_idx, topk_weights)
+        valid = topk_idx >= 0
+        counts = torch.bincount(topk_idx[valid], minlength=self.config.num_experts)
+        return NormalDispatch(
+            recv_x=x,
+            recv_topk_idx=topk_idx,
+            recv_topk_weights=torch.where(valid, topk_weights, 0.0),
+            num_recv_per_expert=counts.tolist(),
+            handle=None,
+        )
 
-    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
         return y
+
+    def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor) -> LLDispatch:
+        self._check_ll(x, topk_idx)
+        cfg = self.config
+        valid, slot, count = expert_slots(topk_idx, cfg.num_experts, cfg.max_tokens_per_rank)
+        # Broadcast each token to its K slots (the [T, 1, H] value is expanded, not copied).
+        self._ll_storage[slot] = x.unsqueeze(1)
+        recv_x = self._ll_storage[:-1].view(cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden)
+        return LLDispatch(recv_x=recv_x, recv_count=count, handle=_LLHandle(valid, slot))
+
+    def ll_combine(
+        self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: object
+    ) -> torch.Tensor:
+        self._check_ll_combine(y, topk_idx, topk_weights)
+        assert isinstance(handle, _LLHandle)
+        out = weighted_gather_sum(y.view(-1, self.config.hidden), handle.slot, handle.valid, topk_weights)
+        return out.to(self.config.dtype)

@@ -77,7 +77,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.ep = ep
         self.gate = Router(cfg)
-        self.experts = Experts(ep.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(ep.config.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts

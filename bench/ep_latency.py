@@ -1,0 +1,454 @@
+"""EP backends on one host: correctness against a dense reference, low-latency dispatch+combine
+latency (eager and replayed in a CUDA graph), normal-mode dispatch+combine throughput.
+
+    python -m pd.bench.ep_latency                          # 2 GPUs, backends torch and mooncake
+    python -m pd.bench.ep_latency --out bench/results/ep_latency.json
+    python -m pd.bench.ep_latency --device cpu --smoke     # gloo, tiny shapes (CI smoke test)
+
+No torchrun: the parent starts one worker process per rank for each backend, bounds each
+launch with --timeout-s and kills only its own workers by pid, so a hung collective costs at
+most that long; the other backends still run. Workers append results as JSON lines the moment
+they have them, so a timed-out run still reports what it finished. NVLink SHARP / multicast is
+switched off for every library before anything initialises (gpu/NOTES.md).
+
+What is measured (per rank; the table shows the slowest rank):
+- low latency: ``ll_dispatch`` + ``ll_combine`` of T tokens per rank, M = max T, with the
+  dispatched rows fed straight back as expert output (no expert compute); median of per-call
+  times (CUDA events), eager and as one CUDA graph replay.
+- normal: ``dispatch`` + ``combine`` of 4096 tokens per rank, eager; GB/s = bytes this rank sends
+  (dispatched rows, self included, + combined rows, times H * 2) / time.
+Routing is uniform random top-k; every rank has T tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# NVLink SHARP / multicast off before torch, NCCL, NVSHMEM or Mooncake initialise (gpu/NOTES.md).
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The shapes one run covers."""
+
+    hidden: tuple[int, ...]
+    experts_topk: tuple[tuple[int, int], ...]
+    ll_tokens: tuple[int, ...]  # T per rank; M = max
+    normal_tokens: int
+    check_shape: tuple[int, int, int, int]  # (hidden, experts, top_k, tokens) of the dense-reference check
+    check_intermediate: int
+    iters: int
+    warmup: int
+
+
+GPU_SWEEP = Sweep(
+    hidden=(2048, 7168),
+    experts_topk=((64, 6), (256, 8)),
+    ll_tokens=(1, 16, 64, 128),
+    normal_tokens=4096,
+    check_shape=(2048, 64, 6, 64),
+    check_intermediate=64,
+    iters=50,
+    warmup=5,
+)
+SMOKE_SWEEP = Sweep(
+    hidden=(128,),
+    experts_topk=((8, 2),),
+    ll_tokens=(1, 4),
+    normal_tokens=64,
+    check_shape=(128, 8, 2, 4),
+    check_intermediate=16,
+    iters=3,
+    warmup=1,
+)
+
+
+# ---------------------------------------------------------------- worker (one rank)
+
+
+class _Recorder:
+    """Appends one JSON object per line (rank 0 only) and flushes, so partial runs survive."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self._file = open(path, "a") if enabled else None  # noqa: SIM115 (closed in close())
+
+    def add(self, kind: str, **fields: object) -> None:
+        if self._file:
+            self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+            self._file.flush()
+            print(kind, fields, flush=True)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pd.ep import EPConfig, make_ep_backend, make_mooncake_buffer
+    from pd.ep.layout import token_ranks
+    from pd.ep.reference import ReferenceExperts, random_routing
+
+    rank, world = args.rank, args.world_size
+    sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group(
+            "nccl",
+            init_method=f"tcp://127.0.0.1:{args.port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+            device_id=device,
+        )
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{args.port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+        )
+    group = dist.group.WORLD
+    rec = _Recorder(args.result_file, rank == 0)
+    dtype = torch.bfloat16
+    max_tokens = max(sweep.ll_tokens)
+    gen = torch.Generator().manual_seed(1234 + rank)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def slowest(value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t.item())
+
+    def all_ok(ok: bool) -> bool:
+        t = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t.item()) == 0
+
+    def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want).norm() / want.norm().clamp_min(1e-12)) if want.numel() else 0.0
+
+    def timed(fn, iters: int) -> float:
+        """Median microseconds per call of fn (which launches work on the current stream)."""
+        times = []
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        sync()
+        us = [s.elapsed_time(e) * 1e3 for s, e in times] if cuda else [t * 1e6 for t in times]
+        return statistics.median(us)
+
+    mooncake_buffer = None
+    if args.backend == "mooncake":
+        # One Mooncake Buffer per process, sized for the largest shape of the sweep.
+        mooncake_buffer = make_mooncake_buffer(
+            group, max_tokens, max(sweep.hidden), max(e for e, _ in sweep.experts_topk)
+        )
+
+    def build(hidden: int, experts: int, tokens: int):
+        cfg = EPConfig(experts, hidden, tokens, dtype, rank, world, device)
+        options = {"buffer": mooncake_buffer} if mooncake_buffer is not None else {}
+        return make_ep_backend(args.backend, cfg, group, **options)
+
+    # ---- correctness against the dense reference ----
+    hidden, experts, top_k, tokens = sweep.check_shape
+    backend = build(hidden, experts, max_tokens)
+    if getattr(backend, "uses_fallback", False):
+        rec.add(
+            "note", backend=args.backend, text="Mooncake runs its Python fallback (no NVLink IPC / IBGDA)"
+        )
+    ref = ReferenceExperts(experts, hidden, sweep.check_intermediate, seed=99, device=device)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    idx, w = random_routing(tokens, experts, top_k, gen, device)
+    idx[0, -1] = -1  # an inert slot, and a padding row with no expert at all
+    idx[1, :] = -1
+    want = ref.dense(x, idx, w)
+    first = backend.config.first_local_expert
+    modes = ["low_latency"] + (["normal"] if args.backend == "torch" else [])
+    for mode in modes:
+        if mode == "normal":
+            d = backend.dispatch(x, idx, w)
+            out = backend.combine(ref.normal_outputs(d, first), d.handle)
+        else:
+            d = backend.ll_dispatch(x, idx)
+            out = backend.ll_combine(ref.ll_outputs(d, first), idx, w, d.handle)
+        err = slowest(rel_err(out, want))
+        rec.add("correctness", backend=args.backend, mode=mode, check="dense reference MoE", rel_err=err,
+                ok=all_ok(err < 2e-2))  # fmt: skip
+    del backend
+    gc.collect()
+
+    # ---- low-latency latency sweep ----
+    for hidden in sweep.hidden:
+        for experts, top_k in sweep.experts_topk:
+            backend = build(hidden, experts, max_tokens)
+            for tokens in sweep.ll_tokens:
+                x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+                idx, w = random_routing(tokens, experts, top_k, gen, device)
+                # Identity experts: the combine must give x times the sum of the token's weights.
+                want = x.float() * w.sum(dim=1, keepdim=True)
+
+                def round_trip(x=x, idx=idx, w=w, backend=backend):
+                    d = backend.ll_dispatch(x, idx)
+                    return backend.ll_combine(d.recv_x, idx, w, d.handle)
+
+                eager_out = round_trip()
+                err = slowest(rel_err(eager_out, want))
+                for _ in range(sweep.warmup):
+                    round_trip()
+                dist.barrier(group=group)
+                eager_us = slowest(timed(round_trip, sweep.iters))
+                graph_us = graph_diff = None
+                if cuda:
+                    graph_us, graph_diff = _graph_timing(round_trip, eager_out, sweep, timed, group)
+                    graph_us, graph_diff = slowest(graph_us), slowest(graph_diff)
+                rec.add("low_latency", backend=args.backend, hidden=hidden, experts=experts, top_k=top_k,
+                        tokens=tokens, max_tokens=max_tokens, eager_us=eager_us, graph_us=graph_us,
+                        identity_rel_err=err, graph_vs_eager_max_abs=graph_diff,
+                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)))  # fmt: skip
+            del backend
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    # ---- normal-mode throughput (torch; mooncake's normal mode is the same torch code) ----
+    if args.backend == "torch":
+        tokens = sweep.normal_tokens
+        for hidden in sweep.hidden:
+            for experts, top_k in sweep.experts_topk:
+                backend = build(hidden, experts, max_tokens)
+                x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+                idx, w = random_routing(tokens, experts, top_k, gen, device)
+                sent_rows = int(token_ranks(idx, experts // world, world).sum())
+
+                def round_trip(x=x, idx=idx, w=w, backend=backend):
+                    d = backend.dispatch(x, idx, w)
+                    return backend.combine(d.recv_x, d.handle), d.recv_x.shape[0]
+
+                out, recv_rows = round_trip()
+                # Identity experts, unweighted: each token comes back once per rank it went to.
+                want = x.float() * token_ranks(idx, experts // world, world).sum(dim=1, keepdim=True)
+                err = slowest(rel_err(out, want))
+                for _ in range(sweep.warmup):
+                    round_trip()
+                dist.barrier(group=group)
+                us = timed(round_trip, max(sweep.iters // 5, 3))
+                gbps = (sent_rows + recv_rows) * hidden * dtype.itemsize / (us * 1e-6) / 1e9
+                rec.add("normal", backend=args.backend, hidden=hidden, experts=experts, top_k=top_k,
+                        tokens=tokens, rows_dispatched=sent_rows, rows_combined=recv_rows,
+                        time_us=slowest(us), gbps_rank0=gbps, identity_rel_err=err, ok=all_ok(err < 2e-2))  # fmt: skip
+                del backend
+                gc.collect()
+
+    rec.close()
+    sync()
+    mooncake_buffer = None
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _graph_timing(round_trip, eager_out, sweep: Sweep, timed, group) -> tuple[float, float]:
+    """Capture one round trip in a CUDA graph; return (median replay us, max |graph - eager|).
+    The graph is destroyed before returning (a captured NCCL graph alive at process-group
+    teardown hangs, gpu/NOTES.md)."""
+    import torch
+    import torch.distributed as dist
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            round_trip()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = round_trip()
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = float((graph_out.float() - eager_out.float()).abs().max()) if graph_out.numel() else 0.0
+    for _ in range(sweep.warmup):
+        graph.replay()
+    dist.barrier(group=group)
+    us = timed(graph.replay, sweep.iters)
+    torch.cuda.synchronize()
+    del graph_out
+    graph.reset()
+    del graph
+    return us, diff
+
+
+# ---------------------------------------------------------------- parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: argparse.Namespace, backend: str, workdir: Path) -> tuple[str, list[dict]]:
+    """Run one backend's workers; return (status, records) whatever happened."""
+    result_file = workdir / f"{backend}.jsonl"
+    env = {**os.environ, **NO_MULTICAST_ENV}
+    if args.device == "cpu":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    port = _free_port()
+    procs = []
+    for rank in range(args.world_size):
+        log = open(workdir / f"{backend}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+        cmd = [sys.executable, "-m", "pd.bench.ep_latency", "--worker", "--rank", str(rank),
+               "--world-size", str(args.world_size), "--port", str(port), "--backend", backend,
+               "--device", args.device, "--result-file", str(result_file)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    deadline = time.monotonic() + args.timeout_s
+    status = "ok"
+    try:
+        # Poll: a rank that dies leaves its peers blocked in a collective, so stop them at once.
+        while any(p.poll() is None for p, _ in procs):
+            if any(p.poll() not in (None, 0) for p, _ in procs):
+                break
+            if time.monotonic() > deadline:
+                status = f"timed out after {args.timeout_s} s"
+                break
+            time.sleep(0.2)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if status == "ok" and any(p.returncode != 0 for p, _ in procs):  # includes peers killed after a failure
+        status = "failed (rc " + ", ".join(str(p.returncode) for p, _ in procs) + ")"
+    if status != "ok":
+        for rank in range(args.world_size):
+            tail = (workdir / f"{backend}.rank{rank}.log").read_text()[-3000:]
+            print(f"--- {backend} rank {rank} log tail ---\n{tail}", file=sys.stderr)
+    records = []
+    if result_file.exists():
+        records = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+    return status, records
+
+
+def _environment(device: str) -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": sys.version.split()[0]}  # fmt: skip
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = "unknown"
+    if device == "cuda" and torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def _fmt(value: object, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _tables(result: dict) -> str:
+    lines = ["| backend | mode | check | rel err | ok |", "|---|---|---|---|---|"]
+    lines += [f"| {c['backend']} | {c['mode']} | {c['check']} | {c['rel_err']:.1e} | {c['ok']} |"
+              for c in result["correctness"]]  # fmt: skip
+    lines += ["", "Low-latency dispatch + combine, us per round trip (slowest rank, median):", "",
+              "| backend | hidden | experts/top-k | T | eager us | graph us | ok |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['backend']} | {r['hidden']} | {r['experts']}/{r['top_k']} | {r['tokens']} | "
+              f"{_fmt(r['eager_us'])} | {_fmt(r['graph_us'])} | {r['ok']} |" for r in result["low_latency"]]  # fmt: skip
+    lines += ["", "Normal dispatch + combine (eager):", "",
+              "| backend | hidden | experts/top-k | T | rows out+back | us | GB/s (rank 0) | ok |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['backend']} | {r['hidden']} | {r['experts']}/{r['top_k']} | {r['tokens']} | "
+              f"{r['rows_dispatched']}+{r['rows_combined']} | {r['time_us']:.0f} | {r['gbps_rank0']:.1f} | {r['ok']} |"
+              for r in result["normal"]]  # fmt: skip
+    lines += ["", "| backend | status |", "|---|---|"] + [
+        f"| {r['backend']} | {r['status']} |" for r in result["runs"]
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument(
+        "--backends", default=None, help="comma-separated (default: torch,mooncake on cuda; torch on cpu)"
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="limit per backend launch")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    # worker-only
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    os.environ.update(NO_MULTICAST_ENV)
+    if args.worker:
+        _worker(args)
+        return 0
+
+    backends = (args.backends or ("torch,mooncake" if args.device == "cuda" else "torch")).split(",")
+    result: dict = {"environment": _environment(args.device), "args": {"device": args.device,
+                    "world_size": args.world_size, "smoke": args.smoke, "backends": backends},
+                    "correctness": [], "low_latency": [], "normal": [], "notes": [], "runs": []}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ep_latency_") as tmp:
+        for backend in backends:
+            status, records = _launch(args, backend, Path(tmp))
+            result["runs"].append({"backend": backend, "status": status})
+            for r in records:
+                result["notes" if r["kind"] == "note" else r["kind"]].append(r)
+    print(_tables(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    failed = [r for r in result["runs"] if r["status"] != "ok"]
+    bad = [r for k in ("correctness", "low_latency", "normal") for r in result[k] if not r["ok"]]
+    return 1 if failed or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
