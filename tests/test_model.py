@@ -131,3 +131,26 @@ def test_seeded_sampling_is_batch_invariant_end_to_end(tiny_model):
     alone = [engine.generate([p], sp)[0].output_ids for p, sp in zip(prompts, params)]
     assert together == alone
     assert len({tuple(t) for t in together}) > 1
+
+
+def test_text_generation_with_stop_strings_matches_transformers(tiny_model, hf_model):
+    from pd.tokenizer import Tokenizer
+
+    path = tiny_model("ci")
+    tok = Tokenizer.from_dir(path)
+    engine = Engine(EngineConfig(str(path), page_size=16), tokenizer=tok)
+    hf = hf_model(path)
+    ids = tok.encode_chat([{"role": "user", "content": "Tell me about the river and the café."}])
+    full_ids = hf_greedy(hf, ids, 24)
+    full_text = tok.decode(full_ids)
+    # A stop string taken from the middle of the reference text cuts the output right before it.
+    # (The random model emits invalid UTF-8 too: pick a stretch of clean characters.)
+    middle = len(full_text) // 2
+    start = next(i for i in range(middle, len(full_text) - 3) if "\ufffd" not in full_text[i : i + 3])
+    stop = full_text[start : start + 3]
+    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    assert out.text == full_text[: full_text.index(stop)]
+    assert out.finish_reason.value == "stop"
+    assert out.output_ids == full_ids[: len(out.output_ids)]
+    plain = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert plain.text == full_text and plain.output_ids == full_ids
