@@ -82,8 +82,11 @@ def _model_cfg(path):
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    # An explicit mask: with pad_token_id set, generate would otherwise mask every token equal to it (BOS here).
     out = hf.generate(
-        torch.tensor([prompt]),
+        ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=n,
         min_new_tokens=n,
         do_sample=False,
