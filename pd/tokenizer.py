@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,32 @@ def _validate_messages(messages: Any) -> list[dict[str, Any]]:
     return plain
 
 
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The contents of a model directory's tokenizer files."""
+
+    tokenizer_json: str
+    tokenizer_config: dict
+    generation_config: dict
+    chat_template: str | None = None  # chat_template.jinja, which wins over the config's template
+
+    @classmethod
+    def read(cls, path: str | Path) -> TokenizerFiles:
+        """Reads tokenizer.json, tokenizer_config.json (chat_template, bos/eos/unk/pad tokens, add_bos_token,
+        add_eos_token), chat_template.jinja and generation_config.json (eos_token_id) from ``path``."""
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs a tokenizer.json")
+        template_file = path / "chat_template.jinja"
+        return cls(
+            tokenizer_json=tokenizer_file.read_text(encoding="utf-8"),
+            tokenizer_config=_read_json(path / "tokenizer_config.json"),
+            generation_config=_read_json(path / "generation_config.json"),
+            chat_template=template_file.read_text(encoding="utf-8") if template_file.is_file() else None,
+        )
+
+
 class Tokenizer:
     """A model's tokenizer, loaded from its directory with `Tokenizer.from_dir`."""
 
@@ -142,17 +169,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Loads tokenizer.json, tokenizer_config.json (chat_template, bos/eos/unk/pad tokens, add_bos_token,
-        add_eos_token), chat_template.jinja (which wins over the config's template, as in transformers) and
-        generation_config.json (eos_token_id: an int or a list) from `path`. tokenizer_class is not read
-        (tokenizer.json is used as written) and neither is clean_up_tokenization_spaces (transformers 5
+        """Loads a model directory's tokenizer files (see ``TokenizerFiles.read``)."""
+        return cls.from_files(TokenizerFiles.read(path))
+
+    @classmethod
+    def from_files(cls, files: TokenizerFiles) -> Tokenizer:
+        """Builds the tokenizer from file contents (what a worker sends the proxy). tokenizer_class is not
+        read (tokenizer.json is used as written) and neither is clean_up_tokenization_spaces (transformers 5
         ignores it for BPE tokenizers too)."""
-        path = Path(path)
-        tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs a tokenizer.json")
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        config = _read_json(path / "tokenizer_config.json")
+        backend = tokenizers.Tokenizer.from_str(files.tokenizer_json)
+        config = files.tokenizer_config
         named = {
             key: _token_content(config[key], key) for key in _NAMED_TOKENS if config.get(key) is not None
         }
@@ -165,12 +191,8 @@ class Tokenizer:
                 named.get("bos_token") if config.get("add_bos_token") else None,
                 named.get("eos_token") if config.get("add_eos_token") else None,
             )
-        template_file = path / "chat_template.jinja"
-        if template_file.is_file():
-            chat_template = template_file.read_text(encoding="utf-8")
-        else:
-            chat_template = _pick_chat_template(config.get("chat_template"))
-        generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        chat_template = files.chat_template or _pick_chat_template(config.get("chat_template"))
+        generation_eos = files.generation_config.get("eos_token_id")
         if generation_eos is None:
             eos_ids: list[int] = []
         elif isinstance(generation_eos, int):
