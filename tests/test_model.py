@@ -151,7 +151,9 @@ def test_text_generation_with_stop_strings_matches_transformers(tiny_model, hf_m
     middle = len(full_text) // 2
     start = next(i for i in range(middle, len(full_text) - 3) if "\ufffd" not in full_text[i : i + 3])
     stop = full_text[start : start + 3]
-    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,)))[
+        0
+    ]
     assert out.text == full_text[: full_text.index(stop)]
     assert out.finish_reason.value == "stop"
     assert out.output_ids == full_ids[: len(out.output_ids)]

@@ -1,7 +1,8 @@
-"""The colocated reference engine: one process, one rank, prefill and decode on the same device.
+"""The engine: scheduler + model runner + output processing for one rank.
 
-``step()`` reads as schedule -> run -> postprocess. It is the baseline the disaggregated workers
-are measured against, and the workers reuse its scheduler, runner and output processing.
+``step()`` reads as schedule -> run -> postprocess and returns what each request produced. Used
+as is by the colocated reference engine (``generate``) and by the decode worker, which admits
+requests whose KV arrived from a prefill rank with ``add_prefilled``.
 """
 
 from __future__ import annotations
@@ -9,13 +10,25 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.kv_cache import PageAllocator
-from pd.types import Batch, FinishReason, Req, SamplingParams
+from pd.tokenizer import IncrementalDetokenizer, Tokenizer
+from pd.types import Batch, BatchMode, FinishReason, Req, ReqState, SamplingParams
+
+
+@dataclass
+class TokenOutput:
+    """What one request produced in one step: new tokens, the text they completed, and whether it ended."""
+
+    req: Req
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: FinishReason | None
 
 
 @dataclass
@@ -28,29 +41,26 @@ class Completion:
     text: str | None = None
 
 
-@dataclass
-class _OutputText:
-    """Incremental text of one request; None when the engine has no tokenizer."""
-
-    detok: object | None
-    text: list[str] = field(default_factory=list)
-
-
 class Engine:
-    def __init__(self, cfg: EngineConfig, tokenizer=None) -> None:
+    def __init__(
+        self, cfg: EngineConfig, tokenizer: Tokenizer | None = None, runner: ModelRunner | None = None
+    ) -> None:
         self.cfg = cfg
         self.model_cfg = ModelConfig.from_dir(cfg.model_path)
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(cfg, self.model_cfg)
-        eos = frozenset(tokenizer.eos_token_ids if tokenizer is not None else self.model_cfg.eos_token_ids)
+        self.runner = runner or ModelRunner(cfg, self.model_cfg)
+        eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, eos)
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
-        self._texts: dict[int, _OutputText] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
 
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
+    # ---- requests in ----
+
+    def make_request(self, prompt_ids: Sequence[int], params: SamplingParams, rid: int | None = None) -> Req:
+        """Validates a prompt and builds its request (not queued yet)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= self.context_len:
@@ -60,36 +70,71 @@ class Engine:
         if bad:
             raise ValueError(f"token ids {bad[:4]} outside the vocabulary [0, {vocab})")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        req = Req(next(self._rids), list(prompt_ids), params, seed, self.context_len)
+        return Req(next(self._rids) if rid is None else rid, list(prompt_ids), params, seed, self.context_len)
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, rid: int | None = None) -> Req:
+        """Queues a request for prefill and decode here (colocated). Raises QueueFull or ValueError."""
+        req = self.make_request(prompt_ids, params, rid)
         self.scheduler.add(req)
-        self._texts[req.rid] = _OutputText(self._new_detokenizer(req))
+        self._track(req)
         return req
 
-    def step(self) -> list[Req]:
-        """One forward step; returns the requests that finished in it."""
+    def add_prefilled(self, req: Req, first_token: int, first_logprob: float) -> TokenOutput:
+        """Admits a request whose prompt KV is already in ``req.pages`` and whose first token was
+        sampled elsewhere (by a prefill rank); it joins the running batch unless that token ends it."""
+        self._track(req)
+        n = len(req.prompt_ids)
+        req.state = ReqState.RUNNING
+        self.scheduler.running.append(req)
+        # As if the prompt's last position had just been computed here and sampled the token.
+        batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
+        return self._postprocess(batch, [first_token], [first_logprob])[0]
+
+    def abort(self, req: Req) -> None:
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self._detok.pop(req.rid, None)
+
+    # ---- the loop ----
+
+    def has_work(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[TokenOutput]:
+        """One forward step; returns the outputs of the requests that sampled in it."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         tokens, logprobs = self.runner.run(batch)
         return self._postprocess(batch, tokens, logprobs)
 
-    def _postprocess(self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]) -> list[Req]:
-        finished = self.scheduler.postprocess(batch, tokens, logprobs)
-        for req, token in zip(batch.reqs, tokens):
-            out = self._texts.get(req.rid)
-            if token is None or out is None or out.detok is None:
+    def _postprocess(
+        self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]
+    ) -> list[TokenOutput]:
+        self.scheduler.postprocess(batch, tokens, logprobs)
+        outputs = []
+        for req, token, logprob in zip(batch.reqs, tokens, logprobs):
+            if token is None:
                 continue
-            out.text.append(out.detok.add(token))
-            if out.detok.stopped and not req.finished:
-                self.scheduler.finish(req, FinishReason.STOP)
-                finished.append(req)
-        return finished
+            text = ""
+            detok = self._detok.get(req.rid)
+            if detok is not None:
+                text = detok.add(token)
+                if detok.stopped and not req.finished:
+                    self.scheduler.finish(req, FinishReason.STOP)
+                if req.finished:
+                    text += detok.flush()
+            if req.finished:
+                self._detok.pop(req.rid, None)
+            outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason))
+        return outputs
 
-    def abort(self, req: Req) -> None:
-        self.scheduler.finish(req, FinishReason.ABORT)
+    def _track(self, req: Req) -> None:
+        if self.tokenizer is not None:
+            self._detok[req.rid] = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_ids, stop=req.sampling.stop
+            )
 
-    def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+    # ---- offline API ----
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -98,18 +143,21 @@ class Engine:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         reqs = [self.add_request(self._encode(p), sp) for p, sp in zip(prompts, params)]
+        texts: dict[int, list[str]] = {r.rid: [] for r in reqs}
         while self.has_work():
-            self.step()
-        return [self.completion(r) for r in reqs]
-
-    def completion(self, req: Req) -> Completion:
-        out = self._texts.pop(req.rid, None)
-        text = None
-        if out is not None and out.detok is not None:
-            text = "".join(out.text) + out.detok.flush()
-        return Completion(
-            req.rid, req.prompt_ids, req.output_ids, req.output_logprobs, req.finish_reason, text
-        )
+            for out in self.step():
+                texts[out.req.rid].append(out.text)
+        return [
+            Completion(
+                r.rid,
+                r.prompt_ids,
+                r.output_ids,
+                r.output_logprobs,
+                r.finish_reason,
+                "".join(texts[r.rid]) if self.tokenizer is not None else None,
+            )
+            for r in reqs
+        ]
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -117,10 +165,3 @@ class Engine:
                 raise ValueError("text prompts need a tokenizer; pass token ids or give the engine one")
             return self.tokenizer.encode(prompt)
         return list(prompt)
-
-    def _new_detokenizer(self, req: Req):
-        if self.tokenizer is None:
-            return None
-        from pd.tokenizer import IncrementalDetokenizer
-
-        return IncrementalDetokenizer(self.tokenizer, req.prompt_ids, stop=req.sampling.stop)

@@ -118,6 +118,17 @@ class Scheduler:
             req.pages = []
         req.state, req.finish_reason = ReqState.FINISHED, reason
 
+    def detach(self, req: Req) -> list[int]:
+        """Takes a request out of every queue WITHOUT freeing its pages; the caller now owns them
+        (a prefill worker frees them once the KV transfer no longer reads them)."""
+        for queue in (self.prefilling, self.running):
+            if req in queue:
+                queue.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        pages, req.pages = req.pages, []
+        return pages
+
     def _stop_reason(self, req: Req, token: int) -> FinishReason | None:
         sp = req.sampling
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):

@@ -101,7 +101,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoReply(_message.Message):
-    __slots__ = ("model_name", "max_context_len", "vocab_size", "tokenizer_json", "tokenizer_config_json", "generation_config_json", "chat_template", "eos_token_ids")
+    __slots__ = ("model_name", "max_context_len", "vocab_size", "tokenizer_json", "tokenizer_config_json", "generation_config_json", "chat_template")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -109,7 +109,6 @@ class ModelInfoReply(_message.Message):
     TOKENIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     GENERATION_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
-    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_context_len: int
     vocab_size: int
@@ -117,8 +116,7 @@ class ModelInfoReply(_message.Message):
     tokenizer_config_json: str
     generation_config_json: str
     chat_template: str
-    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_name: _Optional[str] = ..., max_context_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., tokenizer_config_json: _Optional[str] = ..., generation_config_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., max_context_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., tokenizer_config_json: _Optional[str] = ..., generation_config_json: _Optional[str] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class WorkerHealthRequest(_message.Message):
     __slots__ = ()
