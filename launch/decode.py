@@ -1,0 +1,13 @@
+"""``pd-decode``: one decode rank (see ``pd.launch.worker``)."""
+
+from __future__ import annotations
+
+from pd.launch.worker import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    run("decode", argv)
+
+
+if __name__ == "__main__":
+    main()

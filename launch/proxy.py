@@ -1,0 +1,68 @@
+"""``pd-proxy``: the OpenAI-compatible HTTP front end."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from pd.launch.args import add_common_args, cluster_token, setup_logging
+from pd.proxy.app import ProxyConfig, build_app
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pd-proxy",
+        description="OpenAI-compatible HTTP endpoint: routes each request to a prefill and a decode rank "
+        "from the bootstrap registry and streams the tokens back.",
+    )
+    p.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument(
+        "--api-key-file", help="file holding the API key clients must send as 'Authorization: Bearer <key>'"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="longest prompt (default: the model's context length)"
+    )
+    p.add_argument(
+        "--max-completion-tokens", type=int, default=16384, help="cap of max_tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-inflight", type=int, default=4096, help="requests in flight before 429 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
+    )
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    setup_logging(args.log_level)
+    api_key = None
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            api_key = f.read().strip()
+        if not api_key:
+            raise SystemExit(f"{args.api_key_file} is empty")
+    cfg = ProxyConfig(
+        bootstrap=args.bootstrap,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        cluster_token=cluster_token(args),
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        max_inflight=args.max_inflight,
+        request_timeout_s=args.request_timeout,
+    )
+    uvicorn.run(build_app(cfg), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

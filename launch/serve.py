@@ -1,0 +1,196 @@
+"""``pd-serve``: bootstrap, one prefill instance, one decode instance and the proxy on this machine,
+as child processes. With no ``--model`` it serves the tiny demo model (made on first use)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pd.launch.args import add_common_args, add_engine_args, setup_logging
+
+log = logging.getLogger("pd.serve")
+
+DEMO_PRESET = "ci"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def demo_model_dir() -> Path:
+    """The tiny demo model, made once under the user's cache directory."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pd" / f"tiny-{DEMO_PRESET}"
+    if not (root / "config.json").is_file():
+        from pd.tiny_model import make_tiny_model
+
+        log.info("making the tiny demo model in %s", root)
+        make_tiny_model(root, DEMO_PRESET, seed=0)
+    return root
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if pd-serve dies, even by SIGKILL (Linux), so none is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pd-serve",
+        description="Run a whole disaggregated deployment on this machine: bootstrap server, one prefill "
+        "instance, one decode instance and the OpenAI-compatible proxy. Without --model it serves a tiny "
+        "demo model made on first use.",
+    )
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the proxy (default: %(default)s)")
+    p.add_argument("--prefill-device", help="device of the prefill instance (default: --device)")
+    p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
+    p.add_argument("--transfer-protocol", default="tcp", help="tcp, rdma or nvlink (default: %(default)s)")
+    p.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
+    )
+    add_engine_args(p, model_required=False)
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str]:
+    flags = ["--model", model, "--device", device, "--dtype", args.dtype, "--load-format", args.load_format]
+    flags += ["--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
+    flags += [
+        "--max-running",
+        str(args.max_running),
+        "--max-waiting",
+        str(args.max_waiting),
+        "--seed",
+        str(args.seed),
+    ]
+    flags += [
+        "--gpu-memory-fraction",
+        str(args.gpu_memory_fraction),
+        "--attention-backend",
+        args.attention_backend,
+    ]
+    for name in ("num_pages", "max_context_len", "model_name"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list[str]]], str]:
+    """The four child processes (name, argv) and the proxy's URL."""
+    host = args.host
+    py = [sys.executable, "-m"]
+    boot = f"{host}:{free_port(host)}"
+    common = ["--host", host, "--log-level", args.log_level]
+    if args.cluster_token_file:
+        common += ["--cluster-token-file", args.cluster_token_file]
+    worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
+    procs = [
+        ("bootstrap", [*py, "pd.launch.bootstrap", "--port", boot.rsplit(":", 1)[1], *common]),
+        (
+            "prefill",
+            [
+                *py,
+                "pd.launch.prefill",
+                *_engine_flags(args, model, args.prefill_device or args.device),
+                *worker,
+                *common,
+            ],
+        ),
+        (
+            "decode",
+            [
+                *py,
+                "pd.launch.decode",
+                *_engine_flags(args, model, args.decode_device or args.device),
+                *worker,
+                *common,
+            ],
+        ),
+        ("proxy", [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *common]),
+    ]
+    return procs, f"http://{host}:{args.port}"
+
+
+def wait_healthy(url: str, children: dict[str, subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, p in children.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {p.returncode} during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/health did not become healthy within {timeout:.0f} s")
+
+
+def stop_all(children: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to every child (proxy first), then SIGKILL to any still alive after ``grace``."""
+    for name in reversed(list(children)):
+        p = children[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for name, p in children.items():
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop in %.0f s: killing it", name, p.pid, grace)
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    setup_logging(args.log_level)
+    model = args.model or str(demo_model_dir())
+    procs, url = commands(args, model)
+    children: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        for name, cmd in procs:
+            children[name] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+            log.info("started %s (pid %d)", name, children[name].pid)
+        wait_healthy(url, children, args.ready_timeout)
+        print(f"pd is serving {Path(model).name} at {url}/v1 (Ctrl-C to stop)", flush=True)
+        while not stopping:
+            dead = [n for n, p in children.items() if p.poll() is not None]
+            if dead:
+                log.error("%s exited (code %s): shutting down", dead[0], children[dead[0]].returncode)
+                code = 1
+                break
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as e:
+        log.error("%s", e)
+        code = 1
+    finally:
+        stop_all(children)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""What prefill and decode workers share: configuration, the gRPC server, registration with the
+bootstrap server, the transfer engine, and the ModelInfo / Health / Metrics RPCs.
+
+Threads: the asyncio event loop (gRPC server, RPC handlers), the engine thread (scheduler, pages,
+model; see ``pd.worker.loop``), the transfer manager's threads (their callbacks are handed to
+the engine thread), and the bootstrap heartbeat thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from pd.bootstrap.client import BootstrapClient, new_incarnation
+from pd.bootstrap.compat import model_fingerprint
+from pd.config import EngineConfig, dtype_name, load_hf_config
+from pd.engine.engine import Engine
+from pd.metrics import Registry
+from pd.rpc import PROTOCOL_VERSION
+from pd.rpc import bootstrap_pb2 as bpb
+from pd.rpc import worker_pb2 as wpb
+from pd.rpc.auth import aio_server_interceptors
+from pd.tokenizer import Tokenizer, TokenizerFiles
+from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer
+from pd.transfer.engine import TransferConfig, TransferEngine
+from pd.transfer.state import TransferTimeouts
+from pd.worker.loop import EngineThread
+
+log = logging.getLogger(__name__)
+
+ROLES = {"prefill": bpb.ROLE_PREFILL, "decode": bpb.ROLE_DECODE}
+_GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One rank of a prefill or decode instance."""
+
+    role: str
+    engine: EngineConfig
+    bootstrap: str  # "host:port" of the bootstrap server
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    instance_id: str | None = None  # None: "<role>-<host>-<port>"
+    model_name: str | None = None  # None: the model directory's name
+    dp_rank: int = 0
+    dp_size: int = 1
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    timeouts: TransferTimeouts = field(default_factory=TransferTimeouts)
+    cluster_token: str | None = None
+    aux_slots: int = 1024  # rooms that can be in transfer at once
+    decode_headroom_tokens: int = 64  # decode: pages reserved beyond the prompt when a room arrives
+    max_pending: int = 4096  # decode: rooms waiting for pages before new ones are refused
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {self.dp_rank} must be in [0, dp_size={self.dp_size})")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.engine.model_path).resolve().name
+
+
+class WorkerBase:
+    """A worker rank: subclasses add the role's request RPCs and the engine thread's ``step``."""
+
+    role = ""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        path = cfg.engine.model_path
+        self.tokenizer_files = TokenizerFiles.read(path)
+        self.tokenizer = Tokenizer.from_files(self.tokenizer_files)
+        self.hf_config = load_hf_config(path)
+        self.engine = Engine(cfg.engine, self.tokenizer)
+        self.pool = self.engine.runner.pool
+        self.transfer_engine = TransferEngine(cfg.transfer)
+        self.aux = AuxBuffer(cfg.aux_slots, self.pool.buffer.device)
+        self.thread = EngineThread(self.step, self.has_work, name=f"{self.role}-engine")
+        self.endpoint = ""
+        self.instance_id = cfg.instance_id or ""
+        self.incarnation = new_incarnation()
+        self.bootstrap: BootstrapClient | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_metrics()
+
+    # ---- subclass hooks (engine thread) ----
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    def load(self) -> bpb.Load:
+        raise NotImplementedError
+
+    # ---- metrics ----
+
+    def _init_metrics(self) -> None:
+        m = self.metrics = Registry()
+        self.labels = {"role": self.role, "instance": "", "rank": str(self.cfg.dp_rank)}
+        self.m_pages_used = m.gauge(
+            "pd_kv_pages_used", "KV cache pages in use.", ["role", "instance", "rank"]
+        )
+        self.m_pages_total = m.gauge(
+            "pd_kv_pages_total", "KV cache pages that can hold requests.", ["role", "instance", "rank"]
+        )
+        self.m_requests = m.counter("pd_requests_total", "Requests by outcome.", ["role", "outcome"])
+        self.m_aborts = m.counter("pd_aborts_total", "Requests aborted.", ["role"])
+        self.m_queue = m.gauge("pd_queue_length", "Requests per queue.", ["role", "queue"])
+        self.m_transfer_failures = m.counter(
+            "pd_transfer_failures_total", "KV transfers that failed.", ["role"]
+        )
+        self.m_transfer_bytes = m.counter(
+            "pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"]
+        )
+        self.m_transfer_seconds = m.histogram(
+            "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
+        )
+
+    def _label_metrics(self) -> None:
+        """Binds the page gauges once the instance id (which may depend on the port) is known."""
+        self.labels["instance"] = self.instance_id
+        self.m_pages_used.set_function(lambda: self.engine.allocator.num_used, **self.labels)
+        self.m_pages_total.set_function(lambda: self.engine.allocator.num_pages - 1, **self.labels)
+
+    # ---- shared RPCs ----
+
+    async def ModelInfo(self, request: wpb.ModelInfoRequest, context) -> wpb.ModelInfoReply:
+        f = self.tokenizer_files
+        return wpb.ModelInfoReply(
+            model_name=self.cfg.served_model_name,
+            max_context_len=self.engine.context_len,
+            vocab_size=self.engine.model_cfg.vocab_size,
+            tokenizer_json=f.tokenizer_json,
+            tokenizer_config_json=json.dumps(f.tokenizer_config),
+            generation_config_json=json.dumps(f.generation_config),
+            chat_template=f.chat_template or "",
+        )
+
+    async def Health(self, request: wpb.WorkerHealthRequest, context) -> wpb.WorkerHealthReply:
+        if not self.thread.alive:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine thread is dead: {self.thread.error!r}")
+        load = self.load()
+        return wpb.WorkerHealthReply(
+            role=self.role,
+            running=load.running_requests,
+            waiting=load.waiting_requests,
+            kv_pages_used=self.engine.allocator.num_used,
+            kv_pages_total=self.engine.allocator.num_pages - 1,
+        )
+
+    async def Metrics(self, request: wpb.MetricsRequest, context) -> wpb.MetricsReply:
+        return wpb.MetricsReply(text=self.metrics.render())
+
+    # ---- registration ----
+
+    def rank_info(self) -> bpb.RankInfo:
+        layout = self.pool.layout
+        return bpb.RankInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model_fingerprint=model_fingerprint(self.hf_config),
+            model_name=self.cfg.served_model_name,
+            max_context_len=self.engine.context_len,
+            role=ROLES[self.role],
+            instance_id=self.instance_id,
+            dp_rank=self.cfg.dp_rank,
+            dp_size=self.cfg.dp_size,
+            grpc_endpoint=self.endpoint,
+            transfer_session=self.transfer_engine.session_id,
+            transfer_protocol=self.cfg.transfer.protocol,
+            kv_base_addr=self.pool.data_ptr,
+            kv_nbytes=self.pool.nbytes,
+            num_pages=layout.num_pages,
+            page_size=layout.page_size,
+            page_nbytes_per_layer=layout.page_nbytes_per_layer,
+            num_layers=layout.num_layers,
+            latent_dim=layout.latent_dim,
+            kv_dtype=dtype_name(layout.dtype),
+            kv_order=layout.order.value,
+            aux_base_addr=self.aux.data_ptr,
+            aux_nbytes=self.aux.nbytes,
+            aux_slot_nbytes=AUX_RECORD_NBYTES,
+            incarnation=self.incarnation,
+        )
+
+    # ---- the event loop side ----
+
+    def post(self, fn, *args) -> None:
+        """Runs ``fn(*args)`` on the event loop (from any thread)."""
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Serves until ``stop()``: gRPC server up, registered, engine thread running."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = grpc.aio.server(
+            migration_thread_pool=ThreadPoolExecutor(16, thread_name_prefix=f"{self.role}-rpc"),
+            interceptors=aio_server_interceptors(self.cfg.cluster_token),
+            options=_GRPC_OPTIONS,
+        )
+        self.add_servicers(server)
+        port = server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if port == 0:
+            raise OSError(f"could not bind {self.cfg.host}:{self.cfg.port}")
+        self.endpoint = f"{self.cfg.host}:{port}"
+        self.instance_id = self.cfg.instance_id or f"{self.role}-{self.cfg.host}-{port}"
+        self._label_metrics()
+        self.on_endpoint()
+        await server.start()
+        self.thread.start()
+        self.bootstrap = BootstrapClient(self.cfg.bootstrap, cluster_token=self.cfg.cluster_token)
+        await asyncio.to_thread(self.bootstrap.register, self.rank_info(), self.load())
+        self.bootstrap.start_heartbeat(self.load)
+        log.info(
+            "%s rank %d/%d of %s serving %s on %s (pid %d)",
+            self.role,
+            self.cfg.dp_rank,
+            self.cfg.dp_size,
+            self.instance_id,
+            self.cfg.served_model_name,
+            self.endpoint,
+            os.getpid(),
+        )
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await asyncio.to_thread(self._deregister)
+            await server.stop(grace=1.0)
+            self.thread.stop()
+            self.close_transfer()
+
+    def on_endpoint(self) -> None:
+        """Called once the gRPC endpoint is known, before serving starts."""
+
+    def close_transfer(self) -> None:
+        self.transfer_engine.close()
+
+    def _deregister(self) -> None:
+        if self.bootstrap is not None:
+            self.bootstrap.stop_heartbeat()
+            try:
+                self.bootstrap.deregister()
+            except Exception as e:  # best effort: the lease expires anyway
+                log.info("deregister failed: %s", e)
+            self.bootstrap.close()
+
+    def stop(self) -> None:
+        """Asks ``serve`` to return (thread-safe)."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
