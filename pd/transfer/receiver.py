@@ -1,0 +1,317 @@
+"""Decode side of the KV transfer: ``KVReceiver`` owns every room of one decode rank.
+
+Flow of a room: the scheduler reserves destination pages and an aux slot and calls
+``add_room``; the receiver sends the hand-shake to the prefill rank (retried briefly while that
+rank is unreachable, within the BOOTSTRAPPING timeout), waits for ``TransferDone``, then reads
+and checks the aux record (magic, checksum, room id, prompt length against the page count).
+
+Threads: ``add_room`` and ``abort`` only change state and start non-blocking gRPC calls
+(futures). gRPC handlers and call-completion callbacks run in gRPC's threads. A control thread
+enforces timeouts, retries hand-shakes and runs ``on_final``.
+
+Pages: ``on_final(room, state, aux)`` runs exactly once per room, from the control thread;
+after it the scheduler may reuse the destination pages and the aux slot. The one-sided writes
+of the prefill rank cannot be revoked, so a room that ends here in FAILED or ABORTED is only
+released once the prefill side cannot write into it any more:
+
+- at once if no hand-shake was sent, or when the prefill side said so: ``TransferDone``,
+  ``TransferFailed`` or ``Abort`` from it (it sends those only after its writes drained), or a
+  reply ``drained=true`` to our ``Abort``;
+- otherwise (prefill dead, hung or unreachable) after ``abort_grace_s``. A SIGSTOPped prefill
+  could resume later and finish a write that was already inside its engine, so the pages cannot
+  be reused at once. The prefill starts no write after the hand-shake's deadline (our remaining
+  patience), and a write inside its engine fails within the engine's transfer timeout, so the
+  grace period must exceed that timeout: it is a bound, not a proof (a process stopped for
+  longer than the grace period in the middle of a native write is not covered; nothing on our
+  side can revoke a one-sided write).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from pd.kv_cache import KVPool
+from pd.rpc import transfer_pb2 as pb
+from pd.rpc import transfer_pb2_grpc as pb_grpc
+from pd.transfer.aux import AuxBuffer, AuxError, AuxRecord
+from pd.transfer.engine import TransferEngine
+from pd.transfer.rpc import Channels, layout_to_proto, rpc_error
+from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
+
+logger = logging.getLogger(__name__)
+
+ReceiverFinal = Callable[[int, TransferState, "AuxRecord | None"], None]
+
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(eq=False)
+class _Room:
+    machine: RoomStateMachine
+    prefill: str  # the prefill rank's gRPC endpoint
+    dst_pages: tuple[int, ...]
+    aux_slot: int
+    call: grpc.Future | None = None  # the hand-shake in flight
+    next_try: float = float("inf")  # when to retry the hand-shake
+    attempted: bool = False  # a hand-shake may have reached the prefill rank
+    peer_drained: bool = False  # the prefill side will not write into the room any more
+    abort_sent: bool = False
+    release_at: float = float("inf")  # grace deadline for a final room whose peer did not confirm
+    aux: AuxRecord | None = None
+    released: bool = False
+
+
+class KVReceiver:
+    """All rooms of one decode rank.
+
+    ``pool`` and ``aux`` are registered with ``engine`` here. ``endpoint`` is this rank's gRPC
+    endpoint serving ``DecodeTransfer`` (it may be set after the server started, before the first
+    ``add_room``). ``on_final(room, state, aux)`` gets the checked aux record when ``state`` is
+    DONE, else None; it must be quick and thread-safe. ``rpc_timeout_s`` bounds each call to the
+    prefill rank, ``retry_interval_s`` spaces hand-shake retries.
+    """
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        pool: KVPool,
+        aux: AuxBuffer,
+        on_final: ReceiverFinal,
+        endpoint: str | None = None,
+        timeouts: TransferTimeouts | None = None,
+        rpc_timeout_s: float = 1.0,
+        retry_interval_s: float = 0.2,
+        tick_s: float = 0.05,
+    ) -> None:
+        self.engine, self.pool, self.aux = engine, pool, aux
+        self.on_final, self.endpoint, self.timeouts = on_final, endpoint, timeouts or TransferTimeouts()
+        self.rpc_timeout_s, self.retry_interval_s, self.tick_s = rpc_timeout_s, retry_interval_s, tick_s
+        engine.register(pool.data_ptr, pool.nbytes)
+        engine.register(aux.data_ptr, aux.nbytes)
+        self._lock = threading.RLock()  # RLock: a gRPC future may run its callback in the calling thread
+        self._rooms: dict[int, _Room] = {}
+        self._finals: queue.SimpleQueue = queue.SimpleQueue()
+        self._channels = Channels()
+        self._stop = threading.Event()
+        self._control = threading.Thread(target=self._control_loop, name="kv-receiver-control", daemon=True)
+        self._control.start()
+
+    # ---- scheduler API (never blocks on the network) ----
+
+    def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None:
+        """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order)."""
+        if self.endpoint is None:
+            raise RuntimeError("KVReceiver.endpoint must be set before add_room")
+        pages = tuple(int(p) for p in dst_pages)
+        if not pages or len(set(pages)) != len(pages):
+            raise ValueError(
+                f"room {room}: destination pages must be distinct and non-empty, got {list(pages)}"
+            )
+        for p in pages:
+            if not 0 < p < self.pool.layout.num_pages:
+                raise ValueError(
+                    f"room {room}: destination page {p} out of range [1, {self.pool.layout.num_pages})"
+                )
+        self.aux.slot_offset(aux_slot)  # range check
+        with self._lock:
+            if room in self._rooms:
+                raise ValueError(f"room {room} was already added")
+            r = self._rooms[room] = _Room(
+                RoomStateMachine(room, "decode", self.timeouts), prefill_endpoint, pages, aux_slot
+            )
+            self._handshake(r)
+
+    def abort(self, room: int, reason: str) -> None:
+        """Ends ``room``; the prefill rank is told. Harmless if the room is unknown or final."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is not None and not r.machine.is_final:
+                self._end(r, TransferState.ABORTED, reason)
+
+    def state(self, room: int) -> TransferState | None:
+        """The room's state, or None once it was released (or never known)."""
+        with self._lock:
+            r = self._rooms.get(room)
+            return r.machine.state if r else None
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Serves ``DecodeTransfer`` (TransferDone, TransferFailed, Abort) on ``server`` for this receiver."""
+        pb_grpc.add_DecodeTransferServicer_to_server(_DecodeServicer(self), server)
+
+    def close(self) -> None:
+        """Stops the control thread; open rooms are abandoned (no on_final)."""
+        self._stop.set()
+        self._control.join(timeout=5.0)
+        self._channels.close()
+
+    # ---- state changes (lock held) ----
+
+    def _handshake(self, r: _Room) -> None:
+        now = time.monotonic()
+        patience = max(0.0, r.machine.deadline - now) + self.timeouts.waiting_for_input_s
+        request = pb.HandshakeRequest(
+            room=r.machine.room,
+            session=self.engine.session_id,
+            endpoint=self.endpoint,
+            dst_pages=r.dst_pages,
+            aux_slot=r.aux_slot,
+            layout=layout_to_proto(self.pool.layout),
+            kv_base=self.pool.data_ptr,
+            aux_base=self.aux.data_ptr,
+            deadline_ms=int(patience * 1000),
+        )
+        r.attempted, r.next_try = True, float("inf")
+        call = self._channels.prefill(r.prefill).Handshake.future(request, timeout=self.rpc_timeout_s)
+        r.call = call
+        call.add_done_callback(lambda f: self._handshake_done(r, f))
+
+    def _handshake_done(self, r: _Room, call: grpc.Future) -> None:
+        if call.cancelled():  # only on close()
+            return
+        with self._lock:
+            if r.call is call:
+                r.call = None
+            error = call.exception()
+            if r.machine.is_final:
+                self._settle(r)
+            elif error is None:
+                if r.machine.state is TransferState.BOOTSTRAPPING:
+                    r.machine.to(TransferState.WAITING_FOR_INPUT)
+            elif (
+                error.code() in _RETRY_CODES and time.monotonic() + self.retry_interval_s < r.machine.deadline
+            ):
+                logger.info(
+                    "decode room %d: hand-shake to %s: %s; retrying",
+                    r.machine.room,
+                    r.prefill,
+                    rpc_error(error),
+                )
+                r.next_try = time.monotonic() + self.retry_interval_s
+            else:
+                self._end(r, TransferState.FAILED, f"hand-shake to {r.prefill} failed: {rpc_error(error)}")
+
+    def _end(self, r: _Room, state: TransferState, reason: str = "") -> None:
+        r.machine.to(state, reason)
+        r.release_at = time.monotonic() + self.timeouts.abort_grace_s
+        self._settle(r)
+
+    def _settle(self, r: _Room) -> None:
+        """Releases a final room once the prefill side cannot write into it; exactly once (``released``)."""
+        if not r.machine.is_final or r.released or r.call is not None:
+            return
+        now = time.monotonic()
+        if r.attempted and not r.peer_drained and now < r.release_at:
+            if not r.abort_sent:
+                r.abort_sent = True
+                request = pb.AbortRequest(
+                    room=r.machine.room, reason=r.machine.reason or r.machine.state.value
+                )
+                call = self._channels.prefill(r.prefill).Abort.future(request, timeout=self.rpc_timeout_s)
+                call.add_done_callback(lambda f: self._abort_done(r, f))
+            return
+        if r.attempted and not r.peer_drained:
+            logger.warning(
+                "decode room %d: prefill never confirmed; releasing after the grace period", r.machine.room
+            )
+        r.released = True
+        del self._rooms[r.machine.room]
+        self._finals.put((r.machine.room, r.machine.state, r.aux))
+
+    def _abort_done(self, r: _Room, call: grpc.Future) -> None:
+        if call.cancelled():
+            return
+        with self._lock:
+            error = call.exception()
+            if error is None and call.result().drained:
+                r.peer_drained = True
+            elif error is not None:
+                logger.warning(
+                    "decode room %d: abort to %s failed: %s", r.machine.room, r.prefill, rpc_error(error)
+                )
+            self._settle(r)
+
+    # ---- notices from the prefill rank (gRPC threads) ----
+
+    def _transfer_done(self, room: int) -> bool:
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                return False
+            r.peer_drained = True
+            if not r.machine.is_final:
+                if r.machine.state is TransferState.BOOTSTRAPPING:  # the hand-shake reply is still on its way
+                    r.machine.to(TransferState.WAITING_FOR_INPUT)
+                r.machine.to(TransferState.TRANSFERRING)
+                try:
+                    record = self.aux.read(r.aux_slot, room)
+                    if self.pool.layout.pages_for(record.prompt_len) != len(r.dst_pages):
+                        raise AuxError(
+                            f"prompt length {record.prompt_len} needs {self.pool.layout.pages_for(record.prompt_len)} "
+                            f"pages, the room has {len(r.dst_pages)}"
+                        )
+                except AuxError as e:
+                    self._end(r, TransferState.FAILED, f"bad aux record: {e}")
+                    return True
+                r.aux = record
+                self._end(r, TransferState.DONE)
+            self._settle(r)
+            return True
+
+    def _peer_ended(self, room: int, state: TransferState, reason: str) -> bool:
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                return False
+            r.peer_drained = True
+            if not r.machine.is_final:
+                self._end(r, state, reason)
+            self._settle(r)
+            return True
+
+    # ---- control thread ----
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            for room, state, record in drain_queue(self._finals, self.tick_s):
+                try:
+                    self.on_final(room, state, record)
+                except Exception:
+                    logger.exception("decode room %d: on_final raised", room)
+            now = time.monotonic()
+            with self._lock:
+                for r in list(self._rooms.values()):
+                    if r.machine.fail_if_expired():
+                        r.release_at = now + self.timeouts.abort_grace_s
+                    if r.machine.is_final:
+                        self._settle(r)
+                    elif r.call is None and r.next_try <= now:
+                        self._handshake(r)
+
+
+class _DecodeServicer(pb_grpc.DecodeTransferServicer):
+    def __init__(self, receiver: KVReceiver) -> None:
+        self._receiver = receiver
+
+    def TransferDone(self, request: pb.TransferDoneRequest, context: grpc.ServicerContext) -> pb.NoticeReply:
+        return pb.NoticeReply(known=self._receiver._transfer_done(request.room))
+
+    def TransferFailed(
+        self, request: pb.TransferFailedRequest, context: grpc.ServicerContext
+    ) -> pb.NoticeReply:
+        known = self._receiver._peer_ended(
+            request.room, TransferState.FAILED, f"prefill failed: {request.reason}"
+        )
+        return pb.NoticeReply(known=known)
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        known = self._receiver._peer_ended(
+            request.room, TransferState.ABORTED, f"aborted by prefill: {request.reason}"
+        )
+        return pb.AbortReply(known=known, drained=True)

@@ -1,0 +1,529 @@
+"""Prefill side of the KV transfer: ``KVSender`` owns every room of one prefill rank.
+
+Flow of a room (DESIGN.md §2): the scheduler calls ``add_room`` when the request arrives; the
+decode rank's ``Handshake`` says where to write (either may come first; a hand-shake whose
+request never arrives expires in BOOTSTRAPPING). After each prefill chunk the scheduler calls
+``send`` with the pages that chunk completed; on the last chunk also the remaining pages
+(including a partial last page) and the aux record. Writes merge page runs that are contiguous
+on both sides (``pd.kv_cache.transfer_pieces``). After the last pages the aux record is written,
+then ``TransferDone`` tells the decode rank.
+
+Threads: the scheduler's calls only validate and enqueue; they never block on the network. One
+writer thread per decode peer does that peer's writes and notices in order (so a dead or hung
+peer holds up only its own rooms). A control thread enforces the state timeouts and runs
+``on_final``. gRPC handlers run in the server's threads.
+
+Pages: ``on_final(room, state)`` runs exactly once per room passed to ``add_room``, from the
+control thread, once the room is final AND no write of it is in flight; only then may the scheduler free the room's
+source pages. A write already inside the engine when the room failed is waited for (it returns
+within the engine's own bounds, see ``pd.transfer.engine``); queued writes of a final room are
+dropped. When a room fails or is aborted here after the hand-shake, the decode rank is told
+(``TransferFailed`` / ``Abort``) only after those writes drained, so it may reuse its pages at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from pd.kv_cache import KVLayout, KVPool, transfer_pieces
+from pd.rpc import transfer_pb2 as pb
+from pd.rpc import transfer_pb2_grpc as pb_grpc
+from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
+from pd.transfer.engine import TransferEngine, TransferError
+from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
+from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
+
+logger = logging.getLogger(__name__)
+
+SenderFinal = Callable[[int, TransferState], None]
+
+_LAYOUT_FIELDS = ("num_layers", "page_size", "latent_dim", "dtype", "order")
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """Where decode wants a room written (from its hand-shake)."""
+
+    session: str
+    endpoint: str
+    dst_pages: tuple[int, ...]
+    layout: KVLayout
+    kv_base: int
+    aux_addr: int
+    write_deadline: float  # time.monotonic(); no write starts after it
+
+    def same_target(self, other: _Peer) -> bool:
+        return (self.session, self.endpoint, self.dst_pages, self.layout, self.kv_base, self.aux_addr) == (
+            other.session,
+            other.endpoint,
+            other.dst_pages,
+            other.layout,
+            other.kv_base,
+            other.aux_addr,
+        )
+
+
+@dataclass(eq=False)
+class _Room:
+    machine: RoomStateMachine
+    src_pages: tuple[int, ...] | None = None
+    index: dict[int, int] = field(default_factory=dict)  # source page id -> position
+    peer: _Peer | None = None
+    sent: set[int] = field(default_factory=set)  # source pages handed to send()
+    ready: list[int] = field(default_factory=list)  # positions computed but not yet queued
+    last: bool = False
+    aux: AuxRecord | None = None
+    event: Any = None  # the latest ready_event
+    inflight: int = 0  # queued or running writes
+    done_queued: bool = False
+    notice: str = ""  # "failed" or "abort": tell decode once drained
+    released: bool = False
+
+
+@dataclass(frozen=True)
+class _Job:
+    room: int
+    kind: str  # "kv": pages; "done": aux record + TransferDone; "notice": TransferFailed/Abort
+    peer: _Peer
+    src_pages: tuple[int, ...] = ()
+    dst_pages: tuple[int, ...] = ()
+    event: Any = None
+    notice: str = ""  # for "notice" jobs: "failed" or "abort"
+    reason: str = ""
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KVSender:
+    """All rooms of one prefill rank.
+
+    ``pool`` and ``aux`` are registered with ``engine`` here. ``aux`` is the staging area of the
+    aux records (one slot per concurrent final write, i.e. per decode peer at most).
+    ``on_final(room, state)`` must be quick and thread-safe (e.g. put into a queue).
+    ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort``
+    from decode waits for the room's in-flight writes before answering.
+    """
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        pool: KVPool,
+        aux: AuxBuffer,
+        on_final: SenderFinal,
+        timeouts: TransferTimeouts | None = None,
+        rpc_timeout_s: float = 2.0,
+        abort_wait_s: float = 1.0,
+        tick_s: float = 0.05,
+    ) -> None:
+        self.engine, self.pool, self.aux = engine, pool, aux
+        self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
+        self.rpc_timeout_s, self.abort_wait_s, self.tick_s = rpc_timeout_s, abort_wait_s, tick_s
+        engine.register(pool.data_ptr, pool.nbytes)
+        engine.register(aux.data_ptr, aux.nbytes)
+        self._slots = SlotAllocator(aux.num_slots)
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._rooms: dict[int, _Room] = {}
+        self._tombstones: dict[int, tuple[float, TransferState]] = {}  # finished rooms, for late messages
+        self._writers: dict[str, queue.SimpleQueue] = {}
+        self._threads: list[threading.Thread] = []
+        self._finals: queue.SimpleQueue = queue.SimpleQueue()
+        self._channels = Channels()
+        self._stop = threading.Event()
+        self._start_thread(self._control_loop, "kv-sender-control")
+
+    # ---- scheduler API (never blocks on the network) ----
+
+    def add_room(self, room: int, src_pages: Sequence[int]) -> None:
+        """Announces a request's source pages, in token order (ids into ``pool``)."""
+        pages = self._check_pages(src_pages, self.pool.layout, "source")
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                r = self._rooms[room] = _Room(RoomStateMachine(room, "prefill", self.timeouts))
+                r.src_pages, r.index = pages, {p: i for i, p in enumerate(pages)}
+                if room in self._tombstones:
+                    r.machine.to(
+                        TransferState.ABORTED,
+                        f"room ended ({self._tombstones[room][1].value}) before add_room",
+                    )
+                    self._settle(r)
+                return
+            if r.src_pages is not None:
+                raise ValueError(f"room {room} was already added")
+            r.src_pages, r.index = pages, {p: i for i, p in enumerate(pages)}
+            self._pair(r)
+
+    def send(
+        self,
+        room: int,
+        pages: Sequence[int],
+        last: bool = False,
+        aux: AuxRecord | None = None,
+        ready_event: Any = None,
+    ) -> None:
+        """Queues the write of ``pages`` (source ids of ``room`` fully computed by this chunk).
+
+        On the last chunk (``last=True``) ``pages`` must complete the room and ``aux`` is its
+        record. ``ready_event``: a ``torch.cuda.Event`` recorded after the forward that filled
+        the pages; the writer synchronises on it before reading them. A room that is already
+        final (aborted, failed) ignores the call.
+        """
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None or r.machine.is_final:
+                logger.debug("prefill room %d: send ignored (room %s)", room, "final" if r else "unknown")
+                return
+            if r.src_pages is None:
+                raise ValueError(f"send for room {room} before add_room")
+            if r.last:
+                raise ValueError(f"send for room {room} after its last chunk")
+            pages = tuple(int(p) for p in pages)
+            bad = [p for p in pages if p not in r.index or p in r.sent]
+            if bad or len(set(pages)) != len(pages):
+                raise ValueError(f"room {room}: pages {bad or pages} are not its pages or were already sent")
+            if last:
+                missing = set(r.src_pages) - r.sent - set(pages)
+                if missing:
+                    raise ValueError(f"room {room}: last chunk leaves pages {sorted(missing)} unsent")
+                if aux is None or aux.room != room:
+                    raise ValueError(f"room {room}: the last chunk needs the room's aux record, got {aux}")
+            r.sent.update(pages)
+            r.ready.extend(r.index[p] for p in pages)
+            r.event = ready_event if ready_event is not None else r.event
+            r.last, r.aux = last, aux
+            if r.machine.state is TransferState.TRANSFERRING:
+                r.machine.touch()
+            self._advance(r)
+
+    def abort(self, room: int, reason: str) -> None:
+        """Ends ``room`` here and tells decode (after in-flight writes drained); harmless if unknown or final."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                self._tombstone(room, TransferState.ABORTED)
+                return
+            if not r.machine.is_final:
+                r.machine.to(TransferState.ABORTED, reason)
+                r.notice = "abort"
+                self._settle(r)
+
+    def state(self, room: int) -> TransferState | None:
+        """The room's state, or None once it was released (or never known)."""
+        with self._lock:
+            r = self._rooms.get(room)
+            return r.machine.state if r else None
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Serves ``PrefillTransfer`` (Handshake, Abort) on ``server`` for this sender."""
+        pb_grpc.add_PrefillTransferServicer_to_server(_PrefillServicer(self), server)
+
+    def close(self) -> None:
+        """Stops the threads; open rooms are abandoned (no on_final)."""
+        self._stop.set()
+        with self._lock:
+            for q in self._writers.values():
+                q.put(None)
+        for t in self._threads:
+            t.join(timeout=5.0)
+        self._channels.close()
+
+    # ---- state changes (lock held) ----
+
+    def _pair(self, r: _Room) -> None:
+        if r.machine.state is not TransferState.BOOTSTRAPPING or r.src_pages is None or r.peer is None:
+            return
+        if len(r.peer.dst_pages) != len(r.src_pages):
+            self._fail(
+                r,
+                f"decode gave {len(r.peer.dst_pages)} destination pages for {len(r.src_pages)} source pages",
+            )
+            return
+        r.machine.to(TransferState.WAITING_FOR_INPUT)
+        self._advance(r)
+
+    def _advance(self, r: _Room) -> None:
+        """Queues what is ready once the room is paired."""
+        if r.machine.state not in (TransferState.WAITING_FOR_INPUT, TransferState.TRANSFERRING):
+            return
+        if not r.ready and not (r.last and not r.done_queued):
+            return
+        if r.machine.state is TransferState.WAITING_FOR_INPUT:
+            r.machine.to(TransferState.TRANSFERRING)
+        assert r.src_pages is not None and r.peer is not None
+        writer = self._writer(r.peer.session)
+        if r.ready:
+            src = tuple(r.src_pages[i] for i in r.ready)
+            dst = tuple(r.peer.dst_pages[i] for i in r.ready)
+            writer.put(_Job(r.machine.room, "kv", r.peer, src, dst, r.event))
+            r.ready, r.inflight = [], r.inflight + 1
+        if r.last and not r.done_queued:
+            writer.put(_Job(r.machine.room, "done", r.peer))
+            r.done_queued, r.inflight = True, r.inflight + 1
+
+    def _fail(self, r: _Room, reason: str) -> None:
+        if not r.machine.is_final:
+            r.machine.to(TransferState.FAILED, reason)
+            r.notice = "failed"
+        self._settle(r)
+
+    def _settle(self, r: _Room) -> None:
+        """Releases a final room with nothing in flight: exactly once, by construction (``released``)."""
+        if not r.machine.is_final or r.inflight or r.released:
+            return
+        r.released = True
+        room = r.machine.room
+        del self._rooms[room]
+        self._tombstone(room, r.machine.state)
+        if r.notice and r.peer is not None:
+            self._writer(r.peer.session).put(
+                _Job(room, "notice", r.peer, notice=r.notice, reason=r.machine.reason)
+            )
+        if r.src_pages is not None:  # a hand-shake whose request never came holds no pages: no on_final
+            self._finals.put((room, r.machine.state))
+        self._drained.notify_all()
+
+    def _tombstone(self, room: int, state: TransferState) -> None:
+        """Remembers an ended room for a while, so a late hand-shake or request cannot revive it."""
+        ttl = self.timeouts.bootstrapping_s + self.timeouts.waiting_for_input_s
+        self._tombstones.pop(room, None)  # re-insert at the end: the dict stays in expiry order
+        self._tombstones[room] = (time.monotonic() + ttl, state)
+
+    def _writer(self, session: str) -> queue.SimpleQueue:
+        q = self._writers.get(session)
+        if q is None:
+            q = self._writers[session] = queue.SimpleQueue()
+            self._start_thread(lambda: self._writer_loop(q), f"kv-sender-writer-{session}")
+        return q
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    # ---- hand-shake and abort from decode (gRPC threads) ----
+
+    def _handshake(self, req: pb.HandshakeRequest, time_remaining: float | None) -> None:
+        if time_remaining is not None and time_remaining <= 0:
+            raise _Refusal(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"hand-shake of room {req.room} arrived after its deadline"
+            )
+        try:
+            layout = layout_from_proto(req.layout)
+            for name in _LAYOUT_FIELDS:
+                if getattr(layout, name) != getattr(self.pool.layout, name):
+                    raise ValueError(
+                        f"decode KV layout {name} {getattr(layout, name)} differs from prefill's "
+                        f"{getattr(self.pool.layout, name)}"
+                    )
+            dst = self._check_pages(req.dst_pages, layout, "destination")
+            if not req.session or not req.endpoint:
+                raise ValueError("hand-shake without a transfer session or gRPC endpoint")
+        except ValueError as e:
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"room {req.room}: {e}") from None
+        peer = _Peer(
+            session=req.session,
+            endpoint=req.endpoint,
+            dst_pages=dst,
+            layout=layout,
+            kv_base=req.kv_base,
+            aux_addr=req.aux_base + req.aux_slot * AUX_RECORD_NBYTES,
+            write_deadline=time.monotonic() + req.deadline_ms / 1000,
+        )
+        with self._lock:
+            if req.room in self._tombstones:
+                state = self._tombstones[req.room][1]
+                raise _Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"room {req.room} already ended ({state.value})"
+                )
+            r = self._rooms.get(req.room)
+            if r is None:
+                r = self._rooms[req.room] = _Room(RoomStateMachine(req.room, "prefill", self.timeouts))
+                r.peer = peer
+                return
+            if r.machine.is_final:
+                raise _Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"room {req.room} is {r.machine.state.value}"
+                )
+            if r.peer is not None:
+                if r.peer.same_target(peer):
+                    return  # a retried hand-shake
+                raise _Refusal(grpc.StatusCode.ALREADY_EXISTS, f"room {req.room} has another destination")
+            r.peer = peer
+            self._pair(r)
+
+    def _decode_abort(self, room: int, reason: str, wait_s: float) -> tuple[bool, bool]:
+        """Ends a room on decode's request; waits up to ``wait_s`` for its writes. Returns (known, drained)."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                known = room in self._tombstones
+                if not known:
+                    self._tombstone(room, TransferState.ABORTED)
+                return known, True
+            if not r.machine.is_final:
+                r.machine.to(TransferState.ABORTED, f"aborted by decode: {reason}")
+                r.notice = ""
+            self._settle(r)
+            end = time.monotonic() + wait_s
+            while not r.released and time.monotonic() < end:
+                self._drained.wait(end - time.monotonic())
+            if not r.released:
+                r.notice = "abort"  # decode gets an Abort notice when the writes have drained
+            return True, r.released
+
+    # ---- threads ----
+
+    def _writer_loop(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                self._run_job(job)
+            except Exception:  # a bug must not kill the peer's writer
+                logger.exception("prefill room %d: %s job crashed", job.room, job.kind)
+
+    def _run_job(self, job: _Job) -> None:
+        if job.kind == "notice":
+            self._send_notice(job)
+            return
+        with self._lock:
+            r = self._rooms[job.room]  # present: its inflight count keeps it
+            skip = r.machine.is_final
+            aux_record = r.aux
+        error = None
+        if not skip:
+            try:
+                if job.kind == "kv":
+                    self._write_pages(job)
+                else:
+                    assert aux_record is not None
+                    self._write_aux(job, aux_record)
+                    self._channels.decode(job.peer.endpoint).TransferDone(
+                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s
+                    )
+            except TransferError as e:
+                error = str(e)
+            except grpc.RpcError as e:
+                error = f"TransferDone to {job.peer.endpoint} failed: {rpc_error(e)}"
+            except Exception as e:  # e.g. a CUDA error while waiting for the pages
+                logger.exception("prefill room %d: %s write failed", job.room, job.kind)
+                error = f"{job.kind} write failed: {e!r}"
+        with self._lock:
+            r.inflight -= 1
+            if error is not None:
+                self._fail(r, error)
+            elif not skip and not r.machine.is_final:
+                if job.kind == "done":
+                    r.machine.to(TransferState.DONE)
+                else:
+                    r.machine.touch()
+            self._settle(r)
+
+    def _write_pages(self, job: _Job) -> None:
+        if job.event is not None:
+            job.event.synchronize()
+        src_base, dst_base = self.pool.data_ptr, job.peer.kv_base
+        pieces = [
+            (src_base + s, dst_base + d, n)
+            for s, d, n in transfer_pieces(self.pool.layout, job.peer.layout, job.src_pages, job.dst_pages)
+        ]
+        self.engine.write(job.peer.session, pieces, deadline=job.peer.write_deadline)
+
+    def _write_aux(self, job: _Job, record: AuxRecord) -> None:
+        with self._lock:
+            slot = self._slots.alloc()
+        if slot is None:
+            raise TransferError(f"no free aux staging slot (AuxBuffer has {self.aux.num_slots})")
+        try:
+            self.aux.write(slot, record)
+            local = self.aux.data_ptr + self.aux.slot_offset(slot)
+            self.engine.write(
+                job.peer.session,
+                [(local, job.peer.aux_addr, AUX_RECORD_NBYTES)],
+                deadline=job.peer.write_deadline,
+            )
+        finally:
+            with self._lock:
+                self._slots.free(slot)
+
+    def _send_notice(self, job: _Job) -> None:
+        """Best effort, bounded by ``rpc_timeout_s``: decode falls back on its own timeouts."""
+        stub = self._channels.decode(job.peer.endpoint)
+        try:
+            if job.notice == "abort":
+                stub.Abort(pb.AbortRequest(room=job.room, reason=job.reason), timeout=self.rpc_timeout_s)
+            else:
+                stub.TransferFailed(
+                    pb.TransferFailedRequest(room=job.room, reason=job.reason), timeout=self.rpc_timeout_s
+                )
+        except grpc.RpcError as e:
+            logger.warning(
+                "prefill room %d: notice to %s failed: %s", job.room, job.peer.endpoint, rpc_error(e)
+            )
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            for room, state in drain_queue(self._finals, self.tick_s):
+                try:
+                    self.on_final(room, state)
+                except Exception:
+                    logger.exception("prefill room %d: on_final raised", room)
+            now = time.monotonic()
+            with self._lock:
+                for r in list(self._rooms.values()):
+                    if r.machine.fail_if_expired():
+                        r.notice = "failed"
+                        self._settle(r)
+                while self._tombstones:
+                    room, (expiry, _) = next(iter(self._tombstones.items()))
+                    if expiry > now:
+                        break
+                    del self._tombstones[room]
+
+    @staticmethod
+    def _check_pages(pages: Sequence[int], layout: KVLayout, side: str) -> tuple[int, ...]:
+        out = tuple(int(p) for p in pages)
+        if not out:
+            raise ValueError(f"no {side} pages")
+        if len(set(out)) != len(out):
+            raise ValueError(f"{side} pages repeat a page: {list(out)}")
+        for p in out:
+            if not 0 < p < layout.num_pages:
+                raise ValueError(f"{side} page {p} out of range [1, {layout.num_pages})")
+        return out
+
+
+class _PrefillServicer(pb_grpc.PrefillTransferServicer):
+    def __init__(self, sender: KVSender) -> None:
+        self._sender = sender
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
+        try:
+            self._sender._handshake(request, context.time_remaining())
+        except _Refusal as e:
+            context.abort(e.code, str(e))
+        return pb.HandshakeReply()
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        remaining = context.time_remaining()
+        wait = (
+            self._sender.abort_wait_s
+            if remaining is None
+            else min(self._sender.abort_wait_s, remaining - 0.2)
+        )
+        known, drained = self._sender._decode_abort(request.room, request.reason, max(0.0, wait))
+        return pb.AbortReply(known=known, drained=drained)

@@ -1,0 +1,329 @@
+"""KV transfer between real processes: a prefill and a decode rank (tests/transfer_peer.py), each
+with a CPU KV pool, the Mooncake engine over TCP on 127.0.0.1 and its gRPC hand-shake service.
+
+Oracle: the decode pages hold exactly the prefill pages' bytes (sha256 per page over all
+layers), pages outside the room stay zero, the aux record arrives as sent, and each side
+releases each room exactly once (the peer process reports a second release as an error).
+Faults are real: SIGKILL and SIGSTOP of the peer process. Waits are bounded well below the
+library's own 30-60 s defaults, so a test fails if those were what ended a room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mooncake.engine")
+
+PEER_SCRIPT = Path(__file__).with_name("transfer_peer.py")
+ZERO_PAGE = hashlib.sha256(bytes(3 * 4 * 24 * 2)).hexdigest()  # 3 layers x 4 tokens x 24 values x bf16
+WAIT_S = 15.0  # bound on any single wait for a room to end
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Peer:
+    """One transfer_peer.py process; the test started it and kills it, by pid, at the end."""
+
+    def __init__(self, role: str, log_dir: Path, **opts: object) -> None:
+        cmd = [sys.executable, str(PEER_SCRIPT), "--role", role]
+        for key, value in opts.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        self.role = role
+        self.log_path = log_dir / f"{role}-{id(self)}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
+        )
+        self._replies: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue()
+        self.finals: dict[int, list[dict]] = {}
+        self.errors: list[dict] = []
+        self._info: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            info = self._info.get(timeout=60)
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"{role} peer did not start; log:\n{self.log_path.read_text()}") from None
+        self.endpoint, self.session, self.pid = info["endpoint"], info["session"], info["pid"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            obj = json.loads(line)
+            if "endpoint" in obj:
+                self._info.put(obj)
+            elif obj.get("event") == "error":
+                self.errors.append(obj)
+            elif "event" in obj:
+                self._events.put(obj)
+            else:
+                self._replies.put(obj)
+
+    def call(self, op: str, **kw: object) -> object:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._replies.get(timeout=WAIT_S)
+        if "error" in reply:
+            raise AssertionError(f"{self.role} {op}: {reply['error']}")
+        return reply["reply"]
+
+    def wait_final(self, room: int, timeout: float = WAIT_S) -> dict:
+        """The room's release event; fails if it does not come within ``timeout``."""
+        end = time.monotonic() + timeout
+        while not self.finals.get(room):
+            try:
+                event = self._events.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{self.role} released no room {room} within {timeout}s; log:\n{self.log_path.read_text()[-4000:]}"
+                ) from None
+            self.finals.setdefault(event["room"], []).append(event)
+        return self.finals[room][0]
+
+    def check_released_once(self) -> None:
+        """Every room was released exactly once and nothing is held."""
+        time.sleep(0.3)  # a second (wrong) release would arrive by now
+        assert not self.errors, self.errors
+        assert self.call("owned") == []
+        assert all(len(v) == 1 for v in self.finals.values()), self.finals
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def peers(tmp_path):
+    started: list[Peer] = []
+
+    def start(role: str, **opts: object) -> Peer:
+        peer = Peer(role, tmp_path, **opts)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.close()
+
+
+def start_pair(
+    peers, order: str = "layer_major", prefill_timeouts: str = "3,3,3,1", decode_timeouts: str = "3,3,3,1"
+):
+    """A prefill and a decode peer; timeouts are "bootstrapping,waiting_for_input,transferring,grace" seconds."""
+    return (
+        peers("prefill", order=order, seed=7, timeouts=prefill_timeouts),
+        peers("decode", order=order, timeouts=decode_timeouts),
+    )
+
+
+def assert_pages_equal(prefill: Peer, decode: Peer, src: list[int], dst: list[int]) -> None:
+    assert decode.call("digests", pages=dst) == prefill.call("digests", pages=src)
+
+
+def wait_pages_written(prefill: Peer, decode: Peer, src: list[int], dst: list[int]) -> None:
+    """Waits (bounded) until a chunk's asynchronous write has landed: the transfer is now mid-way."""
+    want = prefill.call("digests", pages=src)
+    end = time.monotonic() + WAIT_S
+    while decode.call("digests", pages=dst) != want:
+        assert time.monotonic() < end, f"pages {src} never arrived in {dst}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("order", ["layer_major", "page_major"])
+def test_pages_and_aux_arrive_byte_exact(peers, order):
+    prefill, decode = start_pair(peers, order)
+    src = [2, 3, 4, 5, 6, 7]
+    dst = [9, 3, 4, 12, 7, 8]  # non-contiguous: runs (2->9), (3,4->3,4), (5->12), (6,7->7,8)
+    aux = [4242, -0.5, 5 * 4 + 3]  # prompt of 23 tokens: the last page is partial
+
+    # Room 1: the request reaches prefill before decode's hand-shake; room 2: the other way round.
+    prefill.call("add_room", room=1, pages=src)
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=dst, aux_slot=3)
+    decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[20, 21, 22, 23, 24, 25], aux_slot=5)
+    time.sleep(0.3)  # let room 2's hand-shake arrive first
+    prefill.call("add_room", room=2, pages=[10, 11, 12, 13, 14, 15])
+
+    for room, pages in ((1, src), (2, [10, 11, 12, 13, 14, 15])):
+        prefill.call("send", room=room, pages=pages[:2])
+        prefill.call("send", room=room, pages=pages[2:4])
+        prefill.call("send", room=room, pages=pages[4:], last=True, aux=[aux[0] + room, aux[1], aux[2]])
+
+    for room in (1, 2):
+        assert prefill.wait_final(room)["state"] == "done"
+        event = decode.wait_final(room)
+        assert event["state"] == "done"
+        assert event["aux"] == [aux[0] + room, aux[1], aux[2]]
+    assert_pages_equal(prefill, decode, src, dst)
+    assert_pages_equal(prefill, decode, [10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25])
+    untouched = [p for p in range(1, 32) if p not in [*dst, 20, 21, 22, 23, 24, 25]]
+    assert decode.call("digests", pages=untouched) == [ZERO_PAGE] * len(untouched)
+    prefill.check_released_once()
+    decode.check_released_once()
+
+
+def test_receiver_killed_mid_transfer(peers):
+    prefill, decode = start_pair(peers)
+    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
+    prefill.call("send", room=1, pages=[1, 2])
+    wait_pages_written(prefill, decode, [1, 2], [5, 6])  # the first chunk is there: mid-transfer
+    decode.signal(signal.SIGKILL)
+    decode.proc.wait(timeout=10)
+    prefill.call("send", room=1, pages=[3, 4], last=True, aux=[1, 0.0, 16])
+    assert prefill.wait_final(1)["state"] == "failed"
+    prefill.check_released_once()
+
+
+def test_sender_killed_mid_transfer(peers):
+    prefill, decode = start_pair(peers)
+    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
+    prefill.call("send", room=1, pages=[1, 2])
+    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    prefill.signal(signal.SIGKILL)
+    assert decode.wait_final(1)["state"] == "failed"
+    decode.check_released_once()
+
+
+def test_hung_receiver_is_bounded_by_our_timeout(peers):
+    prefill, decode = start_pair(peers)
+    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
+    prefill.call("send", room=1, pages=[1, 2])
+    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    decode.signal(signal.SIGSTOP)
+    prefill.call("send", room=1, pages=[3, 4], last=True, aux=[1, 0.0, 16])
+    assert prefill.wait_final(1)["state"] == "failed"  # engine progress timeout 2 s, not 30 s
+    decode.signal(signal.SIGCONT)
+    assert decode.wait_final(1)["state"] == "failed"
+    prefill.check_released_once()
+    decode.check_released_once()
+
+
+def test_hung_sender_is_bounded_by_our_timeout(peers):
+    prefill, decode = start_pair(peers)
+    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
+    prefill.call("send", room=1, pages=[1, 2])
+    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    prefill.signal(signal.SIGSTOP)
+    # waiting_for_input 3 s, then Abort to the hung prefill (1 s RPC deadline), then 1 s grace
+    assert decode.wait_final(1)["state"] == "failed"
+    decode.check_released_once()
+
+
+def test_abort_from_decode_before_during_after(peers):
+    prefill, decode = start_pair(peers)
+    # before: decode aborts before prefill even has the request; the late request ends at once
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
+    decode.call("abort", room=1)
+    assert decode.wait_final(1)["state"] == "aborted"
+    prefill.call("add_room", room=1, pages=[1, 2])
+    assert prefill.wait_final(1)["state"] == "aborted"
+    # during: after the first chunk; prefill stops writing and confirms, later sends are ignored
+    prefill.call("add_room", room=2, pages=[3, 4])
+    decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[3, 4], aux_slot=1)
+    prefill.call("send", room=2, pages=[3])
+    wait_pages_written(prefill, decode, [3], [3])
+    decode.call("abort", room=2)
+    assert decode.wait_final(2)["state"] == "aborted"
+    assert prefill.wait_final(2)["state"] == "aborted"
+    prefill.call("send", room=2, pages=[4], last=True, aux=[2, 0.0, 8])
+    assert decode.call("digests", pages=[4]) == [ZERO_PAGE]
+    # after: the room is done and released; aborting it is harmless
+    prefill.call("add_room", room=3, pages=[5])
+    decode.call("add_room", room=3, prefill=prefill.endpoint, pages=[5], aux_slot=2)
+    prefill.call("send", room=3, pages=[5], last=True, aux=[3, 0.0, 4])
+    assert decode.wait_final(3)["state"] == "done"
+    assert prefill.wait_final(3)["state"] == "done"
+    decode.call("abort", room=3)
+    prefill.call("abort", room=3)
+    # unknown rooms: harmless on both sides
+    decode.call("abort", room=99)
+    prefill.call("abort", room=98)
+    prefill.check_released_once()
+    decode.check_released_once()
+
+
+def test_abort_from_prefill_before_during_after(peers):
+    prefill, decode = start_pair(peers)
+    # before: prefill aborts before the hand-shake; the hand-shake is refused
+    prefill.call("add_room", room=1, pages=[1, 2])
+    prefill.call("abort", room=1)
+    assert prefill.wait_final(1)["state"] == "aborted"
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
+    assert decode.wait_final(1)["state"] == "failed"
+    # during: after the first chunk; decode is told once the writes drained
+    prefill.call("add_room", room=2, pages=[3, 4])
+    decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[3, 4], aux_slot=1)
+    prefill.call("send", room=2, pages=[3])
+    wait_pages_written(prefill, decode, [3], [3])
+    prefill.call("abort", room=2)
+    assert prefill.wait_final(2)["state"] == "aborted"
+    assert decode.wait_final(2)["state"] == "aborted"
+    # after: harmless
+    prefill.call("add_room", room=3, pages=[5])
+    decode.call("add_room", room=3, prefill=prefill.endpoint, pages=[5], aux_slot=2)
+    prefill.call("send", room=3, pages=[5], last=True, aux=[3, 0.0, 4])
+    assert prefill.wait_final(3)["state"] == "done"
+    assert decode.wait_final(3)["state"] == "done"
+    prefill.call("abort", room=3)
+    prefill.check_released_once()
+    decode.check_released_once()
+
+
+def test_orphan_handshake_expires(peers):
+    prefill, decode = start_pair(peers, decode_timeouts="3,60,3,1")  # only prefill's expiry can end it
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
+    time.sleep(0.3)
+    assert prefill.call("state", room=1) == "bootstrapping"  # the hand-shake made the room
+    assert decode.call("state", room=1) == "waiting_for_input"
+    # prefill's bootstrapping timeout fails it and tells decode, which releases at once
+    assert decode.wait_final(1)["state"] == "failed"
+    prefill.check_released_once()  # the orphan held no pages: nothing to release
+    decode.check_released_once()
+
+
+def test_unreachable_prefill_fails_after_bounded_retries(peers, unused_tcp_port):
+    decode = peers("decode")
+    decode.call("add_room", room=1, prefill=f"127.0.0.1:{unused_tcp_port}", pages=[1], aux_slot=0)
+    assert decode.call("state", room=1) == "bootstrapping"
+    assert decode.wait_final(1)["state"] == "failed"
+    decode.check_released_once()
+
+
+def test_incompatible_layout_is_refused(peers):
+    prefill = peers("prefill", page_size=4)
+    decode = peers("decode", page_size=8)
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
+    assert decode.wait_final(1)["state"] == "failed"
+    assert prefill.call("state", room=1) is None  # nothing was created on the prefill side
+    decode.check_released_once()
+
+
+@pytest.fixture
+def unused_tcp_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

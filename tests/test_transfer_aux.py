@@ -1,0 +1,84 @@
+"""Aux records: round trip, and every kind of bad slot is detected."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from pd.transfer.aux import (
+    AUX_RECORD_NBYTES,
+    AuxBuffer,
+    AuxError,
+    AuxRecord,
+    SlotAllocator,
+    pack_aux,
+    unpack_aux,
+)
+
+RECORD = AuxRecord(room=2**63 - 5, first_token=-3, first_logprob=-1.25, prompt_len=70_000)
+
+
+def test_round_trip_and_layout():
+    data = pack_aux(RECORD)
+    assert len(data) == AUX_RECORD_NBYTES == 32
+    assert struct.unpack_from("<Qqf I", data) == (RECORD.room, -3, -1.25, 70_000)  # documented offsets
+    assert unpack_aux(data, RECORD.room) == RECORD
+
+
+def test_zeroed_slot_fails_the_magic():
+    with pytest.raises(AuxError, match="magic"):
+        unpack_aux(bytes(AUX_RECORD_NBYTES), RECORD.room)
+
+
+@pytest.mark.parametrize("byte", range(AUX_RECORD_NBYTES))
+def test_any_corrupt_byte_is_detected(byte):
+    data = bytearray(pack_aux(RECORD))
+    data[byte] ^= 0x40
+    with pytest.raises(AuxError):
+        unpack_aux(bytes(data), RECORD.room)
+
+
+def test_half_written_slot_fails_the_checksum():
+    old = pack_aux(AuxRecord(RECORD.room, 11, -2.0, 5))
+    new = pack_aux(RECORD)
+    torn = new[:16] + old[16:]  # the first half of a new record over an old one of the same room
+    with pytest.raises(AuxError, match="checksum"):
+        unpack_aux(torn, RECORD.room)
+
+
+def test_stale_record_of_another_room_is_detected():
+    with pytest.raises(AuxError, match="stale"):
+        unpack_aux(pack_aux(RECORD), RECORD.room + 1)
+
+
+def test_bad_values_and_sizes():
+    with pytest.raises(ValueError, match="u64"):
+        pack_aux(AuxRecord(-1, 0, 0.0, 1))
+    with pytest.raises(ValueError, match="u32"):
+        pack_aux(AuxRecord(1, 0, 0.0, 2**32))
+    with pytest.raises(AuxError, match="31 bytes"):
+        unpack_aux(pack_aux(RECORD)[:31], RECORD.room)
+
+
+def test_aux_buffer_slots():
+    buf = AuxBuffer(4)
+    assert buf.buffer.shape == (4, AUX_RECORD_NBYTES) and buf.buffer.dtype == torch.uint8
+    buf.write(2, RECORD)
+    assert buf.read(2, RECORD.room) == RECORD
+    assert buf.slot_offset(2) == 64
+    with pytest.raises(AuxError, match="magic"):
+        buf.read(1, RECORD.room)  # never written
+    with pytest.raises(ValueError, match="out of range"):
+        buf.write(4, RECORD)
+
+
+def test_slot_allocator():
+    slots = SlotAllocator(2)
+    a, b = slots.alloc(), slots.alloc()
+    assert {a, b} == {0, 1} and slots.alloc() is None
+    slots.free(a)
+    with pytest.raises(ValueError, match="double free"):
+        slots.free(a)
+    assert slots.alloc() == a

@@ -1,0 +1,165 @@
+"""A prefill or decode rank's KV data plane in its own process, driven by the transfer tests.
+
+Real parts: a CPU KVPool, the Mooncake engine over TCP on 127.0.0.1, a gRPC server, and the
+KVSender or KVReceiver. Protocol: JSON lines. Startup prints ``{"endpoint", "session", "pid"}``;
+then each stdin line is a command answered by one ``{"reply": ...}`` or ``{"error": ...}``
+line, and every ``on_final`` prints ``{"event": "final", ...}``. The process also checks that
+pages are released exactly once per room (a second on_final prints an ``"error"`` event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+
+import torch
+
+from pd.kv_cache import KVLayout, KVOrder, KVPool
+from pd.transfer.aux import AuxBuffer, AuxRecord
+from pd.transfer.engine import TransferConfig, TransferEngine
+from pd.transfer.receiver import KVReceiver
+from pd.transfer.rpc import start_server
+from pd.transfer.sender import KVSender
+from pd.transfer.state import TransferTimeouts
+
+_out_lock = threading.Lock()
+
+
+def emit(obj: dict) -> None:
+    with _out_lock:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
+def page_digests(pool: KVPool, pages: list[int]) -> list[str]:
+    """sha256 of each page's bytes over all layers."""
+    out = []
+    for p in pages:
+        h = hashlib.sha256()
+        for layer in range(pool.layout.num_layers):
+            h.update(pool.layer(layer)[p].contiguous().view(torch.uint8).numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=("prefill", "decode"), required=True)
+    parser.add_argument("--order", choices=[o.value for o in KVOrder], default="layer_major")
+    parser.add_argument("--page-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--timeouts", default="3,3,3,1", help="bootstrapping,waiting_for_input,transferring,grace"
+    )
+    parser.add_argument("--transfer-timeout", type=float, default=2.0)
+    parser.add_argument("--rpc-timeout", type=float, default=1.0)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"[{args.role} %(threadName)s] %(message)s"
+    )
+
+    layout = KVLayout(
+        num_layers=3,
+        num_pages=32,
+        page_size=args.page_size,
+        latent_dim=24,
+        dtype=torch.bfloat16,
+        order=KVOrder(args.order),
+    )
+    pool = KVPool(layout, "cpu")
+    if args.role == "prefill":  # random KV the decode side must receive byte for byte
+        g = torch.Generator().manual_seed(args.seed)
+        pool.buffer.view(torch.int16).copy_(
+            torch.randint(-(2**15), 2**15, layout.shape, generator=g, dtype=torch.int16)
+        )
+    aux = AuxBuffer(8)
+    engine = TransferEngine(
+        TransferConfig(hostname="127.0.0.1", protocol="tcp", transfer_timeout_s=args.transfer_timeout)
+    )
+    b, w, t, grace = (float(x) for x in args.timeouts.split(","))
+    timeouts = TransferTimeouts(
+        bootstrapping_s=b, waiting_for_input_s=w, transferring_s=t, abort_grace_s=grace
+    )
+
+    owned: dict[int, list[int]] = {}  # room -> pages this process must release exactly once
+    lock = threading.Lock()
+
+    def release(room: int, state, record: AuxRecord | None = None) -> None:
+        with lock:
+            pages = owned.pop(room, None)
+        if pages is None:
+            emit(
+                {
+                    "event": "error",
+                    "room": room,
+                    "message": f"on_final twice (or for an unknown room): {state}",
+                }
+            )
+            return
+        emit(
+            {
+                "event": "final",
+                "room": room,
+                "state": state.value,
+                "aux": None
+                if record is None
+                else [record.first_token, record.first_logprob, record.prompt_len],
+            }
+        )
+
+    if args.role == "prefill":
+        manager = KVSender(
+            engine, pool, aux, lambda room, state: release(room, state), timeouts, args.rpc_timeout
+        )
+    else:
+        manager = KVReceiver(engine, pool, aux, release, None, timeouts, args.rpc_timeout)
+    server, port = start_server([manager.add_to_server])
+    endpoint = f"127.0.0.1:{port}"
+    if args.role == "decode":
+        manager.endpoint = endpoint
+    emit({"endpoint": endpoint, "session": engine.session_id, "pid": os.getpid()})
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "add_room":
+                with lock:
+                    owned[cmd["room"]] = cmd["pages"]
+                if args.role == "prefill":
+                    manager.add_room(cmd["room"], cmd["pages"])
+                else:
+                    manager.add_room(cmd["room"], cmd["prefill"], cmd["pages"], cmd["aux_slot"])
+                reply = None
+            elif op == "send":
+                record = AuxRecord(cmd["room"], *cmd["aux"]) if cmd.get("aux") else None
+                manager.send(cmd["room"], cmd["pages"], last=cmd.get("last", False), aux=record)
+                reply = None
+            elif op == "abort":
+                manager.abort(cmd["room"], cmd.get("reason", "test abort"))
+                reply = None
+            elif op == "state":
+                state = manager.state(cmd["room"])
+                reply = None if state is None else state.value
+            elif op == "digests":
+                reply = page_digests(pool, cmd["pages"])
+            elif op == "owned":
+                with lock:
+                    reply = sorted(owned)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except Exception as e:
+            emit({"error": f"{type(e).__name__}: {e}"})
+        else:
+            emit({"reply": reply})
+    manager.close()
+    server.stop(0)
+
+
+if __name__ == "__main__":
+    main()
