@@ -8,7 +8,7 @@ import signal
 import threading
 
 from pd.bootstrap.server import BootstrapServer
-from pd.rpc.auth import read_token_file
+from pd.launch.args import add_common_args, cluster_token, setup_logging
 
 log = logging.getLogger("pd.bootstrap")
 
@@ -19,7 +19,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Bootstrap registry of pd: prefill and decode ranks register here, renew a lease "
         "with heartbeats, and look each other up. Logs to stderr; stops on SIGINT/SIGTERM.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
         "--port", type=int, default=8998, help="port to listen on; 0 picks a free one (default: %(default)s)"
     )
@@ -35,17 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="refuse registrations beyond this many ranks (default: %(default)s)",
     )
-    parser.add_argument(
-        "--cluster-token-file",
-        metavar="PATH",
-        help="file holding a shared token that every call must carry (default: no token check)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="(default: %(default)s)",
-    )
+    add_common_args(parser)
     args = parser.parse_args(argv)
     if args.lease_seconds <= 0:
         parser.error(f"--lease-seconds must be positive, got {args.lease_seconds}")
@@ -56,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = read_token_file(args.cluster_token_file) if args.cluster_token_file else None
+    setup_logging(args.log_level)
+    token = cluster_token(args)
     server = BootstrapServer(args.host, args.port, args.lease_seconds, token, max_ranks=args.max_ranks)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

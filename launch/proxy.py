@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 import uvicorn
 
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         max_inflight=args.max_inflight,
         request_timeout_s=args.request_timeout,
     )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was
+    # installed before it: make that one a no-op, so a requested stop exits with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     uvicorn.run(build_app(cfg), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 

@@ -41,8 +41,11 @@ def demo_model_dir() -> Path:
     return root
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if pd-serve dies, even by SIGKILL (Linux), so none is left behind."""
+def _child_setup() -> None:
+    """Runs in each child before exec: its own process group, so a terminal's Ctrl-C reaches only
+    pd-serve, which stops the children in order; and SIGTERM if pd-serve dies, even by SIGKILL
+    (Linux), so none is left behind."""
+    os.setpgid(0, 0)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -141,15 +144,14 @@ def wait_healthy(url: str, children: dict[str, subprocess.Popen], timeout: float
 
 
 def stop_all(children: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM to every child (proxy first), then SIGKILL to any still alive after ``grace``."""
+    """Stops the children in reverse start order (proxy first, bootstrap last, so workers can still
+    deregister): SIGTERM, then SIGKILL for one still alive after ``grace`` seconds."""
     for name in reversed(list(children)):
         p = children[name]
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for name, p in children.items():
         try:
-            p.wait(max(0.0, deadline - time.monotonic()))
+            p.wait(grace)
         except subprocess.TimeoutExpired:
             log.warning("%s (pid %d) did not stop in %.0f s: killing it", name, p.pid, grace)
             p.kill()
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         for name, cmd in procs:
-            children[name] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+            children[name] = subprocess.Popen(cmd, preexec_fn=_child_setup)
             log.info("started %s (pid %d)", name, children[name].pid)
         wait_healthy(url, children, args.ready_timeout)
         print(f"pd is serving {Path(model).name} at {url}/v1 (Ctrl-C to stop)", flush=True)

@@ -14,6 +14,7 @@ from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner
 from pd.model.context import ForwardContext
 from pd.types import BatchMode, SamplingParams
+from tests.oracle import hf_greedy
 
 PRESETS = ["ci", "nolora-groups", "yarn", "tied"]
 MAX_REL_ERR = 1e-4
@@ -79,21 +80,6 @@ def _model_cfg(path):
     from pd.config import ModelConfig
 
     return ModelConfig.from_dir(path)
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    # An explicit mask: with pad_token_id set, generate would otherwise mask every token equal to it (BOS here).
-    out = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -155,8 +155,12 @@ class BootstrapClient:
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def deregister(self) -> bool:
-        """Stops heartbeats and removes this client's rank; True if the server removed it."""
+    def deregister(self, timeout: float = 1.0) -> bool:
+        """Stops heartbeats and removes this client's rank; True if the server removed it.
+
+        One attempt, bounded by ``timeout``: a process shutting down must not wait for a registry
+        that is gone (the lease expires by itself).
+        """
         self.stop_heartbeat()
         with self._lock:
             info, self._info = self._info, None
@@ -165,7 +169,10 @@ class BootstrapClient:
         request = pb.DeregisterRequest(
             instance_id=info.instance_id, dp_rank=info.dp_rank, incarnation=info.incarnation
         )
-        response = self._retrying("deregister", lambda: self._stub.Deregister(request, timeout=self.timeout))
+        try:
+            response = self._stub.Deregister(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
         log.info("deregistered %s", rank_label(info))
         return response.removed
 

@@ -268,7 +268,7 @@ class Proxy:
 
     async def _abort(self, job: _Job, reason: str) -> None:
         self.m_aborts.inc(reason="incomplete")
-        req = wpb.AbortRequest(room=job.room, reason=reason)
+        req = wpb.CancelRequest(room=job.room, reason=reason)
         for rank in (job.prefill, job.decode):
             try:
                 await self.router.stub(rank).Abort(req, timeout=2.0, metadata=self.router.metadata)
@@ -480,10 +480,14 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
 class _SSEResponse(Response):
     """Streams server-sent events; stops the stream as soon as the client disconnects."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(headers={"cache-control": "no-cache"})
+        # No Response.__init__: it would declare a content length.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
         self.body_iterator = body
         self.on_close = on_close
 
@@ -528,6 +532,7 @@ def _consume_exception(fut: asyncio.Future) -> None:
 def build_app(cfg: ProxyConfig) -> Starlette:
     proxy = Proxy(cfg)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         await proxy.router.start()
         yield

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pd/rpc/worker.proto\x12\x06pd.rpc\"\xa8\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\"\x83\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x05 \x01(\r\"=\n\x0cPrefillReply\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\"\xa0\x01\n\x0fGenerateRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x14\n\x0cprefill_rank\x18\x05 \x01(\r\x12\x18\n\x10prefill_endpoint\x18\x06 \x01(\t\"\x8b\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\",\n\x0c\x41\x62ortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xbf\x01\n\x0eModelInfoReply\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_config_json\x18\x05 \x01(\t\x12\x1e\n\x16generation_config_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\"\x15\n\x13WorkerHealthRequest\"r\n\x11WorkerHealthReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x15\n\rkv_pages_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb5\x02\n\rPrefillWorker\x12\x37\n\x07Prefill\x12\x16.pd.rpc.PrefillRequest\x1a\x14.pd.rpc.PrefillReply\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReply2\xb9\x02\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.pd.rpc.GenerateRequest\x1a\x15.pd.rpc.GenerateChunk0\x01\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pd/rpc/worker.proto\x12\x06pd.rpc\"\xa8\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\"\x83\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x05 \x01(\r\"=\n\x0cPrefillReply\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\"\xa0\x01\n\x0fGenerateRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x14\n\x0cprefill_rank\x18\x05 \x01(\r\x12\x18\n\x10prefill_endpoint\x18\x06 \x01(\t\"\x8b\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\"-\n\rCancelRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xbf\x01\n\x0eModelInfoReply\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_config_json\x18\x05 \x01(\t\x12\x1e\n\x16generation_config_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\"\x15\n\x13WorkerHealthRequest\"r\n\x11WorkerHealthReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x15\n\rkv_pages_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb7\x02\n\rPrefillWorker\x12\x37\n\x07Prefill\x12\x16.pd.rpc.PrefillRequest\x1a\x14.pd.rpc.PrefillReply\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReply2\xbb\x02\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.pd.rpc.GenerateRequest\x1a\x15.pd.rpc.GenerateChunk0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,24 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=560
   _globals['_GENERATECHUNK']._serialized_start=563
   _globals['_GENERATECHUNK']._serialized_end=702
-  _globals['_ABORTREQUEST']._serialized_start=704
-  _globals['_ABORTREQUEST']._serialized_end=748
-  _globals['_ABORTREPLY']._serialized_start=750
-  _globals['_ABORTREPLY']._serialized_end=777
-  _globals['_MODELINFOREQUEST']._serialized_start=779
-  _globals['_MODELINFOREQUEST']._serialized_end=797
-  _globals['_MODELINFOREPLY']._serialized_start=800
-  _globals['_MODELINFOREPLY']._serialized_end=991
-  _globals['_WORKERHEALTHREQUEST']._serialized_start=993
-  _globals['_WORKERHEALTHREQUEST']._serialized_end=1014
-  _globals['_WORKERHEALTHREPLY']._serialized_start=1016
-  _globals['_WORKERHEALTHREPLY']._serialized_end=1130
-  _globals['_METRICSREQUEST']._serialized_start=1132
-  _globals['_METRICSREQUEST']._serialized_end=1148
-  _globals['_METRICSREPLY']._serialized_start=1150
-  _globals['_METRICSREPLY']._serialized_end=1178
-  _globals['_PREFILLWORKER']._serialized_start=1181
-  _globals['_PREFILLWORKER']._serialized_end=1490
-  _globals['_DECODEWORKER']._serialized_start=1493
-  _globals['_DECODEWORKER']._serialized_end=1806
+  _globals['_CANCELREQUEST']._serialized_start=704
+  _globals['_CANCELREQUEST']._serialized_end=749
+  _globals['_CANCELREPLY']._serialized_start=751
+  _globals['_CANCELREPLY']._serialized_end=779
+  _globals['_MODELINFOREQUEST']._serialized_start=781
+  _globals['_MODELINFOREQUEST']._serialized_end=799
+  _globals['_MODELINFOREPLY']._serialized_start=802
+  _globals['_MODELINFOREPLY']._serialized_end=993
+  _globals['_WORKERHEALTHREQUEST']._serialized_start=995
+  _globals['_WORKERHEALTHREQUEST']._serialized_end=1016
+  _globals['_WORKERHEALTHREPLY']._serialized_start=1018
+  _globals['_WORKERHEALTHREPLY']._serialized_end=1132
+  _globals['_METRICSREQUEST']._serialized_start=1134
+  _globals['_METRICSREQUEST']._serialized_end=1150
+  _globals['_METRICSREPLY']._serialized_start=1152
+  _globals['_METRICSREPLY']._serialized_end=1180
+  _globals['_PREFILLWORKER']._serialized_start=1183
+  _globals['_PREFILLWORKER']._serialized_end=1494
+  _globals['_DECODEWORKER']._serialized_start=1497
+  _globals['_DECODEWORKER']._serialized_end=1812
 # @@protoc_insertion_point(module_scope)

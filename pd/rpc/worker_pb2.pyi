@@ -82,7 +82,7 @@ class GenerateChunk(_message.Message):
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
-class AbortRequest(_message.Message):
+class CancelRequest(_message.Message):
     __slots__ = ("room", "reason")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -90,7 +90,7 @@ class AbortRequest(_message.Message):
     reason: str
     def __init__(self, room: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
-class AbortReply(_message.Message):
+class CancelReply(_message.Message):
     __slots__ = ("found",)
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool

@@ -41,8 +41,8 @@ class PrefillWorkerStub(object):
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pd.rpc.PrefillWorker/Abort',
-                request_serializer=pd_dot_rpc_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=pd_dot_rpc_dot_worker__pb2.AbortReply.FromString,
+                request_serializer=pd_dot_rpc_dot_worker__pb2.CancelRequest.SerializeToString,
+                response_deserializer=pd_dot_rpc_dot_worker__pb2.CancelReply.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/pd.rpc.PrefillWorker/ModelInfo',
@@ -105,8 +105,8 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=pd_dot_rpc_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=pd_dot_rpc_dot_worker__pb2.AbortReply.SerializeToString,
+                    request_deserializer=pd_dot_rpc_dot_worker__pb2.CancelRequest.FromString,
+                    response_serializer=pd_dot_rpc_dot_worker__pb2.CancelReply.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -176,8 +176,8 @@ class PrefillWorker(object):
             request,
             target,
             '/pd.rpc.PrefillWorker/Abort',
-            pd_dot_rpc_dot_worker__pb2.AbortRequest.SerializeToString,
-            pd_dot_rpc_dot_worker__pb2.AbortReply.FromString,
+            pd_dot_rpc_dot_worker__pb2.CancelRequest.SerializeToString,
+            pd_dot_rpc_dot_worker__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,8 +286,8 @@ class DecodeWorkerStub(object):
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pd.rpc.DecodeWorker/Abort',
-                request_serializer=pd_dot_rpc_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=pd_dot_rpc_dot_worker__pb2.AbortReply.FromString,
+                request_serializer=pd_dot_rpc_dot_worker__pb2.CancelRequest.SerializeToString,
+                response_deserializer=pd_dot_rpc_dot_worker__pb2.CancelReply.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/pd.rpc.DecodeWorker/ModelInfo',
@@ -350,8 +350,8 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=pd_dot_rpc_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=pd_dot_rpc_dot_worker__pb2.AbortReply.SerializeToString,
+                    request_deserializer=pd_dot_rpc_dot_worker__pb2.CancelRequest.FromString,
+                    response_serializer=pd_dot_rpc_dot_worker__pb2.CancelReply.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -421,8 +421,8 @@ class DecodeWorker(object):
             request,
             target,
             '/pd.rpc.DecodeWorker/Abort',
-            pd_dot_rpc_dot_worker__pb2.AbortRequest.SerializeToString,
-            pd_dot_rpc_dot_worker__pb2.AbortReply.FromString,
+            pd_dot_rpc_dot_worker__pb2.CancelRequest.SerializeToString,
+            pd_dot_rpc_dot_worker__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,

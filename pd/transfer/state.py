@@ -111,7 +111,7 @@ class RoomStateMachine:
         self.state = TransferState.BOOTSTRAPPING
         self.reason = ""
         self.deadline = clock() + timeouts.bootstrapping_s
-        logger.info("%s room %d: %s", side, room, self.state.value)
+        logger.debug("%s room %d: %s", side, room, self.state.value)
 
     @property
     def is_final(self) -> bool:
@@ -126,7 +126,7 @@ class RoomStateMachine:
             )
         old, self.state, self.reason = self.state, state, reason
         self.deadline = float("inf") if state.is_final else self.clock() + self.timeouts.for_state(state)
-        log = logger.warning if state in (TransferState.FAILED, TransferState.ABORTED) else logger.info
+        log = logger.warning if state in (TransferState.FAILED, TransferState.ABORTED) else logger.debug
         log(
             "%s room %d: %s -> %s%s",
             self.side,

@@ -108,12 +108,12 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
             if not finished:  # the caller went away
                 self.thread.submit(lambda: self._abort(request.room, "the Generate stream was cancelled"))
 
-    async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortReply:
+    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
         found = asyncio.get_running_loop().create_future()
         self.thread.submit(
             lambda: self.post(_set, found, self._abort(request.room, request.reason or "aborted"))
         )
-        return wpb.AbortReply(found=await found)
+        return wpb.CancelReply(found=await found)
 
     # ---- engine thread ----
 

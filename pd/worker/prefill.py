@@ -89,12 +89,12 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
             self.thread.submit(lambda: self._abort(request.room, "the Prefill call was cancelled"))
             raise
 
-    async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortReply:
+    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
         found = asyncio.get_running_loop().create_future()
         self.thread.submit(
             lambda: self.post(_set, found, self._abort(request.room, request.reason or "aborted"))
         )
-        return wpb.AbortReply(found=await found)
+        return wpb.CancelReply(found=await found)
 
     # ---- engine thread ----
 

@@ -1,0 +1,271 @@
+"""Disaggregated serving end to end: real processes (pd-serve, or each launcher by hand), real gRPC,
+real Mooncake over TCP, the official openai client; transformers is the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import openai
+import pytest
+
+from pd.tokenizer import Tokenizer
+from tests.oracle import hf_greedy
+from tests.serving import free_port, kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
+
+MAX_TOKENS = 16
+CHUNK = 16  # small, so most prompts take several prefill chunks
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "pd-serve.log"
+    with pd_serve(
+        tiny_model_dir, log, "--chunk-size", str(CHUNK), "--page-size", "4", "--model-name", "tiny-ci"
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_model_dir)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def prompts(vocab: int, n: int = 8) -> list[list[int]]:
+    rng = random.Random(4)
+    # 1 to 70 tokens: most span several chunks of CHUNK tokens and end mid-page.
+    return [
+        [rng.randrange(3, vocab - 2) for _ in range(rng.choice([1, 7, 16, 17, 33, 50, 70]))] for _ in range(n)
+    ]
+
+
+def test_completions_equal_transformers_streaming_and_not(deployment, tiny_model_dir, hf_model, tok):
+    hf = hf_model(tiny_model_dir)
+    c = client(deployment)
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    for ids in prompts(tok.vocab_size):
+        expected = hf_greedy(hf, ids, MAX_TOKENS)
+        r = c.completions.create(
+            model="tiny-ci", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
+        )
+        choice = r.choices[0]
+        assert choice.model_extra["token_ids"] == expected
+        assert choice.text == tok.decode(expected)
+        assert choice.finish_reason == "length"
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == MAX_TOKENS
+        stream = c.completions.create(
+            model="tiny-ci", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body=extra
+        )
+        chunks = list(stream)
+        assert [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]] == expected
+        assert "".join(ch.choices[0].text for ch in chunks) == choice.text
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_text_prompt_and_chat_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
+    hf = hf_model(tiny_model_dir)
+    c = client(deployment)
+    text = "The river runs past the old mill, and the café opens at nine."
+    ids = tok.encode(text)
+    r = c.completions.create(
+        model="tiny-ci", prompt=text, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].text == tok.decode(hf_greedy(hf, ids, 12))
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the mill?"}]
+    chat_ids = tok.encode_chat(messages)
+    expected = tok.decode(hf_greedy(hf, chat_ids, 12))
+    r = c.chat.completions.create(
+        model="tiny-ci", messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(chat_ids)
+    stream = c.chat.completions.create(
+        model="tiny-ci",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == len(chat_ids)
+
+
+def test_seeded_sampling_reproducible_across_requests(deployment):
+    c = client(deployment)
+    kw = dict(
+        model="tiny-ci", prompt="Once upon a time", max_tokens=20, temperature=0.9, top_p=0.9, seed=1234
+    )
+    a = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    b = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    assert a == b
+
+
+def test_32_concurrent_streams_complete_correctly(deployment, tok):
+    async def run() -> list[list[int]]:
+        c = openai.AsyncOpenAI(base_url=f"{deployment}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(ids: list[int]) -> list[int]:
+            stream = await c.completions.create(
+                model="tiny-ci",
+                prompt=ids,
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )
+            return [t async for ch in stream for t in ch.choices[0].model_extra["token_ids"]]
+
+        ps = prompts(tok.vocab_size, 32)
+        got = await asyncio.gather(*(one(p) for p in ps))
+        await c.close()
+        return ps, got
+
+    ps, got = asyncio.run(run())
+    c = client(deployment)
+    for ids, out in zip(ps, got):  # the same requests alone
+        alone = c.completions.create(
+            model="tiny-ci",
+            prompt=ids,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        assert out == alone.choices[0].model_extra["token_ids"]
+    assert all(v == 0 for v in wait_pages_idle(deployment).values())
+
+
+BAD_REQUESTS = [
+    ("completions", b"{not json", 400),
+    ("completions", b"[1, 2]", 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": 5}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": ""}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci"}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "max_tokens": -3}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "max_tokens": "many"}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "max_tokens": 10**9}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "temperature": "hot"}).encode(), 400),
+    ("completions", b'{"model": "tiny-ci", "prompt": "hi", "temperature": NaN}', 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "top_p": 0}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "n": 2}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "stream": "yes"}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": [1, 2, 10**7]}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "word " * 5000}).encode(), 400),
+    ("completions", json.dumps({"model": "no-such-model", "prompt": "hi"}).encode(), 404),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "logit_bias": {"5": 3}}).encode(), 400),
+    ("chat/completions", json.dumps({"model": "tiny-ci"}).encode(), 400),
+    (
+        "chat/completions",
+        json.dumps({"model": "tiny-ci", "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        400,
+    ),
+    (
+        "chat/completions",
+        json.dumps({"model": "tiny-ci", "messages": [{"role": "user", "content": 7}]}).encode(),
+        400,
+    ),
+    ("completions", b"x" * (9 << 20), 413),
+]
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(deployment):
+    for path, body, status in BAD_REQUESTS:
+        r = httpx.post(
+            f"{deployment}/v1/{path}", content=body, headers={"content-type": "application/json"}, timeout=30
+        )
+        assert r.status_code == status, (path, body[:80], r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error"
+    assert httpx.get(f"{deployment}/v1/completions", timeout=10).status_code == 405
+    models = httpx.get(f"{deployment}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-ci"]
+    r = client(deployment).completions.create(model="tiny-ci", prompt="still there?", max_tokens=4)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_client_disconnect_mid_stream_frees_every_page(deployment):
+    body = {
+        "model": "tiny-ci",
+        "prompt": "a long story " * 10,
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    for _ in range(3):
+        with httpx.stream("POST", f"{deployment}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+        # Leaving the block closes the connection mid-stream.
+    pages = wait_pages_idle(deployment)
+    assert {role for role, _, _ in pages} == {"prefill", "decode"}
+    assert all(v == 0 for v in pages.values()), pages
+
+
+def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
+    """The README's multi-process example: bootstrap, prefill, decode and proxy started one by one."""
+    hf = hf_model(tiny_model_dir)
+    log = tmp_path / "procs.log"
+    boot, proxy_port = free_port(), free_port()
+    common = [
+        "--bootstrap",
+        f"127.0.0.1:{boot}",
+        "--model",
+        str(tiny_model_dir),
+        "--model-name",
+        "tiny-ci",
+        "--chunk-size",
+        "8",
+    ]
+    procs = [start(["pd.launch.bootstrap", "--port", str(boot)], log)]
+    try:
+        procs.append(
+            start(["pd.launch.proxy", "--bootstrap", f"127.0.0.1:{boot}", "--port", str(proxy_port)], log)
+        )
+        url = f"http://127.0.0.1:{proxy_port}"
+        _wait_up(url, procs, log)
+        # No worker yet: the proxy says so.
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and "registered" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 503
+        procs.append(start(["pd.launch.prefill", *common], log))
+        procs.append(start(["pd.launch.decode", *common], log))
+        wait_healthy(url, procs, log=log)
+        ids = tok.encode("Separate processes, same tokens.")
+        r = client(url).completions.create(
+            model="tiny-ci",
+            prompt=ids,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        assert r.choices[0].model_extra["token_ids"] == hf_greedy(hf, ids, 10)
+        assert set(kv_pages_used(url)) and all(v == 0 for v in wait_pages_idle(url).values())
+    finally:
+        codes = [stop(p) for p in reversed(procs)]
+    assert codes == [0] * len(procs), log.read_text()[-3000:]
+
+
+def _wait_up(url: str, procs, log) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(log.read_text()[-3000:])
