@@ -118,6 +118,30 @@ def _expert_ref(a: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor) -> tor
     return h.to(acc) @ w2_e.to(acc).t()
 
 
+def fused_moe_config(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor
+) -> MoeConfig:
+    """The block config the Triton :func:`fused_moe` uses for these shapes on x's device."""
+    num_tokens, top_k = topk_ids.shape
+    return fused_config(
+        _device_name(x.device), w13.shape[0], x.shape[-1], w2.shape[2], top_k, num_tokens, x.element_size()
+    )
+
+
+def masked_moe_config(
+    recv_x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expected_m: int
+) -> MoeConfig:
+    """The block config the Triton :func:`masked_moe` uses for these shapes and ``expected_m``."""
+    return masked_config(
+        _device_name(recv_x.device),
+        w13.shape[0],
+        recv_x.shape[-1],
+        w2.shape[2],
+        expected_m,
+        recv_x.element_size(),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # fused_moe: tokens with their top-k expert ids (EP=1, and after the normal EP dispatch)
 # ---------------------------------------------------------------------------------------------
@@ -183,18 +207,13 @@ def fused_moe(
     if not _use_triton(x, backend):
         out.copy_(fused_moe_ref(x, w13, w2, topk_ids, topk_weights))
         return out
-    num_tokens, top_k = topk_ids.shape
-    if config is None:
-        config = fused_config(
-            _device_name(x.device), w13.shape[0], x.shape[1], w2.shape[2], top_k, num_tokens, x.element_size()
-        )
     return _triton_ops().fused_moe(
         x.contiguous(),
         w13,
         w2,
         topk_ids.contiguous(),
         topk_weights.to(torch.float32).contiguous(),
-        config,
+        config or fused_moe_config(x, w13, w2, topk_ids),
         out,
     )
 
@@ -234,8 +253,10 @@ def masked_moe(
     same device, read only on the device (counts above N are taken as N). Rows at or past an
     expert's count are NOT written by the Triton path (they keep what ``out`` held; the combine
     never reads them); the torch reference writes zeros there.
-    expected_m: typical rows per expert (e.g. batch * EP size * top_k / total experts), only to pick
-    the block config; defaults to N. Triton path: no host sync, grids fixed by (E, N): CUDA-graph safe.
+    expected_m: typical rows per expert (e.g. ceil(batch * EP size * top_k / total experts)); it
+    picks the block config and how many programs share an expert's rows (an expert with more rows
+    loops), never the result. Defaults to N (a program per row block). Triton path: no host sync,
+    grids fixed by (E, N, expected_m): CUDA-graph safe.
     Temporary buffer: ``[E, N, I]`` in recv_x's dtype, freed on return.
     """
     if recv_x.dim() != 3:
@@ -255,14 +276,13 @@ def masked_moe(
         if out.numel():
             out.copy_(ref)
         return out
-    if config is None:
-        num_experts, rows, hidden = recv_x.shape
-        config = masked_config(
-            _device_name(recv_x.device),
-            num_experts,
-            hidden,
-            w2.shape[2],
-            rows if expected_m is None else max(1, expected_m),
-            recv_x.element_size(),
-        )
-    return _triton_ops().masked_moe(recv_x.contiguous(), recv_count.contiguous(), w13, w2, config, out)
+    expected_m = recv_x.shape[1] if expected_m is None else max(1, expected_m)
+    return _triton_ops().masked_moe(
+        recv_x.contiguous(),
+        recv_count.contiguous(),
+        w13,
+        w2,
+        config or masked_moe_config(recv_x, w13, w2, expected_m),
+        expected_m,
+        out,
+    )

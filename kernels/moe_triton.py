@@ -213,76 +213,28 @@ def _tile_ids(pid, num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _rows(
-    pid_m, sorted_pairs_ptr, block_expert_ptr, count_ptr, num_pairs, num_experts, rows_per_expert,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _gate_up_tile(
+    a_rows, a_ok, w_expert, pid_n, N, K, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """Returns (expert, first slot of the block, row ids [BLOCK_M], row is live [BLOCK_M], block is live).
-
-    Sorted layout: row ids are pair indices (``num_pairs`` in padding slots). Masked layout: row ids
-    index the expert's [N] slab; rows at or past the expert's count are not live."""
-    if MASKED:
-        expert = pid_m % num_experts
-        first = (pid_m // num_experts) * BLOCK_M
-        count = tl.minimum(tl.load(count_ptr + expert).to(tl.int32), rows_per_expert)
-        rows = first + tl.arange(0, BLOCK_M)
-        return expert, first, rows, rows < count, first < count
-    else:
-        expert = tl.load(block_expert_ptr + pid_m)
-        first = pid_m * BLOCK_M
-        pairs = tl.load(sorted_pairs_ptr + first + tl.arange(0, BLOCK_M))  # garbage in dead blocks
-        return expert, first, pairs, pairs < num_pairs, expert >= 0
-
-
-_GEMM_RUNTIME_INTS = ["num_pairs", "top_k", "rows_per_expert", "num_m_blocks"]
-
-
-@triton.jit(do_not_specialize=_GEMM_RUNTIME_INTS)
-def _gate_up_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, count_ptr,
-    num_pairs, top_k, num_experts, rows_per_expert, num_m_blocks, N, K,
-    stride_ae, stride_am, stride_we, stride_wn, stride_oe, stride_om,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    """out[row, n] = silu(a[row] . gate[n]) * (a[row] . up[n]) for a block of rows of one expert and
-    BLOCK_N columns of the intermediate; gate = w[e, :N], up = w[e, N:2N] (N = intermediate).
-
-    Sorted layout: a = x [T, H] (row = pair // top_k), out = [slots, N] at the block's slots; padding
-    slots of a live block are written as zeros. Masked layout: a, out = [E, rows, .]."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP)
-    expert, first, rows, row_ok, live = _rows(
-        pid_m, sorted_pairs_ptr, block_expert_ptr, count_ptr, num_pairs, num_experts, rows_per_expert,
-        BLOCK_M, MASKED,
-    )  # fmt: skip
-    if not live:
-        return
-    if MASKED:
-        a_rows = a_ptr + expert.to(tl.int64) * stride_ae + rows.to(tl.int64) * stride_am
-        out_rows = out_ptr + expert.to(tl.int64) * stride_oe + rows.to(tl.int64) * stride_om
-        store_ok = row_ok
-    else:
-        a_rows = a_ptr + (rows // top_k).to(tl.int64) * stride_am
-        out_rows = out_ptr + (first + tl.arange(0, BLOCK_M)).to(tl.int64) * stride_om
-        store_ok = rows >= 0
+    """silu(a . gate) * (a . up) in float32 for rows ``a_rows`` (pointers to each row's first element;
+    rows with ``a_ok`` false read as zeros) and columns pid_n*BLOCK_N.. of the intermediate, where
+    gate = rows 0..N-1 and up = rows N..2N-1 of the expert's ``[2N, K]`` weight at ``w_expert``."""
     offs_k = tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_cols = cols % N  # columns past N wrap (their results are not stored): no mask on weight loads
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # columns past N wrap; the caller drops them
     a_ptrs = a_rows[:, None] + offs_k[None, :]
-    g_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    )
+    g_ptrs = w_expert + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + N * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
         else:
             k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
         acc_g = tl.dot(a, g, acc_g)
@@ -290,59 +242,160 @@ def _gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    out_ptrs = out_rows[:, None] + cols[None, :]
-    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & (cols[None, :] < N))
+    return acc_g * tl.sigmoid(acc_g) * acc_u
 
 
-@triton.jit(do_not_specialize=_GEMM_RUNTIME_INTS)
-def _down_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, count_ptr, route_w_ptr,
-    num_pairs, num_experts, rows_per_expert, num_m_blocks, N, K,
-    stride_ae, stride_am, stride_we, stride_wn, stride_oe, stride_om,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+@triton.jit
+def _down_tile(
+    a_rows, a_ok, w_expert, pid_n, N, K, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """out[row, n] = a[row] . w[e, n] for a block of rows of one expert (N = hidden, K = intermediate).
-
-    Sorted layout: a = the gate/up output at the block's slots, out = y [T*K, H] at row = pair, scaled
-    by the pair's routing weight. Masked layout: a, out = [E, rows, .], no weight."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP)
-    expert, first, rows, row_ok, live = _rows(
-        pid_m, sorted_pairs_ptr, block_expert_ptr, count_ptr, num_pairs, num_experts, rows_per_expert,
-        BLOCK_M, MASKED,
-    )  # fmt: skip
-    if not live:
-        return
-    if MASKED:
-        a_rows = a_ptr + expert.to(tl.int64) * stride_ae + rows.to(tl.int64) * stride_am
-        out_rows = out_ptr + expert.to(tl.int64) * stride_oe + rows.to(tl.int64) * stride_om
-    else:
-        a_rows = a_ptr + (first + tl.arange(0, BLOCK_M)).to(tl.int64) * stride_am
-        out_rows = out_ptr + rows.to(tl.int64) * stride_om
+    """a . w in float32 for rows ``a_rows`` and columns pid_n*BLOCK_N.. of the expert's ``[N, K]``
+    weight at ``w_expert``."""
     offs_k = tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_cols = cols % N
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     a_ptrs = a_rows[:, None] + offs_k[None, :]
-    w_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    )
+    w_ptrs = w_expert + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
             k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if not MASKED:
-        acc *= tl.load(route_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    out_ptrs = out_rows[:, None] + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < N))
+    return acc
+
+
+@triton.jit
+def _store_tile(out_rows, row_ok, tile, pid_n, N, BLOCK_N: tl.constexpr):
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(
+        out_rows[:, None] + cols[None, :],
+        tile.to(out_rows.dtype.element_ty),
+        mask=row_ok[:, None] & (cols[None, :] < N),
+    )
+
+
+# Values that change with the batch: not specialised on (no recompiles when they cross 16 or 1).
+_RUNTIME_INTS = ["num_pairs", "top_k", "num_m_blocks", "rows_per_expert", "m_programs"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gate_up_sorted_kernel(
+    x_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k, num_m_blocks, N, K,
+    stride_xm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Sorted layout, gate/up: ``out[slot] = silu(x[pair // top_k] . gate) * (x[...] . up)`` for the
+    slots of one row block; padding slots of a live block are written as zeros."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + slots)
+    h = _gate_up_tile(
+        x_ptr + (pairs // top_k).to(tl.int64) * stride_xm, pairs < num_pairs,
+        w_ptr + expert.to(tl.int64) * stride_we, pid_n, N, K, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+    )  # fmt: skip
+    _store_tile(out_ptr + slots.to(tl.int64) * stride_om, slots >= 0, h, pid_n, N, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _down_sorted_kernel(
+    h_ptr, w_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, route_w_ptr, num_pairs, num_m_blocks, N, K,
+    stride_hm, stride_we, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Sorted layout, down: ``y[pair] = route_w[pair] * (h[slot] . down)`` for one row block."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + slots)
+    live = pairs < num_pairs
+    acc = _down_tile(
+        h_ptr + slots.to(tl.int64) * stride_hm, live,
+        w_ptr + expert.to(tl.int64) * stride_we, pid_n, N, K, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+    )  # fmt: skip
+    acc *= tl.load(route_w_ptr + pairs, mask=live, other=0.0)[:, None]
+    _store_tile(y_ptr + pairs.to(tl.int64) * stride_ym, live, acc, pid_n, N, BLOCK_N)
+
+
+@triton.jit
+def _masked_program(pid, N, num_experts, BLOCK_N: tl.constexpr):
+    """Program id -> (column block, expert, first row block); column blocks vary fastest."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    return pid % num_n, (pid // num_n) % num_experts, pid // (num_n * num_experts)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gate_up_masked_kernel(
+    x_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
+    stride_xe, stride_xm, stride_we, stride_wn, stride_oe, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Masked layout, gate/up: row blocks first_block, first_block + m_programs, ... of one expert,
+    up to its count (none at all when the count is 0)."""
+    pid_n, expert, first_block = _masked_program(tl.program_id(0), N, num_experts, BLOCK_N)
+    count = tl.minimum(tl.load(count_ptr + expert).to(tl.int32), rows_per_expert)
+    x_e = x_ptr + expert.to(tl.int64) * stride_xe
+    w_e = w_ptr + expert.to(tl.int64) * stride_we
+    out_e = out_ptr + expert.to(tl.int64) * stride_oe
+    for mb in range(first_block, tl.cdiv(count, BLOCK_M), m_programs):
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < count
+        h = _gate_up_tile(
+            x_e + rows.to(tl.int64) * stride_xm,
+            live,
+            w_e,
+            pid_n,
+            N,
+            K,
+            stride_wn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+        )
+        _store_tile(out_e + rows.to(tl.int64) * stride_om, live, h, pid_n, N, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _down_masked_kernel(
+    h_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
+    stride_he, stride_hm, stride_we, stride_wn, stride_oe, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Masked layout, down: as the gate/up kernel, ``out[e, row] = h[e, row] . down_e``."""
+    pid_n, expert, first_block = _masked_program(tl.program_id(0), N, num_experts, BLOCK_N)
+    count = tl.minimum(tl.load(count_ptr + expert).to(tl.int32), rows_per_expert)
+    h_e = h_ptr + expert.to(tl.int64) * stride_he
+    w_e = w_ptr + expert.to(tl.int64) * stride_we
+    out_e = out_ptr + expert.to(tl.int64) * stride_oe
+    for mb in range(first_block, tl.cdiv(count, BLOCK_M), m_programs):
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < count
+        acc = _down_tile(
+            h_e + rows.to(tl.int64) * stride_hm,
+            live,
+            w_e,
+            pid_n,
+            N,
+            K,
+            stride_wn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+        )
+        _store_tile(out_e + rows.to(tl.int64) * stride_om, live, acc, pid_n, N, BLOCK_N)
 
 
 @triton.jit
@@ -376,41 +429,71 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.cons
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch_gate_up(a, w13, out, cfg: GemmConfig, block_m, num_m_blocks, *, sorted_pairs=None,
-                    block_expert=None, count=None, num_pairs=0, top_k=1, rows_per_expert=0) -> None:  # fmt: skip
-    masked = count is not None
+def _kernel_options(cfg: GemmConfig, block_m: int, reduced: int) -> dict:
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=reduced % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def gate_up_sorted(x, w13, h, sorted_pairs, block_expert, top_k: int, cfg: GemmConfig, block_m: int) -> None:
+    """``h [blocks * block_m, I]`` from ``x [T, H]`` for the sorted pairs (see ``moe_align``)."""
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
-    grid = (num_m_blocks * triton.cdiv(inter, cfg.block_n),)
-    dummy = out  # pointer arguments the chosen layout never reads
-    _gate_up_kernel[grid](
-        a, w13, out,
-        dummy if masked else sorted_pairs, dummy if masked else block_expert, count if masked else dummy,
-        num_pairs, top_k, w13.shape[0], rows_per_expert, num_m_blocks, inter, hidden,
-        a.stride(0) if masked else 0, a.stride(-2), w13.stride(0), w13.stride(1),
-        out.stride(0) if masked else 0, out.stride(-2),
-        MASKED=masked, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP=1 if masked else GROUP_M, EVEN_K=hidden % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    num_m_blocks = block_expert.numel()
+    _gate_up_sorted_kernel[(num_m_blocks * triton.cdiv(inter, cfg.block_n),)](
+        x, w13, h, sorted_pairs, block_expert, x.shape[0] * top_k, top_k, num_m_blocks, inter, hidden,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        GROUP=GROUP_M, **_kernel_options(cfg, block_m, hidden),
     )  # fmt: skip
 
 
-def _launch_down(a, w2, out, cfg: GemmConfig, block_m, num_m_blocks, *, sorted_pairs=None,
-                 block_expert=None, count=None, route_w=None, num_pairs=0, rows_per_expert=0) -> None:  # fmt: skip
-    masked = count is not None
+def down_sorted(h, w2, y, sorted_pairs, block_expert, route_w, cfg: GemmConfig, block_m: int) -> None:
+    """``y [T*K, H]`` (rows of valid pairs only) from ``h``, scaled by ``route_w [T*K]`` float32."""
     hidden, inter = w2.shape[1], w2.shape[2]
-    grid = (num_m_blocks * triton.cdiv(hidden, cfg.block_n),)
-    dummy = out
-    _down_kernel[grid](
-        a, w2, out,
-        dummy if masked else sorted_pairs, dummy if masked else block_expert, count if masked else dummy,
-        dummy if masked else route_w,
-        num_pairs, w2.shape[0], rows_per_expert, num_m_blocks, hidden, inter,
-        a.stride(0) if masked else 0, a.stride(-2), w2.stride(0), w2.stride(1),
-        out.stride(0) if masked else 0, out.stride(-2),
-        MASKED=masked, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP=1 if masked else GROUP_M, EVEN_K=inter % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    num_m_blocks = block_expert.numel()
+    _down_sorted_kernel[(num_m_blocks * triton.cdiv(hidden, cfg.block_n),)](
+        h, w2, y, sorted_pairs, block_expert, route_w, y.shape[0], num_m_blocks, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        GROUP=GROUP_M, **_kernel_options(cfg, block_m, inter),
     )  # fmt: skip
+
+
+def masked_programs(rows_per_expert: int, expected_m: int, block_m: int) -> int:
+    """Programs per (expert, column block) along the rows: enough for ``expected_m`` rows at one
+    block each; an expert with more rows loops over the rest."""
+    return max(1, min(triton.cdiv(rows_per_expert, block_m), triton.cdiv(expected_m, block_m)))
+
+
+def gate_up_masked(x, count, w13, h, cfg: GemmConfig, block_m: int, m_programs: int) -> None:
+    """``h [E, N, I]`` from ``x [E, N, H]`` for rows below ``count [E]``."""
+    num_experts, rows, _ = x.shape
+    inter, hidden = w13.shape[1] // 2, w13.shape[2]
+    _gate_up_masked_kernel[(m_programs * num_experts * triton.cdiv(inter, cfg.block_n),)](
+        x, w13, h, count, num_experts, rows, m_programs, inter, hidden,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), h.stride(0), h.stride(1),
+        **_kernel_options(cfg, block_m, hidden),
+    )  # fmt: skip
+
+
+def down_masked(h, count, w2, out, cfg: GemmConfig, block_m: int, m_programs: int) -> None:
+    """``out [E, N, H]`` from ``h [E, N, I]`` for rows below ``count [E]``."""
+    num_experts, rows, _ = h.shape
+    hidden, inter = w2.shape[1], w2.shape[2]
+    _down_masked_kernel[(m_programs * num_experts * triton.cdiv(hidden, cfg.block_n),)](
+        h, w2, out, count, num_experts, rows, m_programs, hidden, inter,
+        h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), out.stride(0), out.stride(1),
+        **_kernel_options(cfg, block_m, inter),
+    )  # fmt: skip
+
+
+def sum_topk(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> None:
+    """``out [T, H]`` = sum over k of ``y [T*K, H]`` rows of valid pairs."""
+    num_tokens, top_k = topk_ids.shape
+    hidden = out.shape[1]
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h, num_warps=4
+    )
 
 
 def fused_moe(
@@ -424,27 +507,16 @@ def fused_moe(
 ) -> torch.Tensor:
     """Sorted-layout MoE into ``out [T, H]``; inputs already validated and contiguous."""
     num_tokens, top_k = topk_ids.shape
-    num_pairs = num_tokens * top_k
     if num_tokens == 0:
         return out
     num_experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
     bm = config.block_m
     sorted_pairs, block_expert = moe_align(topk_ids, num_experts, bm)
-    num_m_blocks = block_expert.numel()
-    h = torch.empty(num_m_blocks * bm, inter, dtype=x.dtype, device=x.device)
-    _launch_gate_up(
-        x, w13, h, config.gate_up, bm, num_m_blocks,
-        sorted_pairs=sorted_pairs, block_expert=block_expert, num_pairs=num_pairs, top_k=top_k,
-    )  # fmt: skip
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _launch_down(
-        h, w2, y, config.down, bm, num_m_blocks,
-        sorted_pairs=sorted_pairs, block_expert=block_expert, route_w=topk_weights, num_pairs=num_pairs,
-    )  # fmt: skip
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        y, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h, num_warps=4
-    )
+    h = torch.empty(block_expert.numel() * bm, inter, dtype=x.dtype, device=x.device)
+    gate_up_sorted(x, w13, h, sorted_pairs, block_expert, top_k, config.gate_up, bm)
+    y = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    down_sorted(h, w2, y, sorted_pairs, block_expert, topk_weights, config.down, bm)
+    sum_topk(y, topk_ids, num_experts, out)
     return out
 
 
@@ -454,20 +526,18 @@ def masked_moe(
     w13: torch.Tensor,
     w2: torch.Tensor,
     config: MoeConfig,
+    expected_m: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Masked-layout MoE into ``out [E, N, H]`` (rows past each count are not written)."""
-    num_experts, rows_per_expert, _ = recv_x.shape
-    if rows_per_expert == 0:
+    num_experts, rows, _ = recv_x.shape
+    if rows == 0:
         return out
-    inter = w13.shape[1] // 2
     bm = config.block_m
-    num_m_blocks = num_experts * triton.cdiv(rows_per_expert, bm)
-    h = torch.empty(num_experts, rows_per_expert, inter, dtype=recv_x.dtype, device=recv_x.device)
-    _launch_gate_up(
-        recv_x, w13, h, config.gate_up, bm, num_m_blocks, count=recv_count, rows_per_expert=rows_per_expert
-    )
-    _launch_down(h, w2, out, config.down, bm, num_m_blocks, count=recv_count, rows_per_expert=rows_per_expert)
+    m_programs = masked_programs(rows, expected_m, bm)
+    h = torch.empty(num_experts, rows, w13.shape[1] // 2, dtype=recv_x.dtype, device=recv_x.device)
+    gate_up_masked(recv_x, recv_count, w13, h, config.gate_up, bm, m_programs)
+    down_masked(h, recv_count, w2, out, config.down, bm, m_programs)
     return out
 
 

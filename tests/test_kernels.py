@@ -8,6 +8,7 @@ Inputs are drawn fresh for every run; each failure message carries the seed to r
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -284,18 +285,27 @@ class TestInterpreted:
         if num_tokens:
             assert rel_err(out, naive_moe(x, w13, w2, ids, weights)) < 10 * tol, f"seed {seed}"
 
-    @pytest.mark.parametrize("block_m", [16, 32])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-    def test_masked_moe(self, block_m, dtype):
-        """Rows below each count match the reference; rows past it are left as they were."""
+    @pytest.mark.parametrize(
+        "block_m,expected_m,dtype",
+        [
+            (16, None, torch.float32),
+            (32, None, torch.float16),
+            (16, 5, torch.float32),
+            (16, 20, torch.float16),
+        ],
+    )
+    def test_masked_moe(self, block_m, expected_m, dtype):
+        """Rows below each count match the reference; rows past it are left as they were. A small
+        ``expected_m`` gives fewer programs than row blocks: they loop over the rest."""
         seed = fresh_seed()
         gen = torch.Generator().manual_seed(seed)
         w13, w2 = make_weights(6, 40, 24, dtype, gen)
         recv_x = torch.randn(6, 40, 40, generator=gen).to(dtype)
         recv_count = torch.tensor([0, 40, 17, 1, 33, 55], dtype=torch.int32)  # 55 > N is taken as N
         out = torch.full_like(recv_x, float("nan"))
+        config = small_config(block_m, 16, 16)
         moe.masked_moe(
-            recv_x, recv_count, w13, w2, backend="triton", config=small_config(block_m, 16, 16), out=out
+            recv_x, recv_count, w13, w2, expected_m=expected_m, backend="triton", config=config, out=out
         )
         ref = moe.masked_moe_ref(recv_x, recv_count, w13, w2)
         live = torch.arange(40)[None, :] < recv_count.clamp(max=40)[:, None]  # [E, N]
@@ -425,3 +435,52 @@ def test_cuda_silu_and_mul(shape):
     out = moe.silu_and_mul(x)
     ref = moe.silu_and_mul_ref(x.float())
     assert rel_err(out, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Block configs and the tuner's search space (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_table_lookup_and_default(tmp_path, monkeypatch):
+    from pd.bench.tune_moe import dumps_table
+    from pd.kernels import moe_config
+
+    assert moe_config.config_file("NVIDIA H100 80GB HBM3").name == "moe_NVIDIA_H100_80GB_HBM3.json"
+    small, large = small_config(16, 64, 128), small_config(128, 128, 64)
+    table = {
+        "device": "Fake GPU",
+        "fused": {moe_config.fused_key(64, 2048, 1408, 6): {"1": small.to_json(), "512": large.to_json()}},
+        "masked": {moe_config.masked_key(32, 2048, 1408): {"4": small.to_json()}},
+    }
+    monkeypatch.setattr(moe_config, "CONFIG_DIR", tmp_path)
+    moe_config.config_file("Fake GPU").write_text(dumps_table(table))
+    for fn in (moe_config.load_table, moe_config.fused_config, moe_config.masked_config):
+        fn.cache_clear()
+    try:
+        fused = functools.partial(moe_config.fused_config, "Fake GPU", 64, 2048, 1408, 6)
+        assert fused(1, 2) == small
+        assert fused(2, 2) == large  # the smallest tuned count at or above
+        assert fused(9000, 2) == large  # past the end: the largest
+        assert fused(1, 4) == moe_config.default_config(6 / 64, 4)  # float32 never uses bf16 tables
+        assert moe_config.fused_config("Fake GPU", 32, 2048, 1408, 6, 1, 2) == moe_config.default_config(
+            6 / 32, 2
+        )
+        assert moe_config.masked_config("Fake GPU", 32, 2048, 1408, 3, 2) == small
+        assert moe_config.fused_config("Other GPU", 64, 2048, 1408, 6, 8192, 2).block_m == 128
+    finally:
+        for fn in (moe_config.load_table, moe_config.fused_config, moe_config.masked_config):
+            fn.cache_clear()
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+def test_tuner_tiles_fit_the_device(block_m):
+    from pd.bench.tune_moe import ACC_REGS_BUDGET, SMEM_BUDGET, gemm_choices
+
+    for gate_up in (True, False):
+        tiles = gemm_choices(block_m, gate_up)
+        assert len(tiles) >= 4
+        for t in tiles:
+            n = 2 if gate_up else 1
+            assert (t.num_stages - 1) * (block_m * t.block_k + n * t.block_k * t.block_n) * 2 <= SMEM_BUDGET
+            assert n * block_m * t.block_n // (t.num_warps * 32) <= ACC_REGS_BUDGET
