@@ -41,10 +41,17 @@ from pd.bench.moe_kernels import (
 from pd.kernels import moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig, config_file, default_config, fused_key, masked_key
 
-# Shared memory one program may use for its pipeline buffers (H100/H200 allow 227 KB; Triton needs
-# some more for layout conversions), and fp32 accumulator registers per thread.
-SMEM_BUDGET = 200 * 1024
+# Shared memory one program may use for its pipeline buffers (H100/H200 allow 227 KB per block), and
+# fp32 accumulator registers per thread.
+SMEM_BUDGET = 224 * 1024
 ACC_REGS_BUDGET = 128
+
+
+def pipeline_smem(block_m: int, tile: GemmConfig, gate_up: bool) -> int:
+    """Bytes of the operand buffers Triton allocates (bf16): num_stages buffers on the wgmma path
+    (block_m >= 64), num_stages - 1 on the mma.sync path (seen in sm_90 compiles with Triton 3.9)."""
+    buffers = tile.num_stages if block_m >= 64 else tile.num_stages - 1
+    return buffers * (block_m * tile.block_k + (2 if gate_up else 1) * tile.block_k * tile.block_n) * 2
 
 
 def block_m_choices(rows_per_expert: float) -> tuple[int, ...]:
@@ -76,12 +83,12 @@ def gemm_choices(block_m: int, gate_up: bool) -> list[GemmConfig]:
         for bk in grid[1]:
             for warps in grid[2]:
                 for stages in grid[3]:
-                    smem = (stages - 1) * (block_m * bk + tiles * bk * bn) * 2
+                    tile = GemmConfig(bn, bk, warps, stages)
                     acc_regs = tiles * block_m * bn // (warps * 32)
                     if warps == 8 and block_m * bn < 64 * 128:
                         continue
-                    if smem <= SMEM_BUDGET and acc_regs <= ACC_REGS_BUDGET:
-                        out.append(GemmConfig(bn, bk, warps, stages))
+                    if pipeline_smem(block_m, tile, gate_up) <= SMEM_BUDGET and acc_regs <= ACC_REGS_BUDGET:
+                        out.append(tile)
     return out
 
 

@@ -8,10 +8,11 @@ Two layouts share one pair of grouped-GEMM kernels:
   padding slots). The gate/up GEMM reads ``x[pair // K]`` and writes the activated intermediate at
   the slot; the down GEMM reads slots in order, scales by the routing weight and writes row
   ``pair`` of ``y [T*K, H]``; ``_sum_topk_kernel`` adds each token's K rows in a fixed order.
-- masked: ``recv_x [E, N, H]`` with ``recv_count [E]``; block ``b`` is rows
-  ``(b // E) * block_m ...`` of expert ``b % E``, and exits at once when they lie past the count.
+- masked: ``recv_x [E, N, H]`` with ``recv_count [E]``; each program owns one column block of one
+  expert and loops over that expert's row blocks below its count (every ``m_programs``-th block, so
+  ``m_programs`` programs share an expert's rows); an expert with no rows costs one load.
 
-Every launch grid is fixed by shapes alone (an upper bound on the number of row blocks), blocks past
+Every launch grid is fixed by shapes alone (an upper bound on the number of row blocks), programs past
 the live data return immediately, and nothing reads a device value on the host: the whole forward can
 be captured in a CUDA graph. There are no atomics: each output element is written by one program and
 the sum over K runs in a fixed order, so results are bitwise reproducible, and a token's result does
@@ -52,11 +53,11 @@ def _write_padding_and_blocks(
 ):  # fmt: skip
     """Writes the sentinel ``num_pairs`` into each expert's padding slots [start+total, end) and the
     expert of every row block (-1 for blocks at or past the last expert's end)."""
-    slot = tl.arange(0, BLOCK_M)
-    pad = (start + total)[:, None] + slot[None, :]
-    tl.store(
-        sorted_pairs_ptr + pad, tl.zeros([E_PAD, BLOCK_M], tl.int32) + num_pairs, mask=pad < end[:, None]
-    )
+    PAD_STEP: tl.constexpr = min(BLOCK_M, 16)
+    for s0 in tl.static_range(0, BLOCK_M, PAD_STEP):  # an expert has fewer than BLOCK_M padding slots
+        pad = (start + total + s0)[:, None] + tl.arange(0, PAD_STEP)[None, :]
+        sentinel = tl.zeros([E_PAD, PAD_STEP], tl.int32) + num_pairs
+        tl.store(sorted_pairs_ptr + pad, sentinel, mask=pad < end[:, None])
     total_padded = tl.max(end, axis=0)
     for b0 in range(0, max_blocks, BLOCKS_PER_STEP):
         blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
@@ -67,7 +68,7 @@ def _write_padding_and_blocks(
         tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
 def _align_one_chunk_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, num_experts, max_blocks,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
@@ -88,7 +89,7 @@ def _align_one_chunk_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_count_kernel(
     ids_ptr, chunk_counts_ptr, num_pairs, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
 ):
@@ -101,7 +102,7 @@ def _align_count_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_pairs", "max_blocks"])
 def _align_offsets_kernel(
     chunk_counts_ptr, chunk_offsets_ptr, sorted_pairs_ptr, block_expert_ptr,
     num_chunks, num_pairs, max_blocks,
@@ -134,7 +135,7 @@ def _align_offsets_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_scatter_kernel(
     ids_ptr,
     chunk_offsets_ptr,
@@ -176,10 +177,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     chunk = max(16, _ALIGN_TILE // e_pad)
     ids = topk_ids.reshape(-1)
     if num_pairs <= chunk:
+        one_chunk = max(16, triton.next_power_of_2(num_pairs))
         _align_one_chunk_kernel[(1,)](
             ids, sorted_pairs, block_expert, num_pairs, num_experts, max_blocks,
-            BLOCK_M=block_m, CHUNK=max(16, triton.next_power_of_2(num_pairs)), E_PAD=e_pad,
-            BLOCKS_PER_STEP=max(16, _ALIGN_TILE // e_pad // 4), num_warps=4,
+            BLOCK_M=block_m, CHUNK=one_chunk, E_PAD=e_pad, BLOCKS_PER_STEP=max(16, _ALIGN_TILE // e_pad // 4),
+            num_warps=4 if one_chunk * e_pad <= 4096 else 8,
         )  # fmt: skip
         return sorted_pairs, block_expert
     num_chunks = triton.cdiv(num_pairs, chunk)
@@ -281,11 +283,11 @@ def _store_tile(out_rows, row_ok, tile, pid_n, N, BLOCK_N: tl.constexpr):
     )
 
 
-# Values that change with the batch: not specialised on (no recompiles when they cross 16 or 1).
-_RUNTIME_INTS = ["num_pairs", "top_k", "num_m_blocks", "rows_per_expert", "m_programs"]
+# Arguments that change with the batch are not specialised on (no recompile when one is 1 or a
+# multiple of 16); lists name only the kernel's own arguments (older Triton rejects others).
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=["num_pairs", "top_k", "num_m_blocks"])
 def _gate_up_sorted_kernel(
     x_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k, num_m_blocks, N, K,
     stride_xm, stride_we, stride_wn, stride_om,
@@ -306,7 +308,7 @@ def _gate_up_sorted_kernel(
     _store_tile(out_ptr + slots.to(tl.int64) * stride_om, slots >= 0, h, pid_n, N, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _down_sorted_kernel(
     h_ptr, w_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, route_w_ptr, num_pairs, num_m_blocks, N, K,
     stride_hm, stride_we, stride_wn, stride_ym,
@@ -335,7 +337,7 @@ def _masked_program(pid, N, num_experts, BLOCK_N: tl.constexpr):
     return pid % num_n, (pid // num_n) % num_experts, pid // (num_n * num_experts)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=["rows_per_expert", "m_programs"])
 def _gate_up_masked_kernel(
     x_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
     stride_xe, stride_xm, stride_we, stride_wn, stride_oe, stride_om,
@@ -367,7 +369,7 @@ def _gate_up_masked_kernel(
         _store_tile(out_e + rows.to(tl.int64) * stride_om, live, h, pid_n, N, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=["rows_per_expert", "m_programs"])
 def _down_masked_kernel(
     h_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
     stride_he, stride_hm, stride_we, stride_wn, stride_oe, stride_om,
@@ -507,8 +509,8 @@ def fused_moe(
 ) -> torch.Tensor:
     """Sorted-layout MoE into ``out [T, H]``; inputs already validated and contiguous."""
     num_tokens, top_k = topk_ids.shape
-    if num_tokens == 0:
-        return out
+    if num_tokens * top_k == 0:
+        return out.zero_()
     num_experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
     bm = config.block_m
     sorted_pairs, block_expert = moe_align(topk_ids, num_experts, bm)

@@ -475,12 +475,11 @@ def test_config_table_lookup_and_default(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
 def test_tuner_tiles_fit_the_device(block_m):
-    from pd.bench.tune_moe import ACC_REGS_BUDGET, SMEM_BUDGET, gemm_choices
+    from pd.bench.tune_moe import ACC_REGS_BUDGET, SMEM_BUDGET, gemm_choices, pipeline_smem
 
     for gate_up in (True, False):
         tiles = gemm_choices(block_m, gate_up)
         assert len(tiles) >= 4
         for t in tiles:
-            n = 2 if gate_up else 1
-            assert (t.num_stages - 1) * (block_m * t.block_k + n * t.block_k * t.block_n) * 2 <= SMEM_BUDGET
-            assert n * block_m * t.block_n // (t.num_warps * 32) <= ACC_REGS_BUDGET
+            assert pipeline_smem(block_m, t, gate_up) <= SMEM_BUDGET
+            assert (2 if gate_up else 1) * block_m * t.block_n // (t.num_warps * 32) <= ACC_REGS_BUDGET
