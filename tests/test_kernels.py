@@ -36,19 +36,20 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def make_weights(num_experts, hidden, inter, dtype, gen, device="cpu"):
-    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
-    return w13.to(device, dtype), w2.to(device, dtype)
+def make_weights(num_experts, hidden, inter, dtype, gen):
+    """Random expert weights on the generator's device."""
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=gen.device) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen, device=gen.device) / inter**0.5
+    return w13.to(dtype), w2.to(dtype)
 
 
-def make_routing(num_tokens, num_experts, top_k, kind, gen, device="cpu"):
+def make_routing(num_tokens, num_experts, top_k, kind, gen):
     """``kind``: "topk" (distinct experts per token), "invalid" (some -1 and some >= E),
     "one_expert" (every pair on expert 1), "first_slot" (slot 0 on expert 2, the rest -1),
     "all_invalid" (every id -1)."""
-    ids = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=1).indices
+    ids = torch.rand(num_tokens, num_experts, generator=gen, device=gen.device).topk(top_k, dim=1).indices
     if kind == "invalid":
-        r = torch.rand(num_tokens, top_k, generator=gen)
+        r = torch.rand(num_tokens, top_k, generator=gen, device=gen.device)
         ids = torch.where(r < 0.3, -1, ids)
         ids = torch.where((r > 0.9) & (r < 0.95), num_experts + 3, ids)
     elif kind == "one_expert":
@@ -60,8 +61,7 @@ def make_routing(num_tokens, num_experts, top_k, kind, gen, device="cpu"):
         ids = torch.full_like(ids, -1)
     else:
         assert kind == "topk", kind
-    weights = torch.rand(num_tokens, top_k, generator=gen)
-    return ids.to(device), weights.to(device)
+    return ids, torch.rand(num_tokens, top_k, generator=gen, device=gen.device)
 
 
 def naive_moe(x, w13, w2, topk_ids, topk_weights):
@@ -339,11 +339,15 @@ def gpu_test(fn):
     )
 
 
+def cuda_tokens(num_tokens, num_experts, hidden, top_k, kind, dtype, gen):
+    x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(dtype)
+    return (x, *make_routing(num_tokens, num_experts, top_k, kind, gen))
+
+
 def cuda_case(num_tokens, num_experts, hidden, inter, top_k, kind, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    w13, w2 = make_weights(num_experts, hidden, inter, dtype, gen, "cuda")
-    x = torch.randn(num_tokens, hidden, generator=gen).to("cuda", dtype)
-    ids, weights = make_routing(num_tokens, num_experts, top_k, kind, gen, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w13, w2 = make_weights(num_experts, hidden, inter, dtype, gen)
+    x, ids, weights = cuda_tokens(num_tokens, num_experts, hidden, top_k, kind, dtype, gen)
     return x, w13, w2, ids, weights
 
 
@@ -369,12 +373,11 @@ def test_cuda_fused_moe_matches_reference(num_tokens, kind, dtype, num_experts, 
 @pytest.mark.parametrize("rows", [1, 24, 256])
 def test_cuda_masked_moe_matches_reference(dtype, rows):
     seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    w13, w2 = make_weights(32, 2048, 1408, dtype, gen, "cuda")
-    recv_x = torch.randn(32, rows, 2048, generator=gen).to("cuda", dtype)
-    recv_count = torch.randint(0, rows + 1, (32,), generator=gen, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w13, w2 = make_weights(32, 2048, 1408, dtype, gen)
+    recv_x = torch.randn(32, rows, 2048, generator=gen, device="cuda").to(dtype)
+    recv_count = torch.randint(0, rows + 1, (32,), generator=gen, device="cuda", dtype=torch.int32)
     recv_count[:3] = torch.tensor([0, rows, rows + 5])
-    recv_count = recv_count.cuda()
     out = torch.full_like(recv_x, float("nan"))
     moe.masked_moe(recv_x, recv_count, w13, w2, out=out)
     ref = moe.masked_moe_ref(recv_x.float(), recv_count, w13.float(), w2.float())
@@ -403,9 +406,9 @@ def test_cuda_graph_replay_matches_eager():
     the eager result bitwise."""
     seed = fresh_seed()
     x, w13, w2, ids, weights = cuda_case(16, 64, 2048, 1408, 6, "invalid", torch.bfloat16, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    recv_x = torch.randn(32, 32, 2048, generator=gen).to("cuda", torch.bfloat16)
-    count = torch.randint(0, 33, (32,), generator=gen, dtype=torch.int32).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    recv_x = torch.randn(32, 32, 2048, generator=gen, device="cuda").to(torch.bfloat16)
+    count = torch.randint(0, 33, (32,), generator=gen, device="cuda", dtype=torch.int32)
     w13_l, w2_l = w13[:32].contiguous(), w2[:32].contiguous()
     masked_out = torch.zeros_like(recv_x)
     moe.fused_moe(x, w13, w2, ids, weights)  # compile outside the capture
@@ -415,7 +418,7 @@ def test_cuda_graph_replay_matches_eager():
         fused_out = moe.fused_moe(x, w13, w2, ids, weights)
         moe.masked_moe(recv_x, count, w13_l, w2_l, out=masked_out)
     for _ in range(2):
-        x2, _, _, ids2, weights2 = cuda_case(16, 64, 2048, 1408, 6, "topk", torch.bfloat16, fresh_seed())
+        x2, ids2, weights2 = cuda_tokens(16, 64, 2048, 6, "topk", torch.bfloat16, gen)
         x.copy_(x2)
         ids.copy_(ids2)
         weights.copy_(weights2)
