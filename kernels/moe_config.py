@@ -7,7 +7,7 @@ Table format::
      "fused":  {"E=64,H=2048,I=1408,K=6": {"1": CONFIG, "2": CONFIG, ...}},   # key: token count T
      "masked": {"E=32,H=2048,I=1408":     {"1": CONFIG, ...}}}                 # key: rows per expert
     CONFIG = {"block_m": 16, "gate_up": GEMM, "down": GEMM}
-    GEMM   = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
+    GEMM   = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4, "tma": false}
 
 A lookup takes the smallest tuned key at or above the request (the largest key past the end).
 """
@@ -26,12 +26,14 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile of one grouped GEMM: BLOCK_N output columns (per half for gate/up), BLOCK_K reduction."""
+    """Tile of one grouped GEMM: BLOCK_N output columns (per half for gate/up), BLOCK_K reduction;
+    ``tma``: weight tiles through the tensor-memory accelerator (Hopper) instead of per-thread loads."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ not depend on the other tokens in the batch (for a fixed block config).
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 import triton.language as tl
@@ -216,60 +218,86 @@ def _tile_ids(pid, num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(
-    a_rows, a_ok, w_expert, pid_n, N, K, stride_wn,
+    a_rows, a_ok, w, expert, pid_n, N, K, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
 ):  # fmt: skip
     """silu(a . gate) * (a . up) in float32 for rows ``a_rows`` (pointers to each row's first element;
-    rows with ``a_ok`` false read as zeros) and columns pid_n*BLOCK_N.. of the intermediate, where
-    gate = rows 0..N-1 and up = rows N..2N-1 of the expert's ``[2N, K]`` weight at ``w_expert``."""
+    rows with ``a_ok`` false read as zeros) and columns pid_n*BLOCK_N.. of the intermediate.
+
+    ``w`` is the weight as ``[E * 2N, K]`` rows (expert e: gate rows e*2N.., up rows e*2N + N..): a
+    pointer, or with W_TMA a tensor descriptor with block [BLOCK_N, BLOCK_K]. Columns past N read
+    other rows (zeros past the end); the caller drops them."""
     offs_k = tl.arange(0, BLOCK_K)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # columns past N wrap; the caller drops them
     a_ptrs = a_rows[:, None] + offs_k[None, :]
-    g_ptrs = w_expert + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + N * stride_wn
+    gate_row = expert * 2 * N + pid_n * BLOCK_N
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    if W_TMA:
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & (offs_k[None, :] < K - k * BLOCK_K), other=0.0)
+            acc_g = tl.dot(a, w.load([gate_row, k * BLOCK_K]).T, acc_g)
+            acc_u = tl.dot(a, w.load([gate_row + N, k * BLOCK_K]).T, acc_u)
+            a_ptrs += BLOCK_K
+    else:
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrap instead of masking the loads
+        g_ptrs = w + (expert * 2 * N + cols)[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + N * stride_wn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            else:
+                k_ok = offs_k < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
     return acc_g * tl.sigmoid(acc_g) * acc_u
 
 
 @triton.jit
 def _down_tile(
-    a_rows, a_ok, w_expert, pid_n, N, K, stride_wn,
+    a_rows, a_ok, w, expert, pid_n, N, K, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
 ):  # fmt: skip
-    """a . w in float32 for rows ``a_rows`` and columns pid_n*BLOCK_N.. of the expert's ``[N, K]``
-    weight at ``w_expert``."""
+    """a . w in float32 for rows ``a_rows`` and columns pid_n*BLOCK_N.. of expert ``expert``; ``w``
+    is the weight as ``[E * N, K]`` rows (pointer, or tensor descriptor with W_TMA)."""
     offs_k = tl.arange(0, BLOCK_K)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     a_ptrs = a_rows[:, None] + offs_k[None, :]
-    w_ptrs = w_expert + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    if W_TMA:
+        row = expert * N + pid_n * BLOCK_N
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & (offs_k[None, :] < K - k * BLOCK_K), other=0.0)
+            acc = tl.dot(a, w.load([row, k * BLOCK_K]).T, acc)
+            a_ptrs += BLOCK_K
+    else:
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        w_ptrs = w + (expert * N + cols)[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     return acc
 
 
@@ -289,9 +317,10 @@ def _store_tile(out_rows, row_ok, tile, pid_n, N, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_pairs", "top_k", "num_m_blocks"])
 def _gate_up_sorted_kernel(
-    x_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k, num_m_blocks, N, K,
-    stride_xm, stride_we, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w, out_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, top_k, num_m_blocks, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
 ):  # fmt: skip
     """Sorted layout, gate/up: ``out[slot] = silu(x[pair // top_k] . gate) * (x[...] . up)`` for the
     slots of one row block; padding slots of a live block are written as zeros."""
@@ -302,17 +331,18 @@ def _gate_up_sorted_kernel(
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + slots)
     h = _gate_up_tile(
-        x_ptr + (pairs // top_k).to(tl.int64) * stride_xm, pairs < num_pairs,
-        w_ptr + expert.to(tl.int64) * stride_we, pid_n, N, K, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        x_ptr + (pairs // top_k).to(tl.int64) * stride_xm, pairs < num_pairs, w, expert, pid_n, N, K,
+        stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
     )  # fmt: skip
     _store_tile(out_ptr + slots.to(tl.int64) * stride_om, slots >= 0, h, pid_n, N, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])
 def _down_sorted_kernel(
-    h_ptr, w_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, route_w_ptr, num_pairs, num_m_blocks, N, K,
-    stride_hm, stride_we, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+    h_ptr, w, y_ptr, sorted_pairs_ptr, block_expert_ptr, route_w_ptr, num_pairs, num_m_blocks, N, K,
+    stride_hm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, W_TMA: tl.constexpr,
 ):  # fmt: skip
     """Sorted layout, down: ``y[pair] = route_w[pair] * (h[slot] . down)`` for one row block."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP)
@@ -323,8 +353,8 @@ def _down_sorted_kernel(
     pairs = tl.load(sorted_pairs_ptr + slots)
     live = pairs < num_pairs
     acc = _down_tile(
-        h_ptr + slots.to(tl.int64) * stride_hm, live,
-        w_ptr + expert.to(tl.int64) * stride_we, pid_n, N, K, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        h_ptr + slots.to(tl.int64) * stride_hm, live, w, expert, pid_n, N, K, stride_wn,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
     )  # fmt: skip
     acc *= tl.load(route_w_ptr + pairs, mask=live, other=0.0)[:, None]
     _store_tile(y_ptr + pairs.to(tl.int64) * stride_ym, live, acc, pid_n, N, BLOCK_N)
@@ -339,64 +369,46 @@ def _masked_program(pid, N, num_experts, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["rows_per_expert", "m_programs"])
 def _gate_up_masked_kernel(
-    x_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
-    stride_xe, stride_xm, stride_we, stride_wn, stride_oe, stride_om,
+    x_ptr, w, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
+    stride_xe, stride_xm, stride_wn, stride_oe, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
 ):  # fmt: skip
     """Masked layout, gate/up: row blocks first_block, first_block + m_programs, ... of one expert,
     up to its count (none at all when the count is 0)."""
     pid_n, expert, first_block = _masked_program(tl.program_id(0), N, num_experts, BLOCK_N)
     count = tl.minimum(tl.load(count_ptr + expert).to(tl.int32), rows_per_expert)
     x_e = x_ptr + expert.to(tl.int64) * stride_xe
-    w_e = w_ptr + expert.to(tl.int64) * stride_we
     out_e = out_ptr + expert.to(tl.int64) * stride_oe
     for mb in range(first_block, tl.cdiv(count, BLOCK_M), m_programs):
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         live = rows < count
         h = _gate_up_tile(
-            x_e + rows.to(tl.int64) * stride_xm,
-            live,
-            w_e,
-            pid_n,
-            N,
-            K,
-            stride_wn,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            EVEN_K,
-        )
+            x_e + rows.to(tl.int64) * stride_xm, live, w, expert, pid_n, N, K, stride_wn,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
+        )  # fmt: skip
         _store_tile(out_e + rows.to(tl.int64) * stride_om, live, h, pid_n, N, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["rows_per_expert", "m_programs"])
 def _down_masked_kernel(
-    h_ptr, w_ptr, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
-    stride_he, stride_hm, stride_we, stride_wn, stride_oe, stride_om,
+    h_ptr, w, out_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
+    stride_he, stride_hm, stride_wn, stride_oe, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
 ):  # fmt: skip
     """Masked layout, down: as the gate/up kernel, ``out[e, row] = h[e, row] . down_e``."""
     pid_n, expert, first_block = _masked_program(tl.program_id(0), N, num_experts, BLOCK_N)
     count = tl.minimum(tl.load(count_ptr + expert).to(tl.int32), rows_per_expert)
     h_e = h_ptr + expert.to(tl.int64) * stride_he
-    w_e = w_ptr + expert.to(tl.int64) * stride_we
     out_e = out_ptr + expert.to(tl.int64) * stride_oe
     for mb in range(first_block, tl.cdiv(count, BLOCK_M), m_programs):
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         live = rows < count
         acc = _down_tile(
-            h_e + rows.to(tl.int64) * stride_hm,
-            live,
-            w_e,
-            pid_n,
-            N,
-            K,
-            stride_wn,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            EVEN_K,
-        )
+            h_e + rows.to(tl.int64) * stride_hm, live, w, expert, pid_n, N, K, stride_wn,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_TMA,
+        )  # fmt: skip
         _store_tile(out_e + rows.to(tl.int64) * stride_om, live, acc, pid_n, N, BLOCK_N)
 
 
@@ -434,8 +446,27 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.cons
 def _kernel_options(cfg: GemmConfig, block_m: int, reduced: int) -> dict:
     return dict(
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=reduced % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        W_TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+def has_tma(device: torch.device) -> bool:
+    """Host-side tensor descriptors (Triton >= 3.4) on a Hopper-or-newer GPU (or the interpreter)."""
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _weight(w: torch.Tensor, cfg: GemmConfig):
+    """The expert weight ``[E, R, K]`` as ``[E * R, K]`` rows: the tensor, or its TMA descriptor."""
+    rows = w.view(-1, w.shape[-1])
+    if not cfg.tma:
+        return rows
+    if not has_tma(w.device):
+        raise RuntimeError(f"config {cfg} asks for TMA, which this Triton/GPU does not have")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(rows, [cfg.block_n, cfg.block_k])
 
 
 def gate_up_sorted(x, w13, h, sorted_pairs, block_expert, top_k: int, cfg: GemmConfig, block_m: int) -> None:
@@ -443,8 +474,8 @@ def gate_up_sorted(x, w13, h, sorted_pairs, block_expert, top_k: int, cfg: GemmC
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
     num_m_blocks = block_expert.numel()
     _gate_up_sorted_kernel[(num_m_blocks * triton.cdiv(inter, cfg.block_n),)](
-        x, w13, h, sorted_pairs, block_expert, x.shape[0] * top_k, top_k, num_m_blocks, inter, hidden,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        x, _weight(w13, cfg), h, sorted_pairs, block_expert, x.shape[0] * top_k, top_k, num_m_blocks,
+        inter, hidden, x.stride(0), w13.stride(1), h.stride(0),
         GROUP=GROUP_M, **_kernel_options(cfg, block_m, hidden),
     )  # fmt: skip
 
@@ -454,8 +485,8 @@ def down_sorted(h, w2, y, sorted_pairs, block_expert, route_w, cfg: GemmConfig, 
     hidden, inter = w2.shape[1], w2.shape[2]
     num_m_blocks = block_expert.numel()
     _down_sorted_kernel[(num_m_blocks * triton.cdiv(hidden, cfg.block_n),)](
-        h, w2, y, sorted_pairs, block_expert, route_w, y.shape[0], num_m_blocks, hidden, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        h, _weight(w2, cfg), y, sorted_pairs, block_expert, route_w, y.shape[0], num_m_blocks, hidden, inter,
+        h.stride(0), w2.stride(1), y.stride(0),
         GROUP=GROUP_M, **_kernel_options(cfg, block_m, inter),
     )  # fmt: skip
 
@@ -471,8 +502,8 @@ def gate_up_masked(x, count, w13, h, cfg: GemmConfig, block_m: int, m_programs: 
     num_experts, rows, _ = x.shape
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
     _gate_up_masked_kernel[(m_programs * num_experts * triton.cdiv(inter, cfg.block_n),)](
-        x, w13, h, count, num_experts, rows, m_programs, inter, hidden,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), h.stride(0), h.stride(1),
+        x, _weight(w13, cfg), h, count, num_experts, rows, m_programs, inter, hidden,
+        x.stride(0), x.stride(1), w13.stride(1), h.stride(0), h.stride(1),
         **_kernel_options(cfg, block_m, hidden),
     )  # fmt: skip
 
@@ -482,8 +513,8 @@ def down_masked(h, count, w2, out, cfg: GemmConfig, block_m: int, m_programs: in
     num_experts, rows, _ = h.shape
     hidden, inter = w2.shape[1], w2.shape[2]
     _down_masked_kernel[(m_programs * num_experts * triton.cdiv(hidden, cfg.block_n),)](
-        h, w2, out, count, num_experts, rows, m_programs, hidden, inter,
-        h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), out.stride(0), out.stride(1),
+        h, _weight(w2, cfg), out, count, num_experts, rows, m_programs, hidden, inter,
+        h.stride(0), h.stride(1), w2.stride(1), out.stride(0), out.stride(1),
         **_kernel_options(cfg, block_m, inter),
     )  # fmt: skip
 

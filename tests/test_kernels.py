@@ -8,6 +8,7 @@ Inputs are drawn fresh for every run; each failure message carries the seed to r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -217,8 +218,8 @@ def test_triton_interpreter():
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
 
 
-def small_config(block_m: int, block_n: int, block_k: int) -> MoeConfig:
-    gemm = GemmConfig(block_n, block_k, num_warps=4, num_stages=2)
+def small_config(block_m: int, block_n: int, block_k: int, tma: bool = False) -> MoeConfig:
+    gemm = GemmConfig(block_n, block_k, num_warps=4, num_stages=2, tma=tma)
     return MoeConfig(block_m, gemm, gemm)
 
 
@@ -257,7 +258,9 @@ class TestInterpreted:
             (*case, dtype)
             for case in [
                 (9, "invalid", (16, 16, 16)),
+                (9, "invalid", (16, 16, 16, True)),  # weights through tensor descriptors (TMA)
                 (13, "topk", (16, 32, 32)),  # I = 24 < BLOCK_N, H = 40 not a multiple of BLOCK_K
+                (13, "topk", (32, 32, 32, True)),
                 (40, "topk", (32, 16, 16)),
                 (21, "one_expert", (16, 16, 32)),
                 (6, "first_slot", (64, 32, 16)),
@@ -294,7 +297,8 @@ class TestInterpreted:
             (16, 20, torch.float16),
         ],
     )
-    def test_masked_moe(self, block_m, expected_m, dtype):
+    @pytest.mark.parametrize("tma", [False, True])
+    def test_masked_moe(self, block_m, expected_m, dtype, tma):
         """Rows below each count match the reference; rows past it are left as they were. A small
         ``expected_m`` gives fewer programs than row blocks: they loop over the rest."""
         seed = fresh_seed()
@@ -303,7 +307,7 @@ class TestInterpreted:
         recv_x = torch.randn(6, 40, 40, generator=gen).to(dtype)
         recv_count = torch.tensor([0, 40, 17, 1, 33, 55], dtype=torch.int32)  # 55 > N is taken as N
         out = torch.full_like(recv_x, float("nan"))
-        config = small_config(block_m, 16, 16)
+        config = small_config(block_m, 16, 16, tma)
         moe.masked_moe(
             recv_x, recv_count, w13, w2, expected_m=expected_m, backend="triton", config=config, out=out
         )
@@ -384,6 +388,44 @@ def test_cuda_masked_moe_matches_reference(dtype, rows):
     live = torch.arange(rows, device="cuda")[None, :] < recv_count.clamp(max=rows)[:, None]
     assert not out[live].isnan().any(), f"seed {seed}: unwritten live rows"
     assert out[~live].isnan().all(), f"seed {seed}: rows past the count were written"
+    assert rel_err(out[live], ref[live]) < 1e-2, f"seed {seed}"
+
+
+@gpu_test
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        MoeConfig(16, GemmConfig(64, 128, 4, 4), GemmConfig(32, 256, 4, 3)),
+        MoeConfig(64, GemmConfig(64, 64, 4, 4), GemmConfig(128, 128, 4, 3)),
+        MoeConfig(128, GemmConfig(64, 64, 8, 4), GemmConfig(256, 64, 8, 3)),
+    ],
+)
+def test_cuda_explicit_configs(config, tma):
+    """Tiles of each kind the tuner may pick (mma.sync and wgmma, K tail with block_k 256), with and
+    without TMA weight loads, in both layouts."""
+    from pd.kernels.moe_triton import has_tma
+
+    if tma and not has_tma(torch.device("cuda")):
+        pytest.skip("no TMA in this Triton/GPU")
+    config = MoeConfig(
+        config.block_m,
+        dataclasses.replace(config.gate_up, tma=tma),
+        dataclasses.replace(config.down, tma=tma),
+    )
+    seed = fresh_seed()
+    x, w13, w2, ids, weights = cuda_case(500, 64, 2048, 1408, 6, "invalid", torch.bfloat16, seed)
+    out = torch.full_like(x, float("nan"))
+    moe.fused_moe(x, w13, w2, ids, weights, config=config, out=out)
+    ref = moe.fused_moe_ref(x.float(), w13.float(), w2.float(), ids, weights)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-2, f"seed {seed}: rel err {rel_err(out, ref)}"
+    recv_x = torch.randn(64, 40, 2048, device="cuda").to(torch.bfloat16)
+    count = torch.randint(0, 41, (64,), device="cuda", dtype=torch.int32)
+    out = torch.full_like(recv_x, float("nan"))
+    moe.masked_moe(recv_x, count, w13, w2, expected_m=8, config=config, out=out)
+    ref = moe.masked_moe_ref(recv_x.float(), count, w13.float(), w2.float())
+    live = torch.arange(40, device="cuda")[None, :] < count[:, None]
+    assert not out[live].isnan().any() and out[~live].isnan().all(), f"seed {seed}"
     assert rel_err(out[live], ref[live]) < 1e-2, f"seed {seed}"
 
 
