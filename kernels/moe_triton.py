@@ -21,6 +21,7 @@ not depend on the other tokens in the batch (for a fixed block config).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -450,6 +451,7 @@ def _kernel_options(cfg: GemmConfig, block_m: int, reduced: int) -> dict:
     )  # fmt: skip
 
 
+@functools.cache
 def has_tma(device: torch.device) -> bool:
     """Host-side tensor descriptors (Triton >= 3.4) on a Hopper-or-newer GPU (or the interpreter)."""
     if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
