@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from pd.kernels import moe
 
 # DESIGN.md §8: the benchmark shape, and the ceilings measured on one H200.

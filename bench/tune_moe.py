@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from pd.bench.moe_kernels import (
     EP_SIZE,
     HIDDEN,

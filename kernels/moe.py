@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
 from pd.kernels.moe_config import MoeConfig, fused_config, masked_config
 
 Backend = Literal["auto", "triton", "torch"]

@@ -27,6 +27,7 @@ import importlib.util
 import torch
 import triton
 import triton.language as tl
+
 from pd.kernels.moe_config import GemmConfig, MoeConfig
 
 # Programs of the sorted layout are ordered in groups of this many row blocks (all column blocks of a

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pd.kernels import moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pd.config import RopeConfig
+from pd.kernels.moe import silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -62,12 +62,6 @@ class RotaryEmbedding(nn.Module):
         else:
             x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``[..., 2I] -> [..., I]``: SiLU of the first half times the second half."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class MLP(nn.Module):

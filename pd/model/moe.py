@@ -9,8 +9,9 @@ from torch import nn
 
 from pd.config import ModelConfig
 from pd.ep.base import EPBackend
+from pd.kernels.moe import fused_moe
 from pd.model.context import ForwardContext
-from pd.model.layers import MLP, silu_and_mul
+from pd.model.layers import MLP
 
 
 def select_experts(
@@ -37,21 +38,6 @@ def select_experts(
     if cfg.norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
     return topk_weights * cfg.routed_scaling_factor, topk_idx
-
-
-def experts_forward(
-    x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    """Reference expert compute for the normal layout: ``x [N, H]``, ``topk_idx [N, K]`` local ids
-    (or -1), weights ``[N, K]`` float32 -> ``[N, H]`` = sum over k of weight * expert(x)."""
-    out = torch.zeros_like(x)
-    for e in range(w13.shape[0]):
-        token, slot = torch.where(topk_idx == e)
-        if token.numel() == 0:
-            continue
-        h = silu_and_mul(x[token] @ w13[e].t()) @ w2[e].t()
-        out.index_add_(0, token, (h * topk_weights[token, slot, None]).to(x.dtype))
-    return out
 
 
 class Router(nn.Module):
@@ -89,7 +75,7 @@ class MoE(nn.Module):
             x, self.gate.weight, self.gate.e_score_correction_bias, self.cfg
         )
         d = self.ep.dispatch(x, topk_idx, topk_weights)
-        y = experts_forward(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, self.experts.w13, self.experts.w2)
+        y = fused_moe(d.recv_x, self.experts.w13, self.experts.w2, d.recv_topk_idx, d.recv_topk_weights)
         out = self.ep.combine(y, d.handle)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
