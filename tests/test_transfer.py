@@ -159,7 +159,10 @@ def test_pages_and_aux_arrive_byte_exact(peers, order):
     prefill.call("add_room", room=1, pages=src)
     decode.call("add_room", room=1, prefill=prefill.endpoint, pages=dst, aux_slot=3)
     decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[20, 21, 22, 23, 24, 25], aux_slot=5)
-    time.sleep(0.3)  # let room 2's hand-shake arrive first
+    end = time.monotonic() + WAIT_S
+    while prefill.call("state", room=2) != "bootstrapping":  # room 2's hand-shake has arrived
+        assert time.monotonic() < end
+        time.sleep(0.02)
     prefill.call("add_room", room=2, pages=[10, 11, 12, 13, 14, 15])
 
     for room, pages in ((1, src), (2, [10, 11, 12, 13, 14, 15])):
@@ -294,9 +297,11 @@ def test_abort_from_prefill_before_during_after(peers):
 def test_orphan_handshake_expires(peers):
     prefill, decode = start_pair(peers, decode_timeouts="3,60,3,1")  # only prefill's expiry can end it
     decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
-    time.sleep(0.3)
-    assert prefill.call("state", room=1) == "bootstrapping"  # the hand-shake made the room
-    assert decode.call("state", room=1) == "waiting_for_input"
+    end = time.monotonic() + WAIT_S
+    while decode.call("state", room=1) != "waiting_for_input":  # the hand-shake was accepted
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    assert prefill.call("state", room=1) == "bootstrapping"  # an orphan: no request for it
     # prefill's bootstrapping timeout fails it and tells decode, which releases at once
     assert decode.wait_final(1)["state"] == "failed"
     prefill.check_released_once()  # the orphan held no pages: nothing to release

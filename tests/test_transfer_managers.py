@@ -170,3 +170,83 @@ def test_random_aborts_release_each_room_once_and_never_early(seed):
                     )
         if plans[room][0] == "none":
             assert prefill_state is decode_state is TransferState.DONE, (room, prefill_state, decode_state)
+
+
+class GateEvent:
+    """Stands in for a torch.cuda.Event: synchronize() blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.waited = threading.Event()
+
+    def synchronize(self) -> None:
+        self.waited.set()
+        assert self.gate.wait(timeout=30)
+
+
+@pytest.fixture
+def pair():
+    """A sender and a receiver over real gRPC, sharing a CopyEngine; yields them and the finals."""
+    layout = KVLayout(2, 9, 4, 16, torch.bfloat16, KVOrder.LAYER_MAJOR)
+    src_pool, dst_pool = KVPool(layout, "cpu"), KVPool(layout, "cpu")
+    src_pool.buffer.view(torch.int16).copy_(torch.randint(-(2**15), 2**15, layout.shape, dtype=torch.int16))
+    finals: dict[str, list] = {"prefill": [], "decode": []}
+    engine = CopyEngine("fake-decode:1", 0)
+    sender = KVSender(engine, src_pool, AuxBuffer(2), lambda r, s: finals["prefill"].append((r, s)))
+    receiver = KVReceiver(engine, dst_pool, AuxBuffer(2), lambda r, s, a: finals["decode"].append((r, s, a)))
+    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
+    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
+    yield sender, receiver, f"127.0.0.1:{servers[0][1]}", engine, finals
+    sender.close()
+    receiver.close()
+    for server, _ in servers:
+        server.stop(0)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_writes_wait_for_the_ready_event_and_send_does_not_block(pair):
+    sender, receiver, prefill_endpoint, engine, finals = pair
+    sender.add_room(1, [1, 2])
+    receiver.add_room(1, prefill_endpoint, [3, 4], 0)
+    wait_for(lambda: sender.state(1) is TransferState.WAITING_FOR_INPUT)
+    event = GateEvent()
+    # returns although the gate is shut: only the writer thread waits on the event
+    sender.send(1, [1, 2], last=True, aux=AuxRecord(1, 5, -0.25, 8), ready_event=event)
+    assert event.waited.wait(timeout=10)
+    time.sleep(0.1)
+    assert engine.log == [] and sender.state(1) is TransferState.TRANSFERRING  # nothing read before the event
+    event.gate.set()
+    wait_for(lambda: finals["decode"] and finals["prefill"])
+    assert finals["prefill"] == [(1, TransferState.DONE)]
+    assert finals["decode"] == [(1, TransferState.DONE, AuxRecord(1, 5, -0.25, 8))]
+
+
+def test_send_rejects_scheduler_mistakes(pair):
+    sender, _, _, _, finals = pair
+    sender.add_room(1, [1, 2, 3])
+    with pytest.raises(ValueError, match="already added"):
+        sender.add_room(1, [4])
+    with pytest.raises(ValueError, match="out of range"):
+        sender.add_room(2, [9])
+    with pytest.raises(ValueError, match="repeat"):
+        sender.add_room(3, [4, 4])
+    with pytest.raises(ValueError, match="not its pages"):
+        sender.send(1, [4])
+    sender.send(1, [1])
+    with pytest.raises(ValueError, match="already sent"):
+        sender.send(1, [1])
+    with pytest.raises(ValueError, match=r"leaves pages \[3\] unsent"):
+        sender.send(1, [2], last=True, aux=AuxRecord(1, 0, 0.0, 12))
+    with pytest.raises(ValueError, match="aux record"):
+        sender.send(1, [2, 3], last=True)
+    sender.send(99, [1])  # unknown (e.g. already released) room: ignored
+    sender.abort(1, "test")
+    sender.send(1, [2, 3], last=True, aux=AuxRecord(1, 0, 0.0, 12))  # final room: ignored
+    wait_for(lambda: finals["prefill"])
+    assert finals["prefill"] == [(1, TransferState.ABORTED)]

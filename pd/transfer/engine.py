@@ -28,7 +28,8 @@ and looks for the lines the engine prints when it installs a transport ("Using I
 transport", "installTransport, type=rdma", "TcpTransport: listen on port", ...). A build without
 NVLink support is also visible as ``mooncake.engine.SUPPORT_INTRA_NVLINK``. When the transport
 in use is not the one asked for, the wrapper logs a loud warning, or raises with
-``require_protocol=True``.
+``require_protocol=True``. (``get_local_topology()`` lists the RDMA devices, but it starts a
+second engine with its own listening ports to do so; it is not used.)
 
 Both listening ports of the engine (handshake and TCP data) bind all interfaces whatever
 ``hostname`` says; ``MC_TCP_BIND_ADDRESS`` does not change that in P2PHANDSHAKE mode.
@@ -225,9 +226,11 @@ class TransferEngine:
     ) -> None:
         """Writes ``(local_addr, remote_addr, nbytes)`` pieces to ``peer_session``; raises ``TransferError``.
 
-        Pieces go in native batches of at most ``max_batch_pieces``; each batch blocks until it is
-        written or failed. ``deadline`` (``time.monotonic()`` seconds): no batch starts after it.
-        Returns only when no piece of this call is still in flight.
+        Addresses are raw pointers (host or device memory) inside regions registered here
+        (source) and at the peer (destination); the source bytes must stay valid and unchanged
+        until the call returns. Pieces go in native batches of at most ``max_batch_pieces``; each
+        batch blocks until it is written or failed. ``deadline`` (``time.monotonic()`` seconds):
+        no batch starts after it. Returns only when no piece of this call is still in flight.
         """
         step = self.config.max_batch_pieces
         for i in range(0, len(pieces), step):

@@ -9,8 +9,10 @@ Threads: ``add_room`` and ``abort`` only change state and start non-blocking gRP
 (futures). gRPC handlers and call-completion callbacks run in gRPC's threads. A control thread
 enforces timeouts, retries hand-shakes and runs ``on_final``.
 
-Pages: ``on_final(room, state, aux)`` runs exactly once per room, from the control thread;
-after it the scheduler may reuse the destination pages and the aux slot. The one-sided writes
+Pages: the destination pages (``pool``) and the aux slot belong to the room from ``add_room``
+until ``on_final(room, state, aux)``, which runs exactly once per room, from the control thread.
+Their bytes are valid only after ``on_final`` with DONE; after any ``on_final`` the scheduler may
+reuse them. The one-sided writes
 of the prefill rank cannot be revoked, so a room that ends here in FAILED or ABORTED is only
 released once the prefill side cannot write into it any more:
 

@@ -178,8 +178,9 @@ class KVSender:
 
         On the last chunk (``last=True``) ``pages`` must complete the room and ``aux`` is its
         record. ``ready_event``: a ``torch.cuda.Event`` recorded after the forward that filled
-        the pages; the writer synchronises on it before reading them. A room that is already
-        final (aborted, failed) ignores the call.
+        the pages; the writer synchronises on it before reading them. The pages' bytes must stay
+        as they are until ``on_final`` (a write may read them any time before). A room that is
+        already final (aborted, failed) or released ignores the call.
         """
         with self._lock:
             r = self._rooms.get(room)
