@@ -87,9 +87,9 @@ def test_random_aborts_release_each_room_once_and_never_early(seed):
             released[side].setdefault(room, []).append((time.monotonic(), state))
 
     engine = CopyEngine("fake-decode:1", seed)
-    sender = KVSender(engine, src_pool, AuxBuffer(4), lambda r, s: on_final("prefill", r, s), timeouts)
+    sender = KVSender(engine, src_pool, AuxBuffer(4), lambda r, s, why: on_final("prefill", r, s), timeouts)
     receiver = KVReceiver(
-        engine, dst_pool, AuxBuffer(ROOMS), lambda r, s, a: on_final("decode", r, s), None, timeouts
+        engine, dst_pool, AuxBuffer(ROOMS), lambda r, s, a, why: on_final("decode", r, s), None, timeouts
     )
     prefill_server, prefill_port = start_server([sender.add_to_server])
     decode_server, decode_port = start_server([receiver.add_to_server])
@@ -192,8 +192,10 @@ def pair():
     src_pool.buffer.view(torch.int16).copy_(torch.randint(-(2**15), 2**15, layout.shape, dtype=torch.int16))
     finals: dict[str, list] = {"prefill": [], "decode": []}
     engine = CopyEngine("fake-decode:1", 0)
-    sender = KVSender(engine, src_pool, AuxBuffer(2), lambda r, s: finals["prefill"].append((r, s)))
-    receiver = KVReceiver(engine, dst_pool, AuxBuffer(2), lambda r, s, a: finals["decode"].append((r, s, a)))
+    sender = KVSender(engine, src_pool, AuxBuffer(2), lambda r, s, why: finals["prefill"].append((r, s)))
+    receiver = KVReceiver(
+        engine, dst_pool, AuxBuffer(2), lambda r, s, a, why: finals["decode"].append((r, s, a))
+    )
     servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
     receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
     yield sender, receiver, f"127.0.0.1:{servers[0][1]}", engine, finals

@@ -114,10 +114,18 @@ def main() -> None:
 
     if args.role == "prefill":
         manager = KVSender(
-            engine, pool, aux, lambda room, state: release(room, state), timeouts, args.rpc_timeout
+            engine, pool, aux, lambda room, state, reason: release(room, state), timeouts, args.rpc_timeout
         )
     else:
-        manager = KVReceiver(engine, pool, aux, release, None, timeouts, args.rpc_timeout)
+        manager = KVReceiver(
+            engine,
+            pool,
+            aux,
+            lambda room, state, record, reason: release(room, state, record),
+            None,
+            timeouts,
+            args.rpc_timeout,
+        )
     server, port = start_server([manager.add_to_server])
     endpoint = f"127.0.0.1:{port}"
     if args.role == "decode":

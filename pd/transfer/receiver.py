@@ -10,7 +10,7 @@ Threads: ``add_room`` and ``abort`` only change state and start non-blocking gRP
 enforces timeouts, retries hand-shakes and runs ``on_final``.
 
 Pages: the destination pages (``pool``) and the aux slot belong to the room from ``add_room``
-until ``on_final(room, state, aux)``, which runs exactly once per room, from the control thread.
+until ``on_final(room, state, aux, reason)``, which runs exactly once per room, from the control thread.
 Their bytes are valid only after ``on_final`` with DONE; after any ``on_final`` the scheduler may
 reuse them. The one-sided writes
 of the prefill rank cannot be revoked, so a room that ends here in FAILED or ABORTED is only
@@ -49,7 +49,7 @@ from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts,
 
 logger = logging.getLogger(__name__)
 
-ReceiverFinal = Callable[[int, TransferState, "AuxRecord | None"], None]
+ReceiverFinal = Callable[[int, TransferState, "AuxRecord | None", str], None]
 
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -75,7 +75,7 @@ class KVReceiver:
 
     ``pool`` and ``aux`` are registered with ``engine`` here. ``endpoint`` is this rank's gRPC
     endpoint serving ``DecodeTransfer`` (it may be set after the server started, before the first
-    ``add_room``). ``on_final(room, state, aux)`` gets the checked aux record when ``state`` is
+    ``add_room``). ``on_final(room, state, aux, reason)`` gets the checked aux record when ``state`` is
     DONE, else None; it must be quick and thread-safe. ``rpc_timeout_s`` bounds each call to the
     prefill rank, ``retry_interval_s`` spaces hand-shake retries.
     """
@@ -224,7 +224,7 @@ class KVReceiver:
             )
         r.released = True
         del self._rooms[r.machine.room]
-        self._finals.put((r.machine.room, r.machine.state, r.aux))
+        self._finals.put((r.machine.room, r.machine.state, r.aux, r.machine.reason))
 
     def _abort_done(self, r: _Room, call: grpc.Future) -> None:
         if call.cancelled():
@@ -281,9 +281,9 @@ class KVReceiver:
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
-            for room, state, record in drain_queue(self._finals, self.tick_s):
+            for room, state, record, reason in drain_queue(self._finals, self.tick_s):
                 try:
-                    self.on_final(room, state, record)
+                    self.on_final(room, state, record, reason)
                 except Exception:
                     logger.exception("decode room %d: on_final raised", room)
             now = time.monotonic()

@@ -13,7 +13,7 @@ writer thread per decode peer does that peer's writes and notices in order (so a
 peer holds up only its own rooms). A control thread enforces the state timeouts and runs
 ``on_final``. gRPC handlers run in the server's threads.
 
-Pages: ``on_final(room, state)`` runs exactly once per room passed to ``add_room``, from the
+Pages: ``on_final(room, state, reason)`` runs exactly once per room passed to ``add_room``, from the
 control thread, once the room is final AND no write of it is in flight; only then may the scheduler free the room's
 source pages. A write already inside the engine when the room failed is waited for (it returns
 within the engine's own bounds, see ``pd.transfer.engine``); queued writes of a final room are
@@ -43,7 +43,7 @@ from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts,
 
 logger = logging.getLogger(__name__)
 
-SenderFinal = Callable[[int, TransferState], None]
+SenderFinal = Callable[[int, TransferState, str], None]
 
 _LAYOUT_FIELDS = ("num_layers", "page_size", "latent_dim", "dtype", "order")
 
@@ -111,7 +111,7 @@ class KVSender:
 
     ``pool`` and ``aux`` are registered with ``engine`` here. ``aux`` is the staging area of the
     aux records (one slot per concurrent final write, i.e. per decode peer at most).
-    ``on_final(room, state)`` must be quick and thread-safe (e.g. put into a queue).
+    ``on_final(room, state, reason)`` (reason: why a room failed or was aborted, else empty) must be quick and thread-safe (e.g. put into a queue).
     ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort``
     from decode waits for the room's in-flight writes before answering.
     """
@@ -293,7 +293,7 @@ class KVSender:
                 _Job(room, "notice", r.peer, notice=r.notice, reason=r.machine.reason)
             )
         if r.src_pages is not None:  # a hand-shake whose request never came holds no pages: no on_final
-            self._finals.put((room, r.machine.state))
+            self._finals.put((room, r.machine.state, r.machine.reason))
         self._drained.notify_all()
 
     def _tombstone(self, room: int, state: TransferState) -> None:
@@ -478,9 +478,9 @@ class KVSender:
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
-            for room, state in drain_queue(self._finals, self.tick_s):
+            for room, state, reason in drain_queue(self._finals, self.tick_s):
                 try:
-                    self.on_final(room, state)
+                    self.on_final(room, state, reason)
                 except Exception:
                     logger.exception("prefill room %d: on_final raised", room)
             now = time.monotonic()

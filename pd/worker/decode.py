@@ -196,11 +196,11 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
             self.rooms.pop(req.rid)
             self.m_requests.inc(role=self.role, outcome=out.finish_reason.value)
 
-    def _on_final(self, room: int, state: TransferState, aux: AuxRecord | None) -> None:
+    def _on_final(self, room: int, state: TransferState, aux: AuxRecord | None, reason: str) -> None:
         """The receiver's callback (its control thread): hand over to the engine thread."""
-        self.thread.submit(lambda: self._transfer_final(room, state, aux))
+        self.thread.submit(lambda: self._transfer_final(room, state, aux, reason))
 
-    def _transfer_final(self, room_id: int, state: TransferState, aux: AuxRecord | None) -> None:
+    def _transfer_final(self, room_id: int, state: TransferState, aux: AuxRecord | None, reason: str) -> None:
         room = self.rooms.get(room_id)
         if room is None or room.stage is not _Stage.TRANSFER:
             return
@@ -218,7 +218,6 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
             if room.aborted is not None:
                 self._end_aborted(room)
             else:
-                reason = self.receiver.reason(room_id) if hasattr(self.receiver, "reason") else state.value
                 self.m_requests.inc(role=self.role, outcome=state.value)
                 self.post(room.out.put_nowait, RoomError(*failure_status(state, reason)))
         self._start_transfers()

@@ -157,11 +157,11 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
                 role=self.role,
             )
 
-    def _on_final(self, room: int, state: TransferState) -> None:
+    def _on_final(self, room: int, state: TransferState, reason: str) -> None:
         """The sender's callback (its control thread): hand over to the engine thread."""
-        self.thread.submit(lambda: self._final(room, state))
+        self.thread.submit(lambda: self._final(room, state, reason))
 
-    def _final(self, room_id: int, state: TransferState) -> None:
+    def _final(self, room_id: int, state: TransferState, reason: str) -> None:
         room = self.rooms.pop(room_id, None)
         if room is None:
             return
@@ -176,7 +176,6 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
             return
         if state is TransferState.FAILED:
             self.m_transfer_failures.inc(role=self.role)
-        reason = self.sender.reason(room_id) if hasattr(self.sender, "reason") else state.value
         self.post(_set_error, room.reply, RoomError(*failure_status(state, reason)))
 
     def _abort(self, room_id: int, reason: str) -> bool:
