@@ -80,6 +80,25 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=0, help="gRPC port of this rank (default: any free port)")
     g.add_argument("--instance-id", help="instance name in the registry (default: <role>-<host>-<port>)")
     g.add_argument("--aux-slots", type=int, default=1024, help="rooms that can be in transfer at once")
+    par = p.add_argument_group("parallelism (DP attention + EP MoE over the same ranks)")
+    par.add_argument(
+        "--dp", type=int, default=1, help="ranks of this instance: DP attention size (default: %(default)s)"
+    )
+    par.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
+    par.add_argument(
+        "--ep-backend",
+        choices=["local", "torch", "mooncake", "deepep"],
+        help="EP communication (default: local for one rank; torch on CPU; on GPU deepep if installed, else "
+        "mooncake for decode, torch for prefill)",
+    )
+    par.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (default: %(default)s)")
+    par.add_argument("--node-rank", type=int, default=0, help="this node's index (default: %(default)s)")
+    par.add_argument(
+        "--dist-init-addr", help="HOST:PORT where the ranks meet (default on one node: a free local port)"
+    )
+    par.add_argument(
+        "--rank-in-node", type=int, help=argparse.SUPPRESS
+    )  # set by the launcher for its children
     g.add_argument(
         "--decode-headroom-tokens", type=int, default=64, help="decode: pages reserved beyond the prompt"
     )

@@ -63,6 +63,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
     p.add_argument("--transfer-protocol", default="tcp", help="tcp, rdma or nvlink (default: %(default)s)")
     p.add_argument(
+        "--dp", type=int, default=1, help="ranks per instance, DP attention + EP MoE (default: %(default)s)"
+    )
+    p.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
+    p.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
+    p.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
+    p.add_argument(
+        "--ep-backend", help="EP communication backend of both instances (default: per role and device)"
+    )
+    p.add_argument(
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
     )
     add_engine_args(p, model_required=False)
@@ -94,6 +103,16 @@ def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str
     return flags
 
 
+def _parallel_flags(args: argparse.Namespace, dp: int | None) -> list[str]:
+    dp = dp or args.dp
+    if args.ep is not None and args.ep != args.dp:
+        raise SystemExit(f"--ep {args.ep} must equal --dp {args.dp}")
+    flags = ["--dp", str(dp)]
+    if args.ep_backend:
+        flags += ["--ep-backend", args.ep_backend]
+    return flags
+
+
 def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list[str]]], str]:
     """The four child processes (name, argv) and the proxy's URL."""
     host = args.host
@@ -111,6 +130,7 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
                 *py,
                 "pd.launch.prefill",
                 *_engine_flags(args, model, args.prefill_device or args.device),
+                *_parallel_flags(args, args.prefill_dp),
                 *worker,
                 *common,
             ],
@@ -121,6 +141,7 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
                 *py,
                 "pd.launch.decode",
                 *_engine_flags(args, model, args.decode_device or args.device),
+                *_parallel_flags(args, args.decode_dp),
                 *worker,
                 *common,
             ],

@@ -1,12 +1,23 @@
-"""Runs one prefill or decode rank until SIGINT/SIGTERM (``pd-prefill``, ``pd-decode``)."""
+"""Runs a prefill or decode instance until SIGINT/SIGTERM (``pd-prefill``, ``pd-decode``).
+
+One rank runs in this process. With ``--dp N`` this process starts the node's ranks as child
+processes (the same command plus ``--rank-in-node``), forwards SIGINT/SIGTERM to them, and stops
+them all if one of them dies.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
+import socket
+import subprocess
+import sys
+import time
 
+from pd.config import ParallelConfig
 from pd.launch.args import (
     add_common_args,
     add_engine_args,
@@ -35,14 +46,32 @@ def parse(role: str, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    if args.ep is not None and args.ep != args.dp:
+        raise SystemExit(f"--ep {args.ep} must equal --dp {args.dp}: DP attention and EP MoE share the ranks")
+    local = args.dp // args.nnodes if args.dp % args.nnodes == 0 else 0
+    rank = args.node_rank * local + (args.rank_in_node or 0)
+    return ParallelConfig(
+        size=args.dp,
+        rank=rank,
+        ep_backend=args.ep_backend,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
+    )
+
+
 def worker_config(role: str, args: argparse.Namespace) -> WorkerConfig:
+    par = parallel_config(args)
+    port = args.port + par.local_rank if args.port else 0
     return WorkerConfig(
         role=role,
         engine=engine_config(args, args.model),
         bootstrap=args.bootstrap,
         host=args.host,
-        port=args.port,
+        port=port,
         instance_id=args.instance_id,
+        parallel=par,
         model_name=args.model_name,
         transfer=transfer_config(args),
         timeouts=transfer_timeouts(args),
@@ -56,6 +85,8 @@ def worker_config(role: str, args: argparse.Namespace) -> WorkerConfig:
 def run(role: str, argv: list[str] | None = None) -> None:
     args = parse(role, argv)
     setup_logging(args.log_level)
+    if args.dp > 1 and args.rank_in_node is None:
+        sys.exit(spawn_ranks(role, args, sys.argv[1:] if argv is None else argv))
     cfg = worker_config(role, args)
     if role == "prefill":
         from pd.worker.prefill import PrefillWorker as Worker
@@ -71,3 +102,55 @@ def run(role: str, argv: list[str] | None = None) -> None:
 
     asyncio.run(main())
     log.info("%s rank stopped", role)
+
+
+def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """Starts this node's ranks as child processes and supervises them; returns the exit status."""
+    extra = []
+    if args.dist_init_addr is None:
+        if args.nnodes > 1:
+            raise SystemExit("--dist-init-addr is required with --nnodes > 1")
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            args.dist_init_addr = f"{args.host}:{s.getsockname()[1]}"
+        extra += ["--dist-init-addr", args.dist_init_addr]
+    if args.instance_id is None:
+        if args.nnodes > 1:
+            raise SystemExit("--instance-id is required with --nnodes > 1 (every node must use the same one)")
+        args.instance_id = f"{role}-{args.host}-{secrets.token_hex(3)}"
+        extra += ["--instance-id", args.instance_id]
+    par = parallel_config(args)  # validates the flags before anything starts
+    children = [
+        subprocess.Popen([sys.executable, "-m", f"pd.launch.{role}", *argv, *extra, "--rank-in-node", str(i)])
+        for i in range(par.local_size)
+    ]
+    stopping = False
+
+    def forward(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    if not stopping:  # one rank died: the others cannot continue without it
+        log.error(
+            "a rank of the %s instance exited (codes %s): stopping the others",
+            role,
+            [c.poll() for c in children],
+        )
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+    deadline = time.monotonic() + 30
+    for c in children:
+        try:
+            c.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
+    return max(abs(c.returncode) for c in children)

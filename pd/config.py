@@ -343,3 +343,46 @@ class EngineConfig:
 
 
 DEFAULT_CPU_KV_TOKENS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one instance spans ranks: DP attention and EP MoE over the same ``size`` ranks.
+
+    Each rank owns its requests and KV pages (DP attention) and ``E / size`` routed experts (EP);
+    dense layers, shared experts, embeddings and lm_head are replicated and run on the rank's own
+    tokens. Ranks may span ``nnodes`` nodes, ``size / nnodes`` per node, meeting at ``dist_init_addr``.
+    """
+
+    size: int = 1
+    rank: int = 0
+    ep_backend: str | None = None  # None: the default for the role and device (pd.ep.default_ep_backend)
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # "host:port" of the rendezvous; needed when size > 1
+    collective_timeout_s: float = 120.0  # a rank that stops answering fails the others' collectives
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} must be in [0, size={self.size})")
+        if self.nnodes < 1 or self.size % self.nnodes:
+            raise ValueError(f"size {self.size} must be a multiple of nnodes {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be in [0, nnodes={self.nnodes})")
+        if self.size > 1 and not self.dist_init_addr:
+            raise ValueError("a multi-rank instance needs dist_init_addr (host:port of the rendezvous)")
+
+    @property
+    def local_size(self) -> int:
+        return self.size // self.nnodes
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.local_size
+
+    def rank_device(self, device: str) -> str:
+        """This rank's device: ``cuda:N`` with dp ranks on GPUs N, N+1, ... of the node; CPU as is."""
+        if not device.startswith("cuda"):
+            return device
+        first = int(device.split(":")[1]) if ":" in device else 0
+        return f"cuda:{first + self.local_rank}"

@@ -103,6 +103,7 @@ class Engine:
         """One forward step; returns the outputs of the requests that sampled in it."""
         batch = self.scheduler.schedule()
         if batch is None:
+            self.runner.run_idle()  # other ranks of the instance may be stepping
             return []
         tokens, logprobs = self.runner.run(batch)
         return self._postprocess(batch, tokens, logprobs)

@@ -45,7 +45,20 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, ep: EPBackend | None = None) -> None:
+    """Owns the model, its KV pool and attention backend on one rank.
+
+    ``ep``: the EP backend (default: ``local``, EP = 1). ``low_latency_moe``: MoE layers use the
+    low-latency masked-layout path (decode instances with EP > 1); requires steps of at most the
+    backend's ``max_tokens_per_rank`` tokens.
+    """
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        model_cfg: ModelConfig,
+        ep: EPBackend | None = None,
+        low_latency_moe: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
@@ -65,6 +78,8 @@ class ModelRunner:
             init_dummy_weights(self.model, cfg.seed)
         else:
             load_weights(self.model, cfg.model_path, self.ep.config.rank, self.ep.config.world_size)
+        self.low_latency_moe = low_latency_moe
+        self.lockstep = self.ep.config.world_size > 1
         self.pool = KVPool(self._kv_layout(), self.device)
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
 
@@ -93,7 +108,7 @@ class ModelRunner:
             if end == req.seq_len:
                 logits_rows.append(len(ids) - 1)
         self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
-        ctx = ForwardContext(batch.mode, self.attn, self._tensor(logits_rows))
+        ctx = ForwardContext(batch.mode, self.attn, self._tensor(logits_rows), self.low_latency_moe)
         logits = self.model(self._tensor(ids), self._tensor(positions), ctx)
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         st = SamplingTensors.build(
@@ -106,6 +121,12 @@ class ModelRunner:
         token_iter = iter(zip(tokens.tolist(), logprobs.tolist()))
         out = [next(token_iter) if s else (None, None) for s in batch.samples]
         return [t for t, _ in out], [lp for _, lp in out]
+
+    @torch.inference_mode()
+    def run_idle(self) -> None:
+        """This rank has nothing to run in a step other ranks run: join their EP collectives."""
+        if self.lockstep:
+            self.model.idle(self.low_latency_moe)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -52,6 +52,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    def idle(self, low_latency: bool) -> None:
+        """A step with no tokens: every MoE layer joins its EP collectives, in forward order."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.idle(low_latency)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[T]`` int64 -> float32 logits ``[len(ctx.logits_indices), V]``."""
         x = self.model.embed_tokens(input_ids)

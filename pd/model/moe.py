@@ -9,7 +9,7 @@ from torch import nn
 
 from pd.config import ModelConfig
 from pd.ep.base import EPBackend
-from pd.kernels.moe import fused_moe
+from pd.kernels.moe import fused_moe, masked_moe
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
 
@@ -74,9 +74,31 @@ class MoE(nn.Module):
         topk_weights, topk_idx = select_experts(
             x, self.gate.weight, self.gate.e_score_correction_bias, self.cfg
         )
-        d = self.ep.dispatch(x, topk_idx, topk_weights)
-        y = fused_moe(d.recv_x, self.experts.w13, self.experts.w2, d.recv_topk_idx, d.recv_topk_weights)
-        out = self.ep.combine(y, d.handle)
+        out = self.routed(x, topk_idx, topk_weights, ctx.low_latency_moe)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def routed(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, low_latency: bool
+    ) -> torch.Tensor:
+        """Routed experts through the EP backend: ``x [T, H]``, ``topk_idx [T, K]`` global ids -> ``[T, H]``.
+
+        Normal mode (prefill; eager): received rows with local ids, the sorted-layout kernel.
+        Low-latency mode (decode; static shapes, graph-safe): the masked ``[E_local, M*W, H]`` layout.
+        """
+        w13, w2 = self.experts.w13, self.experts.w2
+        if low_latency:
+            d = self.ep.ll_dispatch(x, topk_idx)
+            y = masked_moe(d.recv_x, d.recv_count, w13, w2)  # [E_local, M*W, H]
+            return self.ep.ll_combine(y, topk_idx, topk_weights, d.handle)
+        d = self.ep.dispatch(x, topk_idx, topk_weights)
+        y = fused_moe(d.recv_x, w13, w2, d.recv_topk_idx, d.recv_topk_weights)  # [N, H]
+        return self.ep.combine(y, d.handle)
+
+    def idle(self, low_latency: bool) -> None:
+        """Joins this layer's EP collectives with no tokens (a rank without work in a step others run)."""
+        k, device = self.cfg.num_experts_per_tok, self.experts.w13.device
+        x = torch.empty(0, self.cfg.hidden_size, dtype=self.experts.w13.dtype, device=device)
+        idx = torch.empty(0, k, dtype=torch.int64, device=device)
+        self.routed(x, idx, torch.empty(0, k, dtype=torch.float32, device=device), low_latency)

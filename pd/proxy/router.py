@@ -63,6 +63,7 @@ class Router:
         self.refresh_s = refresh_s
         self.ranks: dict[tuple[str, int], Rank] = {}
         self.outstanding: dict[tuple[str, int], int] = {}
+        self.assigned: dict[tuple[str, int], int] = {}  # requests ever sent: breaks ties evenly
         self.last_refresh_ok: float | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._model_info: dict[str, ModelInfo] = {}
@@ -127,15 +128,22 @@ class Router:
         return sorted(prefill & {r.model_name for r in self.ranks_of(bpb.ROLE_DECODE)})
 
     def pick(self, model: str) -> tuple[Rank, Rank]:
-        """The least busy prefill rank and decode rank serving ``model``; counts them busy until ``release``."""
+        """The prefill and decode ranks serving ``model`` with the fewest outstanding requests (ties: the
+        fewest requests so far); counts them busy until ``release``."""
         chosen = []
         for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
             candidates = self.ranks_of(role, model)
             if not candidates:
                 raise NoWorkers(f"no {name} rank serving model {model!r} is registered")
-            chosen.append(min(candidates, key=lambda r: (self.outstanding.get(r.key, 0), r.key)))
+            chosen.append(
+                min(
+                    candidates,
+                    key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key),
+                )
+            )
         for r in chosen:
             self.outstanding[r.key] = self.outstanding.get(r.key, 0) + 1
+            self.assigned[r.key] = self.assigned.get(r.key, 0) + 1
         return chosen[0], chosen[1]
 
     def release(self, *ranks: Rank) -> None:

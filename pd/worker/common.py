@@ -9,6 +9,7 @@ the engine thread), and the bootstrap heartbeat thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ import grpc
 
 from pd.bootstrap.client import BootstrapClient, new_incarnation
 from pd.bootstrap.compat import model_fingerprint
-from pd.config import EngineConfig, dtype_name, load_hf_config
+from pd.config import EngineConfig, ModelConfig, ParallelConfig, dtype_name, load_hf_config
 from pd.engine.engine import Engine
+from pd.engine.runner import ModelRunner
+from pd.ep import EPConfig, default_ep_backend, make_ep_backend
 from pd.metrics import Registry
 from pd.rpc import PROTOCOL_VERSION
 from pd.rpc import bootstrap_pb2 as bpb
@@ -32,6 +35,7 @@ from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer
 from pd.transfer.engine import TransferConfig, TransferEngine
 from pd.transfer.state import TransferTimeouts
 from pd.worker.loop import EngineThread
+from pd.worker.parallel import Lockstep, destroy_process_groups, init_process_groups
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,7 @@ class WorkerConfig:
     port: int = 0  # 0: any free port
     instance_id: str | None = None  # None: "<role>-<host>-<port>"
     model_name: str | None = None  # None: the model directory's name
-    dp_rank: int = 0
-    dp_size: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: TransferTimeouts = field(default_factory=TransferTimeouts)
     cluster_token: str | None = None
@@ -62,8 +65,6 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
-        if not 0 <= self.dp_rank < self.dp_size:
-            raise ValueError(f"dp_rank {self.dp_rank} must be in [0, dp_size={self.dp_size})")
 
     @property
     def served_model_name(self) -> str:
@@ -81,11 +82,39 @@ class WorkerBase:
         self.tokenizer_files = TokenizerFiles.read(path)
         self.tokenizer = Tokenizer.from_files(self.tokenizer_files)
         self.hf_config = load_hf_config(path)
-        self.engine = Engine(cfg.engine, self.tokenizer)
+        par = cfg.parallel
+        engine_cfg = dataclasses.replace(cfg.engine, device=par.rank_device(cfg.engine.device))
+        low_latency = self.role == "decode" and par.size > 1
+        if low_latency:  # every step of a decode rank fits the low-latency buffers (M = max_running)
+            engine_cfg = dataclasses.replace(
+                engine_cfg, chunk_size=min(engine_cfg.chunk_size, engine_cfg.max_running)
+            )
+        self.lockstep = None
+        ep_group = None
+        if par.size > 1:
+            ep_group, control = init_process_groups(par, engine_cfg.device)
+            self.lockstep = Lockstep(control)
+        model_cfg = ModelConfig.from_hf(self.hf_config)
+        device_type = engine_cfg.device.split(":")[0]
+        ep_name = par.ep_backend or default_ep_backend(self.role, device_type, par.size)
+        ep_cfg = EPConfig(
+            model_cfg.n_routed_experts,
+            model_cfg.hidden_size,
+            engine_cfg.max_running,
+            engine_cfg.torch_dtype,
+            par.rank,
+            par.size,
+            engine_cfg.device,
+        )
+        runner = ModelRunner(engine_cfg, model_cfg, make_ep_backend(ep_name, ep_cfg, ep_group), low_latency)
+        self.engine = Engine(engine_cfg, self.tokenizer, runner)
+        log.info("rank %d/%d: EP backend %s, low-latency MoE %s", par.rank, par.size, ep_name, low_latency)
         self.pool = self.engine.runner.pool
         self.transfer_engine = TransferEngine(cfg.transfer)
         self.aux = AuxBuffer(cfg.aux_slots, self.pool.buffer.device)
-        self.thread = EngineThread(self.step, self.has_work, name=f"{self.role}-engine")
+        self.thread = EngineThread(
+            self.step, self.has_work, name=f"{self.role}-engine", lockstep=self.lockstep
+        )
         self.endpoint = ""
         self.instance_id = cfg.instance_id or ""
         self.incarnation = new_incarnation()
@@ -112,7 +141,7 @@ class WorkerBase:
 
     def _init_metrics(self) -> None:
         m = self.metrics = Registry()
-        self.labels = {"role": self.role, "instance": "", "rank": str(self.cfg.dp_rank)}
+        self.labels = {"role": self.role, "instance": "", "rank": str(self.cfg.parallel.rank)}
         self.m_pages_used = m.gauge(
             "pd_kv_pages_used", "KV cache pages in use.", ["role", "instance", "rank"]
         )
@@ -178,8 +207,8 @@ class WorkerBase:
             max_context_len=self.engine.context_len,
             role=ROLES[self.role],
             instance_id=self.instance_id,
-            dp_rank=self.cfg.dp_rank,
-            dp_size=self.cfg.dp_size,
+            dp_rank=self.cfg.parallel.rank,
+            dp_size=self.cfg.parallel.size,
             grpc_endpoint=self.endpoint,
             transfer_session=self.transfer_engine.session_id,
             transfer_protocol=self.cfg.transfer.protocol,
@@ -219,6 +248,8 @@ class WorkerBase:
             raise OSError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         self.endpoint = f"{self.cfg.host}:{port}"
         self.instance_id = self.cfg.instance_id or f"{self.role}-{self.cfg.host}-{port}"
+        if self.cfg.parallel.size > 1 and not self.cfg.instance_id:
+            raise ValueError("ranks of a multi-rank instance need a common instance_id")
         self._label_metrics()
         self.on_endpoint()
         await server.start()
@@ -229,8 +260,8 @@ class WorkerBase:
         log.info(
             "%s rank %d/%d of %s serving %s on %s (pid %d)",
             self.role,
-            self.cfg.dp_rank,
-            self.cfg.dp_size,
+            self.cfg.parallel.rank,
+            self.cfg.parallel.size,
             self.instance_id,
             self.cfg.served_model_name,
             self.endpoint,
@@ -243,8 +274,9 @@ class WorkerBase:
         finally:
             await asyncio.to_thread(self._deregister)
             await server.stop(grace=1.0)
-            self.thread.stop()
+            self.thread.stop(timeout=self.cfg.parallel.collective_timeout_s)
             self.close_transfer()
+            destroy_process_groups()
 
     def on_endpoint(self) -> None:
         """Called once the gRPC endpoint is known, before serving starts."""

@@ -12,6 +12,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from pd.worker.parallel import Lockstep
+
 log = logging.getLogger(__name__)
 
 
@@ -19,14 +21,24 @@ class EngineThread:
     """Runs ``step()`` while ``has_work()``; otherwise sleeps until something is submitted.
 
     ``step`` and ``has_work`` come from the worker; commands submitted from other threads run on
-    this thread between steps, in submission order.
+    this thread between steps, in submission order. With ``lockstep`` (a multi-rank instance) the
+    ranks agree before each step: all step if any has work (``step`` then runs an idle forward on
+    ranks with nothing to do), and all stop together when any is asked to stop.
     """
 
     IDLE_WAIT_S = 0.05  # bounds how long a stop request waits on an idle thread
+    LOCKSTEP_IDLE_WAIT_S = 0.002  # idle ranks poll the agreement this often: work elsewhere waits no longer
 
-    def __init__(self, step: Callable[[], None], has_work: Callable[[], bool], name: str) -> None:
+    def __init__(
+        self,
+        step: Callable[[], None],
+        has_work: Callable[[], bool],
+        name: str,
+        lockstep: Lockstep | None = None,
+    ) -> None:
         self._step = step
         self._has_work = has_work
+        self._lockstep = lockstep
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -49,8 +61,9 @@ class EngineThread:
         return self._thread.is_alive()
 
     def _drain(self, block: bool) -> None:
+        wait = self.LOCKSTEP_IDLE_WAIT_S if self._lockstep is not None else self.IDLE_WAIT_S
         try:
-            fn = self._inbox.get(timeout=self.IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            fn = self._inbox.get(timeout=wait) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -62,9 +75,17 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while True:
                 self._drain(block=not self._has_work())
-                if self._has_work():
+                if self._lockstep is None:
+                    if self._stop.is_set():
+                        return
+                    work = self._has_work()
+                else:
+                    work, stopping = self._lockstep.agree(self._has_work(), self._stop.is_set())
+                    if stopping:
+                        return
+                if work:
                     self._step()
         except BaseException as exc:  # the worker reports it and fails every request
             self.error = exc

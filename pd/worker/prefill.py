@@ -127,6 +127,7 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
     def step(self) -> None:
         batch = self.scheduler.schedule()
         if batch is None:
+            self.engine.runner.run_idle()  # other ranks of the instance may be stepping
             return
         for req, start in zip(batch.reqs, batch.starts):
             room = self.rooms[req.rid]
