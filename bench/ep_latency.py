@@ -23,6 +23,7 @@ Routing is uniform random top-k; every rank has T tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -110,6 +111,9 @@ def _worker(args: argparse.Namespace) -> None:
 
     rank, world = args.rank, args.world_size
     sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP
+    if args.group:  # one (hidden, experts, top_k) group per launch: Mooncake keeps one buffer per process
+        h, e, k = (int(v) for v in args.group.split(":"))
+        sweep = dataclasses.replace(sweep, hidden=(h,), experts_topk=((e, k),))
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -185,21 +189,26 @@ def _worker(args: argparse.Namespace) -> None:
         options = {"buffer": mooncake_buffer} if mooncake_buffer is not None else {}
         return make_ep_backend(args.backend, cfg, group, **options)
 
-    # ---- correctness against the dense reference ----
+    # ---- correctness against the dense reference (in the launch whose group holds the check shape) ----
     hidden, experts, top_k, tokens = sweep.check_shape
-    backend = build(hidden, experts, max_tokens)
+    run_check = hidden in sweep.hidden and (experts, top_k) in sweep.experts_topk
+    backend = build(hidden, experts, max_tokens) if run_check else None
     if getattr(backend, "uses_fallback", False):
         rec.add(
             "note", backend=args.backend, text="Mooncake runs its Python fallback (no NVLink IPC / IBGDA)"
         )
-    ref = ReferenceExperts(experts, hidden, sweep.check_intermediate, seed=99, device=device)
+    ref = (
+        None
+        if backend is None
+        else ReferenceExperts(experts, hidden, sweep.check_intermediate, seed=99, device=device)
+    )
     x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
     idx, w = random_routing(tokens, experts, top_k, gen, device)
     idx[0, -1] = -1  # an inert slot, and a padding row with no expert at all
     idx[1, :] = -1
-    want = ref.dense(x, idx, w)
-    first = backend.config.first_local_expert
-    modes = ["low_latency"] + (["normal"] if args.backend == "torch" else [])
+    want = ref.dense(x, idx, w) if ref is not None else None
+    first = backend.config.first_local_expert if backend is not None else 0
+    modes = [] if backend is None else ["low_latency"] + (["normal"] if args.backend == "torch" else [])
     for mode in modes:
         if mode == "normal":
             d = backend.dispatch(x, idx, w)
@@ -321,19 +330,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: argparse.Namespace, backend: str, workdir: Path) -> tuple[str, list[dict]]:
-    """Run one backend's workers; return (status, records) whatever happened."""
-    result_file = workdir / f"{backend}.jsonl"
+def _launch(args: argparse.Namespace, backend: str, workdir: Path, group: str = "") -> tuple[str, list[dict]]:
+    """Run one backend's workers (on one shape group if given); return (status, records) whatever happened."""
+    tag = f"{backend}{'.' + group.replace(':', '_') if group else ''}"
+    result_file = workdir / f"{tag}.jsonl"
     env = {**os.environ, **NO_MULTICAST_ENV}
     if args.device == "cpu":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     port = _free_port()
     procs = []
     for rank in range(args.world_size):
-        log = open(workdir / f"{backend}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+        log = open(workdir / f"{tag}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, "-m", "pd.bench.ep_latency", "--worker", "--rank", str(rank),
                "--world-size", str(args.world_size), "--port", str(port), "--backend", backend,
-               "--device", args.device, "--result-file", str(result_file)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+               "--device", args.device, "--result-file", str(result_file), "--group", group] + (["--smoke"] if args.smoke else [])  # fmt: skip
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     deadline = time.monotonic() + args.timeout_s
     status = "ok"
@@ -356,8 +366,8 @@ def _launch(args: argparse.Namespace, backend: str, workdir: Path) -> tuple[str,
         status = "failed (rc " + ", ".join(str(p.returncode) for p, _ in procs) + ")"
     if status != "ok":
         for rank in range(args.world_size):
-            tail = (workdir / f"{backend}.rank{rank}.log").read_text()[-3000:]
-            print(f"--- {backend} rank {rank} log tail ---\n{tail}", file=sys.stderr)
+            tail = (workdir / f"{tag}.rank{rank}.log").read_text()[-3000:]
+            print(f"--- {tag} rank {rank} log tail ---\n{tail}", file=sys.stderr)
     records = []
     if result_file.exists():
         records = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
@@ -424,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--group", default="", help=argparse.SUPPRESS)  # "hidden:experts:top_k"
     args = p.parse_args(argv)
 
     os.environ.update(NO_MULTICAST_ENV)
@@ -436,11 +447,18 @@ def main(argv: list[str] | None = None) -> int:
                     "world_size": args.world_size, "smoke": args.smoke, "backends": backends},
                     "correctness": [], "low_latency": [], "normal": [], "notes": [], "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ep_latency_") as tmp:
+        sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP
         for backend in backends:
-            status, records = _launch(args, backend, Path(tmp))
-            result["runs"].append({"backend": backend, "status": status})
-            for r in records:
-                result["notes" if r["kind"] == "note" else r["kind"]].append(r)
+            # Mooncake keeps one EP buffer per process and did not survive a change of expert count
+            # within one (seen on 2 H200s): one launch per shape group.
+            groups = [""]
+            if backend == "mooncake":
+                groups = [f"{h}:{e}:{k}" for h in sweep.hidden for e, k in sweep.experts_topk]
+            for group in groups:
+                status, records = _launch(args, backend, Path(tmp), group)
+                result["runs"].append({"backend": backend + (f" {group}" if group else ""), "status": status})
+                for r in records:
+                    result["notes" if r["kind"] == "note" else r["kind"]].append(r)
     print(_tables(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
