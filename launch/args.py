@@ -70,8 +70,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
         "--max-waiting", type=int, default=4096, help="bound of the waiting queue (default: %(default)s)"
     )
     g.add_argument("--max-context-len", type=int, help="default: the model's max_position_embeddings")
-    g.add_argument("--attention-backend", default="torch", choices=["torch"])
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "flashinfer"],
+        help="auto: flashinfer on CUDA when installed, else the torch reference (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of requests without a seed")
+    g.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of in CUDA graphs")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +152,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_context_len=args.max_context_len,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        cuda_graph=not args.no_cuda_graph,
     )
 
 

@@ -96,6 +96,8 @@ def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str
         "--attention-backend",
         args.attention_backend,
     ]
+    if args.no_cuda_graph:
+        flags.append("--no-cuda-graph")
     for name in ("num_pages", "max_context_len", "model_name"):
         value = getattr(args, name)
         if value is not None:

@@ -314,7 +314,10 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 4096
     max_context_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: flashinfer on CUDA when installed, else torch
+    cuda_graph: bool = (
+        True  # decode in full-model CUDA graphs on CUDA (needs a graph-capable attention backend)
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import openai
 import pytest
@@ -23,7 +24,10 @@ def deployment_dp2(tiny_model_dir, tmp_path_factory):
 
 def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_dir, hf_model):
     hf = hf_model(tiny_model_dir)
-    pages = kv_pages_used(deployment_dp2)
+    # /health is OK once one prefill and one decode rank registered; the others follow within a moment.
+    deadline = time.monotonic() + 30
+    while len(pages := kv_pages_used(deployment_dp2)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert sorted((role, rank) for role, _, rank in pages) == [
         ("decode", "0"),
         ("decode", "1"),

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
+from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_available
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
+from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.kv_cache import KVLayout, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.weights import init_dummy_weights, load_weights
 from pd.sampling import SamplingTensors, sample
-from pd.types import Batch
+from pd.types import Batch, BatchMode
 
 
 def build_model(
@@ -39,9 +41,22 @@ def build_model(
 
 
 def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> AttentionBackend:
+    if name == "auto":
+        name = "flashinfer" if pool.buffer.is_cuda and flashinfer_available() else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
-    raise ValueError(f"unknown attention backend {name!r}; expected 'torch'")
+    if name == "flashinfer":
+        if not pool.buffer.is_cuda:
+            raise ValueError("the flashinfer attention backend needs a CUDA device")
+        return FlashInferMLABackend(
+            pool,
+            cfg.softmax_scale,
+            cfg.kv_lora_rank,
+            cfg.num_attention_heads,
+            cfg.qk_head_dim,
+            cfg.v_head_dim,
+        )
+    raise ValueError(f"unknown attention backend {name!r}; expected 'auto', 'torch' or 'flashinfer'")
 
 
 class ModelRunner:
@@ -80,8 +95,12 @@ class ModelRunner:
             load_weights(self.model, cfg.model_path, self.ep.config.rank, self.ep.config.world_size)
         self.low_latency_moe = low_latency_moe
         self.lockstep = self.ep.config.world_size > 1
+        self.context_len = cfg.context_len(model_cfg)
         self.pool = KVPool(self._kv_layout(), self.device)
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
+        self.graphs: DecodeGraphs | None = None
+        if cfg.cuda_graph and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, default_buckets(cfg.max_running))
 
     def _kv_layout(self) -> KVLayout:
         mc = self.model_cfg
@@ -99,6 +118,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int | None], list[float | None]]:
         """Runs one step; returns per request the sampled token and its logprob (None if it did not sample)."""
+        if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
+            tokens, logprobs = self.graphs.run(batch)
+            return tokens, logprobs
         ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
@@ -125,8 +147,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run_idle(self) -> None:
         """This rank has nothing to run in a step other ranks run: join their EP collectives."""
-        if self.lockstep:
+        if not self.lockstep:
+            return
+        if self.graphs is not None and self.low_latency_moe:
+            self.graphs.run_idle()
+        else:
             self.model.idle(self.low_latency_moe)
+
+    def close(self) -> None:
+        """Releases the CUDA graphs (before any process group is destroyed)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -276,6 +276,7 @@ class WorkerBase:
             await server.stop(grace=1.0)
             self.thread.stop(timeout=self.cfg.parallel.collective_timeout_s)
             self.close_transfer()
+            self.engine.runner.close()  # CUDA graphs go before the process group
             destroy_process_groups()
 
     def on_endpoint(self) -> None:

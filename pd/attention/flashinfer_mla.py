@@ -1,0 +1,214 @@
+"""MLA attention on FlashInfer (CUDA): ragged causal prefill (non-absorbed) and paged absorbed decode.
+
+Planning happens in ``prepare`` (once per step, outside any CUDA graph); the per-layer calls only
+launch kernels. For CUDA graphs each batch bucket has its own decode wrapper whose metadata buffers
+keep their addresses between captures and replays (``graph_state``); ``prepare_graph`` re-plans it
+before each replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pd.attention.base import AttentionBackend, AttnInputs
+from pd.kv_cache import DUMMY_PAGE, KVPool
+from pd.types import BatchMode
+
+WORKSPACE_BYTES = 128 << 20
+
+
+def flashinfer_available() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class _StepMeta:
+    """A step's page arithmetic on the host (numpy), before one copy to the device."""
+
+    starts: np.ndarray  # [B] first position computed this step
+    ends: np.ndarray  # [B] context length after the step
+    pages_used: np.ndarray  # [B] pages holding [0, end)
+    flat_pages: np.ndarray  # [sum(pages_used)] every sequence's pages, in order
+    page_starts: np.ndarray  # [B] offset of each sequence's pages in flat_pages
+    out_slots: np.ndarray  # [T] cache slot of every new token
+
+    @classmethod
+    def of(cls, inputs: AttnInputs, page_size: int) -> _StepMeta:
+        starts = np.asarray(inputs.starts, dtype=np.int64)
+        ends = np.asarray(inputs.ends, dtype=np.int64)
+        pages_used = -(-ends // page_size)
+        flat_pages = np.concatenate(
+            [np.asarray(t[:n], dtype=np.int64) for t, n in zip(inputs.page_tables, pages_used)]
+        )
+        page_starts = np.concatenate([[0], np.cumsum(pages_used)[:-1]])
+        positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+        seq_of = np.repeat(np.arange(len(starts)), ends - starts)
+        out_slots = (
+            flat_pages[page_starts[seq_of] + positions // page_size] * page_size + positions % page_size
+        )
+        return cls(starts, ends, pages_used, flat_pages, page_starts, out_slots)
+
+    def context_slots(self, page_size: int) -> np.ndarray:
+        """Slots of every context position ``[0, end)`` of every sequence, in batch order."""
+        return np.concatenate(
+            [self.flat_pages[p0 + np.arange(e) // page_size] * page_size + np.arange(e) % page_size
+             for p0, e in zip(self.page_starts, self.ends)]
+        )  # fmt: skip
+
+
+@dataclass
+class _GraphState:
+    """One bucket's decode wrapper and the static buffers its captured kernels read."""
+
+    batch: int
+    wrapper: object
+    out_slots: torch.Tensor  # [batch] int64: where each row's new latent goes (padded rows: the dummy page)
+
+
+class FlashInferMLABackend(AttentionBackend):
+    """Shapes as in ``AttentionBackend``; the pool's latent is ``[c_kv (kv_lora_rank) | k_pe (rope)]``."""
+
+    def __init__(
+        self,
+        pool: KVPool,
+        softmax_scale: float,
+        kv_lora_rank: int,
+        num_heads: int,
+        qk_head_dim: int,
+        v_head_dim: int,
+    ) -> None:
+        import flashinfer
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+
+        self._MLAPlanMetadata = MLAPlanMetadata
+        self._Wrapper = BatchMLAPagedAttentionWrapper
+        self.pool = pool
+        self.scale = softmax_scale
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = pool.layout.latent_dim - kv_lora_rank
+        self.num_heads = num_heads
+        self.qk_head_dim, self.v_head_dim = qk_head_dim, v_head_dim  # non-absorbed prefill: nope + rope, v
+        self.device = pool.buffer.device
+        self.dtype = pool.layout.dtype
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = BatchMLAPagedAttentionWrapper(self.workspace)
+        self.graph_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.graphs: dict[int, _GraphState] = {}
+        self.active: _GraphState | None = None  # set while capturing or replaying a bucket
+        self.inputs: AttnInputs | None = None
+
+    # ---- metadata ----
+
+    def _to_device(self, a: np.ndarray, dtype=np.int32) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
+
+    def _plan_decode(self, wrapper, meta: _StepMeta) -> None:
+        metadata = self._MLAPlanMetadata.csr(
+            self._to_device(np.arange(len(meta.ends) + 1)),  # one query per sequence
+            self._to_device(np.concatenate([[0], np.cumsum(meta.pages_used)])),
+            self._to_device(meta.flat_pages),
+            self._to_device(meta.ends),
+        )
+        wrapper.plan(
+            metadata=metadata,
+            num_heads=self.num_heads,
+            head_dim_ckv=self.kv_lora_rank,
+            head_dim_kpe=self.rope_dim,
+            page_size=self.pool.layout.page_size,
+            causal=False,
+            sm_scale=self.scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+            query_layout="split",
+            kv_cache_layout="split",
+        )
+
+    def prepare(self, inputs: AttnInputs) -> None:
+        self.inputs = inputs
+        self.active = None
+        meta = _StepMeta.of(inputs, self.pool.layout.page_size)
+        self.out_slots = self._to_device(meta.out_slots, np.int64)
+        if inputs.mode is BatchMode.DECODE:
+            self._plan_decode(self.decode_wrapper, meta)
+            return
+        if inputs.has_prefix:
+            self.ctx_slots = self._to_device(meta.context_slots(self.pool.layout.page_size), np.int64)
+        self.prefill.plan(
+            self._to_device(np.concatenate([[0], np.cumsum(meta.ends - meta.starts)])),
+            self._to_device(np.concatenate([[0], np.cumsum(meta.ends)])),
+            self.num_heads,
+            self.num_heads,
+            self.qk_head_dim,
+            head_dim_vo=self.v_head_dim,
+            causal=True,  # bottom-right aligned: query i of a sequence sees keys up to kv_len - q_len + i
+            sm_scale=self.scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
+
+    # ---- CUDA graphs ----
+
+    def graph_state(self, batch: int, max_pages: int) -> _GraphState:
+        """The bucket's decode wrapper with static metadata buffers (made once per bucket)."""
+        state = self.graphs.get(batch)
+        if state is None:
+            i32 = dict(dtype=torch.int32, device=self.device)
+            wrapper = self._Wrapper(
+                self.graph_workspace,
+                use_cuda_graph=True,
+                qo_indptr=torch.zeros(batch + 1, **i32),
+                kv_indptr=torch.zeros(batch + 1, **i32),
+                kv_indices=torch.zeros(max_pages, **i32),
+                kv_len_arr=torch.zeros(batch, **i32),
+            )
+            state = _GraphState(batch, wrapper, torch.zeros(batch, dtype=torch.int64, device=self.device))
+            self.graphs[batch] = state
+        return state
+
+    def prepare_graph(self, state: _GraphState, inputs: AttnInputs) -> None:
+        """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""
+        pad = state.batch - len(inputs.ends)
+        padded = AttnInputs(
+            BatchMode.DECODE,
+            list(inputs.starts) + [0] * pad,
+            list(inputs.ends) + [1] * pad,
+            list(inputs.page_tables) + [[DUMMY_PAGE]] * pad,
+        )
+        meta = _StepMeta.of(padded, self.pool.layout.page_size)
+        self._plan_decode(state.wrapper, meta)
+        state.out_slots.copy_(torch.from_numpy(meta.out_slots), non_blocking=True)
+        self.inputs = padded
+        self.active = state
+
+    # ---- per layer ----
+
+    def _flat_cache(self, layer: int) -> torch.Tensor:
+        return self.pool.layer(layer).reshape(-1, self.pool.layout.latent_dim)
+
+    def store(self, layer: int, latent: torch.Tensor) -> None:
+        slots = self.active.out_slots if self.active is not None else self.out_slots
+        self._flat_cache(layer).index_copy_(0, slots, latent.to(self.dtype))
+
+    def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        if not self.inputs.has_prefix:
+            return latent
+        return self._flat_cache(layer).index_select(0, self.ctx_slots)
+
+    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.prefill.run(q.contiguous(), k.contiguous(), v.contiguous())
+
+    def decode(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        cache = self.pool.layer(layer)  # [pages, page_size, D]
+        wrapper = self.active.wrapper if self.active is not None else self.decode_wrapper
+        return wrapper.run(
+            query=(q_latent.contiguous(), q_rope.contiguous()),
+            kv_cache=(cache[..., : self.kv_lora_rank], cache[..., self.kv_lora_rank :]),
+        )

@@ -1,0 +1,130 @@
+"""Full-model CUDA graphs for decode: one graph per batch bucket.
+
+Each graph covers embedding -> every layer (MLA decode, dense MLP or MoE with its EP dispatch and
+combine) -> final norm -> lm_head -> greedy token and its logprob. Buckets are captured largest
+first into one memory pool. Before a replay the attention metadata is planned outside the graph
+into the bucket's persistent buffers (``FlashInferMLABackend.prepare_graph``); a batch is padded to
+its bucket with rows that read and write only the dummy page and route to no expert. Sampling other
+than greedy runs on the graph's logits after the replay (its filters need the host's view of the batch).
+
+Lifetime: destroy (``close``) before the process group: a process that captured NCCL work hung at
+exit in destroy_process_group otherwise (gpu/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from pd.attention.base import AttnInputs
+from pd.model.context import ForwardContext
+from pd.sampling import SamplingTensors, sample
+from pd.types import Batch, BatchMode
+
+if TYPE_CHECKING:
+    from pd.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, ... up to and including ``max_batch``."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b = b * 2 if b < 16 else b + (8 if b < 32 else 16 if b < 64 else 32)
+    return [*buckets, max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, buckets: Sequence[int]) -> None:
+        if not hasattr(runner.attn, "prepare_graph"):
+            raise ValueError("CUDA graphs need an attention backend with graph support (flashinfer)")
+        self.runner = runner
+        self.buckets = sorted(set(buckets))
+        max_bs = self.buckets[-1]
+        dev = runner.device
+        self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.row_mask = torch.zeros(max_bs, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.states = {}
+        max_pages = max_bs * runner.pool.layout.pages_for(runner.context_len)
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.buckets):
+            self.states[bs] = runner.attn.graph_state(bs, max_pages)
+            self._capture(bs, pool)
+        log.info("captured decode CUDA graphs for batch buckets %s", self.buckets)
+
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.runner
+        ctx = ForwardContext(BatchMode.DECODE, r.attn, self.rows[:bs], r.low_latency_moe, self.row_mask[:bs])
+        logits = r.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
+        tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        return logits, tokens, logprobs
+
+    @torch.inference_mode()
+    def _capture(self, bs: int, pool) -> None:
+        self._load(bs, [], [], [], [])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernels)
+            for _ in range(2):
+                self._forward(bs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs[bs] = self._forward(bs)
+        self.graphs[bs] = graph
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _load(
+        self, bs: int, ids: list[int], positions: list[int], ends: list[int], pages: list[list[int]]
+    ) -> None:
+        n = len(ids)
+        self.ids[:bs].zero_()
+        self.positions[:bs].zero_()
+        self.row_mask[:bs] = False
+        if n:
+            self.ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+            self.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
+            self.row_mask[:n] = True
+        inputs = AttnInputs(BatchMode.DECODE, [e - 1 for e in ends], ends, pages)
+        self.runner.attn.prepare_graph(self.states[bs], inputs)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[list[int], list[float]]:
+        """Replays the bucket of a decode batch; returns each request's token and logprob."""
+        n = len(batch.reqs)
+        bs = self.bucket(n)
+        ids = [r.all_ids[s] for r, s in zip(batch.reqs, batch.starts)]
+        self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
+        self.graphs[bs].replay()
+        logits, tokens, logprobs = self.outputs[bs]
+        params = [r.sampling for r in batch.reqs]
+        if not all(p.greedy for p in params):
+            st = SamplingTensors.build(
+                params, [r.seed for r in batch.reqs], [r.seq_len for r in batch.reqs], logits.device
+            )
+            t, lp = sample(logits[:n], st)
+            return t.tolist(), lp.tolist()
+        return tokens[:n].tolist(), logprobs[:n].tolist()
+
+    @torch.inference_mode()
+    def run_idle(self) -> None:
+        """A step with no requests on this rank: replay the smallest bucket, every row padding."""
+        bs = self.buckets[0]
+        self._load(bs, [], [], [], [])
+        self.graphs[bs].replay()
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.outputs.clear()
