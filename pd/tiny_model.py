@@ -189,6 +189,24 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         dataclasses.replace(_CI, name="tied", tie_word_embeddings=True),
+        # Tiny, but with DeepSeek-V3's attention widths (latent 512 + 64, heads 128 + 64 / 128), which
+        # FlashInfer's MLA kernels are built for: the GPU correctness tests run it.
+        dataclasses.replace(
+            _CI,
+            name="gpu-tiny",
+            hidden_size=256,
+            intermediate_size=512,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            moe_intermediate_size=128,
+        ),
         # DESIGN.md §8's benchmark shape (sized like Moonlight-16B-A3B): meant for --config-only.
         Preset(
             name="moonlight-shape",

@@ -20,12 +20,17 @@ from pd.types import BatchMode
 WORKSPACE_BYTES = 128 << 20
 
 
-def flashinfer_available() -> bool:
+# FlashInfer's MLA decode kernels are built for DeepSeek-V3's latent: 512 compressed + 64 rotary values.
+SUPPORTED_LATENT = (512, 64)
+
+
+def flashinfer_supports(kv_lora_rank: int, rope_dim: int) -> bool:
+    """FlashInfer is installed, a GPU is present, and its MLA kernels cover these latent widths."""
     try:
         import flashinfer  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and (kv_lora_rank, rope_dim) == SUPPORTED_LATENT
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ class FlashInferMLABackend(AttentionBackend):
         qk_head_dim: int,
         v_head_dim: int,
     ) -> None:
+        if (kv_lora_rank, pool.layout.latent_dim - kv_lora_rank) != SUPPORTED_LATENT:
+            raise ValueError(
+                f"FlashInfer MLA needs a latent of {SUPPORTED_LATENT[0]} + {SUPPORTED_LATENT[1]} values, this model has "
+                f"{kv_lora_rank} + {pool.layout.latent_dim - kv_lora_rank}: use --attention-backend torch"
+            )
         import flashinfer
         from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
 

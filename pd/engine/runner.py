@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
-from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_available
+from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_supports
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
@@ -42,7 +42,8 @@ def build_model(
 
 def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> AttentionBackend:
     if name == "auto":
-        name = "flashinfer" if pool.buffer.is_cuda and flashinfer_available() else "torch"
+        usable = pool.buffer.is_cuda and flashinfer_supports(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        name = "flashinfer" if usable else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
     if name == "flashinfer":
@@ -99,7 +100,7 @@ class ModelRunner:
         self.pool = KVPool(self._kv_layout(), self.device)
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
         self.graphs: DecodeGraphs | None = None
-        if cfg.cuda_graph and self.device.type == "cuda":
+        if cfg.cuda_graph and self.device.type == "cuda" and isinstance(self.attn, FlashInferMLABackend):
             self.graphs = DecodeGraphs(self, default_buckets(cfg.max_running))
 
     def _kv_layout(self) -> KVLayout:

@@ -101,8 +101,9 @@ class NormalDispatch:
     recv_topk_idx: ``[N, K]`` int64, LOCAL expert ids in ``[0, E_local)``, or -1 where the
         token's expert lives elsewhere (or the source slot was -1).
     recv_topk_weights: ``[N, K]`` float32, the source's weights; 0 where recv_topk_idx is -1.
-    num_recv_per_expert: ``E_local`` Python ints: entries of recv_topk_idx equal to each local
-        expert (rows that local expert must process).
+    recv_counts: ``[E_local]`` int64 on the device: entries of recv_topk_idx equal to each local
+        expert (rows that local expert must process). ``num_recv_per_expert`` is the same as
+        Python ints (reading it synchronises with the device).
     handle: opaque; pass it to ``combine``. Owned by the caller; valid until that combine.
 
     The tensors are freshly allocated (not reused by later calls).
@@ -111,8 +112,12 @@ class NormalDispatch:
     recv_x: torch.Tensor
     recv_topk_idx: torch.Tensor
     recv_topk_weights: torch.Tensor
-    num_recv_per_expert: list[int]
+    recv_counts: torch.Tensor
     handle: object
+
+    @property
+    def num_recv_per_expert(self) -> list[int]:
+        return self.recv_counts.tolist()
 
 
 @dataclass(frozen=True)

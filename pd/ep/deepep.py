@@ -96,7 +96,7 @@ class DeepEP(EPBackend):
             recv_x=recv_x,
             recv_topk_idx=recv_idx,
             recv_topk_weights=recv_weights,
-            num_recv_per_expert=list(counts),
+            recv_counts=torch.tensor(list(counts), dtype=torch.int64, device=x.device),
             handle=handle,
         )
 

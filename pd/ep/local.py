@@ -42,12 +42,14 @@ class LocalEP(EPBackend):
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
         self._check_normal(x, topk_idx, topk_weights)
         valid = topk_idx >= 0
-        counts = torch.bincount(topk_idx[valid], minlength=self.config.num_experts)
+        # No host sync (this path runs inside decode CUDA graphs): count with a scatter-add.
+        counts = torch.zeros(self.config.num_experts, dtype=torch.int64, device=topk_idx.device)
+        counts.scatter_add_(0, topk_idx.clamp(min=0).flatten(), valid.flatten().long())
         return NormalDispatch(
             recv_x=x,
             recv_topk_idx=topk_idx,
             recv_topk_weights=torch.where(valid, topk_weights, 0.0),
-            num_recv_per_expert=counts.tolist(),
+            recv_counts=counts,
             handle=None,
         )
 

@@ -91,7 +91,7 @@ def normal_dispatch(
         recv_x=recv_x,
         recv_topk_idx=recv_topk_idx,
         recv_topk_weights=recv_topk_weights,
-        num_recv_per_expert=per_expert.tolist(),
+        recv_counts=per_expert,
         handle=NormalHandle(token, send_splits, recv_splits, x.shape[0]),
     )
 

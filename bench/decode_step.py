@@ -1,0 +1,262 @@
+"""Decode step time and prefill throughput of the DESIGN.md §8 shape on one GPU (EP = 1, dummy
+weights), each printed beside its floor, plus full-graph vs eager decode and a kernel profile.
+
+    python -m pd.bench.decode_step [--batches 1,8,32,64,128] [--contexts 1024,4096] [--out FILE]
+
+Floors use ceilings measured at start: a device-to-device copy (bytes read + written) and a bf16
+8192^3 matmul. Decode floor = (weight bytes the step touches + KV bytes read) / copy bandwidth, with
+the experts a batch touches estimated for uniform routing, E * (1 - (1 - K/E)^B) per MoE layer.
+Prefill floor = FLOPs / matmul peak (weights: 2 FLOPs per active parameter per token; attention:
+causal QK^T and PV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pd.config import EngineConfig, ModelConfig
+from pd.engine.runner import ModelRunner
+from pd.types import Batch, BatchMode, Req, SamplingParams
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), medians of timed repeats."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), 20)
+    bw = 2 * src.numel() / t
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = timed(lambda: x @ y, 10)
+    return bw, 2 * 8192**3 / t
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def wall(fn, iters: int, warmup: int = 3) -> float:
+    """Median wall seconds of ``fn`` (which synchronizes: the runner reads its tokens back)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parameter_bytes(runner: ModelRunner) -> dict[str, float]:
+    """Bytes of the model's weights by kind: dense (everything always read), per-expert, embedding row."""
+    cfg = runner.model_cfg
+    dense = expert = 0
+    for name, p in runner.model.named_parameters():
+        n = p.numel() * p.element_size()
+        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+            expert += n
+        elif name != "model.embed_tokens.weight":
+            dense += n
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    per_expert = expert / (moe_layers * cfg.n_routed_experts)
+    return {"dense": dense, "per_expert": per_expert, "moe_layers": moe_layers, "row": cfg.hidden_size * 2}
+
+
+def decode_floor_bytes(
+    pb: dict, cfg: ModelConfig, batch: int, context: int, kv_bytes_per_token: int
+) -> float:
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    experts_hit = e * (1 - (1 - k / e) ** batch)
+    return (
+        pb["dense"]
+        + pb["moe_layers"] * experts_hit * pb["per_expert"]
+        + batch * pb["row"]
+        + batch * context * kv_bytes_per_token
+    )
+
+
+def prefill_flops(runner: ModelRunner, tokens: int, seq_len: int) -> float:
+    cfg = runner.model_cfg
+    pb = parameter_bytes(runner)
+    active_params = (pb["dense"] + pb["moe_layers"] * cfg.num_experts_per_tok * pb["per_expert"]) / 2
+    # Causal attention per layer and sequence: QK^T over qk_head_dim and PV over v_head_dim, half the square.
+    seqs = tokens // seq_len
+    attn = (
+        cfg.num_hidden_layers
+        * seqs
+        * cfg.num_attention_heads
+        * seq_len**2
+        * (cfg.qk_head_dim + cfg.v_head_dim)
+    )
+    return 2 * tokens * active_params + attn
+
+
+def make_batch(runner: ModelRunner, batch: int, context: int, page_base: int = 1) -> Batch:
+    ps = runner.pool.layout.page_size
+    pages_per = -(-(context + 1) // ps)
+    reqs = []
+    for i in range(batch):
+        r = Req(
+            i,
+            [(7 * i + j) % 1000 + 3 for j in range(context)],
+            SamplingParams(temperature=0, max_tokens=16),
+            i,
+            context + 64,
+        )
+        r.pages = list(range(page_base + i * pages_per, page_base + (i + 1) * pages_per))
+        r.num_computed = context - 1
+        reqs.append(r)
+    return Batch(BatchMode.DECODE, reqs, [context - 1] * batch, [context] * batch)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--model",
+        help="config directory (default: pd-make-tiny-model --preset moonlight-shape --config-only)",
+    )
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--contexts", default="1024,4096")
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--prefill-seq-len", type=int, default=2048, help="prompt length inside the prefill chunk")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--profile", help="write a kernel profile of the graph step (batch 64, first context) here"
+    )
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.model is None:
+        from pd.tiny_model import make_tiny_model
+
+        args.model = str(
+            make_tiny_model(Path(tempfile.mkdtemp()) / "moonlight-shape", "moonlight-shape", config_only=True)
+        )
+    bw, peak = measure_ceilings()
+    print(
+        f"ceilings: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {peak / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
+    max_b, max_ctx = max(batches), max(contexts)
+    page_size = 64
+    pages = max_b * (-(-(max_ctx + 1) // page_size)) + 2
+    cfg = EngineConfig(
+        args.model, device="cuda", dtype="bfloat16", load_format="dummy", page_size=page_size, num_pages=pages,
+        max_running=max_b, chunk_size=args.prefill_tokens, max_context_len=max(max_ctx + 64, args.prefill_seq_len + 64),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    runner = ModelRunner(cfg, ModelConfig.from_dir(args.model))
+    print(f"model + KV pool + graphs ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    runner.pool.buffer.normal_()  # never time on zeros
+    mc = runner.model_cfg
+    pb = parameter_bytes(runner)
+    kv_per_token = mc.num_hidden_layers * mc.latent_dim * 2
+    rows, graphs = [], runner.graphs
+    for ctx in contexts:
+        for b in batches:
+            batch = make_batch(runner, b, ctx)
+            t_graph = wall(lambda batch=batch: runner.run(batch), args.iters)
+            runner.graphs = None
+            t_eager = wall(lambda batch=batch: runner.run(batch), max(5, args.iters // 4))
+            runner.graphs = graphs
+            floor = decode_floor_bytes(pb, mc, b, ctx, kv_per_token) / bw
+            rows.append(
+                {
+                    "context": ctx,
+                    "batch": b,
+                    "graph_ms": t_graph * 1e3,
+                    "eager_ms": t_eager * 1e3,
+                    "floor_ms": floor * 1e3,
+                    "graph_over_floor": t_graph / floor,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    # Prefill: one chunk of prefill_tokens tokens, prompts of prefill_seq_len tokens each.
+    n_seq = args.prefill_tokens // args.prefill_seq_len
+    ps = runner.pool.layout.page_size
+    per = -(-args.prefill_seq_len // ps)
+    reqs = []
+    for i in range(n_seq):
+        r = Req(
+            i,
+            [(3 * i + j) % 1000 + 3 for j in range(args.prefill_seq_len)],
+            SamplingParams(temperature=0),
+            i,
+            10**6,
+        )
+        r.pages = list(range(1 + i * per, 1 + (i + 1) * per))
+        reqs.append(r)
+    prefill_batch = Batch(BatchMode.EXTEND, reqs, [0] * n_seq, [args.prefill_seq_len] * n_seq)
+    t_prefill = wall(lambda: runner.run(prefill_batch), 5, warmup=2)
+    flops = prefill_flops(runner, args.prefill_tokens, args.prefill_seq_len)
+    prefill = {
+        "tokens": args.prefill_tokens, "seq_len": args.prefill_seq_len, "ms": t_prefill * 1e3,
+        "tokens_per_s": args.prefill_tokens / t_prefill, "floor_ms": flops / peak * 1e3,
+        "fraction_of_peak": flops / peak / t_prefill, "tflops": flops / t_prefill / 1e12,
+    }  # fmt: skip
+    print(json.dumps(prefill), flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        batch = make_batch(runner, 64 if 64 in batches else max_b, contexts[0])
+        runner.run(batch)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runner.run(batch)
+        Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    print_table(rows, prefill, bw, peak)
+    if args.out:
+        env = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit(),
+               "copy_tb_s": bw / 1e12, "matmul_tflops": peak / 1e12}  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps({"environment": env, "decode": rows, "prefill": prefill}, indent=2) + "\n"
+        )
+    runner.close()
+
+
+def print_table(rows: list[dict], prefill: dict, bw: float, peak: float) -> None:
+    print(
+        f"\nDecode step (ms, median; host + GPU), DESIGN.md §8 shape, EP=1; floor = bytes / {bw / 1e12:.2f} TB/s\n"
+    )
+    print("| context | batch | graph ms | eager ms | floor ms | graph / floor | eager / graph |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['context']} | {r['batch']} | {r['graph_ms']:.2f} | {r['eager_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['graph_over_floor']:.2f} | {r['eager_ms'] / r['graph_ms']:.2f} |")  # fmt: skip
+    print(f"\nPrefill {prefill['tokens']} tokens ({prefill['seq_len']}-token prompts): {prefill['ms']:.1f} ms, "
+          f"{prefill['tokens_per_s']:.0f} tok/s, {prefill['tflops']:.0f} TFLOP/s = {prefill['fraction_of_peak']:.0%} "
+          f"of the measured {peak / 1e12:.0f} TFLOP/s (floor {prefill['floor_ms']:.1f} ms)")  # fmt: skip
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
