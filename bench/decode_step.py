@@ -111,6 +111,20 @@ def prefill_flops(runner: ModelRunner, tokens: int, seq_len: int) -> float:
     return 2 * tokens * active_params + attn
 
 
+def graph_breakdown(runner: ModelRunner, batch: Batch, iters: int) -> tuple[float, float]:
+    """Host time of loading a bucket (inputs + attention planning) and GPU time of its replay, in ms."""
+    g = runner.graphs
+    bs = g.bucket(len(batch.reqs))
+    ids = [r.all_ids[s] for r, s in zip(batch.reqs, batch.starts)]
+    pages = [r.pages for r in batch.reqs]
+
+    def load() -> None:
+        g._load(bs, ids, list(batch.starts), list(batch.ends), pages)
+        torch.cuda.synchronize()
+
+    return wall(load, iters) * 1e3, timed(g.graphs[bs].replay, iters) * 1e3
+
+
 def make_batch(runner: ModelRunner, batch: int, context: int, page_base: int = 1) -> Batch:
     ps = runner.pool.layout.page_size
     pages_per = -(-(context + 1) // ps)
@@ -181,8 +195,11 @@ def main() -> None:
             t_eager = wall(lambda batch=batch: runner.run(batch), max(5, args.iters // 4))
             runner.graphs = graphs
             floor = decode_floor_bytes(pb, mc, b, ctx, kv_per_token) / bw
+            prepare_ms, replay_ms = graph_breakdown(runner, batch, args.iters)
             rows.append(
                 {
+                    "prepare_ms": prepare_ms,
+                    "replay_gpu_ms": replay_ms,
                     "context": ctx,
                     "batch": b,
                     "graph_ms": t_graph * 1e3,
@@ -239,11 +256,14 @@ def print_table(rows: list[dict], prefill: dict, bw: float, peak: float) -> None
     print(
         f"\nDecode step (ms, median; host + GPU), DESIGN.md §8 shape, EP=1; floor = bytes / {bw / 1e12:.2f} TB/s\n"
     )
-    print("| context | batch | graph ms | eager ms | floor ms | graph / floor | eager / graph |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| context | batch | graph ms | of which: prepare (host) | replay (GPU) | eager ms | floor ms | graph / floor | replay / floor | eager / graph |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['context']} | {r['batch']} | {r['graph_ms']:.2f} | {r['eager_ms']:.2f} | {r['floor_ms']:.2f} | "
-              f"{r['graph_over_floor']:.2f} | {r['eager_ms'] / r['graph_ms']:.2f} |")  # fmt: skip
+        print(f"| {r['context']} | {r['batch']} | {r['graph_ms']:.2f} | {r['prepare_ms']:.2f} | {r['replay_gpu_ms']:.2f} | "
+              f"{r['eager_ms']:.2f} | {r['floor_ms']:.2f} | {r['graph_over_floor']:.2f} | "
+              f"{r['replay_gpu_ms'] / r['floor_ms']:.2f} | {r['eager_ms'] / r['graph_ms']:.2f} |")  # fmt: skip
     print(f"\nPrefill {prefill['tokens']} tokens ({prefill['seq_len']}-token prompts): {prefill['ms']:.1f} ms, "
           f"{prefill['tokens_per_s']:.0f} tok/s, {prefill['tflops']:.0f} TFLOP/s = {prefill['fraction_of_peak']:.0%} "
           f"of the measured {peak / 1e12:.0f} TFLOP/s (floor {prefill['floor_ms']:.1f} ms)")  # fmt: skip

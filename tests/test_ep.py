@@ -256,7 +256,8 @@ def test_local_matches_dense(case: str) -> None:
 def test_low_latency_paths_are_data_independent(monkeypatch, name: str) -> None:
     """On the meta device every data-dependent op (.item(), .tolist(), .nonzero(), shapes from
     values) raises, so a low-latency round trip that runs there has static shapes and no host
-    sync: what CUDA-graph capture needs. Normal mode, which may sync, fails there as a control."""
+    sync: what CUDA-graph capture needs. The torch backend's normal mode, which syncs, fails there
+    as a control; the local backend's normal mode runs inside decode graphs, so it must not sync."""
     import pd.ep.torch_ep
 
     # W = 1: the all-to-all is a copy.
@@ -272,8 +273,12 @@ def test_low_latency_paths_are_data_independent(monkeypatch, name: str) -> None:
         (EXPERTS,),
         x.shape,
     )
-    with pytest.raises(RuntimeError, match="meta"):
-        backend.dispatch(x, idx, w)
+    if name == "local":
+        d = backend.dispatch(x, idx, w)
+        assert backend.combine(d.recv_x, d.handle).shape == x.shape
+    else:
+        with pytest.raises(RuntimeError, match="meta"):
+            backend.dispatch(x, idx, w)
 
 
 def test_local_normal_delivers_rows_without_experts_as_all_minus_one() -> None:
@@ -312,8 +317,13 @@ def test_low_latency_rejects_more_than_max_tokens() -> None:
 
 
 @pytest.mark.parametrize("bad", [EXPERTS, -2])
-def test_normal_rejects_out_of_range_expert_ids(bad: int) -> None:
-    backend = make_ep_backend("local", _local_config())
+def test_normal_rejects_out_of_range_expert_ids(monkeypatch, bad: int) -> None:
+    """Backends whose normal mode reads the device anyway check the ids (the local backend, which
+    must not sync, checks shapes only)."""
+    import pd.ep.torch_ep
+
+    monkeypatch.setattr(pd.ep.torch_ep.dist, "all_to_all_single", lambda out, inp, *a, **k: out.copy_(inp))
+    backend = make_ep_backend("torch", _local_config())
     idx = torch.zeros(2, TOP_K, dtype=torch.long)
     idx[1, 2] = bad
     with pytest.raises(ValueError, match=f"holds {bad}"):

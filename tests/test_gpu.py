@@ -104,23 +104,54 @@ def gpu_tiny(tiny_model):
 
 
 def test_tiny_model_agrees_with_transformers_fp32(gpu_tiny, hf_model):
-    """Top-1 agreement >= 99% over 64 prompts x 32 greedy tokens, teacher-forced on transformers' tokens."""
-    hf = hf_model(gpu_tiny).to("cuda")
+    """Top-1 agreement with transformers in float32 over 64 prompts x 32 greedy tokens, teacher-forced
+    on transformers' tokens, through the GPU fast path (bf16, FlashInfer, Triton, CUDA graphs).
+
+    A random tiny model has many near-ties that bf16 rounding flips (transformers' own bf16 run
+    flips them too), so the test asks: (a) >= 99% agreement where the float32 top-1 margin exceeds
+    bf16 noise (0.5 logits), and (b) overall agreement no worse than transformers' own bf16 run
+    minus one point. Both figures are printed for the record.
+    """
+    import transformers
+
+    hf32 = hf_model(gpu_tiny).to("cuda")
+    hf16 = (
+        transformers.DeepseekV3ForCausalLM.from_pretrained(str(gpu_tiny), dtype=torch.bfloat16)
+        .to("cuda")
+        .eval()
+    )
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(4, 60))] for _ in range(64)]
-    forced = []
+    forced, margins, hf16_top1 = [], [], []
     for p in prompts:
         ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        out = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
         forced.append(out[0, len(p) :].tolist())
+        with torch.no_grad():
+            l32 = hf32(out).logits[0, len(p) - 1 : -1].float()
+            l16 = hf16(out).logits[0, len(p) - 1 : -1].float()
+        top2 = l32.topk(2).values
+        margins.append((top2[:, 0] - top2[:, 1]).tolist())
+        hf16_top1.append(l16.argmax(-1).tolist())
     runner = _decode_runner(gpu_tiny)
     assert runner.graphs is not None and type(runner.attn).__name__ == "FlashInferMLABackend"
     picks = _teacher_forced_top1(runner, prompts, forced)
-    agree = sum(a == b for pk, fc in zip(picks, forced) for a, b in zip(pk, fc))
-    total = sum(len(f) for f in forced)
-    print(f"\ntop-1 agreement bf16 GPU (graphs) vs transformers fp32: {agree}/{total} = {agree / total:.4f}")
-    assert agree / total >= 0.99
+    pairs = [
+        (a, b, m, h)
+        for pk, fc, mg, hh in zip(picks, forced, margins, hf16_top1)
+        for a, b, m, h in zip(pk, fc, mg, hh)
+    ]
+    ours = sum(a == b for a, b, _, _ in pairs) / len(pairs)
+    theirs = sum(h == b for _, b, _, h in pairs) / len(pairs)
+    confident = [(a, b) for a, b, m, _ in pairs if m > 0.5]
+    ours_confident = sum(a == b for a, b in confident) / len(confident)
+    print(
+        f"\ntop-1 agreement with transformers fp32 ({len(pairs)} tokens): ours bf16 GPU {ours:.4f}, "
+        f"transformers bf16 {theirs:.4f}; where the fp32 margin > 0.5 ({len(confident)} tokens): ours {ours_confident:.4f}"
+    )
+    assert ours_confident >= 0.99
+    assert ours >= theirs - 0.01
 
 
 def test_graph_replay_equals_eager_decode(gpu_tiny):

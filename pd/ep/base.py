@@ -231,8 +231,11 @@ class EPBackend(abc.ABC):
 
     def _check_normal(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
         self._check_routing(x, topk_idx, topk_weights)
-        if topk_idx.numel() and bool(((topk_idx < -1) | (topk_idx >= self.config.num_experts)).any()):
-            bad = topk_idx[(topk_idx < -1) | (topk_idx >= self.config.num_experts)][0].item()
+        bad_ids = (topk_idx < -1) | (topk_idx >= self.config.num_experts)
+        if topk_idx.numel() and bool(
+            bad_ids.any()
+        ):  # reads the device: backends whose normal mode syncs anyway
+            bad = topk_idx[bad_ids][0].item()
             raise ValueError(
                 f"topk_idx holds {bad}; expected -1 or an expert id in [0, {self.config.num_experts})"
             )

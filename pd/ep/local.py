@@ -40,7 +40,8 @@ class LocalEP(EPBackend):
         self._ll_storage = torch.empty(rows + 1, config.hidden, dtype=config.dtype, device=config.device)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
-        self._check_normal(x, topk_idx, topk_weights)
+        # Shapes only: the value check would sync with the device, and this path runs in decode graphs.
+        self._check_routing(x, topk_idx, topk_weights)
         valid = topk_idx >= 0
         # No host sync (this path runs inside decode CUDA graphs): count with a scatter-add.
         counts = torch.zeros(self.config.num_experts, dtype=torch.int64, device=topk_idx.device)

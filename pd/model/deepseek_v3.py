@@ -21,10 +21,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the previous layer's output; ``residual``: the stream before it (None at layer 0).
+        Returns this layer's output and the stream before it; the sum of the two is the hidden state."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
 
 
 class DeepseekV3Model(nn.Module):
@@ -60,8 +68,9 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[T]`` int64 -> float32 logits ``[len(ctx.logits_indices), V]``."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x = layer(x, positions, ctx)
-        x = self.model.norm(x[ctx.logits_indices])
+            x, residual = layer(x, residual, positions, ctx)
+        rows = ctx.logits_indices
+        x, _ = self.model.norm(x[rows], residual[rows])
         return self.lm_head(x).float()

@@ -9,16 +9,48 @@ from pd.config import RopeConfig
 from pd.kernels.moe import silu_and_mul
 
 
+def _flashinfer_norm():
+    try:
+        import flashinfer.norm
+    except ImportError:
+        return None
+    return flashinfer.norm
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm; with ``residual``, first adds ``x`` into the residual stream and normalises the sum.
+
+    On CUDA (bf16/fp16) FlashInfer's fused kernels run it in one kernel (the fused form updates
+    ``x`` and ``residual`` in place); elsewhere plain torch, computed in float32 as transformers does.
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        fused = _FUSED_NORM if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
+        if fused is not None:
+            x = x.contiguous()
+            if residual is None:
+                return fused.rmsnorm(x, self.weight, self.eps)
+            fused.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+_FUSED_NORM = _flashinfer_norm()
 
 
 class RotaryEmbedding(nn.Module):
