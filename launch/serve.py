@@ -72,6 +72,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--ep-backend", help="EP communication backend of both instances (default: per role and device)"
     )
     p.add_argument(
+        "--colocated",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of prefill + decode: N colocated instances (prefill and decode in one engine; on CUDA "
+        "instance i uses GPU i) behind the same proxy, for comparisons",
+    )
+    p.add_argument(
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
     )
     add_engine_args(p, model_required=False)
@@ -124,8 +132,23 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
     if args.cluster_token_file:
         common += ["--cluster-token-file", args.cluster_token_file]
     worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
+    bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", boot.rsplit(":", 1)[1], *common])
+    proxy = ("proxy", [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *common])
+    if args.colocated:
+        instances = []
+        for i in range(args.colocated):
+            device = f"cuda:{i}" if args.device == "cuda" else args.device
+            flags = [
+                *_engine_flags(args, model, device),
+                *_parallel_flags(args, None),
+                "--bootstrap",
+                boot,
+                *common,
+            ]
+            instances.append((f"colocated{i}", [*py, "pd.launch.colocated", *flags]))
+        return [bootstrap, *instances, proxy], f"http://{host}:{args.port}"
     procs = [
-        ("bootstrap", [*py, "pd.launch.bootstrap", "--port", boot.rsplit(":", 1)[1], *common]),
+        bootstrap,
         (
             "prefill",
             [
@@ -148,7 +171,7 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
                 *common,
             ],
         ),
-        ("proxy", [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *common]),
+        proxy,
     ]
     return procs, f"http://{host}:{args.port}"
 

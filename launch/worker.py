@@ -33,6 +33,7 @@ from pd.worker.common import WorkerConfig
 log = logging.getLogger("pd.launch")
 
 DESCRIPTIONS = {
+    "colocated": "A colocated rank: prefill and decode in one engine, behind the same proxy and API (no KV transfer).",
     "prefill": "A prefill rank: chunked prefill of each prompt, its KV shipped to the decode rank over Mooncake.",
     "decode": "A decode rank: receives each prompt's KV from its prefill rank, decodes and streams the tokens.",
 }
@@ -90,8 +91,10 @@ def run(role: str, argv: list[str] | None = None) -> None:
     cfg = worker_config(role, args)
     if role == "prefill":
         from pd.worker.prefill import PrefillWorker as Worker
-    else:
+    elif role == "decode":
         from pd.worker.decode import DecodeWorker as Worker
+    else:
+        from pd.worker.decode import ColocatedWorker as Worker
     worker = Worker(cfg)
 
     async def main() -> None:

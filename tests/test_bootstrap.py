@@ -320,7 +320,7 @@ def test_incompatible_ranks_refused_with_named_mismatch(server, clients):
         (dict(dp_size=0), "dp_size must be in [1, 1024], got 0"),
         (dict(grpc_endpoint="localhost"), "grpc_endpoint must be 'host:port'"),
         (dict(kv_nbytes=100), "kv_nbytes 100 is smaller than"),
-        (dict(role=pb.ROLE_UNSPECIFIED), "role must be ROLE_PREFILL or ROLE_DECODE, got 0"),
+        (dict(role=pb.ROLE_UNSPECIFIED), "role must be ROLE_PREFILL, ROLE_DECODE or ROLE_COLOCATED, got 0"),
         (dict(kv_dtype="x" * 33), "kv_dtype must be 1-32 characters, got 33"),
     ],
 )

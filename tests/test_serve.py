@@ -269,3 +269,53 @@ def _wait_up(url: str, procs, log) -> None:
         except httpx.HTTPError:
             time.sleep(0.2)
     raise TimeoutError(log.read_text()[-3000:])
+
+
+def test_pd_bench_against_pd_serve(deployment, tmp_path):
+    """pd-bench on the real deployment: 20 requests succeed, the JSON holds every metric, and the
+    token counts are the ones the server reported in usage."""
+    from pd.bench.serve import main as bench_main
+
+    out = tmp_path / "bench.json"
+    argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "random", "--random-input-len", "24",
+            "--random-output-len", "12", "--num-prompts", "20", "--request-rate", "inf", "--max-concurrency", "8",
+            "--ignore-eos", "--seed", "3", "--result-json", str(out), "--disable-tqdm", "--slo", "ttft:5000", "tpot:1000"]  # fmt: skip
+    assert bench_main(argv) == 0
+    result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    for key in ("ttft", "tpot", "itl", "e2el"):  # milliseconds
+        assert set(metrics[key]) >= {"mean", "median", "p90", "p99"}, key
+        assert metrics[key]["count"] > 0 and metrics[key]["median"] > 0, key
+    for key in (
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "peak_output_throughput",
+        "goodput",
+    ):
+        assert metrics[key] > 0, key
+    assert metrics["completed"] == 20 and metrics["failed"] == 0 and metrics["peak_concurrency"] <= 8
+    assert metrics["total_output_tokens"] == 20 * 12
+    records = result["requests"]
+    assert len(records) == 20
+    # Counts come from the server's usage (flags), and equal what was asked for.
+    assert all(r["output_tokens_from_usage"] and r["output_tokens"] == 12 for r in records)
+    assert all(r["prompt_tokens_from_usage"] and r["prompt_len"] == 24 for r in records)
+    assert metrics["output_tokens_from_usage"] == 20
+
+
+def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_path, tok):
+    """--colocated: the reference engine (prefill and decode in one instance) behind the same proxy."""
+    hf = hf_model(tiny_model_dir)
+    with pd_serve(tiny_model_dir, tmp_path / "col.log", "--colocated", "1", "--model-name", "tiny-ci") as url:
+        for ids in prompts(tok.vocab_size, 3):
+            r = client(url).completions.create(
+                model="tiny-ci",
+                prompt=ids,
+                max_tokens=10,
+                temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )
+            assert r.choices[0].model_extra["token_ids"] == hf_greedy(hf, ids, 10)
+        pages = wait_pages_idle(url)
+        assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())

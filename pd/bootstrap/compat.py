@@ -10,9 +10,9 @@ from pd.rpc import bootstrap_pb2 as pb
 
 # Fields every two ranks registered with one bootstrap server must agree on: a KV page written by
 # any prefill rank must be readable, byte for byte, by any decode rank.
-CLUSTER_FIELDS = (
-    "protocol_version",
-    "model_fingerprint",
+MODEL_FIELDS = ("protocol_version", "model_fingerprint")
+# Fields ranks that move KV between them (prefill and decode) must also agree on.
+KV_FIELDS = (
     "page_size",
     "kv_dtype",
     "num_layers",
@@ -21,6 +21,7 @@ CLUSTER_FIELDS = (
     "kv_order",
     "transfer_protocol",
 )
+CLUSTER_FIELDS = MODEL_FIELDS + KV_FIELDS
 # Fields the ranks of one instance must agree on.
 INSTANCE_FIELDS = ("dp_size", "role")
 
@@ -73,9 +74,13 @@ def mismatches(a: Any, b: Any) -> list[str]:
     ``a`` and ``b`` are RankInfo-like (a ``pb.RankInfo`` or anything with the same attributes).
     Each reason names the field and both values, e.g.
     ``"page_size: 16 (prefill p0/0) vs 64 (decode d0/0)"``. Instance fields (dp size, role) are
-    compared only when both ranks belong to the same instance.
+    compared only when both ranks belong to the same instance; KV layout fields only between ranks
+    that move KV (not with a colocated rank).
     """
-    fields = CLUSTER_FIELDS + (INSTANCE_FIELDS if a.instance_id == b.instance_id else ())
+    colocated = pb.ROLE_COLOCATED in (a.role, b.role)  # a colocated rank moves no KV: its layout is its own
+    fields = (MODEL_FIELDS if colocated else CLUSTER_FIELDS) + (
+        INSTANCE_FIELDS if a.instance_id == b.instance_id else ()
+    )
     la, lb = rank_label(a), rank_label(b)
     return [
         f"{f}: {_show(getattr(a, f), f)} ({la}) vs {_show(getattr(b, f), f)} ({lb})"

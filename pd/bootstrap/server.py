@@ -78,9 +78,10 @@ def _endpoint_problems(name: str, value: str) -> list[str]:
 def rank_info_problems(info: pb.RankInfo) -> list[str]:
     """Everything malformed in ``info`` (empty list if it is well formed)."""
     problems = []
+    optional = ("transfer_session", "transfer_protocol") if info.role == pb.ROLE_COLOCATED else ()
     for name, max_len in _STR_LENGTHS.items():
         value = getattr(info, name)
-        if not value or len(value) > max_len:
+        if (not value and name not in optional) or len(value) > max_len:
             problems.append(f"{name} must be 1-{max_len} characters, got {len(value)}")
     problems += _instance_id_problems(info.instance_id) if info.instance_id else []
     for name, (lo, hi) in _INT_RANGES.items():
@@ -89,8 +90,8 @@ def rank_info_problems(info: pb.RankInfo) -> list[str]:
             problems.append(f"{name} must be in [{lo}, {hi}], got {value}")
     if not 0 <= info.dp_rank < max(info.dp_size, 1):
         problems.append(f"dp_rank must be in [0, dp_size={info.dp_size}), got {info.dp_rank}")
-    if info.role not in (pb.ROLE_PREFILL, pb.ROLE_DECODE):
-        problems.append(f"role must be ROLE_PREFILL or ROLE_DECODE, got {info.role}")
+    if info.role not in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_COLOCATED):
+        problems.append(f"role must be ROLE_PREFILL, ROLE_DECODE or ROLE_COLOCATED, got {info.role}")
     for name in ("grpc_endpoint", "transfer_session"):
         if getattr(info, name):  # an empty one is reported above
             problems += _endpoint_problems(name, getattr(info, name))

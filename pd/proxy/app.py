@@ -23,7 +23,7 @@ import grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route as HTTPRoute
 
 from pd.metrics import Registry, parse_samples
 from pd.proxy.protocol import (
@@ -35,7 +35,7 @@ from pd.proxy.protocol import (
     stream_chunk,
     usage_chunk,
 )
-from pd.proxy.router import ModelInfo, NoWorkers, Rank, Router
+from pd.proxy.router import ModelInfo, NoWorkers, Rank, Route, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.types import SamplingParams
@@ -76,8 +76,15 @@ class _Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     room: int
-    prefill: Rank
-    decode: Rank
+    route: Route
+
+    @property
+    def prefill(self) -> Rank | None:
+        return self.route.prefill
+
+    @property
+    def decode(self) -> Rank:
+        return self.route.decode
 
     @property
     def rid(self) -> str:
@@ -149,10 +156,10 @@ class Proxy:
         if self.inflight >= self.cfg.max_inflight:
             raise APIError(429, f"the proxy has {self.inflight} requests in flight; try again later")
         try:
-            prefill, decode = self.router.pick(name)
+            route = self.router.pick(name)
         except NoWorkers as e:
             raise APIError(503, str(e)) from None
-        return _Job(req, model, ids, sampling, secrets.randbits(63), prefill, decode)
+        return _Job(req, model, ids, sampling, secrets.randbits(63), route)
 
     async def _read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -212,31 +219,28 @@ class Proxy:
             ignore_eos=sp.ignore_eos,
         )
         md, timeout = self.router.metadata, self.cfg.request_timeout_s
-        prefill = asyncio.ensure_future(
-            self.router.prefill_stub(job.prefill).Prefill(
-                wpb.PrefillRequest(
-                    room=job.room,
-                    token_ids=job.prompt_ids,
-                    sampling=sampling,
-                    decode_instance=job.decode.instance_id,
-                    decode_rank=job.decode.dp_rank,
-                ),
-                timeout=timeout,
-                metadata=md,
+        generate = wpb.GenerateRequest(room=job.room, token_ids=job.prompt_ids, sampling=sampling)
+        if job.prefill is None:  # a colocated rank prefills itself
+            prefill = asyncio.get_running_loop().create_future()
+            prefill.set_result(None)
+        else:
+            prefill = asyncio.ensure_future(
+                self.router.prefill_stub(job.prefill).Prefill(
+                    wpb.PrefillRequest(
+                        room=job.room,
+                        token_ids=job.prompt_ids,
+                        sampling=sampling,
+                        decode_instance=job.decode.instance_id,
+                        decode_rank=job.decode.dp_rank,
+                    ),
+                    timeout=timeout,
+                    metadata=md,
+                )
             )
-        )
-        call = self.router.decode_stub(job.decode).Generate(
-            wpb.GenerateRequest(
-                room=job.room,
-                token_ids=job.prompt_ids,
-                sampling=sampling,
-                prefill_instance=job.prefill.instance_id,
-                prefill_rank=job.prefill.dp_rank,
-                prefill_endpoint=job.prefill.endpoint,
-            ),
-            timeout=timeout,
-            metadata=md,
-        )
+            generate.prefill_instance = job.prefill.instance_id
+            generate.prefill_rank = job.prefill.dp_rank
+            generate.prefill_endpoint = job.prefill.endpoint
+        call = self.router.decode_stub(job.decode).Generate(generate, timeout=timeout, metadata=md)
         finished = False
         stream = call.__aiter__()
         try:
@@ -269,7 +273,7 @@ class Proxy:
     async def _abort(self, job: _Job, reason: str) -> None:
         self.m_aborts.inc(reason="incomplete")
         req = wpb.CancelRequest(room=job.room, reason=reason)
-        for rank in (job.prefill, job.decode):
+        for rank in job.route.ranks:
             try:
                 await self.router.stub(rank).Abort(req, timeout=2.0, metadata=self.router.metadata)
             except grpc.aio.AioRpcError as e:
@@ -342,7 +346,7 @@ class Proxy:
 
     def _done(self, job: _Job) -> None:
         self.inflight -= 1
-        self.router.release(job.prefill, job.decode)
+        self.router.release(*job.route.ranks)
 
     async def _timed(self, job: _Job, started: float) -> AsyncIterator[wpb.GenerateChunk]:
         first_at = None
@@ -412,9 +416,10 @@ class Proxy:
         problems = []
         if not self.router.bootstrap_reachable:
             problems.append("bootstrap server unreachable")
-        for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
-            if not self.router.ranks_of(role):
-                problems.append(f"no {name} rank registered")
+        if not self.router.ranks_of(bpb.ROLE_COLOCATED):
+            for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
+                if not self.router.ranks_of(role):
+                    problems.append(f"no {name} rank registered")
         if problems:
             return JSONResponse({"status": "unhealthy", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ok", "models": self.router.models()})
@@ -555,11 +560,11 @@ def build_app(cfg: ProxyConfig) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/completions", proxy.completions, methods=["POST"]),
-            Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
-            Route("/v1/models", proxy.list_models, methods=["GET"]),
-            Route("/health", proxy.health, methods=["GET"]),
-            Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
+            HTTPRoute("/v1/completions", proxy.completions, methods=["POST"]),
+            HTTPRoute("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
+            HTTPRoute("/v1/models", proxy.list_models, methods=["GET"]),
+            HTTPRoute("/health", proxy.health, methods=["GET"]),
+            HTTPRoute("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal_error},

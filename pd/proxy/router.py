@@ -52,6 +52,18 @@ class ModelInfo:
     tokenizer: Tokenizer
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: a prefill rank and a decode rank, or one colocated rank (prefill None)."""
+
+    decode: Rank  # streams the tokens: a decode rank, or a colocated one
+    prefill: Rank | None
+
+    @property
+    def ranks(self) -> tuple[Rank, ...]:
+        return (self.decode,) if self.prefill is None else (self.prefill, self.decode)
+
+
 class NoWorkers(Exception):
     """No prefill or no decode rank serves the model right now."""
 
@@ -123,28 +135,35 @@ class Router:
         return [r for r in self.ranks.values() if r.role == role and (model is None or r.model_name == model)]
 
     def models(self) -> list[str]:
-        """Models with at least one prefill and one decode rank."""
+        """Models that can be served: with a colocated rank, or with a prefill and a decode rank."""
         prefill = {r.model_name for r in self.ranks_of(bpb.ROLE_PREFILL)}
-        return sorted(prefill & {r.model_name for r in self.ranks_of(bpb.ROLE_DECODE)})
+        pairs = prefill & {r.model_name for r in self.ranks_of(bpb.ROLE_DECODE)}
+        return sorted(pairs | {r.model_name for r in self.ranks_of(bpb.ROLE_COLOCATED)})
 
-    def pick(self, model: str) -> tuple[Rank, Rank]:
-        """The prefill and decode ranks serving ``model`` with the fewest outstanding requests (ties: the
-        fewest requests so far); counts them busy until ``release``."""
-        chosen = []
-        for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
-            candidates = self.ranks_of(role, model)
-            if not candidates:
-                raise NoWorkers(f"no {name} rank serving model {model!r} is registered")
-            chosen.append(
-                min(
-                    candidates,
-                    key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key),
-                )
-            )
-        for r in chosen:
+    def _least_busy(self, candidates: list[Rank]) -> Rank:
+        # Fewest outstanding requests; ties: fewest requests so far, so sequential load spreads too.
+        return min(
+            candidates, key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key)
+        )
+
+    def pick(self, model: str) -> Route:
+        """A colocated rank serving ``model``, else a prefill and a decode rank, each the least busy;
+        counts them busy until ``release``."""
+        colocated = self.ranks_of(bpb.ROLE_COLOCATED, model)
+        if colocated:
+            route = Route(self._least_busy(colocated), None)
+        else:
+            chosen = []
+            for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
+                candidates = self.ranks_of(role, model)
+                if not candidates:
+                    raise NoWorkers(f"no {name} rank serving model {model!r} is registered")
+                chosen.append(self._least_busy(candidates))
+            route = Route(chosen[1], chosen[0])
+        for r in route.ranks:
             self.outstanding[r.key] = self.outstanding.get(r.key, 0) + 1
             self.assigned[r.key] = self.assigned.get(r.key, 0) + 1
-        return chosen[0], chosen[1]
+        return route
 
     def release(self, *ranks: Rank) -> None:
         for r in ranks:
@@ -165,6 +184,7 @@ class Router:
         return wpb_grpc.DecodeWorkerStub(self.channel(rank.endpoint))
 
     def stub(self, rank: Rank) -> wpb_grpc.PrefillWorkerStub | wpb_grpc.DecodeWorkerStub:
+        # Decode and colocated ranks both serve the DecodeWorker service.
         return self.prefill_stub(rank) if rank.role == bpb.ROLE_PREFILL else self.decode_stub(rank)
 
     @property
@@ -176,7 +196,11 @@ class Router:
         info = self._model_info.get(model)
         if info is not None:
             return info
-        ranks = self.ranks_of(bpb.ROLE_DECODE, model) + self.ranks_of(bpb.ROLE_PREFILL, model)
+        ranks = [
+            r
+            for role in (bpb.ROLE_DECODE, bpb.ROLE_COLOCATED, bpb.ROLE_PREFILL)
+            for r in self.ranks_of(role, model)
+        ]
         if not ranks:
             raise NoWorkers(f"no rank serves model {model!r}")
         reply = await self.stub(ranks[0]).ModelInfo(

@@ -12,9 +12,11 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
+    ROLE_COLOCATED: _ClassVar[Role]
 ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
+ROLE_COLOCATED: Role
 
 class RankInfo(_message.Message):
     __slots__ = ("protocol_version", "model_fingerprint", "model_name", "max_context_len", "role", "instance_id", "dp_rank", "dp_size", "grpc_endpoint", "transfer_session", "transfer_protocol", "kv_base_addr", "kv_nbytes", "num_pages", "page_size", "page_nbytes_per_layer", "num_layers", "latent_dim", "kv_dtype", "kv_order", "aux_base_addr", "aux_nbytes", "aux_slot_nbytes", "incarnation")

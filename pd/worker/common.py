@@ -39,7 +39,7 @@ from pd.worker.parallel import Lockstep, destroy_process_groups, init_process_gr
 
 log = logging.getLogger(__name__)
 
-ROLES = {"prefill": bpb.ROLE_PREFILL, "decode": bpb.ROLE_DECODE}
+ROLES = {"prefill": bpb.ROLE_PREFILL, "decode": bpb.ROLE_DECODE, "colocated": bpb.ROLE_COLOCATED}
 _GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -75,6 +75,7 @@ class WorkerBase:
     """A worker rank: subclasses add the role's request RPCs and the engine thread's ``step``."""
 
     role = ""
+    uses_transfer = True  # moves KV through the transfer engine (prefill, decode; not colocated)
 
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
@@ -96,7 +97,9 @@ class WorkerBase:
             self.lockstep = Lockstep(control)
         model_cfg = ModelConfig.from_hf(self.hf_config)
         device_type = engine_cfg.device.split(":")[0]
-        ep_name = par.ep_backend or default_ep_backend(self.role, device_type, par.size)
+        # A colocated instance runs every MoE step in normal mode, like a prefill instance.
+        ep_role = "decode" if self.role == "decode" else "prefill"
+        ep_name = par.ep_backend or default_ep_backend(ep_role, device_type, par.size)
         ep_cfg = EPConfig(
             model_cfg.n_routed_experts,
             model_cfg.hidden_size,
@@ -110,8 +113,8 @@ class WorkerBase:
         self.engine = Engine(engine_cfg, self.tokenizer, runner)
         log.info("rank %d/%d: EP backend %s, low-latency MoE %s", par.rank, par.size, ep_name, low_latency)
         self.pool = self.engine.runner.pool
-        self.transfer_engine = TransferEngine(cfg.transfer)
-        self.aux = AuxBuffer(cfg.aux_slots, self.pool.buffer.device)
+        self.transfer_engine = TransferEngine(cfg.transfer) if self.uses_transfer else None
+        self.aux = AuxBuffer(cfg.aux_slots, self.pool.buffer.device) if self.uses_transfer else None
         self.thread = EngineThread(
             self.step, self.has_work, name=f"{self.role}-engine", lockstep=self.lockstep
         )
@@ -210,8 +213,8 @@ class WorkerBase:
             dp_rank=self.cfg.parallel.rank,
             dp_size=self.cfg.parallel.size,
             grpc_endpoint=self.endpoint,
-            transfer_session=self.transfer_engine.session_id,
-            transfer_protocol=self.cfg.transfer.protocol,
+            transfer_session=self.transfer_engine.session_id if self.transfer_engine else "",
+            transfer_protocol=self.cfg.transfer.protocol if self.transfer_engine else "",
             kv_base_addr=self.pool.data_ptr,
             kv_nbytes=self.pool.nbytes,
             num_pages=layout.num_pages,
@@ -221,9 +224,9 @@ class WorkerBase:
             latent_dim=layout.latent_dim,
             kv_dtype=dtype_name(layout.dtype),
             kv_order=layout.order.value,
-            aux_base_addr=self.aux.data_ptr,
-            aux_nbytes=self.aux.nbytes,
-            aux_slot_nbytes=AUX_RECORD_NBYTES,
+            aux_base_addr=self.aux.data_ptr if self.aux else 0,
+            aux_nbytes=self.aux.nbytes if self.aux else 0,
+            aux_slot_nbytes=AUX_RECORD_NBYTES if self.aux else 0,
             incarnation=self.incarnation,
         )
 
@@ -283,7 +286,8 @@ class WorkerBase:
         """Called once the gRPC endpoint is known, before serving starts."""
 
     def close_transfer(self) -> None:
-        self.transfer_engine.close()
+        if self.transfer_engine is not None:
+            self.transfer_engine.close()
 
     def _deregister(self) -> None:
         if self.bootstrap is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from pd.engine.engine import TokenOutput
+from pd.engine.scheduler import QueueFull
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
@@ -55,10 +56,12 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
 
     def __init__(self, cfg: WorkerConfig) -> None:
         super().__init__(cfg)
-        self.receiver = KVReceiver(
-            self.transfer_engine, self.pool, self.aux, on_final=self._on_final, timeouts=cfg.timeouts
-        )
-        self.slots = SlotAllocator(self.aux.num_slots)
+        self.receiver = self.slots = None
+        if self.uses_transfer:
+            self.receiver = KVReceiver(
+                self.transfer_engine, self.pool, self.aux, on_final=self._on_final, timeouts=cfg.timeouts
+            )
+            self.slots = SlotAllocator(self.aux.num_slots)
         self.rooms: dict[int, _Room] = {}  # engine thread only
         self.pending: deque[int] = deque()
         self.m_queue.set_function(lambda: len(self.pending), role=self.role, queue="prealloc")
@@ -70,14 +73,17 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
         self.m_queue.set_function(lambda: len(self.engine.scheduler.running), role=self.role, queue="running")
 
     def on_endpoint(self) -> None:
-        self.receiver.endpoint = self.endpoint
+        if self.receiver is not None:
+            self.receiver.endpoint = self.endpoint
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         wpb_grpc.add_DecodeWorkerServicer_to_server(self, server)
-        self.receiver.add_to_server(server)
+        if self.receiver is not None:
+            self.receiver.add_to_server(server)
 
     def close_transfer(self) -> None:
-        self.receiver.close()
+        if self.receiver is not None:
+            self.receiver.close()
         super().close_transfer()
 
     def load(self) -> bpb.Load:
@@ -254,3 +260,33 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
 def _set(fut: asyncio.Future, value) -> None:
     if not fut.done():
         fut.set_result(value)
+
+
+class ColocatedWorker(DecodeWorker):
+    """Prefill and decode in one engine: the reference engine behind the same proxy and API.
+
+    A room is queued straight into the engine (prefill there, then decode); nothing is transferred.
+    The proxy sends it ``Generate`` alone.
+    """
+
+    role = "colocated"
+    uses_transfer = False
+
+    def _arrive(self, request: wpb.GenerateRequest, out: asyncio.Queue) -> None:
+        room = request.room
+        try:
+            if room in self.rooms:
+                raise RoomError(grpc.StatusCode.ALREADY_EXISTS, f"room {room:x} is already being served here")
+            try:
+                req = self.engine.add_request(
+                    request.token_ids, sampling_from_proto(request.sampling), rid=room
+                )
+            except QueueFull as e:
+                raise RoomError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            except ValueError as e:
+                raise RoomError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except RoomError as e:
+            self.m_requests.inc(role=self.role, outcome="refused")
+            self.post(out.put_nowait, e)
+            return
+        self.rooms[room] = _Room(req, out, "", time.monotonic(), stage=_Stage.RUNNING)
