@@ -1,0 +1,268 @@
+"""Disaggregated (1P1D) vs colocated serving on two GPUs, end to end through the proxy.
+
+    python -m pd.bench.disagg_vs_colocated --systems 1p1d,colocated --out-dir DIR
+
+- ``1p1d``: a prefill instance on GPU 0 and a decode instance on GPU 1, KV over Mooncake's NVLink path.
+- ``colocated``: two colocated instances (prefill and decode in one engine), one per GPU, behind the proxy.
+
+Both serve the DESIGN.md §8 shape with dummy weights. For each workload (input/output lengths, random
+dataset) the request rate is swept upward until the system saturates; each point reports TTFT and
+TPOT percentiles and goodput under the SLO (default TTFT <= 2 s and TPOT <= 50 ms). The headline is
+the highest offered rate a system sustains at the SLO (>= 90% of its requests meet the SLO, none fail).
+With ``--device cpu --model DIR`` the same script runs on the tiny model (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from pd.bench.serve import BenchConfig, run_benchmark
+
+SUSTAINED = 0.9  # share of requests meeting the SLO at which a rate counts as sustained
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shape_model(max_positions: int) -> str:
+    """The §8 shape (config and tokenizer only; dummy weights), with room for the longest workload."""
+    from pd.tiny_model import make_tiny_model
+
+    path = make_tiny_model(Path(tempfile.mkdtemp()) / "moonlight-shape", "moonlight-shape", config_only=True)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], max_positions)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(path)
+
+
+def serve_command(system: str, args: argparse.Namespace, model: str, port: int) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pd.launch.serve",
+        "--model",
+        model,
+        "--model-name",
+        "bench",
+        "--port",
+        str(port),
+    ]
+    cmd += ["--device", args.device, "--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
+    cmd += ["--max-running", str(args.max_running), "--max-context-len", str(args.max_context_len)]
+    cmd += ["--ready-timeout", "900"]
+    if args.device == "cuda":
+        cmd += ["--load-format", "dummy", "--dtype", "bfloat16"]
+    if system == "1p1d":
+        if args.device == "cuda":
+            cmd += [
+                "--prefill-device",
+                "cuda:0",
+                "--decode-device",
+                "cuda:1",
+                "--transfer-protocol",
+                "nvlink",
+            ]
+    elif system == "colocated":
+        cmd += ["--colocated", "2"]
+    else:
+        raise SystemExit(f"unknown system {system!r}; expected 1p1d or colocated")
+    return cmd
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pd-serve exited with {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 200 and r.json().get("models"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+def point(url: str, args: argparse.Namespace, in_len: int, out_len: int, rate: float, warmups: int) -> dict:
+    num = max(args.min_prompts, int(rate * args.seconds_per_rate))
+    cfg = BenchConfig(
+        base_url=url,
+        model="bench",
+        random_input_len=in_len,
+        random_output_len=out_len,
+        num_prompts=num,
+        request_rate=rate,
+        num_warmups=warmups,
+        ignore_eos=True,
+        seed=int(rate * 1000) + in_len,
+        slo_ms={"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
+        request_timeout=args.request_timeout,
+        disable_tqdm=True,
+    )
+    m = asyncio.run(run_benchmark(cfg)).metrics
+    return {
+        "rate": rate,
+        "num_prompts": num,
+        "completed": m.completed,
+        "failed": m.failed,
+        "request_throughput": m.request_throughput,
+        "goodput": m.goodput,
+        "slo_attainment": (m.good_requests or 0) / num,
+        "output_throughput": m.output_throughput,
+        "ttft_ms": {"p50": m.ttft.median, "p90": m.ttft.p90, "p99": m.ttft.p99},
+        "tpot_ms": {"p50": m.tpot.median, "p90": m.tpot.p90, "p99": m.tpot.p99},
+        "errors": m.errors,
+    }
+
+
+def sweep_system(
+    system: str,
+    args: argparse.Namespace,
+    model: str,
+    workloads: list[tuple[int, int, list[float]]],
+    log_dir: Path,
+) -> dict:
+    port = free_port()
+    log = log_dir / f"pd-serve-{system}.log"
+    proc = subprocess.Popen(
+        serve_command(system, args, model, port),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    results: dict = {"system": system, "workloads": []}
+    started = time.monotonic()
+    try:
+        wait_healthy(url, proc, args.ready_timeout)
+        print(f"[{system}] up in {time.monotonic() - started:.0f} s", flush=True)
+        for in_len, out_len, rates in workloads:
+            points, warmups = [], 2
+            for rate in rates:
+                if time.monotonic() - started > args.budget_s:
+                    print(f"[{system}] time budget spent; stopping the sweep", flush=True)
+                    break
+                p = point(url, args, in_len, out_len, rate, warmups)
+                warmups = 0
+                points.append(p)
+                print(f"[{system}] {in_len}/{out_len} " + json.dumps(p), flush=True)
+                if p["slo_attainment"] < 0.5:
+                    break  # saturated well past the SLO: higher rates only queue up
+            results["workloads"].append({"input": in_len, "output": out_len, "points": points})
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
+
+
+def sustained_rate(points: list[dict]) -> float:
+    ok = [p["rate"] for p in points if p["slo_attainment"] >= SUSTAINED and p["failed"] == 0]
+    return max(ok, default=0.0)
+
+
+def report(all_results: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"SLO: TTFT <= {args.slo_ttft_ms:.0f} ms and TPOT <= {args.slo_tpot_ms:.0f} ms; a rate is sustained when "
+        f">= {SUSTAINED:.0%} of its requests meet the SLO and none fails.",
+        "",
+    ]
+    by_workload: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    for res in all_results:
+        for w in res["workloads"]:
+            by_workload.setdefault((w["input"], w["output"]), {})[res["system"]] = w["points"]
+    for (in_len, out_len), systems in by_workload.items():
+        lines += [f"### input {in_len} / output {out_len}", ""]
+        lines += [
+            "| system | rate req/s | done | failed | throughput req/s | goodput req/s | SLO met | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |"
+        ]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for system, points in systems.items():
+            for p in points:
+                t, o = p["ttft_ms"], p["tpot_ms"]
+                lines.append(
+                    f"| {system} | {p['rate']:g} | {p['completed']} | {p['failed']} | {p['request_throughput']:.2f} | "
+                    f"{(p['goodput'] or 0):.2f} | {p['slo_attainment']:.0%} | {_pcts(t)} | {_pcts(o)} |"
+                )
+        rates = {s: sustained_rate(p) for s, p in systems.items()}
+        lines += ["", "Sustained at the SLO: " + ", ".join(f"{s} {r:g} req/s" for s, r in rates.items())]
+        if rates.get("colocated") and "1p1d" in rates:
+            lines.append(f"1P1D / colocated: {rates['1p1d'] / rates['colocated']:.2f}x")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pcts(d: dict) -> str:
+    return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p90", "p99"))
+
+
+def parse_workloads(text: str, rates: str) -> list[tuple[int, int, list[float]]]:
+    out = []
+    for item, rate_list in zip(text.split(","), rates.split(";")):
+        i, o = (int(v) for v in item.split(":"))
+        out.append((i, o, [float(r) for r in rate_list.split(",")]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--systems", default="1p1d,colocated")
+    p.add_argument("--workloads", default="2048:256,8192:128", help="input:output lengths, comma separated")
+    p.add_argument(
+        "--rates", default="4,8,12,16,24,32;1,2,4,6,8,12", help="rates per workload, ';' between workloads"
+    )
+    p.add_argument("--model", help="model directory (default: the §8 shape, dummy weights)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument("--max-running", type=int, default=128)
+    p.add_argument("--max-context-len", type=int, default=8448)
+    p.add_argument("--seconds-per-rate", type=float, default=12.0)
+    p.add_argument("--min-prompts", type=int, default=16)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop a system's sweep after this long")
+    p.add_argument("--out-dir", default=".")
+    args = p.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or shape_model(args.max_context_len)
+    workloads = parse_workloads(args.workloads, args.rates)
+    results = []
+    for system in args.systems.split(","):
+        results.append(sweep_system(system, args, model, workloads, out))
+        (out / f"disagg_{system}.json").write_text(
+            json.dumps(
+                {
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    **results[-1],
+                },
+                indent=2,
+            )
+        )
+    text = report(results, args)
+    print(text)
+    (out / "disagg_vs_colocated.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
