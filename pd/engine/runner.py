@@ -78,6 +78,8 @@ class ModelRunner:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":  # kernels (Triton, FlashInfer) launch on the current device
+            torch.cuda.set_device(self.device)
         self.dtype = cfg.torch_dtype
         self.ep = ep or make_ep_backend(
             "local",
