@@ -119,6 +119,17 @@ def chunk_text(chunk: dict[str, Any], chat: bool) -> tuple[str, str | None]:
     return (text if isinstance(text, str) else ""), choice.get("finish_reason")
 
 
+def chunk_token_ids(chunk: dict[str, Any]) -> list:
+    """Generated token ids a chunk carries (the ``return_token_ids`` server extension), if any.
+
+    A chunk with ids but no text still marks token arrivals: a model can emit tokens that decode to
+    nothing (e.g. dummy weights sampling ids the tokenizer does not know).
+    """
+    choices = chunk.get("choices") or []
+    ids = choices[0].get("token_ids") if choices and isinstance(choices[0], dict) else None
+    return ids if isinstance(ids, list) else []
+
+
 @dataclass
 class _Stream:
     """What has arrived so far on one request's stream."""
@@ -154,7 +165,7 @@ async def _consume(
             if not isinstance(chunk, dict):
                 raise StreamError(f"stream chunk is not a JSON object: {_shorten(data)}")
             text, finish_reason = chunk_text(chunk, chat)
-            if text:
+            if text or chunk_token_ids(chunk):
                 stream.token_times.append(now)
                 stream.texts.append(text)
             if finish_reason is not None:
