@@ -97,6 +97,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="EP communication (default: local for one rank; torch on CPU; on GPU deepep if installed, else "
         "mooncake for decode, torch for prefill)",
     )
+    par.add_argument(
+        "--expert-placement",
+        choices=["linear", "round_robin"],
+        default="linear",
+        help="which rank holds expert e: e // E_local (linear) or e % W (round_robin) (default: %(default)s)",
+    )
     par.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (default: %(default)s)")
     par.add_argument("--node-rank", type=int, default=0, help="this node's index (default: %(default)s)")
     par.add_argument(

@@ -72,6 +72,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--ep-backend", help="EP communication backend of both instances (default: per role and device)"
     )
     p.add_argument(
+        "--expert-placement",
+        choices=["linear", "round_robin"],
+        default="linear",
+        help="expert e on rank e // E_local (linear) or e %% W (round_robin) (default: %(default)s)",
+    )
+    p.add_argument(
         "--colocated",
         type=int,
         default=0,
@@ -117,7 +123,7 @@ def _parallel_flags(args: argparse.Namespace, dp: int | None) -> list[str]:
     dp = dp or args.dp
     if args.ep is not None and args.ep != args.dp:
         raise SystemExit(f"--ep {args.ep} must equal --dp {args.dp}")
-    flags = ["--dp", str(dp)]
+    flags = ["--dp", str(dp), "--expert-placement", args.expert_placement]
     if args.ep_backend:
         flags += ["--ep-backend", args.ep_backend]
     return flags

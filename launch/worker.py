@@ -56,6 +56,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         size=args.dp,
         rank=rank,
         ep_backend=args.ep_backend,
+        expert_placement=args.expert_placement,
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr,

@@ -360,6 +360,7 @@ class ParallelConfig:
     size: int = 1
     rank: int = 0
     ep_backend: str | None = None  # None: the default for the role and device (pd.ep.default_ep_backend)
+    expert_placement: str = "linear"  # linear | round_robin (pd.ep.placement); does not change the KV cache
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of the rendezvous; needed when size > 1

@@ -6,23 +6,25 @@ import asyncio
 import random
 import time
 
+import httpx
 import openai
 import pytest
 
+from pd.metrics import parse_samples
 from tests.oracle import hf_greedy
 from tests.serving import kv_pages_used, pd_serve, wait_pages_idle
 
 
-@pytest.fixture(scope="module")
-def deployment_dp2(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["linear", "round_robin"])
+def deployment_dp2(request, tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-dp2") / "pd-serve.log"
-    with pd_serve(
-        tiny_model_dir, log, "--dp", "2", "--ep", "2", "--chunk-size", "16", "--model-name", "tiny-ci"
-    ) as url:
-        yield url
+    flags = ["--dp", "2", "--ep", "2", "--chunk-size", "16", "--model-name", "tiny-ci"]
+    with pd_serve(tiny_model_dir, log, *flags, "--expert-placement", request.param) as url:
+        yield url, request.param
 
 
 def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_dir, hf_model):
+    deployment_dp2, placement = deployment_dp2
     hf = hf_model(tiny_model_dir)
     # /health is OK once one prefill and one decode rank registered; the others follow within a moment.
     deadline = time.monotonic() + 30
@@ -59,3 +61,19 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
     got = asyncio.run(run())
     assert got == [hf_greedy(hf, p, 12) for p in prompts]
     assert all(v == 0 for v in wait_pages_idle(deployment_dp2).values())
+    # Per-rank expert counters, relayed by the proxy: each rank reports the experts it holds.
+    counts: dict[tuple[str, str], set[int]] = {}
+    for (name, labels), value in parse_samples(
+        httpx.get(f"{deployment_dp2}/metrics", timeout=10).text
+    ).items():
+        if name == "pd_expert_tokens":
+            d = dict(labels)
+            counts.setdefault((d["role"], d["rank"]), set()).add(int(d["expert"]))
+            assert value >= 0
+    held = {
+        "linear": {"0": {0, 1, 2, 3}, "1": {4, 5, 6, 7}},
+        "round_robin": {"0": {0, 2, 4, 6}, "1": {1, 3, 5, 7}},
+    }
+    for role in ("prefill", "decode"):
+        for rank in ("0", "1"):
+            assert counts[(role, rank)] == held[placement][rank], (role, rank)

@@ -10,23 +10,30 @@ from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.ep import EPBackend, EPConfig, make_ep_backend
+from pd.ep.placement import ExpertPlacement, PlacementMap
 from pd.kv_cache import KVLayout, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.moe import MoE
 from pd.model.weights import init_dummy_weights, load_weights
 from pd.sampling import SamplingTensors, sample
 from pd.types import Batch, BatchMode
 
 
 def build_model(
-    cfg: ModelConfig, ep: EPBackend, max_positions: int, device: torch.device, dtype: torch.dtype
+    cfg: ModelConfig,
+    ep: EPBackend,
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    placement: PlacementMap | None = None,
 ) -> DeepseekV3ForCausalLM:
     """Creates the model's parameters directly on ``device`` in ``dtype`` (uninitialised)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = DeepseekV3ForCausalLM(cfg, ep, max_positions)
+            model = DeepseekV3ForCausalLM(cfg, ep, max_positions, placement)
     finally:
         torch.set_default_dtype(default)
     model.to_empty(device=device)
@@ -34,9 +41,10 @@ def build_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for layer in model.model.layers:
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is not None:  # routing bias stays float32 whatever the model dtype
-            gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+        if isinstance(layer.mlp, MoE):
+            # The routing bias stays float32 whatever the model dtype; the counters start at zero.
+            layer.mlp.gate.e_score_correction_bias.data = layer.mlp.gate.e_score_correction_bias.data.float()
+            layer.mlp.expert_tokens.zero_()
     return model
 
 
@@ -65,7 +73,8 @@ class ModelRunner:
 
     ``ep``: the EP backend (default: ``local``, EP = 1). ``low_latency_moe``: MoE layers use the
     low-latency masked-layout path (decode instances with EP > 1); requires steps of at most the
-    backend's ``max_tokens_per_rank`` tokens.
+    backend's ``max_tokens_per_rank`` tokens. ``expert_placement``: which rank holds which expert
+    (``pd.ep.placement``: linear or round_robin).
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class ModelRunner:
         model_cfg: ModelConfig,
         ep: EPBackend | None = None,
         low_latency_moe: bool = False,
+        expert_placement: str = "linear",
     ) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -91,7 +101,12 @@ class ModelRunner:
                 device=self.device,
             ),
         )
-        self.model = build_model(model_cfg, self.ep, cfg.context_len(model_cfg), self.device, self.dtype)
+        placement = ExpertPlacement(expert_placement, model_cfg.n_routed_experts, self.ep.config.world_size)
+        self.placement = placement
+        placement_map = None if placement.kind == "linear" else PlacementMap(placement, self.device)
+        self.model = build_model(
+            model_cfg, self.ep, cfg.context_len(model_cfg), self.device, self.dtype, placement_map
+        )
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.seed)
         else:

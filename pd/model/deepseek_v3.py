@@ -7,6 +7,7 @@ from torch import nn
 
 from pd.config import ModelConfig
 from pd.ep.base import EPBackend
+from pd.ep.placement import PlacementMap
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP, RMSNorm, RotaryEmbedding
 from pd.model.mla import MLAttention
@@ -14,10 +15,18 @@ from pd.model.moe import MoE
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, ep: EPBackend) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        rotary: RotaryEmbedding,
+        ep: EPBackend,
+        placement: PlacementMap | None,
+    ) -> None:
         super().__init__()
         self.self_attn = MLAttention(cfg, layer, rotary)
-        self.mlp = MoE(cfg, ep) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        moe = cfg.is_moe_layer(layer)
+        self.mlp = MoE(cfg, ep, placement) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -36,12 +45,14 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep: EPBackend, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ep: EPBackend, max_positions: int, placement: PlacementMap | None
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_positions)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.rotary, ep) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, self.rotary, ep, placement) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -50,15 +61,22 @@ class DeepseekV3ForCausalLM(nn.Module):
     """Parameter names follow the Hugging Face checkpoint, except merged ``gate_up_proj`` and the
     stacked routed experts ``mlp.experts.w13`` / ``w2`` (see ``pd.model.weights``)."""
 
-    def __init__(self, cfg: ModelConfig, ep: EPBackend, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ep: EPBackend, max_positions: int, placement: PlacementMap | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = DeepseekV3Model(cfg, ep, max_positions)
+        self.placement = placement
+        self.model = DeepseekV3Model(cfg, ep, max_positions, placement)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         for p in self.parameters():
             p.requires_grad_(False)
+
+    def expert_token_counts(self) -> torch.Tensor:
+        """``[E_local]`` int64: (token, expert) pairs each local expert slot received, summed over MoE layers."""
+        return sum(layer.mlp.expert_tokens for layer in self.model.layers if isinstance(layer.mlp, MoE))
 
     def idle(self, low_latency: bool) -> None:
         """A step with no tokens: every MoE layer joins its EP collectives, in forward order."""

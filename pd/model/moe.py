@@ -9,6 +9,7 @@ from torch import nn
 
 from pd.config import ModelConfig
 from pd.ep.base import EPBackend
+from pd.ep.placement import PlacementMap
 from pd.kernels.moe import fused_moe, masked_moe
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
@@ -58,10 +59,18 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep: EPBackend) -> None:
+    """``placement`` maps the router's global expert ids to the EP backend's physical ids (None:
+    linear, the identity). ``expert_tokens [E_local]`` int64 counts the (token, expert) pairs each
+    local expert received, on the device (read only when metrics are scraped)."""
+
+    def __init__(self, cfg: ModelConfig, ep: EPBackend, placement: PlacementMap | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.ep = ep
+        self.placement = placement
+        self.register_buffer(
+            "expert_tokens", torch.zeros(ep.config.num_local_experts, dtype=torch.int64), persistent=False
+        )
         self.gate = Router(cfg)
         self.experts = Experts(ep.config.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
@@ -71,9 +80,14 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        gate = self.gate
         topk_weights, topk_idx = select_experts(
-            x, self.gate.weight, self.gate.e_score_correction_bias, self.cfg
-        )
+            x, gate.weight, gate.e_score_correction_bias, self.cfg
+        )  # [T, K]
+        if ctx.row_mask is not None:  # CUDA-graph padding rows route nowhere: no expert work, no EP traffic
+            topk_idx = topk_idx.masked_fill(~ctx.row_mask[:, None], -1)
+        if self.placement is not None:
+            topk_idx = self.placement.to_physical(topk_idx)  # [T, K] physical ids
         out = self.routed(x, topk_idx, topk_weights, ctx.low_latency_moe)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -90,9 +104,11 @@ class MoE(nn.Module):
         w13, w2 = self.experts.w13, self.experts.w2
         if low_latency:
             d = self.ep.ll_dispatch(x, topk_idx)
+            self.expert_tokens += d.recv_count  # [E_local]
             y = masked_moe(d.recv_x, d.recv_count, w13, w2)  # [E_local, M*W, H]
             return self.ep.ll_combine(y, topk_idx, topk_weights, d.handle)
         d = self.ep.dispatch(x, topk_idx, topk_weights)
+        self.expert_tokens += d.recv_counts  # [E_local]
         y = fused_moe(d.recv_x, w13, w2, d.recv_topk_idx, d.recv_topk_weights)  # [N, H]
         return self.ep.combine(y, d.handle)
 

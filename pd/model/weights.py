@@ -66,6 +66,14 @@ class WeightMapper:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.ep_rank = ep_rank
         self.num_local = cfg.n_routed_experts // ep_size
+        # Global expert e lives in physical slot placement.physical(e): rank p // E_local, slot p % E_local.
+        placement = model.placement.placement if model.placement is not None else None
+        self.physical = placement.physical if placement is not None else (lambda e: e)
+        self.local_experts = (
+            placement.local_experts(ep_rank)
+            if placement is not None
+            else list(range(ep_rank * self.num_local, (ep_rank + 1) * self.num_local))
+        )
 
     def target(self, name: str) -> Target | None:
         """The parameter slot for ``name``; None for tensors serving skips. Raises on unknown names."""
@@ -76,9 +84,10 @@ class WeightMapper:
             return None
         if m := _EXPERT.match(name):
             expert, kind = int(m.group(2)), m.group(3)
-            if expert // self.num_local != self.ep_rank:
+            physical = self.physical(expert)
+            if physical // self.num_local != self.ep_rank:
                 return None  # lives on another EP rank
-            local = expert % self.num_local
+            local = physical % self.num_local
             inter = self.cfg.moe_intermediate_size
             if kind == "down":
                 return Target(f"{m.group(1)}.w2", (local,))
@@ -107,8 +116,7 @@ class WeightMapper:
             elif pname.endswith(".experts.w13") or pname.endswith(".experts.w2"):
                 base = pname.rsplit(".", 1)[0]
                 kinds = ("gate", "up") if pname.endswith("w13") else ("down",)
-                first = self.ep_rank * self.num_local
-                for e in range(first, first + self.num_local):
+                for e in self.local_experts:
                     names |= {f"{base}.{e}.{k}_proj.weight" for k in kinds}
             else:
                 names.add(pname)

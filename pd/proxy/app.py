@@ -49,7 +49,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-RELAYED_METRICS = ("pd_kv_pages_used", "pd_kv_pages_total")
+RELAYED_METRICS = ("pd_kv_pages_used", "pd_kv_pages_total", "pd_expert_tokens")
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ class WorkerBase:
             par.size,
             engine_cfg.device,
         )
-        runner = ModelRunner(engine_cfg, model_cfg, make_ep_backend(ep_name, ep_cfg, ep_group), low_latency)
+        ep = make_ep_backend(ep_name, ep_cfg, ep_group)
+        runner = ModelRunner(engine_cfg, model_cfg, ep, low_latency, par.expert_placement)
         self.engine = Engine(engine_cfg, self.tokenizer, runner)
         log.info("rank %d/%d: EP backend %s, low-latency MoE %s", par.rank, par.size, ep_name, low_latency)
         self.pool = self.engine.runner.pool
@@ -160,6 +161,11 @@ class WorkerBase:
         self.m_transfer_bytes = m.counter(
             "pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"]
         )
+        self.m_expert_tokens = m.gauge(
+            "pd_expert_tokens",
+            "Cumulative (token, expert) pairs each expert received on this rank, summed over MoE layers.",
+            ["role", "instance", "rank", "expert"],
+        )
         self.m_transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
@@ -197,7 +203,17 @@ class WorkerBase:
         )
 
     async def Metrics(self, request: wpb.MetricsRequest, context) -> wpb.MetricsReply:
+        self._read_expert_counters()
         return wpb.MetricsReply(text=self.metrics.render())
+
+    def _read_expert_counters(self) -> None:
+        """Copies the on-device per-expert counters into the gauges (one device read per scrape)."""
+        runner = self.engine.runner
+        if not runner.model_cfg.n_routed_experts:
+            return
+        counts = runner.model.expert_token_counts().tolist()
+        for expert, n in zip(runner.placement.local_experts(self.cfg.parallel.rank), counts):
+            self.m_expert_tokens.set(n, **self.labels, expert=str(expert))
 
     # ---- registration ----
 
