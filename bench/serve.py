@@ -464,6 +464,46 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def expert_balance(base_url: str) -> str:
+    """Load balance of the experts, from a pd proxy's ``pd_expert_tokens`` (empty for other servers).
+
+    Per role: the (token, expert) pairs each EP rank received (cumulative since the ranks started)
+    and max / mean over ranks and over experts.
+    """
+    from pd.metrics import parse_samples
+
+    try:
+        text = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return ""
+    per_rank: dict[str, dict[str, float]] = {}
+    per_expert: dict[str, dict[str, float]] = {}
+    for (name, labels), value in parse_samples(text).items():
+        if name != "pd_expert_tokens":
+            continue
+        d = dict(labels)
+        rank = f"{d['instance']}/{d['rank']}"
+        per_rank.setdefault(d["role"], {}).setdefault(rank, 0.0)
+        per_rank[d["role"]][rank] += value
+        per_expert.setdefault(d["role"], {})[d["expert"]] = (
+            per_expert.get(d["role"], {}).get(d["expert"], 0.0) + value
+        )
+    if not per_rank:
+        return ""
+    lines = ["Expert load (cumulative (token, expert) pairs since start):"]
+    for role, ranks in sorted(per_rank.items()):
+        rank_values, expert_values = list(ranks.values()), list(per_expert[role].values())
+        imbalance = max(rank_values) / (sum(rank_values) / len(rank_values)) if sum(rank_values) else 0.0
+        expert_imbalance = (
+            max(expert_values) / (sum(expert_values) / len(expert_values)) if sum(expert_values) else 0.0
+        )
+        shown = ", ".join(f"{r} {v:.0f}" for r, v in sorted(ranks.items()))
+        lines.append(
+            f"  {role}: {shown}; max/mean over ranks {imbalance:.2f}, over experts {expert_imbalance:.2f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -481,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pd-bench: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    balance = expert_balance(cfg.base_url)
+    if balance:
+        print(balance)
     if args.result_json:
         write_result_json(result, args.result_json)
         print(f"Wrote {args.result_json}")
