@@ -15,18 +15,13 @@ from pd.bootstrap.compat import rank_label
 from pd.rpc import bootstrap_pb2 as pb
 from pd.rpc import bootstrap_pb2_grpc as pb_grpc
 from pd.rpc.auth import with_token
+from pd.rpc.channel import RECONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # Codes worth retrying: the server is down, restarting, or slow. Everything else is an answer.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# Reconnect quickly after the server comes back (grpc's default starts at 1 s and grows to 120 s).
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 class BootstrapError(Exception):
@@ -76,7 +71,7 @@ class BootstrapClient:
         self.retry_for = retry_for
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self._channel = with_token(grpc.insecure_channel(target, options=_CHANNEL_OPTIONS), cluster_token)
+        self._channel = with_token(grpc.insecure_channel(target, options=RECONNECT_OPTIONS), cluster_token)
         self._stub = pb_grpc.BootstrapStub(self._channel)
         # One client serves one rank process: this is that process start's incarnation.
         self.incarnation = new_incarnation()
@@ -134,9 +129,12 @@ class BootstrapClient:
 
     def list(self, role: int = pb.ROLE_UNSPECIFIED) -> list[pb.Instance]:
         """Live instances (of ``role``, e.g. ``pb.ROLE_DECODE``; all by default), by instance id."""
+        return list(self.list_response(role).instances)
+
+    def list_response(self, role: int = pb.ROLE_UNSPECIFIED) -> pb.ListResponse:
+        """The whole List answer: live instances, the server's id (new after a restart) and its lease."""
         request = pb.ListRequest(role=role)
-        response = self._retrying("list", lambda: self._stub.List(request, timeout=self.timeout))
-        return list(response.instances)
+        return self._retrying("list", lambda: self._stub.List(request, timeout=self.timeout))
 
     def lookup(self, instance_id: str, dp_rank: int) -> pb.RankEntry | None:
         """One live rank with its load hints, or None if it is not registered."""

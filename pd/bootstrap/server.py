@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -155,6 +156,7 @@ class Registry:
     """
 
     def __init__(self, lease_seconds: float, max_ranks: int, clock: Callable[[], float] = time.monotonic):
+        self.server_id = secrets.token_hex(8)  # tells clients that a registry restarted (and is refilling)
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         if max_ranks < 1:
@@ -304,7 +306,11 @@ class _Servicer(pb_grpc.BootstrapServicer):
         return pb.HeartbeatResponse(lease_seconds=self.registry.lease_seconds)
 
     def List(self, request, context):
-        return pb.ListResponse(instances=self._call(context, self.registry.list, request.role))
+        return pb.ListResponse(
+            instances=self._call(context, self.registry.list, request.role),
+            server_id=self.registry.server_id,
+            lease_seconds=self.registry.lease_seconds,
+        )
 
     def Lookup(self, request, context):
         rank = self._call(context, self.registry.lookup, request.instance_id, request.dp_rank)

@@ -141,10 +141,14 @@ class ListRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "server_id", "lease_seconds")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    server_id: str
+    lease_seconds: float
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., server_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("instance_id", "dp_rank")
