@@ -252,3 +252,34 @@ def test_send_rejects_scheduler_mistakes(pair):
     sender.send(1, [2, 3], last=True, aux=AuxRecord(1, 0, 0.0, 12))  # final room: ignored
     wait_for(lambda: finals["prefill"])
     assert finals["prefill"] == [(1, TransferState.ABORTED)]
+
+
+def test_idle_writer_threads_end():
+    """A writer thread per decode peer would pile up as decode ranks restart (each start is a new
+    session): one without work ends after ``writer_idle_s``, and a new one starts when needed."""
+    layout = KVLayout(2, 9, 4, 16, torch.bfloat16, KVOrder.LAYER_MAJOR)
+    sender = KVSender(
+        CopyEngine("127.0.0.1:1", 0),
+        KVPool(layout, "cpu"),
+        AuxBuffer(4, "cpu"),
+        on_final=lambda *a: None,
+        writer_idle_s=0.1,
+    )
+
+    def writers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("kv-sender-writer-")]
+
+    try:
+        for session in ("127.0.0.1:7001", "127.0.0.1:7002"):
+            with sender._lock:
+                sender._writer(session)
+        assert sorted(writers()) == ["kv-sender-writer-127.0.0.1:7001", "kv-sender-writer-127.0.0.1:7002"]
+        deadline = time.monotonic() + 10
+        while writers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writers() == [] and sender._writers == {}
+        with sender._lock:
+            sender._writer("127.0.0.1:7001")
+        assert writers() == ["kv-sender-writer-127.0.0.1:7001"]
+    finally:
+        sender.close()

@@ -77,7 +77,8 @@ class KVReceiver:
     endpoint serving ``DecodeTransfer`` (it may be set after the server started, before the first
     ``add_room``). ``on_final(room, state, aux, reason)`` gets the checked aux record when ``state`` is
     DONE, else None; it must be quick and thread-safe. ``rpc_timeout_s`` bounds each call to the
-    prefill rank, ``retry_interval_s`` spaces hand-shake retries.
+    prefill rank, ``retry_interval_s`` spaces hand-shake retries. ``cluster_token``: sent with every
+    call to prefill ranks (their servers check it; ``pd.rpc.auth``).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class KVReceiver:
         rpc_timeout_s: float = 1.0,
         retry_interval_s: float = 0.2,
         tick_s: float = 0.05,
+        cluster_token: str | None = None,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
         self.on_final, self.endpoint, self.timeouts = on_final, endpoint, timeouts or TransferTimeouts()
@@ -100,7 +102,7 @@ class KVReceiver:
         self._lock = threading.RLock()  # RLock: a gRPC future may run its callback in the calling thread
         self._rooms: dict[int, _Room] = {}
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
-        self._channels = Channels()
+        self._channels = Channels(cluster_token)
         self._stop = threading.Event()
         self._control = threading.Thread(target=self._control_loop, name="kv-receiver-control", daemon=True)
         self._control.start()
@@ -136,6 +138,12 @@ class KVReceiver:
             r = self._rooms.get(room)
             if r is not None and not r.machine.is_final:
                 self._end(r, TransferState.ABORTED, reason)
+
+    @property
+    def num_rooms(self) -> int:
+        """Rooms not released yet (in any state)."""
+        with self._lock:
+            return len(self._rooms)
 
     def state(self, room: int) -> TransferState | None:
         """The room's state, or None once it was released (or never known)."""

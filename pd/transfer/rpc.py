@@ -17,6 +17,8 @@ import torch
 from pd.kv_cache import KVLayout, KVOrder
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
+from pd.rpc.auth import with_token
+from pd.rpc.channel import RECONNECT_OPTIONS
 
 
 def start_server(
@@ -37,9 +39,11 @@ def start_server(
 
 
 class Channels:
-    """Client channels by endpoint, opened on first use and kept; thread-safe."""
+    """Client channels by endpoint, opened on first use and kept; thread-safe. Every call carries
+    ``cluster_token`` when one is set (``pd.rpc.auth``); a restarted peer is reconnected quickly."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster_token: str | None = None) -> None:
+        self._token = cluster_token
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -47,7 +51,8 @@ class Channels:
         with self._lock:
             channel = self._channels.get(endpoint)
             if channel is None:
-                channel = self._channels[endpoint] = grpc.insecure_channel(endpoint)
+                raw = grpc.insecure_channel(endpoint, options=RECONNECT_OPTIONS)
+                channel = self._channels[endpoint] = with_token(raw, self._token)
             return channel
 
     def prefill(self, endpoint: str) -> pb_grpc.PrefillTransferStub:

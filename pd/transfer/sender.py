@@ -10,8 +10,8 @@ then ``TransferDone`` tells the decode rank.
 
 Threads: the scheduler's calls only validate and enqueue; they never block on the network. One
 writer thread per decode peer does that peer's writes and notices in order (so a dead or hung
-peer holds up only its own rooms). A control thread enforces the state timeouts and runs
-``on_final``. gRPC handlers run in the server's threads.
+peer holds up only its own rooms; it ends after a while without work). A control thread
+enforces the state timeouts and runs ``on_final``. gRPC handlers run in the server's threads.
 
 Pages: ``on_final(room, state, reason)`` runs exactly once per room passed to ``add_room``, from the
 control thread, once the room is final AND no write of it is in flight; only then may the scheduler free the room's
@@ -113,7 +113,9 @@ class KVSender:
     aux records (one slot per concurrent final write, i.e. per decode peer at most).
     ``on_final(room, state, reason)`` (reason: why a room failed or was aborted, else empty) must be quick and thread-safe (e.g. put into a queue).
     ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort``
-    from decode waits for the room's in-flight writes before answering.
+    from decode waits for the room's in-flight writes before answering. ``cluster_token``: sent
+    with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A decode peer's
+    writer thread ends after ``writer_idle_s`` without work (a new one starts when needed).
     """
 
     def __init__(
@@ -126,10 +128,13 @@ class KVSender:
         rpc_timeout_s: float = 2.0,
         abort_wait_s: float = 1.0,
         tick_s: float = 0.05,
+        cluster_token: str | None = None,
+        writer_idle_s: float = 60.0,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
         self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
         self.rpc_timeout_s, self.abort_wait_s, self.tick_s = rpc_timeout_s, abort_wait_s, tick_s
+        self.writer_idle_s = writer_idle_s
         engine.register(pool.data_ptr, pool.nbytes)
         engine.register(aux.data_ptr, aux.nbytes)
         self._slots = SlotAllocator(aux.num_slots)
@@ -140,7 +145,7 @@ class KVSender:
         self._writers: dict[str, queue.SimpleQueue] = {}
         self._threads: list[threading.Thread] = []
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
-        self._channels = Channels()
+        self._channels = Channels(cluster_token)
         self._stop = threading.Event()
         self._start_thread(self._control_loop, "kv-sender-control")
 
@@ -220,6 +225,12 @@ class KVSender:
                 r.machine.to(TransferState.ABORTED, reason)
                 r.notice = "abort"
                 self._settle(r)
+
+    @property
+    def num_rooms(self) -> int:
+        """Rooms not released yet (in any state)."""
+        with self._lock:
+            return len(self._rooms)
 
     def state(self, room: int) -> TransferState | None:
         """The room's state, or None once it was released (or never known)."""
@@ -306,11 +317,12 @@ class KVSender:
         q = self._writers.get(session)
         if q is None:
             q = self._writers[session] = queue.SimpleQueue()
-            self._start_thread(lambda: self._writer_loop(q), f"kv-sender-writer-{session}")
+            self._start_thread(lambda: self._writer_loop(session, q), f"kv-sender-writer-{session}")
         return q
 
     def _start_thread(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()]
         self._threads.append(t)
         t.start()
 
@@ -387,9 +399,16 @@ class KVSender:
 
     # ---- threads ----
 
-    def _writer_loop(self, jobs: queue.SimpleQueue) -> None:
+    def _writer_loop(self, session: str, jobs: queue.SimpleQueue) -> None:
         while True:
-            job = jobs.get()
+            try:
+                job = jobs.get(timeout=self.writer_idle_s)
+            except queue.Empty:  # decode ranks come and go (restarts): an idle peer's thread ends
+                with self._lock:  # jobs are queued under this lock: none can slip in meanwhile
+                    if jobs.empty() and self._writers.get(session) is jobs:
+                        del self._writers[session]
+                        return
+                continue
             if job is None:
                 return
             try:
@@ -413,8 +432,10 @@ class KVSender:
                 else:
                     assert aux_record is not None
                     self._write_aux(job, aux_record)
+                    # wait_for_ready: a connection still being set up (the first call to this decode
+                    # rank, or one after it restarted) is waited for within the timeout, not a failure.
                     self._channels.decode(job.peer.endpoint).TransferDone(
-                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s
+                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s, wait_for_ready=True
                     )
             except TransferError as e:
                 error = str(e)
