@@ -30,6 +30,7 @@ from pd.rpc import PROTOCOL_VERSION
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc.auth import aio_server_interceptors
+from pd.rpc.channel import SERVER_OPTIONS
 from pd.tokenizer import Tokenizer, TokenizerFiles
 from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer
 from pd.transfer.engine import TransferConfig, TransferEngine
@@ -40,7 +41,11 @@ from pd.worker.parallel import Lockstep, destroy_process_groups, init_process_gr
 log = logging.getLogger(__name__)
 
 ROLES = {"prefill": bpb.ROLE_PREFILL, "decode": bpb.ROLE_DECODE, "colocated": bpb.ROLE_COLOCATED}
-_GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+_GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    *SERVER_OPTIONS,  # the proxy's keepalive pings are welcome
+]
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,10 @@ class WorkerBase:
     def load(self) -> bpb.Load:
         raise NotImplementedError
 
+    def transfer_rooms(self) -> int:
+        """Rooms the KV sender or receiver still tracks."""
+        raise NotImplementedError
+
     # ---- metrics ----
 
     def _init_metrics(self) -> None:
@@ -151,6 +160,14 @@ class WorkerBase:
         )
         self.m_pages_total = m.gauge(
             "pd_kv_pages_total", "KV cache pages that can hold requests.", ["role", "instance", "rank"]
+        )
+        self.m_rooms = m.gauge(
+            "pd_rooms_open", "Rooms (requests) this rank holds, in any stage.", ["role", "instance", "rank"]
+        )
+        self.m_transfer_rooms = m.gauge(
+            "pd_transfer_rooms_open",
+            "Rooms the KV transfer manager tracks (not yet released).",
+            ["role", "instance", "rank"],
         )
         self.m_requests = m.counter("pd_requests_total", "Requests by outcome.", ["role", "outcome"])
         self.m_aborts = m.counter("pd_aborts_total", "Requests aborted.", ["role"])
@@ -175,6 +192,8 @@ class WorkerBase:
         self.labels["instance"] = self.instance_id
         self.m_pages_used.set_function(lambda: self.engine.allocator.num_used, **self.labels)
         self.m_pages_total.set_function(lambda: self.engine.allocator.num_pages - 1, **self.labels)
+        self.m_rooms.set_function(lambda: len(self.rooms), **self.labels)
+        self.m_transfer_rooms.set_function(self.transfer_rooms, **self.labels)
 
     # ---- shared RPCs ----
 

@@ -59,17 +59,19 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
         self.receiver = self.slots = None
         if self.uses_transfer:
             self.receiver = KVReceiver(
-                self.transfer_engine, self.pool, self.aux, on_final=self._on_final, timeouts=cfg.timeouts
+                self.transfer_engine,
+                self.pool,
+                self.aux,
+                on_final=self._on_final,
+                timeouts=cfg.timeouts,
+                cluster_token=cfg.cluster_token,
             )
             self.slots = SlotAllocator(self.aux.num_slots)
         self.rooms: dict[int, _Room] = {}  # engine thread only
         self.pending: deque[int] = deque()
+        self.in_transfer = 0  # rooms in _Stage.TRANSFER
         self.m_queue.set_function(lambda: len(self.pending), role=self.role, queue="prealloc")
-        self.m_queue.set_function(
-            lambda: sum(r.stage is _Stage.TRANSFER for r in list(self.rooms.values())),
-            role=self.role,
-            queue="transfer",
-        )
+        self.m_queue.set_function(lambda: self.in_transfer, role=self.role, queue="transfer")
         self.m_queue.set_function(lambda: len(self.engine.scheduler.running), role=self.role, queue="running")
 
     def on_endpoint(self) -> None:
@@ -85,6 +87,9 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
         if self.receiver is not None:
             self.receiver.close()
         super().close_transfer()
+
+    def transfer_rooms(self) -> int:
+        return self.receiver.num_rooms if self.receiver is not None else 0
 
     def load(self) -> bpb.Load:
         return bpb.Load(
@@ -164,8 +169,12 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
         return self.pool.layout.pages_for(max(tokens, len(req.prompt_ids) + 1))
 
     def _start_transfers(self) -> None:
-        """Moves pending rooms (FIFO) into transfer while pages and aux slots last."""
+        """Moves pending rooms (FIFO) into transfer while pages and aux slots last, and while the rooms
+        running or in transfer stay within ``max_running``: a decode batch never grows past it (the
+        low-latency MoE buffers of a multi-rank instance hold that many tokens per rank)."""
         while self.pending:
+            if len(self.engine.scheduler.running) + self.in_transfer >= self.engine.cfg.max_running:
+                return
             room = self.rooms[self.pending[0]]
             pages = self.engine.allocator.alloc(self._pages_wanted(room.req))
             if pages is None:
@@ -176,6 +185,7 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
                 return
             self.pending.popleft()
             room.pages, room.aux_slot, room.stage = pages, slot, _Stage.TRANSFER
+            self.in_transfer += 1
             prompt_pages = self.pool.layout.pages_for(len(room.req.prompt_ids))
             self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
 
@@ -210,6 +220,7 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
         room = self.rooms.get(room_id)
         if room is None or room.stage is not _Stage.TRANSFER:
             return
+        self.in_transfer -= 1
         self.slots.free(room.aux_slot)
         self.m_transfer_seconds.observe(time.monotonic() - room.arrived, role=self.role)
         if state is TransferState.DONE and room.aborted is None:

@@ -47,7 +47,12 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
     def __init__(self, cfg: WorkerConfig) -> None:
         super().__init__(cfg)
         self.sender = KVSender(
-            self.transfer_engine, self.pool, self.aux, on_final=self._on_final, timeouts=cfg.timeouts
+            self.transfer_engine,
+            self.pool,
+            self.aux,
+            on_final=self._on_final,
+            timeouts=cfg.timeouts,
+            cluster_token=cfg.cluster_token,
         )
         self.rooms: dict[int, _Room] = {}  # engine thread only
         self.scheduler = self.engine.scheduler
@@ -66,6 +71,9 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
     def close_transfer(self) -> None:
         self.sender.close()
         super().close_transfer()
+
+    def transfer_rooms(self) -> int:
+        return self.sender.num_rooms
 
     def load(self) -> bpb.Load:
         free = self.engine.allocator.num_free
