@@ -32,6 +32,78 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The proxy's own flags (pd-proxy; pd-serve forwards them); returns them for ``forwarded``."""
+    g = p.add_argument_group("proxy")
+    return [
+        g.add_argument(
+            "--api-key-file",
+            help="file holding the API key clients must send as 'Authorization: Bearer <key>'",
+        ),
+        g.add_argument(
+            "--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: %(default)s)"
+        ),
+        g.add_argument(
+            "--max-prompt-tokens", type=int, help="longest prompt (default: the model's context length)"
+        ),
+        g.add_argument(
+            "--max-completion-tokens",
+            type=int,
+            default=16384,
+            help="cap of max_tokens (default: %(default)s)",
+        ),
+        g.add_argument(
+            "--max-inflight",
+            type=int,
+            default=4096,
+            help="requests in flight before 429 (default: %(default)s)",
+        ),
+        g.add_argument(
+            "--max-connections",
+            type=int,
+            default=8192,
+            help="open HTTP connections before new requests get 503 (default: %(default)s)",
+        ),
+        g.add_argument(
+            "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
+        ),
+        g.add_argument(
+            "--body-timeout",
+            type=float,
+            default=30.0,
+            help="seconds a client may take to send a request body before 408 (default: %(default)s)",
+        ),
+        g.add_argument(
+            "--keepalive",
+            type=float,
+            default=5.0,
+            help="seconds between pings to the workers; a worker that does not answer one within as long "
+            "fails its requests (default: %(default)s)",
+        ),
+        g.add_argument(
+            "--retry-prefill",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="move a request whose prefill rank fails before the first token to another prefill "
+            "instance, once (default: on)",
+        ),
+    ]
+
+
+def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
+    """Command-line flags repeating the values of ``actions`` that differ from their defaults."""
+    flags = []
+    for a in actions:
+        value = getattr(args, a.dest)
+        if value == a.default:
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            flags.append(a.option_strings[0] if value else a.option_strings[1])
+        else:
+            flags += [a.option_strings[0], str(value)]
+    return flags
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument(

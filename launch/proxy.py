@@ -7,7 +7,7 @@ import signal
 
 import uvicorn
 
-from pd.launch.args import add_common_args, cluster_token, setup_logging
+from pd.launch.args import add_common_args, add_proxy_args, cluster_token, setup_logging
 from pd.proxy.app import ProxyConfig, build_app
 
 
@@ -19,24 +19,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    p.add_argument(
-        "--api-key-file", help="file holding the API key clients must send as 'Authorization: Bearer <key>'"
-    )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: %(default)s)"
-    )
-    p.add_argument(
-        "--max-prompt-tokens", type=int, help="longest prompt (default: the model's context length)"
-    )
-    p.add_argument(
-        "--max-completion-tokens", type=int, default=16384, help="cap of max_tokens (default: %(default)s)"
-    )
-    p.add_argument(
-        "--max-inflight", type=int, default=4096, help="requests in flight before 429 (default: %(default)s)"
-    )
-    p.add_argument(
-        "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
-    )
+    add_proxy_args(p)
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -50,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
             api_key = f.read().strip()
         if not api_key:
             raise SystemExit(f"{args.api_key_file} is empty")
+        if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+            raise SystemExit(f"{args.api_key_file}: the API key must be printable ASCII without spaces")
     cfg = ProxyConfig(
         bootstrap=args.bootstrap,
         host=args.host,
@@ -61,12 +46,22 @@ def main(argv: list[str] | None = None) -> None:
         max_completion_tokens=args.max_completion_tokens,
         max_inflight=args.max_inflight,
         request_timeout_s=args.request_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_s=args.keepalive,
+        retry_prefill=args.retry_prefill,
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that one a no-op, so a requested stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    uvicorn.run(build_app(cfg), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        build_app(cfg),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        limit_concurrency=args.max_connections,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from pd.launch.args import add_common_args, add_engine_args, setup_logging
+from pd.launch.args import add_common_args, add_engine_args, add_proxy_args, forwarded, setup_logging
 
 log = logging.getLogger("pd.serve")
 
@@ -89,8 +89,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
     )
     add_engine_args(p, model_required=False)
+    proxy_actions = add_proxy_args(p)
     add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.proxy_flags = forwarded(args, proxy_actions)
+    return args
 
 
 def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str]:
@@ -139,7 +142,10 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
         common += ["--cluster-token-file", args.cluster_token_file]
     worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", boot.rsplit(":", 1)[1], *common])
-    proxy = ("proxy", [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *common])
+    proxy = (
+        "proxy",
+        [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *args.proxy_flags, *common],
+    )
     if args.colocated:
         instances = []
         for i in range(args.colocated):

@@ -230,8 +230,11 @@ class Tokenizer:
         return self._chat_template_source
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; add_special_tokens adds what the model's files say (e.g. a leading BOS)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; add_special_tokens adds what the model's files say (e.g. a leading BOS).
+
+        Goes through ``encode_batch``, which releases the GIL (``encode`` holds it: a megabyte of text
+        would stall every other thread of the process for a second), so callers may run it in a thread."""
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids outside the vocabulary decode to nothing. Incomplete UTF-8 becomes U+FFFD."""

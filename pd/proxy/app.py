@@ -15,13 +15,13 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HTTPRoute
 
@@ -49,7 +49,16 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-RELAYED_METRICS = ("pd_kv_pages_used", "pd_kv_pages_total", "pd_expert_tokens")
+# Prefill failures worth one more try on another prefill instance (see Proxy.generate).
+_RETRY_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Relayed from every registered rank by /metrics, so that leaks show in one scrape.
+RELAYED_METRICS = (
+    "pd_kv_pages_used",
+    "pd_kv_pages_total",
+    "pd_rooms_open",
+    "pd_transfer_rooms_open",
+    "pd_expert_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,10 @@ class ProxyConfig:
     max_completion_tokens: int = 16384  # cap of max_tokens (and the default for chat)
     max_inflight: int = 4096  # requests in flight before new ones get 429
     request_timeout_s: float = 600.0  # a whole request, from the proxy's point of view
+    body_timeout_s: float = 30.0  # reading a request body (a client that trickles it gets 408)
     refresh_s: float = 1.0  # how often the registry view is refreshed
+    keepalive_s: float = 5.0  # pings on worker channels: a hung worker fails its calls within ~2x this
+    retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
 
 
 @dataclass
@@ -94,7 +106,7 @@ class _Job:
 class Proxy:
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
-        self.router = Router(cfg.bootstrap, cfg.cluster_token, cfg.refresh_s)
+        self.router = Router(cfg.bootstrap, cfg.cluster_token, cfg.refresh_s, cfg.keepalive_s)
         self.inflight = 0
         self._background: set[asyncio.Task] = set()
         m = self.metrics = Registry()
@@ -112,6 +124,9 @@ class Proxy:
             "pd_proxy_aborts_total", "Rooms aborted (client gone or failure).", ["reason"]
         )
         self.m_tokens = m.counter("pd_proxy_tokens_total", "Tokens, by kind.", ["kind"])
+        self.m_retries = m.counter(
+            "pd_proxy_prefill_retries_total", "Requests moved to another prefill instance after a failure."
+        )
 
     # ---- the request path ----
 
@@ -125,8 +140,8 @@ class Proxy:
             raise APIError(503, str(e)) from None
         except grpc.aio.AioRpcError as e:
             raise APIError(503, f"could not read model info from a worker: {e.details()}") from None
-        ids = self._tokenize(req, model)
         max_prompt = min(self.cfg.max_prompt_tokens or model.max_context_len, model.max_context_len)
+        ids = await self._tokenize(req, model, max_prompt)
         if len(ids) >= max_prompt:
             raise APIError(
                 400,
@@ -165,16 +180,26 @@ class Proxy:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.cfg.max_body_bytes):
             raise APIError(413, f"request body is larger than {self.cfg.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.cfg.max_body_bytes:
-                raise APIError(413, f"request body is larger than {self.cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.cfg.max_body_bytes:
+                    raise APIError(413, f"request body is larger than {self.cfg.max_body_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            return json.loads(b"".join(chunks))
+            body = await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"request body not received within {self.cfg.body_timeout_s:g} s") from None
+        try:
+            return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
 
     def _resolve_model(self, requested: str | None) -> str:
         models = self.router.models()
@@ -188,15 +213,20 @@ class Proxy:
             raise APIError(404, f"model {requested!r} is not served here; available: {models}", "model")
         return requested
 
-    def _tokenize(self, req: ParsedRequest, model: ModelInfo) -> list[int]:
+    async def _tokenize(self, req: ParsedRequest, model: ModelInfo, max_prompt: int) -> list[int]:
+        """The prompt's token ids. Text is tokenized in a thread (the tokenizer releases the GIL), so a
+        megabyte prompt does not stall the streams of other requests."""
         tok = model.tokenizer
         if req.chat:
             try:
-                return tok.encode_chat(req.messages)
+                text = tok.apply_chat_template(req.messages)
             except ValueError as e:
                 raise APIError(400, str(e), "messages") from None
+            return await asyncio.to_thread(tok.encode, text, False)
         if isinstance(req.prompt, str):
-            return tok.encode(req.prompt)
+            return await asyncio.to_thread(tok.encode, req.prompt)
+        if len(req.prompt) >= max_prompt:
+            return req.prompt  # refused by the caller, without looking at a million ids first
         bad = [t for t in req.prompt if not 0 <= t < model.vocab_size]
         if bad:
             raise APIError(
@@ -205,7 +235,39 @@ class Proxy:
         return list(req.prompt)
 
     async def generate(self, job: _Job) -> AsyncIterator[wpb.GenerateChunk]:
-        """D's chunks for ``job``; raises APIError if P or D fails. Aborts both sides unless it ran to the end."""
+        """D's chunks for ``job``; raises APIError if P or D fails.
+
+        A prefill rank that fails with UNAVAILABLE (dead, hung past the keepalive, or its transfer
+        failed) or refuses with RESOURCE_EXHAUSTED (its queue is full) before the first token is
+        replaced once by a rank of another prefill instance when ``retry_prefill`` is set: a new room
+        on the same decode rank. Every attempt that did not run to the end is aborted on both of its
+        sides.
+        """
+        retries = 1 if self.cfg.retry_prefill else 0
+        while True:
+            try:
+                async with contextlib.aclosing(self._attempt(job)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            except _PrefillFailed as e:
+                if retries == 0 or e.code not in _RETRY_PREFILL or job.prefill is None:
+                    raise e.error from None
+                try:
+                    other = self.router.pick_prefill(job.model.name, [job.prefill.instance_id])
+                except NoWorkers:
+                    raise e.error from None
+                retries -= 1
+                self.m_retries.inc()
+                log.warning("room %x: %s; retrying on %s", job.room, e.error.message, other.label)
+                self.router.release(job.prefill)
+                job.route, job.room = Route(job.decode, other), secrets.randbits(63)
+
+    async def _attempt(self, job: _Job) -> AsyncIterator[wpb.GenerateChunk]:
+        """One try of ``job`` on its current room, prefill and decode rank. Raises _PrefillFailed if the
+        prefill rank fails before D produced anything (after that its outcome no longer matters)."""
+        room, route = job.room, job.route
+        prefill_rank, decode_rank = route.prefill, route.decode
         sp = job.sampling
         sampling = wpb.Sampling(
             temperature=sp.temperature,
@@ -219,46 +281,48 @@ class Proxy:
             ignore_eos=sp.ignore_eos,
         )
         md, timeout = self.router.metadata, self.cfg.request_timeout_s
-        generate = wpb.GenerateRequest(room=job.room, token_ids=job.prompt_ids, sampling=sampling)
-        if job.prefill is None:  # a colocated rank prefills itself
+        generate = wpb.GenerateRequest(room=room, token_ids=job.prompt_ids, sampling=sampling)
+        if prefill_rank is None:  # a colocated rank prefills itself
             prefill = asyncio.get_running_loop().create_future()
             prefill.set_result(None)
         else:
             prefill = asyncio.ensure_future(
-                self.router.prefill_stub(job.prefill).Prefill(
+                self.router.prefill_stub(prefill_rank).Prefill(
                     wpb.PrefillRequest(
-                        room=job.room,
+                        room=room,
                         token_ids=job.prompt_ids,
                         sampling=sampling,
-                        decode_instance=job.decode.instance_id,
-                        decode_rank=job.decode.dp_rank,
+                        decode_instance=decode_rank.instance_id,
+                        decode_rank=decode_rank.dp_rank,
                     ),
                     timeout=timeout,
                     metadata=md,
                 )
             )
-            generate.prefill_instance = job.prefill.instance_id
-            generate.prefill_rank = job.prefill.dp_rank
-            generate.prefill_endpoint = job.prefill.endpoint
-        call = self.router.decode_stub(job.decode).Generate(generate, timeout=timeout, metadata=md)
-        finished = False
+            generate.prefill_instance = prefill_rank.instance_id
+            generate.prefill_rank = prefill_rank.dp_rank
+            generate.prefill_endpoint = prefill_rank.endpoint
+        call = self.router.decode_stub(decode_rank).Generate(generate, timeout=timeout, metadata=md)
+        finished = started = False
         stream = call.__aiter__()
+        next_chunk: asyncio.Future | None = None
         try:
             while True:
                 next_chunk = asyncio.ensure_future(stream.__anext__())
-                if not prefill.done():
+                if not started and not prefill.done():
                     await asyncio.wait({next_chunk, prefill}, return_when=asyncio.FIRST_COMPLETED)
-                    if prefill.done() and prefill.exception() is not None and not next_chunk.done():
-                        next_chunk.cancel()
-                        raise _api_error(prefill.exception(), "prefill")
+                prefill_error = prefill.exception() if not started and prefill.done() else None
+                # Prefill failed and D has no token to show for it: this attempt is lost.
+                if prefill_error is not None and (not next_chunk.done() or next_chunk.exception()):
+                    raise self._prefill_failed(prefill_rank, prefill_error)
                 try:
                     chunk = await next_chunk
                 except StopAsyncIteration:
                     raise APIError(500, "the decode stream ended without a finish reason") from None
                 except grpc.aio.AioRpcError as e:
-                    if prefill.done() and prefill.exception() is not None:
-                        raise _api_error(prefill.exception(), "prefill") from None
+                    self._call_failed(decode_rank, e)
                     raise _api_error(e, "decode") from None
+                started = True
                 yield chunk
                 if chunk.finish_reason:
                     finished = True
@@ -267,17 +331,29 @@ class Proxy:
             if not finished:
                 call.cancel()
                 prefill.cancel()
-                self._spawn(self._abort(job, "client went away or request failed"))
-            prefill.add_done_callback(_consume_exception)
+                self._spawn(self._abort(room, route.ranks, "client went away or request failed"))
+            for fut in (prefill, next_chunk):
+                if fut is not None:
+                    fut.cancel()
+                    fut.add_done_callback(_consume_exception)
 
-    async def _abort(self, job: _Job, reason: str) -> None:
+    def _prefill_failed(self, rank: Rank, exc: BaseException) -> _PrefillFailed:
+        self._call_failed(rank, exc)
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        return _PrefillFailed(_api_error(exc, "prefill"), code)
+
+    def _call_failed(self, rank: Rank, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.router.call_failed(rank)
+
+    async def _abort(self, room: int, ranks: tuple[Rank, ...], reason: str) -> None:
         self.m_aborts.inc(reason="incomplete")
-        req = wpb.CancelRequest(room=job.room, reason=reason)
-        for rank in job.route.ranks:
+        req = wpb.CancelRequest(room=room, reason=reason)
+        for rank in ranks:
             try:
                 await self.router.stub(rank).Abort(req, timeout=2.0, metadata=self.router.metadata)
             except grpc.aio.AioRpcError as e:
-                log.info("room %x: abort on %s failed: %s", job.room, rank.label, e.code().name)
+                log.info("room %x: abort on %s failed: %s", room, rank.label, e.code().name)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -295,41 +371,43 @@ class Proxy:
     async def _serve(self, request: Request, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         started = time.monotonic()
+
+        def refuse(e: APIError | None) -> Response:
+            status = e.status if e is not None else 499  # 499: the client went away
+            self.m_requests.inc(endpoint=endpoint, status=str(status))
+            if e is None:
+                return Response(status_code=499)
+            # A client too slow to send its body would hold the connection: close it. (After a 413 the
+            # server reads and drops the rest, so that the client can read the answer.)
+            headers = {"connection": "close"} if status == 408 else None
+            return JSONResponse(e.body(), status_code=status, headers=headers)
+
         try:
             self._check_api_key(request)
             job = await self.prepare(request, chat)
         except APIError as e:
-            self.m_requests.inc(endpoint=endpoint, status=str(e.status))
-            return JSONResponse(e.body(), status_code=e.status)
+            return refuse(e)
+        except ClientDisconnect:
+            return refuse(None)
         self.inflight += 1
         gen = self._timed(job, started)
+        streaming = False  # once the SSE response owns ``gen``, it closes it and calls _done
         try:
             # Wait for the first token before answering, so that failures before it get a proper status.
             first = await _until_disconnect(request, gen.__anext__())
-        except (APIError, _ClientGone, StopAsyncIteration) as e:
-            await gen.aclose()
-            self._done(job)
-            status = e.status if isinstance(e, APIError) else 499
-            self.m_requests.inc(endpoint=endpoint, status=str(status))
-            if isinstance(e, APIError):
-                return JSONResponse(e.body(), status_code=e.status)
-            return Response(status_code=499)
-        if job.req.stream:
-            self.m_requests.inc(endpoint=endpoint, status="200")
-            return _SSEResponse(self._sse(job, first, gen), on_close=lambda: self._done(job))
-        try:
+            if job.req.stream:
+                self.m_requests.inc(endpoint=endpoint, status="200")
+                streaming = True
+                return _SSEResponse(self._sse(job, first, gen), on_close=lambda: self._done(job))
             chunks = [first] + await _until_disconnect(request, _collect(gen))
-        except (APIError, _ClientGone) as e:
-            await gen.aclose()
-            self._done(job)
-            status = e.status if isinstance(e, APIError) else 499
-            self.m_requests.inc(endpoint=endpoint, status=str(status))
-            return (
-                JSONResponse(e.body(), status_code=e.status)
-                if isinstance(e, APIError)
-                else Response(status_code=499)
-            )
-        self._done(job)
+        except (APIError, _ClientGone, StopAsyncIteration) as e:
+            return refuse(e if isinstance(e, APIError) else None)
+        finally:
+            if not streaming:
+                try:
+                    await gen.aclose()
+                finally:
+                    self._done(job)
         self.m_requests.inc(endpoint=endpoint, status="200")
         last = chunks[-1]
         ids = [t for c in chunks for t in c.token_ids]
@@ -459,6 +537,14 @@ class _ClientGone(Exception):
     pass
 
 
+class _PrefillFailed(Exception):
+    """The prefill rank failed before the decode stream produced anything (a retry may help)."""
+
+    def __init__(self, error: APIError, code: grpc.StatusCode | None) -> None:
+        super().__init__(error.message)
+        self.error, self.code = error, code
+
+
 async def _collect(gen: AsyncIterator[wpb.GenerateChunk]) -> list[wpb.GenerateChunk]:
     return [c async for c in gen]
 
@@ -474,6 +560,10 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     if work_task.done():
         return work_task.result()
     work_task.cancel()
+    # Wait for the cancellation to land: until then a generator behind ``work`` is still running and
+    # cannot be closed (aclose() would raise "asynchronous generator is already running").
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work_task
     raise _ClientGone()
 
 
@@ -485,7 +575,7 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
 class _SSEResponse(Response):
     """Streams server-sent events; stops the stream as soon as the client disconnects."""
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(self, body: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
         # No Response.__init__: it would declare a content length.
         self.status_code = 200
         self.background = None
@@ -513,7 +603,10 @@ class _SSEResponse(Response):
                 streaming.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await streaming
-            self.on_close()
+            try:  # cancelled while sending, the body's generator was left suspended: close it (aborts the room)
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
         if streaming.done() and not streaming.cancelled() and streaming.exception() is not None:
             exc = streaming.exception()
             if not isinstance(exc, OSError):  # OSError: the client went away while we wrote

@@ -52,6 +52,18 @@ def _get(
         raise APIError(
             400, f"'{name}' must be of type {_type_names(types)}, got {type(value).__name__}", name
         )
+    if isinstance(value, str):
+        _check_text(value, name)
+    return value
+
+
+def _check_text(value: str, name: str) -> str:
+    """``value`` if it is valid Unicode text; JSON's \\ud800 escapes can smuggle in lone surrogates, which
+    neither the tokenizer nor protobuf can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{name}' is not valid Unicode text (a lone surrogate)", name) from None
     return value
 
 
@@ -124,7 +136,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
     if isinstance(stop, str):
         stop = (stop,)
     if len(stop) > MAX_STOP_STRINGS or not all(
-        isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_LEN for s in stop
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_LEN and _check_text(s, "stop") for s in stop
     ):
         raise APIError(
             400,
@@ -169,6 +181,8 @@ def _prompt(body: dict) -> str | list[int]:
         raise APIError(400, "'prompt' is required", "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            _check_text(prompt, "prompt")
     if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise APIError(
             400, "'prompt' must be a string, a list of token ids, or a list of one of those", "prompt"
@@ -196,6 +210,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", "messages")
+        _check_text(m["role"] + content, "messages")
         out.append({"role": m["role"], "content": content})
     return out
 

@@ -1,5 +1,11 @@
-"""The proxy's view of the cluster: registered ranks from the bootstrap server, gRPC stubs to them,
-and the choice of a prefill rank and a decode rank for each request (least outstanding requests)."""
+"""The proxy's view of the cluster: registered ranks from the bootstrap registry, gRPC stubs to them,
+and the choice of a prefill rank and a decode rank for each request (least outstanding requests).
+
+Failures: a rank whose call failed with UNAVAILABLE is probed (``Health``); if it does not answer,
+it gets no new requests (unless no other rank is left) until it re-registers as a new incarnation
+or two leases pass (by then a dead rank has left the registry). A restarted registry lists only the ranks that have re-registered
+so far: for one lease after a new registry appears, ranks it does not list yet stay in the view.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -16,12 +23,14 @@ from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.rpc.auth import auth_metadata
+from pd.rpc.channel import RECONNECT_OPTIONS, keepalive_options
 from pd.tokenizer import Tokenizer, TokenizerFiles
 
 log = logging.getLogger(__name__)
 
 # ModelInfo carries tokenizer.json (several MB for real models): allow large replies.
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+PROBE_TIMEOUT_S = 1.0  # a rank that does not answer Health within this after a failed call is down
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class Rank:
     endpoint: str
     model_name: str
     max_context_len: int
+    incarnation: str = ""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -69,16 +79,33 @@ class NoWorkers(Exception):
 
 
 class Router:
-    def __init__(self, bootstrap: str, cluster_token: str | None = None, refresh_s: float = 1.0) -> None:
+    """``keepalive_s``: HTTP/2 ping interval on the worker channels (``pd.rpc.channel``): a call to a
+    rank that stops answering fails within about twice that."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        cluster_token: str | None = None,
+        refresh_s: float = 1.0,
+        keepalive_s: float = 5.0,
+    ) -> None:
         self.client = BootstrapClient(bootstrap, cluster_token=cluster_token, timeout=2.0, retry_for=0.0)
         self.token = cluster_token
         self.refresh_s = refresh_s
+        self.channel_options = _MESSAGE_OPTIONS + RECONNECT_OPTIONS + keepalive_options(keepalive_s)
         self.ranks: dict[tuple[str, int], Rank] = {}
         self.outstanding: dict[tuple[str, int], int] = {}
         self.assigned: dict[tuple[str, int], int] = {}  # requests ever sent: breaks ties evenly
+        self.down: dict[tuple[str, int], tuple[str, float]] = {}  # key -> (incarnation, until)
         self.last_refresh_ok: float | None = None
+        self.lease_s = 5.0  # the registry's lease, as it last said
+        self._server_id = ""
+        self._refill_until = 0.0  # a restarted registry is refilling until then
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._used: dict[str, Rank] = {}  # endpoint -> the rank last sent a request over its channel
+        self._closing: set[asyncio.Task] = set()
         self._model_info: dict[str, ModelInfo] = {}
+        self._probes: dict[tuple[str, int], asyncio.Task] = {}
         self._task: asyncio.Task | None = None
 
     # ---- registry ----
@@ -90,6 +117,8 @@ class Router:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._probes.values()):
+            task.cancel()
         for ch in self._channels.values():
             await ch.close()
         self.client.close()
@@ -101,12 +130,19 @@ class Router:
 
     async def refresh(self) -> None:
         try:
-            instances = await asyncio.to_thread(self.client.list)
+            reply = await asyncio.to_thread(self.client.list_response)
         except BootstrapError as e:
-            log.warning("bootstrap server unreachable: %s", e)
+            log.warning("bootstrap server unreachable: %s", e)  # keep routing to the ranks we know
             return
+        now = time.monotonic()
+        self.lease_s = reply.lease_seconds or self.lease_s
+        if reply.server_id != self._server_id:
+            if self._server_id:
+                log.warning("the bootstrap server restarted: keeping known ranks while it refills")
+                self._refill_until = now + self.lease_s
+            self._server_id = reply.server_id
         ranks = {}
-        for inst in instances:
+        for inst in reply.instances:
             for entry in inst.ranks:
                 info = entry.info
                 rank = Rank(
@@ -116,13 +152,34 @@ class Router:
                     info.grpc_endpoint,
                     info.model_name,
                     info.max_context_len,
+                    info.incarnation,
                 )
                 ranks[rank.key] = rank
+        if now < self._refill_until:
+            ranks = {**self.ranks, **ranks}
         gone = set(self.ranks) - set(ranks)
         if gone:
             log.info("ranks left the registry: %s", sorted(gone))
+        for key, (incarnation, until) in list(self.down.items()):
+            rank = ranks.get(key)
+            if rank is None or rank.incarnation != incarnation or until <= now:
+                del self.down[key]  # gone, restarted (a new incarnation) or given another chance
         self.ranks = ranks
-        self.last_refresh_ok = time.monotonic()
+        self._prune()
+        self.last_refresh_ok = now
+
+    def _prune(self) -> None:
+        """Forgets counters and channels of ranks that left (restarts on new ports must not pile up)."""
+        for key in [k for k in self.assigned if k not in self.ranks and not self.outstanding.get(k)]:
+            del self.assigned[key]  # requests still out on a departed rank keep its counts until released
+            self.outstanding.pop(key, None)
+        live = {r.endpoint for r in self.ranks.values()}
+        busy = {r.endpoint for r in self._used.values() if self.outstanding.get(r.key)}
+        for endpoint in [e for e in self._channels if e not in live and e not in busy]:
+            self._used.pop(endpoint, None)
+            task = asyncio.ensure_future(self._channels.pop(endpoint).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     @property
     def bootstrap_reachable(self) -> bool:
@@ -140,41 +197,78 @@ class Router:
         pairs = prefill & {r.model_name for r in self.ranks_of(bpb.ROLE_DECODE)}
         return sorted(pairs | {r.model_name for r in self.ranks_of(bpb.ROLE_COLOCATED)})
 
-    def _least_busy(self, candidates: list[Rank]) -> Rank:
+    def is_down(self, rank: Rank) -> bool:
+        return rank.key in self.down
+
+    # ---- choosing ranks ----
+
+    def pick(self, model: str) -> Route:
+        """A colocated rank serving ``model``, else a prefill and a decode rank, each the least busy
+        (ties: the fewest requests so far); counts them busy until ``release``."""
+        if self.ranks_of(bpb.ROLE_COLOCATED, model):
+            route = Route(self._choose(bpb.ROLE_COLOCATED, model, ()), None)
+        else:
+            prefill = self._choose(bpb.ROLE_PREFILL, model, ())
+            route = Route(self._choose(bpb.ROLE_DECODE, model, ()), prefill)
+        for r in route.ranks:
+            self._take(r)
+        return route
+
+    def pick_prefill(self, model: str, exclude_instances: Iterable[str]) -> Rank:
+        """Another prefill rank for a retry, on none of ``exclude_instances``; counted busy until ``release``."""
+        rank = self._choose(bpb.ROLE_PREFILL, model, frozenset(exclude_instances))
+        self._take(rank)
+        return rank
+
+    def _choose(self, role: int, model: str, exclude_instances: Iterable[str]) -> Rank:
+        name = bpb.Role.Name(role).removeprefix("ROLE_").lower()
+        registered = self.ranks_of(role, model)
+        if not registered:
+            raise NoWorkers(f"no {name} rank serving model {model!r} is registered")
+        candidates = [r for r in registered if r.instance_id not in exclude_instances]
+        if not candidates:
+            raise NoWorkers(f"no other {name} rank serving model {model!r} is registered")
+        # Ranks that failed a probe only when nothing else is left: a false alarm must not stop serving.
+        candidates = [r for r in candidates if not self.is_down(r)] or candidates
         # Fewest outstanding requests; ties: fewest requests so far, so sequential load spreads too.
         return min(
             candidates, key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key)
         )
 
-    def pick(self, model: str) -> Route:
-        """A colocated rank serving ``model``, else a prefill and a decode rank, each the least busy;
-        counts them busy until ``release``."""
-        colocated = self.ranks_of(bpb.ROLE_COLOCATED, model)
-        if colocated:
-            route = Route(self._least_busy(colocated), None)
-        else:
-            chosen = []
-            for role, name in ((bpb.ROLE_PREFILL, "prefill"), (bpb.ROLE_DECODE, "decode")):
-                candidates = self.ranks_of(role, model)
-                if not candidates:
-                    raise NoWorkers(f"no {name} rank serving model {model!r} is registered")
-                chosen.append(self._least_busy(candidates))
-            route = Route(chosen[1], chosen[0])
-        for r in route.ranks:
-            self.outstanding[r.key] = self.outstanding.get(r.key, 0) + 1
-            self.assigned[r.key] = self.assigned.get(r.key, 0) + 1
-        return route
+    def _take(self, rank: Rank) -> None:
+        self._used[rank.endpoint] = rank
+        self.outstanding[rank.key] = self.outstanding.get(rank.key, 0) + 1
+        self.assigned[rank.key] = self.assigned.get(rank.key, 0) + 1
 
     def release(self, *ranks: Rank) -> None:
         for r in ranks:
             self.outstanding[r.key] = max(0, self.outstanding.get(r.key, 0) - 1)
+
+    def call_failed(self, rank: Rank) -> None:
+        """A call to ``rank`` failed with UNAVAILABLE: probe it; if it does not answer, route around it."""
+        if rank.key in self._probes or self.is_down(rank):
+            return
+        task = asyncio.ensure_future(self._probe(rank))
+        self._probes[rank.key] = task
+        task.add_done_callback(lambda _: self._probes.pop(rank.key, None))
+
+    async def _probe(self, rank: Rank) -> None:
+        try:
+            await self.stub(rank).Health(
+                wpb.WorkerHealthRequest(), timeout=PROBE_TIMEOUT_S, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning(
+                "%s failed its health probe (%s): no new requests go there", rank.label, e.code().name
+            )
+            self.down[rank.key] = (rank.incarnation, time.monotonic() + 2 * self.lease_s)
 
     # ---- gRPC ----
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
         return ch
 
     def prefill_stub(self, rank: Rank) -> wpb_grpc.PrefillWorkerStub:
@@ -192,7 +286,7 @@ class Router:
         return auth_metadata(self.token)
 
     async def model_info(self, model: str) -> ModelInfo:
-        """Tokenizer and limits of ``model``, fetched once from one of its ranks."""
+        """Tokenizer and limits of ``model``, fetched once from one of its ranks (the first that answers)."""
         info = self._model_info.get(model)
         if info is not None:
             return info
@@ -203,9 +297,16 @@ class Router:
         ]
         if not ranks:
             raise NoWorkers(f"no rank serves model {model!r}")
-        reply = await self.stub(ranks[0]).ModelInfo(
-            wpb.ModelInfoRequest(), timeout=10.0, metadata=self.metadata
-        )
+        ranks.sort(key=self.is_down)
+        for i, rank in enumerate(ranks):
+            try:
+                reply = await self.stub(rank).ModelInfo(
+                    wpb.ModelInfoRequest(), timeout=10.0, metadata=self.metadata
+                )
+                break
+            except grpc.aio.AioRpcError:
+                if i == len(ranks) - 1:
+                    raise
         files = TokenizerFiles(
             tokenizer_json=reply.tokenizer_json,
             tokenizer_config=json.loads(reply.tokenizer_config_json or "{}"),
