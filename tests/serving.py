@@ -95,3 +95,163 @@ def wait_pages_idle(url: str, timeout: float = 30.0) -> dict:
             return pages
         time.sleep(0.2)
     return pages
+
+
+IDLE_GAUGES = ("pd_kv_pages_used", "pd_rooms_open", "pd_transfer_rooms_open")
+
+
+def rank_gauges(url: str) -> dict[tuple[str, str, str, str], float]:
+    """Every relayed per-rank gauge of IDLE_GAUGES and the proxy's requests in flight, from one scrape:
+    {(name, role, instance, rank): value} (the proxy's own gauge under ("...", "proxy", "", ""))."""
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    out = {}
+    for (name, labels), value in parse_samples(text).items():
+        d = dict(labels)
+        if name in IDLE_GAUGES:
+            out[(name, d["role"], d["instance"], d["rank"])] = value
+        elif name == "pd_proxy_requests_inflight":
+            out[(name, "proxy", "", "")] = value
+    return out
+
+
+def wait_idle(url: str, timeout: float = 30.0, ranks: int | None = None) -> dict:
+    """Waits until no rank holds a page or a room and the proxy has nothing in flight (and, with
+    ``ranks``, that many ranks report); returns the last reading (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reading = rank_gauges(url)
+        reporting = {(role, inst, rank) for (_, role, inst, rank) in reading if role != "proxy"}
+        if all(v == 0 for v in reading.values()) and reporting and (ranks is None or len(reporting) == ranks):
+            return reading
+        if time.monotonic() > deadline:
+            return reading
+        time.sleep(0.2)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a live process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+class Cluster:
+    """A deployment started process by process (bootstrap, prefill and decode instances, proxies), so
+    that a test can kill, stop, resume or restart any one of them. Workers keep their gRPC port (and so
+    their instance id) across restarts, like a supervisor restarting them. ``close()`` stops every
+    process this object started, by pid. Logs go to ``logdir/<name>.log``."""
+
+    def __init__(
+        self,
+        model: Path,
+        logdir: Path,
+        prefill: int = 1,
+        decode: int = 1,
+        worker_args: tuple[str, ...] = (),
+        proxies: dict[str, tuple[str, ...]] | None = None,
+        common_args: tuple[str, ...] = (),
+        lease_seconds: float = 2.0,
+    ) -> None:
+        self.logdir = logdir
+        self.boot = f"127.0.0.1:{free_port()}"
+        self.cmds: dict[str, list[str]] = {
+            "bootstrap": [
+                "pd.launch.bootstrap",
+                "--port",
+                self.boot.rsplit(":", 1)[1],
+                "--lease-seconds",
+                str(lease_seconds),
+                *common_args,
+            ]
+        }
+        base = ["--bootstrap", self.boot, "--model", str(model), "--model-name", "tiny-ci", *worker_args]
+        for role, n in (("prefill", prefill), ("decode", decode)):
+            for i in range(n):
+                port = str(free_port())
+                self.cmds[f"{role}{i}"] = [f"pd.launch.{role}", *base, "--port", port, *common_args]
+        self.urls: dict[str, str] = {}
+        for name, extra in (proxies or {"proxy": ()}).items():
+            port = free_port()
+            self.urls[name] = f"http://127.0.0.1:{port}"
+            self.cmds[name] = [
+                "pd.launch.proxy",
+                "--bootstrap",
+                self.boot,
+                "--port",
+                str(port),
+                *extra,
+                *common_args,
+            ]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.num_ranks = prefill + decode
+
+    @property
+    def url(self) -> str:
+        return next(iter(self.urls.values()))
+
+    def log(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def tail(self, lines: int = 40) -> str:
+        out = []
+        for name in self.cmds:
+            if self.log(name).exists():
+                text = self.log(name).read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def start(self, *names: str) -> None:
+        for name in names or tuple(self.cmds):
+            assert name not in self.procs or self.procs[name].poll() is not None, f"{name} is running"
+            self.procs[name] = start(self.cmds[name], self.log(name))
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Until every proxy is healthy and sees every rank."""
+        deadline = time.monotonic() + timeout
+        for url in self.urls.values():
+            while True:
+                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"{dead} exited during start-up\n{self.tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (
+                        httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+                        and len(kv_pages_used(url)) == self.num_ranks
+                    ):
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} not ready within {timeout} s\n{self.tail()}")
+                time.sleep(0.25)
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def signal(self, name: str, sig: int) -> None:
+        p = self.procs[name]
+        if p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, then reaps it."""
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def close(self) -> dict[str, int]:
+        """Stops everything still running (proxies first, bootstrap last); returns the exit codes."""
+        for name in self.procs:
+            self.signal(name, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        order = [n for n in reversed(list(self.cmds)) if n in self.procs]
+        return {name: stop(self.procs[name]) for name in order}
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
