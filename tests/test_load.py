@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 
 import httpx
 import pytest
@@ -100,6 +101,8 @@ def test_hung_proxy_rooms_are_freed_by_the_workers_keepalive(cluster):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(run())
+    stopped_at = time.monotonic()
     reading = wait_idle(cluster.url, timeout=2 * SERVER_KEEPALIVE_S + 30, ranks=cluster.num_ranks)
+    print(f"\nproxy SIGSTOP: every rank idle {time.monotonic() - stopped_at:.1f}s after the stop")
     cluster.signal("other", signal.SIGCONT)
     assert all(v == 0 for (name, role, *_), v in reading.items() if role != "proxy"), reading

@@ -432,10 +432,8 @@ class KVSender:
                 else:
                     assert aux_record is not None
                     self._write_aux(job, aux_record)
-                    # wait_for_ready: a connection still being set up (the first call to this decode
-                    # rank, or one after it restarted) is waited for within the timeout, not a failure.
                     self._channels.decode(job.peer.endpoint).TransferDone(
-                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s, wait_for_ready=True
+                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s
                     )
             except TransferError as e:
                 error = str(e)
