@@ -473,9 +473,12 @@ def expert_balance(base_url: str) -> str:
     from pd.metrics import parse_samples
 
     try:
-        text = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10).text
+        response = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10)
     except httpx.HTTPError:
         return ""
+    if response.status_code != 200:  # not a pd proxy (or no metrics there)
+        return ""
+    text = response.text
     per_rank: dict[str, dict[str, float]] = {}
     per_expert: dict[str, dict[str, float]] = {}
     for (name, labels), value in parse_samples(text).items():
