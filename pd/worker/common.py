@@ -37,6 +37,7 @@ from pd.transfer.engine import TransferConfig, TransferEngine
 from pd.transfer.state import TransferTimeouts
 from pd.worker.loop import EngineThread
 from pd.worker.parallel import Lockstep, destroy_process_groups, init_process_groups
+from pd.worker.rooms import resolve
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,17 @@ class WorkerBase:
             kv_pages_used=self.engine.allocator.num_used,
             kv_pages_total=self.engine.allocator.num_pages - 1,
         )
+
+    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
+        """Ends a room wherever it is; ``found`` says whether this rank knew it."""
+        found = asyncio.get_running_loop().create_future()
+        reason = request.reason or "aborted"
+        self.thread.submit(lambda: self.post(resolve, found, self._abort(request.room, reason)))
+        return wpb.CancelReply(found=await found)
+
+    def _abort(self, room: int, reason: str) -> bool:
+        """Engine thread: aborts ``room``; True if it was known here."""
+        raise NotImplementedError
 
     async def Metrics(self, request: wpb.MetricsRequest, context) -> wpb.MetricsReply:
         self._read_expert_counters()

@@ -119,13 +119,6 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
             if not finished:  # the caller went away
                 self.thread.submit(lambda: self._abort(request.room, "the Generate stream was cancelled"))
 
-    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
-        found = asyncio.get_running_loop().create_future()
-        self.thread.submit(
-            lambda: self.post(_set, found, self._abort(request.room, request.reason or "aborted"))
-        )
-        return wpb.CancelReply(found=await found)
-
     # ---- engine thread ----
 
     def has_work(self) -> bool:
@@ -266,11 +259,6 @@ class DecodeWorker(WorkerBase, wpb_grpc.DecodeWorkerServicer):
             completion_tokens=len(room.req.output_ids),
         )
         self.post(room.out.put_nowait, chunk)
-
-
-def _set(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
 
 
 class ColocatedWorker(DecodeWorker):

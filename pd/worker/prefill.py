@@ -25,7 +25,7 @@ from pd.transfer.sender import KVSender
 from pd.transfer.state import TransferState
 from pd.types import FinishReason, Req
 from pd.worker.common import WorkerBase, WorkerConfig
-from pd.worker.rooms import RoomError, failure_status, sampling_from_proto
+from pd.worker.rooms import RoomError, failure_status, reject, resolve, sampling_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,6 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
             self.thread.submit(lambda: self._abort(request.room, "the Prefill call was cancelled"))
             raise
 
-    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
-        found = asyncio.get_running_loop().create_future()
-        self.thread.submit(
-            lambda: self.post(_set, found, self._abort(request.room, request.reason or "aborted"))
-        )
-        return wpb.CancelReply(found=await found)
-
     # ---- engine thread ----
 
     def has_work(self) -> bool:
@@ -127,7 +120,7 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
                 raise RoomError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except RoomError as e:
             self.m_requests.inc(role=self.role, outcome="refused")
-            self.post(_set_error, reply, e)
+            self.post(reject, reply, e)
             return
         self.rooms[room] = _Room(req, reply, time.monotonic())
         log.debug("room %x: queued, %d prompt tokens", room, len(req.prompt_ids))
@@ -181,11 +174,11 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
         self.m_requests.inc(role=self.role, outcome=state.value)
         if state is TransferState.DONE:
             reply = wpb.PrefillReply(prompt_tokens=len(room.req.prompt_ids), first_token_id=room.first_token)
-            self.post(_set, room.reply, reply)
+            self.post(resolve, room.reply, reply)
             return
         if state is TransferState.FAILED:
             self.m_transfer_failures.inc(role=self.role)
-        self.post(_set_error, room.reply, RoomError(*failure_status(state, reason)))
+        self.post(reject, room.reply, RoomError(*failure_status(state, reason)))
 
     def _abort(self, room_id: int, reason: str) -> bool:
         room = self.rooms.get(room_id)
@@ -201,16 +194,6 @@ class PrefillWorker(WorkerBase, wpb_grpc.PrefillWorkerServicer):
         self.rooms.pop(room_id)
         self.scheduler.finish(room.req, FinishReason.ABORT)
         self.post(
-            _set_error, room.reply, RoomError(grpc.StatusCode.ABORTED, f"room {room_id:x} aborted: {reason}")
+            reject, room.reply, RoomError(grpc.StatusCode.ABORTED, f"room {room_id:x} aborted: {reason}")
         )
         return True
-
-
-def _set(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_error(fut: asyncio.Future, error: Exception) -> None:
-    if not fut.done():
-        fut.set_exception(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from pd.rpc import worker_pb2 as wpb
@@ -39,3 +41,15 @@ def sampling_from_proto(s: wpb.Sampling) -> SamplingParams:
         stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
     )
+
+
+def resolve(fut: asyncio.Future, value: object) -> None:
+    """Sets a pending RPC's result (on the event loop); a future already done (cancelled) is left alone."""
+    if not fut.done():
+        fut.set_result(value)
+
+
+def reject(fut: asyncio.Future, error: Exception) -> None:
+    """Fails a pending RPC with ``error`` (on the event loop); a future already done is left alone."""
+    if not fut.done():
+        fut.set_exception(error)
