@@ -4,6 +4,8 @@
 
 - ``1p1d``: a prefill instance on GPU 0 and a decode instance on GPU 1, KV over Mooncake's NVLink path.
 - ``colocated``: two colocated instances (prefill and decode in one engine), one per GPU, behind the proxy.
+- ``2p2d``: a 2-rank prefill instance (GPUs 0-1, normal EP dispatch) and a 2-rank decode instance
+  (GPUs 2-3, low-latency EP dispatch in CUDA graphs), DP attention + EP 2 each (needs 4 GPUs).
 
 Both serve the DESIGN.md §8 shape with dummy weights. For each workload (input/output lengths, random
 dataset) the request rate is swept upward until the system saturates; each point reports TTFT and
@@ -78,8 +80,19 @@ def serve_command(system: str, args: argparse.Namespace, model: str, port: int) 
             ]
     elif system == "colocated":
         cmd += ["--colocated", "2"]
+    elif system == "2p2d":
+        cmd += ["--dp", "2", "--ep", "2"]
+        if args.device == "cuda":
+            cmd += [
+                "--prefill-device",
+                "cuda:0",
+                "--decode-device",
+                "cuda:2",
+                "--transfer-protocol",
+                "nvlink",
+            ]
     else:
-        raise SystemExit(f"unknown system {system!r}; expected 1p1d or colocated")
+        raise SystemExit(f"unknown system {system!r}; expected 1p1d, colocated or 2p2d")
     return cmd
 
 
