@@ -4,6 +4,7 @@ latency (eager and replayed in a CUDA graph), normal-mode dispatch+combine throu
     python -m pd.bench.ep_latency                          # 2 GPUs, backends torch and mooncake
     python -m pd.bench.ep_latency --out bench/results/ep_latency.json
     python -m pd.bench.ep_latency --device cpu --smoke     # gloo, tiny shapes (CI smoke test)
+    python -m pd.bench.ep_latency --routing grouped --placements linear,round_robin
 
 No torchrun: the parent starts one worker process per rank for each backend, bounds each
 launch with --timeout-s and kills only its own workers by pid, so a hung collective costs at
@@ -18,6 +19,12 @@ What is measured (per rank; the table shows the slowest rank):
 - normal: ``dispatch`` + ``combine`` of 4096 tokens per rank, eager; GB/s = bytes this rank sends
   (dispatched rows, self included, + combined rows, times H * 2) / time.
 Routing is uniform random top-k; every rank has T tokens.
+
+``--routing grouped`` (the expert-placement study) instead routes random hidden states through the
+real noaux_tc router with random weights shared by all ranks (the routers of
+``pd.bench.placement_balance``: the §8 shape and a DeepSeek-V3-like 256-expert / 8-group / top-8
+one), translates the global ids with each ``--placements`` map, and adds per-rank received
+(token, expert) rows (max / mean over ranks) and the mean number of ranks a token's experts span.
 """
 
 from __future__ import annotations
@@ -81,6 +88,13 @@ SMOKE_SWEEP = Sweep(
 )
 
 
+def _routers(smoke: bool) -> list:
+    """The grouped routers of the placement study (``pd.bench.placement_balance``)."""
+    from pd.bench.placement_balance import ROUTERS, SMOKE_ROUTER
+
+    return [SMOKE_ROUTER] if smoke else list(ROUTERS)
+
+
 # ---------------------------------------------------------------- worker (one rank)
 
 
@@ -111,9 +125,16 @@ def _worker(args: argparse.Namespace) -> None:
 
     rank, world = args.rank, args.world_size
     sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP
+    routers = _routers(args.smoke)
+    if args.routing == "grouped":
+        sweep = dataclasses.replace(
+            sweep, hidden=tuple(dict.fromkeys(r.hidden for r in routers)),
+            experts_topk=tuple(dict.fromkeys((r.experts, r.top_k) for r in routers)),
+        )  # fmt: skip
     if args.group:  # one (hidden, experts, top_k) group per launch: Mooncake keeps one buffer per process
         h, e, k = (int(v) for v in args.group.split(":"))
         sweep = dataclasses.replace(sweep, hidden=(h,), experts_topk=((e, k),))
+        routers = [r for r in routers if (r.hidden, r.experts, r.top_k) == (h, e, k)]
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -177,6 +198,59 @@ def _worker(args: argparse.Namespace) -> None:
         us = [s.elapsed_time(e) * 1e3 for s, e in times] if cuda else [t * 1e6 for t in times]
         return statistics.median(us)
 
+    def ll_timings(round_trip, want: torch.Tensor) -> tuple[float, float, float | None, float | None]:
+        """(identity rel err, eager us, graph us, max |graph - eager|), each the slowest rank's."""
+        eager_out = round_trip()
+        err = slowest(rel_err(eager_out, want))
+        for _ in range(sweep.warmup):
+            round_trip()
+        dist.barrier(group=group)
+        eager_us = slowest(timed(round_trip, sweep.iters))
+        graph_us = graph_diff = None
+        if cuda:
+            graph_us, graph_diff = _graph_timing(round_trip, eager_out, sweep, timed, group)
+            graph_us, graph_diff = slowest(graph_us), slowest(graph_diff)
+        return err, eager_us, graph_us, graph_diff
+
+    def placement_sweep(backend, router) -> None:
+        """Low-latency round trips of grouped-router traffic under each placement."""
+        from pd.bench.placement_balance import random_router
+        from pd.ep.placement import ExpertPlacement, PlacementMap
+        from pd.model.moe import select_experts
+
+        cfg = router.config()
+        weight, bias = random_router(router, torch.Generator().manual_seed(77))  # same on every rank
+        weight, bias = weight.to(device), bias.to(device)
+        for kind in args.placements.split(","):
+            pmap = PlacementMap(ExpertPlacement(kind, router.experts, world), device)
+            for tokens in sweep.ll_tokens:
+                x = torch.randn(tokens, router.hidden, generator=gen).to(device, dtype)
+                w, global_idx = select_experts(x, weight, bias, cfg)  # [T, K] f32, [T, K] global ids
+                idx = pmap.to_physical(global_idx)  # [T, K] physical ids
+                # Identity experts: the combine must give x times the sum of the token's weights.
+                want = x.float() * w.sum(dim=1, keepdim=True)
+
+                def round_trip(x=x, idx=idx, w=w, backend=backend):
+                    d = backend.ll_dispatch(x, idx)
+                    return backend.ll_combine(d.recv_x, idx, w, d.handle)
+
+                err, eager_us, graph_us, graph_diff = ll_timings(round_trip, want)
+                # Rows each rank received: one per (token, expert) naming one of its experts.
+                recv = backend.ll_dispatch(x, idx).recv_count.sum().to(torch.float64).reshape(1)
+                per_rank = [torch.zeros_like(recv) for _ in range(world)]
+                dist.all_gather(per_rank, recv, group=group)
+                per_rank = torch.cat(per_rank)  # [W]
+                ranks = idx // (router.experts // world)  # [T, K] destination rank per slot
+                spans = sum((ranks == r).any(-1) for r in range(world)).to(torch.float64).sum().reshape(1)
+                dist.all_reduce(spans, group=group)
+                rec.add("placement", backend=args.backend, router=router.name, hidden=router.hidden,
+                        experts=router.experts, top_k=router.top_k, placement=kind, tokens=tokens,
+                        max_tokens=max_tokens, eager_us=eager_us, graph_us=graph_us,
+                        recv_rows_per_rank=per_rank.tolist(),
+                        recv_max_over_mean=float(per_rank.max() / per_rank.mean().clamp_min(1e-9)),
+                        mean_ranks_spanned=float(spans) / (tokens * world), identity_rel_err=err,
+                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)))  # fmt: skip
+
     mooncake_buffer = None
     if args.backend == "mooncake":
         # One Mooncake Buffer per process, sized for the largest shape of the sweep.
@@ -222,8 +296,18 @@ def _worker(args: argparse.Namespace) -> None:
     del backend
     gc.collect()
 
+    if args.routing == "grouped":
+        for router in routers:
+            backend = build(router.hidden, router.experts, max_tokens)
+            placement_sweep(backend, router)
+            del backend
+            gc.collect()
+        hidden_sizes = ()  # the uniform sweeps below are skipped
+    else:
+        hidden_sizes = sweep.hidden
+
     # ---- low-latency latency sweep ----
-    for hidden in sweep.hidden:
+    for hidden in hidden_sizes:
         for experts, top_k in sweep.experts_topk:
             backend = build(hidden, experts, max_tokens)
             for tokens in sweep.ll_tokens:
@@ -236,16 +320,7 @@ def _worker(args: argparse.Namespace) -> None:
                     d = backend.ll_dispatch(x, idx)
                     return backend.ll_combine(d.recv_x, idx, w, d.handle)
 
-                eager_out = round_trip()
-                err = slowest(rel_err(eager_out, want))
-                for _ in range(sweep.warmup):
-                    round_trip()
-                dist.barrier(group=group)
-                eager_us = slowest(timed(round_trip, sweep.iters))
-                graph_us = graph_diff = None
-                if cuda:
-                    graph_us, graph_diff = _graph_timing(round_trip, eager_out, sweep, timed, group)
-                    graph_us, graph_diff = slowest(graph_us), slowest(graph_diff)
+                err, eager_us, graph_us, graph_diff = ll_timings(round_trip, want)
                 rec.add("low_latency", backend=args.backend, hidden=hidden, experts=experts, top_k=top_k,
                         tokens=tokens, max_tokens=max_tokens, eager_us=eager_us, graph_us=graph_us,
                         identity_rel_err=err, graph_vs_eager_max_abs=graph_diff,
@@ -256,7 +331,7 @@ def _worker(args: argparse.Namespace) -> None:
                 torch.cuda.empty_cache()
 
     # ---- normal-mode throughput (torch; mooncake's normal mode is the same torch code) ----
-    if args.backend == "torch":
+    if args.backend == "torch" and args.routing == "uniform":
         tokens = sweep.normal_tokens
         for hidden in sweep.hidden:
             for experts, top_k in sweep.experts_topk:
@@ -343,7 +418,8 @@ def _launch(args: argparse.Namespace, backend: str, workdir: Path, group: str = 
         log = open(workdir / f"{tag}.rank{rank}.log", "w")  # noqa: SIM115 (closed below)
         cmd = [sys.executable, "-m", "pd.bench.ep_latency", "--worker", "--rank", str(rank),
                "--world-size", str(args.world_size), "--port", str(port), "--backend", backend,
-               "--device", args.device, "--result-file", str(result_file), "--group", group] + (["--smoke"] if args.smoke else [])  # fmt: skip
+               "--device", args.device, "--result-file", str(result_file), "--group", group,
+               "--routing", args.routing, "--placements", args.placements] + (["--smoke"] if args.smoke else [])  # fmt: skip
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     deadline = time.monotonic() + args.timeout_s
     status = "ok"
@@ -412,6 +488,13 @@ def _tables(result: dict) -> str:
     lines += [f"| {r['backend']} | {r['hidden']} | {r['experts']}/{r['top_k']} | {r['tokens']} | "
               f"{r['rows_dispatched']}+{r['rows_combined']} | {r['time_us']:.0f} | {r['gbps_rank0']:.1f} | {r['ok']} |"
               for r in result["normal"]]  # fmt: skip
+    if result["placement"]:
+        lines += ["", "Expert placement, grouped routers, low-latency dispatch + combine (slowest rank, median):", "",
+                  "| backend | router | placement | T | eager us | graph us | recv rows max/mean | ranks/token | ok |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['backend']} | {r['router']} | {r['placement']} | {r['tokens']} | {_fmt(r['eager_us'])} | "
+                  f"{_fmt(r['graph_us'])} | {r['recv_max_over_mean']:.3f} | {r['mean_ranks_spanned']:.2f} | {r['ok']} |"
+                  for r in result["placement"]]  # fmt: skip
     lines += ["", "| backend | status |", "|---|---|"] + [
         f"| {r['backend']} | {r['status']} |" for r in result["runs"]
     ]
@@ -428,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations")
     p.add_argument("--timeout-s", type=float, default=300.0, help="limit per backend launch")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--routing", choices=("uniform", "grouped"), default="uniform",
+                   help="uniform random top-k, or the grouped noaux_tc routers of the placement study")  # fmt: skip
+    p.add_argument("--placements", default="linear",
+                   help="with --routing grouped: comma-separated expert placements to compare")  # fmt: skip
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -444,15 +531,18 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = (args.backends or ("torch,mooncake" if args.device == "cuda" else "torch")).split(",")
     result: dict = {"environment": _environment(args.device), "args": {"device": args.device,
-                    "world_size": args.world_size, "smoke": args.smoke, "backends": backends},
-                    "correctness": [], "low_latency": [], "normal": [], "notes": [], "runs": []}  # fmt: skip
+                    "world_size": args.world_size, "smoke": args.smoke, "backends": backends,
+                    "routing": args.routing, "placements": args.placements.split(",")},
+                    "correctness": [], "low_latency": [], "normal": [], "placement": [], "notes": [], "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ep_latency_") as tmp:
         sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP
         for backend in backends:
             # Mooncake keeps one EP buffer per process and did not survive a change of expert count
             # within one (seen on 2 H200s): one launch per shape group.
             groups = [""]
-            if backend == "mooncake":
+            if backend == "mooncake" and args.routing == "grouped":
+                groups = [f"{r.hidden}:{r.experts}:{r.top_k}" for r in _routers(args.smoke)]
+            elif backend == "mooncake":
                 groups = [f"{h}:{e}:{k}" for h in sweep.hidden for e, k in sweep.experts_topk]
             for group in groups:
                 status, records = _launch(args, backend, Path(tmp), group)
@@ -464,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     failed = [r for r in result["runs"] if r["status"] != "ok"]
-    bad = [r for k in ("correctness", "low_latency", "normal") for r in result[k] if not r["ok"]]
+    bad = [r for k in ("correctness", "low_latency", "normal", "placement") for r in result[k] if not r["ok"]]
     return 1 if failed or bad else 0
 
 

@@ -531,6 +531,26 @@ def test_bench_cpu_smoke(tmp_path: Path) -> None:
     assert result["low_latency"] and result["normal"]
 
 
+@pytest.mark.timeout(150)
+def test_bench_cpu_smoke_grouped_placements(tmp_path: Path) -> None:
+    """The placement study's mode: grouped router, both placements, rows conserved on the wire."""
+    import json
+
+    out = tmp_path / "ep.json"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pd.bench.ep_latency", "--device", "cpu", "--smoke", "--routing", "grouped",
+           "--placements", "linear,round_robin", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=140, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["placement"]
+    assert {r["placement"] for r in rows} == {"linear", "round_robin"}
+    for r in rows:
+        assert r["ok"], r
+        # Every (token, expert) pair of both ranks arrives at exactly one rank.
+        assert sum(r["recv_rows_per_rank"]) == r["tokens"] * r["top_k"] * 2, r
+        assert 1.0 <= r["mean_ranks_spanned"] <= 2.0, r
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         worker_main(sys.argv[1:])
