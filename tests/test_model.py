@@ -11,7 +11,7 @@ import torch
 from pd.attention.base import AttnInputs
 from pd.config import EngineConfig
 from pd.engine.engine import Engine
-from pd.engine.runner import ModelRunner
+from pd.engine.runner import ModelRunner, resolve_device
 from pd.model.context import ForwardContext
 from pd.types import BatchMode, SamplingParams
 from tests.oracle import hf_greedy
@@ -145,3 +145,11 @@ def test_text_generation_with_stop_strings_matches_transformers(tiny_model, hf_m
     assert out.output_ids == full_ids[: len(out.output_ids)]
     plain = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert plain.text == full_text and plain.output_ids == full_ids
+
+
+def test_resolve_device_pins_bare_cuda_to_the_current_device(monkeypatch) -> None:
+    # torch.cuda.set_device("cuda") raises; the runner must pass it an index (found on the H100 run).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -68,6 +68,15 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
     raise ValueError(f"unknown attention backend {name!r}; expected 'auto', 'torch' or 'flashinfer'")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``torch.device`` for ``name``, with ``"cuda"`` pinned to the current CUDA device's index
+    (``torch.cuda.set_device`` refuses a CUDA device without one)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ModelRunner:
     """Owns the model, its KV pool and attention backend on one rank.
 
@@ -87,7 +96,7 @@ class ModelRunner:
     ) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
-        self.device = torch.device(cfg.device)
+        self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":  # kernels (Triton, FlashInfer) launch on the current device
             torch.cuda.set_device(self.device)
         self.dtype = cfg.torch_dtype
