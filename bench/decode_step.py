@@ -23,21 +23,10 @@ from pathlib import Path
 
 import torch
 
+from pd.bench.moe_kernels import measure_ceilings
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
 from pd.types import Batch, BatchMode, Req, SamplingParams
-
-
-def measure_ceilings() -> tuple[float, float]:
-    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), medians of timed repeats."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), 20)
-    bw = 2 * src.numel() / t
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = timed(lambda: x @ y, 10)
-    return bw, 2 * 8192**3 / t
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:

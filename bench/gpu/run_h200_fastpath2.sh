@@ -11,7 +11,7 @@ echo "== tune"
 timeout 200 python3 -m pd.bench.tune_moe --max-seconds 170 > $OUT/tune.log 2>&1; echo "rc=$?"
 tail -3 $OUT/tune.log; cp kernels/configs/*.json $OUT/ 2>/dev/null
 echo "== moe kernels"
-timeout 60 python3 -m pd.bench.moe_kernels --no-ref --out $OUT/moe_kernels.json > $OUT/moe_kernels.log 2>&1; echo "rc=$?"
+timeout 60 python3 -m pd.bench.moe_kernels --design-ceilings --no-ref --out $OUT/moe_kernels.json > $OUT/moe_kernels.log 2>&1; echo "rc=$?"
 tail -22 $OUT/moe_kernels.log
 echo "== decode/prefill benchmark (tuned)"
 timeout 150 python3 -m pd.bench.decode_step --iters 15 --out $OUT/decode_step.json --profile $OUT/profile.txt > $OUT/decode_step.log 2>&1; echo "rc=$?"

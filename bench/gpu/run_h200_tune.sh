@@ -8,7 +8,7 @@ echo "== tune"
 timeout 260 python3 -m pd.bench.tune_moe --max-seconds 230 > $OUT/tune.log 2>&1; echo "rc=$?"
 tail -5 $OUT/tune.log; cp kernels/configs/*.json $OUT/ 2>/dev/null
 echo "== moe kernels"
-timeout 90 python3 -m pd.bench.moe_kernels --out $OUT/moe_kernels.json > $OUT/moe_kernels.log 2>&1; echo "rc=$?"
+timeout 90 python3 -m pd.bench.moe_kernels --design-ceilings --out $OUT/moe_kernels.json > $OUT/moe_kernels.log 2>&1; echo "rc=$?"
 tail -25 $OUT/moe_kernels.log
 echo "== decode/prefill benchmark (tuned)"
 timeout 200 python3 -m pd.bench.decode_step --out $OUT/decode_step_tuned.json > $OUT/decode_step_tuned.log 2>&1; echo "rc=$?"
