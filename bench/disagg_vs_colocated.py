@@ -12,6 +12,8 @@ dataset) the request rate is swept upward until the system saturates; each point
 TPOT percentiles and goodput under the SLO (default TTFT <= 2 s and TPOT <= 50 ms). The headline is
 the highest offered rate a system sustains at the SLO (>= 90% of its requests meet the SLO, none fail).
 With ``--device cpu --model DIR`` the same script runs on the tiny model (a smoke test of the script).
+Each point keeps its requests' TTFT and TPOT; ``--plot-from disagg_*.json`` draws the experiment's PNGs
+(latency percentiles and goodput against the offered rate, TTFT/TPOT CDFs per rate; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def point(url: str, args: argparse.Namespace, in_len: int, out_len: int, rate: f
         # Dummy weights sample ids the small tokenizer cannot spell: count tokens by their ids.
         extra_body={"return_token_ids": True},
     )
-    m = asyncio.run(run_benchmark(cfg)).metrics
+    result = asyncio.run(run_benchmark(cfg))
+    m = result.metrics
     return {
         "rate": rate,
         "num_prompts": num,
@@ -142,6 +145,8 @@ def point(url: str, args: argparse.Namespace, in_len: int, out_len: int, rate: f
         "ttft_ms": {"p50": m.ttft.median, "p90": m.ttft.p90, "p99": m.ttft.p99},
         "tpot_ms": {"p50": m.tpot.median, "p90": m.tpot.p90, "p99": m.tpot.p99},
         "errors": m.errors,
+        # Per request, in seconds (None: failed, or no TPOT for a single token): for the CDF plots.
+        "requests": [[r.ttft, r.tpot] for r in result.records],
     }
 
 
@@ -228,6 +233,71 @@ def _pcts(d: dict) -> str:
     return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p90", "p99"))
 
 
+def plot_sweeps(all_results: list[dict], out_dir: Path, slo_ttft_ms: float, slo_tpot_ms: float) -> list[Path]:
+    """Per workload: TTFT and TPOT percentiles and goodput against the offered rate for every system (SLO
+    lines dashed), and per system the TTFT and TPOT CDFs of each rate. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    by_workload: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    for res in all_results:
+        for w in res["workloads"]:
+            by_workload.setdefault((w["input"], w["output"]), {})[res["system"]] = w["points"]
+    written = []
+    for (in_len, out_len), systems in by_workload.items():
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for color, (system, points) in enumerate(systems.items()):
+            rates = [p["rate"] for p in points]
+            for ax, key in zip(axes[:2], ("ttft_ms", "tpot_ms")):
+                for pct, style in (("p50", "-o"), ("p90", "--s")):
+                    values = [p[key][pct] for p in points]
+                    ax.plot(rates, values, style, color=f"C{color}", label=f"{system} {pct}")
+            axes[2].plot(rates, [p["goodput"] or 0.0 for p in points], "-o", color=f"C{color}", label=system)
+        for ax, slo, title in ((axes[0], slo_ttft_ms, "TTFT (ms)"), (axes[1], slo_tpot_ms, "TPOT (ms)")):
+            ax.axhline(slo, color="grey", linestyle=":", label="SLO")
+            ax.set_title(title)
+            ax.set_yscale("log")
+        axes[2].set_title("goodput at the SLO (req/s)")
+        for ax in axes:
+            ax.set_xlabel("offered rate (req/s)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"input {in_len} / output {out_len}")
+        fig.tight_layout()
+        written.append(out_dir / f"disagg_vs_colocated_{in_len}_{out_len}.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+        for system, points in systems.items():
+            if not any(p.get("requests") for p in points):
+                continue  # older results without per-request samples
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for p in points:
+                for ax, col in zip(axes, (0, 1)):
+                    ms = sorted(r[col] * 1000.0 for r in p.get("requests", []) if r[col] is not None)
+                    if ms:
+                        ax.step(
+                            ms,
+                            [(i + 1) / len(ms) for i in range(len(ms))],
+                            where="post",
+                            label=f"{p['rate']:g} req/s",
+                        )
+            for ax, slo, title in ((axes[0], slo_ttft_ms, "TTFT"), (axes[1], slo_tpot_ms, "TPOT")):
+                ax.axvline(slo, color="grey", linestyle=":")
+                ax.set_xscale("log")
+                ax.set_xlabel(f"{title} (ms)")
+                ax.set_ylabel("fraction of requests")
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=8)
+            fig.suptitle(f"{system}, input {in_len} / output {out_len}: CDFs per offered rate")
+            fig.tight_layout()
+            written.append(out_dir / f"cdf_{system}_{in_len}_{out_len}.png")
+            fig.savefig(written[-1])
+            plt.close(fig)
+    return written
+
+
 def parse_workloads(text: str, rates: str) -> list[tuple[int, int, list[float]]]:
     out = []
     for item, rate_list in zip(text.split(","), rates.split(";")):
@@ -257,9 +327,17 @@ def main() -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--budget-s", type=float, default=400.0, help="stop a system's sweep after this long")
     p.add_argument("--out-dir", default=".")
+    p.add_argument(
+        "--plot-from", nargs="+", type=Path, help="draw the PNGs of saved disagg_*.json into --out-dir"
+    )
     args = p.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_from:
+        saved = [json.loads(path.read_text()) for path in args.plot_from]
+        for path in plot_sweeps(saved, out, args.slo_ttft_ms, args.slo_tpot_ms):
+            print(f"wrote {path}")
+        return
     model = args.model or shape_model(args.max_context_len)
     workloads = parse_workloads(args.workloads, args.rates)
     results = []
