@@ -522,3 +522,34 @@ def test_plot_writes_pngs(stub_url, tmp_path):
     for name in ("ttft_cdf.png", "tpot_cdf.png", "output_throughput.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG")
+
+
+def _sweep_point(rate: float, attainment: float, failed: int = 0) -> dict:
+    pct = {"p50": 10.0 * rate, "p90": 20.0 * rate, "p99": 30.0 * rate}
+    return {"rate": rate, "completed": 8, "failed": failed, "request_throughput": rate, "goodput": rate * attainment,
+            "slo_attainment": attainment, "ttft_ms": pct, "tpot_ms": pct, "requests": [[0.1, 0.02], [None, None]]}  # fmt: skip
+
+
+def test_experiment_report_and_plots(tmp_path):
+    """The 1P1D/colocated report: highest rate with >= 90% SLO attainment and no failure, the ratio, the PNGs."""
+    from types import SimpleNamespace
+
+    from pd.bench.disagg_vs_colocated import plot_sweeps, report
+
+    results = [
+        {"system": "1p1d", "workloads": [{"input": 8, "output": 4, "points": [
+            _sweep_point(4, 1.0), _sweep_point(8, 0.95, failed=1), _sweep_point(12, 0.4)]}]},
+        {"system": "colocated", "workloads": [{"input": 8, "output": 4, "points": [
+            _sweep_point(4, 1.0), _sweep_point(8, 0.9), _sweep_point(12, 0.89)]}]},
+    ]  # fmt: skip
+    text = report(results, SimpleNamespace(slo_ttft_ms=2000.0, slo_tpot_ms=50.0))
+    assert "Sustained at the SLO: 1p1d 4 req/s, colocated 8 req/s" in text
+    assert "1P1D / colocated: 0.50x" in text
+    pytest.importorskip("matplotlib")
+    written = plot_sweeps(results, tmp_path, 2000.0, 50.0)
+    assert [p.name for p in written] == [
+        "disagg_vs_colocated_8_4.png",
+        "cdf_1p1d_8_4.png",
+        "cdf_colocated_8_4.png",
+    ]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
