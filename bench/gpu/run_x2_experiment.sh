@@ -14,6 +14,6 @@ sweep)
   source bench/gpu/setup_host.sh .whl-gpu2 > $OUT/env.txt 2>&1
   python3 -c "import flashinfer, mooncake.engine, starlette, pd.rpc.worker_pb2_grpc; print('imports ok')" || exit 1
   timeout 560 python3 -m pd.bench.disagg_vs_colocated --systems 1p1d,colocated --rates "24,32,40;8,12,16,24" \
-    --budget-s 210 --seconds-per-rate 8 --out-dir $OUT 2>&1 | grep -v '^\[[a-z0-9]*\] [0-9]' | tail -40 ;;
+    --budget-s 240 --seconds-per-rate 8 --out-dir $OUT 2>&1 | grep -v '^\[[a-z0-9]*\] [0-9]' | tail -40 ;;
 *) echo "usage: run_x2_experiment.sh jit|sweep"; exit 2 ;;
 esac
