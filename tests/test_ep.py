@@ -9,6 +9,7 @@ bounded by a timeout and kills only the processes it started.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pd.ep.base import EPBackend
 from pd.ep.deepep import deepep_available
 from pd.ep.layout import expert_slots, weighted_gather_sum
 from pd.ep.mooncake_ep import mooncake_ep_available
+from pd.ep.placement import ExpertPlacement, PlacementMap
 from pd.ep.reference import ReferenceExperts, random_routing
 
 WORLD, EXPERTS, HIDDEN, TOP_K, MAX_TOKENS, INTERMEDIATE = 2, 8, 32, 3, 6, 16
@@ -86,6 +88,32 @@ def run_case(backend: EPBackend, experts: ReferenceExperts, x, idx, w) -> dict[s
         "ll_rows": ll_rows,
         "ll_out": ll_out,
     }
+
+
+def placement_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, GLOBAL topk_idx, topk_weights) of ``rank`` in the placement case."""
+    g = torch.Generator().manual_seed(7000 + rank)
+    x = torch.randn(5, HIDDEN, generator=g)
+    return (x, *random_routing(5, EXPERTS, TOP_K, g))
+
+
+def run_placement_case(
+    backend: EPBackend, experts: ReferenceExperts, kind: str, rank: int, world: int
+) -> dict:
+    """Route with global ids, translate them with the placement map, and run the physical slots'
+    experts (physical slot p holds global expert physical_to_global[p], as the weight loader puts it)."""
+    placement = ExpertPlacement(kind, EXPERTS, world)
+    perm = torch.tensor(placement.physical_to_global())  # [E] physical -> global
+    physical_experts = copy.copy(experts)
+    physical_experts.up, physical_experts.down = experts.up[perm], experts.down[perm]
+    x, global_idx, w = placement_inputs(rank)
+    idx = PlacementMap(placement, "cpu").to_physical(global_idx)  # [T, K]
+    first = backend.config.first_local_expert
+    d = backend.dispatch(x, idx, w)
+    out = backend.combine(physical_experts.normal_outputs(d, first), d.handle)
+    ll = backend.ll_dispatch(x, idx)
+    ll_out = backend.ll_combine(physical_experts.ll_outputs(ll, first), idx, w, ll.handle)
+    return {"out": out, "ll_out": ll_out}
 
 
 # ---------------- checks (run in the test process) ----------------
@@ -195,6 +223,7 @@ def worker_main(argv: list[str]) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--placement", default=None, help="run the placement case with this expert placement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -205,6 +234,10 @@ def worker_main(argv: list[str]) -> None:
         cfg = EPConfig(EXPERTS, HIDDEN, MAX_TOKENS, torch.float32, args.rank, args.world)
         backend = make_ep_backend(args.backend, cfg, dist.group.WORLD)
         experts = ReferenceExperts(EXPERTS, HIDDEN, INTERMEDIATE, EXPERT_SEED)
+        if args.placement:
+            torch.save(run_placement_case(backend, experts, args.placement, args.rank, args.world),
+                       args.out / f"placement.rank{args.rank}.pt")  # fmt: skip
+            return
         for case in CASES:
             res = run_case(backend, experts, *case_inputs(case, args.rank))
             torch.save(res, args.out / f"{case}.rank{args.rank}.pt")
@@ -510,6 +543,20 @@ def test_deepep_wrapper_against_fake_deep_ep(monkeypatch) -> None:
     backend.ll_dispatch(x, idx)
     # The low-latency buffer is cleaned once after normal-mode use, not on every call.
     assert buf.calls == ["dispatch", "clean", "ll_dispatch", "ll_dispatch"]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
+@pytest.mark.parametrize("kind", ["linear", "round_robin"])
+def test_placement_on_four_ranks_matches_dense(tmp_path: Path, kind: str) -> None:
+    """4 gloo ranks: routing in global ids, dispatch in physical ids, experts in their physical slots;
+    both modes must give what the dense reference computes from the global ids."""
+    launch_ranks(["--backend", "torch", "--placement", kind], tmp_path, world=4)
+    experts = ReferenceExperts(EXPERTS, HIDDEN, INTERMEDIATE, EXPERT_SEED)
+    for rank in range(4):
+        res = torch.load(tmp_path / f"placement.rank{rank}.pt", weights_only=True)
+        want = experts.dense(*placement_inputs(rank))
+        torch.testing.assert_close(res["out"], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res["ll_out"], want, atol=1e-5, rtol=1e-5)
 
 
 # ---------------- the GPU benchmark's CPU smoke mode ----------------
