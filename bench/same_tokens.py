@@ -27,6 +27,11 @@ SYSTEMS = {
         ["--dp", "2", "--ep", "2"],
         ["--prefill-device", "cuda:0", "--decode-device", "cuda:2", *_NVLINK],
     ),
+    # Both 2-rank instances on GPUs 0-1 (a two-GPU host): explicit KV sizes, as two processes share each GPU.
+    "2p2d-2gpu": (
+        ["--dp", "2", "--ep", "2"],
+        ["--prefill-device", "cuda:0", "--decode-device", "cuda:0", "--num-pages", "1024", *_NVLINK],
+    ),
 }
 
 

@@ -66,3 +66,37 @@ def test_weights_land_in_the_physical_slots(kind, tiny_model_dir):
             pre = f"model.layers.{layer}.mlp.experts.{e}"
             assert torch.equal(experts.w2[slot], raw[f"{pre}.down_proj.weight"]), (rank, slot, e)
             assert torch.equal(experts.w13[slot, : cfg.moe_intermediate_size], raw[f"{pre}.gate_proj.weight"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "round_robin"])
+def test_dummy_weights_are_the_same_experts_at_every_ep_size(kind, tiny_model_dir):
+    """`--load-format dummy` must draw the same model whatever the EP size and placement, or a 2-rank
+    deployment could not be compared with a 1-rank one."""
+    from pd.model.weights import init_dummy_weights
+
+    cfg = ModelConfig.from_dir(tiny_model_dir)
+
+    def model(rank: int, world: int):
+        ep = _RankStub(EPConfig(cfg.n_routed_experts, cfg.hidden_size, 8, torch.float32, rank, world))
+        m = build_model(
+            cfg,
+            ep,
+            64,
+            torch.device("cpu"),
+            torch.float32,
+            PlacementMap(ExpertPlacement(kind, cfg.n_routed_experts, world), "cpu"),
+        )
+        init_dummy_weights(m, seed=3)
+        return m
+
+    whole = dict(model(0, 1).named_parameters())
+    layer = cfg.first_k_dense_replace
+    placement = ExpertPlacement(kind, cfg.n_routed_experts, 2)
+    for rank in range(2):
+        part = dict(model(rank, 2).named_parameters())
+        for name, p in part.items():
+            if ".mlp.experts." in name:  # [E_local, ...] against the global experts this rank holds
+                assert torch.equal(p, whole[name][placement.local_experts(rank)]), (rank, name)
+            else:
+                assert torch.equal(p, whole[name]), (rank, name)
+        assert f"model.layers.{layer}.mlp.experts.w13" in part

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.moe import MoE
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
@@ -189,17 +190,32 @@ def load_weights(
 
 def init_dummy_weights(model: DeepseekV3ForCausalLM, seed: int = 0) -> None:
     """Random weights of the right shapes for benchmarking: norms 1, the rest ``N(0, 1/sqrt(fan_in))``
-    scaled down, a small random routing bias. Deterministic for a seed, generated on the model's device."""
+    scaled down, a small random routing bias. Deterministic for a seed, generated on the model's device.
+    Routed experts are drawn one global expert at a time, so every EP size and placement holds the same
+    experts (a 2-rank deployment gives the tokens of a 1-rank one)."""
+    experts_of = {
+        f"{name}.experts": m.global_expert_ids() for name, m in model.named_modules() if isinstance(m, MoE)
+    }
+
+    def randn(shape: torch.Size, key: str, device: torch.device) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(seed + hash_name(key))
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * (
+            0.5 / shape[-1] ** 0.5
+        )
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            gen = torch.Generator(device=p.device).manual_seed(seed + hash_name(name))
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            owner = name.rpartition(".")[0]
+            if owner in experts_of:  # [E_local, ...]: slot i holds global expert experts_of[owner][i]
+                for slot, expert in enumerate(experts_of[owner]):
+                    p[slot].copy_(randn(p.shape[1:], f"{name}[{expert}]", p.device))
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             elif name.endswith("e_score_correction_bias"):
+                gen = torch.Generator(device=p.device).manual_seed(seed + hash_name(name))
                 p.copy_(torch.rand(p.shape, generator=gen, device=p.device, dtype=torch.float32) * 0.01)
             else:
-                std = 0.5 / p.shape[-1] ** 0.5
-                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
+                p.copy_(randn(p.shape, name, p.device))
 
 
 def hash_name(name: str) -> int:
