@@ -91,6 +91,8 @@ class WorkerBase:
         self.hf_config = load_hf_config(path)
         par = cfg.parallel
         engine_cfg = dataclasses.replace(cfg.engine, device=par.rank_device(cfg.engine.device))
+        if self.role == "prefill":  # prefill never decodes: no decode graphs (eager normal dispatch cannot be captured)
+            engine_cfg = dataclasses.replace(engine_cfg, cuda_graph=False)
         low_latency = self.role == "decode" and par.size > 1
         if low_latency:  # every step of a decode rank fits the low-latency buffers (M = max_running)
             engine_cfg = dataclasses.replace(
