@@ -91,7 +91,9 @@ class WorkerBase:
         self.hf_config = load_hf_config(path)
         par = cfg.parallel
         engine_cfg = dataclasses.replace(cfg.engine, device=par.rank_device(cfg.engine.device))
-        if self.role == "prefill":  # prefill never decodes: no decode graphs (eager normal dispatch cannot be captured)
+        if (
+            self.role == "prefill"
+        ):  # prefill never decodes: no decode graphs (eager normal dispatch cannot be captured)
             engine_cfg = dataclasses.replace(engine_cfg, cuda_graph=False)
         low_latency = self.role == "decode" and par.size > 1
         if low_latency:  # every step of a decode rank fits the low-latency buffers (M = max_running)
@@ -125,7 +127,7 @@ class WorkerBase:
         self.transfer_engine = TransferEngine(cfg.transfer) if self.uses_transfer else None
         self.aux = AuxBuffer(cfg.aux_slots, self.pool.buffer.device) if self.uses_transfer else None
         self.thread = EngineThread(
-            self.step, self.has_work, name=f"{self.role}-engine", lockstep=self.lockstep
+            self.step, self.has_work, name=f"{self.role}-engine", lockstep=self.lockstep, device=runner.device
         )
         self.endpoint = ""
         self.instance_id = cfg.instance_id or ""

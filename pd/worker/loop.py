@@ -12,6 +12,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import torch
+
 from pd.worker.parallel import Lockstep
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,8 @@ class EngineThread:
     ``step`` and ``has_work`` come from the worker; commands submitted from other threads run on
     this thread between steps, in submission order. With ``lockstep`` (a multi-rank instance) the
     ranks agree before each step: all step if any has work (``step`` then runs an idle forward on
-    ranks with nothing to do), and all stop together when any is asked to stop.
+    ranks with nothing to do), and all stop together when any is asked to stop. ``device``: the
+    CUDA device the model lives on, made current on the thread.
     """
 
     IDLE_WAIT_S = 0.05  # bounds how long a stop request waits on an idle thread
@@ -35,8 +38,10 @@ class EngineThread:
         has_work: Callable[[], bool],
         name: str,
         lockstep: Lockstep | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self._step = step
+        self._device = device
         self._has_work = has_work
         self._lockstep = lockstep
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -75,6 +80,10 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":
+                # The current CUDA device is per thread, and Triton launches (and CUDA graphs' streams)
+                # follow it: without this a rank on cuda:1 launched its kernels on cuda:0.
+                torch.cuda.set_device(self._device)
             while True:
                 self._drain(block=not self._has_work())
                 if self._lockstep is None:
