@@ -77,6 +77,23 @@ class WorkerConfig:
         return self.model_name or Path(self.engine.model_path).resolve().name
 
 
+def uses_low_latency_moe(role: str, par: ParallelConfig) -> bool:
+    """Decode ranks of a multi-rank instance dispatch MoE tokens in low-latency mode (graph-safe)."""
+    return role == "decode" and par.size > 1
+
+
+def rank_engine_config(role: str, engine: EngineConfig, par: ParallelConfig) -> EngineConfig:
+    """The engine config of one rank of a ``role`` instance: its own device; no decode graphs on prefill
+    (it never decodes, and normal EP dispatch synchronises with the host, so it cannot be captured);
+    on low-latency decode ranks, steps no larger than the low-latency buffers (M = max_running)."""
+    cfg = dataclasses.replace(engine, device=par.rank_device(engine.device))
+    if role == "prefill":
+        cfg = dataclasses.replace(cfg, cuda_graph=False)
+    if uses_low_latency_moe(role, par):
+        cfg = dataclasses.replace(cfg, chunk_size=min(cfg.chunk_size, cfg.max_running))
+    return cfg
+
+
 class WorkerBase:
     """A worker rank: subclasses add the role's request RPCs and the engine thread's ``step``."""
 
@@ -90,16 +107,8 @@ class WorkerBase:
         self.tokenizer = Tokenizer.from_files(self.tokenizer_files)
         self.hf_config = load_hf_config(path)
         par = cfg.parallel
-        engine_cfg = dataclasses.replace(cfg.engine, device=par.rank_device(cfg.engine.device))
-        if (
-            self.role == "prefill"
-        ):  # prefill never decodes: no decode graphs (eager normal dispatch cannot be captured)
-            engine_cfg = dataclasses.replace(engine_cfg, cuda_graph=False)
-        low_latency = self.role == "decode" and par.size > 1
-        if low_latency:  # every step of a decode rank fits the low-latency buffers (M = max_running)
-            engine_cfg = dataclasses.replace(
-                engine_cfg, chunk_size=min(engine_cfg.chunk_size, engine_cfg.max_running)
-            )
+        engine_cfg = rank_engine_config(self.role, cfg.engine, par)
+        low_latency = uses_low_latency_moe(self.role, par)
         self.lockstep = None
         ep_group = None
         if par.size > 1:

@@ -1,4 +1,4 @@
-"""The worker's engine thread: commands run on it, and it owns the model's CUDA device."""
+"""How a worker rank is set up: its engine thread owns the model's CUDA device; its engine config per role."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def test_engine_thread_on_cpu_sets_no_device(monkeypatch) -> None:
     thread.start()
     thread.stop()
     assert calls == [] and thread.error is None
+
+
+def test_rank_engine_config_per_role() -> None:
+    """Prefill ranks build no decode graphs (normal EP dispatch cannot be captured: it invalidated the
+    capture on two H200s); low-latency decode ranks keep steps within the low-latency buffers."""
+    from pd.config import EngineConfig, ParallelConfig
+    from pd.worker.common import rank_engine_config
+
+    engine = EngineConfig(model_path="m", device="cuda:0", chunk_size=2048, max_running=64)
+    two = ParallelConfig(size=2, rank=1, dist_init_addr="127.0.0.1:1")
+    prefill = rank_engine_config("prefill", engine, two)
+    assert (prefill.device, prefill.cuda_graph, prefill.chunk_size) == ("cuda:1", False, 2048)
+    decode = rank_engine_config("decode", engine, two)
+    assert (decode.device, decode.cuda_graph, decode.chunk_size) == ("cuda:1", True, 64)
+    one = rank_engine_config("decode", engine, ParallelConfig())
+    assert (one.device, one.cuda_graph, one.chunk_size) == ("cuda:0", True, 2048)
