@@ -53,7 +53,8 @@ def shape_model(max_positions: int) -> str:
     return str(path)
 
 
-def serve_command(system: str, args: argparse.Namespace, model: str, port: int) -> list[str]:
+def pd_serve_command(model: str, port: int, device: str) -> list[str]:
+    """pd-serve of ``model`` as "bench" on ``port``; on CUDA with dummy bf16 weights (the §8 shape has no files)."""
     cmd = [
         sys.executable,
         "-m",
@@ -65,11 +66,17 @@ def serve_command(system: str, args: argparse.Namespace, model: str, port: int) 
         "--port",
         str(port),
     ]
-    cmd += ["--device", args.device, "--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
+    cmd += ["--device", device]
+    if device == "cuda":
+        cmd += ["--load-format", "dummy", "--dtype", "bfloat16"]
+    return cmd
+
+
+def serve_command(system: str, args: argparse.Namespace, model: str, port: int) -> list[str]:
+    cmd = pd_serve_command(model, port, args.device)
+    cmd += ["--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
     cmd += ["--max-running", str(args.max_running), "--max-context-len", str(args.max_context_len)]
     cmd += ["--ready-timeout", "900"]
-    if args.device == "cuda":
-        cmd += ["--load-format", "dummy", "--dtype", "bfloat16"]
     if system == "1p1d":
         if args.device == "cuda":
             cmd += [
@@ -198,16 +205,22 @@ def sustained_rate(points: list[dict]) -> float:
     return max(ok, default=0.0)
 
 
+def _by_workload(all_results: list[dict]) -> dict[tuple[int, int], dict[str, list[dict]]]:
+    """{(input, output): {system: points}} from the per-system sweep results."""
+    by_workload: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    for res in all_results:
+        for w in res["workloads"]:
+            by_workload.setdefault((w["input"], w["output"]), {})[res["system"]] = w["points"]
+    return by_workload
+
+
 def report(all_results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"SLO: TTFT <= {args.slo_ttft_ms:.0f} ms and TPOT <= {args.slo_tpot_ms:.0f} ms; a rate is sustained when "
         f">= {SUSTAINED:.0%} of its requests meet the SLO and none fails.",
         "",
     ]
-    by_workload: dict[tuple[int, int], dict[str, list[dict]]] = {}
-    for res in all_results:
-        for w in res["workloads"]:
-            by_workload.setdefault((w["input"], w["output"]), {})[res["system"]] = w["points"]
+    by_workload = _by_workload(all_results)
     for (in_len, out_len), systems in by_workload.items():
         lines += [f"### input {in_len} / output {out_len}", ""]
         lines += [
@@ -241,10 +254,7 @@ def plot_sweeps(all_results: list[dict], out_dir: Path, slo_ttft_ms: float, slo_
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    by_workload: dict[tuple[int, int], dict[str, list[dict]]] = {}
-    for res in all_results:
-        for w in res["workloads"]:
-            by_workload.setdefault((w["input"], w["output"]), {})[res["system"]] = w["points"]
+    by_workload = _by_workload(all_results)
     written = []
     for (in_len, out_len), systems in by_workload.items():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

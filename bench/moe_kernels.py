@@ -164,7 +164,11 @@ def bench_fused(
     hit = sum(int(s[1][v].unique().numel()) for s, v in zip(sets, valid)) / len(sets)
     pairs = sum(int(v.sum()) for v in valid) / len(sets)
     floor = moe_floor(hit, pairs, num_tokens, hbm, flops)
-    ref_us = bench_us(rotating([lambda s=s: moe.fused_moe_ref(s[0], w13, w2, s[1], s[2]) for s in sets]), 200)
+    ref_us = (
+        bench_us(rotating([lambda s=s: moe.fused_moe_ref(s[0], w13, w2, s[1], s[2]) for s in sets]), 200)
+        if with_ref
+        else None
+    )
     return dict(
         layout=f"fused E={num_experts}",
         tokens=num_tokens,
@@ -173,7 +177,7 @@ def bench_fused(
         graph_us=graph_us(calls),
         floor_us=floor.seconds * 1e6,
         bound=floor.bound,
-        ref_us=ref_us if with_ref else None,
+        ref_us=ref_us,
         rel_err=err,
         unwritten=unwritten,
         config=_config_str(moe.fused_moe_config(x, w13, w2, ids)),
@@ -201,7 +205,11 @@ def bench_masked(
     hit = sum(int((s[1] > 0).sum()) for s in sets) / len(sets)
     rows = sum(int(s[1].sum()) for s in sets) / len(sets)
     floor = moe_floor(hit, rows, rows, hbm, flops)
-    ref_us = bench_us(rotating([lambda s=s: moe.masked_moe_ref(s[0], s[1], w13, w2) for s in sets]), 200)
+    ref_us = (
+        bench_us(rotating([lambda s=s: moe.masked_moe_ref(s[0], s[1], w13, w2) for s in sets]), 200)
+        if with_ref
+        else None
+    )
     return dict(
         layout=f"masked E={num_local}",
         tokens=tokens_per_rank,
@@ -210,7 +218,7 @@ def bench_masked(
         graph_us=graph_us(calls),
         floor_us=floor.seconds * 1e6,
         bound=floor.bound,
-        ref_us=ref_us if with_ref else None,
+        ref_us=ref_us,
         rel_err=err,
         unwritten=unwritten + written_past_count,
         config=_config_str(moe.masked_moe_config(recv_x, w13, w2, m)),

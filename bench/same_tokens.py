@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
-from pd.bench.disagg_vs_colocated import free_port, shape_model, wait_healthy
+from pd.bench.disagg_vs_colocated import free_port, pd_serve_command, shape_model, wait_healthy
 
 # pd-serve flags of each system: (always, on CUDA only).
 _NVLINK = ["--transfer-protocol", "nvlink"]
@@ -40,20 +39,8 @@ def run(
 ) -> list[list[int]]:
     always, cuda_only = SYSTEMS[system]
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pd.launch.serve",
-        "--model",
-        model,
-        "--model-name",
-        "bench",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--device", args.device, *always, *(cuda_only if args.device == "cuda" else [])]
-    if args.device == "cuda":
-        cmd += ["--load-format", "dummy", "--dtype", "bfloat16"]
+    cmd = pd_serve_command(model, port, args.device)
+    cmd += [*always, *(cuda_only if args.device == "cuda" else [])]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -127,30 +127,13 @@ def _best(candidates: list[GemmConfig], run, tma: bool) -> tuple[GemmConfig, flo
     return cfg, us
 
 
-def tune_fused(num_tokens: int, w13, w2, itemsize: int = 2) -> Result:
-    from pd.kernels import moe_triton as mt
-
-    num_experts = w13.shape[0]
-    ids, weights = uniform_routing(num_tokens, NUM_EXPERTS, TOP_K, w13.device)
-    ids = torch.where(ids < num_experts, ids, -1)
-    x = torch.randn(num_tokens, HIDDEN, device=w13.device).to(w13.dtype)
-    route_w = weights.flatten().contiguous()
-    rows_per_expert = int((ids >= 0).sum()) / num_experts
-    tma = mt.has_tma(x.device)
-    default = default_config(num_tokens * TOP_K / num_experts, itemsize)  # as moe.fused_moe_config
+def _search(row_tiles, default: MoeConfig, tma: bool) -> Result:
+    """``row_tiles`` yields ``(block_m, gate_up(cfg), down(cfg))``; for each row tile the fastest gate/up and
+    down GEMM tiles are found, and the row tile whose two sum lowest wins. ``default_us`` is the built-in
+    ``default``'s time (inf when its row tile is not searched)."""
     best: Result | None = None
     default_us = math.inf
-    for bm in block_m_choices(rows_per_expert):
-        sorted_pairs, block_expert = mt.moe_align(ids, num_experts, bm)
-        h = torch.empty(block_expert.numel() * bm, INTER, dtype=x.dtype, device=x.device)
-        y = torch.empty(num_tokens * TOP_K, HIDDEN, dtype=x.dtype, device=x.device)
-
-        def gate_up(c, bm=bm, sp=sorted_pairs, be=block_expert, h=h):
-            mt.gate_up_sorted(x, w13, h, sp, be, TOP_K, c, bm)
-
-        def down(c, bm=bm, sp=sorted_pairs, be=block_expert, h=h, y=y):
-            mt.down_sorted(h, w2, y, sp, be, route_w, c, bm)
-
+    for bm, gate_up, down in row_tiles:
         extra = [default.gate_up] if default.block_m == bm else []
         gu_cfg, gu_us = _best(gemm_choices(bm, True) + extra, gate_up, tma)
         gate_up(gu_cfg)  # h holds real activations for timing the down GEMM
@@ -163,6 +146,36 @@ def tune_fused(num_tokens: int, w13, w2, itemsize: int = 2) -> Result:
             best = Result(MoeConfig(bm, gu_cfg, dn_cfg), gu_us, dn_us, math.inf)
     assert best is not None
     best.default_us = default_us
+    return best
+
+
+def tune_fused(num_tokens: int, w13, w2, itemsize: int = 2) -> Result:
+    from pd.kernels import moe_triton as mt
+
+    num_experts = w13.shape[0]
+    ids, weights = uniform_routing(num_tokens, NUM_EXPERTS, TOP_K, w13.device)
+    ids = torch.where(ids < num_experts, ids, -1)
+    x = torch.randn(num_tokens, HIDDEN, device=w13.device).to(w13.dtype)
+    route_w = weights.flatten().contiguous()
+    rows_per_expert = int((ids >= 0).sum()) / num_experts
+    tma = mt.has_tma(x.device)
+    default = default_config(num_tokens * TOP_K / num_experts, itemsize)  # as moe.fused_moe_config
+
+    def row_tiles():
+        for bm in block_m_choices(rows_per_expert):
+            sorted_pairs, block_expert = mt.moe_align(ids, num_experts, bm)
+            h = torch.empty(block_expert.numel() * bm, INTER, dtype=x.dtype, device=x.device)
+            y = torch.empty(num_tokens * TOP_K, HIDDEN, dtype=x.dtype, device=x.device)
+
+            def gate_up(c, bm=bm, sp=sorted_pairs, be=block_expert, h=h):
+                mt.gate_up_sorted(x, w13, h, sp, be, TOP_K, c, bm)
+
+            def down(c, bm=bm, sp=sorted_pairs, be=block_expert, h=h, y=y):
+                mt.down_sorted(h, w2, y, sp, be, route_w, c, bm)
+
+            yield bm, gate_up, down
+
+    best = _search(row_tiles(), default, tma)
     out = moe.fused_moe(x, w13, w2, ids, weights, config=best.config)
     err = rel_err(out, moe.fused_moe_ref(x.float(), w13.float(), w2.float(), ids, weights))
     if not err < 1e-2:
@@ -181,29 +194,20 @@ def tune_masked(tokens_per_rank: int, w13, w2, itemsize: int = 2) -> Result:
     default = default_config(m, itemsize)
     h = torch.empty(num_local, rows, INTER, dtype=recv_x.dtype, device=recv_x.device)
     out = torch.empty_like(recv_x)
-    best: Result | None = None
-    default_us = math.inf
-    for bm in block_m_choices(m):
-        programs = mt.masked_programs(rows, m, bm)
 
-        def gate_up(c, bm=bm, programs=programs):
-            mt.gate_up_masked(recv_x, count, w13, h, c, bm, programs)
+    def row_tiles():
+        for bm in block_m_choices(m):
+            programs = mt.masked_programs(rows, m, bm)
 
-        def down(c, bm=bm, programs=programs):
-            mt.down_masked(h, count, w2, out, c, bm, programs)
+            def gate_up(c, bm=bm, programs=programs):
+                mt.gate_up_masked(recv_x, count, w13, h, c, bm, programs)
 
-        extra = [default.gate_up] if default.block_m == bm else []
-        gu_cfg, gu_us = _best(gemm_choices(bm, True) + extra, gate_up, tma)
-        gate_up(gu_cfg)
-        dn_cfg, dn_us = _best(gemm_choices(bm, False) + ([default.down] if extra else []), down, tma)
-        if extra:
-            default_us = time_us(lambda g=gate_up: g(default.gate_up)) + time_us(
-                lambda d=down: d(default.down)
-            )
-        if best is None or gu_us + dn_us < best.total_us:
-            best = Result(MoeConfig(bm, gu_cfg, dn_cfg), gu_us, dn_us, math.inf)
-    assert best is not None
-    best.default_us = default_us
+            def down(c, bm=bm, programs=programs):
+                mt.down_masked(h, count, w2, out, c, bm, programs)
+
+            yield bm, gate_up, down
+
+    best = _search(row_tiles(), default, tma)
     got = moe.masked_moe(recv_x, count, w13, w2, expected_m=m, config=best.config)
     ref = moe.masked_moe_ref(recv_x.float(), count, w13.float(), w2.float())
     live = torch.arange(rows, device=recv_x.device)[None, :] < count[:, None]

@@ -91,3 +91,15 @@ def test_top_k_top_p_min_p_masks():
 def test_sampling_params_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+def test_sampling_params_survive_the_wire():
+    """What the proxy sends is what a worker samples with: every field, through serialised bytes."""
+    from pd.rpc import worker_pb2 as wpb
+    from pd.rpc.sampling import sampling_from_proto, sampling_to_proto
+    from pd.types import SamplingParams
+
+    sp = SamplingParams(temperature=0.5, top_p=0.75, top_k=7, min_p=0.125, seed=2**40 + 3, max_tokens=33,
+                        stop=("</s>", "##"), stop_token_ids=(5, 9), ignore_eos=True)  # fmt: skip
+    wire = wpb.Sampling.FromString(sampling_to_proto(sp).SerializeToString())
+    assert sampling_from_proto(wire) == sp

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
-from pd.ep.torch_ep import normal_combine, normal_dispatch
+from pd.ep.base import EPConfig, LLDispatch
+from pd.ep.torch_ep import TorchNormalMode
 
 # Mooncake's default: a peer silent this long in dispatch/combine is marked inactive.
 DEFAULT_TIMEOUT_US = 10_000_000
@@ -59,7 +59,7 @@ def make_mooncake_buffer(
     return Buffer(group, num_ep_buffer_bytes=size)
 
 
-class MooncakeEP(EPBackend):
+class MooncakeEP(TorchNormalMode):
     """Low-latency dispatch/combine through Mooncake EP; normal mode through ``torch``.
 
     Requirements (Mooncake's): CUDA device, bfloat16, hidden a multiple of 128, T <= M.
@@ -111,13 +111,6 @@ class MooncakeEP(EPBackend):
     def uses_fallback(self) -> bool:
         """True when Mooncake found neither NVLink IPC nor IBGDA and runs its Python fallback."""
         return bool(getattr(self._buffer, "_use_fallback", False))
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
-        self._check_normal(x, topk_idx, topk_weights)
-        return normal_dispatch(self.config, self.group, x, topk_idx, topk_weights)
-
-    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
-        return normal_combine(self.config, self.group, y, handle)
 
     def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor) -> LLDispatch:
         self._check_ll(x, topk_idx)

@@ -75,3 +75,8 @@ class PlacementMap:
             return topk_idx
         physical = self.to_physical_table[topk_idx.clamp(min=0)]  # [T, K]
         return torch.where(topk_idx >= 0, physical, topk_idx)
+
+
+def placement_of(pmap: PlacementMap | None, num_experts: int, world_size: int) -> ExpertPlacement:
+    """The placement a model with map ``pmap`` uses: the map's, or linear when it has none."""
+    return pmap.placement if pmap is not None else ExpertPlacement("linear", num_experts, world_size)

@@ -122,7 +122,19 @@ class _LLHandle:
     slot: torch.Tensor  # [W * M, K] int64: that entry's flat row in the masked layout
 
 
-class TorchEP(EPBackend):
+class TorchNormalMode(EPBackend):
+    """Normal mode over torch.distributed all-to-all (``normal_dispatch`` / ``normal_combine``), for
+    the backends whose library brings no normal mode of its own (torch, mooncake)."""
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
+        self._check_normal(x, topk_idx, topk_weights)
+        return normal_dispatch(self.config, self.group, x, topk_idx, topk_weights)
+
+    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
+        return normal_combine(self.config, self.group, y, handle)
+
+
+class TorchEP(TorchNormalMode):
     """EP over torch.distributed collectives (module docstring: layout and capacity).
 
     Low-latency buffers: ``recv_x`` of ``ll_dispatch`` is a persistent ``[E_local, M * W, H]``
@@ -141,13 +153,6 @@ class TorchEP(EPBackend):
         rows = config.num_local_experts * config.ll_rows_per_expert
         self._ll_storage = torch.empty(rows + 1, config.hidden, dtype=config.dtype, device=config.device)
         self._x_bytes = config.hidden * config.dtype.itemsize
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
-        self._check_normal(x, topk_idx, topk_weights)
-        return normal_dispatch(self.config, self.group, x, topk_idx, topk_weights)
-
-    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
-        return normal_combine(self.config, self.group, y, handle)
 
     def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor) -> LLDispatch:
         self._check_ll(x, topk_idx)

@@ -9,7 +9,7 @@ from torch import nn
 
 from pd.config import ModelConfig
 from pd.ep.base import EPBackend
-from pd.ep.placement import ExpertPlacement, PlacementMap
+from pd.ep.placement import PlacementMap, placement_of
 from pd.kernels.moe import fused_moe, masked_moe
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
@@ -82,12 +82,7 @@ class MoE(nn.Module):
     def global_expert_ids(self) -> list[int]:
         """Global id of the expert each local slot of ``experts`` holds on this rank."""
         c = self.ep.config
-        placement = (
-            self.placement.placement
-            if self.placement is not None
-            else ExpertPlacement("linear", c.num_experts, c.world_size)
-        )
-        return placement.local_experts(c.rank)
+        return placement_of(self.placement, c.num_experts, c.world_size).local_experts(c.rank)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate = self.gate

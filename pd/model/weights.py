@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from pd.ep.placement import placement_of
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
 
@@ -68,13 +69,9 @@ class WeightMapper:
         self.ep_rank = ep_rank
         self.num_local = cfg.n_routed_experts // ep_size
         # Global expert e lives in physical slot placement.physical(e): rank p // E_local, slot p % E_local.
-        placement = model.placement.placement if model.placement is not None else None
-        self.physical = placement.physical if placement is not None else (lambda e: e)
-        self.local_experts = (
-            placement.local_experts(ep_rank)
-            if placement is not None
-            else list(range(ep_rank * self.num_local, (ep_rank + 1) * self.num_local))
-        )
+        placement = placement_of(model.placement, cfg.n_routed_experts, ep_size)
+        self.physical = placement.physical
+        self.local_experts = placement.local_experts(ep_rank)
 
     def target(self, name: str) -> Target | None:
         """The parameter slot for ``name``; None for tensors serving skips. Raises on unknown names."""

@@ -38,6 +38,7 @@ from pd.proxy.protocol import (
 from pd.proxy.router import ModelInfo, NoWorkers, Rank, Route, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
+from pd.rpc.sampling import sampling_to_proto
 from pd.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -268,18 +269,7 @@ class Proxy:
         prefill rank fails before D produced anything (after that its outcome no longer matters)."""
         room, route = job.room, job.route
         prefill_rank, decode_rank = route.prefill, route.decode
-        sp = job.sampling
-        sampling = wpb.Sampling(
-            temperature=sp.temperature,
-            top_p=sp.top_p,
-            top_k=sp.top_k,
-            min_p=sp.min_p,
-            seed=sp.seed,
-            max_tokens=sp.max_tokens,
-            stop=list(sp.stop),
-            stop_token_ids=list(sp.stop_token_ids),
-            ignore_eos=sp.ignore_eos,
-        )
+        sampling = sampling_to_proto(job.sampling)
         md, timeout = self.router.metadata, self.cfg.request_timeout_s
         generate = wpb.GenerateRequest(room=room, token_ids=job.prompt_ids, sampling=sampling)
         if prefill_rank is None:  # a colocated rank prefills itself

@@ -23,12 +23,13 @@ from pd.engine.scheduler import QueueFull
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
+from pd.rpc.sampling import sampling_from_proto
 from pd.transfer.aux import AuxRecord, SlotAllocator
 from pd.transfer.receiver import KVReceiver
 from pd.transfer.state import TransferState
 from pd.types import FinishReason, Req
 from pd.worker.common import WorkerBase, WorkerConfig
-from pd.worker.rooms import RoomError, failure_status, sampling_from_proto
+from pd.worker.rooms import RoomError, failure_status
 
 log = logging.getLogger(__name__)
 

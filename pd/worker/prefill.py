@@ -20,12 +20,13 @@ from pd.engine.scheduler import QueueFull
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
+from pd.rpc.sampling import sampling_from_proto
 from pd.transfer.aux import AuxRecord
 from pd.transfer.sender import KVSender
 from pd.transfer.state import TransferState
 from pd.types import FinishReason, Req
 from pd.worker.common import WorkerBase, WorkerConfig
-from pd.worker.rooms import RoomError, failure_status, reject, resolve, sampling_from_proto
+from pd.worker.rooms import RoomError, failure_status, reject, resolve
 
 log = logging.getLogger(__name__)
 

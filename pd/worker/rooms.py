@@ -1,4 +1,4 @@
-"""Small pieces both workers use for their rooms: errors as gRPC statuses, sampling from the wire."""
+"""Small pieces both workers use for their rooms: errors as gRPC statuses, futures resolved safely."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import asyncio
 
 import grpc
 
-from pd.rpc import worker_pb2 as wpb
 from pd.transfer.state import TransferState
-from pd.types import SamplingParams
 
 
 class RoomError(Exception):
@@ -26,21 +24,6 @@ def failure_status(state: TransferState, reason: str) -> tuple[grpc.StatusCode, 
     if "timed out" in reason or "timeout" in reason:
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"KV transfer timed out: {reason}"
     return grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {reason}"
-
-
-def sampling_from_proto(s: wpb.Sampling) -> SamplingParams:
-    """Raises ValueError (naming the field) for values SamplingParams refuses."""
-    return SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        seed=s.seed,
-        max_tokens=s.max_tokens,
-        stop=tuple(s.stop),
-        stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-    )
 
 
 def resolve(fut: asyncio.Future, value: object) -> None:
