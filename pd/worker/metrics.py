@@ -1,0 +1,51 @@
+"""Every metric a worker rank exports, and the names the proxy relays from each rank.
+
+A rank's metrics carry ``role`` (and the per-rank gauges ``instance`` and ``rank``) labels. The proxy's
+``/metrics`` fetches ``RELAYED`` from every registered rank at scrape time, so page and room leaks can be
+checked from one scrape.
+"""
+
+from __future__ import annotations
+
+from pd.metrics import Registry
+
+RANK_LABELS = ("role", "instance", "rank")
+
+KV_PAGES_USED = "pd_kv_pages_used"
+KV_PAGES_CAPACITY = "pd_kv_pages_capacity"
+ROOMS_OPEN = "pd_rooms_open"
+TRANSFER_ROOMS_OPEN = "pd_transfer_rooms_open"
+EXPERT_TOKENS = "pd_expert_tokens"
+
+# Relayed by the proxy from every registered rank (all gauges with RANK_LABELS).
+RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
+
+
+class WorkerMetrics:
+    """One rank's metrics, in its own ``Registry`` (rendered by the ``Metrics`` RPC)."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        m = self.registry = Registry()
+        self.pages_used = m.gauge(KV_PAGES_USED, "KV cache pages in use.", RANK_LABELS)
+        self.pages_capacity = m.gauge(KV_PAGES_CAPACITY, "KV cache pages that can hold requests.", RANK_LABELS)
+        self.rooms = m.gauge(ROOMS_OPEN, "Rooms (requests) this rank holds, in any stage.", RANK_LABELS)
+        self.transfer_rooms = m.gauge(
+            TRANSFER_ROOMS_OPEN, "Rooms the KV transfer manager tracks (not yet released).", RANK_LABELS
+        )
+        self.expert_tokens = m.gauge(
+            EXPERT_TOKENS,
+            "Cumulative (token, expert) pairs each expert received on this rank, summed over MoE layers.",
+            (*RANK_LABELS, "expert"),
+        )
+        self.requests = m.counter("pd_requests_total", "Requests by outcome.", ["role", "outcome"])
+        self.aborts = m.counter("pd_aborts_total", "Requests aborted.", ["role"])
+        self.queue = m.gauge("pd_queue_length", "Requests per queue.", ["role", "queue"])
+        self.transfer_failures = m.counter("pd_transfer_failures_total", "KV transfers that failed.", ["role"])
+        self.transfer_bytes = m.counter("pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"])
+        self.transfer_seconds = m.histogram(
+            "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
+        )
+
+    def render(self) -> str:
+        return self.registry.render()
