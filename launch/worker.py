@@ -28,7 +28,7 @@ from pd.launch.args import (
     transfer_config,
     transfer_timeouts,
 )
-from pd.worker.common import WorkerConfig
+from pd.worker.builder import WorkerConfig, build_rank
 
 log = logging.getLogger("pd.launch")
 
@@ -95,8 +95,8 @@ def run(role: str, argv: list[str] | None = None) -> None:
     elif role == "decode":
         from pd.worker.decode import DecodeWorker as Worker
     else:
-        from pd.worker.decode import ColocatedWorker as Worker
-    worker = Worker(cfg)
+        from pd.worker.colocated import ColocatedWorker as Worker
+    worker = Worker(build_rank(cfg))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -189,8 +189,13 @@ class PageAllocator:
         return len(self._free)
 
     @property
+    def capacity(self) -> int:
+        """Pages that can hold requests (all but the dummy page)."""
+        return self.num_pages - 1
+
+    @property
     def num_used(self) -> int:
-        return self.num_pages - 1 - len(self._free)
+        return self.capacity - len(self._free)
 
     def can_alloc(self, n: int) -> bool:
         return n <= len(self._free)

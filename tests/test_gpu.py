@@ -194,3 +194,23 @@ def test_seeded_sampling_in_graph_equals_eager(gpu_tiny):
             seq.append(tokens)
         results.append(seq)
     assert results[0] == results[1]
+
+
+def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
+    """Readiness: a rank registers after warm-up, which must have run every graph bucket once."""
+    from pd.engine.engine import Engine
+    from pd.engine.graph import DecodeGraphs
+    from pd.engine.warmup import warm_up
+
+    engine = Engine(EngineConfig(model_path=str(gpu_tiny), device="cuda", max_running=24, num_pages=64))
+    replayed: list[int] = []
+    run_idle, run = DecodeGraphs.run_idle, DecodeGraphs.run
+    monkeypatch.setattr(
+        DecodeGraphs, "run_idle", lambda self, bs=None: (replayed.append(bs), run_idle(self, bs))
+    )
+    monkeypatch.setattr(
+        DecodeGraphs, "run", lambda self, batch: (replayed.append(-len(batch.reqs)), run(self, batch))[1]
+    )
+    warm_up(engine, extend=True, decode=True)
+    assert replayed == [-2, *engine.runner.graphs.buckets]
+    assert engine.allocator.num_used == 0

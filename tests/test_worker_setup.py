@@ -6,7 +6,30 @@ import threading
 
 import torch
 
-from pd.worker.loop import EngineThread
+from pd.engine.messages import AbortRoom, Event, TransferEnded
+from pd.engine.role import Load
+from pd.transfer.state import TransferState
+from pd.worker.loop import CommandQueue, EngineThread
+
+
+class Recorder:
+    """A role engine that records which thread handled each command and answers with no events."""
+
+    def __init__(self) -> None:
+        self.handled: list[tuple[str, object]] = []
+
+    def handle(self, cmd) -> list[Event]:
+        self.handled.append((threading.current_thread().name, cmd))
+        return []
+
+    def step(self) -> list[Event]:
+        return []
+
+    def has_work(self) -> bool:
+        return False
+
+    def load(self) -> Load:
+        return Load(0, 0)
 
 
 def test_engine_thread_makes_the_model_device_current(monkeypatch) -> None:
@@ -16,19 +39,25 @@ def test_engine_thread_makes_the_model_device_current(monkeypatch) -> None:
     monkeypatch.setattr(
         torch.cuda, "set_device", lambda d: calls.append((threading.current_thread().name, d))
     )
-    thread = EngineThread(lambda: None, lambda: False, name="decode-engine", device=torch.device("cuda", 1))
-    ran_on: list[str] = []
+    engine, commands = Recorder(), CommandQueue()
+    thread = EngineThread(engine, commands, print, name="decode-engine", device=torch.device("cuda", 1))
     thread.start()
-    thread.submit(lambda: ran_on.append(threading.current_thread().name))
+    thread.submit(AbortRoom(1, "x"))
+    commands.sender_final(2, TransferState.DONE, "")  # from a transfer thread
     thread.stop()
     assert calls == [("decode-engine", torch.device("cuda", 1))]
-    assert ran_on == ["decode-engine"]
+    assert engine.handled == [
+        ("decode-engine", AbortRoom(1, "x")),
+        ("decode-engine", TransferEnded(2, TransferState.DONE, "")),
+    ]
 
 
 def test_engine_thread_on_cpu_sets_no_device(monkeypatch) -> None:
     calls: list[object] = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    thread = EngineThread(lambda: None, lambda: False, name="prefill-engine", device=torch.device("cpu"))
+    thread = EngineThread(
+        Recorder(), CommandQueue(), print, name="prefill-engine", device=torch.device("cpu")
+    )
     thread.start()
     thread.stop()
     assert calls == [] and thread.error is None
@@ -38,7 +67,7 @@ def test_rank_engine_config_per_role() -> None:
     """Prefill ranks build no decode graphs (normal EP dispatch cannot be captured: it invalidated the
     capture on two H200s); low-latency decode ranks keep steps within the low-latency buffers."""
     from pd.config import EngineConfig, ParallelConfig
-    from pd.worker.common import rank_engine_config
+    from pd.worker.builder import rank_engine_config
 
     engine = EngineConfig(model_path="m", device="cuda:0", chunk_size=2048, max_running=64)
     two = ParallelConfig(size=2, rank=1, dist_init_addr="127.0.0.1:1")
@@ -48,3 +77,36 @@ def test_rank_engine_config_per_role() -> None:
     assert (decode.device, decode.cuda_graph, decode.chunk_size) == ("cuda:1", True, 64)
     one = rank_engine_config("decode", engine, ParallelConfig())
     assert (one.device, one.cuda_graph, one.chunk_size) == ("cuda:0", True, 2048)
+
+
+def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tiny_model_dir) -> None:
+    """A rank registers only after this ran (pd.worker.builder): on a fresh GPU host the first forward
+    JIT-builds kernels, and a rank that registered before that failed its first requests on timeouts."""
+    from pd.config import EngineConfig
+    from pd.engine.engine import Engine
+    from pd.engine.warmup import warm_up
+
+    engine = Engine(EngineConfig(model_path=str(tiny_model_dir), page_size=4, num_pages=8))
+    seen: list[tuple[str, bool, list[bool], list[bool]]] = []
+    run = engine.runner.run
+
+    def spy(batch):
+        greedy = [r.sampling.greedy for r in batch.reqs]
+        seen.append((batch.mode.value, any(s > 0 for s in batch.starts), list(batch.samples), greedy))
+        return run(batch)
+
+    engine.runner.run = spy
+    for extend, decode in ((True, False), (False, True), (True, True)):
+        seen.clear()
+        assert warm_up(engine, extend, decode) >= 0
+        expected = []
+        if extend:  # a first chunk, then a chunk over a cached prefix that samples, greedy and not
+            expected += [
+                ("extend", False, [False, False], [True, False]),
+                ("extend", True, [True, True], [True, False]),
+            ]
+        if decode:
+            expected += [("decode", True, [True, True], [True, False])]
+        assert seen == expected
+        assert engine.allocator.num_used == 0
+    assert int(engine.runner.model.expert_token_counts().sum()) == 0, "served tokens only in pd_expert_tokens"

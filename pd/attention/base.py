@@ -4,6 +4,10 @@ A backend owns the per-step attention metadata. The runner calls ``prepare`` onc
 (outside any CUDA graph) with the batch's sequence ranges and page tables; the model's MLA
 layers then call ``store``/``extend``/``decode`` for each layer.
 
+CUDA-graph hooks (``pd.engine.graph``): a backend with ``supports_graphs`` makes one persistent
+decode state per batch bucket (``graph_state``, before capture), and plans it before each capture and
+replay (``prepare_graph``), outside the graph; the captured kernels read only that state's buffers.
+
 MLA forms (DESIGN.md §4): extend (prefill, chunked prefill) uses the non-absorbed form, where the
 latent of every context token is expanded into per-head keys and values; decode uses the absorbed
 form, attending with a latent-space query directly over the cached latent.
@@ -44,6 +48,19 @@ class AttentionBackend(ABC):
     Shapes: ``T`` new tokens in the step, ``S`` context tokens (prefix + new) of all sequences,
     ``B`` sequences, ``Hh`` attention heads. Latent width ``D = kv_lora_rank + qk_rope_head_dim``.
     """
+
+    supports_graphs = False  # whether decode can be captured in CUDA graphs (the graph hooks below)
+
+    def graph_state(self, batch: int, max_pages: int) -> object:
+        """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows
+        and ``max_pages`` page ids. Lifetime: the backend's."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
+        """Plans ``state`` for one capture or replay of a decode step (outside the graph): the real rows
+        of ``inputs`` first, the bucket's remaining rows padded onto the dummy page. Until the next
+        ``prepare``, the per-layer calls use ``state``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     @abstractmethod
     def prepare(self, inputs: AttnInputs) -> None:

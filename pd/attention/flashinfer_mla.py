@@ -80,6 +80,8 @@ class _GraphState:
 class FlashInferMLABackend(AttentionBackend):
     """Shapes as in ``AttentionBackend``; the pool's latent is ``[c_kv (kv_lora_rank) | k_pe (rope)]``."""
 
+    supports_graphs = True
+
     def __init__(
         self,
         pool: KVPool,
@@ -183,8 +185,9 @@ class FlashInferMLABackend(AttentionBackend):
             self.graphs[batch] = state
         return state
 
-    def prepare_graph(self, state: _GraphState, inputs: AttnInputs) -> None:
+    def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""
+        assert isinstance(state, _GraphState)
         pad = state.batch - len(inputs.ends)
         padded = AttnInputs(
             BatchMode.DECODE,

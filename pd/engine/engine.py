@@ -1,8 +1,9 @@
 """The engine: scheduler + model runner + output processing for one rank.
 
-``step()`` reads as schedule -> run -> postprocess and returns what each request produced. Used
-as is by the colocated reference engine (``generate``) and by the decode worker, which admits
-requests whose KV arrived from a prefill rank with ``add_prefilled``.
+``step()`` reads as schedule -> run -> postprocess and returns what each request produced. It is the
+colocated reference engine (``generate``), and the core of the role engines: ``DecodeEngine`` admits
+requests whose KV arrived from a prefill rank with ``add_prefilled``; ``PrefillEngine`` runs its
+scheduler's extend batches and ships the pages.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.kv_cache import PageAllocator
 from pd.tokenizer import IncrementalDetokenizer, Tokenizer
-from pd.types import Batch, BatchMode, FinishReason, Req, ReqState, SamplingParams
+from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.runner = runner or ModelRunner(cfg, self.model_cfg)
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
-        self.allocator = PageAllocator(self.runner.pool.layout.num_pages)
+        self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
@@ -84,8 +85,7 @@ class Engine:
         sampled elsewhere (by a prefill rank); it joins the running batch unless that token ends it."""
         self._track(req)
         n = len(req.prompt_ids)
-        req.state = ReqState.RUNNING
-        self.scheduler.running.append(req)
+        self.scheduler.admit_prefilled(req)
         # As if the prompt's last position had just been computed here and sampled the token.
         batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
         return self._postprocess(batch, [first_token], [first_logprob])[0]

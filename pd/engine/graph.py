@@ -3,7 +3,7 @@
 Each graph covers embedding -> every layer (MLA decode, dense MLP or MoE with its EP dispatch and
 combine) -> final norm -> lm_head -> greedy token and its logprob. Buckets are captured largest
 first into one memory pool. Before a replay the attention metadata is planned outside the graph
-into the bucket's persistent buffers (``FlashInferMLABackend.prepare_graph``); a batch is padded to
+into the bucket's persistent buffers (the attention backend's graph hooks); a batch is padded to
 its bucket with rows that read and write only the dummy page and route to no expert. Sampling other
 than greedy runs on the graph's logits after the replay (its filters need the host's view of the batch).
 
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from pd.attention.base import AttnInputs
+from pd.attention.base import AttentionBackend, AttnInputs
+from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
+from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.sampling import SamplingTensors, sample
 from pd.types import Batch, BatchMode
-
-if TYPE_CHECKING:
-    from pd.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +38,49 @@ def default_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, buckets: Sequence[int]) -> None:
-        if not hasattr(runner.attn, "prepare_graph"):
-            raise ValueError("CUDA graphs need an attention backend with graph support (flashinfer)")
-        self.runner = runner
+    """Captures ``model``'s decode step for each of ``buckets`` (batch sizes) at construction.
+
+    ``attn`` must support graphs (``AttentionBackend.supports_graphs``); ``pool``: the KV pool it reads;
+    ``context_len``: the longest sequence (sizes the page tables); ``low_latency_moe``: MoE layers use the
+    graph-safe low-latency EP path (multi-rank decode).
+    """
+
+    def __init__(
+        self,
+        model: DeepseekV3ForCausalLM,
+        attn: AttentionBackend,
+        pool: KVPool,
+        buckets: Sequence[int],
+        context_len: int,
+        low_latency_moe: bool = False,
+    ) -> None:
+        if not attn.supports_graphs:
+            raise ValueError(
+                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
+            )
+        self.model, self.attn, self.low_latency_moe = model, attn, low_latency_moe
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
-        dev = runner.device
+        dev = pool.buffer.device
         self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.row_mask = torch.zeros(max_bs, dtype=torch.bool, device=dev)
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.states = {}
-        max_pages = max_bs * runner.pool.layout.pages_for(runner.context_len)
-        pool = torch.cuda.graph_pool_handle()
+        self.states: dict[int, object] = {}
+        max_pages = max_bs * pool.layout.pages_for(context_len)
+        mempool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
-            self.states[bs] = runner.attn.graph_state(bs, max_pages)
-            self._capture(bs, pool)
+            self.states[bs] = attn.graph_state(bs, max_pages)
+            self._capture(bs, mempool)
         log.info("captured decode CUDA graphs for batch buckets %s", self.buckets)
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r = self.runner
-        ctx = ForwardContext(BatchMode.DECODE, r.attn, self.rows[:bs], r.low_latency_moe, self.row_mask[:bs])
-        logits = r.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
+        ctx = ForwardContext(
+            BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, self.row_mask[:bs]
+        )
+        logits = self.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
         tokens = logits.argmax(-1)
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
         return logits, tokens, logprobs
@@ -98,7 +114,7 @@ class DecodeGraphs:
             self.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
             self.row_mask[:n] = True
         inputs = AttnInputs(BatchMode.DECODE, [e - 1 for e in ends], ends, pages)
-        self.runner.attn.prepare_graph(self.states[bs], inputs)
+        self.attn.prepare_graph(self.states[bs], inputs)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float]]:
@@ -119,9 +135,10 @@ class DecodeGraphs:
         return tokens[:n].tolist(), logprobs[:n].tolist()
 
     @torch.inference_mode()
-    def run_idle(self) -> None:
-        """A step with no requests on this rank: replay the smallest bucket, every row padding."""
-        bs = self.buckets[0]
+    def run_idle(self, bs: int | None = None) -> None:
+        """A step with no requests on this rank: replay bucket ``bs`` (default: the smallest), every row
+        padding. Warm-up replays each bucket this way."""
+        bs = self.buckets[0] if bs is None else bs
         self._load(bs, [], [], [], [])
         self.graphs[bs].replay()
 

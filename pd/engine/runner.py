@@ -126,8 +126,11 @@ class ModelRunner:
         self.pool = KVPool(self._kv_layout(), self.device)
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
         self.graphs: DecodeGraphs | None = None
-        if cfg.cuda_graph and self.device.type == "cuda" and isinstance(self.attn, FlashInferMLABackend):
-            self.graphs = DecodeGraphs(self, default_buckets(cfg.max_running))
+        if cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
+            buckets = default_buckets(cfg.max_running)
+            self.graphs = DecodeGraphs(
+                self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
+            )
 
     def _kv_layout(self) -> KVLayout:
         mc = self.model_cfg

@@ -36,9 +36,9 @@ class Scheduler:
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"waiting queue is full ({self.cfg.max_waiting} requests)")
         need = self._pages_for(req.max_total_len())
-        if need > self.allocator.num_pages - 1:
+        if need > self.allocator.capacity:
             raise ValueError(
-                f"request needs {need} KV pages at its longest but the pool has {self.allocator.num_pages - 1}"
+                f"request needs {need} KV pages at its longest but the pool has {self.allocator.capacity}"
             )
         self.waiting.append(req)
 
@@ -118,9 +118,17 @@ class Scheduler:
             req.pages = []
         req.state, req.finish_reason = ReqState.FINISHED, reason
 
-    def detach(self, req: Req) -> list[int]:
-        """Takes a request out of every queue WITHOUT freeing its pages; the caller now owns them
-        (a prefill worker frees them once the KV transfer no longer reads them)."""
+    def admit_prefilled(self, req: Req) -> None:
+        """Admits a request whose prompt KV is already in ``req.pages`` (computed by a prefill rank): it
+        joins the running batch as if its prompt had just been computed here."""
+        if req.finished or req.state is ReqState.RUNNING:
+            raise ValueError(f"request {req.rid} is {req.state.value}; only a new request can be admitted")
+        req.num_computed, req.state = len(req.prompt_ids), ReqState.RUNNING
+        self.running.append(req)
+
+    def release(self, req: Req) -> list[int]:
+        """Takes a request out of every queue WITHOUT freeing its pages and returns them: the caller
+        (a prefill engine, whose KV transfer still reads them) frees them later."""
         for queue in (self.prefilling, self.running):
             if req in queue:
                 queue.remove(req)

@@ -78,6 +78,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         """``[E_local]`` int64: (token, expert) pairs each local expert slot received, summed over MoE layers."""
         return sum(layer.mlp.expert_tokens for layer in self.model.layers if isinstance(layer.mlp, MoE))
 
+    def reset_expert_token_counts(self) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.expert_tokens.zero_()
+
     def idle(self, low_latency: bool) -> None:
         """A step with no tokens: every MoE layer joins its EP collectives, in forward order."""
         for layer in self.model.layers:

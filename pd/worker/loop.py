@@ -1,8 +1,9 @@
-"""The engine thread of a worker, and how the asyncio side talks to it.
+"""The engine thread of a worker rank, and the command queue other threads feed it through.
 
-One thread owns the scheduler, the page allocator and the model: every change to them runs on it.
-Other threads (the gRPC server's event loop, the transfer engine's callbacks) hand it work with
-``submit(fn)``; results go back to the event loop with ``call_soon_threadsafe``.
+One thread owns the role engine (scheduler, pages, model): every change to them runs on it. Other threads
+hand it typed commands (``pd.engine.messages``): the gRPC event loop posts ``PrefillRoom``/``DecodeRoom``/
+``AbortRoom``; the transfer layer's control threads post ``TransferEnded`` through ``CommandQueue``'s final
+callbacks. The events the engine returns go to ``emit`` (the worker routes them back to the event loop).
 """
 
 from __future__ import annotations
@@ -14,19 +15,44 @@ from collections.abc import Callable
 
 import torch
 
+from pd.engine.messages import Command, Event, TransferEnded
+from pd.engine.role import RoleEngine
+from pd.transfer.aux import AuxRecord
+from pd.transfer.state import TransferState
 from pd.worker.parallel import Lockstep
 
 log = logging.getLogger(__name__)
 
 
-class EngineThread:
-    """Runs ``step()`` while ``has_work()``; otherwise sleeps until something is submitted.
+class CommandQueue:
+    """Commands for the engine thread, from any thread. ``None`` only wakes the thread."""
 
-    ``step`` and ``has_work`` come from the worker; commands submitted from other threads run on
-    this thread between steps, in submission order. With ``lockstep`` (a multi-rank instance) the
-    ranks agree before each step: all step if any has work (``step`` then runs an idle forward on
-    ranks with nothing to do), and all stop together when any is asked to stop. ``device``: the
-    CUDA device the model lives on, made current on the thread.
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+
+    def put(self, cmd: Command | None) -> None:
+        self._queue.put(cmd)
+
+    def get(self, timeout: float | None) -> Command | None:
+        """The next command; raises ``queue.Empty`` after ``timeout`` (0: don't wait)."""
+        return self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+
+    def sender_final(self, room: int, state: TransferState, reason: str) -> None:
+        """``KVSender``'s ``on_final``: the room's source pages are no longer read."""
+        self._queue.put(TransferEnded(room, state, reason))
+
+    def receiver_final(self, room: int, state: TransferState, aux: AuxRecord | None, reason: str) -> None:
+        """``KVReceiver``'s ``on_final``: the room's destination pages can be used (DONE) or reused."""
+        self._queue.put(TransferEnded(room, state, reason, aux))
+
+
+class EngineThread:
+    """Runs ``engine.step()`` while ``engine.has_work()``; otherwise sleeps until a command comes.
+
+    Commands run between steps, in arrival order. With ``lockstep`` (a multi-rank instance) the ranks
+    agree before each step: all step if any has work (the engine then runs an idle forward on ranks with
+    nothing to do), and all stop together when any is asked to stop. ``device``: the CUDA device the
+    model lives on, made current on the thread.
     """
 
     IDLE_WAIT_S = 0.05  # bounds how long a stop request waits on an idle thread
@@ -34,17 +60,15 @@ class EngineThread:
 
     def __init__(
         self,
-        step: Callable[[], None],
-        has_work: Callable[[], bool],
+        engine: RoleEngine,
+        commands: CommandQueue,
+        emit: Callable[[list[Event]], None],
         name: str,
         lockstep: Lockstep | None = None,
         device: torch.device | None = None,
     ) -> None:
-        self._step = step
-        self._device = device
-        self._has_work = has_work
-        self._lockstep = lockstep
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.engine, self.commands, self._emit = engine, commands, emit
+        self._device, self._lockstep = device, lockstep
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
@@ -52,13 +76,13 @@ class EngineThread:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Runs ``fn()`` on the engine thread before its next step."""
-        self._inbox.put(fn)
+    def submit(self, cmd: Command) -> None:
+        """Runs ``engine.handle(cmd)`` on the engine thread before its next step."""
+        self.commands.put(cmd)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._inbox.put(lambda: None)
+        self.commands.put(None)
         self._thread.join(timeout)
 
     @property
@@ -66,17 +90,19 @@ class EngineThread:
         return self._thread.is_alive()
 
     def _drain(self, block: bool) -> None:
-        wait = self.LOCKSTEP_IDLE_WAIT_S if self._lockstep is not None else self.IDLE_WAIT_S
+        wait = (self.LOCKSTEP_IDLE_WAIT_S if self._lockstep is not None else self.IDLE_WAIT_S) if block else 0
         try:
-            fn = self._inbox.get(timeout=wait) if block else self._inbox.get_nowait()
+            cmd = self.commands.get(wait)
+            while True:
+                if cmd is not None:
+                    self._send(self.engine.handle(cmd))
+                cmd = self.commands.get(0)
         except queue.Empty:
             return
-        while True:
-            fn()
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+
+    def _send(self, events: list[Event]) -> None:
+        if events:
+            self._emit(events)
 
     def _run(self) -> None:
         try:
@@ -85,17 +111,17 @@ class EngineThread:
                 # follow it: without this a rank on cuda:1 launched its kernels on cuda:0.
                 torch.cuda.set_device(self._device)
             while True:
-                self._drain(block=not self._has_work())
+                self._drain(block=not self.engine.has_work())
                 if self._lockstep is None:
                     if self._stop.is_set():
                         return
-                    work = self._has_work()
+                    work = self.engine.has_work()
                 else:
-                    work, stopping = self._lockstep.agree(self._has_work(), self._stop.is_set())
+                    work, stopping = self._lockstep.agree(self.engine.has_work(), self._stop.is_set())
                     if stopping:
                         return
                 if work:
-                    self._step()
+                    self._send(self.engine.step())
         except BaseException as exc:  # the worker reports it and fails every request
             self.error = exc
             log.exception("engine thread died")

@@ -28,7 +28,9 @@ class WorkerMetrics:
         self.role = role
         m = self.registry = Registry()
         self.pages_used = m.gauge(KV_PAGES_USED, "KV cache pages in use.", RANK_LABELS)
-        self.pages_capacity = m.gauge(KV_PAGES_CAPACITY, "KV cache pages that can hold requests.", RANK_LABELS)
+        self.pages_capacity = m.gauge(
+            KV_PAGES_CAPACITY, "KV cache pages that can hold requests.", RANK_LABELS
+        )
         self.rooms = m.gauge(ROOMS_OPEN, "Rooms (requests) this rank holds, in any stage.", RANK_LABELS)
         self.transfer_rooms = m.gauge(
             TRANSFER_ROOMS_OPEN, "Rooms the KV transfer manager tracks (not yet released).", RANK_LABELS
@@ -41,8 +43,12 @@ class WorkerMetrics:
         self.requests = m.counter("pd_requests_total", "Requests by outcome.", ["role", "outcome"])
         self.aborts = m.counter("pd_aborts_total", "Requests aborted.", ["role"])
         self.queue = m.gauge("pd_queue_length", "Requests per queue.", ["role", "queue"])
-        self.transfer_failures = m.counter("pd_transfer_failures_total", "KV transfers that failed.", ["role"])
-        self.transfer_bytes = m.counter("pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"])
+        self.transfer_failures = m.counter(
+            "pd_transfer_failures_total", "KV transfers that failed.", ["role"]
+        )
+        self.transfer_bytes = m.counter(
+            "pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"]
+        )
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )

@@ -1,0 +1,87 @@
+"""The colocated role: prefill and decode of each room in one engine, nothing transferred.
+
+The reference engine behind the same proxy and API (the baseline of the disaggregation experiments): a
+``DecodeRoom`` is queued straight into the scheduler, which prefills it (chunked) and decodes it; the
+scheduler frees its pages when it finishes or is aborted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pd.engine.engine import Engine
+from pd.engine.messages import AbortRoom, Command, DecodeRoom, Event, Failure, RoomFailed
+from pd.engine.role import Load, aborted_event, tokens_event
+from pd.engine.scheduler import QueueFull
+from pd.types import Req
+
+if TYPE_CHECKING:
+    from pd.worker.metrics import WorkerMetrics
+
+
+class ColocatedEngine:
+    def __init__(self, engine: Engine, metrics: WorkerMetrics | None = None) -> None:
+        self.engine, self.metrics = engine, metrics
+        self.rooms: dict[int, Req] = {}
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        for out in self.engine.step():
+            events.append(tokens_event(out))
+            if out.finish_reason is not None:
+                self.rooms.pop(out.req.rid, None)
+                self._count(out.finish_reason.value)
+        return events
+
+    def handle(self, cmd: Command) -> list[Event]:
+        if isinstance(cmd, DecodeRoom):
+            return self._arrive(cmd)
+        if isinstance(cmd, AbortRoom):
+            return self._abort(cmd.room)
+        raise TypeError(f"a colocated engine does not handle {type(cmd).__name__}")
+
+    def load(self) -> Load:
+        s = self.engine.scheduler
+        return Load(running=len(s.running) + len(s.prefilling), waiting=len(s.waiting))
+
+    def queue_lengths(self) -> dict[str, int]:
+        s = self.engine.scheduler
+        return {"waiting": len(s.waiting), "prefilling": len(s.prefilling), "running": len(s.running)}
+
+    @property
+    def rooms_open(self) -> int:
+        return len(self.rooms)
+
+    def _arrive(self, cmd: DecodeRoom) -> list[Event]:
+        if cmd.room in self.rooms:
+            return self._refuse(
+                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being served here"
+            )
+        try:
+            self.rooms[cmd.room] = self.engine.add_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
+        except QueueFull as e:
+            return self._refuse(cmd.room, Failure.BUSY, str(e))
+        except ValueError as e:
+            return self._refuse(cmd.room, Failure.INVALID, str(e))
+        return []
+
+    def _abort(self, room: int) -> list[Event]:
+        req = self.rooms.pop(room, None)
+        if req is None:
+            return []
+        if self.metrics:
+            self.metrics.aborts.inc(role="colocated")
+        self.engine.abort(req)
+        self._count("abort")
+        return [aborted_event(req)]
+
+    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
+        self._count("refused")
+        return [RoomFailed(room, failure, message)]
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.requests.inc(role="colocated", outcome=outcome)

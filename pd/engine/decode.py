@@ -1,0 +1,233 @@
+"""The decode role: each room's KV arrives from its prefill rank, then the room decodes in the batch.
+
+A room's life here (every step on the engine thread):
+
+1. ``DecodeRoom`` -> PENDING, FIFO, until pages for the prompt plus headroom and an aux slot are free,
+   and the rooms running or in transfer stay within ``max_running`` (bounded: BUSY beyond ``max_pending``).
+2. TRANSFER: the receiver is given the prompt's pages and the slot; it hand-shakes with the prefill rank,
+   which writes the KV and the first token there.
+3. ``TransferEnded`` DONE -> RUNNING: the scheduler admits the request with its pages
+   (``Engine.add_prefilled``) and the first token is emitted; each ``step`` then decodes one token per
+   running room. Any other end frees the pages at once (the receiver reports only once no write can land).
+4. Finished (stop, length) or aborted: the scheduler frees the pages exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pd.engine.engine import Engine, TokenOutput
+from pd.engine.messages import (
+    AbortRoom,
+    Command,
+    DecodeRoom,
+    Event,
+    Failure,
+    RoomFailed,
+    TransferEnded,
+    transfer_failed,
+)
+from pd.engine.role import Load, aborted_event, tokens_event
+from pd.transfer.aux import SlotAllocator
+from pd.transfer.state import TransferState
+from pd.types import Req
+
+if TYPE_CHECKING:
+    from pd.worker.metrics import WorkerMetrics
+
+
+class PageReceiver(Protocol):
+    """The transfer layer's decode side (``pd.transfer.receiver.KVReceiver``). It holds the page list and
+    aux slot it is given until it reports the room's end (``TransferEnded``); it never frees a page."""
+
+    def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None: ...
+
+    def abort(self, room: int, reason: str) -> None: ...
+
+
+class Stage(str, enum.Enum):
+    PENDING = "pending"  # waiting for pages and an aux slot
+    TRANSFER = "transfer"  # KV on its way from the prefill rank
+    RUNNING = "running"  # in the scheduler's running batch
+
+
+@dataclass(eq=False)
+class _Room:
+    req: Req
+    prefill_endpoint: str
+    arrived: float
+    stage: Stage = Stage.PENDING
+    pages: list[int] | None = None  # reserved for the transfer; the scheduler's once RUNNING
+    aux_slot: int | None = None
+    aborted: str | None = None  # why, once an abort was asked for during the transfer
+
+
+class DecodeEngine:
+    """``headroom_tokens``: pages reserved beyond the prompt when a room's transfer starts (decoding grows
+    into them without a page allocation); ``max_pending``: rooms waiting for pages before new ones are
+    refused."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        receiver: PageReceiver,
+        slots: SlotAllocator,
+        headroom_tokens: int,
+        max_pending: int,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.engine, self.receiver, self.slots, self.metrics = engine, receiver, slots, metrics
+        self.headroom_tokens, self.max_pending = headroom_tokens, max_pending
+        self.layout = engine.runner.pool.layout
+        self.rooms: dict[int, _Room] = {}
+        self.pending: deque[int] = deque()
+        self.in_transfer = 0
+
+    # ---- the loop ----
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[Event]:
+        events = [self._emit(out) for out in self.engine.step()]
+        self._start_transfers()  # finished requests may have freed pages
+        return events
+
+    def handle(self, cmd: Command) -> list[Event]:
+        if isinstance(cmd, DecodeRoom):
+            events = self._arrive(cmd)
+        elif isinstance(cmd, AbortRoom):
+            events = self._abort(cmd.room, cmd.reason)
+        elif isinstance(cmd, TransferEnded):
+            events = self._transfer_ended(cmd)
+        else:
+            raise TypeError(f"a decode engine does not handle {type(cmd).__name__}")
+        self._start_transfers()
+        return events
+
+    # ---- state for metrics and the registry ----
+
+    def load(self) -> Load:
+        return Load(running=len(self.engine.scheduler.running), waiting=len(self.pending))
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {
+            "prealloc": len(self.pending),
+            "transfer": self.in_transfer,
+            "running": len(self.engine.scheduler.running),
+        }
+
+    @property
+    def rooms_open(self) -> int:
+        return len(self.rooms)
+
+    # ---- steps of a room ----
+
+    def _arrive(self, cmd: DecodeRoom) -> list[Event]:
+        if cmd.room in self.rooms:
+            return self._refuse(
+                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being decoded here"
+            )
+        if len(self.pending) >= self.max_pending:
+            return self._refuse(
+                cmd.room, Failure.BUSY, f"{len(self.pending)} rooms already wait for KV pages here"
+            )
+        if not cmd.prefill_endpoint:
+            return self._refuse(cmd.room, Failure.INVALID, "prefill_endpoint is required")
+        try:
+            req = self.engine.make_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
+        except ValueError as e:
+            return self._refuse(cmd.room, Failure.INVALID, str(e))
+        if self._pages_wanted(req) > self.engine.allocator.capacity:
+            message = f"the prompt needs {self._pages_wanted(req)} KV pages; this rank has {self.engine.allocator.capacity}"
+            return self._refuse(cmd.room, Failure.INVALID, message)
+        self.rooms[cmd.room] = _Room(req, cmd.prefill_endpoint, time.monotonic())
+        self.pending.append(cmd.room)
+        return []
+
+    def _pages_wanted(self, req: Req) -> int:
+        tokens = min(len(req.prompt_ids) + self.headroom_tokens, req.max_total_len())
+        return self.layout.pages_for(max(tokens, len(req.prompt_ids) + 1))
+
+    def _start_transfers(self) -> None:
+        """Moves pending rooms (FIFO) into transfer while pages and aux slots last, and while the rooms
+        running or in transfer stay within ``max_running``: a decode batch never grows past it (the
+        low-latency MoE buffers of a multi-rank instance hold that many tokens per rank)."""
+        allocator = self.engine.allocator
+        while self.pending:
+            if len(self.engine.scheduler.running) + self.in_transfer >= self.engine.cfg.max_running:
+                return
+            room = self.rooms[self.pending[0]]
+            if not allocator.can_alloc(self._pages_wanted(room.req)) or self.slots.num_free == 0:
+                return
+            pages, slot = allocator.alloc(self._pages_wanted(room.req)), self.slots.alloc()
+            assert pages is not None and slot is not None  # checked above
+            self.pending.popleft()
+            room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
+            self.in_transfer += 1
+            prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
+            self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
+
+    def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
+        room = self.rooms.get(cmd.room)
+        if room is None or room.stage is not Stage.TRANSFER:
+            return []
+        assert room.pages is not None and room.aux_slot is not None
+        self.in_transfer -= 1
+        self.slots.free(room.aux_slot)
+        if self.metrics:
+            self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="decode")
+        if cmd.state is TransferState.DONE and room.aborted is None and cmd.aux is not None:
+            room.stage, room.req.pages = Stage.RUNNING, room.pages
+            return [
+                self._emit(self.engine.add_prefilled(room.req, cmd.aux.first_token, cmd.aux.first_logprob))
+            ]
+        self.engine.allocator.free(room.pages)
+        del self.rooms[cmd.room]
+        if self.metrics and cmd.state is TransferState.FAILED:
+            self.metrics.transfer_failures.inc(role="decode")
+        if room.aborted is not None:
+            return [self._aborted(room)]
+        self._count(cmd.state.value)
+        return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
+
+    def _emit(self, out: TokenOutput) -> Event:
+        event = tokens_event(out)
+        if out.finish_reason is not None:
+            self.rooms.pop(out.req.rid, None)
+            self._count(out.finish_reason.value)
+        return event
+
+    def _abort(self, room_id: int, reason: str) -> list[Event]:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        if self.metrics:
+            self.metrics.aborts.inc(role="decode")
+        if room.stage is Stage.TRANSFER:
+            room.aborted = reason
+            self.receiver.abort(room_id, reason)  # TransferEnded frees the pages once no write can land
+            return []
+        if room.stage is Stage.PENDING:
+            self.pending.remove(room_id)
+        else:
+            self.engine.abort(room.req)  # the scheduler frees the pages
+        del self.rooms[room_id]
+        return [self._aborted(room)]
+
+    def _aborted(self, room: _Room) -> Event:
+        self._count("abort")
+        return aborted_event(room.req)
+
+    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
+        self._count("refused")
+        return [RoomFailed(room, failure, message)]
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.requests.inc(role="decode", outcome=outcome)

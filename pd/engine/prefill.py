@@ -1,0 +1,208 @@
+"""The prefill role: chunked prefill of each room's prompt, its KV handed to the transfer layer.
+
+A room's life here (every step on the engine thread):
+
+1. ``PrefillRoom`` -> queued in the scheduler (bounded: BUSY beyond ``max_waiting``).
+2. ``step``: the scheduler admits it with pages for the whole prompt; the room's page list is announced to
+   the sender before its first chunk runs. After each chunk the pages it completed are sent; the last
+   chunk samples the first token, which goes out as the aux record with the remaining pages, and the
+   request leaves the scheduler (its pages stay with this engine: the transfer still reads them).
+3. ``TransferEnded`` (the sender released the room: no write reads its pages any more) -> the pages are
+   freed, exactly once, and the RPC gets ``Prefilled`` or ``RoomFailed``.
+
+``AbortRoom`` ends a queued room at once; an announced room is aborted in the sender, and step 3 follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from pd.engine.engine import Engine
+from pd.engine.messages import (
+    AbortRoom,
+    Command,
+    Event,
+    Failure,
+    Prefilled,
+    PrefillRoom,
+    RoomFailed,
+    TransferEnded,
+    transfer_failed,
+)
+from pd.engine.role import Load
+from pd.engine.scheduler import QueueFull
+from pd.transfer.aux import AuxRecord
+from pd.transfer.state import TransferState
+from pd.types import Batch, FinishReason, Req
+
+if TYPE_CHECKING:
+    from pd.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class PageSender(Protocol):
+    """The transfer layer's prefill side (``pd.transfer.sender.KVSender``). It holds the page lists it is
+    given until it reports the room's end (``TransferEnded``); it never frees a page."""
+
+    def add_room(self, room: int, src_pages: Sequence[int]) -> None: ...
+
+    def send(
+        self,
+        room: int,
+        pages: Sequence[int],
+        last: bool = False,
+        aux: AuxRecord | None = None,
+        ready_event: Any = None,
+    ) -> None: ...
+
+    def abort(self, room: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class _Room:
+    req: Req
+    arrived: float
+    announced: bool = False  # the sender knows its pages: only TransferEnded ends it now
+    pages_sent: int = 0  # leading pages of req.pages handed to the sender
+    pages: list[int] | None = None  # taken from the scheduler after the last chunk (or an abort)
+    first_token: int = -1
+
+
+class PrefillEngine:
+    def __init__(self, engine: Engine, sender: PageSender, metrics: WorkerMetrics | None = None) -> None:
+        self.engine, self.sender, self.metrics = engine, sender, metrics
+        self.scheduler, self.runner = engine.scheduler, engine.runner
+        self.layout = self.runner.pool.layout
+        self.rooms: dict[int, _Room] = {}
+
+    # ---- the loop ----
+
+    def has_work(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[Event]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            self.runner.run_idle()  # other ranks of the instance may be stepping
+            return []
+        self._announce(batch)
+        tokens, logprobs = self.runner.run(batch)
+        self._ship(batch, tokens, logprobs)
+        return []
+
+    def handle(self, cmd: Command) -> list[Event]:
+        if isinstance(cmd, PrefillRoom):
+            return self._arrive(cmd)
+        if isinstance(cmd, AbortRoom):
+            return self._abort(cmd.room, cmd.reason)
+        if isinstance(cmd, TransferEnded):
+            return self._transfer_ended(cmd)
+        raise TypeError(f"a prefill engine does not handle {type(cmd).__name__}")
+
+    # ---- state for metrics and the registry ----
+
+    def load(self) -> Load:
+        return Load(running=len(self.scheduler.prefilling), waiting=len(self.scheduler.waiting))
+
+    def queue_lengths(self) -> dict[str, int]:
+        transferring = sum(r.pages is not None for r in list(self.rooms.values()))
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "prefilling": len(self.scheduler.prefilling),
+            "transferring": transferring,
+        }
+
+    @property
+    def rooms_open(self) -> int:
+        return len(self.rooms)
+
+    # ---- steps of a room ----
+
+    def _arrive(self, cmd: PrefillRoom) -> list[Event]:
+        if cmd.room in self.rooms:
+            return self._refuse(
+                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being prefilled here"
+            )
+        try:
+            req = self.engine.make_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
+            self.scheduler.add(req)
+        except QueueFull as e:
+            return self._refuse(cmd.room, Failure.BUSY, str(e))
+        except ValueError as e:
+            return self._refuse(cmd.room, Failure.INVALID, str(e))
+        self.rooms[cmd.room] = _Room(req, time.monotonic())
+        log.debug("room %x: queued, %d prompt tokens", cmd.room, len(req.prompt_ids))
+        return []
+
+    def _announce(self, batch: Batch) -> None:
+        """Rooms admitted in this step: the sender learns their pages before any chunk is sent."""
+        for req in batch.reqs:
+            room = self.rooms[req.rid]
+            if not room.announced:
+                self.sender.add_room(req.rid, req.pages)
+                room.announced = True
+
+    def _ship(self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]) -> None:
+        """Hands the pages this step completed to the sender; the last chunk also sends the first token."""
+        ready = None
+        if self.runner.pool.buffer.is_cuda:  # the sender waits for the forward before reading the pages
+            ready = torch.cuda.Event()
+            ready.record()
+        for req, end, token, logprob in zip(batch.reqs, batch.ends, tokens, logprobs):
+            room = self.rooms[req.rid]
+            req.num_computed = end
+            if token is None:
+                full = end // self.layout.page_size  # pages whose every slot is computed
+                if full > room.pages_sent:
+                    self.sender.send(req.rid, req.pages[room.pages_sent : full], ready_event=ready)
+                    room.pages_sent = full
+                continue
+            room.pages, room.first_token = self.scheduler.release(req), token
+            aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
+            self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
+            if self.metrics:
+                nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
+                self.metrics.transfer_bytes.inc(nbytes, role="prefill")
+
+    def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
+        room = self.rooms.pop(cmd.room, None)
+        if room is None:
+            return []
+        pages = room.pages if room.pages is not None else self.scheduler.release(room.req)
+        if pages:
+            self.engine.allocator.free(pages)
+        if self.metrics:
+            self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="prefill")
+            self.metrics.requests.inc(role="prefill", outcome=cmd.state.value)
+            if cmd.state is TransferState.FAILED:
+                self.metrics.transfer_failures.inc(role="prefill")
+        if cmd.state is TransferState.DONE:
+            return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token)]
+        return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
+
+    def _abort(self, room_id: int, reason: str) -> list[Event]:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        if self.metrics:
+            self.metrics.aborts.inc(role="prefill")
+        if room.announced:
+            if room.pages is None:
+                room.pages = self.scheduler.release(room.req)
+            self.sender.abort(room_id, reason)  # TransferEnded frees the pages once no write reads them
+            return []
+        del self.rooms[room_id]  # still queued: no pages, nothing sent
+        self.scheduler.finish(room.req, FinishReason.ABORT)
+        return [RoomFailed(room_id, Failure.ABORTED, f"room {room_id:x} aborted: {reason}")]
+
+    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
+        if self.metrics:
+            self.metrics.requests.inc(role="prefill", outcome="refused")
+        return [RoomFailed(room, failure, message)]

@@ -1,0 +1,63 @@
+"""What every role engine (prefill, decode, colocated) offers the thread that runs it.
+
+A role engine is driven by one thread (``pd.worker.loop.EngineThread``): it ``handle``s commands between
+steps and ``step``s while it ``has_work``; both return the events for the RPC side. It owns every page it
+allocates (through its core ``Engine``'s allocator) and frees each exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pd.engine.engine import Engine, TokenOutput
+from pd.engine.messages import Command, Event, Tokens
+from pd.types import FinishReason, Req
+
+
+@dataclass(frozen=True)
+class Load:
+    """A rank's load as the registry and the proxy see it."""
+
+    running: int  # requests being computed
+    waiting: int  # requests queued before that
+
+
+class RoleEngine(Protocol):
+    engine: Engine  # the core: scheduler, runner, allocator
+
+    def handle(self, cmd: Command) -> list[Event]: ...
+
+    def step(self) -> list[Event]: ...
+
+    def has_work(self) -> bool: ...
+
+    def load(self) -> Load: ...
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Requests per named queue (the ``pd_queue_length`` gauge)."""
+        ...
+
+    @property
+    def rooms_open(self) -> int:
+        """Rooms this rank holds, in any stage."""
+        ...
+
+
+def tokens_event(out: TokenOutput) -> Tokens:
+    req = out.req
+    reason = out.finish_reason.value if out.finish_reason else None
+    return Tokens(
+        req.rid,
+        tuple(out.token_ids),
+        tuple(out.logprobs),
+        out.text,
+        reason,
+        len(req.prompt_ids),
+        len(req.output_ids),
+    )
+
+
+def aborted_event(req: Req) -> Tokens:
+    """The last event of a room aborted while it waited or decoded (its stream ends, not fails)."""
+    return Tokens(req.rid, (), (), "", FinishReason.ABORT.value, len(req.prompt_ids), len(req.output_ids))
