@@ -3,9 +3,9 @@
 # 1. A fresh host (empty FlashInfer JIT cache): pd-serve --device cuda on the gpu-tiny model; as soon as
 #    /health says ready, 16 concurrent completions (before the warm-up, 15 of 16 failed with 504).
 # 2. The GPU tests (FlashInfer vs torch, transformers agreement, graph replay vs eager, warm-up buckets).
-# Carry: .whl-gpu (site.tar.xz: flashinfer, mooncake cuda13, starlette, uvicorn; made with --no-deps).
+# Carry: .gpu-pack (site.tar.xz: flashinfer, mooncake cuda13, starlette, uvicorn; made with --no-deps).
 set -u
-tar -xJf .whl-gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
+tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-fresh  # nothing JIT-built yet, as on a fresh host
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $OUT/device.txt
