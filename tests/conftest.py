@@ -6,9 +6,9 @@ import functools
 from pathlib import Path
 
 import pytest
-import torch
 
 from pd.tiny_model import make_tiny_model
+from tests.support.oracle import load_hf
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +31,5 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def hf_model():
     """``hf_model(path) -> transformers DeepseekV3ForCausalLM`` in float32, eval mode (test-only oracle)."""
-    transformers = pytest.importorskip("transformers")
-
-    @functools.cache
-    def load(path: Path):
-        return transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-    return load
+    pytest.importorskip("transformers")
+    return functools.cache(load_hf)

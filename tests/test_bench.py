@@ -30,6 +30,7 @@ from pd.bench.datasets import (
 )
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
 from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
+from tests.support.net import free_port
 
 # ---------------------------------------------------------------------------------------------
 # Metric math on synthetic records (exact).
@@ -500,9 +501,7 @@ def test_cli_writes_json_with_every_metric(stub_url, tmp_path, capsys):
 @bounded
 def test_cli_reports_all_failed_and_bad_flags(tmp_path, capsys):
     # Nothing listens on this port: every request fails with a connection error, and the run ends.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3"]
     assert main([*argv, "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"]) == 1
     out = capsys.readouterr().out

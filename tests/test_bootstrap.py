@@ -24,6 +24,7 @@ from pd.rpc import bootstrap_pb2 as pb
 from pd.rpc import bootstrap_pb2_grpc as pb_grpc
 from pd.rpc.auth import aio_server_interceptors, auth_metadata, server_interceptors, with_token
 from pd.rpc.generate import stale_files
+from tests.support.polling import wait_until
 
 TOKEN = "s3cret-token"
 
@@ -61,14 +62,6 @@ def rank_info(
         "kv_nbytes", fields["num_layers"] * fields["num_pages"] * fields["page_nbytes_per_layer"]
     )
     return pb.RankInfo(**fields)
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture

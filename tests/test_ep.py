@@ -1,6 +1,6 @@
 """EP backends against a dense reference MoE.
 
-The 2-rank tests run this file as a worker script (``python tests/test_ep.py --worker ...``) in
+The 2-rank tests run this file as a worker script (``python -m tests.test_ep --worker ...``) in
 two processes on gloo; the workers save what each rank received and returned, and the tests
 check it here against the dense reference and the exact expected layouts. Every launch is
 bounded by a timeout and kills only the processes it started.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,14 @@ from pd.ep.layout import expert_slots, weighted_gather_sum
 from pd.ep.mooncake_ep import mooncake_ep_available
 from pd.ep.placement import ExpertPlacement, PlacementMap
 from pd.ep.reference import ReferenceExperts, random_routing
+from tests.support.net import free_port
 
 WORLD, EXPERTS, HIDDEN, TOP_K, MAX_TOKENS, INTERMEDIATE = 2, 8, 32, 3, 6, 16
 E_LOCAL = EXPERTS // WORLD
 EXPERT_SEED = 1234
 LAUNCH_TIMEOUT_S = 120
 CASES = ("random", "one_expert", "idle_rank", "all_empty", "full", "masked", "remote_only")
+ROOT = Path(__file__).resolve().parents[1]  # the workers run as ``-m tests.test_ep`` from here
 
 
 def case_inputs(case: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,22 +180,16 @@ def check_ll(results: list[dict], inputs: list, n_local: int) -> None:
 # ---------------- 2-rank launches ----------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(args: list[str], out_dir: Path, world: int = WORLD) -> None:
     """Run this file as ``world`` worker processes; fail with their output on error or timeout."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = []
     for rank in range(world):
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(world),
+        cmd = [sys.executable, "-m", "tests.test_ep", "--worker", "--rank", str(rank), "--world", str(world),
                "--port", str(port), "--out", str(out_dir), *args]  # fmt: skip
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         # A rank that fails leaves its peer blocked in a collective: stop as soon as one fails.

@@ -23,13 +23,12 @@ import grpc
 import httpx
 import pytest
 
-from pd.metrics import parse_samples
 from pd.rpc import bootstrap_pb2, transfer_pb2, worker_pb2
 from pd.rpc import bootstrap_pb2_grpc as bpb_grpc
 from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.rpc.auth import auth_metadata
-from tests.faults import RSS_SLACK, burst, completion_body, random_aborts, random_prompt, request, rss_growth
-from tests.serving import Cluster, rss_bytes, wait_idle
+from tests.support.clients import burst, completion_body, random_aborts, random_prompt, request
+from tests.support.cluster import RSS_SLACK, Cluster, proxy_metric, rss_bytes, rss_growth, wait_idle
 
 TOKEN = "cluster-secret-for-tests"
 KEY = "api-key-for-tests"
@@ -86,33 +85,6 @@ def reference(cluster, prompts):
     return [o.tokens for o in outs]
 
 
-def assert_idle(cluster: Cluster, ranks: int | None = None) -> float:
-    """Waits until no rank holds a page or room and no proxy has a request in flight (every rank
-    reporting); returns when that was first seen (time.monotonic())."""
-    idle_at = None
-    for url in cluster.urls.values():
-        reading = wait_idle(url, timeout=30, ranks=ranks or cluster.num_ranks)
-        leaked = {k: v for k, v in reading.items() if v}
-        assert not leaked and len({k[1:] for k in reading if k[1] != "proxy"}) == (
-            ranks or cluster.num_ranks
-        ), (
-            reading,
-            cluster.tail(),
-        )
-        idle_at = idle_at or time.monotonic()
-    return idle_at
-
-
-def heal(cluster: Cluster) -> None:
-    """Starts whatever is not running and waits until every proxy sees every rank again."""
-    dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
-    if dead:
-        cluster.start(*dead)
-    for name in cluster.procs:
-        cluster.signal(name, signal.SIGCONT)
-    cluster.wait_ready()
-
-
 async def run_with_fault(
     url: str, prompts, fault, when_tokens: int, max_tokens: int = MAX_TOKENS
 ) -> tuple[list, float]:
@@ -139,7 +111,7 @@ async def run_with_fault(
 
 def worker_metric(cluster: Cluster, name: str, metric: str, **labels) -> float:
     """A counter from one worker, asked over gRPC (with the cluster token)."""
-    port = cluster.cmds[name][cluster.cmds[name].index("--port") + 1]
+    port = cluster.port(name)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = wpb_grpc.PrefillWorkerStub(ch)
         text = stub.Metrics(worker_pb2.MetricsRequest(), timeout=5, metadata=auth_metadata(TOKEN)).text
@@ -148,11 +120,6 @@ def worker_metric(cluster: Cluster, name: str, metric: str, **labels) -> float:
         if line.startswith(metric + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def proxy_metric(url: str, name: str) -> float:
-    samples = parse_samples(httpx.get(f"{url}/metrics", timeout=10).text)
-    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 # ---- security: token, API key, listeners ----
@@ -195,7 +162,7 @@ def test_every_grpc_method_refuses_calls_without_the_cluster_token(cluster):
             services[f"{role}{i}"] = [(worker_pb2, worker), (transfer_pb2, transfer)]
     checked = 0
     for name, svcs in services.items():
-        port = cluster.cmds[name][cluster.cmds[name].index("--port") + 1]
+        port = cluster.port(name)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             for module, service in svcs:
                 for path, request_cls, streaming in _methods(module, service):
@@ -299,7 +266,7 @@ def test_everything_listens_on_loopback_except_mooncake(cluster):
         assert listening, name
         exposed = {port for addr, port in listening if addr not in ("127.0.0.1", "::1")}
         if name.startswith(("prefill", "decode")):
-            port = cluster.cmds[name][cluster.cmds[name].index("--port") + 1]
+            port = cluster.port(name)
             data_ports = re.findall(r"TcpTransport: listen on port (\d+)", cluster.log(name).read_text())
             allowed = {sessions[f"127.0.0.1:{port}"], int(data_ports[-1])}
             assert exposed <= allowed, (name, listening, allowed)
@@ -318,14 +285,14 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_instance(cluster, p
     outs, killed_at = asyncio.run(run_with_fault(cluster.url, prompts, lambda: cluster.kill("prefill0"), 3))
     assert [o.tokens for o in outs] == reference, [(o.status, o.finish, o.error, o.exception) for o in outs]
     assert all(o.ok for o in outs)
-    idle = assert_idle(cluster, ranks=3) - killed_at
+    idle = cluster.assert_idle(ranks=3) - killed_at
     # New requests avoid the dead rank at once (no retry needed), registered or not.
     retries = proxy_metric(cluster.url, "pd_proxy_prefill_retries_total")
     more, _ = asyncio.run(run_with_fault(cluster.url, prompts[:4], lambda: None, 1))
     assert [o.tokens for o in more] == reference[:4]
     assert proxy_metric(cluster.url, "pd_proxy_prefill_retries_total") == retries
     restarted = time.monotonic()
-    heal(cluster)
+    cluster.heal()
     done_before = worker_metric(cluster, "prefill0", "pd_requests_total", outcome="done")
     outs, _ = asyncio.run(run_with_fault(cluster.url, prompts, lambda: None, 1))
     assert [o.tokens for o in outs] == reference, [(o.status, o.error, o.exception) for o in outs]
@@ -334,7 +301,7 @@ def test_prefill_killed_mid_transfer_is_retried_on_the_other_instance(cluster, p
         f"\nprefill SIGKILL: retried, all {N} correct; survivors idle {idle:.1f}s after the kill; "
         f"restart to serving {time.monotonic() - restarted:.1f}s"
     )
-    assert_idle(cluster)
+    cluster.assert_idle()
 
 
 def test_prefill_killed_without_retry_fails_fast_with_503(cluster, prompts, reference):
@@ -348,11 +315,11 @@ def test_prefill_killed_without_retry_fails_fast_with_503(cluster, prompts, refe
         else:  # the first token never came: a proper HTTP status, not a broken stream
             assert o.status == 503 and "prefill failed" in o.error, (o.status, o.error, o.exception)
     detect = max(o.ended_at for o in failed) - killed_at
-    idle = assert_idle(cluster, ranks=3) - killed_at
+    idle = cluster.assert_idle(ranks=3) - killed_at
     print(
         f"\nprefill SIGKILL without retry: {len(failed)} got 503 within {detect:.2f}s; idle after {idle:.1f}s"
     )
-    heal(cluster)
+    cluster.heal()
 
 
 def test_decode_killed_ends_its_streams_with_an_error_and_prefill_frees(cluster, prompts, reference):
@@ -368,14 +335,14 @@ def test_decode_killed_ends_its_streams_with_an_error_and_prefill_frees(cluster,
         else:  # already streaming: an SSE error event, then [DONE]
             assert o.status == 200 and o.done and "decode failed" in o.error, (o.error, o.exception)
     detect = max(o.ended_at for o in failed) - killed_at
-    idle = assert_idle(cluster, ranks=3) - killed_at
+    idle = cluster.assert_idle(ranks=3) - killed_at
     print(
         f"\ndecode SIGKILL: {len(failed)} streams got an error event within {detect:.2f}s; idle after {idle:.1f}s"
     )
     outs, _ = asyncio.run(run_with_fault(cluster.url, prompts[:4], lambda: None, 1))
     assert [o.tokens for o in outs] == reference[:4]
-    heal(cluster)
-    assert_idle(cluster)
+    cluster.heal()
+    cluster.assert_idle()
 
 
 def test_proxy_killed_mid_stream_the_workers_free_everything(cluster, prompts):
@@ -387,7 +354,7 @@ def test_proxy_killed_mid_stream_the_workers_free_everything(cluster, prompts):
     readings = wait_idle(cluster.url, timeout=30, ranks=cluster.num_ranks)
     assert all(v == 0 for v in readings.values()), (readings, cluster.tail())
     print(f"\nproxy SIGKILL: every rank idle {time.monotonic() - killed_at:.1f}s after the kill")
-    heal(cluster)
+    cluster.heal()
 
 
 def test_hung_decode_and_prefill_are_bounded_by_our_timeouts(cluster, prompts, reference):
@@ -407,8 +374,8 @@ def test_hung_decode_and_prefill_are_bounded_by_our_timeouts(cluster, prompts, r
         f"\ndecode SIGSTOP: {len(failed)} streams ended with an error within {max(o.ended_at for o in failed) - stopped_at:.2f}s"
     )
     cluster.signal("decode1", signal.SIGCONT)
-    heal(cluster)
-    assert_idle(cluster)
+    cluster.heal()
+    cluster.assert_idle()
 
     outs, stopped_at = asyncio.run(
         run_with_fault(cluster.url, prompts, lambda: cluster.signal("prefill0", signal.SIGSTOP), 2)
@@ -418,8 +385,8 @@ def test_hung_decode_and_prefill_are_bounded_by_our_timeouts(cluster, prompts, r
         f"\nprefill SIGSTOP: all {N} correct after retries, last done {max(o.ended_at for o in outs) - stopped_at:.2f}s after the stop"
     )
     cluster.signal("prefill0", signal.SIGCONT)
-    heal(cluster)
-    assert_idle(cluster)
+    cluster.heal()
+    cluster.assert_idle()
 
 
 def test_bootstrap_restart_keeps_serving_and_the_registry_refills(cluster, prompts, reference):
@@ -448,7 +415,7 @@ def test_bootstrap_restart_keeps_serving_and_the_registry_refills(cluster, promp
             assert time.monotonic() - restarted < CLIENT_TIMEOUT, listed
             time.sleep(0.1)
     print(f"\nbootstrap restart: registry refilled in {time.monotonic() - restarted:.1f}s, no request failed")
-    assert_idle(cluster)
+    cluster.assert_idle()
 
 
 def test_random_client_aborts_leak_nothing(cluster, prompts, reference):
@@ -458,7 +425,7 @@ def test_random_client_aborts_leak_nothing(cluster, prompts, reference):
     rng = random.Random(3)
     aborted = asyncio.run(random_aborts(cluster.url, rng, 100, headers=AUTH))
     assert aborted > 50
-    assert_idle(cluster)
+    cluster.assert_idle()
     outs, _ = asyncio.run(run_with_fault(cluster.url, prompts, lambda: None, 1))
     assert [o.tokens for o in outs] == reference
 
@@ -480,7 +447,7 @@ def test_64_concurrent_streams_all_succeed_and_memory_stays_bounded(cluster):
     growth = rss_growth(samples[1:])
     print("\n64 streams x3: RSS MB", {n: round(v / 2**20) for n, v in samples[-1].items()}, "growth", growth)
     assert all(g < RSS_SLACK for g in growth.values()), growth
-    assert_idle(cluster)
+    cluster.assert_idle()
 
 
 def test_full_queues_answer_429_and_nothing_leaks(cluster, prompts, reference):
@@ -494,7 +461,7 @@ def test_full_queues_answer_429_and_nothing_leaks(cluster, prompts, reference):
 
     cluster.kill("prefill1")
     cluster.cmds["prefill1"] += ["--max-waiting", "1"]
-    heal(cluster)
+    cluster.heal()
     outs, _ = asyncio.run(run_with_fault(cluster.urls["noretry"], prompts, lambda: None, 1))
     refused = [o for o in outs if not o.ok]
     assert refused and all(o.status == 429 and "queue is full" in o.error for o in refused), [
@@ -503,4 +470,4 @@ def test_full_queues_answer_429_and_nothing_leaks(cluster, prompts, reference):
     assert all(o.tokens == ref for o, ref in zip(outs, reference) if o.ok)
     outs, _ = asyncio.run(run_with_fault(cluster.url, prompts, lambda: None, 1))
     assert [o.tokens for o in outs] == reference
-    assert_idle(cluster)
+    cluster.assert_idle()

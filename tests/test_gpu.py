@@ -15,15 +15,13 @@ from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
 from pd.kv_cache import KVLayout, KVPool
 from pd.types import Batch, BatchMode, Req, SamplingParams
+from tests.support.clients import random_prompt
+from tests.support.oracle import load_hf, rel_err
 
 pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_flashinfer_mla_matches_torch_reference():
@@ -112,16 +110,10 @@ def test_tiny_model_agrees_with_transformers_fp32(gpu_tiny, hf_model):
     transformers' bf16 run on the same tokens: overall, and where the float32 top-1 margin exceeds
     0.5 logits (there also >= 99% would do). The figures are printed for the record.
     """
-    import transformers
-
     hf32 = hf_model(gpu_tiny).to("cuda")
-    hf16 = (
-        transformers.DeepseekV3ForCausalLM.from_pretrained(str(gpu_tiny), dtype=torch.bfloat16)
-        .to("cuda")
-        .eval()
-    )
+    hf16 = load_hf(gpu_tiny, torch.bfloat16).to("cuda")
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(4, 60))] for _ in range(64)]
+    prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(64)]
     forced, margins, hf16_top1 = [], [], []
     for p in prompts:
         ids = torch.tensor([p], device="cuda")
@@ -159,8 +151,8 @@ def test_tiny_model_agrees_with_transformers_fp32(gpu_tiny, hf_model):
 
 def test_graph_replay_equals_eager_decode(gpu_tiny):
     rng = random.Random(1)
-    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(4, 60))] for _ in range(13)]
-    forced = [[rng.randrange(3, 1000) for _ in range(24)] for _ in prompts]
+    prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(13)]
+    forced = [random_prompt(rng, 24, 1000) for _ in prompts]
     graph = _teacher_forced_top1(_decode_runner(gpu_tiny), prompts, forced)
     eager = _teacher_forced_top1(_decode_runner(gpu_tiny, cuda_graph=False), prompts, forced)
     assert graph == eager

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pd.kernels import moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig
+from tests.support.oracle import rel_err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,11 +94,6 @@ def naive_masked(recv_x, recv_count, w13, w2):
                 recv_x[e, r : r + 1], w13[e : e + 1], w2[e : e + 1], torch.zeros(1, 1), ones[None]
             )[0]
     return out
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double().cpu()
-    return float((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------------------------------------

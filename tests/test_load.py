@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from pd.rpc.channel import SERVER_KEEPALIVE_S
-from tests.faults import RSS_SLACK, burst, completion_body, random_aborts, random_prompt, request, rss_growth
-from tests.serving import Cluster, rss_bytes, wait_idle
+from tests.support.clients import burst, completion_body, random_aborts, random_prompt, request
+from tests.support.cluster import RSS_SLACK, Cluster, rss_bytes, rss_growth, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -41,11 +41,6 @@ def cluster(tiny_model_dir, tmp_path_factory):
         yield c
 
 
-def _assert_idle(cluster: Cluster) -> None:
-    reading = wait_idle(cluster.url, timeout=60, ranks=cluster.num_ranks)
-    assert all(v == 0 for v in reading.values()), reading
-
-
 def test_500_concurrent_streams_all_succeed_and_memory_stays_bounded(cluster):
     """Three bursts of 500 streams at once (decode runs 64 at a time; the rest wait bounded queues):
     every one completes with the same tokens each time, and no process grows from the second burst
@@ -60,7 +55,7 @@ def test_500_concurrent_streams_all_succeed_and_memory_stays_bounded(cluster):
         first = first or [o.tokens for o in outs]
         assert [o.tokens for o in outs] == first
         samples.append({name: rss_bytes(cluster.pid(name)) for name in cluster.procs})
-        _assert_idle(cluster)
+        cluster.assert_idle(timeout=60)
     growth = rss_growth(samples[1:])
     print("\n500 streams x3: RSS MB", {n: round(v / 2**20) for n, v in samples[-1].items()}, "growth", growth)
     assert all(g < RSS_SLACK for g in growth.values()), growth
@@ -76,7 +71,7 @@ def test_1000_random_client_aborts_leak_nothing(cluster):
     aborted = asyncio.run(random_aborts(cluster.url, rng, 1000, concurrency=32))
     print(f"\n1000 requests, {aborted} abandoned")
     assert aborted > 500
-    _assert_idle(cluster)
+    cluster.assert_idle(timeout=60)
     after = asyncio.run(burst(cluster.url, probe, 16))
     assert [o.tokens for o in after] == [o.tokens for o in before] and all(o.ok for o in after)
 

@@ -14,18 +14,11 @@ from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner, resolve_device
 from pd.model.context import ForwardContext
 from pd.types import BatchMode, SamplingParams
-from tests.oracle import hf_greedy
+from tests.support.clients import random_prompt
+from tests.support.oracle import hf_greedy, rel_err
 
 PRESETS = ["ci", "nolora-groups", "yarn", "tied"]
 MAX_REL_ERR = 1e-4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
-    return [rng.randrange(3, vocab) for _ in range(n)]
 
 
 def step_logits(runner: ModelRunner, mode: BatchMode, pages: list[int], ids: list[int], start: int, end: int):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
-import httpx
-import openai
 import pytest
 
-from pd.metrics import parse_samples
-from tests.oracle import hf_greedy
-from tests.serving import kv_pages_used, pd_serve, wait_pages_idle
+from tests.support.clients import async_openai_client, greedy_request, random_prompt
+from tests.support.cluster import kv_pages_used, metric_samples, pd_serve, wait_pages_idle
+from tests.support.oracle import hf_greedy
+from tests.support.polling import wait_until
 
 
 @pytest.fixture(scope="module", params=["linear", "round_robin"])
@@ -27,32 +25,19 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
     deployment_dp2, placement = deployment_dp2
     hf = hf_model(tiny_model_dir)
     # /health is OK once one prefill and one decode rank registered; the others follow within a moment.
-    deadline = time.monotonic() + 30
-    while len(pages := kv_pages_used(deployment_dp2)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert sorted((role, rank) for role, _, rank in pages) == [
+    wait_until(lambda: len(kv_pages_used(deployment_dp2)) >= 4, 30, "4 ranks registered", interval=0.2)
+    assert sorted((role, rank) for role, _, rank in kv_pages_used(deployment_dp2)) == [
         ("decode", "0"),
         ("decode", "1"),
         ("prefill", "0"),
         ("prefill", "1"),
     ]
     rng = random.Random(7)
-    prompts = [[rng.randrange(3, 1000) for _ in range(rng.choice([3, 20, 45]))] for _ in range(12)]
+    prompts = [random_prompt(rng, rng.choice([3, 20, 45]), 1000) for _ in range(12)]
 
     async def run():
-        c = openai.AsyncOpenAI(base_url=f"{deployment_dp2}/v1", api_key="-", max_retries=0, timeout=120)
-        outs = await asyncio.gather(
-            *(
-                c.completions.create(
-                    model="tiny-ci",
-                    prompt=p,
-                    max_tokens=12,
-                    temperature=0,
-                    extra_body={"ignore_eos": True, "return_token_ids": True},
-                )
-                for p in prompts
-            )
-        )
+        c = async_openai_client(deployment_dp2)
+        outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
         await c.close()
         return [o.choices[0].model_extra["token_ids"] for o in outs]
 
@@ -63,9 +48,7 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
     assert all(v == 0 for v in wait_pages_idle(deployment_dp2).values())
     # Per-rank expert counters, relayed by the proxy: each rank reports the experts it holds.
     counts: dict[tuple[str, str], set[int]] = {}
-    for (name, labels), value in parse_samples(
-        httpx.get(f"{deployment_dp2}/metrics", timeout=10).text
-    ).items():
+    for (name, labels), value in metric_samples(deployment_dp2).items():
         if name == "pd_expert_tokens":
             d = dict(labels)
             counts.setdefault((d["role"], d["rank"]), set()).add(int(d["expert"]))

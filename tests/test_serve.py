@@ -10,12 +10,19 @@ import socket
 import time
 
 import httpx
-import openai
 import pytest
 
 from pd.tokenizer import Tokenizer
-from tests.oracle import hf_greedy
-from tests.serving import free_port, kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
+from tests.support.clients import (
+    async_openai_client,
+    greedy_request,
+    greedy_tokens,
+    openai_client,
+    random_prompt,
+)
+from tests.support.cluster import kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
+from tests.support.net import free_port
+from tests.support.oracle import hf_greedy
 
 MAX_TOKENS = 16
 CHUNK = 16  # small, so most prompts take several prefill chunks
@@ -45,35 +52,24 @@ def tok(tiny_model_dir) -> Tokenizer:
     return Tokenizer.from_dir(tiny_model_dir)
 
 
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def prompts(vocab: int, n: int = 8) -> list[list[int]]:
     rng = random.Random(4)
     # 1 to 70 tokens: most span several chunks of CHUNK tokens and end mid-page.
-    return [
-        [rng.randrange(3, vocab - 2) for _ in range(rng.choice([1, 7, 16, 17, 33, 50, 70]))] for _ in range(n)
-    ]
+    return [random_prompt(rng, rng.choice([1, 7, 16, 17, 33, 50, 70]), vocab - 2) for _ in range(n)]
 
 
 def test_completions_equal_transformers_streaming_and_not(deployment, tiny_model_dir, hf_model, tok):
     hf = hf_model(tiny_model_dir)
-    c = client(deployment)
-    extra = {"ignore_eos": True, "return_token_ids": True}
+    c = openai_client(deployment)
     for ids in prompts(tok.vocab_size):
         expected = hf_greedy(hf, ids, MAX_TOKENS)
-        r = c.completions.create(
-            model="tiny-ci", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
-        )
+        r = c.completions.create(**greedy_request(ids, MAX_TOKENS))
         choice = r.choices[0]
         assert choice.model_extra["token_ids"] == expected
         assert choice.text == tok.decode(expected)
         assert choice.finish_reason == "length"
         assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == MAX_TOKENS
-        stream = c.completions.create(
-            model="tiny-ci", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body=extra
-        )
+        stream = c.completions.create(**greedy_request(ids, MAX_TOKENS, stream=True))
         chunks = list(stream)
         assert [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]] == expected
         assert "".join(ch.choices[0].text for ch in chunks) == choice.text
@@ -82,7 +78,7 @@ def test_completions_equal_transformers_streaming_and_not(deployment, tiny_model
 
 def test_text_prompt_and_chat_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
     hf = hf_model(tiny_model_dir)
-    c = client(deployment)
+    c = openai_client(deployment)
     text = "The river runs past the old mill, and the café opens at nine."
     ids = tok.encode(text)
     r = c.completions.create(
@@ -115,7 +111,7 @@ def test_text_prompt_and_chat_equal_transformers(deployment, tiny_model_dir, hf_
 
 
 def test_seeded_sampling_reproducible_across_requests(deployment):
-    c = client(deployment)
+    c = openai_client(deployment)
     kw = dict(
         model="tiny-ci", prompt="Once upon a time", max_tokens=20, temperature=0.9, top_p=0.9, seed=1234
     )
@@ -126,17 +122,10 @@ def test_seeded_sampling_reproducible_across_requests(deployment):
 
 def test_32_concurrent_streams_complete_correctly(deployment, tok):
     async def run() -> list[list[int]]:
-        c = openai.AsyncOpenAI(base_url=f"{deployment}/v1", api_key="unused", max_retries=0, timeout=120)
+        c = async_openai_client(deployment)
 
         async def one(ids: list[int]) -> list[int]:
-            stream = await c.completions.create(
-                model="tiny-ci",
-                prompt=ids,
-                max_tokens=24,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True, "return_token_ids": True},
-            )
+            stream = await c.completions.create(**greedy_request(ids, 24, stream=True))
             return [t async for ch in stream for t in ch.choices[0].model_extra["token_ids"]]
 
         ps = prompts(tok.vocab_size, 32)
@@ -145,16 +134,9 @@ def test_32_concurrent_streams_complete_correctly(deployment, tok):
         return ps, got
 
     ps, got = asyncio.run(run())
-    c = client(deployment)
+    c = openai_client(deployment)
     for ids, out in zip(ps, got):  # the same requests alone
-        alone = c.completions.create(
-            model="tiny-ci",
-            prompt=ids,
-            max_tokens=24,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        assert out == alone.choices[0].model_extra["token_ids"]
+        assert out == greedy_tokens(c, ids, 24)
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
@@ -257,7 +239,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(deployment, tok):
     assert httpx.get(f"{deployment}/v1/completions", timeout=10).status_code == 405
     models = httpx.get(f"{deployment}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-ci"]
-    r = client(deployment).completions.create(model="tiny-ci", prompt="still there?", max_tokens=4)
+    r = openai_client(deployment).completions.create(model="tiny-ci", prompt="still there?", max_tokens=4)
     assert r.usage.completion_tokens >= 1
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
@@ -282,7 +264,7 @@ def test_slow_body_client_gets_408_while_others_are_served(deployment):
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n{"
         )
-        r = client(deployment).completions.create(model="tiny-ci", prompt="meanwhile", max_tokens=4)
+        r = openai_client(deployment).completions.create(model="tiny-ci", prompt="meanwhile", max_tokens=4)
         assert r.usage.completion_tokens >= 1
         reply = _trickle_until_closed(s, deadline=time.monotonic() + 30)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
@@ -349,7 +331,7 @@ def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
             start(["pd.launch.proxy", "--bootstrap", f"127.0.0.1:{boot}", "--port", str(proxy_port)], log)
         )
         url = f"http://127.0.0.1:{proxy_port}"
-        _wait_up(url, procs, log)
+        wait_healthy(url, procs, timeout=120, log=log, any_status=True)
         # No worker yet: the proxy says so.
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and "registered" in r.json()["error"]["message"]
@@ -358,31 +340,11 @@ def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
         procs.append(start(["pd.launch.decode", *common], log))
         wait_healthy(url, procs, log=log)
         ids = tok.encode("Separate processes, same tokens.")
-        r = client(url).completions.create(
-            model="tiny-ci",
-            prompt=ids,
-            max_tokens=10,
-            temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True},
-        )
-        assert r.choices[0].model_extra["token_ids"] == hf_greedy(hf, ids, 10)
+        assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
         assert set(kv_pages_used(url)) and all(v == 0 for v in wait_pages_idle(url).values())
     finally:
         codes = [stop(p) for p in reversed(procs)]
     assert codes == [0] * len(procs), log.read_text()[-3000:]
-
-
-def _wait_up(url: str, procs, log) -> None:
-    import time
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(log.read_text()[-3000:])
 
 
 def test_pd_bench_against_pd_serve(deployment, tmp_path):
@@ -423,13 +385,6 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
     hf = hf_model(tiny_model_dir)
     with pd_serve(tiny_model_dir, tmp_path / "col.log", "--colocated", "1", "--model-name", "tiny-ci") as url:
         for ids in prompts(tok.vocab_size, 3):
-            r = client(url).completions.create(
-                model="tiny-ci",
-                prompt=ids,
-                max_tokens=10,
-                temperature=0,
-                extra_body={"ignore_eos": True, "return_token_ids": True},
-            )
-            assert r.choices[0].model_extra["token_ids"] == hf_greedy(hf, ids, 10)
+            assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
         pages = wait_pages_idle(url)
         assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())

@@ -3,13 +3,13 @@ detokenizer against Tokenizer.decode of the whole output."""
 
 import json
 import random
-import shutil
 
 import pytest
 import tokenizers
 
 from pd.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN
 from pd.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
+from tests.support.checkpoints import copy_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,20 +81,20 @@ def test_properties(tok, hf):
 def _copy_with_config(src, dst, *, post_processor=True, **changes):
     """A copy of model directory `src` with tokenizer_config.json changed (None: key removed) and, with
     post_processor=False, no post-processor in tokenizer.json."""
-    shutil.copytree(src, dst)
-    path = dst / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config))
-    if not post_processor:
-        tokenizer = json.loads((dst / "tokenizer.json").read_text())
+
+    def edit(config):
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+
+    def drop_post_processor(tokenizer):
         tokenizer["post_processor"] = None
-        (dst / "tokenizer.json").write_text(json.dumps(tokenizer))
-    return dst
+
+    return copy_checkpoint(
+        src, dst, tokenizer_config=edit, tokenizer=None if post_processor else drop_post_processor
+    )
 
 
 @pytest.mark.parametrize("post_processor", [True, False])
@@ -173,7 +173,7 @@ def test_chat_template_from_list_and_from_jinja_file(tmp_path, tiny_model_dir, t
         messages, tokenize=False, add_generation_prompt=True
     )
 
-    jinja = shutil.copytree(tiny_model_dir, tmp_path / "jinja")
+    jinja = copy_checkpoint(tiny_model_dir, tmp_path / "jinja")
     (jinja / "chat_template.jinja").write_text(
         "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | tojson }}{% endfor %}"
     )
@@ -236,7 +236,7 @@ def test_template_errors_become_value_errors(tmp_path, tiny_model_dir):
 
 
 def test_eos_ids_from_generation_config(tmp_path, tiny_model_dir):
-    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    d = copy_checkpoint(tiny_model_dir, tmp_path / "m")
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
     assert Tokenizer.from_dir(d).eos_token_ids == {1, 7}
     (d / "generation_config.json").unlink()

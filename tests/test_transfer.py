@@ -1,4 +1,4 @@
-"""KV transfer between real processes: a prefill and a decode rank (tests/transfer_peer.py), each
+"""KV transfer between real processes: a prefill and a decode rank (tests/support/transfer_peer.py), each
 with a CPU KV pool, the Mooncake engine over TCP on 127.0.0.1 and its gRPC hand-shake service.
 
 Oracle: the decode pages hold exactly the prefill pages' bytes (sha256 per page over all
@@ -11,104 +11,19 @@ library's own 30-60 s defaults, so a test fails if those were what ended a room.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
+from tests.support.net import free_port
+from tests.support.polling import wait_until
+from tests.support.transfer_peer import WAIT_S, Peer
+
 pytest.importorskip("mooncake.engine")
 
-PEER_SCRIPT = Path(__file__).with_name("transfer_peer.py")
 ZERO_PAGE = hashlib.sha256(bytes(3 * 4 * 24 * 2)).hexdigest()  # 3 layers x 4 tokens x 24 values x bf16
-WAIT_S = 15.0  # bound on any single wait for a room to end
 
 pytestmark = pytest.mark.timeout(90)
-
-
-class Peer:
-    """One transfer_peer.py process; the test started it and kills it, by pid, at the end."""
-
-    def __init__(self, role: str, log_dir: Path, **opts: object) -> None:
-        cmd = [sys.executable, str(PEER_SCRIPT), "--role", role]
-        for key, value in opts.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-        self.role = role
-        self.log_path = log_dir / f"{role}-{id(self)}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
-        )
-        self._replies: queue.Queue = queue.Queue()
-        self._events: queue.Queue = queue.Queue()
-        self.finals: dict[int, list[dict]] = {}
-        self.errors: list[dict] = []
-        self._info: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            info = self._info.get(timeout=60)
-        except queue.Empty:
-            self.close()
-            raise RuntimeError(f"{role} peer did not start; log:\n{self.log_path.read_text()}") from None
-        self.endpoint, self.session, self.pid = info["endpoint"], info["session"], info["pid"]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            obj = json.loads(line)
-            if "endpoint" in obj:
-                self._info.put(obj)
-            elif obj.get("event") == "error":
-                self.errors.append(obj)
-            elif "event" in obj:
-                self._events.put(obj)
-            else:
-                self._replies.put(obj)
-
-    def call(self, op: str, **kw: object) -> object:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
-        reply = self._replies.get(timeout=WAIT_S)
-        if "error" in reply:
-            raise AssertionError(f"{self.role} {op}: {reply['error']}")
-        return reply["reply"]
-
-    def wait_final(self, room: int, timeout: float = WAIT_S) -> dict:
-        """The room's release event; fails if it does not come within ``timeout``."""
-        end = time.monotonic() + timeout
-        while not self.finals.get(room):
-            try:
-                event = self._events.get(timeout=max(0.0, end - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"{self.role} released no room {room} within {timeout}s; log:\n{self.log_path.read_text()[-4000:]}"
-                ) from None
-            self.finals.setdefault(event["room"], []).append(event)
-        return self.finals[room][0]
-
-    def check_released_once(self) -> None:
-        """Every room was released exactly once and nothing is held."""
-        time.sleep(0.3)  # a second (wrong) release would arrive by now
-        assert not self.errors, self.errors
-        assert self.call("owned") == []
-        assert all(len(v) == 1 for v in self.finals.values()), self.finals
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture
@@ -142,10 +57,17 @@ def assert_pages_equal(prefill: Peer, decode: Peer, src: list[int], dst: list[in
 def wait_pages_written(prefill: Peer, decode: Peer, src: list[int], dst: list[int]) -> None:
     """Waits (bounded) until a chunk's asynchronous write has landed: the transfer is now mid-way."""
     want = prefill.call("digests", pages=src)
-    end = time.monotonic() + WAIT_S
-    while decode.call("digests", pages=dst) != want:
-        assert time.monotonic() < end, f"pages {src} never arrived in {dst}"
-        time.sleep(0.05)
+    wait_until(lambda: decode.call("digests", pages=dst) == want, WAIT_S, f"pages {src} arriving in {dst}")
+
+
+def mid_transfer(peers) -> tuple[Peer, Peer]:
+    """A prefill and a decode peer with room 1 (pages 1-4 to 5-8) mid-way: the first chunk has landed."""
+    prefill, decode = start_pair(peers)
+    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
+    prefill.call("send", room=1, pages=[1, 2])
+    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    return prefill, decode
 
 
 @pytest.mark.parametrize("order", ["layer_major", "page_major"])
@@ -159,10 +81,8 @@ def test_pages_and_aux_arrive_byte_exact(peers, order):
     prefill.call("add_room", room=1, pages=src)
     decode.call("add_room", room=1, prefill=prefill.endpoint, pages=dst, aux_slot=3)
     decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[20, 21, 22, 23, 24, 25], aux_slot=5)
-    end = time.monotonic() + WAIT_S
-    while prefill.call("state", room=2) != "bootstrapping":  # room 2's hand-shake has arrived
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    # Room 2's hand-shake has arrived.
+    wait_until(lambda: prefill.call("state", room=2) == "bootstrapping", WAIT_S, interval=0.02)
     prefill.call("add_room", room=2, pages=[10, 11, 12, 13, 14, 15])
 
     for room, pages in ((1, src), (2, [10, 11, 12, 13, 14, 15])):
@@ -184,11 +104,7 @@ def test_pages_and_aux_arrive_byte_exact(peers, order):
 
 
 def test_receiver_killed_mid_transfer(peers):
-    prefill, decode = start_pair(peers)
-    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
-    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
-    prefill.call("send", room=1, pages=[1, 2])
-    wait_pages_written(prefill, decode, [1, 2], [5, 6])  # the first chunk is there: mid-transfer
+    prefill, decode = mid_transfer(peers)
     decode.signal(signal.SIGKILL)
     decode.proc.wait(timeout=10)
     prefill.call("send", room=1, pages=[3, 4], last=True, aux=[1, 0.0, 16])
@@ -197,22 +113,14 @@ def test_receiver_killed_mid_transfer(peers):
 
 
 def test_sender_killed_mid_transfer(peers):
-    prefill, decode = start_pair(peers)
-    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
-    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
-    prefill.call("send", room=1, pages=[1, 2])
-    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    prefill, decode = mid_transfer(peers)
     prefill.signal(signal.SIGKILL)
     assert decode.wait_final(1)["state"] == "failed"
     decode.check_released_once()
 
 
 def test_hung_receiver_is_bounded_by_our_timeout(peers):
-    prefill, decode = start_pair(peers)
-    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
-    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
-    prefill.call("send", room=1, pages=[1, 2])
-    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    prefill, decode = mid_transfer(peers)
     decode.signal(signal.SIGSTOP)
     prefill.call("send", room=1, pages=[3, 4], last=True, aux=[1, 0.0, 16])
     assert prefill.wait_final(1)["state"] == "failed"  # engine progress timeout 2 s, not 30 s
@@ -223,11 +131,7 @@ def test_hung_receiver_is_bounded_by_our_timeout(peers):
 
 
 def test_hung_sender_is_bounded_by_our_timeout(peers):
-    prefill, decode = start_pair(peers)
-    prefill.call("add_room", room=1, pages=[1, 2, 3, 4])
-    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[5, 6, 7, 8], aux_slot=0)
-    prefill.call("send", room=1, pages=[1, 2])
-    wait_pages_written(prefill, decode, [1, 2], [5, 6])
+    prefill, decode = mid_transfer(peers)
     prefill.signal(signal.SIGSTOP)
     # waiting_for_input 3 s, then Abort to the hung prefill (1 s RPC deadline), then 1 s grace
     assert decode.wait_final(1)["state"] == "failed"
@@ -297,10 +201,8 @@ def test_abort_from_prefill_before_during_after(peers):
 def test_orphan_handshake_expires(peers):
     prefill, decode = start_pair(peers, decode_timeouts="3,60,3,1")  # only prefill's expiry can end it
     decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)
-    end = time.monotonic() + WAIT_S
-    while decode.call("state", room=1) != "waiting_for_input":  # the hand-shake was accepted
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    # The hand-shake was accepted.
+    wait_until(lambda: decode.call("state", room=1) == "waiting_for_input", WAIT_S, interval=0.02)
     assert prefill.call("state", room=1) == "bootstrapping"  # an orphan: no request for it
     # prefill's bootstrapping timeout fails it and tells decode, which releases at once
     assert decode.wait_final(1)["state"] == "failed"
@@ -308,9 +210,9 @@ def test_orphan_handshake_expires(peers):
     decode.check_released_once()
 
 
-def test_unreachable_prefill_fails_after_bounded_retries(peers, unused_tcp_port):
+def test_unreachable_prefill_fails_after_bounded_retries(peers):
     decode = peers("decode")
-    decode.call("add_room", room=1, prefill=f"127.0.0.1:{unused_tcp_port}", pages=[1], aux_slot=0)
+    decode.call("add_room", room=1, prefill=f"127.0.0.1:{free_port()}", pages=[1], aux_slot=0)
     assert decode.call("state", room=1) == "bootstrapping"
     assert decode.wait_final(1)["state"] == "failed"
     decode.check_released_once()
@@ -323,12 +225,3 @@ def test_incompatible_layout_is_refused(peers):
     assert decode.wait_final(1)["state"] == "failed"
     assert prefill.call("state", room=1) is None  # nothing was created on the prefill side
     decode.check_released_once()
-
-
-@pytest.fixture
-def unused_tcp_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -30,6 +30,7 @@ from pd.transfer.receiver import KVReceiver
 from pd.transfer.rpc import start_server
 from pd.transfer.sender import KVSender
 from pd.transfer.state import TransferState, TransferTimeouts
+from tests.support.polling import wait_until
 
 ROOMS = 40
 PAGES_PER_ROOM = 4
@@ -205,18 +206,11 @@ def pair():
         server.stop(0)
 
 
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
-
-
 def test_writes_wait_for_the_ready_event_and_send_does_not_block(pair):
     sender, receiver, prefill_endpoint, engine, finals = pair
     sender.add_room(1, [1, 2])
     receiver.add_room(1, prefill_endpoint, [3, 4], 0)
-    wait_for(lambda: sender.state(1) is TransferState.WAITING_FOR_INPUT)
+    wait_until(lambda: sender.state(1) is TransferState.WAITING_FOR_INPUT, interval=0.01)
     event = GateEvent()
     # returns although the gate is shut: only the writer thread waits on the event
     sender.send(1, [1, 2], last=True, aux=AuxRecord(1, 5, -0.25, 8), ready_event=event)
@@ -224,7 +218,7 @@ def test_writes_wait_for_the_ready_event_and_send_does_not_block(pair):
     time.sleep(0.1)
     assert engine.log == [] and sender.state(1) is TransferState.TRANSFERRING  # nothing read before the event
     event.gate.set()
-    wait_for(lambda: finals["decode"] and finals["prefill"])
+    wait_until(lambda: finals["decode"] and finals["prefill"], interval=0.01)
     assert finals["prefill"] == [(1, TransferState.DONE)]
     assert finals["decode"] == [(1, TransferState.DONE, AuxRecord(1, 5, -0.25, 8))]
 
@@ -250,7 +244,7 @@ def test_send_rejects_scheduler_mistakes(pair):
     sender.send(99, [1])  # unknown (e.g. already released) room: ignored
     sender.abort(1, "test")
     sender.send(1, [2, 3], last=True, aux=AuxRecord(1, 0, 0.0, 12))  # final room: ignored
-    wait_for(lambda: finals["prefill"])
+    wait_until(lambda: finals["prefill"], interval=0.01)
     assert finals["prefill"] == [(1, TransferState.ABORTED)]
 
 

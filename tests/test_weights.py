@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
 from pd.model.weights import WeightLoadError, dequantize_fp8
-
-
-def copy_with(src: Path, dst: Path, edit=None, config_edit=None) -> Path:
-    shutil.copytree(src, dst)
-    if edit is not None:
-        tensors = load_file(dst / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, dst / "model.safetensors")
-    if config_edit is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config_edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+from tests.support.checkpoints import copy_checkpoint
 
 
 def runner_for(path: Path, **kw) -> ModelRunner:
@@ -66,12 +52,12 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model, tmp_path
     src = tiny_model("ci")
     name = "model.layers.1.self_attn.kv_b_proj.weight"
 
-    missing = copy_with(src, tmp_path / "missing", edit=lambda t: t.pop(name))
+    missing = copy_checkpoint(src, tmp_path / "missing", tensors=lambda t: t.pop(name))
     with pytest.raises(WeightLoadError, match=r"lacks tensors: .*kv_b_proj"):
         runner_for(missing)
 
-    extra = copy_with(
-        src, tmp_path / "extra", edit=lambda t: t.update({"model.layers.0.bogus.weight": torch.zeros(2)})
+    extra = copy_checkpoint(
+        src, tmp_path / "extra", tensors=lambda t: t.update({"model.layers.0.bogus.weight": torch.zeros(2)})
     )
     with pytest.raises(WeightLoadError, match=r"unexpected tensor 'model\.layers\.0\.bogus\.weight'"):
         runner_for(extra)
@@ -79,7 +65,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model, tmp_path
     def shrink(t):
         t[name] = t[name][:-1].contiguous()
 
-    bad_shape = copy_with(src, tmp_path / "shape", edit=shrink)
+    bad_shape = copy_checkpoint(src, tmp_path / "shape", tensors=shrink)
     with pytest.raises(
         WeightLoadError, match=r"kv_b_proj.weight' has shape \(\d+, \d+\), expected \(\d+, \d+\)"
     ):
@@ -88,18 +74,18 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tiny_model, tmp_path
 
 def test_unsupported_architectures_are_refused(tiny_model, tmp_path):
     src = tiny_model("ci")
-    llama = copy_with(
+    llama = copy_checkpoint(
         src,
         tmp_path / "llama",
-        config_edit=lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
+        config=lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
     )
     with pytest.raises(ValueError, match="unsupported architecture"):
         ModelConfig.from_dir(llama)
-    softmax = copy_with(src, tmp_path / "softmax", config_edit=lambda c: c.update(scoring_func="softmax"))
+    softmax = copy_checkpoint(src, tmp_path / "softmax", config=lambda c: c.update(scoring_func="softmax"))
     with pytest.raises(ValueError, match="scoring_func"):
         ModelConfig.from_dir(softmax)
-    int4 = copy_with(
-        src, tmp_path / "int4", config_edit=lambda c: c.update(quantization_config={"quant_method": "awq"})
+    int4 = copy_checkpoint(
+        src, tmp_path / "int4", config=lambda c: c.update(quantization_config={"quant_method": "awq"})
     )
     with pytest.raises(ValueError, match="quantization_config"):
         ModelConfig.from_dir(int4)
@@ -115,7 +101,7 @@ def test_rope_parameters_spelling_is_accepted(tiny_model, tmp_path):
         scaling["rope_theta"] = c.pop("rope_theta")
         c["rope_parameters"] = scaling
 
-    new = copy_with(src, tmp_path / "respelled", config_edit=respell)
+    new = copy_checkpoint(src, tmp_path / "respelled", config=respell)
     assert ModelConfig.from_dir(new).rope == ModelConfig.from_dir(src).rope
 
 
@@ -146,11 +132,11 @@ def test_fp8_checkpoint_is_dequantized_on_load(tiny_model, tmp_path):
             tensors[name + "_scale_inv"] = scale
             reference[name] = q.float() * full
 
-    fp8 = copy_with(
+    fp8 = copy_checkpoint(
         src,
         tmp_path / "fp8",
-        edit=quantize,
-        config_edit=lambda c: c.update(
+        tensors=quantize,
+        config=lambda c: c.update(
             quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
         ),
     )

@@ -1,11 +1,16 @@
-"""Starting and stopping real pd processes for tests: each bounded in time, each stopped by its pid."""
+"""Real pd processes for tests, each bounded in time and stopped by its pid.
+
+``pd_serve`` runs a whole deployment through ``pd-serve``; ``Cluster`` starts one process by process
+(bootstrap, prefill and decode instances, proxies) so that a test can kill, hang (SIGSTOP), resume,
+restart or reconfigure any one of them. Around them: health waits, the deployment's metrics (pages,
+rooms and requests in flight, read through the proxy's /metrics) and the processes' resident memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +20,10 @@ from pathlib import Path
 import httpx
 
 from pd.metrics import parse_samples
+from tests.support.net import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MODEL_NAME = "tiny-ci"  # the name the test deployments serve the tiny model under
+RSS_SLACK = 32 << 20  # allocator noise between two equal bursts; a leak per request grows past it
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -33,6 +36,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def stop(p: subprocess.Popen, grace: float = 15.0) -> int:
+    """SIGTERM, SIGKILL after ``grace`` seconds; returns the exit code."""
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
         try:
@@ -44,8 +48,15 @@ def stop(p: subprocess.Popen, grace: float = 15.0) -> int:
 
 
 def wait_healthy(
-    url: str, procs: list[subprocess.Popen], timeout: float = 180.0, log: Path | None = None
+    url: str,
+    procs: list[subprocess.Popen],
+    timeout: float = 180.0,
+    log: Path | None = None,
+    *,
+    any_status: bool = False,
 ) -> None:
+    """Until ``url``/health answers 200 (with ``any_status``: answers at all, 503 included); fails at once
+    if one of ``procs`` exits meanwhile, and after ``timeout``, with the tail of ``log``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -53,7 +64,8 @@ def wait_healthy(
                 tail = log.read_text()[-3000:] if log else ""
                 raise RuntimeError(f"process {p.args} exited with {p.returncode} during start-up\n{tail}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            status = httpx.get(f"{url}/health", timeout=2.0).status_code
+            if any_status or status == 200:
                 return
         time.sleep(0.25)
     tail = log.read_text()[-3000:] if log else ""
@@ -74,11 +86,23 @@ def pd_serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
         assert code == 0, f"pd-serve exited with {code}\n{log.read_text()[-3000:]}"
 
 
+# ---- a deployment's state, read through the proxy's /metrics ----
+
+
+def metric_samples(url: str) -> dict:
+    """Every sample of ``url``/metrics: {(name, labels): value} (see pd.metrics.parse_samples)."""
+    return parse_samples(httpx.get(f"{url}/metrics", timeout=10.0).text)
+
+
+def proxy_metric(url: str, name: str) -> float:
+    """The sum of every sample of metric ``name`` on ``url``/metrics."""
+    return sum(v for (n, _), v in metric_samples(url).items() if n == name)
+
+
 def kv_pages_used(url: str) -> dict[tuple[str, str, str], float]:
     """``pd_kv_pages_used`` of every registered rank, from the proxy's /metrics: {(role, instance, rank): pages}."""
-    text = httpx.get(f"{url}/metrics", timeout=10.0).text
     out = {}
-    for (name, labels), value in parse_samples(text).items():
+    for (name, labels), value in metric_samples(url).items():
         if name == "pd_kv_pages_used":
             d = dict(labels)
             out[(d["role"], d["instance"], d["rank"])] = value
@@ -103,9 +127,8 @@ IDLE_GAUGES = ("pd_kv_pages_used", "pd_rooms_open", "pd_transfer_rooms_open")
 def rank_gauges(url: str) -> dict[tuple[str, str, str, str], float]:
     """Every relayed per-rank gauge of IDLE_GAUGES and the proxy's requests in flight, from one scrape:
     {(name, role, instance, rank): value} (the proxy's own gauge under ("...", "proxy", "", ""))."""
-    text = httpx.get(f"{url}/metrics", timeout=10.0).text
     out = {}
-    for (name, labels), value in parse_samples(text).items():
+    for (name, labels), value in metric_samples(url).items():
         d = dict(labels)
         if name in IDLE_GAUGES:
             out[(name, d["role"], d["instance"], d["rank"])] = value
@@ -128,12 +151,23 @@ def wait_idle(url: str, timeout: float = 30.0, ranks: int | None = None) -> dict
         time.sleep(0.2)
 
 
+# ---- memory ----
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a live process (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def rss_growth(samples: list[dict[str, int]]) -> dict[str, int]:
+    """Per process, RSS after the last burst minus after the first (bytes)."""
+    return {name: samples[-1][name] - samples[0][name] for name in samples[0]}
+
+
+# ---- a deployment process by process ----
 
 
 class Cluster:
@@ -165,7 +199,7 @@ class Cluster:
                 *common_args,
             ]
         }
-        base = ["--bootstrap", self.boot, "--model", str(model), "--model-name", "tiny-ci", *worker_args]
+        base = ["--bootstrap", self.boot, "--model", str(model), "--model-name", MODEL_NAME, *worker_args]
         for role, n in (("prefill", prefill), ("decode", decode)):
             for i in range(n):
                 port = str(free_port())
@@ -189,6 +223,10 @@ class Cluster:
     @property
     def url(self) -> str:
         return next(iter(self.urls.values()))
+
+    def port(self, name: str) -> str:
+        """The ``--port`` process ``name`` listens on (a worker's or the bootstrap's gRPC port)."""
+        return self.cmds[name][self.cmds[name].index("--port") + 1]
 
     def log(self, name: str) -> Path:
         return self.logdir / f"{name}.log"
@@ -236,6 +274,30 @@ class Cluster:
         """SIGKILL, then reaps it."""
         self.signal(name, signal.SIGKILL)
         self.procs[name].wait(10)
+
+    def heal(self) -> None:
+        """Starts whatever is not running, resumes whatever is stopped, and waits until every proxy sees
+        every rank again."""
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
+        if dead:
+            self.start(*dead)
+        for name in self.procs:
+            self.signal(name, signal.SIGCONT)
+        self.wait_ready()
+
+    def assert_idle(self, ranks: int | None = None, timeout: float = 30.0) -> float:
+        """Waits until, seen through every proxy, no rank holds a page or room and no proxy has a request
+        in flight, with ``ranks`` (default: all) ranks reporting; asserts so. Returns when that was
+        first seen (time.monotonic())."""
+        ranks = ranks or self.num_ranks
+        idle_at = None
+        for url in self.urls.values():
+            reading = wait_idle(url, timeout=timeout, ranks=ranks)
+            leaked = {k: v for k, v in reading.items() if v}
+            reporting = {k[1:] for k in reading if k[1] != "proxy"}
+            assert not leaked and len(reporting) == ranks, (reading, self.tail())
+            idle_at = idle_at or time.monotonic()
+        return idle_at
 
     def close(self) -> dict[str, int]:
         """Stops everything still running (proxies first, bootstrap last); returns the exit codes."""

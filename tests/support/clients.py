@@ -1,5 +1,8 @@
-"""Clients for the fault, abort and load tests: streaming requests that record what came back and when,
-and requests abandoned at a random moment (the connection is closed, as a client that goes away)."""
+"""Clients of a test deployment: completion bodies and random prompts; streamed requests that record what
+came back and when (``Outcome``); requests abandoned at a random moment (the connection is closed, as a
+client that goes away), bursts and random aborts; and the official openai client, set up for greedy
+requests whose token ids come back.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import openai
 
-RSS_SLACK = 32 << 20  # allocator noise between two equal bursts; a leak per request grows past it
+from tests.support.cluster import MODEL_NAME
 
 
 @dataclass
@@ -32,9 +36,15 @@ class Outcome:
         return self.status == 200 and self.done and self.error is None and self.finish is not None
 
 
+def random_prompt(rng: random.Random, n: int, vocab: int = 500) -> list[int]:
+    """``n`` token ids drawn from [3, vocab)."""
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
 def completion_body(prompt: list[int] | str, max_tokens: int, stream: bool = True, **extra) -> dict:
+    """A greedy /v1/completions body (EOS ignored, token ids returned)."""
     return {
-        "model": "tiny-ci",
+        "model": MODEL_NAME,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -108,10 +118,6 @@ async def abandoned(
     return None
 
 
-def random_prompt(rng: random.Random, n: int, vocab: int = 500) -> list[int]:
-    return [rng.randrange(3, vocab) for _ in range(n)]
-
-
 async def burst(
     url: str, prompts: list[list[int]], max_tokens: int, headers: dict | None = None
 ) -> list[Outcome]:
@@ -119,11 +125,6 @@ async def burst(
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     async with httpx.AsyncClient(timeout=120, headers=headers, limits=limits) as client:
         return await asyncio.gather(*(request(client, url, completion_body(p, max_tokens)) for p in prompts))
-
-
-def rss_growth(samples: list[dict[str, int]]) -> dict[str, int]:
-    """Per process, RSS after the last burst minus after the first (bytes)."""
-    return {name: samples[-1][name] - samples[0][name] for name in samples[0]}
 
 
 async def random_aborts(
@@ -141,7 +142,7 @@ async def random_aborts(
         max_tokens = rng.choice([1, 2, 8, 32, 64])
         if chat:
             body = {
-                "model": "tiny-ci",
+                "model": MODEL_NAME,
                 "messages": [{"role": "user", "content": "tell me " * rng.randrange(1, 40)}],
                 "max_tokens": max_tokens,
                 "stream": stream,
@@ -160,3 +161,33 @@ async def random_aborts(
     async with httpx.AsyncClient(timeout=60, headers=headers) as client:
         await asyncio.gather(*(one(client, i) for i in range(n)))
     return aborted
+
+
+# ---- the official openai client ----
+
+
+def openai_client(url: str, timeout: float = 60) -> openai.OpenAI:
+    """The openai client of the deployment at ``url`` (no retries: a failure shows)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def async_openai_client(url: str, timeout: float = 120) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def greedy_request(prompt: list[int] | str, max_tokens: int, **kw) -> dict:
+    """Keyword arguments of ``completions.create`` for ``max_tokens`` greedy tokens after ``prompt`` (EOS
+    ignored, token ids returned in ``choices[0].model_extra["token_ids"]``)."""
+    return {
+        "model": MODEL_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True, "return_token_ids": True},
+        **kw,
+    }
+
+
+def greedy_tokens(client: openai.OpenAI, prompt: list[int] | str, max_tokens: int) -> list[int]:
+    """The token ids of one greedy completion (not streamed)."""
+    return client.completions.create(**greedy_request(prompt, max_tokens)).choices[0].model_extra["token_ids"]

@@ -1,10 +1,11 @@
-"""A prefill or decode rank's KV data plane in its own process, driven by the transfer tests.
+"""A prefill or decode rank's KV data plane in its own process, and ``Peer``, the test's handle on one.
 
-Real parts: a CPU KVPool, the Mooncake engine over TCP on 127.0.0.1, a gRPC server, and the
-KVSender or KVReceiver. Protocol: JSON lines. Startup prints ``{"endpoint", "session", "pid"}``;
-then each stdin line is a command answered by one ``{"reply": ...}`` or ``{"error": ...}``
-line, and every ``on_final`` prints ``{"event": "final", ...}``. The process also checks that
-pages are released exactly once per room (a second on_final prints an ``"error"`` event).
+The process (this file run as a script, ``main``) has the real parts: a CPU KVPool, the Mooncake engine
+over TCP on 127.0.0.1, a gRPC server, and the KVSender or KVReceiver. Protocol: JSON lines. Startup
+prints ``{"endpoint", "session", "pid"}``; then each stdin line is a command answered by one
+``{"reply": ...}`` or ``{"error": ...}`` line, and every ``on_final`` prints ``{"event": "final", ...}``.
+The process also checks that pages are released exactly once per room (a second on_final prints an
+``"error"`` event). It imports nothing from ``tests``: it runs with this folder as its path.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import signal
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +32,8 @@ from pd.transfer.receiver import KVReceiver
 from pd.transfer.rpc import start_server
 from pd.transfer.sender import KVSender
 from pd.transfer.state import TransferTimeouts
+
+WAIT_S = 15.0  # bound on any single wait for a reply or for a room to end
 
 _out_lock = threading.Lock()
 
@@ -167,6 +175,88 @@ def main() -> None:
             emit({"reply": reply})
     manager.close()
     server.stop(0)
+
+
+# ---- the test side ----
+
+
+class Peer:
+    """One peer process (``main`` above); the test started it and kills it, by pid, at the end."""
+
+    def __init__(self, role: str, log_dir: Path, **opts: object) -> None:
+        cmd = [sys.executable, __file__, "--role", role]
+        for key, value in opts.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        self.role = role
+        self.log_path = log_dir / f"{role}-{id(self)}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
+        )
+        self._replies: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue()
+        self.finals: dict[int, list[dict]] = {}
+        self.errors: list[dict] = []
+        self._info: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            info = self._info.get(timeout=60)
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"{role} peer did not start; log:\n{self.log_path.read_text()}") from None
+        self.endpoint, self.session, self.pid = info["endpoint"], info["session"], info["pid"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            obj = json.loads(line)
+            if "endpoint" in obj:
+                self._info.put(obj)
+            elif obj.get("event") == "error":
+                self.errors.append(obj)
+            elif "event" in obj:
+                self._events.put(obj)
+            else:
+                self._replies.put(obj)
+
+    def call(self, op: str, **kw: object) -> object:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._replies.get(timeout=WAIT_S)
+        if "error" in reply:
+            raise AssertionError(f"{self.role} {op}: {reply['error']}")
+        return reply["reply"]
+
+    def wait_final(self, room: int, timeout: float = WAIT_S) -> dict:
+        """The room's release event; fails if it does not come within ``timeout``."""
+        end = time.monotonic() + timeout
+        while not self.finals.get(room):
+            try:
+                event = self._events.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{self.role} released no room {room} within {timeout}s; log:\n{self.log_path.read_text()[-4000:]}"
+                ) from None
+            self.finals.setdefault(event["room"], []).append(event)
+        return self.finals[room][0]
+
+    def check_released_once(self) -> None:
+        """Every room was released exactly once and nothing is held."""
+        time.sleep(0.3)  # a second (wrong) release would arrive by now
+        assert not self.errors, self.errors
+        assert self.call("owned") == []
+        assert all(len(v) == 1 for v in self.finals.values()), self.finals
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log.close()
 
 
 if __name__ == "__main__":

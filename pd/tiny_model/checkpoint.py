@@ -1,0 +1,154 @@
+"""Writing the checkpoint: config.json, the safetensors weights (one file, or shards with their index), the
+tokenizer files and generation_config.json (`make_tiny_model`)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pd.tiny_model.presets import DTYPES, Preset, get_preset
+from pd.tiny_model.tokenizer import BOS_TOKEN, EOS_TOKEN, tokenizer_config, train_tokenizer
+from pd.tiny_model.weights import TensorSpec, random_tensor, tensor_specs
+
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def model_config(preset: Preset, *, bos_token_id: int, eos_token_id: int, dtype: str, with_mtp: bool) -> dict:
+    """config.json as published DeepSeek-V3 checkpoints write it."""
+    p = preset
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "first_k_dense_replace": p.first_k_dense_replace,
+        "hidden_act": "silu",
+        "hidden_size": p.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": p.intermediate_size,
+        "kv_lora_rank": p.kv_lora_rank,
+        "max_position_embeddings": p.max_position_embeddings,
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": p.moe_intermediate_size,
+        "moe_layer_freq": 1,
+        "n_group": p.n_group,
+        "n_routed_experts": p.n_routed_experts,
+        "n_shared_experts": p.n_shared_experts,
+        "norm_topk_prob": p.norm_topk_prob,
+        "num_attention_heads": p.num_attention_heads,
+        "num_experts_per_tok": p.num_experts_per_tok,
+        "num_hidden_layers": p.num_hidden_layers,
+        "num_key_value_heads": p.num_attention_heads,
+        "num_nextn_predict_layers": 1 if with_mtp else 0,
+        "q_lora_rank": p.q_lora_rank,
+        "qk_nope_head_dim": p.qk_nope_head_dim,
+        "qk_rope_head_dim": p.qk_rope_head_dim,
+        "rms_norm_eps": p.rms_norm_eps,
+        "rope_scaling": p.rope_scaling.to_config() if p.rope_scaling else None,
+        "rope_theta": p.rope_theta,
+        "routed_scaling_factor": p.routed_scaling_factor,
+        "scoring_func": "sigmoid",
+        "tie_word_embeddings": p.tie_word_embeddings,
+        "topk_group": p.topk_group,
+        "topk_method": "noaux_tc",
+        "torch_dtype": dtype,
+        "use_cache": True,
+        "v_head_dim": p.v_head_dim,
+        "vocab_size": p.vocab_size,
+    }
+
+
+def _write_safetensors(path: Path, specs: list[TensorSpec], preset: Preset, seed: int) -> None:
+    """Writes the safetensors format directly (header with sorted keys and fixed metadata, then the data in
+    the same order), generating one tensor at a time so memory stays at one tensor."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": _SAFETENSORS_DTYPE[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for spec in specs:
+            f.write(random_tensor(spec, preset, seed).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    preset: str = "ci",
+    seed: int = 0,
+    *,
+    shard_size: int | None = None,
+    with_mtp: bool = False,
+    config_only: bool = False,
+    dtype: str | None = None,
+) -> Path:
+    """Writes the checkpoint described in pd.tiny_model's docstring into `out_dir` (created if missing; weight
+    files from an earlier run there are removed) and returns it as a Path.
+
+    shard_size: bytes per weight shard (`model-0000k-of-0000n.safetensors` + index); None: one file.
+    dtype: "float32" or "bfloat16"; None: the preset's default.
+    """
+    p = get_preset(preset)
+    dtype = dtype or p.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}, expected one of {sorted(DTYPES)}")
+    if shard_size is not None and shard_size <= 0:
+        raise ValueError(f"shard_size {shard_size} must be a positive number of bytes")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(p.tokenizer_vocab_size)
+    bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
+    _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
+    config = model_config(p, bos_token_id=bos_id, eos_token_id=eos_id, dtype=dtype, with_mtp=with_mtp)
+    _write_json(out / "config.json", config)
+
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if config_only:
+        return out
+    specs = tensor_specs(p, dtype, with_mtp)
+    if shard_size is None:
+        _write_safetensors(out / "model.safetensors", specs, p, seed)
+        return out
+    shards = _plan_shards(specs, shard_size)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / filename, shard, p, seed)
+        weight_map.update({spec.name: filename for spec in shard})
+    total = sum(spec.nbytes for spec in specs)
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+    return out
