@@ -6,13 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import time
+from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 
+from pd.metrics import parse_samples
+from pd.rpc import worker_pb2 as wpb
+from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.tokenizer import Tokenizer
 from tests.oracle import hf_greedy
 from tests.serving import free_port, kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
@@ -23,8 +29,14 @@ BODY_TIMEOUT = 2  # seconds the proxy waits for a request body
 
 
 @pytest.fixture(scope="module")
-def deployment(tiny_model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "pd-serve.log"
+def serve_log(tmp_path_factory) -> Path:
+    """pd-serve's output (its children's too: each worker logs the endpoint it serves on)."""
+    return tmp_path_factory.mktemp("serve") / "pd-serve.log"
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, serve_log):
+    log = serve_log
     with pd_serve(
         tiny_model_dir,
         log,
@@ -122,6 +134,55 @@ def test_seeded_sampling_reproducible_across_requests(deployment):
     a = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     b = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     assert a == b
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(v for (n, _), v in parse_samples(text).items() if n == name)
+
+
+def _abort_counts(url: str, workers: list[tuple[str, str]]) -> tuple[float, list[float]]:
+    """The proxy's pd_proxy_aborts_total and each worker's pd_aborts_total (asked over gRPC)."""
+    counts = []
+    for role, endpoint in workers:
+        with grpc.insecure_channel(endpoint) as ch:
+            stub = (wpb_grpc.PrefillWorkerStub if role == "prefill" else wpb_grpc.DecodeWorkerStub)(ch)
+            text = stub.Metrics(wpb.MetricsRequest(), timeout=5).text
+        counts.append(_metric(text, "pd_aborts_total"))
+    return _metric(httpx.get(f"{url}/metrics", timeout=10).text, "pd_proxy_aborts_total"), counts
+
+
+def test_clean_requests_abort_nothing(deployment, serve_log):
+    """Requests that run to their finish reason, streamed or not, completions or chat, send no Abort to
+    either side and count no proxy abort (a streamed request used to count one and send two Aborts)."""
+    workers = re.findall(
+        r"(prefill|decode) rank \d+/\d+ of \S+ serving tiny-ci on (\S+) \(pid", serve_log.read_text()
+    )
+    assert sorted(role for role, _ in workers) == ["decode", "prefill"], serve_log.read_text()[-3000:]
+    before = _abort_counts(deployment, workers)
+    c = client(deployment)
+    messages = [{"role": "user", "content": "Where is the mill?"}]
+    n = 6
+    for i in range(n):
+        r = c.completions.create(model="tiny-ci", prompt=f"clean {i}", max_tokens=4 + i)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        r = c.chat.completions.create(model="tiny-ci", messages=messages, max_tokens=4 + i)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        chunks = list(
+            c.completions.create(model="tiny-ci", prompt=f"clean {i}", max_tokens=4 + i, stream=True)
+        )
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        stream = c.chat.completions.create(
+            model="tiny-ci",
+            messages=messages,
+            max_tokens=4 + i,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and chunks[-2].choices[0].finish_reason in ("stop", "length")
+    time.sleep(1.0)  # an Abort would be sent in the background right after each request
+    assert _abort_counts(deployment, workers) == before
+    assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
 def test_32_concurrent_streams_complete_correctly(deployment, tok):

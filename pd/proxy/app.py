@@ -313,9 +313,11 @@ class Proxy:
                     self._call_failed(decode_rank, e)
                     raise _api_error(e, "decode") from None
                 started = True
+                # Finished once the last chunk is handed over: a consumer that stops after it (the SSE
+                # writer does) closes this generator at the yield, and that must not abort the room.
+                finished = bool(chunk.finish_reason)
                 yield chunk
-                if chunk.finish_reason:
-                    finished = True
+                if finished:
                     return
         finally:
             if not finished:
