@@ -185,6 +185,18 @@ def test_clean_requests_abort_nothing(deployment, serve_log):
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
+def test_metrics_relay_every_ranks_gauges(deployment):
+    """The proxy's /metrics carries the gauges pd.worker.metrics.RELAYED names, from every rank."""
+    from pd.worker.metrics import KV_PAGES_CAPACITY, KV_PAGES_USED
+
+    samples = parse_samples(httpx.get(f"{deployment}/metrics", timeout=10).text)
+    for name in (KV_PAGES_USED, KV_PAGES_CAPACITY):
+        roles = {dict(labels)["role"] for (n, labels), _ in samples.items() if n == name}
+        assert roles == {"prefill", "decode"}, name
+    assert all(v > 0 for (n, _), v in samples.items() if n == KV_PAGES_CAPACITY)
+    assert not any(n == "pd_kv_pages_total" for n, _ in samples)  # the former name
+
+
 def test_32_concurrent_streams_complete_correctly(deployment, tok):
     async def run() -> list[list[int]]:
         c = openai.AsyncOpenAI(base_url=f"{deployment}/v1", api_key="unused", max_retries=0, timeout=120)

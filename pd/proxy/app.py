@@ -40,6 +40,7 @@ from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc.sampling import sampling_to_proto
 from pd.types import SamplingParams
+from pd.worker.metrics import RELAYED
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,6 @@ _HTTP_STATUS = {
 }
 # Prefill failures worth one more try on another prefill instance (see Proxy.generate).
 _RETRY_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-# Relayed from every registered rank by /metrics, so that leaks show in one scrape.
-RELAYED_METRICS = (
-    "pd_kv_pages_used",
-    "pd_kv_pages_total",
-    "pd_rooms_open",
-    "pd_transfer_rooms_open",
-    "pd_expert_tokens",
-)
 
 
 @dataclass(frozen=True)
@@ -512,7 +505,7 @@ class Proxy:
                 return ""
 
         texts = await asyncio.gather(*(fetch(r) for r in list(self.router.ranks.values())))
-        lines: dict[str, list[str]] = {name: [] for name in RELAYED_METRICS}
+        lines: dict[str, list[str]] = {name: [] for name in RELAYED}
         for text in texts:
             for (name, labels), value in parse_samples(text).items():
                 if name in lines:

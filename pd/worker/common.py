@@ -36,6 +36,7 @@ from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer
 from pd.transfer.engine import TransferConfig, TransferEngine
 from pd.transfer.state import TransferTimeouts
 from pd.worker.loop import EngineThread
+from pd.worker.metrics import KV_PAGES_CAPACITY
 from pd.worker.parallel import Lockstep, destroy_process_groups, init_process_groups
 from pd.worker.rooms import resolve
 
@@ -173,7 +174,7 @@ class WorkerBase:
             "pd_kv_pages_used", "KV cache pages in use.", ["role", "instance", "rank"]
         )
         self.m_pages_total = m.gauge(
-            "pd_kv_pages_total", "KV cache pages that can hold requests.", ["role", "instance", "rank"]
+            KV_PAGES_CAPACITY, "KV cache pages that can hold requests.", ["role", "instance", "rank"]
         )
         self.m_rooms = m.gauge(
             "pd_rooms_open", "Rooms (requests) this rank holds, in any stage.", ["role", "instance", "rank"]
