@@ -335,6 +335,19 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(deployment, tok):
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
+def test_models_list_and_retrieve_with_the_openai_client(deployment):
+    c = client(deployment)
+    assert [m.id for m in c.models.list()] == ["tiny-ci"]
+    m = c.models.retrieve("tiny-ci")
+    assert (m.id, m.object, m.owned_by) == ("tiny-ci", "model", "pd")
+    for unknown in ("no-such-model", "org/no-such-model"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.models.retrieve(unknown)
+        err = e.value.body
+        assert err["code"] == "model_not_found" and err["param"] == "model" and unknown in err["message"]
+        assert err["type"] == "invalid_request_error"
+
+
 def test_oversized_chunked_body_gets_413(deployment):
     """Without a content-length the proxy counts the bytes as they come."""
 

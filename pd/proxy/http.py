@@ -138,6 +138,16 @@ class Proxy:
             return JSONResponse(e.body(), status_code=e.status)
         return JSONResponse({"object": "list", "data": [_model_object(m) for m in self.router.models()]})
 
+    async def retrieve_model(self, request: Request) -> Response:
+        name = request.path_params["model"]  # may hold "/" (an "org/name" id)
+        try:
+            self.admission.check_api_key(request.headers.get("authorization"))
+            if name not in self.router.models():
+                raise APIError(404, f"model {name!r} is not served here", "model")
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(_model_object(name))
+
     async def health(self, request: Request) -> Response:
         problems = []
         if not self.router.bootstrap_reachable:
@@ -287,6 +297,7 @@ def build_app(cfg: ProxyConfig) -> Starlette:
             Route("/v1/completions", proxy.completions, methods=["POST"]),
             Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
             Route("/v1/models", proxy.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", proxy.retrieve_model, methods=["GET"]),
             Route("/health", proxy.health, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
