@@ -348,6 +348,88 @@ def test_models_list_and_retrieve_with_the_openai_client(deployment):
         assert err["type"] == "invalid_request_error"
 
 
+# (endpoint, fields added to a valid body, the param a 400 must name): see pd/proxy/fields.py.
+UNSUPPORTED_FIELDS = [
+    ("completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    (
+        "completions",
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+    ),  # not a completions field
+    ("completions", {"logprobs": 0}, "logprobs"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("completions", {"best_off": 2}, "best_off"),  # a typo: unknown fields are refused
+    (
+        "chat/completions",
+        {"stream": True, "stream_options": {"include_obfuscation": True}},
+        "stream_options.include_obfuscation",
+    ),
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+        "messages[0].name",
+    ),
+]
+
+
+@pytest.mark.parametrize("path, extra, param", UNSUPPORTED_FIELDS, ids=[u[2] for u in UNSUPPORTED_FIELDS])
+def test_unsupported_fields_get_400_naming_them(deployment, path, extra, param):
+    body = {"model": "tiny-ci", "max_tokens": 4}
+    body.update(
+        {"prompt": "hi"} if path == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    r = httpx.post(f"{deployment}/v1/{path}", json={**body, **extra}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_unsupported_fields_through_the_openai_client(deployment):
+    c = client(deployment)
+    messages = [{"role": "user", "content": "Reply in JSON."}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny-ci", messages=messages, max_tokens=4, response_format={"type": "json_object"}
+        )
+    assert e.value.body["param"] == "response_format" and "response_format" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(
+            model="tiny-ci", prompt="hi", max_tokens=4, extra_body={"repetition_penalty": 1.1}
+        )
+    assert e.value.body["param"] == "repetition_penalty"
+
+
+def test_no_op_values_are_accepted_and_change_nothing(deployment):
+    c = client(deployment)
+    messages = [{"role": "user", "content": "Where is the mill?"}]
+    kw = dict(model="tiny-ci", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    plain = c.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    noops = c.chat.completions.create(
+        messages=messages,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logprobs=False,
+        logit_bias={},
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+        store=False,
+        service_tier="auto",
+        modalities=["text"],
+        user="user-1",
+        metadata={"team": "pd"},
+        stream_options=None,
+        **kw,
+    )
+    assert noops.choices[0].message.content == plain
+    plain = c.completions.create(prompt="Once", **kw).choices[0].text
+    noops = c.completions.create(prompt="Once", n=1, best_of=1, echo=False, logprobs=None, user="u", **kw)
+    assert noops.choices[0].text == plain
+
+
 def test_oversized_chunked_body_gets_413(deployment):
     """Without a content-length the proxy counts the bytes as they come."""
 
