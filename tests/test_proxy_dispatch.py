@@ -184,8 +184,10 @@ def test_clean_finish_sends_no_abort(consume):
     assert cluster.busy == {}
 
 
-def test_prefill_unavailable_is_retried_once_on_another_instance():
-    cluster = FakeCluster({P1.label: grpc.StatusCode.UNAVAILABLE, P2.label: "ok"})
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_failed_prefill_is_retried_once_on_another_instance(code):
+    """Dead or hung (UNAVAILABLE), or its queue full (RESOURCE_EXHAUSTED)."""
+    cluster = FakeCluster({P1.label: code, P2.label: "ok"})
     got, registry = run(cluster, read_all)
     assert got[-1].finish_reason == "length"
     (p1, room1), (p2, room2) = cluster.prefills
@@ -193,7 +195,7 @@ def test_prefill_unavailable_is_retried_once_on_another_instance():
     assert got[0].room == room2
     # The failed attempt is aborted on both of its sides, the one that finished nowhere.
     assert sorted(cluster.aborts) == sorted([(P1.label, room1), (D.label, room1)])
-    assert cluster.failed == [P1.label]  # probed by the router
+    assert cluster.failed == ([P1.label] if code == grpc.StatusCode.UNAVAILABLE else [])  # to be probed
     assert metric(registry, "pd_proxy_prefill_retries_total") == 1
     assert metric(registry, "pd_proxy_aborts_total") == 1
     assert cluster.busy == {}
