@@ -8,7 +8,8 @@ import signal
 import uvicorn
 
 from pd.launch.args import add_common_args, add_proxy_args, cluster_token, setup_logging
-from pd.proxy.app import ProxyConfig, build_app
+from pd.proxy.config import ProxyConfig
+from pd.proxy.http import build_app
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

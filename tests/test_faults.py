@@ -208,8 +208,10 @@ def test_api_key_is_required_on_the_api(cluster):
         r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": auth}, timeout=10)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", auth
     assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{url}/v1/models/tiny-ci", timeout=10).status_code == 401
     assert httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=10).status_code == 200
     assert httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+    assert httpx.get(f"{url}/v1/models/tiny-ci", headers=AUTH, timeout=10).status_code == 200
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes and scrapes need no key
 
 

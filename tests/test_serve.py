@@ -6,12 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import time
+from pathlib import Path
 
+import grpc
 import httpx
+import openai
 import pytest
 
+from pd.metrics import parse_samples
+from pd.rpc import worker_pb2 as wpb
+from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.tokenizer import Tokenizer
 from tests.support.clients import (
     async_openai_client,
@@ -30,8 +37,14 @@ BODY_TIMEOUT = 2  # seconds the proxy waits for a request body
 
 
 @pytest.fixture(scope="module")
-def deployment(tiny_model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "pd-serve.log"
+def serve_log(tmp_path_factory) -> Path:
+    """pd-serve's output (its children's too: each worker logs the endpoint it serves on)."""
+    return tmp_path_factory.mktemp("serve") / "pd-serve.log"
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model_dir, serve_log):
+    log = serve_log
     with pd_serve(
         tiny_model_dir,
         log,
@@ -118,6 +131,67 @@ def test_seeded_sampling_reproducible_across_requests(deployment):
     a = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     b = c.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
     assert a == b
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(v for (n, _), v in parse_samples(text).items() if n == name)
+
+
+def _abort_counts(url: str, workers: list[tuple[str, str]]) -> tuple[float, list[float]]:
+    """The proxy's pd_proxy_aborts_total and each worker's pd_aborts_total (asked over gRPC)."""
+    counts = []
+    for role, endpoint in workers:
+        with grpc.insecure_channel(endpoint) as ch:
+            stub = (wpb_grpc.PrefillWorkerStub if role == "prefill" else wpb_grpc.DecodeWorkerStub)(ch)
+            text = stub.Metrics(wpb.MetricsRequest(), timeout=5).text
+        counts.append(_metric(text, "pd_aborts_total"))
+    return _metric(httpx.get(f"{url}/metrics", timeout=10).text, "pd_proxy_aborts_total"), counts
+
+
+def test_clean_requests_abort_nothing(deployment, serve_log):
+    """Requests that run to their finish reason, streamed or not, completions or chat, send no Abort to
+    either side and count no proxy abort (a streamed request used to count one and send two Aborts)."""
+    workers = re.findall(
+        r"(prefill|decode) rank \d+/\d+ of \S+ serving tiny-ci on (\S+) \(pid", serve_log.read_text()
+    )
+    assert sorted(role for role, _ in workers) == ["decode", "prefill"], serve_log.read_text()[-3000:]
+    before = _abort_counts(deployment, workers)
+    c = openai_client(deployment)
+    messages = [{"role": "user", "content": "Where is the mill?"}]
+    n = 6
+    for i in range(n):
+        r = c.completions.create(model="tiny-ci", prompt=f"clean {i}", max_tokens=4 + i)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        r = c.chat.completions.create(model="tiny-ci", messages=messages, max_tokens=4 + i)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        chunks = list(
+            c.completions.create(model="tiny-ci", prompt=f"clean {i}", max_tokens=4 + i, stream=True)
+        )
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        stream = c.chat.completions.create(
+            model="tiny-ci",
+            messages=messages,
+            max_tokens=4 + i,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and chunks[-2].choices[0].finish_reason in ("stop", "length")
+    time.sleep(1.0)  # an Abort would be sent in the background right after each request
+    assert _abort_counts(deployment, workers) == before
+    assert all(v == 0 for v in wait_pages_idle(deployment).values())
+
+
+def test_metrics_relay_every_ranks_gauges(deployment):
+    """The proxy's /metrics carries the gauges pd.worker.metrics.RELAYED names, from every rank."""
+    from pd.worker.metrics import KV_PAGES_CAPACITY, KV_PAGES_USED
+
+    samples = parse_samples(httpx.get(f"{deployment}/metrics", timeout=10).text)
+    for name in (KV_PAGES_USED, KV_PAGES_CAPACITY):
+        roles = {dict(labels)["role"] for (n, labels), _ in samples.items() if n == name}
+        assert roles == {"prefill", "decode"}, name
+    assert all(v > 0 for (n, _), v in samples.items() if n == KV_PAGES_CAPACITY)
+    assert not any(n == "pd_kv_pages_total" for n, _ in samples)  # the former name
 
 
 def test_32_concurrent_streams_complete_correctly(deployment, tok):
@@ -242,6 +316,101 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(deployment, tok):
     r = openai_client(deployment).completions.create(model="tiny-ci", prompt="still there?", max_tokens=4)
     assert r.usage.completion_tokens >= 1
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
+
+
+def test_models_list_and_retrieve_with_the_openai_client(deployment):
+    c = openai_client(deployment)
+    assert [m.id for m in c.models.list()] == ["tiny-ci"]
+    m = c.models.retrieve("tiny-ci")
+    assert (m.id, m.object, m.owned_by) == ("tiny-ci", "model", "pd")
+    for unknown in ("no-such-model", "org/no-such-model"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.models.retrieve(unknown)
+        err = e.value.body
+        assert err["code"] == "model_not_found" and err["param"] == "model" and unknown in err["message"]
+        assert err["type"] == "invalid_request_error"
+
+
+# (endpoint, fields added to a valid body, the param a 400 must name): see pd/proxy/fields.py.
+UNSUPPORTED_FIELDS = [
+    ("completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    (
+        "completions",
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+    ),  # not a completions field
+    ("completions", {"logprobs": 0}, "logprobs"),
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("completions", {"best_off": 2}, "best_off"),  # a typo: unknown fields are refused
+    (
+        "chat/completions",
+        {"stream": True, "stream_options": {"include_obfuscation": True}},
+        "stream_options.include_obfuscation",
+    ),
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+        "messages[0].name",
+    ),
+]
+
+
+@pytest.mark.parametrize("path, extra, param", UNSUPPORTED_FIELDS, ids=[u[2] for u in UNSUPPORTED_FIELDS])
+def test_unsupported_fields_get_400_naming_them(deployment, path, extra, param):
+    body = {"model": "tiny-ci", "max_tokens": 4}
+    body.update(
+        {"prompt": "hi"} if path == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    r = httpx.post(f"{deployment}/v1/{path}", json={**body, **extra}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_unsupported_fields_through_the_openai_client(deployment):
+    c = openai_client(deployment)
+    messages = [{"role": "user", "content": "Reply in JSON."}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny-ci", messages=messages, max_tokens=4, response_format={"type": "json_object"}
+        )
+    assert e.value.body["param"] == "response_format" and "response_format" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(
+            model="tiny-ci", prompt="hi", max_tokens=4, extra_body={"repetition_penalty": 1.1}
+        )
+    assert e.value.body["param"] == "repetition_penalty"
+
+
+def test_no_op_values_are_accepted_and_change_nothing(deployment):
+    c = openai_client(deployment)
+    messages = [{"role": "user", "content": "Where is the mill?"}]
+    kw = dict(model="tiny-ci", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    plain = c.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    noops = c.chat.completions.create(
+        messages=messages,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logprobs=False,
+        logit_bias={},
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+        store=False,
+        service_tier="auto",
+        modalities=["text"],
+        user="user-1",
+        metadata={"team": "pd"},
+        stream_options=None,
+        **kw,
+    )
+    assert noops.choices[0].message.content == plain
+    plain = c.completions.create(prompt="Once", **kw).choices[0].text
+    noops = c.completions.create(prompt="Once", n=1, best_of=1, echo=False, logprobs=None, user="u", **kw)
+    assert noops.choices[0].text == plain
 
 
 def test_oversized_chunked_body_gets_413(deployment):

@@ -1,17 +1,19 @@
 """The OpenAI-compatible request schema: parsing, validation and response shapes.
 
 Parsing never trusts the body: every field is type-checked and range-checked, and every problem
-raises ``APIError`` with an OpenAI-style error body naming the field. Unknown fields are ignored
-(clients send extensions), known fields of the wrong type are refused.
+raises ``APIError`` with an OpenAI-style error body naming the field. What pd does with each field is
+the table in ``pd.proxy.fields``: nothing is silently ignored, and unknown fields are refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from pd.proxy import fields
 from pd.types import MAX_STOP_STRING_LEN, MAX_STOP_STRINGS, SamplingParams
 
 
@@ -96,30 +98,43 @@ class ParsedRequest:
     return_token_ids: bool
 
 
-# Fields that OpenAI defines but pd does not implement: refused when set to a non-default value.
-_UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None,),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "tools": (None, []),
-}
+def check_fields(obj: dict[str, Any], rules: dict[str, fields.Rule], where: str, prefix: str = "") -> None:
+    """Applies a table of ``pd.proxy.fields`` to ``obj``: refuses a key the table lacks, a metadata value
+    of the wrong type, and a value a noop rule does not accept. ``prefix``: where ``obj`` is in the body."""
+    unknown = [k for k in obj if k not in rules]
+    if unknown:
+        names = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        s = "s" if len(unknown) > 1 else ""
+        raise APIError(400, f"unknown field{s} {names}: not a field of {where}", prefix + unknown[0])
+    for key, value in obj.items():
+        rule, name = rules[key], prefix + key
+        if value is None or rule.kind == "implemented":
+            continue
+        if rule.kind == "metadata":
+            if isinstance(value, bool) or not isinstance(value, rule.type):
+                raise APIError(400, f"'{name}' must be of type {_type_names(rule.type)}", name)
+        elif not any(_same(value, v) for v in rule.values):
+            accepted = " or ".join(json.dumps(v) for v in (None, *rule.values))
+            raise APIError(
+                400, f"'{name}' is not supported by this server (accepted only as {accepted})", name
+            )
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """JSON equality: a number equals a number (0 == 0.0), never a boolean."""
+    if isinstance(accepted, (int, float)) and not isinstance(accepted, bool):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == accepted
+    return type(value) is type(accepted) and value == accepted
 
 
 def parse_request(body: Any, chat: bool) -> ParsedRequest:
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
-    for name, allowed in _UNSUPPORTED.items():
-        if name in body and not any(body[name] == a and type(body[name]) is type(a) for a in allowed):
-            raise APIError(400, f"'{name}' is not supported by this server", name)
+    if chat:
+        check_fields(body, fields.CHAT, "/v1/chat/completions")
+    else:
+        check_fields(body, fields.COMPLETIONS, "/v1/completions")
     model = _get(body, "model", str)
-    n = _get(body, "n", int, 1)
-    if n != 1:
-        raise APIError(400, f"'n' must be 1, got {n}", "n")
 
     prompt = messages = None
     if chat:
@@ -151,6 +166,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         raise APIError(400, f"'seed' must be in [0, 2**63), got {seed}", "seed")
     top_k = _get(body, "top_k", int, -1)
     stream_options = _get(body, "stream_options", dict, {})
+    check_fields(stream_options, fields.STREAM_OPTIONS, "stream_options", "stream_options.")
     sampling = SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -200,6 +216,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
+        check_fields(m, fields.MESSAGE, "a message", f"messages[{i}].")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text parts are served
             if not all(
@@ -207,6 +224,8 @@ def _messages(body: dict) -> list[dict[str, str]]:
                 for p in content
             ):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            for j, part in enumerate(content):
+                check_fields(part, fields.TEXT_PART, "a text part", f"messages[{i}].content[{j}].")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", "messages")

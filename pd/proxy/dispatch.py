@@ -1,0 +1,238 @@
+"""Dispatch: one admitted ``Job`` through a prefill rank and a decode rank.
+
+Owns the choice of ranks (``Router.pick``: the least busy), the room id, ``Prefill`` on P and
+``Generate`` on D sent concurrently, one retry of a failed prefill on another prefill instance, the
+``Abort`` of every attempt that did not run to its finish on both of its sides, and the metrics of the
+request path (TTFT, TPOT, latency, tokens, retries, aborts). No HTTP here: ``Dispatcher.run(job)`` is an
+async generator of ``Chunk``s that raises ``APIError`` when P or D fails; closing it (or cancelling the
+task that awaits it) before the last chunk aborts the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+import grpc
+
+from pd.metrics import Registry
+from pd.proxy.admission import Job
+from pd.proxy.protocol import APIError
+from pd.proxy.router import NoWorkers, Rank, Route, Router
+from pd.rpc import worker_pb2 as wpb
+from pd.rpc.sampling import sampling_to_proto
+
+log = logging.getLogger(__name__)
+
+# Worker status codes, as the client sees them.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+# Prefill failures worth one more try on another prefill instance (see Dispatcher.run).
+_RETRY_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+ABORT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens streamed by the decode rank; the last chunk of a request carries ``finish_reason``."""
+
+    room: int  # the room that produced it (one per request once the first chunk came)
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+
+
+class _PrefillFailed(Exception):
+    """The prefill rank failed before the decode stream produced anything (a retry may help)."""
+
+    def __init__(self, error: APIError, code: grpc.StatusCode | None) -> None:
+        super().__init__(error.message)
+        self.error, self.code = error, code
+
+
+class Dispatcher:
+    def __init__(
+        self, router: Router, metrics: Registry, request_timeout_s: float, retry_prefill: bool
+    ) -> None:
+        self.router = router
+        self.timeout_s, self.retry_prefill = request_timeout_s, retry_prefill
+        self._background: set[asyncio.Task] = set()
+        m = metrics
+        self.m_ttft = m.histogram("pd_proxy_ttft_seconds", "Time to first token seen by the proxy.")
+        self.m_tpot = m.histogram(
+            "pd_proxy_tpot_seconds", "Mean time per output token after the first, per request."
+        )
+        self.m_e2e = m.histogram("pd_proxy_e2e_seconds", "Request latency end to end.")
+        self.m_aborts = m.counter(
+            "pd_proxy_aborts_total", "Rooms aborted (client gone or failure).", ["reason"]
+        )
+        self.m_tokens = m.counter("pd_proxy_tokens_total", "Tokens, by kind.", ["kind"])
+        self.m_retries = m.counter(
+            "pd_proxy_prefill_retries_total", "Requests moved to another prefill instance after a failure."
+        )
+
+    async def run(self, job: Job) -> AsyncIterator[Chunk]:
+        """D's chunks for ``job``; raises APIError if no rank is there (503) or P or D fails.
+
+        A prefill rank that fails with UNAVAILABLE (dead, hung past the keepalive, or its transfer
+        failed) or refuses with RESOURCE_EXHAUSTED (its queue is full) before the first token is
+        replaced once by a rank of another prefill instance when ``retry_prefill`` is set: a new room
+        on the same decode rank.
+        """
+        try:
+            route = self.router.pick(job.model.name)
+        except NoWorkers as e:
+            raise APIError(503, str(e)) from None
+        retries = 1 if self.retry_prefill else 0
+        first_at, tokens = None, 0
+        try:
+            while True:
+                room = secrets.randbits(63)
+                try:
+                    async with contextlib.aclosing(self._attempt(job, room, route)) as chunks:
+                        async for chunk in chunks:
+                            now = time.monotonic()
+                            if first_at is None and chunk.token_ids:
+                                first_at = now
+                                self.m_ttft.observe(now - job.arrived)
+                            tokens += len(chunk.token_ids)
+                            if chunk.finish_reason:
+                                self._finished(job, now, first_at, tokens)
+                            yield chunk
+                    return
+                except _PrefillFailed as e:
+                    if retries == 0 or e.code not in _RETRY_PREFILL or route.prefill is None:
+                        raise e.error from None
+                    try:
+                        other = self.router.pick_prefill(job.model.name, [route.prefill.instance_id])
+                    except NoWorkers:
+                        raise e.error from None
+                    retries -= 1
+                    self.m_retries.inc()
+                    log.warning("room %x: %s; retrying on %s", room, e.error.message, other.label)
+                    self.router.release(route.prefill)
+                    route = Route(route.decode, other)
+        finally:
+            self.router.release(*route.ranks)
+
+    def _finished(self, job: Job, now: float, first_at: float | None, tokens: int) -> None:
+        self.m_e2e.observe(now - job.arrived)
+        if first_at is not None and tokens > 1:
+            self.m_tpot.observe((now - first_at) / (tokens - 1))
+        self.m_tokens.inc(len(job.prompt_ids), kind="prompt")
+        self.m_tokens.inc(tokens, kind="completion")
+
+    async def _attempt(self, job: Job, room: int, route: Route) -> AsyncIterator[Chunk]:
+        """One try of ``job`` in ``room`` on ``route``. Raises _PrefillFailed if the prefill rank fails
+        before D produced anything (after that its outcome no longer matters). Unless it ran to the last
+        chunk, the room is aborted on both sides."""
+        prefill_rank, decode_rank = route.prefill, route.decode
+        sampling = sampling_to_proto(job.sampling)
+        md, timeout = self.router.metadata, self.timeout_s
+        generate = wpb.GenerateRequest(room=room, token_ids=job.prompt_ids, sampling=sampling)
+        if prefill_rank is None:  # a colocated rank prefills itself
+            prefill = asyncio.get_running_loop().create_future()
+            prefill.set_result(None)
+        else:
+            request = wpb.PrefillRequest(
+                room=room,
+                token_ids=job.prompt_ids,
+                sampling=sampling,
+                decode_instance=decode_rank.instance_id,
+                decode_rank=decode_rank.dp_rank,
+            )
+            prefill = asyncio.ensure_future(
+                self.router.prefill_stub(prefill_rank).Prefill(request, timeout=timeout, metadata=md)
+            )
+            generate.prefill_instance = prefill_rank.instance_id
+            generate.prefill_rank = prefill_rank.dp_rank
+            generate.prefill_endpoint = prefill_rank.endpoint
+        call = self.router.decode_stub(decode_rank).Generate(generate, timeout=timeout, metadata=md)
+        finished = started = False
+        stream = call.__aiter__()
+        next_chunk: asyncio.Future | None = None
+        try:
+            while True:
+                next_chunk = asyncio.ensure_future(stream.__anext__())
+                if not started and not prefill.done():
+                    await asyncio.wait({next_chunk, prefill}, return_when=asyncio.FIRST_COMPLETED)
+                prefill_error = prefill.exception() if not started and prefill.done() else None
+                # Prefill failed and D has no token to show for it: this attempt is lost.
+                if prefill_error is not None and (not next_chunk.done() or next_chunk.exception()):
+                    raise self._prefill_failed(prefill_rank, prefill_error)
+                try:
+                    reply = await next_chunk
+                except StopAsyncIteration:
+                    raise APIError(500, "the decode stream ended without a finish reason") from None
+                except grpc.aio.AioRpcError as e:
+                    self._call_failed(decode_rank, e)
+                    raise _api_error(e, "decode") from None
+                started = True
+                # Finished once the last chunk is handed over: a consumer that stops after it (the SSE
+                # writer does) closes this generator at the yield, and that must not abort the room.
+                finished = bool(reply.finish_reason)
+                yield Chunk(room, reply.text, tuple(reply.token_ids), reply.finish_reason or None)
+                if finished:
+                    return
+        finally:
+            if not finished:
+                call.cancel()
+                prefill.cancel()
+                self._spawn(self._abort(room, route.ranks, "client went away or request failed"))
+            for fut in (prefill, next_chunk):
+                if fut is not None:
+                    fut.cancel()
+                    fut.add_done_callback(_consume_exception)
+
+    def _prefill_failed(self, rank: Rank, exc: BaseException) -> _PrefillFailed:
+        self._call_failed(rank, exc)
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        return _PrefillFailed(_api_error(exc, "prefill"), code)
+
+    def _call_failed(self, rank: Rank, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.router.call_failed(rank)
+
+    async def _abort(self, room: int, ranks: tuple[Rank, ...], reason: str) -> None:
+        self.m_aborts.inc(reason="incomplete")
+        req = wpb.CancelRequest(room=room, reason=reason)
+        for rank in ranks:
+            try:
+                await self.router.stub(rank).Abort(
+                    req, timeout=ABORT_TIMEOUT_S, metadata=self.router.metadata
+                )
+            except grpc.aio.AioRpcError as e:
+                log.info("room %x: abort on %s failed: %s", room, rank.label, e.code().name)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Waits for the Aborts still being sent (each is bounded by ABORT_TIMEOUT_S per rank)."""
+        while self._background:
+            await asyncio.wait(set(self._background))
+
+
+def _api_error(exc: BaseException, side: str) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, grpc.aio.AioRpcError):
+        status = _HTTP_STATUS.get(exc.code(), 500)
+        return APIError(status, f"{side} failed: {exc.details() or exc.code().name}")
+    return APIError(500, f"{side} failed: {exc!r}")
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

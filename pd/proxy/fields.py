@@ -1,0 +1,113 @@
+"""Every request field of ``/v1/completions`` and ``/v1/chat/completions``, and what pd does with it.
+
+Nothing is silently ignored. Each field the OpenAI API defines (and each pd extra) is one of:
+
+- ``IMPLEMENTED``: parsed and honoured (``pd.proxy.protocol``);
+- ``metadata(type)``: type-checked, then dropped: pd stores, logs and forwards none of it;
+- ``noop(*values)``: accepted only as ``null`` or one of ``values``, the values that ask for nothing pd
+  does not do (``n: 1``, ``presence_penalty: 0``, ``response_format: {"type": "text"}``); any other value
+  gets 400 naming the field. ``noop()`` (no values) is a refused field: only ``null`` passes.
+
+Any field not in an endpoint's table (a typo, a vendor extension, the other endpoint's field) gets 400
+naming it. ``pd.proxy.protocol`` applies these tables; the README's API section carries the same
+table (a test holds them equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str  # "implemented", "metadata" or "noop"
+    values: tuple[Any, ...] = ()  # noop: accepted besides null
+    type: type | tuple[type, ...] = object  # metadata: the accepted JSON type
+
+
+IMPLEMENTED = Rule("implemented")
+
+
+def noop(*values: Any) -> Rule:
+    return Rule("noop", values)
+
+
+def metadata(t: type | tuple[type, ...]) -> Rule:
+    return Rule("metadata", type=t)
+
+
+_SHARED = {
+    "model": IMPLEMENTED,
+    "max_tokens": IMPLEMENTED,
+    "temperature": IMPLEMENTED,
+    "top_p": IMPLEMENTED,
+    "stream": IMPLEMENTED,
+    "stream_options": IMPLEMENTED,
+    "stop": IMPLEMENTED,
+    "seed": IMPLEMENTED,
+    "n": noop(1),
+    "presence_penalty": noop(0),
+    "frequency_penalty": noop(0),
+    "logit_bias": noop({}),
+    "user": metadata(str),
+    # pd's extras (vLLM's names)
+    "top_k": IMPLEMENTED,
+    "min_p": IMPLEMENTED,
+    "ignore_eos": IMPLEMENTED,
+    "stop_token_ids": IMPLEMENTED,
+    "return_token_ids": IMPLEMENTED,
+    "repetition_penalty": noop(1),
+}
+
+COMPLETIONS = {
+    **_SHARED,
+    "prompt": IMPLEMENTED,
+    "logprobs": noop(),  # an integer; 0 already asks for the sampled tokens' logprobs
+    "echo": noop(False),
+    "best_of": noop(1),
+    "suffix": noop(),
+}
+
+CHAT = {
+    **_SHARED,
+    "messages": IMPLEMENTED,
+    "max_completion_tokens": IMPLEMENTED,
+    "logprobs": noop(False),
+    "top_logprobs": noop(0),
+    "response_format": noop({"type": "text"}),
+    "tools": noop([]),
+    "tool_choice": noop("none"),
+    "parallel_tool_calls": noop(True),
+    "functions": noop([]),
+    "function_call": noop("none"),
+    "modalities": noop(["text"]),
+    "audio": noop(),
+    "prediction": noop(),
+    "reasoning_effort": noop(),
+    "verbosity": noop("medium"),
+    "web_search_options": noop(),
+    "moderation": noop(),
+    "service_tier": noop("auto", "default"),
+    "store": noop(False),
+    "metadata": metadata(dict),
+    "prompt_cache_key": metadata(str),
+    "prompt_cache_options": noop(),
+    "prompt_cache_retention": noop(),
+    "safety_identifier": metadata(str),
+}
+
+STREAM_OPTIONS = {"include_usage": IMPLEMENTED, "include_obfuscation": noop(False)}
+
+MESSAGE = {
+    "role": IMPLEMENTED,
+    "content": IMPLEMENTED,
+    "name": noop(),
+    "tool_calls": noop([]),
+    "tool_call_id": noop(),
+    "function_call": noop(),
+    "audio": noop(),
+    "refusal": noop(),
+}
+
+TEXT_PART = {"type": IMPLEMENTED, "text": IMPLEMENTED, "prompt_cache_breakpoint": noop()}

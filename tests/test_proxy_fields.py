@@ -1,0 +1,163 @@
+"""The request fields of /v1/completions and /v1/chat/completions (pd.proxy.fields): each one is
+implemented, refused with a 400 whose message and param name it, or accepted only at its no-op values;
+unknown fields are refused. One table here walks every field through the parser; the README's API table
+and pd.proxy.fields must say the same, and the installed openai client must know no field the table
+lacks. (test_serve.py sends a few of them through a running server.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pd.proxy import fields
+from pd.proxy.protocol import APIError, parse_request
+
+IMPL, META, NOOP, REFUSED = "implemented", "metadata", "no-op value only", "refused (400)"
+ENDPOINTS = ("completions", "chat")
+BASE = {
+    "completions": {"model": "m", "prompt": "hi"},
+    "chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+}
+
+# field: (completions, chat) status (None: not a field of that endpoint), values accepted, values refused.
+# A pair of lists instead of one list: per endpoint. null is accepted for every field.
+# fmt: off
+TABLE = {
+    "model": (IMPL, IMPL, ["m"], [5]),
+    "prompt": (IMPL, None, ["other", [1, 2, 3]], [5, ""]),
+    "messages": (None, IMPL, [[{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]], ["hi"]),
+    "max_tokens": (IMPL, IMPL, [5], [0, "5"]),
+    "max_completion_tokens": (None, IMPL, [5], [0]),
+    "temperature": (IMPL, IMPL, [0, 0.7], [3, "hot"]),
+    "top_p": (IMPL, IMPL, [0.5], [0]),
+    "n": (NOOP, NOOP, [1], [2, True]),
+    "stream": (IMPL, IMPL, [True, False], ["yes"]),
+    "stream_options": (IMPL, IMPL, [{"include_usage": True}, {"include_obfuscation": False}],
+                       [{"include_obfuscation": True}, {"continuous_usage_stats": True}, [1]]),
+    "stop": (IMPL, IMPL, ["\n", ["a", "b"]], [5, [""]]),
+    "seed": (IMPL, IMPL, [7], [-1]),
+    "logprobs": (REFUSED, NOOP, ([], [False]), ([0, 2], [True])),
+    "top_logprobs": (None, NOOP, [0], [2]),
+    "echo": (NOOP, None, [False], [True]),
+    "best_of": (NOOP, None, [1], [3]),
+    "suffix": (REFUSED, None, [], ["x", ""]),
+    "presence_penalty": (NOOP, NOOP, [0, 0.0], [0.5, False]),
+    "frequency_penalty": (NOOP, NOOP, [0, 0.0], [-1]),
+    "logit_bias": (NOOP, NOOP, [{}], [{"5": 3}]),
+    "user": (META, META, ["user-1"], [5]),
+    "response_format": (None, NOOP, [{"type": "text"}],
+                        [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}]),
+    "tools": (None, NOOP, [[]], [[{"type": "function", "function": {"name": "f"}}]]),
+    "tool_choice": (None, NOOP, ["none"], ["auto", "required"]),
+    "parallel_tool_calls": (None, NOOP, [True], [False]),
+    "functions": (None, NOOP, [[]], [[{"name": "f"}]]),
+    "function_call": (None, NOOP, ["none"], ["auto"]),
+    "modalities": (None, NOOP, [["text"]], [["text", "audio"]]),
+    "audio": (None, REFUSED, [], [{"voice": "alloy", "format": "wav"}]),
+    "prediction": (None, REFUSED, [], [{"type": "content", "content": "x"}]),
+    "reasoning_effort": (None, REFUSED, [], ["low"]),
+    "verbosity": (None, NOOP, ["medium"], ["low"]),
+    "web_search_options": (None, REFUSED, [], [{}]),
+    "moderation": (None, REFUSED, [], [{"model": "omni-moderation-latest"}]),
+    "service_tier": (None, NOOP, ["auto", "default"], ["flex", "priority"]),
+    "store": (None, NOOP, [False], [True]),
+    "metadata": (None, META, [{"k": "v"}], ["k=v"]),
+    "prompt_cache_key": (None, META, ["key"], [1]),
+    "prompt_cache_options": (None, REFUSED, [], [{"mode": "explicit"}]),
+    "prompt_cache_retention": (None, REFUSED, [], ["24h"]),
+    "safety_identifier": (None, META, ["id"], [1]),
+    # pd's extras
+    "top_k": (IMPL, IMPL, [5, -1], ["5"]),
+    "min_p": (IMPL, IMPL, [0.1], [2]),
+    "ignore_eos": (IMPL, IMPL, [True], ["yes"]),
+    "stop_token_ids": (IMPL, IMPL, [[1, 2]], [[-1]]),
+    "return_token_ids": (IMPL, IMPL, [True], [1]),
+    "repetition_penalty": (NOOP, NOOP, [1, 1.0], [1.2]),
+    # no such field
+    "frobnicate": (None, None, [], [1]),
+}
+# fmt: on
+
+
+def cases():
+    for name, (c, ch, ok, bad) in TABLE.items():
+        for i, (endpoint, status) in enumerate(zip(ENDPOINTS, (c, ch))):
+            ok_i, bad_i = (ok[i], bad[i]) if isinstance(ok, tuple) else (ok, bad)
+            if status is None:  # unknown here: refused whatever the value
+                ok_i, bad_i = [], ok_i + bad_i
+            elif status != IMPL or name not in ("model", "messages", "prompt"):
+                ok_i = [None, *ok_i]  # null is the default of every optional field
+            for value in ok_i:
+                yield pytest.param(endpoint, name, value, True, id=f"{endpoint}-{name}={json.dumps(value)}")
+            for value in bad_i:
+                yield pytest.param(endpoint, name, value, False, id=f"{endpoint}-{name}={json.dumps(value)}!")
+
+
+@pytest.mark.parametrize("endpoint, name, value, accepted", list(cases()))
+def test_every_field_is_implemented_or_refused_by_name(endpoint, name, value, accepted):
+    body = {**BASE[endpoint], name: value}
+    if not accepted:
+        with pytest.raises(APIError) as e:
+            parse_request(body, chat=endpoint == "chat")
+        assert e.value.status == 400 and e.value.param.startswith(name) and name in e.value.message
+        return
+    parse_request(body, chat=endpoint == "chat")
+
+
+def test_no_op_values_change_nothing():
+    """A request with every field at its no-op value parses to the same request as one without them."""
+    for i, endpoint in enumerate(ENDPOINTS):
+        extra = {}
+        for name, (*statuses, ok, _) in TABLE.items():
+            values = ok[i] if isinstance(ok, tuple) else ok
+            if statuses[i] == NOOP:
+                extra[name] = values[0]
+        assert parse_request({**BASE[endpoint], **extra}, endpoint == "chat") == parse_request(
+            BASE[endpoint], endpoint == "chat"
+        )
+
+
+def status_of(rule: fields.Rule | None) -> str | None:
+    if rule is None:
+        return None
+    if rule.kind == "noop":
+        return NOOP if rule.values else REFUSED
+    return {"implemented": IMPL, "metadata": META}[rule.kind]
+
+
+def test_pd_proxy_fields_is_this_table():
+    for i, table in enumerate((fields.COMPLETIONS, fields.CHAT)):
+        expected = {name: row[i] for name, row in TABLE.items() if row[i] is not None}
+        assert {name: status_of(rule) for name, rule in table.items()} == expected
+
+
+def test_the_openai_client_sends_no_field_the_table_lacks():
+    """Every request field of the installed openai client's completions.create and chat.completions.create
+    is in the table (a field OpenAI adds shows up here when the client is upgraded)."""
+    from openai.types import completion_create_params as c
+    from openai.types.chat import completion_create_params as ch
+
+    for i, params in enumerate((c.CompletionCreateParamsBase, ch.CompletionCreateParamsBase)):
+        known = {name for name, row in TABLE.items() if row[i] is not None}
+        assert set(params.__annotations__) - known == set(), ENDPOINTS[i]
+
+
+def readme_cell(rule: fields.Rule | None) -> str:
+    status = status_of(rule)
+    if status is None:
+        return "—"
+    if status == NOOP:
+        return f"{NOOP}: " + ", ".join(f"`{json.dumps(v)}`" for v in rule.values)
+    return status
+
+
+def test_readme_table_is_pd_proxy_fields():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \| ([^|]+) \|", readme, re.M)
+    got = {name: (c.strip(), ch.strip()) for name, c, ch in rows}
+    names = dict.fromkeys([*fields.COMPLETIONS, *fields.CHAT])
+    expected = {n: (readme_cell(fields.COMPLETIONS.get(n)), readme_cell(fields.CHAT.get(n))) for n in names}
+    assert got == expected
