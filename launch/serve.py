@@ -17,7 +17,11 @@ from pathlib import Path
 
 import httpx
 
-from pd.launch.args import add_common_args, add_engine_args, add_proxy_args, forwarded, setup_logging
+from pd.launch.args import add_common_args, add_field_arg, forwarded, setup_logging
+from pd.launch.engine_args import add_engine_args, add_parallel_args
+from pd.launch.proxy import add_proxy_args
+from pd.proxy.app import ProxyConfig
+from pd.transfer.engine import PROTOCOLS, TransferConfig
 
 log = logging.getLogger("pd.serve")
 
@@ -51,32 +55,21 @@ def _child_setup() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list[argparse.Action]]:
+    """The parser, and the engine and proxy flags that pd-serve forwards to its children."""
     p = argparse.ArgumentParser(
         prog="pd-serve",
         description="Run a whole disaggregated deployment on this machine: bootstrap server, one prefill "
         "instance, one decode instance and the OpenAI-compatible proxy. Without --model it serves a tiny "
         "demo model made on first use.",
     )
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the proxy (default: %(default)s)")
+    add_field_arg(p, "--port", ProxyConfig, "port", help="HTTP port of the proxy")
     p.add_argument("--prefill-device", help="device of the prefill instance (default: --device)")
     p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
-    p.add_argument("--transfer-protocol", default="tcp", help="tcp, rdma or nvlink (default: %(default)s)")
-    p.add_argument(
-        "--dp", type=int, default=1, help="ranks per instance, DP attention + EP MoE (default: %(default)s)"
-    )
-    p.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
-    p.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
-    p.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
-    p.add_argument(
-        "--ep-backend", help="EP communication backend of both instances (default: per role and device)"
-    )
-    p.add_argument(
-        "--expert-placement",
-        choices=["linear", "round_robin"],
-        default="linear",
-        help="expert e on rank e // E_local (linear) or e %% W (round_robin) (default: %(default)s)",
-    )
+    add_field_arg(p, "--transfer-protocol", TransferConfig, "protocol", choices=PROTOCOLS, help="KV transfer")
+    par = add_parallel_args(p, multinode=False)
+    par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
+    par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
     p.add_argument(
         "--colocated",
         type=int,
@@ -88,37 +81,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
     )
-    add_engine_args(p, model_required=False)
+    engine_actions = add_engine_args(p, model_required=False)
     proxy_actions = add_proxy_args(p)
-    add_common_args(p)
+    add_common_args(p, ProxyConfig)
+    return p, engine_actions, proxy_actions
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p, engine_actions, proxy_actions = build_parser()
     args = p.parse_args(argv)
+    args.engine_flags = forwarded(args, [a for a in engine_actions if a.dest != "device"])
     args.proxy_flags = forwarded(args, proxy_actions)
     return args
 
 
 def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str]:
-    flags = ["--model", model, "--device", device, "--dtype", args.dtype, "--load-format", args.load_format]
-    flags += ["--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
-    flags += [
-        "--max-running",
-        str(args.max_running),
-        "--max-waiting",
-        str(args.max_waiting),
-        "--seed",
-        str(args.seed),
-    ]
-    flags += [
-        "--gpu-memory-fraction",
-        str(args.gpu_memory_fraction),
-        "--attention-backend",
-        args.attention_backend,
-    ]
-    if args.no_cuda_graph:
-        flags.append("--no-cuda-graph")
-    for name in ("num_pages", "max_context_len", "model_name"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += ["--" + name.replace("_", "-"), str(value)]
+    flags = ["--model", model, "--device", device, *args.engine_flags]
+    if args.model_name is not None:
+        flags += ["--model-name", args.model_name]
     return flags
 
 

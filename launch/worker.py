@@ -18,16 +18,10 @@ import sys
 import time
 
 from pd.config import ParallelConfig
-from pd.launch.args import (
-    add_common_args,
-    add_engine_args,
-    add_worker_args,
-    cluster_token,
-    engine_config,
-    setup_logging,
-    transfer_config,
-    transfer_timeouts,
-)
+from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging
+from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
+from pd.transfer.engine import PROTOCOLS, TransferConfig
+from pd.transfer.state import TransferTimeouts
 from pd.worker.common import WorkerConfig
 
 log = logging.getLogger("pd.launch")
@@ -39,12 +33,94 @@ DESCRIPTIONS = {
 }
 
 
-def parse(role: str, argv: list[str] | None) -> argparse.Namespace:
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    W = WorkerConfig
+    g = p.add_argument_group("worker")
+    g.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
+    add_field_arg(
+        g,
+        "--port",
+        W,
+        "port",
+        help="gRPC port of this rank (0: any free port)",
+    )
+    add_field_arg(
+        g,
+        "--instance-id",
+        W,
+        "instance_id",
+        help="instance name in the registry (default: <role>-<host>-<port>)",
+    )
+    add_field_arg(g, "--aux-slots", W, "aux_slots", help="rooms that can be in transfer at once")
+    add_field_arg(
+        g,
+        "--decode-headroom-tokens",
+        W,
+        "decode_headroom_tokens",
+        help="decode: pages reserved beyond the prompt when a room arrives",
+    )
+    par = add_parallel_args(p, multinode=True)
+    par.add_argument(
+        "--rank-in-node", type=int, help=argparse.SUPPRESS
+    )  # set by the launcher for its children
+    T, S = TransferConfig, TransferTimeouts
+    t = p.add_argument_group("KV transfer (Mooncake)")
+    add_field_arg(t, "--transfer-protocol", T, "protocol", choices=PROTOCOLS, help="nvlink: GPUs of one host")
+    add_field_arg(
+        t, "--transfer-device-names", T, "device_names", help="RDMA devices, comma separated (empty: all)"
+    )
+    t.add_argument(
+        "--transfer-hostname", help="address peers reach this rank's transfer engine at (default: --host)"
+    )
+    add_field_arg(t, "--transfer-timeout", T, "transfer_timeout_s", help="seconds one transfer call may take")
+    add_field_arg(
+        t, "--bootstrapping-timeout", S, "bootstrapping_s", help="seconds a room may wait for its peer"
+    )
+    add_field_arg(
+        t,
+        "--waiting-timeout",
+        S,
+        "waiting_for_input_s",
+        help="seconds a room may wait for its KV to be computed",
+    )
+    add_field_arg(t, "--transferring-timeout", S, "transferring_s", help="seconds without transfer progress")
+    add_field_arg(
+        t,
+        "--abort-grace",
+        S,
+        "abort_grace_s",
+        help="decode: wait before reusing pages of an unconfirmed abort",
+    )
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"pd-{role}", description=DESCRIPTIONS[role])
     add_engine_args(p)
     add_worker_args(p)
-    add_common_args(p)
-    return p.parse_args(argv)
+    add_common_args(p, WorkerConfig)
+    return p
+
+
+def parse(role: str, argv: list[str] | None) -> argparse.Namespace:
+    return build_parser(role).parse_args(argv)
+
+
+def transfer_config(args: argparse.Namespace) -> TransferConfig:
+    return TransferConfig(
+        hostname=args.transfer_hostname or args.host,
+        protocol=args.transfer_protocol,
+        device_names=args.transfer_device_names,
+        transfer_timeout_s=args.transfer_timeout,
+    )
+
+
+def transfer_timeouts(args: argparse.Namespace) -> TransferTimeouts:
+    return TransferTimeouts(
+        bootstrapping_s=args.bootstrapping_timeout,
+        waiting_for_input_s=args.waiting_timeout,
+        transferring_s=args.transferring_timeout,
+        abort_grace_s=args.abort_grace,
+    )
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
