@@ -1,5 +1,5 @@
 """What every launcher shares: logging, the common flags, flags whose defaults come from a config
-dataclass, and forwarding flags to child processes.
+dataclass, forwarding flags to child processes, and reserving a port before a child may bind it.
 
 Nothing here imports torch (``pd-bootstrap`` and ``pd-proxy`` need none); the engine and worker
 flags are in ``pd.launch.engine_args`` and ``pd.launch.worker``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import socket
 import sys
 from typing import Any
 
@@ -92,3 +93,33 @@ def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
 
 def cluster_token(args: argparse.Namespace) -> str | None:
     return read_token_file(args.cluster_token_file) if args.cluster_token_file else None
+
+
+class PortInUse(OSError):
+    """A port a launcher is about to use is taken; the message names it and what it was for."""
+
+
+def reserve_port(host: str, port: int, purpose: str, share_with_grpc: bool = False) -> socket.socket:
+    """Binds ``host:port`` for ``purpose`` (words for the error message) and returns the socket.
+
+    The bind fails, with ``PortInUse``, when anything listens on the port or holds it bound, gRPC
+    servers included (they bind with SO_REUSEPORT, so two of them would share a port silently and the
+    kernel would split connections between them). SO_REUSEADDR is set for the bind only, so
+    connections of an earlier process left in TIME_WAIT do not block a restart on the same port.
+
+    ``share_with_grpc``: afterwards, mark the socket SO_REUSEPORT so that this user's own gRPC server
+    can still bind the port while the caller holds the socket; another launcher's reservation still
+    fails (its bind does not ask for SO_REUSEPORT). Without it the socket holds the port alone and can
+    be handed to a child (e.g. uvicorn) to listen on.
+    """
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        if share_with_grpc:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError as e:
+        s.close()
+        raise PortInUse(f"port {port} on {host} ({purpose}) is not available: {e.strerror or e}") from None
+    return s

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import socket
 
 import uvicorn
 
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
     add_field_arg(p, "--port", ProxyConfig, "port", help="HTTP port")
+    # pd-serve binds the port itself (so that a busy port fails before anything starts, and nothing
+    # else can answer on it) and hands this process the socket.
+    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     add_proxy_args(p)
     add_common_args(p, ProxyConfig)
     return p
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     # installed before it: make that one a no-op, so a requested stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(cfg),
         host=args.host,
         port=args.port,
@@ -135,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         limit_concurrency=args.max_connections,
     )
+    sockets = None if args.fd is None else [socket.socket(fileno=args.fd)]
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    if not server.started:  # e.g. the port is taken (what uvicorn.run does)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

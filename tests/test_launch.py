@@ -1,15 +1,22 @@
-"""The launchers: --help, flag defaults against the config dataclasses, and a torch-free pd-bootstrap."""
+"""The launchers: --help, flag defaults against the config dataclasses, ports checked before anything
+starts (pd-serve's proxy port, a multi-rank instance's PORT..PORT+N-1), and a torch-free pd-bootstrap."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import http.server
 import importlib
 import re
+import socket
 import subprocess
 import sys
+import threading
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pd.attention import ATTENTION_BACKENDS
@@ -18,7 +25,7 @@ from pd.config import EngineConfig, ParallelConfig
 from pd.ep import BACKENDS as EP_BACKENDS
 from pd.ep.placement import PLACEMENTS
 from pd.launch import bootstrap, worker
-from pd.launch.args import field_default
+from pd.launch.args import PortInUse, field_default, reserve_port
 from pd.transfer.engine import PROTOCOLS, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.common import WorkerConfig
@@ -184,6 +191,163 @@ def test_bootstrap_launcher_imports_no_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports.
+
+
+@contextlib.contextmanager
+def other_http_server():
+    """Another server on a free port of 127.0.0.1 that answers 200 to everything (as another pd would)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def run_launcher(module: str, args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@bounded
+def test_pd_serve_on_a_busy_port_fails_naming_it(tmp_path):
+    """A second pd-serve on the port of another server fails before starting anything, naming the port and
+    what it was for; it never says it is serving (its probe used to reach the other server)."""
+    with other_http_server() as port:
+        p = run_launcher("pd.launch.serve", ["--model", str(tmp_path / "no-model"), "--port", str(port)])
+    assert p.returncode == 1
+    assert "pd is serving" not in p.stdout
+    assert f"port {port} on 127.0.0.1 (the proxy's HTTP port, --port)" in p.stderr
+    assert "started" not in p.stderr  # no child was started
+
+
+def test_pd_serve_holds_its_ports_exclusively():
+    """The proxy port pd-serve reserves (and hands to its proxy child) cannot be bound by another process
+    meanwhile, so whatever answers on it is its own proxy."""
+    args = serve.parse(["--port", "0"])
+    proxy_sock, boot_sock = serve.reserve_ports(args)
+    try:
+        for s, what in ((proxy_sock, "proxy"), (boot_sock, "bootstrap")):
+            port = s.getsockname()[1]
+            with pytest.raises(PortInUse, match=f"port {port} on 127.0.0.1"):
+                reserve_port("127.0.0.1", port, what)
+            with socket.socket() as other, pytest.raises(OSError):  # a server that sets SO_REUSEADDR
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                other.bind(("127.0.0.1", port))
+    finally:
+        proxy_sock.close()
+        boot_sock.close()
+
+
+def test_reserved_rank_port_admits_its_own_grpc_server_only():
+    """A rank's reservation (held from before its engine starts) still lets its own gRPC server bind the
+    port (gRPC binds with SO_REUSEPORT), while another launcher's reservation of it fails, and so does a
+    reservation of a port a gRPC server listens on."""
+    held = reserve_port("127.0.0.1", 0, "a rank", share_with_grpc=True)
+    port = held.getsockname()[1]
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    try:
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        server.start()
+        with pytest.raises(PortInUse, match=f"port {port}"):
+            reserve_port("127.0.0.1", port, "another rank", share_with_grpc=True)
+        held.close()
+        with pytest.raises(PortInUse, match=f"port {port}"):  # the gRPC server alone
+            reserve_port("127.0.0.1", port, "another rank", share_with_grpc=True)
+    finally:
+        server.stop(0)
+        held.close()
+
+
+@contextlib.contextmanager
+def grpc_style_listener():
+    """A listener bound like a gRPC server binds (SO_REUSEADDR + SO_REUSEPORT), on a free port."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (best effort)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@bounded
+def test_multi_rank_port_range_clash_fails_at_start_naming_port_and_rank(tmp_path):
+    """pd-prefill --port P --dp 2 binds P and P + 1; with P + 1 taken (the README's pd-decode --port 9002
+    beside pd-prefill --port 9001 --dp 2) it fails before any rank starts, naming P + 1 and rank 1."""
+    with grpc_style_listener() as busy:
+        base = ["--model", str(tmp_path / "no-model"), "--bootstrap", "127.0.0.1:1"]
+        p = run_launcher("pd.launch.prefill", [*base, "--port", str(busy - 1), "--dp", "2"])
+        assert p.returncode == 1, p.stderr
+        assert f"port {busy} on 127.0.0.1 (the gRPC port of rank 1 of this prefill instance" in p.stderr
+        assert f"--port {busy - 1} + local rank 1" in p.stderr
+        assert "no-model" not in p.stderr  # no rank got as far as reading the model
+        # One rank on a taken port: the same, before the engine is built.
+        p = run_launcher("pd.launch.decode", [*base, "--port", str(busy)])
+        assert p.returncode == 1, p.stderr
+        assert f"port {busy} on 127.0.0.1 (the gRPC port of this decode rank, --port)" in p.stderr
+        assert "no-model" not in p.stderr
+
+
+def test_worker_port_help_says_a_multi_rank_instance_takes_a_range():
+    text = " ".join(worker.build_parser("prefill").format_help().split())
+    assert "PORT..PORT+N-1" in text
+
+
+def test_reserve_port_tolerates_time_wait_of_an_earlier_process():
+    """A restarted worker on its old port: connections its predecessor closed first sit in TIME_WAIT."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    listener.close()
+    reserve_port("127.0.0.1", port, "restart", share_with_grpc=True).close()
 
 
 def test_field_default_reads_factories():
