@@ -385,7 +385,7 @@ def _wait_up(url: str, procs, log) -> None:
     raise TimeoutError(log.read_text()[-3000:])
 
 
-def test_pd_bench_against_pd_serve(deployment, tmp_path):
+def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
     """pd-bench on the real deployment: 20 requests succeed, the JSON holds every metric, and the
     token counts are the ones the server reported in usage."""
     from pd.bench.serve import main as bench_main
@@ -393,7 +393,8 @@ def test_pd_bench_against_pd_serve(deployment, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "random", "--random-input-len", "24",
             "--random-output-len", "12", "--num-prompts", "20", "--request-rate", "inf", "--max-concurrency", "8",
-            "--ignore-eos", "--seed", "3", "--result-json", str(out), "--disable-tqdm", "--slo", "ttft:5000", "tpot:1000"]  # fmt: skip
+            "--ignore-eos", "--seed", "3", "--result-json", str(out), "--disable-tqdm", "--slo", "ttft:5000", "tpot:1000",
+            "--tokenizer", str(tiny_model_dir)]  # fmt: skip
     assert bench_main(argv) == 0
     result = json.loads(out.read_text())
     metrics = result["metrics"]
