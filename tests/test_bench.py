@@ -11,13 +11,9 @@ import math
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pd.bench.client import sse_data
@@ -30,6 +26,17 @@ from pd.bench.datasets import (
 )
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
 from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+# The stub server runs on starlette and uvicorn: pd's own dependencies, but missing from a bare GPU
+# image that runs `pytest -m gpu` with a few wheels added (../shared/gpu/fetch-wheels.sh).
+uvicorn = pytest.importorskip("uvicorn")
+Starlette = pytest.importorskip("starlette.applications").Starlette
+JSONResponse = pytest.importorskip("starlette.responses").JSONResponse
+StreamingResponse = pytest.importorskip("starlette.responses").StreamingResponse
+Route = pytest.importorskip("starlette.routing").Route
 
 # ---------------------------------------------------------------------------------------------
 # Metric math on synthetic records (exact).

@@ -1,5 +1,5 @@
-"""Installing: setup.sh's CPU path refuses a torch resolution that pulls CUDA packages, and takes
---torch-index."""
+"""Installing and collecting: setup.sh's CPU path refuses a torch resolution that pulls CUDA packages (and
+takes --torch-index), and the test suite collects (`pytest -m gpu`) without the optional packages."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +116,34 @@ def test_setup_cuda_path_installs_the_cuda_extras(tmp_path):
 def test_setup_refuses_unknown_options(tmp_path):
     result, calls = run_setup(tmp_path, CPU, "--bogus")
     assert result.returncode == 2 and "unknown option '--bogus'" in result.stderr and calls == []
+
+
+# Optional packages (extras, test tools) and those a bare GPU image lacks (../shared/gpu/NOTES.md): the
+# suite must still collect without them, its modules skipped where they need one.
+HIDDEN = (
+    "openai",
+    "transformers",
+    "matplotlib",
+    "grpc_tools",
+    "mooncake",
+    "flashinfer",
+    "deep_ep",
+    "starlette",
+    "uvicorn",
+)
+
+
+@pytest.mark.timeout(180)
+def test_suite_collects_without_optional_packages():
+    code = (
+        "import sys, pytest\n"
+        f"for name in {HIDDEN!r}:\n"
+        "    sys.modules[name] = None  # as if not installed\n"
+        "sys.exit(pytest.main(['--collect-only', '-q', '-m', 'gpu', '-p', 'no:cacheprovider', 'tests']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=170
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "tests collected" in summary and "error" not in summary, summary
