@@ -2,8 +2,10 @@
 
 One request is one POST with `stream: true`; the reply is server-sent events whose `data:` fields
 are JSON chunks, ending with `data: [DONE]`. The client records when each chunk that carries
-output text arrives; any failure (HTTP status, error event, broken or stalled stream) becomes the
-record's error message instead of an exception.
+output arrives, output being text or generated token ids (the `return_token_ids` extension of pd and
+vLLM, asked for by default: with it, tokens that decode to no text, as dummy weights emit, still
+count); any failure (HTTP status, error event, broken or stalled stream) becomes the record's error
+message instead of an exception.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def request_body(
     temperature: float = 0.0,
     ignore_eos: bool = False,
     extra_body: Mapping[str, Any] | None = None,
+    return_token_ids: bool = False,
 ) -> dict[str, Any]:
     """The JSON body of one streaming request; `extra_body` keys are added last (and win)."""
     body: dict[str, Any] = {"model": model}
@@ -54,6 +57,8 @@ def request_body(
     )
     if ignore_eos:
         body["ignore_eos"] = True
+    if return_token_ids:
+        body["return_token_ids"] = True
     body.update(extra_body or {})
     return body
 
@@ -136,6 +141,7 @@ class _Stream:
 
     token_times: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    token_ids: int = 0  # generated ids the chunks carried (0 when the server sends none)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -165,9 +171,11 @@ async def _consume(
             if not isinstance(chunk, dict):
                 raise StreamError(f"stream chunk is not a JSON object: {_shorten(data)}")
             text, finish_reason = chunk_text(chunk, chat)
-            if text or chunk_token_ids(chunk):
+            ids = chunk_token_ids(chunk)
+            if text or ids:
                 stream.token_times.append(now)
                 stream.texts.append(text)
+                stream.token_ids += len(ids)
             if finish_reason is not None:
                 stream.finish_reason = finish_reason
             if isinstance(chunk.get("usage"), dict):
@@ -204,17 +212,19 @@ async def stream_request(
         error = f"{type(e).__name__}: {_shorten(str(e))}"
     end = time.perf_counter() - t0
     if error is None and not stream.token_times:
-        error = "stream finished without any output text"
+        error = "stream finished without any output text or token ids"
 
     usage = stream.usage or {}
     prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # Without usage: the ids the stream carried, else one token per output-bearing chunk.
+    counted = stream.token_ids or len(stream.token_times)
     return RequestRecord(
         index=index,
         start=start,
         end=end,
         token_times=tuple(stream.token_times),
         prompt_len=prompt_tokens if isinstance(prompt_tokens, int) else prompt_len,
-        output_tokens=completion_tokens if isinstance(completion_tokens, int) else len(stream.token_times),
+        output_tokens=completion_tokens if isinstance(completion_tokens, int) else counted,
         max_tokens=body.get("max_tokens", 0),
         prompt_tokens_from_usage=isinstance(prompt_tokens, int),
         output_tokens_from_usage=isinstance(completion_tokens, int),

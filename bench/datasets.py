@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,19 +63,47 @@ def _sample_len(rng: random.Random, mean: int, range_ratio: float) -> int:
     return rng.randint(low, high)
 
 
-def _ids_to_text(tokenizer: Tokenizer, ids: list[int]) -> tuple[str, int]:
-    """Decodes ids into text that re-encodes to at most len(ids) tokens; returns (text, its token count).
+# Rounds of decode / re-encode / cut or top up that text prompts get to reach their exact length.
+TEXT_LENGTH_ROUNDS = 16
 
-    Decoding then encoding can split tokens (e.g. a partial UTF-8 sequence becomes U+FFFD), so
-    decode fewer ids until the text fits.
+
+def _whole_tokens(tokenizer: Tokenizer, vocab: Sequence[int]) -> list[int]:
+    """The ids of ``vocab`` that decode, alone, to text that encodes back to that one id (no pieces of a
+    UTF-8 sequence, nothing that decodes to nothing): what text prompts are topped up with."""
+    ids = list(vocab)
+    texts = tokenizer.decode_batch([[i] for i in ids])
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    whole = [i for i, t, e in zip(ids, texts, encoded) if t and "\ufffd" not in t and e.ids == [i]]
+    return whole or ids
+
+
+def _text_of_length(
+    tokenizer: Tokenizer, ids: list[int], whole: Sequence[int], rng: random.Random
+) -> tuple[str, int]:
+    """Text that encodes (without special tokens) to exactly ``len(ids)`` tokens, made from ``ids``;
+    returns (text, its token count).
+
+    Decoding random ids and encoding the text does not give the ids back: neighbours merge into fewer
+    tokens, and ids that are pieces of a UTF-8 sequence decode to U+FFFD, which encodes to several. So
+    the re-encoded ids are cut to the target (and back to a whole character) or topped up with random
+    ids of ``whole`` tokens, and decoded again, until the count is exact; after TEXT_LENGTH_ROUNDS
+    rounds the closest text is kept (its count is what the sample says).
     """
-    target = keep = len(ids)
-    while True:
-        text = tokenizer.decode(ids[:keep])
-        n = count_tokens(tokenizer, text)
-        if n <= target or keep == 1:
-            return text, n
-        keep = max(1, keep - (n - target))
+    target = len(ids)
+    best: tuple[str, int] | None = None
+    for _ in range(TEXT_LENGTH_ROUNDS):
+        text = tokenizer.decode(ids)
+        got = tokenizer.encode(text, add_special_tokens=False).ids
+        if best is None or abs(len(got) - target) < abs(best[1] - target):
+            best = (text, len(got))
+        if len(got) == target:
+            break
+        ids = got[:target]
+        while ids and tokenizer.decode(ids[-4:]).endswith("\ufffd"):  # a cut UTF-8 sequence
+            ids.pop()
+        ids += [whole[rng.randrange(len(whole))] for _ in range(target - len(ids))]
+    assert best is not None
+    return best
 
 
 def random_requests(
@@ -82,16 +111,18 @@ def random_requests(
     input_len: int,
     output_len: int,
     range_ratio: float = 0.0,
-    vocab_size: int = 1000,
+    vocab_size: int | None = None,
     seed: int = 0,
     tokenizer: Tokenizer | None = None,
     as_text: bool = False,
 ) -> list[SampleRequest]:
     """Prompts of random token ids; lengths uniform in [len*(1-r), len*(1+r)], deterministic in `seed`.
 
-    Ids are drawn from [0, vocab_size), skipping the tokenizer's special tokens when one is given.
-    With `as_text` the ids are decoded into text (needs `tokenizer`) and `prompt_len` is the
-    exact token count of that text.
+    Ids are drawn below the vocabulary size: the tokenizer's (without its special tokens), capped by
+    `vocab_size` when both are given; one of the two is required, since ids the model does not know
+    are refused by the server. With `as_text` (chat) the ids are made into text (needs `tokenizer`)
+    of exactly the drawn length in tokens, counted without special tokens: the server's chat
+    template adds its own tokens (role markers, BOS) on top, as in vllm's random dataset.
     """
     if num_prompts < 1 or input_len < 1 or output_len < 1:
         raise ValueError(
@@ -104,14 +135,25 @@ def random_requests(
         raise ValueError(
             "random dataset: text prompts (chat endpoint) need --tokenizer to decode ids into text"
         )
-    vocab = range(vocab_size)
+    if tokenizer is None and vocab_size is None:
+        raise ValueError(
+            "random dataset: the model's vocabulary size is unknown, and ids beyond it are refused by the "
+            "server: pass --tokenizer (the model's tokenizer.json or its directory) or --random-vocab-size N "
+            "(ids are drawn from [0, N))"
+        )
+    vocab: Sequence[int]
     if tokenizer is not None:
-        vocab_size = min(vocab_size, tokenizer.get_vocab_size())
+        limit = tokenizer.get_vocab_size()
+        if vocab_size is not None:
+            limit = min(limit, vocab_size)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        vocab = [i for i in range(vocab_size) if i not in special]
+        vocab = [i for i in range(limit) if i not in special]
+    else:
+        vocab = range(vocab_size)
     if len(vocab) == 0:
         raise ValueError(f"random dataset: no usable token ids below vocab_size={vocab_size}")
 
+    whole = _whole_tokens(tokenizer, vocab) if as_text else []
     rng = random.Random(seed)
     requests = []
     for _ in range(num_prompts):
@@ -119,7 +161,7 @@ def random_requests(
         n_out = _sample_len(rng, output_len, range_ratio)
         ids = [vocab[rng.randrange(len(vocab))] for _ in range(n_in)]
         if as_text:
-            text, n_in = _ids_to_text(tokenizer, ids)
+            text, n_in = _text_of_length(tokenizer, ids, whole, rng)
             requests.append(SampleRequest(prompt=text, prompt_len=n_in, output_len=n_out))
         else:
             requests.append(SampleRequest(prompt=ids, prompt_len=n_in, output_len=n_out))

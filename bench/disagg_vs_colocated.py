@@ -127,6 +127,7 @@ def point(url: str, args: argparse.Namespace, in_len: int, out_len: int, rate: f
         model="bench",
         random_input_len=in_len,
         random_output_len=out_len,
+        random_vocab_size=1000,  # what every recorded run drew below (the models here all know these ids)
         num_prompts=num,
         request_rate=rate,
         num_warmups=warmups,

@@ -1,6 +1,18 @@
 """Benchmark metrics as pure functions of per-request timestamps.
 
 All times are seconds since the benchmark started; latency statistics are reported in milliseconds.
+
+Definitions (those of ``vllm bench serve``, so its users read the figures the same way):
+
+- TTFT: from sending the request to the first chunk carrying output (text or token ids).
+- TPOT, per request: (last output chunk - first output chunk) / (output tokens - 1), with the token
+  count from the server's usage where it reports one; undefined for one output token. Statistics are
+  over requests.
+- ITL: the gaps between consecutive output chunks, pooled over all requests. When every chunk carries
+  one token, a request's mean ITL equals its TPOT, and the mean ITL equals the mean TPOT when every
+  request has as many tokens (e.g. with ``--ignore-eos``); a server that puts several tokens in a chunk
+  shows fewer, longer ITLs than TPOTs.
+- E2EL: from sending the request to the end of the stream (``[DONE]``).
 """
 
 from __future__ import annotations
@@ -22,9 +34,10 @@ THROUGHPUT_WINDOW_S = 1.0
 class RequestRecord:
     """What one request did, as seen by the client.
 
-    `token_times` holds the arrival time of every chunk that carried output text. `output_tokens`
-    is the server's `usage.completion_tokens` when `output_tokens_from_usage`, else the number of
-    such chunks; `prompt_len` likewise comes from `usage.prompt_tokens` or from the dataset.
+    `token_times` holds the arrival time of every chunk that carried output (text or token ids).
+    `output_tokens` is the server's `usage.completion_tokens` when `output_tokens_from_usage`, else
+    the token ids the chunks carried, else the number of such chunks; `prompt_len` likewise comes
+    from `usage.prompt_tokens` or from the dataset.
     """
 
     index: int
@@ -58,10 +71,12 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """(E2E latency - TTFT) / (output tokens - 1); undefined for a single output token."""
-        if self.ttft is None or self.output_tokens < 2:
+        """(last output chunk - first output chunk) / (output tokens - 1); undefined for one output token.
+
+        The end of the stream after the last token (usage chunk, ``[DONE]``) is no token's time."""
+        if not self.token_times or self.output_tokens < 2:
             return None
-        return (self.e2el - self.ttft) / (self.output_tokens - 1)
+        return (self.token_times[-1] - self.token_times[0]) / (self.output_tokens - 1)
 
     def meets(self, slo_ms: Mapping[str, float]) -> bool:
         """True when every given SLO holds. A request without a TPOT (one token) has none to break."""

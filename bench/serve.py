@@ -48,6 +48,12 @@ from pd.bench.metrics import (
 
 DATASETS = ("random", "sharegpt")
 TABLE_WIDTH = 50
+# Printed under the table (pd.bench.metrics has the details).
+DEFINITIONS = [
+    "TPOT = (last token - first token) / (output tokens - 1), per request;",
+    "ITL = gaps between chunks carrying tokens, over all requests (as vllm bench serve);",
+    "E2EL = request sent to end of stream.",
+]
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class BenchConfig:
     random_input_len: int = 1024
     random_output_len: int = 128
     random_range_ratio: float = 0.0
-    random_vocab_size: int = 1000
+    # Random ids are drawn below this; None: the tokenizer's vocabulary, else the one the server lists.
+    random_vocab_size: int | None = None
     sharegpt_output_len: int | None = None  # replaces the reply length of every ShareGPT sample
     request_rate: float = math.inf  # requests/s with Poisson arrivals; inf sends all at once
     max_concurrency: int | None = None
@@ -73,6 +80,9 @@ class BenchConfig:
     seed: int = 0
     temperature: float = 0.0
     ignore_eos: bool = False
+    # Ask for the generated ids in every chunk (a server extension pd and vLLM support), so tokens that
+    # decode to no text (dummy weights) still count; servers without it send none and are measured by text.
+    return_token_ids: bool = True
     request_timeout: float = 600.0
     slo_ms: Mapping[str, float] = field(default_factory=dict)
     extra_body: Mapping[str, Any] = field(default_factory=dict)
@@ -89,6 +99,8 @@ class BenchConfig:
             raise ValueError("dataset_name='sharegpt' needs dataset_path (a ShareGPT JSON file)")
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts={self.num_prompts}, expected >= 1")
+        if self.random_vocab_size is not None and self.random_vocab_size < 1:
+            raise ValueError(f"random_vocab_size={self.random_vocab_size}, expected >= 1 or None")
         if not self.request_rate > 0:
             raise ValueError(f"request_rate={self.request_rate}, expected > 0 (or inf)")
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -174,21 +186,33 @@ def arrival_times(num: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-def sample_requests(cfg: BenchConfig) -> tuple[list[SampleRequest], list[str]]:
-    """The dataset `cfg` names, and notes on how exact its token counts are."""
+def sample_requests(
+    cfg: BenchConfig, server_vocab_size: int | None = None
+) -> tuple[list[SampleRequest], list[str]]:
+    """The dataset `cfg` names, and notes on how exact its token counts are. Random ids are drawn below
+    `cfg.random_vocab_size`, else the tokenizer's vocabulary, else `server_vocab_size` (what the server
+    lists); with none of them the random dataset is refused (ValueError saying what to pass)."""
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     notes = []
     if cfg.dataset_name == "random":
+        vocab_size = cfg.random_vocab_size
+        if vocab_size is None and tokenizer is None:
+            vocab_size = server_vocab_size
         requests = random_requests(
             cfg.num_prompts,
             cfg.random_input_len,
             cfg.random_output_len,
             cfg.random_range_ratio,
-            cfg.random_vocab_size,
+            vocab_size,
             cfg.seed,
             tokenizer,
             as_text=cfg.is_chat,
         )
+        if cfg.is_chat:
+            notes.append(
+                "chat prompts have the asked length in tokens without the chat template; the input token "
+                "totals are the server's usage (template included) where it reports one"
+            )
     else:
         requests = sharegpt_requests(
             cfg.dataset_path, cfg.num_prompts, cfg.seed, tokenizer, output_len=cfg.sharegpt_output_len
@@ -201,14 +225,31 @@ def sample_requests(cfg: BenchConfig) -> tuple[list[SampleRequest], list[str]]:
     return requests, notes
 
 
-async def fetch_model(client: httpx.AsyncClient, models_url: str) -> str:
-    """The first model id the server lists at GET /v1/models."""
+async def fetch_models(client: httpx.AsyncClient, models_url: str) -> list[dict[str, Any]]:
+    """The model entries the server lists at GET /v1/models (at least one)."""
     try:
         response = await client.get(models_url)
         response.raise_for_status()
-        return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise RuntimeError(f"could not read a model id from {models_url} ({e}); pass --model") from e
+        data = response.json()["data"]
+        if not isinstance(data, list) or not data or not all(isinstance(m, dict) for m in data):
+            raise ValueError(f"no model listed: {_shorten_json(data)}")
+        return data
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"could not read the models from {models_url} ({e})") from e
+
+
+def _shorten_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def listed_vocab_size(models: Sequence[Mapping[str, Any]] | None, model: str) -> int | None:
+    """``vocab_size`` of ``model``'s entry in a GET /v1/models listing, where the server gives one."""
+    for entry in models or ():
+        size = entry.get("vocab_size")
+        if entry.get("id") == model and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
 
 
 async def _run_requests(
@@ -225,7 +266,15 @@ async def _run_requests(
 
     async def one(index: int, sample: SampleRequest, offset: float) -> RequestRecord:
         await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
-        body = request_body(sample, model, cfg.is_chat, cfg.temperature, cfg.ignore_eos, cfg.extra_body)
+        body = request_body(
+            sample,
+            model,
+            cfg.is_chat,
+            cfg.temperature,
+            cfg.ignore_eos,
+            cfg.extra_body,
+            return_token_ids=cfg.return_token_ids,
+        )
         if limit is not None:
             await limit.acquire()
         try:
@@ -255,12 +304,11 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
 
     `requests` replaces the dataset named in `cfg` (then `cfg.num_prompts` is ignored). Failed
     requests are counted with their error messages; nothing a server does raises here, except
-    that the model id must be known (given, or listed by GET /v1/models).
+    that the model id must be known (given, or listed by GET /v1/models), and so must the vocabulary
+    of random ids (see ``sample_requests``).
     """
     notes: list[str] = []
-    if requests is None:
-        requests, notes = sample_requests(cfg)
-    if len(requests) == 0:
+    if requests is not None and len(requests) == 0:
         raise ValueError("no requests to send")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -268,7 +316,24 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
     # bounds each whole request by cfg.request_timeout.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(headers=headers, timeout=None, limits=limits) as client:
-        model = cfg.model or await fetch_model(client, cfg.models_url)
+        needs_vocab = (
+            requests is None
+            and cfg.dataset_name == "random"
+            and cfg.tokenizer is None
+            and cfg.random_vocab_size is None
+        )
+        models = None
+        if cfg.model is None or needs_vocab:
+            try:
+                models = await fetch_models(client, cfg.models_url)
+            except RuntimeError as e:
+                if cfg.model is None:
+                    raise RuntimeError(f"{e}; pass --model") from None
+        model = cfg.model or str(models[0].get("id"))
+        if requests is None:
+            requests, notes = sample_requests(cfg, listed_vocab_size(models, model))
+            if needs_vocab:
+                notes.append(f"random token ids drawn below the vocabulary size the server lists for {model}")
 
         warmup_errors: dict[str, int] = {}
         if cfg.num_warmups:
@@ -282,9 +347,13 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
 
     metrics = compute_metrics(records, duration, cfg.slo_ms)
     if 0 < metrics.output_tokens_from_usage < metrics.completed:
-        notes.append("output token counts: server usage where reported, else token-bearing chunks")
+        notes.append(
+            "output token counts: server usage where reported, else the token ids (or output chunks) in the stream"
+        )
     elif metrics.completed and metrics.output_tokens_from_usage == 0:
-        notes.append("output token counts are token-bearing chunks: the server reported no usage")
+        notes.append(
+            "output token counts are the token ids (or output chunks) in the stream: the server reported no usage"
+        )
     return BenchResult(cfg, model, tuple(records), metrics, warmup_errors, tuple(notes), date)
 
 
@@ -305,8 +374,8 @@ def format_table(result: BenchResult) -> str:
     m, cfg = result.metrics, result.config
     source = {
         "usage": "server usage",
-        "chunks": "token-bearing chunks",
-        "mixed": "usage where reported, else chunks",
+        "chunks": "token ids / chunks in the stream",
+        "mixed": "usage where reported, else the stream",
         "none": "n/a",
     }[m.output_tokens_source]
     rows: list[tuple[str, Any]] = [
@@ -352,6 +421,7 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"{'SLO (ms):':<40} {slo}")
         lines.append(f"{'Requests meeting every SLO:':<40} {m.good_requests}")
     lines.append("=" * TABLE_WIDTH)
+    lines += DEFINITIONS
     if m.errors:
         lines.append("Failed requests by error:")
         lines += [f"  {count:>6} x {message}" for message, count in m.errors.items()]
@@ -395,10 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer.json or its directory: exact token counts, and text prompts for chat on random data",
+        help="the model's tokenizer.json or its directory: the vocabulary random ids are drawn from, exact "
+        "token counts, and text prompts for chat on random data",
     )
     p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--random-input-len", type=int, default=d.random_input_len)
+    p.add_argument(
+        "--random-input-len",
+        type=int,
+        default=d.random_input_len,
+        help="prompt tokens; for chat, those of the message: the server's chat template adds its own "
+        "(counted in its usage, which the input totals report)",
+    )
     p.add_argument("--random-output-len", type=int, default=d.random_output_len)
     p.add_argument(
         "--random-range-ratio",
@@ -406,7 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.random_range_ratio,
         help="lengths uniform in [len*(1-r), len*(1+r)]",
     )
-    p.add_argument("--random-vocab-size", type=int, default=d.random_vocab_size, help="random ids in [0, N)")
+    p.add_argument(
+        "--random-vocab-size",
+        type=int,
+        default=d.random_vocab_size,
+        help="draw random ids from [0, N) (default: the --tokenizer's vocabulary, else the vocab_size the "
+        "server lists at GET /v1/models; with neither pd-bench refuses to start, since ids the model does "
+        "not know are refused)",
+    )
     p.add_argument(
         "--sharegpt-output-len", type=int, default=None, help="max_tokens for every ShareGPT prompt"
     )
@@ -419,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument(
         "--ignore-eos", action="store_true", help="send ignore_eos: true (a common server extension)"
+    )
+    p.add_argument(
+        "--return-token-ids",
+        action=argparse.BooleanOptionalAction,
+        default=d.return_token_ids,
+        help="send return_token_ids: true (pd and vLLM), and count the generated ids every chunk carries, "
+        "so that tokens decoding to no text (dummy weights) are measured; --no-return-token-ids for a "
+        "server that refuses the field (then only chunks with text count) (default: on)",
     )
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds per request")
     p.add_argument(
@@ -457,6 +549,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
+        return_token_ids=args.return_token_ids,
         request_timeout=args.request_timeout,
         slo_ms=parse_slo(args.slo),
         extra_body=extra_body,

@@ -1,15 +1,26 @@
-"""Command-line flags shared by the launchers, and the configs they build."""
+"""What every launcher shares: logging, the common flags, flags whose defaults come from a config
+dataclass, forwarding flags to child processes, and reserving a port before a child may bind it.
+
+Nothing here imports torch (``pd-bootstrap`` and ``pd-proxy`` need none); the engine and worker
+flags are in ``pd.launch.engine_args`` and ``pd.launch.worker``.
+
+A flag that sets a config field takes its default from the frozen config dataclass
+(``add_field_arg``), so each default is written once, in the dataclass; the action remembers the
+field as ``config_field`` (the tests check every such flag against its dataclass).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import socket
 import sys
+from typing import Any
 
-from pd.config import EngineConfig
 from pd.rpc.auth import read_token_file
-from pd.transfer.engine import PROTOCOLS, TransferConfig
-from pd.transfer.state import TransferTimeouts
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def setup_logging(level: str) -> None:
@@ -20,74 +31,50 @@ def setup_logging(level: str) -> None:
     )
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (``default_factory`` called)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def add_field_arg(
+    group: argparse._ActionsContainer, flag: str, cls: type, name: str, **kwargs: Any
+) -> argparse.Action:
+    """Adds ``flag`` with the default of ``cls.name``: a bool field becomes ``--flag/--no-flag``, an int
+    or float field gets that ``type``; ``(default: ...)`` is appended to the help unless it says it."""
+    default = field_default(cls, name)
+    if isinstance(default, bool):
+        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    elif isinstance(default, (int, float)) and "action" not in kwargs:
+        kwargs.setdefault("type", type(default))
+    text = kwargs.get("help")
+    if (
+        text is not None
+        and text is not argparse.SUPPRESS
+        and "%(default)" not in text
+        and default not in (None, "")
+    ):
+        kwargs["help"] = f"{text} (default: %(default)s)"
+    action = group.add_argument(flag, default=default, **kwargs)
+    action.config_field = (cls, name)  # type: ignore[attr-defined]
+    return action
+
+
+def add_common_args(p: argparse.ArgumentParser, config: type) -> None:
+    """--host (its default from ``config.host``), --log-level, --cluster-token-file."""
     g = p.add_argument_group("common")
-    g.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)"
-    )
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_field_arg(g, "--host", config, "host", help="address to bind (127.0.0.1: loopback only)")
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
     g.add_argument(
         "--cluster-token-file",
         help="file holding a shared secret that every gRPC call between pd processes must carry",
     )
-
-
-def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The proxy's own flags (pd-proxy; pd-serve forwards them); returns them for ``forwarded``."""
-    g = p.add_argument_group("proxy")
-    return [
-        g.add_argument(
-            "--api-key-file",
-            help="file holding the API key clients must send as 'Authorization: Bearer <key>'",
-        ),
-        g.add_argument(
-            "--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: %(default)s)"
-        ),
-        g.add_argument(
-            "--max-prompt-tokens", type=int, help="longest prompt (default: the model's context length)"
-        ),
-        g.add_argument(
-            "--max-completion-tokens",
-            type=int,
-            default=16384,
-            help="cap of max_tokens (default: %(default)s)",
-        ),
-        g.add_argument(
-            "--max-inflight",
-            type=int,
-            default=4096,
-            help="requests in flight before 429 (default: %(default)s)",
-        ),
-        g.add_argument(
-            "--max-connections",
-            type=int,
-            default=8192,
-            help="open HTTP connections before new requests get 503 (default: %(default)s)",
-        ),
-        g.add_argument(
-            "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
-        ),
-        g.add_argument(
-            "--body-timeout",
-            type=float,
-            default=30.0,
-            help="seconds a client may take to send a request body before 408 (default: %(default)s)",
-        ),
-        g.add_argument(
-            "--keepalive",
-            type=float,
-            default=5.0,
-            help="seconds between pings to the workers; a worker that does not answer one within as long "
-            "fails its requests (default: %(default)s)",
-        ),
-        g.add_argument(
-            "--retry-prefill",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="move a request whose prefill rank fails before the first token to another prefill "
-            "instance, once (default: on)",
-        ),
-    ]
 
 
 def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
@@ -104,153 +91,35 @@ def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
     return flags
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    g = p.add_argument_group("model and engine")
-    g.add_argument(
-        "--model",
-        required=model_required,
-        help="Hugging Face model directory (config.json, safetensors, tokenizer)",
-    )
-    g.add_argument("--model-name", help="name served in the API (default: the model directory's name)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    g.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32"
-    )
-    g.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy: random weights of the right shapes",
-    )
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: %(default)s)")
-    g.add_argument(
-        "--num-pages",
-        type=int,
-        help="KV pages (default: fill --gpu-memory-fraction on CUDA; 64K tokens on CPU)",
-    )
-    g.add_argument("--gpu-memory-fraction", type=float, default=0.85)
-    g.add_argument(
-        "--chunk-size",
-        type=int,
-        default=2048,
-        help="token budget of one prefill forward (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-running", type=int, default=64, help="most requests in a batch (default: %(default)s)"
-    )
-    g.add_argument(
-        "--max-waiting", type=int, default=4096, help="bound of the waiting queue (default: %(default)s)"
-    )
-    g.add_argument("--max-context-len", type=int, help="default: the model's max_position_embeddings")
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "torch", "flashinfer"],
-        help="auto: flashinfer on CUDA when installed, else the torch reference (default: %(default)s)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of requests without a seed")
-    g.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of in CUDA graphs")
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("worker")
-    g.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
-    g.add_argument("--port", type=int, default=0, help="gRPC port of this rank (default: any free port)")
-    g.add_argument("--instance-id", help="instance name in the registry (default: <role>-<host>-<port>)")
-    g.add_argument("--aux-slots", type=int, default=1024, help="rooms that can be in transfer at once")
-    par = p.add_argument_group("parallelism (DP attention + EP MoE over the same ranks)")
-    par.add_argument(
-        "--dp", type=int, default=1, help="ranks of this instance: DP attention size (default: %(default)s)"
-    )
-    par.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
-    par.add_argument(
-        "--ep-backend",
-        choices=["local", "torch", "mooncake", "deepep"],
-        help="EP communication (default: local for one rank; torch on CPU; on GPU deepep if installed, else "
-        "mooncake for decode, torch for prefill)",
-    )
-    par.add_argument(
-        "--expert-placement",
-        choices=["linear", "round_robin"],
-        default="linear",
-        help="which rank holds expert e: e // E_local (linear) or e % W (round_robin) (default: %(default)s)",
-    )
-    par.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (default: %(default)s)")
-    par.add_argument("--node-rank", type=int, default=0, help="this node's index (default: %(default)s)")
-    par.add_argument(
-        "--dist-init-addr", help="HOST:PORT where the ranks meet (default on one node: a free local port)"
-    )
-    par.add_argument(
-        "--rank-in-node", type=int, help=argparse.SUPPRESS
-    )  # set by the launcher for its children
-    g.add_argument(
-        "--decode-headroom-tokens", type=int, default=64, help="decode: pages reserved beyond the prompt"
-    )
-    t = p.add_argument_group("KV transfer (Mooncake)")
-    t.add_argument(
-        "--transfer-protocol", default="tcp", choices=list(PROTOCOLS), help="tcp, rdma, or nvlink (one host)"
-    )
-    t.add_argument("--transfer-device-names", default="", help="RDMA devices, comma separated (default: all)")
-    t.add_argument(
-        "--transfer-hostname", help="address peers reach this rank's transfer engine at (default: --host)"
-    )
-    t.add_argument("--transfer-timeout", type=float, default=5.0, help="seconds one transfer call may take")
-    t.add_argument(
-        "--bootstrapping-timeout", type=float, default=60.0, help="seconds a room may wait for its peer"
-    )
-    t.add_argument(
-        "--waiting-timeout",
-        type=float,
-        default=300.0,
-        help="seconds a room may wait for its KV to be computed",
-    )
-    t.add_argument(
-        "--transferring-timeout", type=float, default=30.0, help="seconds without transfer progress"
-    )
-    t.add_argument(
-        "--abort-grace",
-        type=float,
-        default=10.0,
-        help="decode: wait before reusing pages of an unconfirmed abort",
-    )
-
-
-def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
-    return EngineConfig(
-        model_path=model,
-        device=args.device,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        chunk_size=args.chunk_size,
-        max_running=args.max_running,
-        max_waiting=args.max_waiting,
-        max_context_len=args.max_context_len,
-        attention_backend=args.attention_backend,
-        seed=args.seed,
-        cuda_graph=not args.no_cuda_graph,
-    )
-
-
-def transfer_config(args: argparse.Namespace) -> TransferConfig:
-    return TransferConfig(
-        hostname=args.transfer_hostname or args.host,
-        protocol=args.transfer_protocol,
-        device_names=args.transfer_device_names,
-        transfer_timeout_s=args.transfer_timeout,
-    )
-
-
-def transfer_timeouts(args: argparse.Namespace) -> TransferTimeouts:
-    return TransferTimeouts(
-        bootstrapping_s=args.bootstrapping_timeout,
-        waiting_for_input_s=args.waiting_timeout,
-        transferring_s=args.transferring_timeout,
-        abort_grace_s=args.abort_grace,
-    )
-
-
 def cluster_token(args: argparse.Namespace) -> str | None:
     return read_token_file(args.cluster_token_file) if args.cluster_token_file else None
+
+
+class PortInUse(OSError):
+    """A port a launcher is about to use is taken; the message names it and what it was for."""
+
+
+def reserve_port(host: str, port: int, purpose: str, share_with_grpc: bool = False) -> socket.socket:
+    """Binds ``host:port`` for ``purpose`` (words for the error message) and returns the socket.
+
+    The bind fails, with ``PortInUse``, when anything listens on the port or holds it bound, gRPC
+    servers included (they bind with SO_REUSEPORT, so two of them would share a port silently and the
+    kernel would split connections between them). SO_REUSEADDR is set for the bind only, so
+    connections of an earlier process left in TIME_WAIT do not block a restart on the same port.
+
+    ``share_with_grpc``: afterwards, mark the socket SO_REUSEPORT so that this user's own gRPC server
+    can still bind the port while the caller holds the socket; another launcher's reservation still
+    fails (its bind does not ask for SO_REUSEPORT). Without it the socket holds the port alone and can
+    be handed to a child (e.g. uvicorn) to listen on.
+    """
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        if share_with_grpc:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError as e:
+        s.close()
+        raise PortInUse(f"port {port} on {host} ({purpose}) is not available: {e.strerror or e}") from None
+    return s

@@ -1,46 +1,118 @@
-"""``pd-proxy``: the OpenAI-compatible HTTP front end."""
+"""``pd-proxy``: the OpenAI-compatible HTTP front end. Imports no torch."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import socket
 
 import uvicorn
 
-from pd.launch.args import add_common_args, add_proxy_args, cluster_token, setup_logging
+from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging
 from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The proxy's own flags (pd-proxy; pd-serve forwards them), defaults from ``ProxyConfig``;
+    returns them for ``forwarded``."""
+    g = p.add_argument_group("proxy")
+    return [
+        g.add_argument(
+            "--api-key-file",
+            help="file holding the API key clients must send as 'Authorization: Bearer <key>'",
+        ),
+        add_field_arg(g, "--max-body-bytes", ProxyConfig, "max_body_bytes", help="largest request body"),
+        add_field_arg(
+            g,
+            "--max-prompt-tokens",
+            ProxyConfig,
+            "max_prompt_tokens",
+            type=int,
+            help="longest prompt (default: the model's context length)",
+        ),
+        add_field_arg(
+            g, "--max-completion-tokens", ProxyConfig, "max_completion_tokens", help="cap of max_tokens"
+        ),
+        add_field_arg(g, "--max-inflight", ProxyConfig, "max_inflight", help="requests in flight before 429"),
+        g.add_argument(
+            "--max-connections",
+            type=int,
+            default=8192,
+            help="open HTTP connections before new requests get 503 (default: %(default)s)",
+        ),
+        add_field_arg(
+            g,
+            "--request-timeout",
+            ProxyConfig,
+            "request_timeout_s",
+            help="seconds a request may take end to end",
+        ),
+        add_field_arg(
+            g,
+            "--body-timeout",
+            ProxyConfig,
+            "body_timeout_s",
+            help="seconds a client may take to send a request body before 408",
+        ),
+        add_field_arg(
+            g,
+            "--keepalive",
+            ProxyConfig,
+            "keepalive_s",
+            help="seconds between pings to the workers; a worker that does not answer one within as long "
+            "fails its requests",
+        ),
+        add_field_arg(
+            g,
+            "--retry-prefill",
+            ProxyConfig,
+            "retry_prefill",
+            help="move a request whose prefill rank fails before the first token to another prefill "
+            "instance, once",
+        ),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pd-proxy",
         description="OpenAI-compatible HTTP endpoint: routes each request to a prefill and a decode rank "
         "from the bootstrap registry and streams the tokens back.",
     )
     p.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    add_field_arg(p, "--port", ProxyConfig, "port", help="HTTP port")
+    # pd-serve binds the port itself (so that a busy port fails before anything starts, and nothing
+    # else can answer on it) and hands this process the socket.
+    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     add_proxy_args(p)
-    add_common_args(p)
-    return p.parse_args(argv)
+    add_common_args(p, ProxyConfig)
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
-    setup_logging(args.log_level)
-    api_key = None
-    if args.api_key_file:
-        with open(args.api_key_file) as f:
-            api_key = f.read().strip()
-        if not api_key:
-            raise SystemExit(f"{args.api_key_file} is empty")
-        if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
-            raise SystemExit(f"{args.api_key_file}: the API key must be printable ASCII without spaces")
-    cfg = ProxyConfig(
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def read_api_key(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path) as f:
+        api_key = f.read().strip()
+    if not api_key:
+        raise SystemExit(f"{path} is empty")
+    if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        raise SystemExit(f"{path}: the API key must be printable ASCII without spaces")
+    return api_key
+
+
+def proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    return ProxyConfig(
         bootstrap=args.bootstrap,
         host=args.host,
         port=args.port,
-        api_key=api_key,
+        api_key=read_api_key(args.api_key_file),
         cluster_token=cluster_token(args),
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -51,11 +123,17 @@ def main(argv: list[str] | None = None) -> None:
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    setup_logging(args.log_level)
+    cfg = proxy_config(args)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that one a no-op, so a requested stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(cfg),
         host=args.host,
         port=args.port,
@@ -63,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         limit_concurrency=args.max_connections,
     )
+    sockets = None if args.fd is None else [socket.socket(fileno=args.fd)]
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    if not server.started:  # e.g. the port is taken (what uvicorn.run does)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

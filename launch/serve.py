@@ -17,17 +17,15 @@ from pathlib import Path
 
 import httpx
 
-from pd.launch.args import add_common_args, add_engine_args, add_proxy_args, forwarded, setup_logging
+from pd.launch.args import PortInUse, add_common_args, add_field_arg, forwarded, reserve_port, setup_logging
+from pd.launch.engine_args import add_engine_args, add_parallel_args
+from pd.launch.proxy import add_proxy_args
+from pd.proxy.config import ProxyConfig
+from pd.transfer.engine import PROTOCOLS, TransferConfig
 
 log = logging.getLogger("pd.serve")
 
 DEMO_PRESET = "ci"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def demo_model_dir() -> Path:
@@ -51,32 +49,27 @@ def _child_setup() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list[argparse.Action]]:
+    """The parser, and the engine and proxy flags that pd-serve forwards to its children."""
     p = argparse.ArgumentParser(
         prog="pd-serve",
         description="Run a whole disaggregated deployment on this machine: bootstrap server, one prefill "
         "instance, one decode instance and the OpenAI-compatible proxy. Without --model it serves a tiny "
-        "demo model made on first use.",
+        "demo model made on first use. Every port it needs is checked before anything starts.",
     )
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the proxy (default: %(default)s)")
+    add_field_arg(
+        p,
+        "--port",
+        ProxyConfig,
+        "port",
+        help="HTTP port of the proxy; pd-serve binds it first and fails at once, naming it, when it is taken",
+    )
     p.add_argument("--prefill-device", help="device of the prefill instance (default: --device)")
     p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
-    p.add_argument("--transfer-protocol", default="tcp", help="tcp, rdma or nvlink (default: %(default)s)")
-    p.add_argument(
-        "--dp", type=int, default=1, help="ranks per instance, DP attention + EP MoE (default: %(default)s)"
-    )
-    p.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
-    p.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
-    p.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
-    p.add_argument(
-        "--ep-backend", help="EP communication backend of both instances (default: per role and device)"
-    )
-    p.add_argument(
-        "--expert-placement",
-        choices=["linear", "round_robin"],
-        default="linear",
-        help="expert e on rank e // E_local (linear) or e %% W (round_robin) (default: %(default)s)",
-    )
+    add_field_arg(p, "--transfer-protocol", TransferConfig, "protocol", choices=PROTOCOLS, help="KV transfer")
+    par = add_parallel_args(p, multinode=False)
+    par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
+    par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
     p.add_argument(
         "--colocated",
         type=int,
@@ -88,37 +81,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment to be healthy"
     )
-    add_engine_args(p, model_required=False)
+    engine_actions = add_engine_args(p, model_required=False)
     proxy_actions = add_proxy_args(p)
-    add_common_args(p)
+    add_common_args(p, ProxyConfig)
+    return p, engine_actions, proxy_actions
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p, engine_actions, proxy_actions = build_parser()
     args = p.parse_args(argv)
+    args.engine_flags = forwarded(args, [a for a in engine_actions if a.dest != "device"])
     args.proxy_flags = forwarded(args, proxy_actions)
     return args
 
 
 def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str]:
-    flags = ["--model", model, "--device", device, "--dtype", args.dtype, "--load-format", args.load_format]
-    flags += ["--page-size", str(args.page_size), "--chunk-size", str(args.chunk_size)]
-    flags += [
-        "--max-running",
-        str(args.max_running),
-        "--max-waiting",
-        str(args.max_waiting),
-        "--seed",
-        str(args.seed),
-    ]
-    flags += [
-        "--gpu-memory-fraction",
-        str(args.gpu_memory_fraction),
-        "--attention-backend",
-        args.attention_backend,
-    ]
-    if args.no_cuda_graph:
-        flags.append("--no-cuda-graph")
-    for name in ("num_pages", "max_context_len", "model_name"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += ["--" + name.replace("_", "-"), str(value)]
+    flags = ["--model", model, "--device", device, *args.engine_flags]
+    if args.model_name is not None:
+        flags += ["--model-name", args.model_name]
     return flags
 
 
@@ -132,19 +112,33 @@ def _parallel_flags(args: argparse.Namespace, dp: int | None) -> list[str]:
     return flags
 
 
-def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list[str]]], str]:
-    """The four child processes (name, argv) and the proxy's URL."""
+def commands(
+    args: argparse.Namespace, model: str, bootstrap_port: int, proxy_fd: int | None = None
+) -> list[tuple[str, list[str]]]:
+    """The child processes (name, argv): bootstrap, the instances, the proxy (last). The proxy listens on
+    the socket ``proxy_fd`` (inherited) when given, else binds ``--port`` itself."""
     host = args.host
     py = [sys.executable, "-m"]
-    boot = f"{host}:{free_port(host)}"
+    boot = f"{host}:{bootstrap_port}"
     common = ["--host", host, "--log-level", args.log_level]
     if args.cluster_token_file:
         common += ["--cluster-token-file", args.cluster_token_file]
     worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
-    bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", boot.rsplit(":", 1)[1], *common])
+    bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
+    fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (
         "proxy",
-        [*py, "pd.launch.proxy", "--bootstrap", boot, "--port", str(args.port), *args.proxy_flags, *common],
+        [
+            *py,
+            "pd.launch.proxy",
+            "--bootstrap",
+            boot,
+            "--port",
+            str(args.port),
+            *fd,
+            *args.proxy_flags,
+            *common,
+        ],
     )
     if args.colocated:
         instances = []
@@ -158,8 +152,8 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
                 *common,
             ]
             instances.append((f"colocated{i}", [*py, "pd.launch.colocated", *flags]))
-        return [bootstrap, *instances, proxy], f"http://{host}:{args.port}"
-    procs = [
+        return [bootstrap, *instances, proxy]
+    return [
         bootstrap,
         (
             "prefill",
@@ -185,17 +179,38 @@ def commands(args: argparse.Namespace, model: str) -> tuple[list[tuple[str, list
         ),
         proxy,
     ]
-    return procs, f"http://{host}:{args.port}"
+
+
+def reserve_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socket]:
+    """Binds the two ports pd-serve chooses, before anything starts: the proxy's ``--port`` (0: a free
+    one) and a free port for the bootstrap server. The workers' gRPC ports, their transfer engines' and
+    the ranks' rendezvous are picked free by the children themselves. Raises ``PortInUse`` naming the port
+    and what it was for."""
+    proxy = reserve_port(args.host, args.port, "the proxy's HTTP port, --port")
+    try:
+        bootstrap = reserve_port(args.host, 0, "the bootstrap server's port")
+    except PortInUse:
+        proxy.close()
+        raise
+    return proxy, bootstrap
 
 
 def wait_healthy(url: str, children: dict[str, subprocess.Popen], timeout: float) -> None:
+    """Until ``url``/health answers 200 while every child runs. The proxy child listens on the socket
+    pd-serve bound (and no other process can bind that port meanwhile), so the answer is its own; a
+    child that exits fails the start."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def check_children() -> None:
         for name, p in children.items():
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {p.returncode} during start-up")
+
+    while time.monotonic() < deadline:
+        check_children()
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                check_children()
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{url}/health did not become healthy within {timeout:.0f} s")
@@ -219,8 +234,16 @@ def stop_all(children: dict[str, subprocess.Popen], grace: float = 10.0) -> None
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     setup_logging(args.log_level)
+    try:
+        proxy_sock, boot_sock = reserve_ports(args)
+    except PortInUse as e:
+        log.error("%s: is another pd-serve (or another server) running? Stop it or pick another --port", e)
+        sys.exit(1)
+    args.port = proxy_sock.getsockname()[1]
+    bootstrap_port = boot_sock.getsockname()[1]
+    url = f"http://{args.host}:{args.port}"
     model = args.model or str(demo_model_dir())
-    procs, url = commands(args, model)
+    procs = commands(args, model, bootstrap_port, proxy_sock.fileno())
     children: dict[str, subprocess.Popen] = {}
     stopping = False
 
@@ -233,8 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         for name, cmd in procs:
-            children[name] = subprocess.Popen(cmd, preexec_fn=_child_setup)
+            if name == "bootstrap":
+                boot_sock.close()  # the bootstrap server binds it itself (without SO_REUSEPORT)
+            fds = (proxy_sock.fileno(),) if name == "proxy" else ()
+            children[name] = subprocess.Popen(cmd, preexec_fn=_child_setup, pass_fds=fds)
             log.info("started %s (pid %d)", name, children[name].pid)
+        proxy_sock.close()  # the proxy child holds it now
         wait_healthy(url, children, args.ready_timeout)
         print(f"pd is serving {Path(model).name} at {url}/v1 (Ctrl-C to stop)", flush=True)
         while not stopping:
@@ -248,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         log.error("%s", e)
         code = 1
     finally:
+        boot_sock.close()
+        proxy_sock.close()
         stop_all(children)
     sys.exit(code)
 

@@ -19,15 +19,16 @@ import time
 
 from pd.config import ParallelConfig
 from pd.launch.args import (
+    PortInUse,
     add_common_args,
-    add_engine_args,
-    add_worker_args,
+    add_field_arg,
     cluster_token,
-    engine_config,
+    reserve_port,
     setup_logging,
-    transfer_config,
-    transfer_timeouts,
 )
+from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
+from pd.transfer.engine import PROTOCOLS, TransferConfig
+from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig, build_rank
 
 log = logging.getLogger("pd.launch")
@@ -39,12 +40,95 @@ DESCRIPTIONS = {
 }
 
 
-def parse(role: str, argv: list[str] | None) -> argparse.Namespace:
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    W = WorkerConfig
+    g = p.add_argument_group("worker")
+    g.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap server")
+    add_field_arg(
+        g,
+        "--port",
+        W,
+        "port",
+        help="gRPC port of this rank; 0: any free port. With --dp N, rank i of a node listens on PORT + i, so "
+        "the instance takes PORT..PORT+N-1 on each node: leave that room before the next instance's port",
+    )
+    add_field_arg(
+        g,
+        "--instance-id",
+        W,
+        "instance_id",
+        help="instance name in the registry (default: <role>-<host>-<port>)",
+    )
+    add_field_arg(g, "--aux-slots", W, "aux_slots", help="rooms that can be in transfer at once")
+    add_field_arg(
+        g,
+        "--decode-headroom-tokens",
+        W,
+        "decode_headroom_tokens",
+        help="decode: pages reserved beyond the prompt when a room arrives",
+    )
+    par = add_parallel_args(p, multinode=True)
+    par.add_argument(
+        "--rank-in-node", type=int, help=argparse.SUPPRESS
+    )  # set by the launcher for its children
+    T, S = TransferConfig, TransferTimeouts
+    t = p.add_argument_group("KV transfer (Mooncake)")
+    add_field_arg(t, "--transfer-protocol", T, "protocol", choices=PROTOCOLS, help="nvlink: GPUs of one host")
+    add_field_arg(
+        t, "--transfer-device-names", T, "device_names", help="RDMA devices, comma separated (empty: all)"
+    )
+    t.add_argument(
+        "--transfer-hostname", help="address peers reach this rank's transfer engine at (default: --host)"
+    )
+    add_field_arg(t, "--transfer-timeout", T, "transfer_timeout_s", help="seconds one transfer call may take")
+    add_field_arg(
+        t, "--bootstrapping-timeout", S, "bootstrapping_s", help="seconds a room may wait for its peer"
+    )
+    add_field_arg(
+        t,
+        "--waiting-timeout",
+        S,
+        "waiting_for_input_s",
+        help="seconds a room may wait for its KV to be computed",
+    )
+    add_field_arg(t, "--transferring-timeout", S, "transferring_s", help="seconds without transfer progress")
+    add_field_arg(
+        t,
+        "--abort-grace",
+        S,
+        "abort_grace_s",
+        help="decode: wait before reusing pages of an unconfirmed abort",
+    )
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"pd-{role}", description=DESCRIPTIONS[role])
     add_engine_args(p)
     add_worker_args(p)
-    add_common_args(p)
-    return p.parse_args(argv)
+    add_common_args(p, WorkerConfig)
+    return p
+
+
+def parse(role: str, argv: list[str] | None) -> argparse.Namespace:
+    return build_parser(role).parse_args(argv)
+
+
+def transfer_config(args: argparse.Namespace) -> TransferConfig:
+    return TransferConfig(
+        hostname=args.transfer_hostname or args.host,
+        protocol=args.transfer_protocol,
+        device_names=args.transfer_device_names,
+        transfer_timeout_s=args.transfer_timeout,
+    )
+
+
+def transfer_timeouts(args: argparse.Namespace) -> TransferTimeouts:
+    return TransferTimeouts(
+        bootstrapping_s=args.bootstrapping_timeout,
+        waiting_for_input_s=args.waiting_timeout,
+        transferring_s=args.transferring_timeout,
+        abort_grace_s=args.abort_grace,
+    )
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
@@ -84,12 +168,51 @@ def worker_config(role: str, args: argparse.Namespace) -> WorkerConfig:
     )
 
 
+def reserve_rank_ports(role: str, args: argparse.Namespace, par: ParallelConfig) -> list[socket.socket]:
+    """Reserves the gRPC port of each of this node's ranks (``--port`` + local rank) before any rank starts
+    its engine, so a port that another process holds fails the start, naming the port and the rank.
+
+    The sockets are held (by this process) while the ranks run; each rank's own gRPC server can still
+    bind its port (``reserve_port(share_with_grpc=True)``), another launcher's reservation cannot. No
+    reservation for ``--port 0`` (each rank picks a free port).
+    """
+    if not args.port:
+        return []
+    n = par.local_size
+    if args.port + n - 1 > 65535:
+        raise SystemExit(
+            f"pd-{role}: --port {args.port} with {n} ranks on this node needs ports up to "
+            f"{args.port + n - 1}, beyond 65535"
+        )
+    held: list[socket.socket] = []
+    for i in range(n):
+        port = args.port + i
+        if n == 1:
+            purpose = f"the gRPC port of this {role} rank, --port"
+        else:
+            rank = args.node_rank * n + i
+            purpose = (
+                f"the gRPC port of rank {rank} of this {role} instance: --port {args.port} + local rank {i}; "
+                f"its {n} ranks on this node use ports {args.port}-{args.port + n - 1}"
+            )
+        try:
+            held.append(reserve_port(args.host, port, purpose, share_with_grpc=True))
+        except PortInUse as e:
+            for s in held:
+                s.close()
+            raise SystemExit(f"pd-{role}: {e}") from None
+    return held
+
+
 def run(role: str, argv: list[str] | None = None) -> None:
     args = parse(role, argv)
     setup_logging(args.log_level)
     if args.dp > 1 and args.rank_in_node is None:
         sys.exit(spawn_ranks(role, args, sys.argv[1:] if argv is None else argv))
     cfg = worker_config(role, args)
+    # One rank on its own: it reserves its port before building the engine (the ranks of a multi-rank
+    # instance have theirs reserved by the launcher process that started them).
+    reserved = reserve_rank_ports(role, args, cfg.parallel) if args.rank_in_node is None else []
     if role == "prefill":
         from pd.worker.prefill import PrefillWorker as Worker
     elif role == "decode":
@@ -105,6 +228,8 @@ def run(role: str, argv: list[str] | None = None) -> None:
         await worker.serve()
 
     asyncio.run(main())
+    for sock in reserved:
+        sock.close()
     log.info("%s rank stopped", role)
 
 
@@ -124,6 +249,7 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
         args.instance_id = f"{role}-{args.host}-{secrets.token_hex(3)}"
         extra += ["--instance-id", args.instance_id]
     par = parallel_config(args)  # validates the flags before anything starts
+    reserved = reserve_rank_ports(role, args, par)  # held until the ranks are gone
     children = [
         subprocess.Popen([sys.executable, "-m", f"pd.launch.{role}", *argv, *extra, "--rank-in-node", str(i)])
         for i in range(par.local_size)
@@ -157,4 +283,6 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             c.kill()
             c.wait()
+    for sock in reserved:
+        sock.close()
     return max(abs(c.returncode) for c in children)

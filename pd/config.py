@@ -13,8 +13,13 @@ from typing import Any
 
 import torch
 
+from pd.attention import ATTENTION_BACKENDS
+
 # Model types that carry the DeepSeek-V3 architecture (Kimi-K2 ships its own model_type).
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+# How weights are loaded: "auto" reads the checkpoint's safetensors, "dummy" makes random weights.
+LOAD_FORMATS = ("auto", "dummy")
 
 DTYPES = {
     "float32": torch.float32,
@@ -321,8 +326,12 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if not 0 < self.gpu_memory_fraction < 1:

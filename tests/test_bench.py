@@ -11,13 +11,9 @@ import math
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pd.bench.client import sse_data
@@ -31,6 +27,17 @@ from pd.bench.datasets import (
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
 from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
 from tests.support.net import free_port
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+# The stub server runs on starlette and uvicorn: pd's own dependencies, but missing from a bare GPU
+# image that runs `pytest -m gpu` with a few wheels added (../shared/gpu/fetch-wheels.sh).
+uvicorn = pytest.importorskip("uvicorn")
+Starlette = pytest.importorskip("starlette.applications").Starlette
+JSONResponse = pytest.importorskip("starlette.responses").JSONResponse
+StreamingResponse = pytest.importorskip("starlette.responses").StreamingResponse
+Route = pytest.importorskip("starlette.routing").Route
 
 # ---------------------------------------------------------------------------------------------
 # Metric math on synthetic records (exact).
@@ -60,17 +67,19 @@ def test_record_latencies_are_exact():
     assert r.ttft == pytest.approx(0.5)
     assert r.e2el == pytest.approx(1.2)
     assert r.itls == pytest.approx([0.1, 0.2, 0.3])
-    assert r.tpot == pytest.approx((1.2 - 0.5) / 3)
+    # First to last token over the tokens after the first (vllm's definition): the stream's end after
+    # the last token (usage chunk, [DONE]) is no token's time. One token per chunk: TPOT = mean ITL.
+    assert r.tpot == pytest.approx((2.1 - 1.5) / 3) == pytest.approx(sum(r.itls) / len(r.itls))
     # Usage says 7 tokens arrived in 4 chunks: TPOT divides by the token count, not the chunk count.
-    assert rec(0, 1.0, [1.5, 1.6, 1.8, 2.1], 2.2, output_tokens=7).tpot == pytest.approx(0.7 / 6)
+    assert rec(0, 1.0, [1.5, 1.6, 1.8, 2.1], 2.2, output_tokens=7).tpot == pytest.approx(0.6 / 6)
     one = rec(0, 0.0, [0.25], 0.3, output_tokens=1)
     assert one.tpot is None and one.itls == []
 
 
 def test_compute_metrics_exact():
     records = [
-        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4, prompt_len=5),  # ttft 0.1, tpot 0.15, e2el 0.4
-        rec(1, 0.5, [0.8, 1.0, 1.2, 1.4], 1.5, output_tokens=8, prompt_len=7),  # ttft .3, tpot 0.7/7 = .1
+        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4, prompt_len=5),  # ttft 0.1, tpot 0.1, e2el 0.4
+        rec(1, 0.5, [0.8, 1.0, 1.2, 1.4], 1.5, output_tokens=8, prompt_len=7),  # ttft .3, tpot 0.6/7
         rec(2, 1.0, [1.2], 1.3, error="HTTP 500: boom"),
         rec(3, 1.1, [], 2.5, error="timeout: request did not finish within 1 s"),
         rec(4, 1.2, [], 1.3, error="HTTP 500: boom"),
@@ -86,7 +95,7 @@ def test_compute_metrics_exact():
     assert m.ttft.mean == pytest.approx(200.0) and m.ttft.median == pytest.approx(200.0)
     assert m.ttft.std == pytest.approx(100.0)
     assert m.ttft.p90 == pytest.approx(100 + 0.9 * 200) and m.ttft.p99 == pytest.approx(100 + 0.99 * 200)
-    assert m.tpot.mean == pytest.approx((150.0 + 100.0) / 2)
+    assert m.tpot.mean == pytest.approx((100.0 + 600.0 / 7) / 2)
     assert m.itl.count == 5 and m.itl.mean == pytest.approx(1000 * (0.1 + 0.1 + 0.2 + 0.2 + 0.2) / 5)
     assert m.e2el.mean == pytest.approx(1000 * (0.4 + 1.0) / 2)
     # Windows [0,1), [1,2), [2,3): record 0 has 3 tokens in window 0; record 1 has 8 tokens in
@@ -110,15 +119,16 @@ def test_compute_metrics_without_successes_reports_none():
 
 def test_slo_goodput_math():
     records = [
-        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4),  # ttft 100, tpot 150, e2el 400
-        rec(1, 0.0, [0.5, 0.55, 0.6], 0.65),  # ttft 500, tpot 75, e2el 650
+        rec(0, 0.0, [0.1, 0.2, 0.3], 0.4),  # ttft 100, tpot 100, e2el 400
+        rec(1, 0.0, [0.5, 0.55, 0.6], 0.65),  # ttft 500, tpot 50, e2el 650
         rec(2, 0.0, [0.05], 0.06, output_tokens=1),  # ttft 50, no tpot, e2el 60
         rec(3, 0.0, [0.01], 0.02, error="boom"),  # failures never count as good
     ]
     cases = [
         ({"ttft": 200}, 2),
-        ({"tpot": 100}, 2),  # records 1 and 2 (no TPOT to break)
-        ({"ttft": 200, "tpot": 100}, 1),
+        ({"tpot": 99}, 2),  # records 1 and 2 (no TPOT to break)
+        ({"tpot": 100}, 3),  # the bound is inclusive
+        ({"ttft": 200, "tpot": 99}, 1),
         ({"e2el": 650}, 3),  # the bound is inclusive
         ({"e2el": 649}, 2),
         ({"ttft": 1}, 0),
@@ -179,12 +189,12 @@ def test_random_dataset_deterministic_with_lengths_in_range():
         assert 50 <= s.prompt_len <= 150 and 10 <= s.output_len <= 30
         assert all(0 <= t < 300 for t in s.prompt)
     assert len({s.prompt_len for s in a}) > 1  # lengths do vary
-    exact = random_requests(5, input_len=32, output_len=8, seed=0)
+    exact = random_requests(5, input_len=32, output_len=8, vocab_size=1000, seed=0)
     assert all(s.prompt_len == 32 and s.output_len == 8 for s in exact)
     with pytest.raises(ValueError, match="range_ratio"):
-        random_requests(1, 8, 8, range_ratio=1.0)
+        random_requests(1, 8, 8, range_ratio=1.0, vocab_size=1000)
     with pytest.raises(ValueError, match="tokenizer"):
-        random_requests(1, 8, 8, as_text=True)
+        random_requests(1, 8, 8, vocab_size=1000, as_text=True)
 
 
 def test_random_dataset_with_tokenizer(tokenizer_path):
@@ -199,8 +209,7 @@ def test_random_dataset_with_tokenizer(tokenizer_path):
     )
     for s in text:
         assert isinstance(s.prompt, str)
-        assert s.prompt_len == count_tokens(tok, s.prompt)  # exact count of what is sent
-        assert 0 < s.prompt_len <= 40
+        assert s.prompt_len == count_tokens(tok, s.prompt) == 40  # the asked length, exactly
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         load_tokenizer(tokenizer_path / "missing")
 
@@ -276,18 +285,23 @@ bounded = pytest.mark.timeout(60)
 FIRST_TOKEN_DELAY = 0.05
 TOKEN_DELAY = 0.01
 TEXT_PROMPT_TOKENS = 11  # what the stub reports as usage.prompt_tokens for a text prompt
+STUB_VOCAB = 1000  # the vocabulary size the stub lists at /v1/models
 
 
 class Stub:
     """An OpenAI-compatible streaming server whose behaviour is chosen by the prompt text.
 
     ok: first token after FIRST_TOKEN_DELAY, then one token per TOKEN_DELAY, usage at the end.
-    pair: two tokens per chunk. nousage: no usage chunk. http500: error status. midstream: an
+    pair: two tokens per chunk. nousage: no usage chunk. pair-nousage: both. http500: error status. midstream: an
     error event after two tokens. truncated: no [DONE]. stall: one token, then nothing.
     hang: never answers. Token-id prompts behave as ok.
     """
 
-    def __init__(self):
+    def __init__(self, vocab_size: int | None = STUB_VOCAB, empty_text: bool = False):
+        self.vocab_size = vocab_size  # listed at /v1/models (None: not listed)
+        # Every chunk's text is empty, as for dummy weights whose tokens decode to nothing; the chunks
+        # carry the ids when the request says return_token_ids (as pd's proxy does).
+        self.empty_text = empty_text
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.in_flight = 0
@@ -300,7 +314,10 @@ class Stub:
         self.app = Starlette(routes=routes)
 
     async def models(self, request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+        entry = {"id": "stub-model", "object": "model"}
+        if self.vocab_size is not None:
+            entry["vocab_size"] = self.vocab_size
+        return JSONResponse({"object": "list", "data": [entry]})
 
     async def complete(self, request: Request):
         body = await request.json()
@@ -318,9 +335,16 @@ class Stub:
                 await asyncio.sleep(0.05)
             return JSONResponse({}, status_code=499)
 
+        send_ids = body.get("return_token_ids") is True
+
         def chunk(text, finish=None):
+            k = len(text.split())
+            if self.empty_text:
+                text = ""
             choice = {"index": 0, "finish_reason": finish}
             choice.update({"delta": {"content": text}} if chat else {"text": text})
+            if send_ids:
+                choice["token_ids"] = [7] * k
             return "data: " + json.dumps({"id": "x", "choices": [choice]}) + "\n\n"
 
         async def events():
@@ -328,7 +352,7 @@ class Stub:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
                 await asyncio.sleep(FIRST_TOKEN_DELAY)
-                per_chunk = 2 if mode == "pair" else 1
+                per_chunk = 2 if mode in ("pair", "pair-nousage") else 1
                 sent = 0
                 while sent < n:
                     k = min(per_chunk, n - sent)
@@ -340,7 +364,7 @@ class Stub:
                     if mode == "stall":
                         await asyncio.sleep(3600)
                     await asyncio.sleep(TOKEN_DELAY)
-                if mode != "nousage":
+                if mode not in ("nousage", "pair-nousage"):
                     usage = {
                         "prompt_tokens": prompt_tokens,
                         "completion_tokens": n,
@@ -379,6 +403,13 @@ def serve(stub: Stub):
 @pytest.fixture
 def stub_url():
     stub = Stub()
+    with serve(stub) as url:
+        yield stub, url
+
+
+@contextlib.contextmanager
+def stub_server(**kw):
+    stub = Stub(**kw)
     with serve(stub) as url:
         yield stub, url
 
@@ -494,7 +525,7 @@ def test_cli_writes_json_with_every_metric(stub_url, tmp_path, capsys):
         assert r["ttft"] == pytest.approx(r["token_times"][0] - r["start"])
     # The same seed sends the same prompts.
     assert sorted(map(str, (b["prompt"] for b in stub.bodies))) == sorted(
-        str(s.prompt) for s in random_requests(5, 8, 3, seed=1)
+        str(s.prompt) for s in random_requests(5, 8, 3, vocab_size=STUB_VOCAB, seed=1)
     )
 
 
@@ -503,6 +534,7 @@ def test_cli_reports_all_failed_and_bad_flags(tmp_path, capsys):
     # Nothing listens on this port: every request fails with a connection error, and the run ends.
     port = free_port()
     argv = ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3"]
+    argv += ["--random-vocab-size", "100"]
     assert main([*argv, "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"]) == 1
     out = capsys.readouterr().out
     assert row("Failed requests:", "3") in out and "3 x ConnectError" in out
@@ -552,3 +584,118 @@ def test_experiment_report_and_plots(tmp_path):
         "cdf_colocated_8_4.png",
     ]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt lengths, token ids, the TPOT / ITL definitions, and the vocabulary of random ids.
+
+
+def test_chat_prompts_on_random_data_have_the_asked_length(tokenizer_path):
+    """Text prompts (chat) encode to exactly the asked number of tokens, although decoding random ids and
+    encoding the text merges and splits tokens (this tokenizer holds all 256 byte tokens, so random ids
+    include pieces of UTF-8 sequences that decode to U+FFFD)."""
+    tok = load_tokenizer(tokenizer_path)
+    for n in (1, 2, 40, 1024):
+        reqs = random_requests(8, input_len=n, output_len=4, seed=n, tokenizer=tok, as_text=True)
+        assert [s.prompt_len for s in reqs] == [n] * 8, n
+        assert all(count_tokens(tok, s.prompt) == n for s in reqs), n
+    ranged = random_requests(
+        20, input_len=100, output_len=4, range_ratio=0.5, seed=3, tokenizer=tok, as_text=True
+    )
+    assert all(50 <= s.prompt_len <= 150 and s.prompt_len == count_tokens(tok, s.prompt) for s in ranged)
+
+
+@bounded
+def test_chat_run_sends_prompts_of_the_asked_length(tokenizer_path, capsys):
+    """Through the CLI: each chat message is --random-input-len tokens; the note says the template's tokens
+    come on top (the stub's usage.prompt_tokens is what the totals report)."""
+    tok = load_tokenizer(tokenizer_path)
+    with stub_server() as (stub, url):
+        argv = ["--base-url", url, "--endpoint", "/v1/chat/completions", "--tokenizer", str(tokenizer_path)]
+        argv += [
+            "--num-prompts",
+            "4",
+            "--random-input-len",
+            "300",
+            "--random-output-len",
+            "2",
+            "--disable-tqdm",
+        ]
+        assert main(argv) == 0
+    assert [count_tokens(tok, b["messages"][0]["content"]) for b in stub.bodies] == [300] * 4
+    assert "without the chat template" in capsys.readouterr().out
+
+
+@bounded
+def test_tokens_without_text_count_through_their_ids():
+    """Dummy weights emit tokens that decode to no text: pd-bench asks for the ids (return_token_ids) and
+    counts them, so those requests succeed; without the ids they cannot be told from an empty stream."""
+    requests = [SampleRequest(prompt="ok", prompt_len=3, output_len=5) for _ in range(3)]
+    with stub_server(empty_text=True) as (stub, url):
+        result = asyncio.run(run_benchmark(BenchConfig(base_url=url, disable_tqdm=True), requests))
+        assert all(b["return_token_ids"] is True for b in stub.bodies)
+        assert (result.metrics.completed, result.metrics.failed) == (3, 0)
+        assert all(r.output_tokens == 5 and len(r.token_times) == 5 for r in result.records)
+        cfg = BenchConfig(base_url=url, disable_tqdm=True, return_token_ids=False)
+        without = asyncio.run(run_benchmark(cfg, requests))
+        assert "return_token_ids" not in stub.bodies[-1]
+        assert without.metrics.errors == {"stream finished without any output text or token ids": 3}
+
+
+@bounded
+def test_token_ids_count_output_tokens_without_usage(stub_url):
+    """Without usage, the ids the chunks carried are the output count (two per chunk here), not the chunks."""
+    _, url = stub_url
+    requests = [SampleRequest(prompt="pair-nousage", prompt_len=3, output_len=6)]
+    (r,) = asyncio.run(run_benchmark(BenchConfig(base_url=url, disable_tqdm=True), requests)).records
+    assert r.ok and not r.output_tokens_from_usage and len(r.token_times) == 3 and r.output_tokens == 6
+    cfg = BenchConfig(base_url=url, disable_tqdm=True, return_token_ids=False)
+    (r,) = asyncio.run(run_benchmark(cfg, requests)).records
+    assert r.ok and r.output_tokens == 3  # no ids: one token per chunk is all the client can tell
+
+
+@bounded
+def test_mean_itl_equals_mean_tpot_with_one_token_per_chunk(stub_url):
+    """As in vllm bench serve: with one token per chunk and equal lengths, mean ITL = mean TPOT (the time
+    after the last token, before the usage chunk and [DONE], is in E2EL only)."""
+    _, url = stub_url
+    requests = [SampleRequest(prompt="ok", prompt_len=3, output_len=8) for _ in range(4)]
+    result = asyncio.run(run_benchmark(BenchConfig(base_url=url, disable_tqdm=True), requests))
+    m = result.metrics
+    assert m.completed == 4 and m.itl.count == 4 * 7
+    assert m.tpot.mean == pytest.approx(m.itl.mean, rel=1e-9)
+    for r in result.records:
+        assert r.e2el - r.ttft > r.tpot * (r.output_tokens - 1)
+    table = format_table(result)
+    assert "TPOT = (last token - first token) / (output tokens - 1)" in table
+    assert "ITL = gaps between chunks carrying tokens" in table
+
+
+def test_random_ids_are_drawn_from_the_models_vocabulary(tokenizer_path):
+    """Below the tokenizer's vocabulary (400 here) whatever --random-vocab-size's old default was; without a
+    tokenizer or a size the dataset is refused, saying what to pass."""
+    tok = load_tokenizer(tokenizer_path)
+    reqs = random_requests(50, input_len=40, output_len=4, seed=0, tokenizer=tok)
+    ids = [t for s in reqs for t in s.prompt]
+    assert max(ids) < tok.get_vocab_size() == 400 and max(ids) > 300
+    capped = random_requests(50, input_len=40, output_len=4, vocab_size=50, seed=0, tokenizer=tok)
+    assert max(t for s in capped for t in s.prompt) < 50
+    with pytest.raises(ValueError, match=r"--tokenizer .*--random-vocab-size"):
+        random_requests(1, 8, 8)
+
+
+@bounded
+def test_cli_takes_the_vocabulary_from_the_tokenizer_or_the_server(tokenizer_path, capsys):
+    base = ["--num-prompts", "6", "--random-input-len", "30", "--random-output-len", "2", "--disable-tqdm"]
+    # The server lists no vocab_size and there is no tokenizer: refused before any request is sent.
+    with stub_server(vocab_size=None) as (stub, url):
+        assert main(["--base-url", url, *base]) == 2
+        err = capsys.readouterr().err
+        assert "--tokenizer" in err and "--random-vocab-size" in err and stub.bodies == []
+        assert main(["--base-url", url, "--tokenizer", str(tokenizer_path), *base]) == 0
+        assert max(t for b in stub.bodies for t in b["prompt"]) < 400
+    # The server lists one: ids below it.
+    with stub_server(vocab_size=50) as (stub, url):
+        assert main(["--base-url", url, *base]) == 0
+        assert len(stub.bodies) == 6 and max(t for b in stub.bodies for t in b["prompt"]) < 50
+        assert "vocabulary size the server lists" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pd.metrics import MetricNameError, Registry, parse_samples
-from pd.proxy.app import Proxy, ProxyConfig
+from pd.proxy.config import ProxyConfig
 from pd.worker.metrics import RANK_LABELS, WorkerMetrics
 
 
@@ -135,10 +135,13 @@ def test_worker_metrics_render_parseable_with_types():
 
 
 def test_proxy_metrics_render_parseable_with_types():
+    pytest.importorskip("starlette")  # the proxy's HTTP part; absent on a bare GPU host
+    from pd.proxy.http import Proxy
+
     proxy = Proxy(ProxyConfig(bootstrap="127.0.0.1:1"))
     proxy.m_requests.inc(endpoint="completions", status="200")
-    proxy.m_ttft.observe(0.3)
-    proxy.m_tokens.inc(5, kind="completion")
+    proxy.dispatcher.m_ttft.observe(0.3)
+    proxy.dispatcher.m_tokens.inc(5, kind="completion")
     assert families(proxy.metrics.render()) == {
         "pd_proxy_requests": "counter",
         "pd_proxy_requests_inflight": "gauge",

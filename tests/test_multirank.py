@@ -12,6 +12,9 @@ from tests.support.cluster import kv_pages_used, metric_samples, pd_serve, wait_
 from tests.support.oracle import hf_greedy
 from tests.support.polling import wait_until
 
+# The official client is a test extra (`pip install -e .[test]`), not on every host that runs `-m gpu`.
+openai = pytest.importorskip("openai")
+
 
 @pytest.fixture(scope="module", params=["linear", "round_robin"])
 def deployment_dp2(request, tiny_model_dir, tmp_path_factory):

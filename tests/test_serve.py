@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-import openai
 import pytest
 
 from pd.metrics import parse_samples
@@ -30,6 +29,9 @@ from tests.support.clients import (
 from tests.support.cluster import kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
 from tests.support.net import free_port
 from tests.support.oracle import hf_greedy
+
+# The official client is a test extra (`pip install -e .[test]`), not on every host that runs `-m gpu`.
+openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 16
 CHUNK = 16  # small, so most prompts take several prefill chunks
@@ -516,7 +518,7 @@ def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
     assert codes == [0] * len(procs), log.read_text()[-3000:]
 
 
-def test_pd_bench_against_pd_serve(deployment, tmp_path):
+def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
     """pd-bench on the real deployment: 20 requests succeed, the JSON holds every metric, and the
     token counts are the ones the server reported in usage."""
     from pd.bench.serve import main as bench_main
@@ -524,7 +526,8 @@ def test_pd_bench_against_pd_serve(deployment, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "random", "--random-input-len", "24",
             "--random-output-len", "12", "--num-prompts", "20", "--request-rate", "inf", "--max-concurrency", "8",
-            "--ignore-eos", "--seed", "3", "--result-json", str(out), "--disable-tqdm", "--slo", "ttft:5000", "tpot:1000"]  # fmt: skip
+            "--ignore-eos", "--seed", "3", "--result-json", str(out), "--disable-tqdm", "--slo", "ttft:5000", "tpot:1000",
+            "--tokenizer", str(tiny_model_dir)]  # fmt: skip
     assert bench_main(argv) == 0
     result = json.loads(out.read_text())
     metrics = result["metrics"]

@@ -327,21 +327,46 @@ class _Servicer(pb_grpc.BootstrapServicer):
         )
 
 
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """How ``pd-bootstrap`` runs the registry (its flags take their defaults from here).
+
+    ``port``: 0 picks a free one. ``lease_seconds``: a rank that sends no heartbeat for this long is
+    dropped. ``max_ranks``: registrations beyond this many ranks are refused. ``cluster_token``: when
+    set, every call must carry it (pd.rpc.auth).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8998
+    lease_seconds: float = 5.0
+    max_ranks: int = 4096
+    cluster_token: str | None = None
+    max_workers: int = 8  # threads serving calls
+
+    def __post_init__(self) -> None:
+        if not self.lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, got {self.lease_seconds}")
+        if self.max_ranks < 1:
+            raise ValueError(f"max_ranks must be >= 1, got {self.max_ranks}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
 class BootstrapServer:
     """The Bootstrap gRPC service on ``host:port`` (``port=0``: any free port, see ``.port``).
 
     ``cluster_token``: when set, every call must carry it (pd.rpc.auth). A sync thread-pool
-    server, usable in-process (tests) and from ``pd-bootstrap``.
+    server, usable in-process (tests) and from ``pd-bootstrap`` (``from_config``).
     """
 
     def __init__(
         self,
-        host: str = "127.0.0.1",
+        host: str = BootstrapConfig.host,
         port: int = 0,
-        lease_seconds: float = 5.0,
+        lease_seconds: float = BootstrapConfig.lease_seconds,
         cluster_token: str | None = None,
-        max_ranks: int = 4096,
-        max_workers: int = 8,
+        max_ranks: int = BootstrapConfig.max_ranks,
+        max_workers: int = BootstrapConfig.max_workers,
     ):
         self.host = host
         self.registry = Registry(lease_seconds, max_ranks)
@@ -350,6 +375,10 @@ class BootstrapServer:
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._port: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: BootstrapConfig) -> BootstrapServer:
+        return cls(cfg.host, cfg.port, cfg.lease_seconds, cfg.cluster_token, cfg.max_ranks, cfg.max_workers)
 
     @property
     def port(self) -> int:

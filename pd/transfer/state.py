@@ -68,10 +68,15 @@ class TransferTimeouts:
     ``abort_grace_s``: after a failed or aborted room whose prefill peer did not confirm that its
     writes are drained (dead, hung or unreachable), the decode side waits this long before it
     releases the destination pages (see ``pd.transfer.receiver``).
+
+    The defaults are the ones every deployment has run with: ``pd-prefill`` / ``pd-decode`` read
+    them from here (``--bootstrapping-timeout`` 60 s, ``--waiting-timeout`` 300 s, ...). Until the
+    launchers took their defaults from this class, the flags said 60 / 300 s while this class said
+    30 / 120 s (which only in-process users such as the tests got).
     """
 
-    bootstrapping_s: float = 30.0
-    waiting_for_input_s: float = 120.0
+    bootstrapping_s: float = 60.0
+    waiting_for_input_s: float = 300.0
     transferring_s: float = 30.0
     abort_grace_s: float = 10.0
 

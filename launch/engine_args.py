@@ -1,0 +1,143 @@
+"""Engine and parallelism flags (``pd-prefill``, ``pd-decode``, ``pd-colocated``, ``pd-serve``).
+
+Defaults come from ``EngineConfig`` and ``ParallelConfig``, choices from the registries: attention
+backends (``pd.attention``), EP backends (``pd.ep.BACKENDS``), expert placements (``pd.ep.placement``),
+load formats and dtypes (``pd.config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pd.attention import ATTENTION_BACKENDS
+from pd.config import DTYPES, LOAD_FORMATS, EngineConfig, ParallelConfig
+from pd.ep import BACKENDS as EP_BACKENDS
+from pd.ep.placement import PLACEMENTS
+from pd.launch.args import add_field_arg
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> list[argparse.Action]:
+    """The engine's flags; returns those that set an ``EngineConfig`` field other than the model path
+    (pd-serve forwards them)."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        required=model_required,
+        help="Hugging Face model directory (config.json, safetensors, tokenizer)",
+    )
+    g.add_argument("--model-name", help="name served in the API (default: the model directory's name)")
+    E = EngineConfig
+    return [
+        add_field_arg(g, "--device", E, "device", help="cpu, cuda or cuda:N"),
+        add_field_arg(
+            g,
+            "--dtype",
+            E,
+            "dtype",
+            choices=["auto", *DTYPES],
+            help="auto: bfloat16 on CUDA, float32 on CPU",
+        ),
+        add_field_arg(
+            g,
+            "--load-format",
+            E,
+            "load_format",
+            choices=LOAD_FORMATS,
+            help="dummy: random weights of the right shapes",
+        ),
+        add_field_arg(g, "--page-size", E, "page_size", help="tokens per KV page"),
+        add_field_arg(
+            g,
+            "--num-pages",
+            E,
+            "num_pages",
+            type=int,
+            help="KV pages (default: fill --gpu-memory-fraction on CUDA; 64K tokens on CPU)",
+        ),
+        add_field_arg(
+            g, "--gpu-memory-fraction", E, "gpu_memory_fraction", help="share of GPU memory this rank may use"
+        ),
+        add_field_arg(g, "--chunk-size", E, "chunk_size", help="token budget of one prefill forward"),
+        add_field_arg(g, "--max-running", E, "max_running", help="most requests in a batch"),
+        add_field_arg(g, "--max-waiting", E, "max_waiting", help="bound of the waiting queue"),
+        add_field_arg(
+            g,
+            "--max-context-len",
+            E,
+            "max_context_len",
+            type=int,
+            help="longest sequence (default: the model's max_position_embeddings)",
+        ),
+        add_field_arg(
+            g,
+            "--attention-backend",
+            E,
+            "attention_backend",
+            choices=ATTENTION_BACKENDS,
+            help="auto: flashinfer on CUDA when installed, else the torch reference",
+        ),
+        add_field_arg(g, "--seed", E, "seed", help="seed of dummy weights and of requests without a seed"),
+        add_field_arg(
+            g,
+            "--cuda-graph",
+            E,
+            "cuda_graph",
+            help="decode in full-model CUDA graphs on CUDA (--no-cuda-graph: eagerly)",
+        ),
+    ]
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    return EngineConfig(
+        model_path=model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        chunk_size=args.chunk_size,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_context_len=args.max_context_len,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+        cuda_graph=args.cuda_graph,
+    )
+
+
+def add_parallel_args(p: argparse.ArgumentParser, multinode: bool) -> argparse._ArgumentGroup:
+    """--dp, --ep, --ep-backend, --expert-placement; with ``multinode`` also --nnodes, --node-rank,
+    --dist-init-addr (a worker launcher's)."""
+    P = ParallelConfig
+    g = p.add_argument_group("parallelism (DP attention + EP MoE over the same ranks)")
+    add_field_arg(g, "--dp", P, "size", help="ranks of an instance: DP attention size")
+    g.add_argument("--ep", type=int, help="EP size; must equal --dp (default: --dp)")
+    add_field_arg(
+        g,
+        "--ep-backend",
+        P,
+        "ep_backend",
+        choices=sorted(EP_BACKENDS),
+        help="EP communication (default: local for one rank; torch on CPU; on GPU deepep if installed, else "
+        "mooncake for decode, torch for prefill)",
+    )
+    add_field_arg(
+        g,
+        "--expert-placement",
+        P,
+        "expert_placement",
+        choices=PLACEMENTS,
+        help="which rank holds expert e: e // E_local (linear) or e %% W (round_robin)",
+    )
+    if multinode:
+        add_field_arg(g, "--nnodes", P, "nnodes", help="nodes the ranks span")
+        add_field_arg(g, "--node-rank", P, "node_rank", help="this node's index")
+        add_field_arg(
+            g,
+            "--dist-init-addr",
+            P,
+            "dist_init_addr",
+            help="HOST:PORT where the ranks meet (default on one node: a free local port)",
+        )
+    return g
