@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from pd.config import EngineConfig
 from pd.launch.args import PortInUse, add_common_args, add_field_arg, forwarded, reserve_port, setup_logging
 from pd.launch.engine_args import add_engine_args, add_parallel_args
 from pd.launch.proxy import add_proxy_args
@@ -97,6 +98,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _engine_flags(args: argparse.Namespace, model: str, device: str) -> list[str]:
     flags = ["--model", model, "--device", device, *args.engine_flags]
+    shared = (args.prefill_device or args.device) == (args.decode_device or args.device)
+    if device.startswith("cuda") and shared and not args.colocated and "--gpu-memory-fraction" not in flags:
+        # Prefill and decode on the same GPUs: each instance takes half of the default share.
+        flags += ["--gpu-memory-fraction", str(EngineConfig.gpu_memory_fraction / 2)]
     if args.model_name is not None:
         flags += ["--model-name", args.model_name]
     return flags

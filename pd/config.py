@@ -314,7 +314,7 @@ class EngineConfig:
     load_format: str = "auto"  # auto: safetensors from model_path; dummy: random weights
     page_size: int = 16
     num_pages: int | None = None  # None: fill gpu_memory_fraction on CUDA, DEFAULT_CPU_KV_TOKENS on CPU
-    gpu_memory_fraction: float = 0.85
+    gpu_memory_fraction: float = 0.85  # this process's share of the device (weights + KV pool)
     chunk_size: int = 2048  # token budget of one prefill forward
     max_running: int = 64
     max_waiting: int = 4096

@@ -355,3 +355,26 @@ def test_field_default_reads_factories():
     with pytest.raises(AttributeError):
         field_default(WorkerConfig, "nope")
     assert all(f.name != "nope" for f in dataclasses.fields(WorkerConfig))
+
+
+def _worker_flag(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--device", "cuda"], (EngineConfig.gpu_memory_fraction / 2,) * 2),  # one GPU for both: half each
+        (["--device", "cuda", "--gpu-memory-fraction", "0.3"], (0.3, 0.3)),  # the user's share is kept
+        (["--device", "cuda", "--prefill-device", "cuda:0", "--decode-device", "cuda:1"], (None, None)),
+        (["--device", "cpu"], (None, None)),
+    ],
+)
+def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected):
+    """On one GPU both instances sized their KV pool as if alone: the second one started had no room
+    ("KVLayout.num_pages must be positive, got -7203" on an H200)."""
+    args = serve.parse(argv)
+    flags = [serve._engine_flags(args, "m", args.prefill_device or args.device),
+             serve._engine_flags(args, "m", args.decode_device or args.device)]  # fmt: skip
+    got = tuple(_worker_flag(f, "--gpu-memory-fraction") for f in flags)
+    assert tuple(None if g is None else float(g) for g in got) == expected

@@ -3,9 +3,11 @@
 # 1. A fresh host (empty FlashInfer JIT cache): pd-serve --device cuda on the gpu-tiny model; as soon as
 #    /health says ready, 16 concurrent completions (before the warm-up, 15 of 16 failed with 504).
 # 2. The GPU tests (FlashInfer vs torch, transformers agreement, graph replay vs eager, warm-up buckets).
-# Carry: .gpu-pack (site.tar.xz: flashinfer, mooncake cuda13, starlette, uvicorn; made with --no-deps).
+# Carry: .gpu-pack (site.tar.xz: flashinfer, mooncake cuda13, starlette, uvicorn, installed --no-deps; the
+# prometheus_client wheel).
 set -u
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-fresh  # nothing JIT-built yet, as on a fresh host
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $OUT/device.txt
@@ -14,12 +16,16 @@ echo "== fresh-host readiness"
 t0=$(date +%s.%N)
 pd-serve --model /tmp/gpu-tiny --device cuda --port 8000 --max-running 32 > $OUT/serve.log 2>&1 &
 serve=$!
-python3 - "$t0" > $OUT/readiness.txt 2>&1 <<'PY'
-import asyncio, sys, time
+python3 - "$t0" "$serve" > $OUT/readiness.txt 2>&1 <<'PY'
+import asyncio, os, sys, time
 import httpx
-t0 = float(sys.argv[1])
-deadline = time.time() + 480
+t0, serve = float(sys.argv[1]), int(sys.argv[2])
+deadline = time.time() + 400
 while time.time() < deadline:
+    try:
+        os.kill(serve, 0)
+    except ProcessLookupError:
+        sys.exit("pd-serve exited before it was ready")
     try:
         if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
             break
@@ -52,5 +58,5 @@ cat $OUT/readiness.txt
 kill -INT $serve; wait $serve; echo "pd-serve exit $?"
 grep -E "warm-up|serving|ERROR" $OUT/serve.log | cut -c1-220 | head -12
 echo "== gpu tests"
-timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?"
+timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?"
 grep -E "passed|failed|^E  |Error" $OUT/gpu_tests.log | tail -12

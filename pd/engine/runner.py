@@ -77,6 +77,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+KV_FREE_HEADROOM = 0.05  # of the device's memory left free by the KV pool (activations, graphs, other ranks)
+
+
 class ModelRunner:
     """Owns the model, its KV pool and attention backend on one rank.
 
@@ -138,12 +141,29 @@ class ModelRunner:
         num_pages = self.cfg.num_pages
         if num_pages is None:
             if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = free - total * (1 - self.cfg.gpu_memory_fraction)
-                num_pages = int(budget // (layout.page_nbytes_per_layer * mc.num_hidden_layers))
+                num_pages = self._pages_in_share(layout.page_nbytes_per_layer * mc.num_hidden_layers)
             else:
                 num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
         return KVLayout(mc.num_hidden_layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
+
+    def _pages_in_share(self, page_nbytes: int) -> int:
+        """KV pages that fit this process's share of the GPU: ``gpu_memory_fraction`` of the device's memory,
+        less what the process holds already (weights), and never more than is free now. A share, not a
+        floor of free memory, so two instances on one GPU (``pd-serve`` gives each half) size their pools
+        the same whichever starts first."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        share = total * self.cfg.gpu_memory_fraction - torch.cuda.memory_reserved(self.device)
+        budget = min(share, free - total * KV_FREE_HEADROOM)
+        num_pages = int(budget // page_nbytes)
+        if num_pages < 2:
+            gib = 1 << 30
+            raise MemoryError(
+                f"no room for a KV cache on {self.device}: this rank's share (--gpu-memory-fraction "
+                f"{self.cfg.gpu_memory_fraction}) is {total * self.cfg.gpu_memory_fraction / gib:.1f} GiB of "
+                f"{total / gib:.1f}, it holds {torch.cuda.memory_reserved(self.device) / gib:.1f} GiB already and "
+                f"{free / gib:.1f} GiB are free: raise the share, free the GPU, or set --num-pages"
+            )
+        return num_pages
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int | None], list[float | None]]:
