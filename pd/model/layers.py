@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        fused = _FUSED_NORM if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
+        # FlashInfer's kernels refuse zero rows (a prefill step in which no request samples has no logits rows).
+        fused = _FUSED_NORM if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and len(x) else None
         if fused is not None:
             x = x.contiguous()
             if residual is None:

@@ -12,11 +12,14 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 
 from tests.support.cluster import MODEL_NAME
+
+if TYPE_CHECKING:
+    import openai
 
 
 @dataclass
@@ -168,10 +171,14 @@ async def random_aborts(
 
 def openai_client(url: str, timeout: float = 60) -> openai.OpenAI:
     """The openai client of the deployment at ``url`` (no retries: a failure shows)."""
+    import openai  # a test extra: the GPU tests import this module on hosts without it
+
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def async_openai_client(url: str, timeout: float = 120) -> openai.AsyncOpenAI:
+    import openai
+
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
