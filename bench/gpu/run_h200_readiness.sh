@@ -7,9 +7,10 @@
 # prometheus_client wheel).
 set -u
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-fresh  # nothing JIT-built yet, as on a fresh host
+# Nothing JIT-built yet, as on a fresh host (a new cache folder per run, also on a machine kept warm).
+export FLASHINFER_WORKSPACE_BASE=$(mktemp -d /tmp/fi-XXXX) TRITON_CACHE_DIR=$(mktemp -d /tmp/triton-XXXX)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $OUT/device.txt
 python3 -m pd.launch.make_tiny_model /tmp/gpu-tiny --preset gpu-tiny > /dev/null
 echo "== fresh-host readiness"
@@ -57,6 +58,7 @@ PY
 cat $OUT/readiness.txt
 kill -INT $serve; wait $serve; echo "pd-serve exit $?"
 grep -E "warm-up|serving|ERROR" $OUT/serve.log | cut -c1-220 | head -12
+[ "${1:-}" = "--no-tests" ] && exit 0
 echo "== gpu tests"
 timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > $OUT/gpu_tests.log 2>&1; echo "rc=$?"
 grep -E "passed|failed|^E  |Error" $OUT/gpu_tests.log | tail -12
