@@ -91,6 +91,7 @@ class RopeConfig:
             return extrapolation
         interpolation = 1.0 / (self.factor * pos_freqs)
         orig = self.original_max_position_embeddings
+        assert orig is not None, "yarn rope scaling needs original_max_position_embeddings"
 
         def correction_dim(rotations: float) -> float:
             return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(self.theta))

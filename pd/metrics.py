@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import prometheus_client
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 Labels = tuple[tuple[str, str], ...]
@@ -109,7 +112,7 @@ def promtool_problems(kind: str, name: str, help_text: str, label_names: Sequenc
 class _Metric:
     kind = ""
 
-    def __init__(self, lib, name: str, help_text: str, label_names: Sequence[str]) -> None:
+    def __init__(self, lib: MetricWrapperBase, name: str, help_text: str, label_names: Sequence[str]) -> None:
         self._lib = lib
         self.name, self.help, self.label_names = name, help_text, tuple(label_names)
 
@@ -117,7 +120,7 @@ class _Metric:
         if set(labels) != set(self.label_names):
             raise ValueError(f"metric {self.name} takes labels {self.label_names}, got {sorted(labels)}")
 
-    def _child(self, labels: dict[str, str]):
+    def _child(self, labels: dict[str, str]) -> Any:
         """The library's series for these label values (the metric itself when it has no labels)."""
         self._check(labels)
         return self._lib.labels(**labels) if self.label_names else self._lib
@@ -174,13 +177,13 @@ class _Exposed:
     """A library metric as a ``Registry`` exposes it: without the ``_created`` series of counters and
     histograms (in the 0.0.4 text format each would be one more gauge family, which nothing here reads)."""
 
-    def __init__(self, lib) -> None:
+    def __init__(self, lib: MetricWrapperBase) -> None:
         self.lib = lib
 
-    def describe(self):
+    def describe(self) -> Iterable[Metric]:
         return self.lib.describe()
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for family in self.lib.collect():
             if family.type in ("counter", "histogram"):
                 created = f"{family.name}_created"
@@ -195,13 +198,16 @@ _LIBRARY_CLASSES = {
 }
 
 
+_M = TypeVar("_M", bound=_Metric)
+
+
 class Registry:
     def __init__(self) -> None:
         self._registry = prometheus_client.CollectorRegistry(auto_describe=True)
         self._names: set[str] = set()
         self._lock = threading.Lock()
 
-    def _add(self, cls: type[_Metric], name: str, help_text: str, labels: Sequence[str], **kwargs) -> _Metric:
+    def _add(self, cls: type[_M], name: str, help_text: str, labels: Sequence[str], **kwargs: Any) -> _M:
         labels = tuple(labels)
         if problems := promtool_problems(cls.kind, name, help_text, labels):
             raise MetricNameError(

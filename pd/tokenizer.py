@@ -64,7 +64,11 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
 ) -> str:
     # As transformers: no HTML escaping (jinja's own tojson escapes <, >, &, ').
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -153,13 +157,15 @@ class Tokenizer:
         eos_token_ids: ids that end generation besides eos_token's."""
         self._backend = backend
         self._named_tokens = dict(named_tokens)
+        named_ids: dict[str, int] = {}
         for key, content in self._named_tokens.items():
-            if backend.token_to_id(content) is None:
+            token_id = backend.token_to_id(content)
+            if token_id is None:
                 raise ValueError(f"{key} {content!r} is not in the tokenizer's vocabulary")
-        bos = self._named_tokens.get("bos_token")
-        self._bos_token_id = backend.token_to_id(bos) if bos is not None else None
-        eos = self._named_tokens.get("eos_token")
-        eos_ids = set(eos_token_ids) | ({backend.token_to_id(eos)} if eos is not None else set())
+            named_ids[key] = token_id
+        self._bos_token_id = named_ids.get("bos_token")
+        eos = named_ids.get("eos_token")
+        eos_ids = set(eos_token_ids) | ({eos} if eos is not None else set())
         self._eos_token_ids = frozenset(eos_ids)
         self._special_token_ids = frozenset(
             i for i, t in backend.get_added_tokens_decoder().items() if t.special

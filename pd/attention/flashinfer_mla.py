@@ -9,8 +9,10 @@ before each replay.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
@@ -73,7 +75,7 @@ class _GraphState:
     """One bucket's decode wrapper and the static buffers its captured kernels read."""
 
     batch: int
-    wrapper: object
+    wrapper: Any  # flashinfer.mla.BatchMLAPagedAttentionWrapper
     out_slots: torch.Tensor  # [batch] int64: where each row's new latent goes (padded rows: the dummy page)
 
 
@@ -119,10 +121,10 @@ class FlashInferMLABackend(AttentionBackend):
 
     # ---- metadata ----
 
-    def _to_device(self, a: np.ndarray, dtype=np.int32) -> torch.Tensor:
+    def _to_device(self, a: npt.ArrayLike, dtype: npt.DTypeLike = np.int32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
 
-    def _plan_decode(self, wrapper, meta: _StepMeta) -> None:
+    def _plan_decode(self, wrapper: Any, meta: _StepMeta) -> None:
         metadata = self._MLAPlanMetadata.csr(
             self._to_device(np.arange(len(meta.ends) + 1)),  # one query per sequence
             self._to_device(np.concatenate([[0], np.cumsum(meta.pages_used)])),
@@ -172,7 +174,7 @@ class FlashInferMLABackend(AttentionBackend):
         """The bucket's decode wrapper with static metadata buffers (made once per bucket)."""
         state = self.graphs.get(batch)
         if state is None:
-            i32 = dict(dtype=torch.int32, device=self.device)
+            i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
             wrapper = self._Wrapper(
                 self.graph_workspace,
                 use_cuda_graph=True,
@@ -211,6 +213,7 @@ class FlashInferMLABackend(AttentionBackend):
         self._flat_cache(layer).index_copy_(0, slots, latent.to(self.dtype))
 
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        assert self.inputs is not None, "prepare() comes first"
         if not self.inputs.has_prefix:
             return latent
         return self._flat_cache(layer).index_select(0, self.ctx_slots)

@@ -43,11 +43,13 @@ class TorchMLABackend(AttentionBackend):
         self._flat_cache(layer)[self.out_slots] = latent.to(self.pool.layout.dtype)
 
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        assert self.inputs is not None, "prepare() comes first"
         if not self.inputs.has_prefix:
             return latent
         return self._flat_cache(layer)[torch.cat(self.ctx_slots)]
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self.inputs is not None, "prepare() comes first"
         out = []
         q_off = kv_off = 0
         for q_len, kv_len in zip(self.inputs.q_lens, self.inputs.ends):
@@ -65,6 +67,7 @@ class TorchMLABackend(AttentionBackend):
         return torch.cat(out).to(q.dtype)
 
     def decode(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        assert self.inputs is not None, "prepare() comes first"
         lens = self.inputs.ends
         max_len = max(lens)
         slots = torch.zeros(len(lens), max_len, dtype=torch.int64, device=q_latent.device)

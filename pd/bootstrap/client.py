@@ -127,11 +127,11 @@ class BootstrapClient:
             info.CopyFrom(self._info)
             return info
 
-    def list(self, role: int = pb.ROLE_UNSPECIFIED) -> list[pb.Instance]:
+    def list(self, role: pb.Role = pb.ROLE_UNSPECIFIED) -> list[pb.Instance]:
         """Live instances (of ``role``, e.g. ``pb.ROLE_DECODE``; all by default), by instance id."""
         return list(self.list_response(role).instances)
 
-    def list_response(self, role: int = pb.ROLE_UNSPECIFIED) -> pb.ListResponse:
+    def list_response(self, role: pb.Role = pb.ROLE_UNSPECIFIED) -> pb.ListResponse:
         """The whole List answer: live instances, the server's id (new after a restart) and its lease."""
         request = pb.ListRequest(role=role)
         return self._retrying("list", lambda: self._stub.List(request, timeout=self.timeout))
@@ -209,6 +209,7 @@ class BootstrapClient:
                 raise RuntimeError("start_heartbeat before register")
             if self._thread is not None:
                 raise RuntimeError("heartbeat already running")
+            assert self._lease_seconds is not None  # set with _info
             interval = interval if interval is not None else self._lease_seconds / 3
             if interval <= 0:
                 raise ValueError(f"heartbeat interval must be positive, got {interval}")
@@ -248,5 +249,5 @@ class BootstrapClient:
     def __enter__(self) -> BootstrapClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

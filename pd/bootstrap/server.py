@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -290,7 +291,7 @@ class _Servicer(pb_grpc.BootstrapServicer):
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable, *args):
+    def _call(self, context: grpc.ServicerContext, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
         except RegistryError as e:
@@ -424,5 +425,5 @@ class BootstrapServer:
     def __enter__(self) -> BootstrapServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

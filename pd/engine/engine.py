@@ -109,13 +109,14 @@ class Engine:
         return self._postprocess(batch, tokens, logprobs)
 
     def _postprocess(
-        self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]
+        self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]
     ) -> list[TokenOutput]:
         self.scheduler.postprocess(batch, tokens, logprobs)
         outputs = []
         for req, token, logprob in zip(batch.reqs, tokens, logprobs):
             if token is None:
                 continue
+            assert logprob is not None  # sampled together with the token
             text = ""
             detok = self._detok.get(req.rid)
             if detok is not None:
@@ -148,17 +149,14 @@ class Engine:
         while self.has_work():
             for out in self.step():
                 texts[out.req.rid].append(out.text)
-        return [
-            Completion(
-                r.rid,
-                r.prompt_ids,
-                r.output_ids,
-                r.output_logprobs,
-                r.finish_reason,
-                "".join(texts[r.rid]) if self.tokenizer is not None else None,
+        completions = []
+        for r in reqs:
+            assert r.finish_reason is not None  # no work left: every request finished
+            text = "".join(texts[r.rid]) if self.tokenizer is not None else None
+            completions.append(
+                Completion(r.rid, r.prompt_ids, r.output_ids, r.output_logprobs, r.finish_reason, text)
             )
-            for r in reqs
-        ]
+        return completions
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

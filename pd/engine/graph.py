@@ -86,7 +86,7 @@ class DecodeGraphs:
         return logits, tokens, logprobs
 
     @torch.inference_mode()
-    def _capture(self, bs: int, pool) -> None:
+    def _capture(self, bs: int, pool: torch.cuda._POOL_HANDLE) -> None:
         self._load(bs, [], [], [], [])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -121,6 +121,7 @@ class DecodeGraphs:
         """Replays the bucket of a decode batch; returns each request's token and logprob."""
         n = len(batch.reqs)
         bs = self.bucket(n)
+        assert bs is not None, f"no bucket holds {n} requests"
         ids = [r.all_ids[s] for r, s in zip(batch.reqs, batch.starts)]
         self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
         self.graphs[bs].replay()

@@ -149,7 +149,7 @@ class PrefillEngine:
                 self.sender.add_room(req.rid, req.pages)
                 room.announced = True
 
-    def _ship(self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]) -> None:
+    def _ship(self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]) -> None:
         """Hands the pages this step completed to the sender; the last chunk also sends the first token."""
         ready = None
         if self.runner.pool.buffer.is_cuda:  # the sender waits for the forward before reading the pages

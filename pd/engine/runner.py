@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
@@ -166,11 +168,10 @@ class ModelRunner:
         return num_pages
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[list[int | None], list[float | None]]:
+    def run(self, batch: Batch) -> tuple[Sequence[int | None], Sequence[float | None]]:
         """Runs one step; returns per request the sampled token and its logprob (None if it did not sample)."""
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
-            tokens, logprobs = self.graphs.run(batch)
-            return tokens, logprobs
+            return self.graphs.run(batch)
         ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []

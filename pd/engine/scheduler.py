@@ -9,6 +9,7 @@ request is preempted (its pages freed; it is recomputed later).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from pd.config import SchedulerConfig
 from pd.kv_cache import PageAllocator
@@ -81,7 +82,9 @@ class Scheduler:
         reqs = list(self.running)
         return Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
 
-    def postprocess(self, batch: Batch, tokens: list[int | None], logprobs: list[float | None]) -> list[Req]:
+    def postprocess(
+        self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]
+    ) -> list[Req]:
         """Records the step's results; returns requests that finished on a token-level condition.
 
         ``tokens[i]`` is None for a request that did not sample this step (a non-final chunk).
@@ -93,6 +96,7 @@ class Scheduler:
             req.num_computed = end
             if token is None:
                 continue
+            assert logprob is not None  # sampled together with the token
             if req in self.prefilling:
                 self.prefilling.remove(req)
                 self.running.append(req)

@@ -51,7 +51,7 @@ class NormalHandle:
 
 def normal_dispatch(
     config: EPConfig,
-    group: dist.ProcessGroup,
+    group: dist.ProcessGroup | None,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -97,7 +97,7 @@ def normal_dispatch(
 
 
 def normal_combine(
-    config: EPConfig, group: dist.ProcessGroup, y: torch.Tensor, handle: object
+    config: EPConfig, group: dist.ProcessGroup | None, y: torch.Tensor, handle: object
 ) -> torch.Tensor:
     """Normal-mode combine (see ``EPBackend.combine``): one ``all_to_all_single`` back, then a
     float32 ``index_add`` of each rank's row into its source token."""

@@ -76,7 +76,9 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def expert_token_counts(self) -> torch.Tensor:
         """``[E_local]`` int64: (token, expert) pairs each local expert slot received, summed over MoE layers."""
-        return sum(layer.mlp.expert_tokens for layer in self.model.layers if isinstance(layer.mlp, MoE))
+        total = sum(layer.mlp.expert_tokens for layer in self.model.layers if isinstance(layer.mlp, MoE))
+        assert isinstance(total, torch.Tensor), "the model has no MoE layer"
+        return total
 
     def reset_expert_token_counts(self) -> None:
         for layer in self.model.layers:
@@ -91,9 +93,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[T]`` int64 -> float32 logits ``[len(ctx.logits_indices), V]``."""
-        x, residual = self.model.embed_tokens(input_ids), None
+        x = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, ctx)
+        assert residual is not None  # set by the first layer
         rows = ctx.logits_indices
         x, _ = self.model.norm(x[rows], residual[rows])
         return self.lm_head(x).float()

@@ -62,6 +62,9 @@ class RotaryEmbedding(nn.Module):
     the same for queries and keys, so their dot products are those of the checkpoint's layout.
     """
 
+    cos: torch.Tensor  # buffers [max_positions, dim/2] float32
+    sin: torch.Tensor
+
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.dim, self.max_positions = rope, dim, max_positions

@@ -63,6 +63,8 @@ class MoE(nn.Module):
     linear, the identity). ``expert_tokens [E_local]`` int64 counts the (token, expert) pairs each
     local expert received, on the device (read only when metrics are scraped)."""
 
+    expert_tokens: torch.Tensor  # a buffer
+
     def __init__(self, cfg: ModelConfig, ep: EPBackend, placement: PlacementMap | None = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -112,10 +114,10 @@ class MoE(nn.Module):
             self.expert_tokens += d.recv_count  # [E_local]
             y = masked_moe(d.recv_x, d.recv_count, w13, w2)  # [E_local, M*W, H]
             return self.ep.ll_combine(y, topk_idx, topk_weights, d.handle)
-        d = self.ep.dispatch(x, topk_idx, topk_weights)
-        self.expert_tokens += d.recv_counts  # [E_local]
-        y = fused_moe(d.recv_x, w13, w2, d.recv_topk_idx, d.recv_topk_weights)  # [N, H]
-        return self.ep.combine(y, d.handle)
+        nd = self.ep.dispatch(x, topk_idx, topk_weights)
+        self.expert_tokens += nd.recv_counts  # [E_local]
+        y = fused_moe(nd.recv_x, w13, w2, nd.recv_topk_idx, nd.recv_topk_weights)  # [N, H]
+        return self.ep.combine(y, nd.handle)
 
     def idle(self, low_latency: bool) -> None:
         """Joins this layer's EP collectives with no tokens (a rank without work in a step others run)."""

@@ -128,11 +128,13 @@ class Admission:
         megabyte prompt does not stall the streams of other requests."""
         tok = model.tokenizer
         if req.chat:
+            assert req.messages is not None  # parsed for every chat request
             try:
                 text = tok.apply_chat_template(req.messages)
             except ValueError as e:
                 raise APIError(400, str(e), "messages") from None
             return await asyncio.to_thread(tok.encode, text, False)
+        assert req.prompt is not None  # parsed for every completions request
         if isinstance(req.prompt, str):
             return await asyncio.to_thread(tok.encode, req.prompt)
         if len(req.prompt) >= max_prompt:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -80,7 +80,7 @@ class Dispatcher:
             "pd_proxy_prefill_retries_total", "Requests moved to another prefill instance after a failure."
         )
 
-    async def run(self, job: Job) -> AsyncIterator[Chunk]:
+    async def run(self, job: Job) -> AsyncGenerator[Chunk, None]:
         """D's chunks for ``job``; raises APIError if no rank is there (503) or P or D fails.
 
         A prefill rank that fails with UNAVAILABLE (dead, hung past the keepalive, or its transfer
@@ -131,7 +131,7 @@ class Dispatcher:
         self.m_tokens.inc(len(job.prompt_ids), kind="prompt")
         self.m_tokens.inc(tokens, kind="completion")
 
-    async def _attempt(self, job: Job, room: int, route: Route) -> AsyncIterator[Chunk]:
+    async def _attempt(self, job: Job, room: int, route: Route) -> AsyncGenerator[Chunk, None]:
         """One try of ``job`` in ``room`` on ``route``. Raises _PrefillFailed if the prefill rank fails
         before D produced anything (after that its outcome no longer matters). Unless it ran to the last
         chunk, the room is aborted on both sides."""
@@ -168,6 +168,7 @@ class Dispatcher:
                 prefill_error = prefill.exception() if not started and prefill.done() else None
                 # Prefill failed and D has no token to show for it: this attempt is lost.
                 if prefill_error is not None and (not next_chunk.done() or next_chunk.exception()):
+                    assert prefill_rank is not None  # a colocated rank's prefill future does not fail
                     raise self._prefill_failed(prefill_rank, prefill_error)
                 try:
                     reply = await next_chunk

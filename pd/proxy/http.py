@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from pd.metrics import Registry, parse_samples
 from pd.proxy.admission import Admission, Job
@@ -104,7 +105,9 @@ class Proxy:
         )
         return JSONResponse(body)
 
-    async def _sse(self, job: Job, first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, job: Job, first: Chunk, rest: AsyncGenerator[Chunk, None]
+    ) -> AsyncGenerator[bytes, None]:
         def event(obj: Any) -> bytes:
             return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
@@ -221,7 +224,7 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     raise _ClientGone()
 
 
-async def _wait_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
@@ -240,7 +243,7 @@ class _SSEResponse(Response):
         self.body_iterator = body
         self.on_close = on_close
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
@@ -261,9 +264,9 @@ class _SSEResponse(Response):
                 await self.body_iterator.aclose()
             finally:
                 self.on_close()
-        if streaming.done() and not streaming.cancelled() and streaming.exception() is not None:
+        if streaming.done() and not streaming.cancelled():
             exc = streaming.exception()
-            if not isinstance(exc, OSError):  # OSError: the client went away while we wrote
+            if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
                 raise exc
 
 

@@ -161,8 +161,8 @@ class Router:
         if gone:
             log.info("ranks left the registry: %s", sorted(gone))
         for key, (incarnation, until) in list(self.down.items()):
-            rank = ranks.get(key)
-            if rank is None or rank.incarnation != incarnation or until <= now:
+            current = ranks.get(key)
+            if current is None or current.incarnation != incarnation or until <= now:
                 del self.down[key]  # gone, restarted (a new incarnation) or given another chance
         self.ranks = ranks
         self._prune()

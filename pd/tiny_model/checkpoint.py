@@ -127,6 +127,7 @@ def make_tiny_model(
 
     tokenizer = train_tokenizer(p.tokenizer_vocab_size)
     bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    assert bos_id is not None and eos_id is not None  # train_tokenizer adds both
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     _write_json(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
     _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})

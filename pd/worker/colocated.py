@@ -18,7 +18,9 @@ class ColocatedWorker(RankServer, wpb_grpc.DecodeWorkerServicer):
     def add_servicers(self, server: grpc.aio.Server) -> None:
         wpb_grpc.add_DecodeWorkerServicer_to_server(self, server)
 
-    async def Generate(self, request: wpb.GenerateRequest, context) -> AsyncIterator[wpb.GenerateChunk]:
+    async def Generate(
+        self, request: wpb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wpb.GenerateChunk]:
         cmd = DecodeRoom(request.room, tuple(request.token_ids), sampling_from_proto(request.sampling))
         async for chunk in self.stream(cmd, context):
             yield chunk

@@ -22,7 +22,9 @@ class DecodeWorker(RankServer, wpb_grpc.DecodeWorkerServicer):
         wpb_grpc.add_DecodeWorkerServicer_to_server(self, server)
         super().add_servicers(server)
 
-    async def Generate(self, request: wpb.GenerateRequest, context) -> AsyncIterator[wpb.GenerateChunk]:
+    async def Generate(
+        self, request: wpb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wpb.GenerateChunk]:
         sampling = sampling_from_proto(request.sampling)
         cmd = DecodeRoom(request.room, tuple(request.token_ids), sampling, request.prefill_endpoint)
         async for chunk in self.stream(cmd, context):

@@ -32,9 +32,11 @@ def init_process_groups(par: ParallelConfig, device: str) -> tuple[dist.ProcessG
         world_size=par.size,
         timeout=timeout,
     )
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    world = dist.group.WORLD
+    assert world is not None  # set by init_process_group
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else world
     log.info("rank %d/%d joined (%s, device %s)", par.rank, par.size, backend, device)
-    return dist.group.WORLD, control
+    return world, control
 
 
 class Lockstep:

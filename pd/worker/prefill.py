@@ -20,7 +20,9 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
         wpb_grpc.add_PrefillWorkerServicer_to_server(self, server)
         super().add_servicers(server)
 
-    async def Prefill(self, request: wpb.PrefillRequest, context) -> wpb.PrefillReply:
+    async def Prefill(
+        self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.PrefillReply:
         events = self.open_room(request.room)
         if events is None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {request.room:x} is already open here")

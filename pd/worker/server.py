@@ -140,7 +140,9 @@ class RankServer:
 
     # ---- RPCs every role serves ----
 
-    async def ModelInfo(self, request: wpb.ModelInfoRequest, context) -> wpb.ModelInfoReply:
+    async def ModelInfo(
+        self, request: wpb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.ModelInfoReply:
         f, engine = self.rank.tokenizer_files, self.rank.engine
         return wpb.ModelInfoReply(
             model_name=self.cfg.served_model_name,
@@ -152,7 +154,9 @@ class RankServer:
             chat_template=f.chat_template or "",
         )
 
-    async def Health(self, request: wpb.WorkerHealthRequest, context) -> wpb.WorkerHealthReply:
+    async def Health(
+        self, request: wpb.WorkerHealthRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.WorkerHealthReply:
         if not self.thread.alive:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine thread is dead: {self.thread.error!r}")
         load, allocator = self.engine.load(), self.rank.engine.allocator
@@ -164,12 +168,14 @@ class RankServer:
             kv_pages_total=allocator.capacity,
         )
 
-    async def Abort(self, request: wpb.CancelRequest, context) -> wpb.CancelReply:
+    async def Abort(self, request: wpb.CancelRequest, context: grpc.aio.ServicerContext) -> wpb.CancelReply:
         """Ends a room wherever it is; ``found``: an RPC for it was open on this rank."""
         self.submit(AbortRoom(request.room, request.reason or "aborted"))
         return wpb.CancelReply(found=request.room in self._rooms)
 
-    async def Metrics(self, request: wpb.MetricsRequest, context) -> wpb.MetricsReply:
+    async def Metrics(
+        self, request: wpb.MetricsRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.MetricsReply:
         self._read_expert_counters()
         return wpb.MetricsReply(text=self.rank.metrics.render())
 
