@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_support
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
+from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
 from pd.kv_cache import KVLayout, KVPool
@@ -31,13 +33,29 @@ def build_model(
     placement: PlacementMap | None = None,
 ) -> DeepseekV3ForCausalLM:
     """Creates the model's parameters directly on ``device`` in ``dtype`` (uninitialised)."""
+    return materialize(meta_model(cfg, ep, max_positions, dtype, placement), device)
+
+
+def meta_model(
+    cfg: ModelConfig,
+    ep: EPBackend,
+    max_positions: int,
+    dtype: torch.dtype,
+    placement: PlacementMap | None = None,
+) -> DeepseekV3ForCausalLM:
+    """The model on the meta device: shapes and dtypes, no memory (its size can be planned first)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = DeepseekV3ForCausalLM(cfg, ep, max_positions, placement)
+            return DeepseekV3ForCausalLM(cfg, ep, max_positions, placement)
     finally:
         torch.set_default_dtype(default)
+
+
+def materialize(model: DeepseekV3ForCausalLM, device: torch.device) -> DeepseekV3ForCausalLM:
+    """Allocates a meta model's tensors on ``device`` (uninitialised; the tables and counters set)."""
+    cfg = model.cfg
     model.to_empty(device=device)
     model.model.rotary.build_tables()
     if cfg.tie_word_embeddings:
@@ -79,6 +97,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+log = logging.getLogger(__name__)
+
 KV_FREE_HEADROOM = 0.05  # of the device's memory left free by the KV pool (activations, graphs, other ranks)
 
 
@@ -118,9 +138,16 @@ class ModelRunner:
         placement = ExpertPlacement(expert_placement, model_cfg.n_routed_experts, self.ep.config.world_size)
         self.placement = placement
         placement_map = None if placement.kind == "linear" else PlacementMap(placement, self.device)
-        self.model = build_model(
-            model_cfg, self.ep, cfg.context_len(model_cfg), self.device, self.dtype, placement_map
-        )
+        model = meta_model(model_cfg, self.ep, cfg.context_len(model_cfg), self.dtype, placement_map)
+        self.weights = WeightBytes.of(model)
+        if self.device.type == "cuda":  # refused before a byte is allocated if it cannot fit
+            check_fits(
+                self.weights,
+                *gpu_share(self.device, cfg.gpu_memory_fraction),
+                cfg.gpu_memory_fraction,
+                self.device,
+            )
+        self.model = materialize(model, self.device)
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.seed)
         else:
@@ -129,6 +156,7 @@ class ModelRunner:
         self.lockstep = self.ep.config.world_size > 1
         self.context_len = cfg.context_len(model_cfg)
         self.pool = KVPool(self._kv_layout(), self.device)
+        log.info("%s", self.memory_report())
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
         self.graphs: DecodeGraphs | None = None
         if cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
@@ -148,13 +176,25 @@ class ModelRunner:
                 num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
         return KVLayout(mc.num_hidden_layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
 
+    def memory_report(self) -> str:
+        """Where this rank's memory went: weights by kind, the KV pool, and (on CUDA) what is left of the share."""
+        layout = self.pool.layout
+        line = (
+            f"rank memory on {self.device}: {self.weights.describe()}; KV pool {layout.usable_pages} pages = "
+            f"{layout.usable_pages * layout.page_size} tokens ({layout.nbytes / GB:.2f} GB)"
+        )
+        if self.device.type == "cuda":
+            share, total = gpu_share(self.device, self.cfg.gpu_memory_fraction)
+            line += f"; {share / GB:.2f} GB left of the share ({self.cfg.gpu_memory_fraction} of {total / GB:.2f} GB)"
+        return line
+
     def _pages_in_share(self, page_nbytes: int) -> int:
         """KV pages that fit this process's share of the GPU: ``gpu_memory_fraction`` of the device's memory,
         less what the process holds already (weights), and never more than is free now. A share, not a
         floor of free memory, so two instances on one GPU (``pd-serve`` gives each half) size their pools
         the same whichever starts first."""
-        free, total = torch.cuda.mem_get_info(self.device)
-        share = total * self.cfg.gpu_memory_fraction - torch.cuda.memory_reserved(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        share, total = gpu_share(self.device, self.cfg.gpu_memory_fraction)
         budget = min(share, free - total * KV_FREE_HEADROOM)
         num_pages = int(budget // page_nbytes)
         if num_pages < 2:
