@@ -177,15 +177,18 @@ class ModelRunner:
         return KVLayout(mc.num_hidden_layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
 
     def memory_report(self) -> str:
-        """Where this rank's memory went: weights by kind, the KV pool, and (on CUDA) what is left of the share."""
+        """Where this rank's memory went: weights by kind, the KV pool, and (on CUDA) what the device has left."""
         layout = self.pool.layout
         line = (
             f"rank memory on {self.device}: {self.weights.describe()}; KV pool {layout.usable_pages} pages = "
             f"{layout.usable_pages * layout.page_size} tokens ({layout.nbytes / GB:.2f} GB)"
         )
         if self.device.type == "cuda":
-            share, total = gpu_share(self.device, self.cfg.gpu_memory_fraction)
-            line += f"; {share / GB:.2f} GB left of the share ({self.cfg.gpu_memory_fraction} of {total / GB:.2f} GB)"
+            free, total = torch.cuda.mem_get_info(self.device)
+            line += (
+                f"; {free / GB:.2f} GB of the device's {total / GB:.2f} GB free for activations, graphs "
+                f"and other processes (share {self.cfg.gpu_memory_fraction})"
+            )
         return line
 
     def _pages_in_share(self, page_nbytes: int) -> int:
