@@ -34,6 +34,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--config-only", action="store_true", help="config and tokenizer only, no weights")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the preset's)")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="block-FP8 checkpoint laid out like DeepSeek-V3/R1's (quantization_config; the linear projections "
+        "in float8_e4m3fn with <name>_scale_inv), plus its dequantized copy in DIR/dequantized/",
+    )
+    parser.add_argument(
+        "--fp8-block",
+        type=_positive_int,
+        nargs=2,
+        metavar=("OUT", "IN"),
+        default=[128, 128],
+        help="with --fp8: the [out, in] block of one scale (default: 128 128, as DeepSeek's)",
+    )
     args = parser.parse_args(argv)
 
     start = time.monotonic()
@@ -45,8 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         with_mtp=args.with_mtp,
         config_only=args.config_only,
         dtype=args.dtype,
+        fp8=args.fp8,
+        fp8_block=(args.fp8_block[0], args.fp8_block[1]),
     )
-    print(f"wrote {args.preset} model to {out} in {time.monotonic() - start:.1f}s")
+    kind = (
+        f"fp8 {args.preset} model (dequantized copy in {out}/dequantized)"
+        if args.fp8
+        else f"{args.preset} model"
+    )
+    print(f"wrote {kind} to {out} in {time.monotonic() - start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,20 @@
 - a small byte-level BPE tokenizer trained on text generated here, DeepSeek's special tokens, a
   DeepSeek-like chat template (`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`).
 
+With `fp8=True` (`--fp8`) the checkpoint is block-FP8 quantized as DeepSeek-V3/R1 publish theirs
+(`quantization_config`, the linear projections in float8_e4m3fn with `<name>_scale_inv`), and its dequantized
+copy, the oracle's input, goes in `dequantized/` (see `fp8`).
+
 Every tensor is drawn from its own random stream keyed by (seed, tensor name), so a tensor does not depend
 on which other tensors are written (the model with `--with-mtp` has the same base weights as without).
 
 Modules: `presets` (the architectures), `weights` (tensor names, shapes and random values), `corpus` (the
 tokenizer's generated training text), `tokenizer` (BPE training, special tokens, chat template) and
-`checkpoint` (the files, and `make_tiny_model`).
+`fp8` (block quantization) and `checkpoint` (the files, and `make_tiny_model`).
 """
 
-from pd.tiny_model.checkpoint import make_tiny_model, model_config
+from pd.tiny_model.checkpoint import DEQUANTIZED_DIR, make_tiny_model, model_config
+from pd.tiny_model.fp8 import dequantize_block_fp8, is_quantized, quantize_block_fp8
 from pd.tiny_model.presets import DTYPES, MAX_TOKENIZER_VOCAB, PRESETS, Preset, YarnScaling, get_preset
 from pd.tiny_model.tokenizer import (
     ASSISTANT_TOKEN,
@@ -34,6 +39,7 @@ __all__ = [
     "ASSISTANT_TOKEN",
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
+    "DEQUANTIZED_DIR",
     "DTYPES",
     "EOS_TOKEN",
     "MAX_TOKENIZER_VOCAB",
@@ -42,9 +48,12 @@ __all__ = [
     "Preset",
     "TensorSpec",
     "YarnScaling",
+    "dequantize_block_fp8",
     "get_preset",
+    "is_quantized",
     "make_tiny_model",
     "model_config",
+    "quantize_block_fp8",
     "random_tensor",
     "tensor_specs",
     "train_tokenizer",

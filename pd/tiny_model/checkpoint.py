@@ -3,18 +3,32 @@ tokenizer files and generation_config.json (`make_tiny_model`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pd.tiny_model.fp8 import (
+    DEFAULT_BLOCK,
+    SCALE_SUFFIX,
+    dequantize_block_fp8,
+    fp8_specs,
+    is_quantized,
+    quantization_config,
+    quantize_block_fp8,
+)
 from pd.tiny_model.presets import DTYPES, Preset, get_preset
 from pd.tiny_model.tokenizer import BOS_TOKEN, EOS_TOKEN, tokenizer_config, train_tokenizer
 from pd.tiny_model.weights import TensorSpec, random_tensor, tensor_specs
 
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
+
+# The dequantized copy of an FP8 checkpoint (the oracle's input) goes in this subdirectory.
+DEQUANTIZED_DIR = "dequantized"
 
 
 def model_config(preset: Preset, *, bos_token_id: int, eos_token_id: int, dtype: str, with_mtp: bool) -> dict:
@@ -63,9 +77,11 @@ def model_config(preset: Preset, *, bos_token_id: int, eos_token_id: int, dtype:
     }
 
 
-def _write_safetensors(path: Path, specs: list[TensorSpec], preset: Preset, seed: int) -> None:
+def _write_safetensors(
+    path: Path, specs: list[TensorSpec], tensor_of: Callable[[TensorSpec], torch.Tensor]
+) -> None:
     """Writes the safetensors format directly (header with sorted keys and fixed metadata, then the data in
-    the same order), generating one tensor at a time so memory stays at one tensor."""
+    the same order), generating one tensor at a time (`tensor_of`) so memory stays at one tensor."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
@@ -81,7 +97,9 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], preset: Preset, seed
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for spec in specs:
-            f.write(random_tensor(spec, preset, seed).contiguous().view(torch.uint8).numpy().tobytes())
+            tensor = tensor_of(spec)
+            assert tensor.dtype == spec.dtype and tuple(tensor.shape) == spec.shape, spec
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
@@ -100,6 +118,41 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _write_checkpoint(
+    out: Path,
+    files: dict[str, str | dict],
+    specs: list[TensorSpec],
+    tensor_of: Callable[[TensorSpec], torch.Tensor],
+    shard_size: int | None,
+    config_only: bool,
+) -> None:
+    """Writes `files` (name -> text, or an object written as JSON), removes weight files from an earlier run,
+    then (unless `config_only`) writes `specs` in one file or in shards with their index."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if isinstance(content, str):
+            (out / name).write_text(content, encoding="utf-8")
+        else:
+            _write_json(out / name, content)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if config_only:
+        return
+    if shard_size is None:
+        _write_safetensors(out / "model.safetensors", specs, tensor_of)
+        return
+    shards = _plan_shards(specs, shard_size)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / filename, shard, tensor_of)
+        weight_map.update({spec.name: filename for spec in shard})
+    total = sum(spec.nbytes for spec in specs)
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
 def make_tiny_model(
     out_dir: str | Path,
     preset: str = "ci",
@@ -109,12 +162,18 @@ def make_tiny_model(
     with_mtp: bool = False,
     config_only: bool = False,
     dtype: str | None = None,
+    fp8: bool = False,
+    fp8_block: tuple[int, int] = DEFAULT_BLOCK,
 ) -> Path:
     """Writes the checkpoint described in pd.tiny_model's docstring into `out_dir` (created if missing; weight
     files from an earlier run there are removed) and returns it as a Path.
 
     shard_size: bytes per weight shard (`model-0000k-of-0000n.safetensors` + index); None: one file.
     dtype: "float32" or "bfloat16"; None: the preset's default.
+    fp8: write the checkpoint block-FP8 quantized as DeepSeek-V3/R1 publish theirs (`quantization_config`;
+        the linear projections in float8_e4m3fn with a float32 `<name>_scale_inv` per `fp8_block` [out, in]
+        block; gates, norms, embeddings and lm_head in `dtype`), and in `out_dir/dequantized/` the same
+        model without quantization_config, its weights `fp8 * scale_inv` in `dtype` (the oracle's input).
     """
     p = get_preset(preset)
     dtype = dtype or p.dtype
@@ -122,34 +181,49 @@ def make_tiny_model(
         raise ValueError(f"dtype {dtype!r}, expected one of {sorted(DTYPES)}")
     if shard_size is not None and shard_size <= 0:
         raise ValueError(f"shard_size {shard_size} must be a positive number of bytes")
+    block = (int(fp8_block[0]), int(fp8_block[1]))
+    if fp8 and (len(fp8_block) != 2 or min(block) <= 0):
+        raise ValueError(f"fp8_block {fp8_block} must be two positive integers [out, in]")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tokenizer(p.tokenizer_vocab_size)
     bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
     assert bos_id is not None and eos_id is not None  # train_tokenizer adds both
-    (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    _write_json(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
-    _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
     config = model_config(p, bos_token_id=bos_id, eos_token_id=eos_id, dtype=dtype, with_mtp=with_mtp)
-    _write_json(out / "config.json", config)
-
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    if config_only:
-        return out
+    files: dict[str, str | dict] = {
+        "tokenizer.json": tokenizer.to_str(pretty=True) + "\n",
+        "tokenizer_config.json": tokenizer_config(p.max_position_embeddings),
+        "generation_config.json": {"bos_token_id": bos_id, "eos_token_id": eos_id},
+        "config.json": config,
+    }
     specs = tensor_specs(p, dtype, with_mtp)
-    if shard_size is None:
-        _write_safetensors(out / "model.safetensors", specs, p, seed)
+
+    def plain(spec: TensorSpec) -> torch.Tensor:
+        return random_tensor(spec, p, seed)
+
+    if not fp8:
+        _write_checkpoint(out, files, specs, plain, shard_size, config_only)
         return out
-    shards = _plan_shards(specs, shard_size)
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(out / filename, shard, p, seed)
-        weight_map.update({spec.name: filename for spec in shard})
-    total = sum(spec.nbytes for spec in specs)
-    _write_json(
-        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
+
+    wdtype = DTYPES[dtype]
+
+    @functools.lru_cache(maxsize=1)  # a weight and its scale are written one after the other
+    def quantized(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_block_fp8(random_tensor(TensorSpec(name, shape_of[name], wdtype), p, seed), block)
+
+    shape_of = {spec.name: spec.shape for spec in specs}
+
+    def fp8_tensor(spec: TensorSpec) -> torch.Tensor:
+        if spec.name.endswith(SCALE_SUFFIX):
+            return quantized(spec.name.removesuffix(SCALE_SUFFIX))[1]
+        return quantized(spec.name)[0] if is_quantized(spec.name) else plain(spec)
+
+    def dequantized(spec: TensorSpec) -> torch.Tensor:
+        if not is_quantized(spec.name):
+            return plain(spec)
+        return dequantize_block_fp8(*quantized(spec.name), block).to(spec.dtype)
+
+    fp8_files = {**files, "config.json": {**config, "quantization_config": quantization_config(block)}}
+    _write_checkpoint(out, fp8_files, fp8_specs(specs, block), fp8_tensor, shard_size, config_only)
+    _write_checkpoint(out / DEQUANTIZED_DIR, files, specs, dequantized, shard_size, config_only)
     return out

@@ -1,0 +1,82 @@
+"""Block-FP8 quantization laid out like DeepSeek-V3/R1's published checkpoints: the linear projections'
+weights in float8_e4m3fn, each with a float32 `<name>_scale_inv` holding one scale per [bo, bi] block
+(edge blocks partial), such that the dequantized weight is `fp8 * scale_inv` over each block."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from pd.tiny_model.weights import TensorSpec
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+DEFAULT_BLOCK = (128, 128)
+SCALE_SUFFIX = "_scale_inv"
+
+# The projections DeepSeek quantizes: attention, dense MLP and shared/routed experts (in the MTP layer too).
+# Router gates, norms, embeddings, lm_head and the MTP layer's eh_proj stay unquantized.
+_QUANTIZED = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.((shared_experts|experts\.\d+)\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def quantization_config(block: tuple[int, int]) -> dict:
+    """config.json's `quantization_config` as DeepSeek-V3/R1 write it."""
+    return {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": list(block),
+    }
+
+
+def is_quantized(name: str) -> bool:
+    """Whether tensor `name` is stored in FP8 (with a `<name>_scale_inv` sibling)."""
+    return _QUANTIZED.match(name) is not None
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """`[ceil(out/bo), ceil(in/bi)]`: one scale per block, edge blocks partial."""
+    (o, i), (bo, bi) = shape, block
+    return -(-o // bo), -(-i // bi)
+
+
+def fp8_specs(specs: list[TensorSpec], block: tuple[int, int]) -> list[TensorSpec]:
+    """The FP8 checkpoint's tensors: every quantized weight in float8_e4m3fn plus its float32 scale, the rest
+    as in `specs`; sorted by name."""
+    out: list[TensorSpec] = []
+    for spec in specs:
+        if is_quantized(spec.name):
+            out.append(TensorSpec(spec.name, spec.shape, torch.float8_e4m3fn))
+            out.append(TensorSpec(spec.name + SCALE_SUFFIX, scale_shape(spec.shape, block), torch.float32))
+        else:
+            out.append(spec)
+    return sorted(out, key=lambda s: s.name)
+
+
+def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """The per-block `scale` spread over every element of a `shape` weight."""
+    (o, i), (bo, bi) = shape, block
+    return scale.repeat_interleave(bo, 0)[:o].repeat_interleave(bi, 1)[:, :i]
+
+
+def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight [O, I]` -> (float8_e4m3fn weight, float32 scale_inv [ceil(O/bo), ceil(I/bi)]): per block,
+    scale = amax / 448 (1 for an all-zero block), weight / scale clamped to ±448 and cast to e4m3."""
+    bo, bi = block
+    w = weight.float()
+    o, i = w.shape
+    no, ni = scale_shape((o, i), block)
+    padded = torch.zeros(no * bo, ni * bi, dtype=torch.float32)
+    padded[:o, :i] = w.abs()
+    amax = padded.view(no, bo, ni, bi).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w / _expand(scale, (o, i), block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_block_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """`q * scale_inv` over each block, in float32 (as pd's loader computes it)."""
+    return q.float() * _expand(scale_inv.float(), (q.shape[0], q.shape[1]), block)
