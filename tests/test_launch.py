@@ -282,16 +282,27 @@ def test_reserved_rank_port_admits_its_own_grpc_server_only():
 
 @contextlib.contextmanager
 def grpc_style_listener():
-    """A listener bound like a gRPC server binds (SO_REUSEADDR + SO_REUSEPORT), on a free port."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", 0))
-    s.listen()
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
+    """A listener bound like a gRPC server binds (SO_REUSEADDR + SO_REUSEPORT), on a free port whose
+    predecessor is free too (tests put rank 0 there; a random neighbour in use made them flaky)."""
+    for _ in range(50):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        try:
+            with socket.socket() as below:
+                below.bind(("127.0.0.1", port - 1))
+        except OSError:
+            s.close()
+            continue
+        s.listen()
+        try:
+            yield port
+        finally:
+            s.close()
+        return
+    raise RuntimeError("no free port with a free predecessor")
 
 
 def free_port_pair() -> int:
