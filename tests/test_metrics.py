@@ -208,3 +208,15 @@ def test_registry_refuses_what_promtool_flags(case):
 )
 def test_registry_accepts_good_names(kind, name):
     getattr(Registry(), kind)(name, "Help.", ["role"])
+
+
+def test_relayed_label_values_are_escaped():
+    """The proxy writes relayed samples back as text: a label value with a quote, backslash or newline must
+    parse back to itself."""
+    pytest.importorskip("starlette")
+    from pd.proxy.http import _escape
+
+    value = 'in"st\\ance\nid'
+    assert parse_samples(f'pd_rooms_open{{instance="{_escape(value)}"}} 1\n') == {
+        ("pd_rooms_open", (("instance", value),)): 1.0
+    }

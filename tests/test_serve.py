@@ -320,11 +320,15 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(deployment, tok):
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
-def test_models_list_and_retrieve_with_the_openai_client(deployment):
+def test_models_list_and_retrieve_with_the_openai_client(deployment, tiny_model_dir):
     c = openai_client(deployment)
     assert [m.id for m in c.models.list()] == ["tiny-ci"]
     m = c.models.retrieve("tiny-ci")
     assert (m.id, m.object, m.owned_by) == ("tiny-ci", "model", "pd")
+    # What pd-bench needs to draw random ids without a tokenizer, from the model's config.json.
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (m.vocab_size, m.max_model_len) == (config["vocab_size"], config["max_position_embeddings"])
+    assert c.models.list().data[0].vocab_size == config["vocab_size"]
     for unknown in ("no-such-model", "org/no-such-model"):
         with pytest.raises(openai.NotFoundError) as e:
             c.models.retrieve(unknown)
@@ -550,6 +554,13 @@ def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
     assert all(r["output_tokens_from_usage"] and r["output_tokens"] == 12 for r in records)
     assert all(r["prompt_tokens_from_usage"] and r["prompt_len"] == 24 for r in records)
     assert metrics["output_tokens_from_usage"] == 20
+    # Without --tokenizer pd-bench draws ids below the vocab_size pd's /v1/models lists.
+    out2 = tmp_path / "bench2.json"
+    no_tok = [*argv[: argv.index("--tokenizer")], "--num-prompts", "4"]
+    no_tok[no_tok.index("--result-json") + 1] = str(out2)
+    assert bench_main(no_tok) == 0
+    m2 = json.loads(out2.read_text())["metrics"]
+    assert (m2["completed"], m2["failed"]) == (4, 0)
 
 
 def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_path, tok):

@@ -29,7 +29,7 @@ from pd.proxy.admission import Admission, Job
 from pd.proxy.config import ProxyConfig
 from pd.proxy.dispatch import Chunk, Dispatcher
 from pd.proxy.protocol import APIError, completion_id, full_response, stream_chunk, usage_chunk
-from pd.proxy.router import Rank, Router
+from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.worker.metrics import RELAYED
@@ -139,7 +139,8 @@ class Proxy:
             self.admission.check_api_key(request.headers.get("authorization"))
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return JSONResponse({"object": "list", "data": [_model_object(m) for m in self.router.models()]})
+        models = await asyncio.gather(*(self._model_object(m) for m in self.router.models()))
+        return JSONResponse({"object": "list", "data": list(models)})
 
     async def retrieve_model(self, request: Request) -> Response:
         name = request.path_params["model"]  # may hold "/" (an "org/name" id)
@@ -149,7 +150,17 @@ class Proxy:
                 raise APIError(404, f"model {name!r} is not served here", "model")
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        return JSONResponse(_model_object(name))
+        return JSONResponse(await self._model_object(name))
+
+    async def _model_object(self, name: str) -> dict[str, Any]:
+        """The OpenAI model object, plus ``max_model_len`` and ``vocab_size`` when a rank tells them (benchmark
+        clients draw random token ids below ``vocab_size``)."""
+        obj: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "pd"}
+        try:
+            info = await self.router.model_info(name)
+        except (NoWorkers, grpc.aio.AioRpcError):
+            return obj
+        return {**obj, "max_model_len": info.max_context_len, "vocab_size": info.vocab_size}
 
     async def health(self, request: Request) -> Response:
         problems = []
@@ -185,7 +196,7 @@ class Proxy:
         for text in texts:
             for (name, labels), value in parse_samples(text).items():
                 if name in lines:
-                    body = ",".join(f'{k}="{v}"' for k, v in labels)
+                    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                     lines[name].append(f"{name}{{{body}}} {value:g}")
         out = []
         for name, samples in lines.items():
@@ -194,8 +205,9 @@ class Proxy:
         return "\n".join(out) + ("\n" if out else "")
 
 
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "pd"}
+def _escape(label_value: str) -> str:
+    """A label value as the text exposition format writes it."""
+    return label_value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class _ClientGone(Exception):
