@@ -7,21 +7,18 @@ scheduler frees its pages when it finishes or is aborted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pd.engine.engine import Engine
-from pd.engine.messages import AbortRoom, Command, DecodeRoom, Event, Failure, RoomFailed
-from pd.engine.role import Load, aborted_event, tokens_event
+from pd.engine.messages import AbortRoom, Command, DecodeRoom, Event, Failure
+from pd.engine.role import Load, aborted_event, refused, tokens_event
 from pd.engine.scheduler import QueueFull
 from pd.types import Req
-
-if TYPE_CHECKING:
-    from pd.worker.metrics import WorkerMetrics
+from pd.worker.metrics import WorkerMetrics
 
 
 class ColocatedEngine:
     def __init__(self, engine: Engine, metrics: WorkerMetrics | None = None) -> None:
-        self.engine, self.metrics = engine, metrics
+        self.engine = engine
+        self.metrics = metrics or WorkerMetrics("colocated")
         self.rooms: dict[int, Req] = {}
 
     def has_work(self) -> bool:
@@ -33,7 +30,7 @@ class ColocatedEngine:
             events.append(tokens_event(out))
             if out.finish_reason is not None:
                 self.rooms.pop(out.req.rid, None)
-                self._count(out.finish_reason.value)
+                self.metrics.ended(out.finish_reason.value)
         return events
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -57,31 +54,22 @@ class ColocatedEngine:
 
     def _arrive(self, cmd: DecodeRoom) -> list[Event]:
         if cmd.room in self.rooms:
-            return self._refuse(
-                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being served here"
+            return refused(
+                self.metrics, cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being served here"
             )
         try:
             self.rooms[cmd.room] = self.engine.add_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
         except QueueFull as e:
-            return self._refuse(cmd.room, Failure.BUSY, str(e))
+            return refused(self.metrics, cmd.room, Failure.BUSY, str(e))
         except ValueError as e:
-            return self._refuse(cmd.room, Failure.INVALID, str(e))
+            return refused(self.metrics, cmd.room, Failure.INVALID, str(e))
         return []
 
     def _abort(self, room: int) -> list[Event]:
         req = self.rooms.pop(room, None)
         if req is None:
             return []
-        if self.metrics:
-            self.metrics.aborts.inc(role="colocated")
+        self.metrics.aborts.inc(role="colocated")
         self.engine.abort(req)
-        self._count("abort")
+        self.metrics.ended("abort")
         return [aborted_event(req)]
-
-    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
-        self._count("refused")
-        return [RoomFailed(room, failure, message)]
-
-    def _count(self, outcome: str) -> None:
-        if self.metrics:
-            self.metrics.requests.inc(role="colocated", outcome=outcome)

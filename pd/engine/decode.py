@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pd.engine.engine import Engine, TokenOutput
 from pd.engine.messages import (
@@ -28,17 +28,14 @@ from pd.engine.messages import (
     DecodeRoom,
     Event,
     Failure,
-    RoomFailed,
     TransferEnded,
     transfer_failed,
 )
-from pd.engine.role import Load, aborted_event, tokens_event
+from pd.engine.role import Load, aborted_event, refused, tokens_event
 from pd.transfer.aux import SlotAllocator
 from pd.transfer.state import TransferState
 from pd.types import Req
-
-if TYPE_CHECKING:
-    from pd.worker.metrics import WorkerMetrics
+from pd.worker.metrics import WorkerMetrics
 
 
 class PageReceiver(Protocol):
@@ -81,7 +78,8 @@ class DecodeEngine:
         max_pending: int,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.engine, self.receiver, self.slots, self.metrics = engine, receiver, slots, metrics
+        self.engine, self.receiver, self.slots = engine, receiver, slots
+        self.metrics = metrics or WorkerMetrics("decode")
         self.headroom_tokens, self.max_pending = headroom_tokens, max_pending
         self.layout = engine.runner.pool.layout
         self.rooms: dict[int, _Room] = {}
@@ -130,22 +128,25 @@ class DecodeEngine:
 
     def _arrive(self, cmd: DecodeRoom) -> list[Event]:
         if cmd.room in self.rooms:
-            return self._refuse(
-                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being decoded here"
+            return refused(
+                self.metrics, cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being decoded here"
             )
         if len(self.pending) >= self.max_pending:
-            return self._refuse(
-                cmd.room, Failure.BUSY, f"{len(self.pending)} rooms already wait for KV pages here"
+            return refused(
+                self.metrics,
+                cmd.room,
+                Failure.BUSY,
+                f"{len(self.pending)} rooms already wait for KV pages here",
             )
         if not cmd.prefill_endpoint:
-            return self._refuse(cmd.room, Failure.INVALID, "prefill_endpoint is required")
+            return refused(self.metrics, cmd.room, Failure.INVALID, "prefill_endpoint is required")
         try:
             req = self.engine.make_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
         except ValueError as e:
-            return self._refuse(cmd.room, Failure.INVALID, str(e))
+            return refused(self.metrics, cmd.room, Failure.INVALID, str(e))
         if self._pages_wanted(req) > self.engine.allocator.capacity:
             message = f"the prompt needs {self._pages_wanted(req)} KV pages; this rank has {self.engine.allocator.capacity}"
-            return self._refuse(cmd.room, Failure.INVALID, message)
+            return refused(self.metrics, cmd.room, Failure.INVALID, message)
         self.rooms[cmd.room] = _Room(req, cmd.prefill_endpoint, time.monotonic())
         self.pending.append(cmd.room)
         return []
@@ -163,10 +164,13 @@ class DecodeEngine:
             if len(self.engine.scheduler.running) + self.in_transfer >= self.engine.cfg.max_running:
                 return
             room = self.rooms[self.pending[0]]
-            if not allocator.can_alloc(self._pages_wanted(room.req)) or self.slots.num_free == 0:
+            if self.slots.num_free == 0:
                 return
-            pages, slot = allocator.alloc(self._pages_wanted(room.req)), self.slots.alloc()
-            assert pages is not None and slot is not None  # checked above
+            pages = allocator.alloc(self._pages_wanted(room.req))
+            if pages is None:
+                return
+            slot = self.slots.alloc()
+            assert slot is not None  # checked above
             self.pending.popleft()
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
             self.in_transfer += 1
@@ -180,8 +184,7 @@ class DecodeEngine:
         assert room.pages is not None and room.aux_slot is not None
         self.in_transfer -= 1
         self.slots.free(room.aux_slot)
-        if self.metrics:
-            self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="decode")
+        self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="decode")
         if cmd.state is TransferState.DONE and room.aborted is None and cmd.aux is not None:
             room.stage, room.req.pages = Stage.RUNNING, room.pages
             return [
@@ -189,26 +192,25 @@ class DecodeEngine:
             ]
         self.engine.allocator.free(room.pages)
         del self.rooms[cmd.room]
-        if self.metrics and cmd.state is TransferState.FAILED:
+        if cmd.state is TransferState.FAILED:
             self.metrics.transfer_failures.inc(role="decode")
         if room.aborted is not None:
             return [self._aborted(room)]
-        self._count(cmd.state.value)
+        self.metrics.ended(cmd.state.value)
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
 
     def _emit(self, out: TokenOutput) -> Event:
         event = tokens_event(out)
         if out.finish_reason is not None:
             self.rooms.pop(out.req.rid, None)
-            self._count(out.finish_reason.value)
+            self.metrics.ended(out.finish_reason.value)
         return event
 
     def _abort(self, room_id: int, reason: str) -> list[Event]:
         room = self.rooms.get(room_id)
         if room is None:
             return []
-        if self.metrics:
-            self.metrics.aborts.inc(role="decode")
+        self.metrics.aborts.inc(role="decode")
         if room.stage is Stage.TRANSFER:
             room.aborted = reason
             self.receiver.abort(room_id, reason)  # TransferEnded frees the pages once no write can land
@@ -221,13 +223,5 @@ class DecodeEngine:
         return [self._aborted(room)]
 
     def _aborted(self, room: _Room) -> Event:
-        self._count("abort")
+        self.metrics.ended("abort")
         return aborted_event(room.req)
-
-    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
-        self._count("refused")
-        return [RoomFailed(room, failure, message)]
-
-    def _count(self, outcome: str) -> None:
-        if self.metrics:
-            self.metrics.requests.inc(role="decode", outcome=outcome)

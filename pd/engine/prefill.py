@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,14 +35,12 @@ from pd.engine.messages import (
     TransferEnded,
     transfer_failed,
 )
-from pd.engine.role import Load
+from pd.engine.role import Load, refused
 from pd.engine.scheduler import QueueFull
 from pd.transfer.aux import AuxRecord
 from pd.transfer.state import TransferState
 from pd.types import Batch, FinishReason, Req
-
-if TYPE_CHECKING:
-    from pd.worker.metrics import WorkerMetrics
+from pd.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,8 @@ class _Room:
 
 class PrefillEngine:
     def __init__(self, engine: Engine, sender: PageSender, metrics: WorkerMetrics | None = None) -> None:
-        self.engine, self.sender, self.metrics = engine, sender, metrics
+        self.engine, self.sender = engine, sender
+        self.metrics = metrics or WorkerMetrics("prefill")
         self.scheduler, self.runner = engine.scheduler, engine.runner
         self.layout = self.runner.pool.layout
         self.rooms: dict[int, _Room] = {}
@@ -127,16 +126,19 @@ class PrefillEngine:
 
     def _arrive(self, cmd: PrefillRoom) -> list[Event]:
         if cmd.room in self.rooms:
-            return self._refuse(
-                cmd.room, Failure.DUPLICATE, f"room {cmd.room:x} is already being prefilled here"
+            return refused(
+                self.metrics,
+                cmd.room,
+                Failure.DUPLICATE,
+                f"room {cmd.room:x} is already being prefilled here",
             )
         try:
             req = self.engine.make_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
             self.scheduler.add(req)
         except QueueFull as e:
-            return self._refuse(cmd.room, Failure.BUSY, str(e))
+            return refused(self.metrics, cmd.room, Failure.BUSY, str(e))
         except ValueError as e:
-            return self._refuse(cmd.room, Failure.INVALID, str(e))
+            return refused(self.metrics, cmd.room, Failure.INVALID, str(e))
         self.rooms[cmd.room] = _Room(req, time.monotonic())
         log.debug("room %x: queued, %d prompt tokens", cmd.room, len(req.prompt_ids))
         return []
@@ -167,9 +169,8 @@ class PrefillEngine:
             room.pages, room.first_token = self.scheduler.release(req), token
             aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
-            if self.metrics:
-                nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
-                self.metrics.transfer_bytes.inc(nbytes, role="prefill")
+            nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
+            self.metrics.transfer_bytes.inc(nbytes, role="prefill")
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
         room = self.rooms.pop(cmd.room, None)
@@ -178,11 +179,10 @@ class PrefillEngine:
         pages = room.pages if room.pages is not None else self.scheduler.release(room.req)
         if pages:
             self.engine.allocator.free(pages)
-        if self.metrics:
-            self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="prefill")
-            self.metrics.requests.inc(role="prefill", outcome=cmd.state.value)
-            if cmd.state is TransferState.FAILED:
-                self.metrics.transfer_failures.inc(role="prefill")
+        self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="prefill")
+        self.metrics.ended(cmd.state.value)
+        if cmd.state is TransferState.FAILED:
+            self.metrics.transfer_failures.inc(role="prefill")
         if cmd.state is TransferState.DONE:
             return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token)]
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
@@ -191,8 +191,7 @@ class PrefillEngine:
         room = self.rooms.get(room_id)
         if room is None:
             return []
-        if self.metrics:
-            self.metrics.aborts.inc(role="prefill")
+        self.metrics.aborts.inc(role="prefill")
         if room.announced:
             if room.pages is None:
                 room.pages = self.scheduler.release(room.req)
@@ -201,8 +200,3 @@ class PrefillEngine:
         del self.rooms[room_id]  # still queued: no pages, nothing sent
         self.scheduler.finish(room.req, FinishReason.ABORT)
         return [RoomFailed(room_id, Failure.ABORTED, f"room {room_id:x} aborted: {reason}")]
-
-    def _refuse(self, room: int, failure: Failure, message: str) -> list[Event]:
-        if self.metrics:
-            self.metrics.requests.inc(role="prefill", outcome="refused")
-        return [RoomFailed(room, failure, message)]

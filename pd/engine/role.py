@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pd.engine.engine import Engine, TokenOutput
-from pd.engine.messages import Command, Event, Tokens
+from pd.engine.messages import Command, Event, Failure, RoomFailed, Tokens
 from pd.types import FinishReason, Req
+from pd.worker.metrics import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,9 @@ def tokens_event(out: TokenOutput) -> Tokens:
 def aborted_event(req: Req) -> Tokens:
     """The last event of a room aborted while it waited or decoded (its stream ends, not fails)."""
     return Tokens(req.rid, (), (), "", FinishReason.ABORT.value, len(req.prompt_ids), len(req.output_ids))
+
+
+def refused(metrics: WorkerMetrics, room: int, failure: Failure, message: str) -> list[Event]:
+    """The one event of a room refused on arrival (counted as "refused")."""
+    metrics.ended("refused")
+    return [RoomFailed(room, failure, message)]

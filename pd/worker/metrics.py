@@ -53,5 +53,9 @@ class WorkerMetrics:
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
 
+    def ended(self, outcome: str) -> None:
+        """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort" or "refused"."""
+        self.requests.inc(role=self.role, outcome=outcome)
+
     def render(self) -> str:
         return self.registry.render()
