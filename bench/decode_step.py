@@ -1,13 +1,16 @@
 """Decode step time and prefill throughput of the DESIGN.md §8 shape on one GPU (EP = 1, dummy
 weights), each printed beside its floor, plus full-graph vs eager decode and a kernel profile.
 
-    python -m pd.bench.decode_step [--batches 1,8,32,64,128] [--contexts 1024,4096] [--out FILE]
+    python -m pd.bench.decode_step [--batches 1,8,32,64,128] [--contexts 1024,4096] [--quantization fp8]
+        [--out FILE]
 
 Floors use ceilings measured at start: a device-to-device copy (bytes read + written) and a bf16
 8192^3 matmul. Decode floor = (weight bytes the step touches + KV bytes read) / copy bandwidth, with
 the experts a batch touches estimated for uniform routing, E * (1 - (1 - K/E)^B) per MoE layer.
 Prefill floor = FLOPs / matmul peak (weights: 2 FLOPs per active parameter per token; attention:
-causal QK^T and PV).
+causal QK^T and PV). With ``--quantization fp8`` (block-FP8 weights, W8A8) the weight bytes are the FP8
+ones (with their scales) and the prefill peak is the block-scaled FP8 GEMM's, measured at 8192^3 with
+``pd.kernels.fp8.block_fp8_linear``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ from pd.bench.moe_kernels import measure_ceilings
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
 from pd.types import Batch, BatchMode, Req, SamplingParams
+
+
+def measure_fp8_peak() -> float:
+    """FLOP/s of the block-scaled FP8 GEMM (1x128 activations, 128x128 weights) at 8192^3."""
+    from pd.bench.moe_kernels import bench_us
+    from pd.kernels.fp8 import block_fp8_linear
+    from pd.model.quant import quantize
+
+    n = 8192
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    w, s = quantize(torch.randn(n, n, device="cuda"), (128, 128))
+    return 2 * n**3 / (bench_us(lambda: block_fp8_linear(x, w, s)) * 1e-6)
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
@@ -62,7 +77,7 @@ def parameter_bytes(runner: ModelRunner) -> dict[str, float]:
     dense = expert = 0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
-        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+        if ".experts." in name:  # w13, w2 and (FP8) their scales
             expert += n
         elif name != "model.embed_tokens.weight":
             dense += n
@@ -144,6 +159,9 @@ def main() -> None:
     p.add_argument("--prefill-seq-len", type=int, default=2048, help="prompt length inside the prefill chunk")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument(
+        "--quantization", default="none", choices=["none", "fp8"], help="weights: bf16 or block-FP8"
+    )
+    p.add_argument(
         "--profile", help="write a kernel profile of the graph step (batch 64, first context) here"
     )
     p.add_argument("--out", help="write the results as JSON here")
@@ -157,15 +175,18 @@ def main() -> None:
             make_tiny_model(Path(tempfile.mkdtemp()) / "moonlight-shape", "moonlight-shape", config_only=True)
         )
     bw, peak = measure_ceilings()
+    if args.quantization == "fp8":
+        peak = measure_fp8_peak()
     print(
-        f"ceilings: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {peak / 1e12:.0f} TFLOP/s",
+        f"ceilings: copy {bw / 1e12:.2f} TB/s (read + write), {args.quantization} matmul {peak / 1e12:.0f} TFLOP/s",
         flush=True,
     )
     max_b, max_ctx = max(batches), max(contexts)
     page_size = 64
     pages = max_b * (-(-(max_ctx + 1) // page_size)) + 2
     cfg = EngineConfig(
-        args.model, device="cuda", dtype="bfloat16", load_format="dummy", page_size=page_size, num_pages=pages,
+        args.model, device="cuda", dtype="bfloat16", load_format="dummy", quantization=args.quantization,
+        page_size=page_size, num_pages=pages,
         max_running=max_b, chunk_size=args.prefill_tokens, max_context_len=max(max_ctx + 64, args.prefill_seq_len + 64),
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -234,7 +255,7 @@ def main() -> None:
     print_table(rows, prefill, bw, peak)
     if args.out:
         env = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit(),
-               "copy_tb_s": bw / 1e12, "matmul_tflops": peak / 1e12}  # fmt: skip
+               "copy_tb_s": bw / 1e12, "matmul_tflops": peak / 1e12, "quantization": args.quantization}  # fmt: skip
         Path(args.out).write_text(
             json.dumps({"environment": env, "decode": rows, "prefill": prefill}, indent=2) + "\n"
         )

@@ -99,7 +99,9 @@ class _Tally:
             self.linear("attention", heads * cfg.qk_head_dim, cfg.q_lora_rank)
         self.linear("attention", cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)  # kv_a_proj_with_mqa
         self.vector("attention", cfg.kv_lora_rank)  # kv_a_layernorm
-        self.linear("attention", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        # kv_b_proj: pd holds it in bf16 even from an FP8 checkpoint (MLA decode absorbs it per head).
+        kv_b = heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        self.linear("attention", kv_b, cfg.kv_lora_rank, quantized=False)
         self.linear("attention", h, heads * cfg.v_head_dim)  # o_proj
         self.vector("norms", h, 2)  # input_layernorm, post_attention_layernorm
         if not cfg.is_moe_layer(index):

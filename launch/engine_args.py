@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pd.attention import ATTENTION_BACKENDS
-from pd.config import DTYPES, LOAD_FORMATS, EngineConfig, ParallelConfig
+from pd.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig, ParallelConfig
 from pd.ep import BACKENDS as EP_BACKENDS
 from pd.ep.placement import PLACEMENTS
 from pd.launch.args import add_field_arg
@@ -44,6 +44,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             "load_format",
             choices=LOAD_FORMATS,
             help="dummy: random weights of the right shapes",
+        ),
+        add_field_arg(
+            g,
+            "--quantization",
+            E,
+            "quantization",
+            choices=QUANTIZATIONS,
+            help="auto: as the checkpoint ships (block-FP8 kept FP8); fp8: block-FP8 weights (quantized on load "
+            "if the checkpoint is not); none: weights in --dtype (FP8 checkpoints dequantized)",
         ),
         add_field_arg(g, "--page-size", E, "page_size", help="tokens per KV page"),
         add_field_arg(
@@ -93,6 +102,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         load_format=args.load_format,
+        quantization=args.quantization,
         page_size=args.page_size,
         num_pages=args.num_pages,
         gpu_memory_fraction=args.gpu_memory_fraction,

@@ -21,6 +21,10 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 # How weights are loaded: "auto" reads the checkpoint's safetensors, "dummy" makes random weights.
 LOAD_FORMATS = ("auto", "dummy")
 
+# How linear weights are held on the device: "auto" follows the checkpoint's quantization_config,
+# "fp8" keeps (or makes) block-FP8 weights, "none" holds them in the activation dtype.
+QUANTIZATIONS = ("auto", "fp8", "none")
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -139,10 +143,15 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class FP8Quant:
-    """Block-quantized FP8 weights (``quantization_config`` fmt e4m3): dequantized on load."""
+    """Block-quantized FP8 weights (``quantization_config`` fmt e4m3): float8_e4m3fn values with one
+    float32 scale per ``[block_out, block_in]`` block (edge blocks partial)."""
 
-    block_out: int
-    block_in: int
+    block_out: int = 128
+    block_in: int = 128
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.block_out, self.block_in
 
 
 @dataclass(frozen=True)
@@ -286,7 +295,7 @@ def _parse_fp8(qc: dict[str, Any] | None) -> FP8Quant | None:
     block = qc.get("weight_block_size")
     if method != "fp8" or fmt != "e4m3" or not block or len(block) != 2:
         raise ValueError(
-            f"unsupported quantization_config {qc}; pd dequantizes block-quantized fp8 "
+            f"unsupported quantization_config {qc}; pd serves block-quantized fp8 "
             "(quant_method 'fp8', fmt 'e4m3', weight_block_size [out, in]) and nothing else"
         )
     return FP8Quant(block_out=int(block[0]), block_in=int(block[1]))
@@ -313,6 +322,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     load_format: str = "auto"  # auto: safetensors from model_path; dummy: random weights
+    quantization: str = "auto"  # auto: as the checkpoint ships; fp8: block-FP8 weights; none: dequantized
     page_size: int = 16
     num_pages: int | None = None  # None: fill gpu_memory_fraction on CUDA, DEFAULT_CPU_KV_TOKENS on CPU
     gpu_memory_fraction: float = 0.85  # this process's share of the device (weights + KV pool)
@@ -329,6 +339,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
@@ -343,6 +355,16 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return parse_dtype(self.dtype)
+
+    def weight_quant(self, model: ModelConfig) -> FP8Quant | None:
+        """How this rank holds the model's linear weights: the checkpoint's FP8 blocks (``auto`` on an FP8
+        checkpoint, or ``fp8``), 128x128 FP8 blocks made on load (``fp8`` on an unquantized checkpoint), or
+        None (the activation dtype)."""
+        if self.quantization == "none":
+            return None
+        if self.quantization == "fp8":
+            return model.fp8 or FP8Quant()
+        return model.fp8
 
     @property
     def scheduler(self) -> SchedulerConfig:

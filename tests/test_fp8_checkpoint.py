@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -169,22 +170,43 @@ def test_bfloat16_dequantized_copy_keeps_the_dtype(tmp_path):
     assert fp8["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert fp8["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert fp8[name].dtype == torch.float8_e4m3fn and deq[name].dtype == torch.bfloat16
-    from pd.model.weights import dequantize_fp8
+    from pd.model.quant import dequantize
 
-    assert torch.equal(
-        deq[name], dequantize_fp8(fp8[name], fp8[name + "_scale_inv"], BLOCK).to(torch.bfloat16)
-    )
+    assert torch.equal(deq[name], dequantize(fp8[name], fp8[name + "_scale_inv"], BLOCK).to(torch.bfloat16))
 
 
-def test_pd_loader_on_fp8_equals_the_dequantized_copy(fp8_ci):
-    def params(path: Path) -> dict[str, torch.Tensor]:
-        runner = ModelRunner(EngineConfig(str(path), num_pages=8), ModelConfig.from_dir(path))
-        return {k: v.detach().clone() for k, v in runner.model.named_parameters()}
+def _params(path: Path, quantization: str = "auto") -> dict[str, torch.Tensor]:
+    engine = EngineConfig(str(path), num_pages=8, quantization=quantization)
+    runner = ModelRunner(engine, ModelConfig.from_dir(path))
+    return {k: v.detach().clone() for k, v in runner.model.named_parameters()}
 
-    from_fp8, from_copy = params(fp8_ci), params(fp8_ci / "dequantized")
+
+def test_pd_loader_dequantizing_fp8_equals_the_dequantized_copy(fp8_ci):
+    from_fp8, from_copy = _params(fp8_ci, "none"), _params(fp8_ci / "dequantized")
     assert from_fp8.keys() == from_copy.keys()
     for name, t in from_fp8.items():
         assert torch.equal(t, from_copy[name]), name
+
+
+def test_pd_loader_keeps_fp8_as_the_checkpoint_stores_it(fp8_ci):
+    # --quantization auto on an FP8 checkpoint: every quantized projection stays float8_e4m3fn with the
+    # checkpoint's own scales; kv_b_proj (absorbed by MLA decode), norms, router, embeddings stay float32.
+    kept, ckpt = _params(fp8_ci), _tensors(fp8_ci)
+    fp8_names = {k for k, v in kept.items() if v.dtype == torch.float8_e4m3fn}
+    assert fp8_names and all(re.search(r"(\.w13|\.w2|_proj(_with_mqa)?\.weight)$", n) for n in fp8_names)
+    assert not any("kv_b_proj" in n or "gate.weight" in n for n in fp8_names)
+    for name in fp8_names:
+        assert kept[name + "_scale_inv"].dtype == torch.float32
+    q = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows: a partial last block
+    assert torch.equal(kept[q].view(torch.uint8), ckpt[q].view(torch.uint8))
+    assert torch.equal(kept[q + "_scale_inv"], ckpt[q + "_scale_inv"])
+    # The merged gate/up of expert 3 in layer 1: gate rows then up rows, each with its own blocks.
+    e = "model.layers.1.mlp.experts.3."
+    w13, s13 = kept["model.layers.1.mlp.experts.w13"][3], kept["model.layers.1.mlp.experts.w13_scale_inv"][3]
+    gate, up = ckpt[e + "gate_proj.weight"], ckpt[e + "up_proj.weight"]
+    assert torch.equal(w13.view(torch.uint8), torch.cat([gate, up]).view(torch.uint8))
+    gs, us = ckpt[e + "gate_proj.weight_scale_inv"], ckpt[e + "up_proj.weight_scale_inv"]
+    assert torch.equal(s13, torch.cat([gs, us]))
 
 
 def test_greedy_on_fp8_equals_transformers_on_the_dequantized_copy(fp8_ci, hf_model):

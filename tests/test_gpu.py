@@ -158,6 +158,57 @@ def test_graph_replay_equals_eager_decode(gpu_tiny):
     assert graph == eager
 
 
+@pytest.fixture(scope="module")
+def gpu_tiny_fp8(tiny_model):
+    """gpu-tiny as a block-FP8 checkpoint with DeepSeek's 128 x 128 blocks (kv_a_proj_with_mqa's 576 rows end
+    in a partial block), plus its dequantized copy."""
+    return tiny_model("gpu-tiny", fp8=True, fp8_block=(128, 128))
+
+
+def test_fp8_model_agrees_with_its_dequantized_run(gpu_tiny_fp8, hf_model):
+    """W8A8 (FP8 weights, 1x128 dynamic activation scales) against the same checkpoint dequantized to bf16
+    (--quantization none), both teacher-forced on transformers' float32 greedy tokens on the dequantized copy:
+    top-1 agreement overall and where the float32 top-1 margin exceeds 0.5 logits, printed for the record."""
+    hf32 = hf_model(gpu_tiny_fp8 / "dequantized").to("cuda")
+    rng = random.Random(2)
+    prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(64)]
+    forced, margins = [], []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        out = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        forced.append(out[0, len(p) :].tolist())
+        with torch.no_grad():
+            top2 = hf32(out).logits[0, len(p) - 1 : -1].float().topk(2).values
+        margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    fp8 = _decode_runner(gpu_tiny_fp8, quantization="fp8")
+    kernels = [m for m in fp8.model.modules() if hasattr(m, "w8a8")]
+    assert kernels and all(m.w8a8 for m in kernels), "every FP8 weight should run on the W8A8 kernels"
+    figures = {}
+    for name, runner in (("fp8", fp8), ("bf16", _decode_runner(gpu_tiny_fp8, quantization="none"))):
+        picks = _teacher_forced_top1(runner, prompts, forced)
+        pairs = [(a == b, m) for pk, fc, mg in zip(picks, forced, margins) for a, b, m in zip(pk, fc, mg)]
+        confident = [ok for ok, m in pairs if m > 0.5]
+        figures[name] = (sum(ok for ok, _ in pairs) / len(pairs), sum(confident) / len(confident))
+    print(
+        f"\ntop-1 agreement with transformers fp32 on the dequantized copy: W8A8 {figures['fp8'][0]:.4f} "
+        f"(margin > 0.5: {figures['fp8'][1]:.4f}); bf16 dequantized {figures['bf16'][0]:.4f} "
+        f"(margin > 0.5: {figures['bf16'][1]:.4f})"
+    )
+    assert figures["fp8"][1] >= 0.95 and figures["fp8"][1] >= figures["bf16"][1] - 0.03
+
+
+def test_fp8_graph_replay_equals_eager_decode(gpu_tiny_fp8):
+    rng = random.Random(4)
+    prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(13)]
+    forced = [random_prompt(rng, 24, 1000) for _ in prompts]
+    graph = _teacher_forced_top1(_decode_runner(gpu_tiny_fp8, quantization="fp8"), prompts, forced)
+    eager = _teacher_forced_top1(
+        _decode_runner(gpu_tiny_fp8, quantization="fp8", cuda_graph=False), prompts, forced
+    )
+    assert graph == eager
+
+
 def test_seeded_sampling_in_graph_equals_eager(gpu_tiny):
     """Non-greedy sampling runs on the graph's logits: the same draws as eager decoding."""
     runners = [_decode_runner(gpu_tiny), _decode_runner(gpu_tiny, cuda_graph=False)]

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from pd.bench.memory_plan import GB, GROUPS, main, plan
-from pd.config import ModelConfig
+from pd.config import FP8Quant, ModelConfig
 from pd.engine.runner import build_model
 from pd.ep import EPConfig
 from pd.kv_cache import KVLayout
-from pd.model.weights import dequantize_fp8
+from pd.model.quant import dequantize
 from pd.tiny_model import PRESETS, model_config, tensor_specs
 
 _FP8_128 = {
@@ -168,24 +168,27 @@ def _group_of(name: str, dense: bool) -> str:
     return "lm_head"
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_matches_pd_model_on_meta(preset):
-    """The plan's bf16 per-rank figures equal pd's own model, built the way the runner builds it
-    (``build_model``: bf16 parameters, the routing bias float32, lm_head tied or not) on the meta device."""
+def test_matches_pd_model_on_meta(preset, dtype):
+    """The plan's per-rank figures equal pd's own model, built the way the runner builds it
+    (``build_model``: bf16 parameters, the routing bias float32, lm_head tied or not; with FP8 the
+    projections float8_e4m3fn plus float32 scales per 128 x 128 block) on the meta device."""
     config = model_config(PRESETS[preset], bos_token_id=0, eos_token_id=1, dtype="bfloat16", with_mtp=True)
     cfg = ModelConfig.from_hf(config)
+    quant = FP8Quant() if dtype == "fp8" else None
     for ep in (1, 2, 4, 8):
         if cfg.n_routed_experts % ep:
             continue
-        model = build_model(cfg, _ep_stub(cfg, ep), 16, torch.device("meta"), torch.bfloat16)
+        model = build_model(cfg, _ep_stub(cfg, ep), 16, torch.device("meta"), torch.bfloat16, quant=quant)
         params = dict.fromkeys(GROUPS, 0)
         nbytes = dict.fromkeys(GROUPS, 0)
         for name, p in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
             m = re.match(r"model\.layers\.(\d+)\.", name)
             group = _group_of(name, dense=bool(m) and not cfg.is_moe_layer(int(m.group(1))))
-            params[group] += p.numel()
+            params[group] += 0 if name.endswith("_scale_inv") else p.numel()
             nbytes[group] += p.numel() * p.element_size()
-        mp = plan(config, ep, 80)
+        mp = plan(config, ep, 80, dtype=dtype)
         assert {g.name: g.params for g in mp.groups} == params, (preset, ep)
         assert {g.name: g.nbytes for g in mp.groups} == nbytes, (preset, ep)
         assert mp.experts_per_rank == cfg.n_routed_experts // ep
@@ -213,11 +216,16 @@ def test_fp8_and_mtp_match_the_checkpoint(preset):
         tally = mtp_t if m and int(m.group(1)) >= p.num_hidden_layers else main_t
         n = math.prod(spec.shape)
         # DeepSeek's FP8 checkpoints quantize the projections of attention and the MLPs (dense, shared,
-        # routed); not the router gate, the MTP's eh_proj, norms, embeddings or the output head.
-        quantized = re.search(r"_proj(_with_mqa)?\.weight$", spec.name) and "eh_proj" not in spec.name
+        # routed); not the router gate, the MTP's eh_proj, norms, embeddings or the output head. pd holds
+        # kv_b_proj dequantized (MLA decode absorbs it), and the plan counts what pd holds.
+        quantized = (
+            re.search(r"_proj(_with_mqa)?\.weight$", spec.name)
+            and "eh_proj" not in spec.name
+            and "kv_b_proj" not in spec.name
+        )
         if quantized:
             scale = torch.ones(-(-spec.shape[0] // block), -(-spec.shape[1] // block))
-            dequantize_fp8(torch.zeros(spec.shape, dtype=torch.float8_e4m3fn), scale, (block, block))
+            dequantize(torch.zeros(spec.shape, dtype=torch.float8_e4m3fn), scale, (block, block))
         tally["params"] += n
         tally["bf16"] += n * spec.dtype.itemsize
         tally["fp8"] += n + 4 * scale.numel() if quantized else n * spec.dtype.itemsize

@@ -10,7 +10,7 @@ import torch
 from pd.attention.base import AttentionBackend, AttnInputs
 from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_supports
 from pd.attention.torch_ref import TorchMLABackend
-from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, ModelConfig
+from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
 from pd.ep import EPBackend, EPConfig, make_ep_backend
@@ -19,6 +19,7 @@ from pd.kv_cache import KVLayout, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
+from pd.model.quant import prepare_weights
 from pd.model.weights import init_dummy_weights, load_weights
 from pd.sampling import SamplingTensors, sample
 from pd.types import Batch, BatchMode
@@ -31,9 +32,10 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     placement: PlacementMap | None = None,
+    quant: FP8Quant | None = None,
 ) -> DeepseekV3ForCausalLM:
-    """Creates the model's parameters directly on ``device`` in ``dtype`` (uninitialised)."""
-    return materialize(meta_model(cfg, ep, max_positions, dtype, placement), device)
+    """Creates the model's parameters directly on ``device`` in ``dtype`` (FP8 with ``quant``; uninitialised)."""
+    return materialize(meta_model(cfg, ep, max_positions, dtype, placement, quant), device)
 
 
 def meta_model(
@@ -42,13 +44,14 @@ def meta_model(
     max_positions: int,
     dtype: torch.dtype,
     placement: PlacementMap | None = None,
+    quant: FP8Quant | None = None,
 ) -> DeepseekV3ForCausalLM:
     """The model on the meta device: shapes and dtypes, no memory (its size can be planned first)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return DeepseekV3ForCausalLM(cfg, ep, max_positions, placement)
+            return DeepseekV3ForCausalLM(cfg, ep, max_positions, placement, quant)
     finally:
         torch.set_default_dtype(default)
 
@@ -138,7 +141,10 @@ class ModelRunner:
         placement = ExpertPlacement(expert_placement, model_cfg.n_routed_experts, self.ep.config.world_size)
         self.placement = placement
         placement_map = None if placement.kind == "linear" else PlacementMap(placement, self.device)
-        model = meta_model(model_cfg, self.ep, cfg.context_len(model_cfg), self.dtype, placement_map)
+        self.quant = cfg.weight_quant(model_cfg)
+        model = meta_model(
+            model_cfg, self.ep, cfg.context_len(model_cfg), self.dtype, placement_map, self.quant
+        )
         self.weights = WeightBytes.of(model)
         if self.device.type == "cuda":  # refused before a byte is allocated if it cannot fit
             check_fits(
@@ -152,6 +158,7 @@ class ModelRunner:
             init_dummy_weights(self.model, cfg.seed)
         else:
             load_weights(self.model, cfg.model_path, self.ep.config.rank, self.ep.config.world_size)
+        prepare_weights(self.model)
         self.low_latency_moe = low_latency_moe
         self.lockstep = self.ep.config.world_size > 1
         self.context_len = cfg.context_len(model_cfg)

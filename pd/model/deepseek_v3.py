@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pd.config import ModelConfig
+from pd.config import FP8Quant, ModelConfig
 from pd.ep.base import EPBackend
 from pd.ep.placement import PlacementMap
 from pd.model.context import ForwardContext
@@ -22,11 +22,14 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         ep: EPBackend,
         placement: PlacementMap | None,
+        quant: FP8Quant | None,
     ) -> None:
         super().__init__()
-        self.self_attn = MLAttention(cfg, layer, rotary)
+        self.self_attn = MLAttention(cfg, layer, rotary, quant)
         moe = cfg.is_moe_layer(layer)
-        self.mlp = MoE(cfg, ep, placement) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (
+            MoE(cfg, ep, placement, quant) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, quant)
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -46,28 +49,41 @@ class DecoderLayer(nn.Module):
 
 class DeepseekV3Model(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, ep: EPBackend, max_positions: int, placement: PlacementMap | None
+        self,
+        cfg: ModelConfig,
+        ep: EPBackend,
+        max_positions: int,
+        placement: PlacementMap | None,
+        quant: FP8Quant | None,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, max_positions)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.rotary, ep, placement) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, self.rotary, ep, placement, quant) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     """Parameter names follow the Hugging Face checkpoint, except merged ``gate_up_proj`` and the
-    stacked routed experts ``mlp.experts.w13`` / ``w2`` (see ``pd.model.weights``)."""
+    stacked routed experts ``mlp.experts.w13`` / ``w2`` (see ``pd.model.weights``). With ``quant`` the
+    linear projections hold block-FP8 weights (``pd.model.quant``); router, norms, embeddings, lm_head
+    and ``kv_b_proj`` stay in the activation dtype."""
 
     def __init__(
-        self, cfg: ModelConfig, ep: EPBackend, max_positions: int, placement: PlacementMap | None = None
+        self,
+        cfg: ModelConfig,
+        ep: EPBackend,
+        max_positions: int,
+        placement: PlacementMap | None = None,
+        quant: FP8Quant | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.placement = placement
-        self.model = DeepseekV3Model(cfg, ep, max_positions, placement)
+        self.quant = quant
+        self.model = DeepseekV3Model(cfg, ep, max_positions, placement, quant)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

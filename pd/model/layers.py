@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pd.config import RopeConfig
+from pd.config import FP8Quant, RopeConfig
 from pd.kernels.moe import silu_and_mul
+from pd.model.quant import linear
 
 
 def _flashinfer_norm():
@@ -101,12 +102,14 @@ class RotaryEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP; gate and up projections stored merged as ``gate_up_proj [2I, H]``."""
+    """SiLU-gated MLP; gate and up projections stored merged as ``gate_up_proj [2I, H]`` (with ``quant``,
+    block-FP8, the two halves blocked apart)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, quant: FP8Quant | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        i = intermediate_size
+        self.gate_up_proj = linear(hidden_size, 2 * i, quant, parts=(i, i))
+        self.down_proj = linear(i, hidden_size, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pd.config import ModelConfig
+from pd.config import FP8Quant, ModelConfig
 from pd.model.context import ForwardContext
 from pd.model.layers import RMSNorm, RotaryEmbedding
+from pd.model.quant import linear
 from pd.types import BatchMode
 
 
@@ -17,9 +18,15 @@ class MLAttention(nn.Module):
     The cache holds, per token, ``c_kv`` (``kv_lora_rank``, normalised) and the rotated ``k_pe``
     (``qk_rope_head_dim``). Extend expands the context latent through ``kv_b_proj`` into per-head
     keys and values; decode absorbs ``kv_b_proj`` into the query and the output instead.
+
+    With ``quant`` the projections hold block-FP8 weights, except ``kv_b_proj``: decode uses it as two
+    per-head factors, so it stays in the activation dtype (dequantized on load; it is small: 32 MB of
+    DeepSeek-V3's 61 layers x 16.8M parameters... per layer 16.8M values).
     """
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, quant: FP8Quant | None = None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = cfg.num_attention_heads
@@ -30,17 +37,17 @@ class MLAttention(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         h, qk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.num_heads * qk, bias=False)
+            self.q_proj = linear(h, self.num_heads * qk, quant)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = linear(h, cfg.q_lora_rank, quant)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_b_proj = linear(cfg.q_lora_rank, self.num_heads * qk, quant)
+        self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, quant)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(
             cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
+        self.o_proj = linear(self.num_heads * self.v_dim, h, quant)
         self.rotary = rotary
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pd.config import ModelConfig
+from pd.config import FP8Quant, ModelConfig
 from pd.ep.base import EPBackend
 from pd.ep.placement import PlacementMap, placement_of
 from pd.kernels.moe import fused_moe, masked_moe
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
+from pd.model.quant import FP8_DTYPE, dequantize, scale_shape, w8a8_capable
 
 
 def select_experts(
@@ -50,12 +51,67 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """This rank's routed experts: ``w13 [E_local, 2I, H]`` (gate rows then up rows), ``w2 [E_local, H, I]``."""
+    """This rank's routed experts: ``w13 [E_local, 2I, H]`` (gate rows then up rows), ``w2 [E_local, H, I]``.
 
-    def __init__(self, num_local: int, hidden: int, intermediate: int) -> None:
+    With ``quant`` both are float8_e4m3fn with block scales ``w13_scale_inv [E_local, 2 ceil(I/bo),
+    ceil(H/bi)]`` (gate and up blocked apart) and ``w2_scale_inv [E_local, ceil(H/bo), ceil(I/bi)]``
+    float32; they run on the grouped W8A8 kernels where ``prepare`` finds them capable (``w8a8``), else
+    weight-only (dequantized per call). Without, they are in the activation dtype.
+    """
+
+    def __init__(self, num_local: int, hidden: int, intermediate: int, quant: FP8Quant | None = None) -> None:
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate), requires_grad=False)
+        self.quant, self.parts = quant, (intermediate, intermediate)
+        dtype = FP8_DTYPE if quant else None
+        self.w13 = nn.Parameter(
+            torch.empty(num_local, 2 * intermediate, hidden, dtype=dtype), requires_grad=False
+        )
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate, dtype=dtype), requires_grad=False)
+        if quant:
+            s13 = scale_shape(self.parts, hidden, quant.block)
+            s2 = scale_shape((hidden,), intermediate, quant.block)
+            f32 = torch.float32
+            self.w13_scale_inv = nn.Parameter(torch.empty(num_local, *s13, dtype=f32), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(torch.empty(num_local, *s2, dtype=f32), requires_grad=False)
+        self.w8a8 = False
+
+    def prepare(self) -> None:
+        """Chooses the W8A8 kernels or weight-only for the loaded FP8 weights."""
+        if self.quant is not None:
+            inter, hidden = self.parts[0], self.w13.shape[-1]
+            self.w8a8 = w8a8_capable(self.quant, self.w13.device, hidden, self.parts) and inter % 128 == 0
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w13, w2)`` in ``dtype`` (FP8 weights dequantized in float32 first; fresh tensors)."""
+        if self.quant is None:
+            return self.w13, self.w2
+        block = self.quant.block
+        w13 = dequantize(self.w13, self.w13_scale_inv, block, self.parts).to(dtype)
+        return w13, dequantize(self.w2, self.w2_scale_inv, block).to(dtype)
+
+    def sorted(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Normal-dispatch rows ``x [N, H]`` with local ids ``topk_idx [N, K]`` -> ``[N, H]``."""
+        if self.w8a8:
+            from pd.kernels.fp8 import fused_moe_fp8
+
+            return fused_moe_fp8(
+                x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_idx, topk_weights
+            )
+        return fused_moe(x, *self.weights(x.dtype), topk_idx, topk_weights)
+
+    def masked(
+        self, x: torch.Tensor, count: torch.Tensor, x_scale: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The low-latency layout ``x [E_local, M*W, H]`` (FP8 with ``x_scale [E_local, M*W, H/128]``,
+        or ``out_dtype``) -> ``[E_local, M*W, H]`` ``out_dtype``; rows from ``count[e]`` on are not computed."""
+        if self.w8a8:
+            from pd.kernels.fp8 import masked_moe_fp8
+
+            w13, s13, w2, s2 = self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv
+            return masked_moe_fp8(x, count, w13, s13, w2, s2, x_scale=x_scale, out_dtype=out_dtype)
+        if x_scale is not None:
+            raise ValueError("FP8 low-latency dispatch needs experts on the W8A8 kernels")
+        return masked_moe(x, count, *self.weights(out_dtype))
 
 
 class MoE(nn.Module):
@@ -65,7 +121,13 @@ class MoE(nn.Module):
 
     expert_tokens: torch.Tensor  # a buffer
 
-    def __init__(self, cfg: ModelConfig, ep: EPBackend, placement: PlacementMap | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ep: EPBackend,
+        placement: PlacementMap | None = None,
+        quant: FP8Quant | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.ep = ep
@@ -74,9 +136,9 @@ class MoE(nn.Module):
             "expert_tokens", torch.zeros(ep.config.num_local_experts, dtype=torch.int64), persistent=False
         )
         self.gate = Router(cfg)
-        self.experts = Experts(ep.config.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(ep.config.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant)
             if cfg.n_shared_experts
             else None
         )
@@ -108,20 +170,19 @@ class MoE(nn.Module):
         Normal mode (prefill; eager): received rows with local ids, the sorted-layout kernel.
         Low-latency mode (decode; static shapes, graph-safe): the masked ``[E_local, M*W, H]`` layout.
         """
-        w13, w2 = self.experts.w13, self.experts.w2
         if low_latency:
             d = self.ep.ll_dispatch(x, topk_idx)
             self.expert_tokens += d.recv_count  # [E_local]
-            y = masked_moe(d.recv_x, d.recv_count, w13, w2)  # [E_local, M*W, H]
+            y = self.experts.masked(d.recv_x, d.recv_count, d.recv_scale, x.dtype)  # [E_local, M*W, H]
             return self.ep.ll_combine(y, topk_idx, topk_weights, d.handle)
         nd = self.ep.dispatch(x, topk_idx, topk_weights)
         self.expert_tokens += nd.recv_counts  # [E_local]
-        y = fused_moe(nd.recv_x, w13, w2, nd.recv_topk_idx, nd.recv_topk_weights)  # [N, H]
+        y = self.experts.sorted(nd.recv_x, nd.recv_topk_idx, nd.recv_topk_weights)  # [N, H]
         return self.ep.combine(y, nd.handle)
 
     def idle(self, low_latency: bool) -> None:
         """Joins this layer's EP collectives with no tokens (a rank without work in a step others run)."""
         k, device = self.cfg.num_experts_per_tok, self.experts.w13.device
-        x = torch.empty(0, self.cfg.hidden_size, dtype=self.experts.w13.dtype, device=device)
+        x = torch.empty(0, self.cfg.hidden_size, dtype=self.ep.config.dtype, device=device)
         idx = torch.empty(0, k, dtype=torch.int64, device=device)
         self.routed(x, idx, torch.empty(0, k, dtype=torch.float32, device=device), low_latency)

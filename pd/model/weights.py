@@ -5,7 +5,9 @@ Checkpoint names map onto parameters one to one, except:
 - routed experts ``mlp.experts.{e}.{gate,up,down}_proj`` fill rows of the stacked ``w13`` / ``w2``
   when expert ``e`` lives on this EP rank (``e // E_local == rank``), and are skipped otherwise;
 - the MTP layer ``model.layers.{num_hidden_layers}.*`` is skipped (serving does not use it);
-- FP8 block-quantized weights (with ``weight_scale_inv``) are dequantized on load.
+- block-FP8 tensors (with ``weight_scale_inv``) fill an FP8 parameter and its ``<param>_scale_inv``
+  as they are, and are dequantized into a parameter in the activation dtype (``--quantization none``,
+  and ``kv_b_proj`` always); an unquantized tensor bound for an FP8 parameter is quantized on load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from pd.ep.placement import placement_of
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
+from pd.model.quant import FP8_DTYPE, dequantize, quantize
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
@@ -36,10 +39,21 @@ class WeightLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where one checkpoint tensor goes: ``param[index]`` (``index`` None = the whole parameter)."""
+    """Where one checkpoint tensor goes: parameter ``param``, in local expert slot ``expert`` (stacked
+    experts) and row half ``part`` (0 gate, 1 up of a merged gate/up weight); None = all of it."""
 
     param: str
-    index: tuple | None = None
+    expert: int | None = None
+    part: int | None = None
+
+    def rows(self, t: torch.Tensor, block_rows: int = 1) -> torch.Tensor:
+        """The view of ``t`` (the parameter, or with ``block_rows`` its block scales) this target fills."""
+        if self.expert is not None:
+            t = t[self.expert]
+        if self.part is not None:
+            half = t.shape[-2] // 2
+            t = t[..., self.part * half : (self.part + 1) * half, :]
+        return t
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -86,17 +100,13 @@ class WeightMapper:
             if physical // self.num_local != self.ep_rank:
                 return None  # lives on another EP rank
             local = physical % self.num_local
-            inter = self.cfg.moe_intermediate_size
             if kind == "down":
-                return Target(f"{m.group(1)}.w2", (local,))
-            half = slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
-            return Target(f"{m.group(1)}.w13", (local, half))
+                return Target(f"{m.group(1)}.w2", local)
+            return Target(f"{m.group(1)}.w13", local, 0 if kind == "gate" else 1)
         if m := _GATE_UP.match(name):
             param = f"{m.group(1)}.gate_up_proj.weight"
             if param in self.params:
-                inter = self.params[param].shape[0] // 2
-                half = slice(0, inter) if m.group(2) == "gate" else slice(inter, 2 * inter)
-                return Target(param, (half,))
+                return Target(param, None, 0 if m.group(2) == "gate" else 1)
         if name in self.params:
             return Target(name)
         raise WeightLoadError(f"unexpected tensor {name!r} in checkpoint: no such parameter in DeepSeek-V3")
@@ -106,8 +116,8 @@ class WeightMapper:
         cfg = self.cfg
         names: set[str] = set()
         for pname in self.params:
-            if pname == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue
+            if (pname == "lm_head.weight" and cfg.tie_word_embeddings) or pname.endswith("_scale_inv"):
+                continue  # scales come with their FP8 weight (or are made from it)
             if pname.endswith("gate_up_proj.weight"):
                 base = pname.removesuffix(".gate_up_proj.weight")
                 names |= {f"{base}.gate_proj.weight", f"{base}.up_proj.weight"}
@@ -121,22 +131,26 @@ class WeightMapper:
         return names
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``weight [O, I]`` float8_e4m3fn times per-block ``scale_inv [ceil(O/bo), ceil(I/bi)]`` -> float32."""
-    bo, bi = block
-    o, i = weight.shape
-    expected = (-(-o // bo), -(-i // bi))
-    if tuple(scale_inv.shape) != expected:
-        raise WeightLoadError(
-            f"fp8 scale shape {tuple(scale_inv.shape)} does not fit weight {(o, i)}: expected {expected}"
-        )
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:o].repeat_interleave(bi, 1)[:, :i]
-    return weight.float() * scale
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One checkpoint tensor: ``value``, and for a block-FP8 one its float32 ``scale`` per ``block``."""
+
+    value: torch.Tensor
+    scale: torch.Tensor | None = None
+    block: tuple[int, int] | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        if self.scale is None or self.block is None:
+            return self.value
+        try:
+            return dequantize(self.value, self.scale, self.block)
+        except ValueError as e:
+            raise WeightLoadError(str(e)) from None
 
 
 def _iter_checkpoint(
     model_dir: Path, fp8_block: tuple[int, int] | None
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, CheckpointTensor]]:
     files = checkpoint_files(model_dir)
     handles = {f: safe_open(str(f), framework="pt") for f in files}
     where = {name: f for f, h in handles.items() for name in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -146,15 +160,47 @@ def _iter_checkpoint(
             if name.endswith("weight_scale_inv"):
                 continue
             tensor = handles[f].get_tensor(name)
-            if tensor.dtype == torch.float8_e4m3fn:
-                scale_name = name + "_scale_inv"
-                if fp8_block is None or scale_name not in where:
-                    raise WeightLoadError(
-                        f"fp8 tensor {name!r} without quantization_config or {scale_name!r}"
-                    )
-                tensor = dequantize_fp8(tensor, handles[where[scale_name]].get_tensor(scale_name), fp8_block)
             bar.update()
-            yield name, tensor
+            if tensor.dtype != FP8_DTYPE:
+                yield name, CheckpointTensor(tensor)
+                continue
+            scale_name = name + "_scale_inv"
+            if fp8_block is None or scale_name not in where:
+                raise WeightLoadError(f"fp8 tensor {name!r} without quantization_config or {scale_name!r}")
+            yield name, CheckpointTensor(tensor, handles[where[scale_name]].get_tensor(scale_name), fp8_block)
+
+
+def _fill(
+    params: dict[str, torch.nn.Parameter],
+    target: Target,
+    name: str,
+    t: CheckpointTensor,
+    block: tuple[int, int] | None,
+) -> None:
+    """Copies checkpoint tensor ``t`` into ``target``: FP8 values and scales as they are into an FP8
+    parameter (quantizing an unquantized tensor with the model's ``block``), dequantized otherwise."""
+    param = params[target.param]
+    dest = target.rows(param)
+    fp8 = param.dtype == FP8_DTYPE
+    value, scale = (t.value, t.scale) if fp8 and t.scale is not None else (t.dequantized(), None)
+    if tuple(dest.shape) != tuple(value.shape):
+        raise WeightLoadError(
+            f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(dest.shape)} "
+            f"(parameter {target.param})"
+        )
+    if not fp8:
+        dest.copy_(value)
+        return
+    scale_dest = target.rows(params[target.param + "_scale_inv"])
+    if scale is None:
+        assert block is not None, "FP8 parameters belong to a model with a quantization block"
+        value, scale = quantize(value.to(dest.device), block)
+    if tuple(scale_dest.shape) != tuple(scale.shape):
+        raise WeightLoadError(
+            f"fp8 scales of {name!r} have shape {tuple(scale.shape)}, expected {tuple(scale_dest.shape)}"
+        )
+    dest.copy_(value)
+    scale_dest.copy_(scale)
 
 
 def load_weights(
@@ -166,18 +212,11 @@ def load_weights(
     fp8 = model.cfg.fp8
     seen: set[str] = set()
     with torch.no_grad():
-        for name, tensor in _iter_checkpoint(Path(model_dir), (fp8.block_out, fp8.block_in) if fp8 else None):
+        for name, tensor in _iter_checkpoint(Path(model_dir), fp8.block if fp8 else None):
             target = mapper.target(name)
             if target is None:
                 continue
-            param = mapper.params[target.param]
-            dest = param if target.index is None else param[target.index]
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise WeightLoadError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} "
-                    f"(parameter {target.param})"
-                )
-            dest.copy_(tensor)
+            _fill(mapper.params, target, name, tensor, model.quant.block if model.quant else None)
             seen.add(name)
     missing = sorted(mapper.expected_names() - seen)
     if missing:
@@ -189,10 +228,13 @@ def init_dummy_weights(model: DeepseekV3ForCausalLM, seed: int = 0) -> None:
     """Random weights of the right shapes for benchmarking: norms 1, the rest ``N(0, 1/sqrt(fan_in))``
     scaled down, a small random routing bias. Deterministic for a seed, generated on the model's device.
     Routed experts are drawn one global expert at a time, so every EP size and placement holds the same
-    experts (a 2-rank deployment gives the tokens of a 1-rank one)."""
+    experts (a 2-rank deployment gives the tokens of a 1-rank one). FP8 parameters get the same draw,
+    block-quantized, with their scales."""
     experts_of = {
         f"{name}.experts": m.global_expert_ids() for name, m in model.named_modules() if isinstance(m, MoE)
     }
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
 
     def randn(shape: torch.Size, key: str, device: torch.device) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(seed + hash_name(key))
@@ -200,19 +242,33 @@ def init_dummy_weights(model: DeepseekV3ForCausalLM, seed: int = 0) -> None:
             0.5 / shape[-1] ** 0.5
         )
 
+    def fill(name: str, dest: torch.Tensor, value: torch.Tensor, index: int | None = None) -> None:
+        if dest.dtype != FP8_DTYPE:
+            dest.copy_(value)
+            return
+        owner, _, attr = name.rpartition(".")
+        parts = getattr(modules[owner], "parts", None) if attr in ("weight", "w13") else None
+        assert model.quant is not None, "FP8 parameters belong to a model with a quantization block"
+        q, scale = quantize(value, model.quant.block, parts)
+        dest.copy_(q)
+        scales = params[name + "_scale_inv"]
+        (scales if index is None else scales[index]).copy_(scale)
+
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             owner = name.rpartition(".")[0]
+            if name.endswith("_scale_inv"):
+                continue  # set with its weight
             if owner in experts_of:  # [E_local, ...]: slot i holds global expert experts_of[owner][i]
                 for slot, expert in enumerate(experts_of[owner]):
-                    p[slot].copy_(randn(p.shape[1:], f"{name}[{expert}]", p.device))
+                    fill(name, p[slot], randn(p.shape[1:], f"{name}[{expert}]", p.device), slot)
             elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             elif name.endswith("e_score_correction_bias"):
                 gen = torch.Generator(device=p.device).manual_seed(seed + hash_name(name))
                 p.copy_(torch.rand(p.shape, generator=gen, device=p.device, dtype=torch.float32) * 0.01)
             else:
-                p.copy_(randn(p.shape, name, p.device))
+                fill(name, p, randn(p.shape, name, p.device))
 
 
 def hash_name(name: str) -> int:

@@ -8,9 +8,9 @@ import re
 
 import torch
 
+from pd.model.quant import dequantize, quantize
 from pd.tiny_model.weights import TensorSpec
 
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 DEFAULT_BLOCK = (128, 128)
 SCALE_SUFFIX = "_scale_inv"
 
@@ -56,27 +56,13 @@ def fp8_specs(specs: list[TensorSpec], block: tuple[int, int]) -> list[TensorSpe
     return sorted(out, key=lambda s: s.name)
 
 
-def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """The per-block `scale` spread over every element of a `shape` weight."""
-    (o, i), (bo, bi) = shape, block
-    return scale.repeat_interleave(bo, 0)[:o].repeat_interleave(bi, 1)[:, :i]
-
-
 def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight [O, I]` -> (float8_e4m3fn weight, float32 scale_inv [ceil(O/bo), ceil(I/bi)]): per block,
-    scale = amax / 448 (1 for an all-zero block), weight / scale clamped to ±448 and cast to e4m3."""
-    bo, bi = block
-    w = weight.float()
-    o, i = w.shape
-    no, ni = scale_shape((o, i), block)
-    padded = torch.zeros(no * bo, ni * bi, dtype=torch.float32)
-    padded[:o, :i] = w.abs()
-    amax = padded.view(no, bo, ni, bi).amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w / _expand(scale, (o, i), block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    scale = amax / 448 (1 for an all-zero block), weight / scale clamped to ±448 and cast to e4m3 (pd's own
+    quantizer, which `--quantization fp8` uses on unquantized checkpoints)."""
+    return quantize(weight, block)
 
 
 def dequantize_block_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """`q * scale_inv` over each block, in float32 (as pd's loader computes it)."""
-    return q.float() * _expand(scale_inv.float(), (q.shape[0], q.shape[1]), block)
+    return dequantize(q, scale_inv, block)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Device runs on nvidia-h200 (one GPU), issue 15 (block-FP8 weights, W8A8 kernels):
+#   kernels  the FP8 kernels against their torch references (tests/test_gpu_fp8.py), the model-level GPU tests
+#            (FP8 top-1 agreement with its dequantized run, FP8 graph replay == eager) and bench/fp8_gemm.py
+#            (DeepSeek-V3 layer grouped GEMMs, dense GEMMs, activation quantization).
+#   decode   bench/decode_step.py on the DESIGN.md §8 shape in FP8 and in bf16 (same host, same day), and
+#            pd-serve readiness on the FP8 gpu-tiny checkpoint.
+# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode   (carry .gpu-pack)
+set -u
+stage=${1:?kernels or decode}
+tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
+source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > $OUT/device.txt
+git log -1 --format=%h > $OUT/commit.txt 2>/dev/null || true
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+if [ "$stage" = kernels ]; then
+  timeout 200 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/test_gpu_fp8.py -rA > $OUT/test_gpu_fp8.txt 2>&1
+  echo "kernel tests exit $?"; tail -5 $OUT/test_gpu_fp8.txt
+  timeout 150 python3 -m pd.bench.fp8_gemm --out $OUT/fp8_gemm.md > $OUT/fp8_gemm.log 2>&1
+  echo "fp8_gemm exit $?"; tail -40 $OUT/fp8_gemm.log
+  timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k fp8 > $OUT/test_gpu_model.txt 2>&1
+  echo "model tests exit $?"; grep -E "agreement|passed|failed|Error" $OUT/test_gpu_model.txt | head -20
+fi
+if [ "$stage" = decode ]; then
+  for q in fp8 none; do
+    timeout 260 python3 -m pd.bench.decode_step --quantization $q --iters 10 --out $OUT/decode_$q.json \
+      --profile $OUT/decode_profile_$q.txt > $OUT/decode_$q.log 2>&1
+    echo "decode_step $q exit $?"; grep -vE "^\{|^$" $OUT/decode_$q.log | tail -18
+  done
+fi
