@@ -117,7 +117,7 @@ def test_dequantize_fp8_blocks():
         dequantize(q, scale[:1], (4, 4))
 
 
-def test_fp8_checkpoint_is_dequantized_on_load(tiny_model, tmp_path):
+def test_fp8_checkpoint_is_dequantized_or_kept(tiny_model, tmp_path):
     src = tiny_model("ci")
     block = 16
     reference = {}
@@ -141,16 +141,18 @@ def test_fp8_checkpoint_is_dequantized_on_load(tiny_model, tmp_path):
             quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
         ),
     )
-    model = runner_for(fp8).model
+    model = runner_for(fp8, quantization="none").model
     w = dict(model.named_parameters())
-    assert torch.equal(
-        w["model.layers.1.self_attn.o_proj.weight"], reference["model.layers.1.self_attn.o_proj.weight"]
-    )
+    o_proj, up = "model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.experts.2.up_proj.weight"
+    assert torch.equal(w[o_proj], reference[o_proj])
     inter = model.cfg.moe_intermediate_size
-    assert torch.equal(
-        w["model.layers.1.mlp.experts.w13"][2, inter:],
-        reference["model.layers.1.mlp.experts.2.up_proj.weight"],
-    )
+    assert torch.equal(w["model.layers.1.mlp.experts.w13"][2, inter:], reference[up])
+    # --quantization auto keeps them FP8: the dequantized views are the same numbers.
+    kept = runner_for(fp8).model
+    mods = dict(kept.named_modules())
+    assert torch.equal(mods["model.layers.1.self_attn.o_proj"].dequantized(torch.float32), reference[o_proj])
+    w13, _ = mods["model.layers.1.mlp.experts"].weights(torch.float32)
+    assert torch.equal(w13[2, inter:], reference[up])
 
 
 def test_dummy_weights_are_deterministic_and_shaped(tiny_model):

@@ -11,7 +11,10 @@ from pd.rpc import bootstrap_pb2 as pb
 # Fields every two ranks registered with one bootstrap server must agree on: a KV page written by
 # any prefill rank must be readable, byte for byte, by any decode rank.
 MODEL_FIELDS = ("protocol_version", "model_fingerprint")
-# Fields ranks that move KV between them (prefill and decode) must also agree on.
+# Fields ranks that move KV between them (prefill and decode) must also agree on. Weight precision
+# (--quantization: FP8 or dequantized) is deliberately absent: the KV layout does not depend on it (the
+# cache holds the latent in the activation dtype either way), so an FP8 prefill instance may serve a bf16
+# decode instance of the same architecture.
 KV_FIELDS = (
     "page_size",
     "kv_dtype",
