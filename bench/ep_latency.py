@@ -5,6 +5,7 @@ latency (eager and replayed in a CUDA graph), normal-mode dispatch+combine throu
     python -m pd.bench.ep_latency --out bench/results/ep_latency.json
     python -m pd.bench.ep_latency --device cpu --smoke     # gloo, tiny shapes (CI smoke test)
     python -m pd.bench.ep_latency --routing grouped --placements linear,round_robin
+    python -m pd.bench.ep_latency --fp8                    # FP8 low-latency dispatch (EPConfig.ll_fp8)
 
 No torchrun: the parent starts one worker process per rank for each backend, bounds each
 launch with --timeout-s and kills only its own workers by pid, so a hung collective costs at
@@ -19,6 +20,16 @@ What is measured (per rank; the table shows the slowest rank):
 - normal: ``dispatch`` + ``combine`` of 4096 tokens per rank, eager; GB/s = bytes this rank sends
   (dispatched rows, self included, + combined rows, times H * 2) / time.
 Routing is uniform random top-k; every rank has T tokens.
+
+``--fp8``: low-latency dispatch sends e4m3 rows plus per-128 float32 scales (``EPConfig.ll_fp8``;
+combine stays bf16). The timed round trip then sends a constant all-ones bf16 expert output back
+(feeding the rows back would add a dequantization pass over the whole ``[E_local, M * W, H]``
+buffer to the time), so its check is ``sum_k w`` per token; a separate eager check dequantizes the
+received rows and compares the combined result with the sender's ``quant_rows`` rows
+(``fp8_rows_rel_err``). Every low-latency record carries ``bytes_per_row`` (``ll_bytes_per_row``:
+dispatch and combine payload per (token, top-k slot), bf16 vs FP8) and ``wire_bytes_per_rank``
+(T * K rows each way, one copy per (token, expert) as DeepEP/Mooncake send; the torch backend sends
+one copy per (token, rank), so fewer).
 
 ``--routing grouped`` (the expert-placement study) instead routes random hidden states through the
 real noaux_tc router with random weights shared by all ranks (the routers of
@@ -119,7 +130,14 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pd.ep import EPConfig, make_ep_backend, make_mooncake_buffer
+    from pd.ep import (
+        EPConfig,
+        dequant_rows,
+        ll_bytes_per_row,
+        make_ep_backend,
+        make_mooncake_buffer,
+        quant_rows,
+    )
     from pd.ep.layout import token_ranks
     from pd.ep.reference import ReferenceExperts, random_routing
 
@@ -212,6 +230,46 @@ def _worker(args: argparse.Namespace) -> None:
             graph_us, graph_diff = slowest(graph_us), slowest(graph_diff)
         return err, eager_us, graph_us, graph_diff
 
+    def ll_round_trip(backend, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        """(round_trip, want) of one low-latency dispatch + combine with stand-in experts.
+
+        bf16: the dispatched rows go straight back (identity experts): want = x * sum_k w.
+        FP8: a constant all-ones expert output goes back: want = sum_k w in every column.
+        """
+        cfg = backend.config
+        if not cfg.ll_fp8:
+
+            def round_trip():
+                d = backend.ll_dispatch(x, idx)
+                return backend.ll_combine(d.recv_x, idx, w, d.handle)
+
+            return round_trip, x.float() * w.sum(dim=1, keepdim=True)
+        ones = torch.ones(
+            cfg.num_local_experts, cfg.ll_rows_per_expert, cfg.hidden, dtype=cfg.dtype, device=device
+        )
+
+        def fp8_round_trip():
+            d = backend.ll_dispatch(x, idx)
+            return backend.ll_combine(ones, idx, w, d.handle)
+
+        return fp8_round_trip, w.sum(dim=1, keepdim=True).expand(-1, cfg.hidden)
+
+    def fp8_rows_err(backend, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> float | None:
+        """FP8 only (else None): dispatch, dequantize every received row and send it back (identity
+        experts, eager); relative error against the sender's quantized rows times sum_k w."""
+        if not backend.config.ll_fp8:
+            return None
+        d = backend.ll_dispatch(x, idx)
+        y = dequant_rows(d.recv_x, d.recv_scale).to(dtype)  # rows past recv_count may be NaN: ignored
+        out = backend.ll_combine(y, idx, w, d.handle)
+        return slowest(rel_err(out, dequant_rows(*quant_rows(x)) * w.sum(dim=1, keepdim=True)))
+
+    def wire_fields(backend, tokens: int, top_k: int) -> dict:
+        per_row = ll_bytes_per_row(backend.config)
+        rows = tokens * top_k
+        return {"fp8": backend.config.ll_fp8, "bytes_per_row": per_row,
+                "wire_bytes_per_rank": {"dispatch": rows * per_row["dispatch"], "combine": rows * per_row["combine"]}}  # fmt: skip
+
     def placement_sweep(backend, router) -> None:
         """Low-latency round trips of grouped-router traffic under each placement."""
         from pd.bench.placement_balance import random_router
@@ -227,14 +285,9 @@ def _worker(args: argparse.Namespace) -> None:
                 x = torch.randn(tokens, router.hidden, generator=gen).to(device, dtype)
                 w, global_idx = select_experts(x, weight, bias, cfg)  # [T, K] f32, [T, K] global ids
                 idx = pmap.to_physical(global_idx)  # [T, K] physical ids
-                # Identity experts: the combine must give x times the sum of the token's weights.
-                want = x.float() * w.sum(dim=1, keepdim=True)
-
-                def round_trip(x=x, idx=idx, w=w, backend=backend):
-                    d = backend.ll_dispatch(x, idx)
-                    return backend.ll_combine(d.recv_x, idx, w, d.handle)
-
+                round_trip, want = ll_round_trip(backend, x, idx, w)
                 err, eager_us, graph_us, graph_diff = ll_timings(round_trip, want)
+                fp8_err = fp8_rows_err(backend, x, idx, w)
                 # Rows each rank received: one per (token, expert) naming one of its experts.
                 recv = backend.ll_dispatch(x, idx).recv_count.sum().to(torch.float64).reshape(1)
                 per_rank = [torch.zeros_like(recv) for _ in range(world)]
@@ -249,7 +302,9 @@ def _worker(args: argparse.Namespace) -> None:
                         recv_rows_per_rank=per_rank.tolist(),
                         recv_max_over_mean=float(per_rank.max() / per_rank.mean().clamp_min(1e-9)),
                         mean_ranks_spanned=float(spans) / (tokens * world), identity_rel_err=err,
-                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)))  # fmt: skip
+                        fp8_rows_rel_err=fp8_err, **wire_fields(backend, tokens, router.top_k),
+                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)
+                                  and (fp8_err is None or fp8_err < 2e-2)))  # fmt: skip
 
     mooncake_buffer = None
     if args.backend == "mooncake":
@@ -259,7 +314,7 @@ def _worker(args: argparse.Namespace) -> None:
         )
 
     def build(hidden: int, experts: int, tokens: int):
-        cfg = EPConfig(experts, hidden, tokens, dtype, rank, world, device)
+        cfg = EPConfig(experts, hidden, tokens, dtype, rank, world, device, ll_fp8=args.fp8)
         options = {"buffer": mooncake_buffer} if mooncake_buffer is not None else {}
         return make_ep_backend(args.backend, cfg, group, **options)
 
@@ -281,6 +336,8 @@ def _worker(args: argparse.Namespace) -> None:
     idx[0, -1] = -1  # an inert slot, and a padding row with no expert at all
     idx[1, :] = -1
     want = ref.dense(x, idx, w) if ref is not None else None
+    # With FP8 low-latency dispatch the experts see the quantized rows: so does the reference.
+    ll_want = ref.dense(dequant_rows(*quant_rows(x)), idx, w) if ref is not None and args.fp8 else want
     first = backend.config.first_local_expert if backend is not None else 0
     modes = [] if backend is None else ["low_latency"] + (["normal"] if args.backend == "torch" else [])
     for mode in modes:
@@ -289,10 +346,10 @@ def _worker(args: argparse.Namespace) -> None:
             out = backend.combine(ref.normal_outputs(d, first), d.handle)
         else:
             d = backend.ll_dispatch(x, idx)
-            out = backend.ll_combine(ref.ll_outputs(d, first), idx, w, d.handle)
-        err = slowest(rel_err(out, want))
+            out = backend.ll_combine(ref.ll_outputs(d, first, dtype=dtype), idx, w, d.handle)
+        err = slowest(rel_err(out, want if mode == "normal" else ll_want))
         rec.add("correctness", backend=args.backend, mode=mode, check="dense reference MoE", rel_err=err,
-                ok=all_ok(err < 2e-2))  # fmt: skip
+                fp8=args.fp8 and mode == "low_latency", ok=all_ok(err < 2e-2))  # fmt: skip
     del backend
     gc.collect()
 
@@ -313,18 +370,15 @@ def _worker(args: argparse.Namespace) -> None:
             for tokens in sweep.ll_tokens:
                 x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
                 idx, w = random_routing(tokens, experts, top_k, gen, device)
-                # Identity experts: the combine must give x times the sum of the token's weights.
-                want = x.float() * w.sum(dim=1, keepdim=True)
-
-                def round_trip(x=x, idx=idx, w=w, backend=backend):
-                    d = backend.ll_dispatch(x, idx)
-                    return backend.ll_combine(d.recv_x, idx, w, d.handle)
-
+                round_trip, want = ll_round_trip(backend, x, idx, w)
                 err, eager_us, graph_us, graph_diff = ll_timings(round_trip, want)
+                fp8_err = fp8_rows_err(backend, x, idx, w)
                 rec.add("low_latency", backend=args.backend, hidden=hidden, experts=experts, top_k=top_k,
                         tokens=tokens, max_tokens=max_tokens, eager_us=eager_us, graph_us=graph_us,
-                        identity_rel_err=err, graph_vs_eager_max_abs=graph_diff,
-                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)))  # fmt: skip
+                        identity_rel_err=err, graph_vs_eager_max_abs=graph_diff, fp8_rows_rel_err=fp8_err,
+                        **wire_fields(backend, tokens, top_k),
+                        ok=all_ok(err < 2e-2 and (graph_diff is None or graph_diff == 0.0)
+                                  and (fp8_err is None or fp8_err < 2e-2)))  # fmt: skip
             del backend
             gc.collect()
             if cuda:
@@ -420,6 +474,7 @@ def _launch(args: argparse.Namespace, backend: str, workdir: Path, group: str = 
                "--world-size", str(args.world_size), "--port", str(port), "--backend", backend,
                "--device", args.device, "--result-file", str(result_file), "--group", group,
                "--routing", args.routing, "--placements", args.placements] + (["--smoke"] if args.smoke else [])  # fmt: skip
+        cmd += ["--fp8"] if args.fp8 else []
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     deadline = time.monotonic() + args.timeout_s
     status = "ok"
@@ -478,9 +533,12 @@ def _tables(result: dict) -> str:
     lines = ["| backend | mode | check | rel err | ok |", "|---|---|---|---|---|"]
     lines += [f"| {c['backend']} | {c['mode']} | {c['check']} | {c['rel_err']:.1e} | {c['ok']} |"
               for c in result["correctness"]]  # fmt: skip
-    lines += ["", "Low-latency dispatch + combine, us per round trip (slowest rank, median):", "",
-              "| backend | hidden | experts/top-k | T | eager us | graph us | ok |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['backend']} | {r['hidden']} | {r['experts']}/{r['top_k']} | {r['tokens']} | "
+    lines += ["", "Low-latency dispatch + combine, us per round trip (slowest rank, median); bytes per (token, "
+              "top-k slot) dispatched / combined:", "",
+              "| backend | fp8 | hidden | experts/top-k | T | B/row out+back | eager us | graph us | ok |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['backend']} | {r['fp8']} | {r['hidden']} | {r['experts']}/{r['top_k']} | {r['tokens']} | "
+              f"{r['bytes_per_row']['dispatch']}+{r['bytes_per_row']['combine']} | "
               f"{_fmt(r['eager_us'])} | {_fmt(r['graph_us'])} | {r['ok']} |" for r in result["low_latency"]]  # fmt: skip
     lines += ["", "Normal dispatch + combine (eager):", "",
               "| backend | hidden | experts/top-k | T | rows out+back | us | GB/s (rank 0) | ok |",
@@ -515,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="uniform random top-k, or the grouped noaux_tc routers of the placement study")  # fmt: skip
     p.add_argument("--placements", default="linear",
                    help="with --routing grouped: comma-separated expert placements to compare")  # fmt: skip
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 low-latency dispatch (EPConfig.ll_fp8; needs hidden % 128 == 0, combine stays bf16)")  # fmt: skip
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -532,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = (args.backends or ("torch,mooncake" if args.device == "cuda" else "torch")).split(",")
     result: dict = {"environment": _environment(args.device), "args": {"device": args.device,
                     "world_size": args.world_size, "smoke": args.smoke, "backends": backends,
-                    "routing": args.routing, "placements": args.placements.split(",")},
+                    "routing": args.routing, "placements": args.placements.split(","), "fp8": args.fp8},
                     "correctness": [], "low_latency": [], "normal": [], "placement": [], "notes": [], "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ep_latency_") as tmp:
         sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP

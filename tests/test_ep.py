@@ -39,7 +39,9 @@ CASES = ("random", "one_expert", "idle_rank", "all_empty", "full", "masked", "re
 ROOT = Path(__file__).resolve().parents[1]  # the workers run as ``-m tests.test_ep`` from here
 
 
-def case_inputs(case: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def case_inputs(
+    case: str, rank: int, hidden: int = HIDDEN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (x, topk_idx, topk_weights) rank ``rank`` uses in ``case``; identical in every process."""
     g = torch.Generator().manual_seed(1000 * CASES.index(case) + rank)
     tokens = {
@@ -51,7 +53,7 @@ def case_inputs(case: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch
         "masked": [5, MAX_TOKENS],
         "remote_only": [4, 4],
     }[case][rank]
-    x = torch.randn(tokens, HIDDEN, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
     idx, w = random_routing(tokens, EXPERTS, TOP_K, g)
     if case == "one_expert":  # every token of every rank names expert 5 (in a random slot)
         idx, _ = random_routing(tokens, EXPERTS - 1, TOP_K - 1, g)
@@ -75,6 +77,7 @@ def run_case(backend: EPBackend, experts: ReferenceExperts, x, idx, w) -> dict[s
     d = backend.dispatch(x, idx, w)
     out = backend.combine(experts.normal_outputs(d, first), d.handle)
     ll = backend.ll_dispatch(x, idx)
+    assert ll.recv_scale is None and ll.recv_x.dtype == x.dtype  # no FP8 unless ll_fp8
     counts = ll.recv_count.tolist()
     ll_rows = torch.cat([ll.recv_x[e, :n] for e, n in enumerate(counts)])  # a copy: recv_x is reused
     ll_out = backend.ll_combine(experts.ll_outputs(ll, first), idx, w, ll.handle)
@@ -180,14 +183,15 @@ def check_ll(results: list[dict], inputs: list, n_local: int) -> None:
 # ---------------- 2-rank launches ----------------
 
 
-def launch_ranks(args: list[str], out_dir: Path, world: int = WORLD) -> None:
-    """Run this file as ``world`` worker processes; fail with their output on error or timeout."""
+def launch_ranks(args: list[str], out_dir: Path, world: int = WORLD, module: str = "tests.test_ep") -> None:
+    """Run ``module`` (this file by default) as ``world`` worker processes; fail with their output
+    on error or timeout."""
     port = free_port()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = []
     for rank in range(world):
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, "-m", "tests.test_ep", "--worker", "--rank", str(rank), "--world", str(world),
+        cmd = [sys.executable, "-m", module, "--worker", "--rank", str(rank), "--world", str(world),
                "--port", str(port), "--out", str(out_dir), *args]  # fmt: skip
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -439,6 +443,40 @@ class _FakeTuning:
         return 0
 
 
+def library_fp8_cast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How DeepEP's and Mooncake EP's dispatch kernels quantize (read in their sources): per row and
+    128 columns, amax floored at 1e-4, e4m3 = saturating cast of ``x * (448 / amax)``, stored
+    scale ``amax / 448``. Returns ``[T, H]`` e4m3 and ``[T, H / 128]`` float32."""
+    groups = x.float().unflatten(1, (x.shape[1] // 128, 128))
+    amax = groups.abs().amax(dim=2).clamp(min=1e-4)
+    q = (groups * (448.0 / amax).unsqueeze(2)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.flatten(1), amax / 448.0
+
+
+def fake_library_ll_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8):
+    """Single-rank masked-layout dispatch returning what DeepEP / Mooncake EP return as their first
+    value: recv_x bf16, or with use_fp8 ``(x e4m3 [E, M, H], scales [E, M, H / 128] float32)`` whose
+    scales are a transposed view of an ``[E, H / 128, M]`` tensor (column-major, as theirs)."""
+    m, hidden = num_max_dispatch_tokens_per_rank, x.shape[1]
+    valid, slot, count = expert_slots(topk_idx, num_experts, m)
+    rows = num_experts * m + 1
+    if not use_fp8:
+        storage = torch.zeros(rows, hidden, dtype=x.dtype)
+        storage[slot] = x.unsqueeze(1)
+        return storage[:-1].view(num_experts, m, hidden), count, (valid, slot)
+    q, scale = library_fp8_cast(x)
+    q_storage = torch.zeros(rows, hidden, dtype=torch.uint8)
+    q_storage[slot] = q.view(torch.uint8).unsqueeze(1)
+    s_storage = torch.zeros(rows, hidden // 128)
+    s_storage[slot] = scale.unsqueeze(1)
+    col_major = torch.empty(num_experts, hidden // 128, m).transpose(
+        1, 2
+    )  # [E, M, H/128], strides (G*M, 1, M)
+    col_major.copy_(s_storage[:-1].view(num_experts, m, hidden // 128))
+    recv_x = q_storage[:-1].view(torch.float8_e4m3fn).view(num_experts, m, hidden)
+    return (recv_x, col_major), count, (valid, slot)
+
+
 class _FakeDeepEPBuffer:
     """Single-rank stand-in for ``deep_ep.Buffer``: DeepEP's documented method signatures and
     dtype rules, implemented with plain torch (every expert is local)."""
@@ -500,14 +538,14 @@ class _FakeDeepEPBuffer:
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
                              return_recv_hook=False):  # fmt: skip
-        assert x.dtype == torch.bfloat16 and topk_idx.dtype == torch.int64 and not use_fp8
+        assert x.dtype == torch.bfloat16 and topk_idx.dtype == torch.int64
         assert x.shape[0] <= num_max_dispatch_tokens_per_rank
-        self.calls.append("ll_dispatch")
-        valid, slot, count = expert_slots(topk_idx, num_experts, num_max_dispatch_tokens_per_rank)
-        storage = torch.zeros(num_experts * num_max_dispatch_tokens_per_rank + 1, x.shape[1], dtype=x.dtype)
-        storage[slot] = x.unsqueeze(1)
-        recv_x = storage[:-1].view(num_experts, num_max_dispatch_tokens_per_rank, x.shape[1])
-        return recv_x, count, (valid, slot), None, None
+        assert not (round_scale or use_ue8m0)  # float32 scales, as the wrapper expects
+        self.calls.append(f"ll_dispatch{'_fp8' if use_fp8 else ''}")
+        recv, count, handle = fake_library_ll_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8
+        )
+        return recv, count, handle, None, None
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
                             async_finish=False, return_recv_hook=False, out=None,

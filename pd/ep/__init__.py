@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
 from pd.ep.deepep import DeepEP, deepep_available
+from pd.ep.fp8 import dequant_rows, ll_bytes_per_row, quant_rows
 from pd.ep.local import LocalEP
 from pd.ep.mooncake_ep import MooncakeEP, make_mooncake_buffer, mooncake_ep_available
 from pd.ep.torch_ep import TorchEP
@@ -23,8 +24,11 @@ __all__ = [
     "LLDispatch",
     "NormalDispatch",
     "default_ep_backend",
+    "dequant_rows",
+    "ll_bytes_per_row",
     "make_ep_backend",
     "make_mooncake_buffer",
+    "quant_rows",
 ]
 
 BACKENDS: dict[str, type[EPBackend]] = {cls.name: cls for cls in (LocalEP, TorchEP, MooncakeEP, DeepEP)}

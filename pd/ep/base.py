@@ -17,6 +17,9 @@ Low-latency mode (decode): static shapes, no host synchronisation (no ``.item()`
     ``e`` on ``recv_x[e, :recv_count[e]]`` and passes the unweighted outputs in the same layout to
     ``ll_combine(y, topk_idx, topk_weights, handle) -> [T, H]``, which applies the weights and
     sums per source token.
+    With ``EPConfig.ll_fp8`` the dispatch moves FP8: ``recv_x`` is float8_e4m3fn and
+    ``recv_scale [E_local, M * W, H / 128]`` float32 holds one scale per row per 128 columns
+    (``pd.ep.fp8``: scale = amax / 448, x ~= q * scale). Combine always moves ``dtype``.
 
 Conventions for every backend:
 - ``topk_idx`` holds GLOBAL expert ids (int64); ``-1`` means "no expert" for that slot and is
@@ -52,6 +55,10 @@ class EPConfig:
     dtype: dtype of x and of the expert outputs (bf16 on GPUs; float32 for CPU tests).
     rank, world_size: this rank's index in the EP group and the group's size W.
     device: where tensors live (``cuda:<i>`` or ``cpu``).
+    ll_fp8: low-latency dispatch sends x as float8_e4m3fn rows plus float32 scales, one per row
+        per 128 columns (dynamic: scale = amax / 448, an all-zero group is safe; ``pd.ep.fp8``),
+        and ``LLDispatch`` returns them as ``recv_x`` / ``recv_scale``. Requires
+        ``hidden % 128 == 0``. Normal-mode dispatch and every combine stay in ``dtype``.
     """
 
     num_experts: int
@@ -61,6 +68,7 @@ class EPConfig:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ll_fp8: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
@@ -73,6 +81,10 @@ class EPConfig:
         if self.hidden < 1 or self.max_tokens_per_rank < 1:
             raise ValueError(
                 f"hidden={self.hidden} and max_tokens_per_rank={self.max_tokens_per_rank} must be positive"
+            )
+        if self.ll_fp8 and self.hidden % 128:
+            raise ValueError(
+                f"ll_fp8 quantizes in groups of 128 columns: hidden={self.hidden} is not a multiple of 128"
             )
 
     @property
@@ -124,18 +136,24 @@ class NormalDispatch:
 class LLDispatch:
     """Result of low-latency ``ll_dispatch`` on one rank.
 
-    recv_x: ``[E_local, M * W, H]``, config dtype. The rows for local expert e are packed at the
-        front of ``recv_x[e]`` (in no guaranteed order); rows from ``recv_count[e]`` on hold
-        stale data. Usually a persistent buffer: it is overwritten by the next ``ll_dispatch``
-        (see each backend), so run the experts before dispatching again.
+    recv_x: ``[E_local, M * W, H]``, config dtype, or float8_e4m3fn with ``ll_fp8``. The rows
+        for local expert e are packed at the front of ``recv_x[e]`` (in no guaranteed order);
+        rows from ``recv_count[e]`` on hold stale data. Usually a persistent buffer: it is
+        overwritten by the next ``ll_dispatch`` (see each backend), so run the experts before
+        dispatching again.
     recv_count: ``[E_local]`` int32 on the device: number of valid rows of each local expert
         (one per (source token, top-k slot) naming it; at most M * W).
     handle: opaque; pass it to the matching ``ll_combine``. Valid until the next ``ll_dispatch``.
+    recv_scale: with ``ll_fp8``, ``[E_local, M * W, H / 128]`` float32, contiguous (row-major):
+        ``recv_scale[e, r, g]`` scales columns ``[128 g, 128 g + 128)`` of ``recv_x[e, r]``, so
+        ``recv_x[e, r] ~= q.float() * scale`` expanded over each group (``pd.ep.fp8.dequant_rows``).
+        Same row packing, staleness and lifetime as ``recv_x``. None without ``ll_fp8``.
     """
 
     recv_x: torch.Tensor
     recv_count: torch.Tensor
     handle: object
+    recv_scale: torch.Tensor | None = None
 
 
 class EPBackend(abc.ABC):
@@ -189,6 +207,9 @@ class EPBackend(abc.ABC):
         x: ``[T, H]`` config dtype, contiguous, ``T <= M`` (T may differ per rank).
         topk_idx: ``[T, K]`` int64 global expert ids or -1 (skipped: padding rows are all -1).
         Values are not validated (that would synchronise); out-of-range ids are undefined.
+        With ``config.ll_fp8`` each row is quantized per 128 columns before it is sent and the
+        result carries ``recv_x`` float8_e4m3fn ``[E_local, M * W, H]`` plus ``recv_scale``
+        float32 ``[E_local, M * W, H / 128]`` (see ``LLDispatch``); else ``recv_scale`` is None.
         """
 
     @abc.abstractmethod
@@ -197,9 +218,9 @@ class EPBackend(abc.ABC):
     ) -> torch.Tensor:
         """Weighted sum of expert outputs per source token. Collective; no host sync.
 
-        y: ``[E_local, M * W, H]`` config dtype, contiguous: expert e's output for row r of
-            ``recv_x[e]`` at ``y[e, r]``; rows from ``recv_count[e]`` on are ignored (may be garbage,
-            even NaN).
+        y: ``[E_local, M * W, H]`` config dtype (also with ``ll_fp8``), contiguous: expert e's output
+            for row r of ``recv_x[e]`` at ``y[e, r]``; rows from ``recv_count[e]`` on are ignored
+            (may be garbage, even NaN).
         topk_idx, topk_weights: the ``[T, K]`` int64 / float32 routing of the matching ll_dispatch.
         Returns ``[T, H]`` config dtype: ``sum_k topk_weights[t, k] * expert_{topk_idx[t, k]}(x[t])``
         over the slots that are not -1 (a row of -1 gives 0). Freshly allocated unless the

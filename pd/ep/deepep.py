@@ -7,6 +7,14 @@ written against DeepEP's documented Python API (``deep_ep/buffer.py``): ``get_di
 buffer size hints. The unit tests drive it against a fake ``deep_ep`` module whose methods have
 DeepEP's documented signatures; nothing has run against the real library.
 
+FP8 low-latency dispatch (``EPConfig.ll_fp8``): ``low_latency_dispatch(..., use_fp8=True,
+round_scale=False, use_ue8m0=False)``. DeepEP documents (``deep_ep/buffers/legacy.py``) and its
+kernel (``csrc/kernels/legacy/internode_ll.cu``) computes what Mooncake EP does: ``(x, scales)``,
+x ``[E_local, W * M, H]`` float8_e4m3fn, scales ``[E_local, W * M, H / 128]`` float32 column-major
+in the last two dims, scale = max(amax, 1e-4) / 448 per row and 128 columns. ``round_scale``
+(power-of-2 scales) and ``use_ue8m0`` (packed int32 exponent scales) stay off so the scales are
+plain float32 multipliers; they are made row-major with ``.contiguous()``.
+
 Both modes share one Buffer built with ``low_latency_mode=True``. DeepEP requires its low-latency
 buffer to be cleaned after normal-mode use, so the first ``ll_dispatch`` after a ``dispatch``
 calls ``clean_low_latency_buffer`` (a prefill instance never switches; a decode instance
@@ -21,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
+from pd.ep.fp8 import library_ll_recv
 
 
 def deepep_available() -> bool:
@@ -44,7 +53,7 @@ def _import_deep_ep() -> Any:
 
 
 class DeepEP(EPBackend):
-    """DeepEP normal and low-latency modes (bfloat16, no FP8 dispatch).
+    """DeepEP normal and low-latency modes (bfloat16; FP8 low-latency dispatch with ``ll_fp8``).
 
     Lifetimes follow DeepEP: normal-mode results are fresh tensors; ``ll_dispatch``'s ``recv_x``
     and ``recv_count`` live in DeepEP's double-buffered low-latency buffer (hold at most two
@@ -110,10 +119,17 @@ class DeepEP(EPBackend):
         if not self._ll_clean:
             self._buffer.clean_low_latency_buffer(cfg.max_tokens_per_rank, cfg.hidden, cfg.num_experts)
             self._ll_clean = True
-        recv_x, recv_count, handle, _event, _hook = self._buffer.low_latency_dispatch(
-            x, topk_idx, cfg.max_tokens_per_rank, cfg.num_experts, use_fp8=False
+        recv, recv_count, handle, _event, _hook = self._buffer.low_latency_dispatch(
+            x,
+            topk_idx,
+            cfg.max_tokens_per_rank,
+            cfg.num_experts,
+            use_fp8=cfg.ll_fp8,
+            round_scale=False,
+            use_ue8m0=False,
         )
-        return LLDispatch(recv_x=recv_x, recv_count=recv_count, handle=handle)
+        recv_x, recv_scale = library_ll_recv(recv, cfg.ll_fp8)
+        return LLDispatch(recv_x, recv_count, handle, recv_scale)
 
     def ll_combine(
         self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: object

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from pd.ep.base import EPConfig
+from pd.ep.fp8 import FP8_DTYPE, GROUP
+
 
 def token_ranks(topk_idx: torch.Tensor, num_local_experts: int, world_size: int) -> torch.Tensor:
     """``[T, W]`` bool: token t has at least one expert on rank r (-1 slots name no rank)."""
@@ -77,3 +80,49 @@ def weighted_gather_sum(
     gathered = torch.where(valid.unsqueeze(-1), gathered, 0).float()
     w = torch.where(valid, weights, 0.0).unsqueeze(1)
     return torch.bmm(w, gathered).squeeze(1)
+
+
+class MaskedRows:
+    """The persistent masked-layout buffers behind a built-in backend's ``LLDispatch``.
+
+    ``E_local * R + 1`` rows of H (R rows per local expert; the last row is the dump row):
+    config dtype, or with ``config.ll_fp8`` the e4m3 bytes (kept as uint8 so that the scatter
+    needs no float8 kernels) plus ``[E_local * R + 1, H / 128]`` float32 scales. Allocated once;
+    every ``put`` overwrites the rows it names, the others keep stale data.
+    """
+
+    def __init__(self, config: EPConfig, num_local_experts: int, rows_per_expert: int) -> None:
+        self._shape = (num_local_experts, rows_per_expert)
+        rows = num_local_experts * rows_per_expert + 1
+        self.fp8 = config.ll_fp8
+        x_dtype = torch.uint8 if self.fp8 else config.dtype
+        self._x = torch.empty(rows, config.hidden, dtype=x_dtype, device=config.device)
+        self._scale = (
+            torch.empty(rows, config.hidden // GROUP, dtype=torch.float32, device=config.device)
+            if self.fp8
+            else None
+        )
+
+    def put(self, slot: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Write row r (and its scales) to every flat position ``slot[r, k]`` (``expert_slots``).
+
+        rows: ``[R, H]`` config dtype, or with fp8 the e4m3 rows as float8_e4m3fn or uint8 bytes.
+        scale: ``[R, H / 128]`` float32 with fp8, else None.
+        """
+        if self.fp8:
+            assert scale is not None and self._scale is not None
+            self._x[slot] = rows.view(torch.uint8).unsqueeze(1)
+            self._scale[slot] = scale.unsqueeze(1)
+        else:
+            self._x[slot] = rows.unsqueeze(1)  # the [R, 1, H] value is expanded over K, not copied
+
+    @property
+    def recv_x(self) -> torch.Tensor:
+        """``[E_local, R, H]`` view: config dtype, or float8_e4m3fn with fp8."""
+        x = self._x[:-1].view(FP8_DTYPE) if self.fp8 else self._x[:-1]
+        return x.view(*self._shape, x.shape[-1])
+
+    @property
+    def recv_scale(self) -> torch.Tensor | None:
+        """``[E_local, R, H / 128]`` float32 view with fp8, else None."""
+        return None if self._scale is None else self._scale[:-1].view(*self._shape, self._scale.shape[-1])

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
-from pd.ep.layout import expert_slots, weighted_gather_sum
+from pd.ep.fp8 import quant_rows
+from pd.ep.layout import MaskedRows, expert_slots, weighted_gather_sum
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,9 @@ class _LLHandle:
 
 
 class LocalEP(EPBackend):
-    """EP over one rank. ``ll_dispatch`` output ``recv_x`` is a persistent buffer
-    ``[E, M, H]`` allocated at construction and overwritten by every ``ll_dispatch``.
+    """EP over one rank. ``ll_dispatch`` output ``recv_x`` (and with ``ll_fp8`` ``recv_scale``) is
+    a persistent buffer ``[E, M, H]`` (``[E, M, H / 128]``) allocated at construction and
+    overwritten by every ``ll_dispatch``. With ``ll_fp8`` the rows are ``quant_rows(x)`` exactly.
 
     Normal mode delivers every token (``recv_x`` is ``x`` itself, not a copy), also tokens whose
     slots are all -1; their expert output must be 0, as for any row without a local expert.
@@ -35,9 +37,7 @@ class LocalEP(EPBackend):
         if config.world_size != 1:
             raise ValueError(f"the local EP backend serves world_size=1, got {config.world_size}")
         super().__init__(config, group)
-        rows = config.num_experts * config.max_tokens_per_rank
-        # One extra (dump) row absorbs the writes of entries that name no expert.
-        self._ll_storage = torch.empty(rows + 1, config.hidden, dtype=config.dtype, device=config.device)
+        self._ll = MaskedRows(config, config.num_experts, config.max_tokens_per_rank)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
         # Shapes only: the value check would sync with the device, and this path runs in decode graphs.
@@ -61,10 +61,11 @@ class LocalEP(EPBackend):
         self._check_ll(x, topk_idx)
         cfg = self.config
         valid, slot, count = expert_slots(topk_idx, cfg.num_experts, cfg.max_tokens_per_rank)
-        # Broadcast each token to its K slots (the [T, 1, H] value is expanded, not copied).
-        self._ll_storage[slot] = x.unsqueeze(1)
-        recv_x = self._ll_storage[:-1].view(cfg.num_experts, cfg.max_tokens_per_rank, cfg.hidden)
-        return LLDispatch(recv_x=recv_x, recv_count=count, handle=_LLHandle(valid, slot))
+        if cfg.ll_fp8:
+            self._ll.put(slot, *quant_rows(x))
+        else:
+            self._ll.put(slot, x)
+        return LLDispatch(self._ll.recv_x, count, _LLHandle(valid, slot), self._ll.recv_scale)
 
     def ll_combine(
         self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: object

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pd.ep.base import LLDispatch, NormalDispatch
+from pd.ep.fp8 import dequant_rows
 
 
 def random_routing(
@@ -64,10 +65,29 @@ class ReferenceExperts:
             y[rows] += w[rows, None] * self.expert(first_local_expert + local, d.recv_x[rows])
         return y.to(d.recv_x.dtype)
 
-    def ll_outputs(self, d: LLDispatch, first_local_expert: int, fill: float = float("nan")) -> torch.Tensor:
-        """Unweighted expert outputs in the masked layout; rows past ``recv_count`` get ``fill``
-        (NaN by default, so a combine that reads them is caught)."""
-        y = torch.full_like(d.recv_x, fill)
+    def ll_outputs(
+        self,
+        d: LLDispatch,
+        first_local_expert: int,
+        fill: float = float("nan"),
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Unweighted expert outputs in the masked layout, ``[E_local, M * W, H]`` in ``dtype``
+        (default: recv_x's; required with FP8 rows, whose experts see ``q * scale``). Rows past
+        ``recv_count`` get ``fill`` (NaN by default, so a combine that reads them is caught)."""
+        if dtype is None:
+            if d.recv_scale is not None:
+                raise ValueError("FP8 dispatch results need the output dtype (the config dtype)")
+            dtype = d.recv_x.dtype
+        y = torch.full(d.recv_x.shape, fill, dtype=dtype, device=d.recv_x.device)
         for local, n in enumerate(d.recv_count.tolist()):
-            y[local, :n] = self.expert(first_local_expert + local, d.recv_x[local, :n]).to(y.dtype)
+            y[local, :n] = self.expert(first_local_expert + local, ll_rows(d, local, n)).to(dtype)
         return y
+
+
+def ll_rows(d: LLDispatch, local: int, n: int) -> torch.Tensor:
+    """The first n rows of local expert ``local`` as experts see them: ``recv_x[local, :n]``, or
+    with FP8 rows their dequantization ``q * scale`` in float32."""
+    if d.recv_scale is None:
+        return d.recv_x[local, :n]
+    return dequant_rows(d.recv_x[local, :n], d.recv_scale[local, :n])

@@ -16,12 +16,15 @@ Capacity (why no token can ever be dropped):
 Rows a block does not fill carry expert ids -1 and are ignored.
 
 Collectives per low-latency round: dispatch 1 (token rows with their top-k ids packed into one
-byte buffer), combine 2 (the [W * M, K] float32 weights to the expert side, then the
-[W * M, H] per-token partial sums back). The expert side weights and sums its local experts'
-outputs per token, so each token comes back once per rank, not once per expert.
+byte buffer; with ``ll_fp8`` the rows are ``quant_rows(x)``: e4m3 bytes plus float32 scales,
+which the receiver stores bit for bit), combine 2 (the [W * M, K] float32 weights to the expert
+side, then the [W * M, H] per-token partial sums back). The expert side weights and sums its
+local experts' outputs per token, so each token comes back once per rank, not once per expert.
 
 gloo's ``all_to_all_single`` (checked with torch 2.13) supports float32, bfloat16, float16,
 uint8, int32 and int64, uneven splits and zero-row splits, so CPU and GPU share this code.
+float8 goes over the wire only inside the uint8 packed rows (not every NCCL/gloo build takes
+float8 tensors).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
-from pd.ep.layout import expert_slots, rank_slots, token_ranks, weighted_gather_sum
+from pd.ep.fp8 import GROUP, quant_rows
+from pd.ep.layout import MaskedRows, expert_slots, rank_slots, token_ranks, weighted_gather_sum
 
 # Byte alignment of one packed row of the low-latency send buffer, so its int32 and dtype views
 # start on aligned addresses.
@@ -138,9 +142,11 @@ class TorchEP(TorchNormalMode):
     """EP over torch.distributed collectives (module docstring: layout and capacity).
 
     Low-latency buffers: ``recv_x`` of ``ll_dispatch`` is a persistent ``[E_local, M * W, H]``
-    buffer allocated at construction and overwritten by every ``ll_dispatch`` (its handle stays
-    valid until then). Send/receive staging buffers are per call (the caching allocator or the
-    CUDA-graph pool reuses them). ``ll_combine`` returns a fresh ``[T, H]`` tensor.
+    buffer (float8_e4m3fn with ``ll_fp8``, plus a persistent float32 ``recv_scale``
+    ``[E_local, M * W, H / 128]``) allocated at construction and overwritten by every
+    ``ll_dispatch`` (its handle stays valid until then). Send/receive staging buffers are per
+    call (the caching allocator or the CUDA-graph pool reuses them). ``ll_combine`` returns a
+    fresh ``[T, H]`` tensor.
     CUDA-graph capture: all low-latency ops are device-side with static shapes; NCCL collectives
     are capturable. Verified here on CPU (gloo) only; graph capture is exercised by
     ``python -m pd.bench.ep_latency`` on GPUs.
@@ -150,9 +156,10 @@ class TorchEP(TorchNormalMode):
 
     def __init__(self, config: EPConfig, group: dist.ProcessGroup | None) -> None:
         super().__init__(config, group)
-        rows = config.num_local_experts * config.ll_rows_per_expert
-        self._ll_storage = torch.empty(rows + 1, config.hidden, dtype=config.dtype, device=config.device)
-        self._x_bytes = config.hidden * config.dtype.itemsize
+        self._ll = MaskedRows(config, config.num_local_experts, config.ll_rows_per_expert)
+        # Payload of one packed row: the x row (e4m3 bytes with ll_fp8), then the float32 scales.
+        self._x_bytes = config.hidden * (1 if config.ll_fp8 else config.dtype.itemsize)
+        self._scale_bytes = 4 * (config.hidden // GROUP) if config.ll_fp8 else 0
 
     def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor) -> LLDispatch:
         self._check_ll(x, topk_idx)
@@ -160,25 +167,35 @@ class TorchEP(TorchNormalMode):
         world, cap, k = cfg.world_size, cfg.max_tokens_per_rank, topk_idx.shape[1]
         sent, send_slot = rank_slots(topk_idx, cfg.num_local_experts, world, cap)
 
-        # One packed row per (token, destination): [K int32 global expert ids | x row | pad].
+        # One packed row per (token, destination):
+        # [K int32 global expert ids | x row | (ll_fp8) H/128 float32 scales | pad].
+        # Offsets stay 4-byte aligned: 4K, and H bytes with ll_fp8 where H % 128 == 0.
         meta_bytes = 4 * k
-        row_bytes = -(-(meta_bytes + self._x_bytes) // _ROW_ALIGN) * _ROW_ALIGN
+        x_end = meta_bytes + self._x_bytes
+        row_bytes = -(-(x_end + self._scale_bytes) // _ROW_ALIGN) * _ROW_ALIGN
         send = torch.empty(world * cap + 1, row_bytes, dtype=torch.uint8, device=x.device)
         send_meta = send[:, :meta_bytes].view(torch.int32)
-        send_x = send[:, meta_bytes : meta_bytes + self._x_bytes].view(cfg.dtype)
         send_meta.fill_(-1)  # rows left unfilled name no expert
         send_meta[send_slot] = topk_idx.int().unsqueeze(1)
-        send_x[send_slot] = x.unsqueeze(1)
+        if cfg.ll_fp8:
+            q, scale = quant_rows(x)
+            send[:, meta_bytes:x_end][send_slot] = q.view(torch.uint8).unsqueeze(1)
+            send[:, x_end : x_end + self._scale_bytes].view(torch.float32)[send_slot] = scale.unsqueeze(1)
+        else:
+            send[:, meta_bytes:x_end].view(cfg.dtype)[send_slot] = x.unsqueeze(1)
         recv = torch.empty(world * cap, row_bytes, dtype=torch.uint8, device=x.device)
         dist.all_to_all_single(recv, send[:-1], group=self.group)
 
         recv_ids = recv[:, :meta_bytes].view(torch.int32)
-        recv_rows = recv[:, meta_bytes : meta_bytes + self._x_bytes].view(cfg.dtype)
         local = recv_ids.long() - cfg.first_local_expert
         valid, slot, count = expert_slots(local, cfg.num_local_experts, cfg.ll_rows_per_expert)
-        self._ll_storage[slot] = recv_rows.unsqueeze(1)
-        recv_x = self._ll_storage[:-1].view(cfg.num_local_experts, cfg.ll_rows_per_expert, cfg.hidden)
-        return LLDispatch(recv_x=recv_x, recv_count=count, handle=_LLHandle(sent, send_slot, valid, slot))
+        if cfg.ll_fp8:
+            recv_scale = recv[:, x_end : x_end + self._scale_bytes].view(torch.float32)
+            self._ll.put(slot, recv[:, meta_bytes:x_end], recv_scale)
+        else:
+            self._ll.put(slot, recv[:, meta_bytes:x_end].view(cfg.dtype))
+        handle = _LLHandle(sent, send_slot, valid, slot)
+        return LLDispatch(self._ll.recv_x, count, handle, self._ll.recv_scale)
 
     def ll_combine(
         self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: object
