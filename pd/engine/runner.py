@@ -159,6 +159,11 @@ class ModelRunner:
         else:
             load_weights(self.model, cfg.model_path, self.ep.config.rank, self.ep.config.world_size)
         prepare_weights(self.model)
+        slow = [n for n, m in self.model.named_modules() if isinstance(m, MoE) and not m.experts.w8a8]
+        if self.ep.config.ll_fp8 and slow:
+            raise ValueError(
+                f"FP8 low-latency dispatch needs the routed experts on the W8A8 kernels; {slow[0]} is not"
+            )
         self.low_latency_moe = low_latency_moe
         self.lockstep = self.ep.config.world_size > 1
         self.context_len = cfg.context_len(model_cfg)

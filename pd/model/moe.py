@@ -42,6 +42,13 @@ def select_experts(
     return topk_weights * cfg.routed_scaling_factor, topk_idx
 
 
+def fp8_dispatch(cfg: ModelConfig, quant: FP8Quant | None, device: torch.device) -> bool:
+    """Whether low-latency dispatch should send FP8 rows (``EPConfig.ll_fp8``): when the routed experts
+    run on the W8A8 kernels, which take those rows and their scales as they arrive."""
+    inter = cfg.moe_intermediate_size
+    return quant is not None and w8a8_capable(quant, device, cfg.hidden_size, (inter, inter))
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -78,8 +85,7 @@ class Experts(nn.Module):
     def prepare(self) -> None:
         """Chooses the W8A8 kernels or weight-only for the loaded FP8 weights."""
         if self.quant is not None:
-            inter, hidden = self.parts[0], self.w13.shape[-1]
-            self.w8a8 = w8a8_capable(self.quant, self.w13.device, hidden, self.parts) and inter % 128 == 0
+            self.w8a8 = w8a8_capable(self.quant, self.w13.device, self.w13.shape[-1], self.parts)
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w13, w2)`` in ``dtype`` (FP8 weights dequantized in float32 first; fresh tensors)."""

@@ -21,6 +21,7 @@ from pd.engine.role import RoleEngine
 from pd.engine.runner import ModelRunner
 from pd.engine.warmup import warm_up
 from pd.ep import EPConfig, default_ep_backend, make_ep_backend
+from pd.model.moe import fp8_dispatch
 from pd.tokenizer import Tokenizer, TokenizerFiles
 from pd.transfer.aux import AuxBuffer, SlotAllocator
 from pd.transfer.engine import TransferConfig, TransferEngine
@@ -114,6 +115,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
     ep_name = par.ep_backend or default_ep_backend(
         "decode" if role == "decode" else "prefill", engine_cfg.device.split(":")[0], par.size
     )
+    device = torch.device(engine_cfg.device)
     ep_cfg = EPConfig(
         model_cfg.n_routed_experts,
         model_cfg.hidden_size,
@@ -121,12 +123,21 @@ def build_rank(cfg: WorkerConfig) -> Rank:
         engine_cfg.torch_dtype,
         par.rank,
         par.size,
-        torch.device(engine_cfg.device),
+        device,
+        ll_fp8=low_latency and fp8_dispatch(model_cfg, engine_cfg.weight_quant(model_cfg), device),
     )
     ep = make_ep_backend(ep_name, ep_cfg, ep_group)
     runner = ModelRunner(engine_cfg, model_cfg, ep, low_latency, par.expert_placement)
     engine = Engine(engine_cfg, Tokenizer.from_files(files), runner)
-    log.info("rank %d/%d: EP backend %s, low-latency MoE %s", par.rank, par.size, ep_name, low_latency)
+    log.info(
+        "rank %d/%d: EP backend %s, low-latency MoE %s (FP8 dispatch %s), weights %s",
+        par.rank,
+        par.size,
+        ep_name,
+        low_latency,
+        ep_cfg.ll_fp8,
+        f"block-FP8 {runner.quant.block}" if runner.quant else engine_cfg.torch_dtype,
+    )
     seconds = warm_up(engine, extend=role != "decode", decode=role != "prefill")
     log.info("rank %d/%d: warm-up ran every %s kernel path in %.1f s", par.rank, par.size, role, seconds)
 
