@@ -10,6 +10,10 @@ Table format::
     GEMM   = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4, "tma": false}
 
 A lookup takes the smallest tuned key at or above the request (the largest key past the end).
+
+The block-FP8 kernels (kernels/fp8_triton.py) read ``configs/moe_fp8_<device>.json`` in the same format
+(``fused_fp8_config`` / ``masked_fp8_config``; default ``fp8_default_config``); their ``block_k`` is
+always 128 (one activation scale group per step).
 """
 
 from __future__ import annotations
@@ -60,14 +64,15 @@ def masked_key(num_experts: int, hidden: int, inter: int) -> str:
     return f"E={num_experts},H={hidden},I={inter}"
 
 
-def config_file(device_name: str) -> Path:
-    """``NVIDIA H100 80GB HBM3`` -> ``configs/moe_NVIDIA_H100_80GB_HBM3.json``."""
-    return CONFIG_DIR / f"moe_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json"
+def config_file(device_name: str, kind: str = "moe") -> Path:
+    """``NVIDIA H100 80GB HBM3`` -> ``configs/moe_NVIDIA_H100_80GB_HBM3.json`` (``kind`` "moe_fp8":
+    ``configs/moe_fp8_NVIDIA_H100_80GB_HBM3.json``)."""
+    return CONFIG_DIR / f"{kind}_{re.sub(r'[^A-Za-z0-9]+', '_', device_name).strip('_')}.json"
 
 
 @functools.cache
-def load_table(device_name: str) -> dict[str, Any]:
-    path = config_file(device_name)
+def load_table(device_name: str, kind: str = "moe") -> dict[str, Any]:
+    path = config_file(device_name, kind)
     if not path.exists():
         return {}
     return json.loads(path.read_text())
@@ -125,3 +130,42 @@ def masked_config(
         else None
     )
     return tuned or default_config(rows_per_expert, itemsize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-FP8 grouped GEMMs (kernels/fp8_triton.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def fp8_default_config(rows_per_expert: float) -> MoeConfig:
+    """Untuned SM90 defaults of the block-FP8 kernels, picked from offline sm_90 compiles (no spills).
+    ``block_k`` is 128 (one scale group per step) and the gate/up ``block_n`` 128, which lets its
+    epilogue re-quantize h per 1x128 group in place. Up to 32 rows per expert: 16/32-row tiles that
+    run transposed on wgmma (weights on the MMA's M side, see ``fp8_triton.swaps_ab``) streaming
+    128x128 weight tiles; more: 64-row tiles. Gate/up runs on two warpgroups from 32 rows on: it holds
+    four float32 tiles (per GEMM the running sum and the current group's product) and spills on one."""
+    if rows_per_expert <= 16:
+        return MoeConfig(16, GemmConfig(128, 128, 4, 4), GemmConfig(128, 128, 4, 4))
+    if rows_per_expert <= 32:
+        return MoeConfig(32, GemmConfig(128, 128, 8, 3), GemmConfig(128, 128, 4, 4))
+    return MoeConfig(64, GemmConfig(128, 128, 8, 3), GemmConfig(128, 128, 4, 4))
+
+
+@functools.lru_cache(maxsize=4096)
+def fused_fp8_config(
+    device_name: str, num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int
+) -> MoeConfig:
+    """Block-FP8 config for the sorted layout with ``num_tokens`` tokens."""
+    entries = (
+        load_table(device_name, "moe_fp8").get("fused", {}).get(fused_key(num_experts, hidden, inter, top_k))
+    )
+    return _lookup(entries, num_tokens) or fp8_default_config(num_tokens * top_k / num_experts)
+
+
+@functools.lru_cache(maxsize=4096)
+def masked_fp8_config(
+    device_name: str, num_experts: int, hidden: int, inter: int, rows_per_expert: int
+) -> MoeConfig:
+    """Block-FP8 config for the masked layout where experts see about ``rows_per_expert`` rows each."""
+    entries = load_table(device_name, "moe_fp8").get("masked", {}).get(masked_key(num_experts, hidden, inter))
+    return _lookup(entries, rows_per_expert) or fp8_default_config(rows_per_expert)
