@@ -21,10 +21,11 @@ import torch
 
 from pd.ep import EPConfig, ll_bytes_per_row, make_ep_backend
 from pd.ep.base import EPBackend, LLDispatch
-from pd.ep.fp8 import AMAX_FLOOR, FP8_MAX, dequant_rows, library_ll_recv, quant_rows
+from pd.ep.fp8 import dequant_rows, library_ll_recv, quant_rows
 from pd.ep.layout import weighted_gather_sum
 from pd.ep.mooncake_ep import MooncakeEP
 from pd.ep.reference import ReferenceExperts
+from pd.kernels.fp8 import AMAX_FLOOR, FP8_MAX
 from tests.test_ep import (
     CASES,
     E_LOCAL,
@@ -334,7 +335,7 @@ def test_quant_rows_rejects_partial_groups_and_takes_zero_rows() -> None:
         quant_rows(torch.zeros(2, 200))
     q, scale = quant_rows(torch.zeros(0, 256))
     assert q.shape == (0, 256) and scale.shape == (0, 2)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not fit"):
         dequant_rows(q, torch.zeros(0, 3))
 
 

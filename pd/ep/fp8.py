@@ -18,15 +18,14 @@ from __future__ import annotations
 import torch
 
 from pd.ep.base import EPConfig
+from pd.kernels.fp8 import FP8, dequant_groups, quant_groups
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = FP8  # float8_e4m3fn
 GROUP = 128  # columns per scale
-AMAX_FLOOR = 1e-10  # an all-zero group gets a tiny positive scale instead of dividing by zero
 
 
 def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize rows in groups of 128 columns.
+    """Quantize rows in groups of 128 columns (``pd.kernels.fp8.quant_groups``: Triton on CUDA).
 
     x: ``[T, H]`` any float dtype, ``H % 128 == 0``.
     Returns ``q [T, H]`` float8_e4m3fn and ``scale [T, H / 128]`` float32, both fresh and
@@ -34,19 +33,13 @@ def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.dim() != 2 or x.shape[1] % GROUP:
         raise ValueError(f"x must be [T, H] with H % {GROUP} == 0, got {list(x.shape)}")
-    groups = x.float().unflatten(1, (x.shape[1] // GROUP, GROUP))  # [T, H/128, 128]
-    scale = groups.abs().amax(dim=2).clamp(min=AMAX_FLOOR) / FP8_MAX  # [T, H/128]
-    q = (groups / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.flatten(1), scale
+    return quant_groups(x, GROUP)
 
 
 def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of ``quant_rows`` up to FP8 rounding: ``q [..., H]`` e4m3 and ``scale [..., H / 128]``
     float32 -> ``[..., H]`` float32 (fresh)."""
-    if q.shape[-1] != scale.shape[-1] * GROUP or q.shape[:-1] != scale.shape[:-1]:
-        raise ValueError(f"scale {list(scale.shape)} does not match q {list(q.shape)} in groups of {GROUP}")
-    groups = q.float().unflatten(-1, (scale.shape[-1], GROUP))
-    return (groups * scale.unsqueeze(-1)).flatten(-2)
+    return dequant_groups(q, scale, GROUP)
 
 
 def library_ll_recv(recv: object, use_fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

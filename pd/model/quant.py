@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pd.config import FP8Quant
+from pd.kernels.fp8 import FP8, FP8_MAX, GROUP, dequant_block
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-KERNEL_BLOCK = 128  # the block (weights) and group (activations) the W8A8 kernels take
+FP8_DTYPE = FP8  # float8_e4m3fn
+KERNEL_BLOCK = GROUP  # the weight block and activation group of the W8A8 kernels
 
 
 def _ceil(a: int, b: int) -> int:
@@ -34,12 +34,6 @@ def scale_shape(parts: tuple[int, ...], k: int, block: tuple[int, int]) -> tuple
     """``[sum ceil(N_p/bo), ceil(K/bi)]``: the scales of a weight with row parts ``parts`` and ``k`` columns."""
     bo, bi = block
     return sum(_ceil(p, bo) for p in parts), _ceil(k, bi)
-
-
-def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
-    """Per-block ``scale [..., r, c]`` spread over ``[..., rows, cols]`` elements (edge blocks cut)."""
-    bo, bi = block
-    return scale.repeat_interleave(bo, -2)[..., :rows, :].repeat_interleave(bi, -1)[..., :cols]
 
 
 def dequantize(
@@ -58,8 +52,7 @@ def dequantize(
     out, row, srow = [], 0, 0
     for p in parts:
         sr = _ceil(p, block[0])
-        s = _expand(scale[..., srow : srow + sr, :].float(), p, k, block)
-        out.append(weight[..., row : row + p, :].float() * s)
+        out.append(dequant_block(weight[..., row : row + p, :], scale[..., srow : srow + sr, :], block))
         row, srow = row + p, srow + sr
     return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
 
@@ -81,7 +74,8 @@ def quantize(
         padded[..., :p, :k] = w.abs()
         amax = padded.unflatten(-1, (ni, bi)).unflatten(-3, (no, bo)).amax(dim=(-3, -1))
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        qs.append((w / _expand(scale, p, k, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        spread = scale.repeat_interleave(bo, -2)[..., :p, :].repeat_interleave(bi, -1)[..., :k]
+        qs.append((w / spread).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
         scales.append(scale)
         row += p
     if len(parts) == 1:
