@@ -68,15 +68,17 @@ def _cdiv(a: int, b: int) -> int:
 def quant_groups_ref(
     x: torch.Tensor, group: int = GROUP, *, scale_layout: ScaleLayout = "row"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`quant_groups` (float32 math, IEEE division, as the kernel)."""
+    """Torch reference of :func:`quant_groups` (float32 math, IEEE divisions, as the kernel)."""
     _check_quant_args(x, group, scale_layout)
     k = x.shape[-1]
     groups = _cdiv(k, group)
     xf = torch.nn.functional.pad(x.float(), (0, groups * group - k)).unflatten(-1, (groups, group))
     amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)
-    inverse = torch.full_like(amax, FP8_MAX) / amax  # IEEE division (``448 / amax`` is reciprocal * 448)
-    q = (xf * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-2)[..., :k]
-    scale = amax / FP8_MAX
+    # Tensor by tensor: torch computes ``448 / amax`` as reciprocal(amax) * 448, and on CUDA ``amax /
+    # 448`` as amax * (1 / 448), each an ulp away from the IEEE quotient the kernel computes.
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    q = (xf * (fp8_max / amax)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-2)[..., :k]
+    scale = amax / fp8_max
     if scale_layout == "col":
         scale = scale.t().contiguous().t()
     return q, scale

@@ -327,10 +327,11 @@ def _gate_up_masked_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         live = rows < count
         r64 = rows.to(tl.int64)
+        x_rows = x_ptr + e64 * stride_xe + r64 * stride_xm
+        xs_rows = xs_ptr + e64 * stride_xse + r64 * stride_xsm
         h = _gate_up_tile(
-            x_ptr + e64 * stride_xe + r64 * stride_xm, xs_ptr + e64 * stride_xse + r64 * stride_xsm, stride_xsg,
-            live,
-            w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn, BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
+            x_rows, xs_rows, stride_xsg, live, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
+            BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
         )  # fmt: skip
         _store_h(
             h_ptr + e64 * stride_he + r64 * stride_hm, hs_ptr + e64 * stride_hse + r64 * stride_hsm, live,

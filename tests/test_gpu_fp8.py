@@ -213,7 +213,8 @@ def test_default_configs_at_deepseek_widths(rows_per_expert):
 
 def test_cuda_graph_replay_matches_eager():
     """masked_moe_fp8 (bf16 and FP8 input) and block_fp8_linear captured once, replayed on new inputs
-    and counts copied into the captured buffers: bitwise equal to eager calls on the same inputs."""
+    and counts copied into the captured buffers: the Triton kernels bitwise equal to eager calls on the
+    same inputs, torch._scaled_mm to accumulation order."""
     gen = cuda_gen(fresh_seed())
     w13, s13, w2, s2 = expert_weights(8, 1024, 256, gen)
     w, w_scale = quantized_weight((2048, 1024), gen)
@@ -247,7 +248,8 @@ def test_cuda_graph_replay_matches_eager():
         eager.append(fp8.masked_moe_fp8(x8, count, w13, s13, w2, s2, x_scale=x8_scale, expected_m=8))
         for got, want in zip(outs, eager):
             assert torch.equal(got[live], want[live])
-        assert torch.equal(linear_out, fp8.block_fp8_linear(x, w, w_scale))
+        # cuBLASLt may choose another algorithm inside a capture: equal up to accumulation order.
+        assert rel_err(linear_out, fp8.block_fp8_linear(x, w, w_scale)) < 1e-3
     del graph
 
 
