@@ -4,9 +4,11 @@ Formats (FP8 = float8_e4m3fn, largest finite value ``FP8_MAX`` = 448):
 
 - weights: FP8 ``[..., N, K]`` with float32 ``scale [..., ceil(N/128), ceil(K/128)]`` (the checkpoint's
   ``weight_scale_inv``): the weight is ``fp8 * scale`` over each 128x128 block.
-- activations: quantized on the fly per row per 128 columns (1x128 groups): ``scale = max(amax,
-  1e-10) / 448`` (an all-zero group gets a tiny finite scale and zeros), ``q = clamp(x / scale, ±448)``
-  rounded to nearest even. ``x ≈ q * scale``.
+- activations: quantized on the fly per row per 128 columns (1x128 groups): with ``a = max(amax,
+  1e-10)`` (an all-zero group gets a tiny finite scale and zeros), ``scale = a / 448`` and ``q =
+  clamp(x * (448 / a), ±448)`` rounded to nearest even (multiplying by the group's reciprocal: one
+  division per group, not per value; within an ulp of ``x / scale`` before the FP8 rounding).
+  ``x ≈ q * scale``.
 
 GEMMs dequantize nothing: FP8 x FP8 products accumulate in float32 one 128-wide K group at a time,
 scaled by the activation row scale and the weight block scale. Outputs are in the activations' dtype.
@@ -66,13 +68,17 @@ def _cdiv(a: int, b: int) -> int:
 def quant_groups_ref(
     x: torch.Tensor, group: int = GROUP, *, scale_layout: ScaleLayout = "row"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`quant_groups` (float32 math, IEEE division, as the kernel)."""
+    """Torch reference of :func:`quant_groups` (float32 math, IEEE divisions, as the kernel)."""
     _check_quant_args(x, group, scale_layout)
     k = x.shape[-1]
     groups = _cdiv(k, group)
     xf = torch.nn.functional.pad(x.float(), (0, groups * group - k)).unflatten(-1, (groups, group))
-    scale = xf.abs().amax(-1).clamp_min(AMAX_FLOOR) / FP8_MAX
-    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-2)[..., :k]
+    amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)
+    # Tensor by tensor: torch computes ``448 / amax`` as reciprocal(amax) * 448, and on CUDA ``amax /
+    # 448`` as amax * (1 / 448), each an ulp away from the IEEE quotient the kernel computes.
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    q = (xf * (fp8_max / amax)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-2)[..., :k]
+    scale = amax / fp8_max
     if scale_layout == "col":
         scale = scale.t().contiguous().t()
     return q, scale
@@ -467,7 +473,8 @@ def masked_moe_fp8(
 
     recv_x: the low-latency dispatch layout ``[E, N, H]``, either in bf16/fp16/fp32 (quantized per
     1x128 group inside, only rows below the counts) or already float8_e4m3fn with ``x_scale [E, N,
-    H/128]`` float32 (an FP8 dispatch's rows and per-128-column scales, row-major; made contiguous).
+    H/128]`` float32 (an FP8 dispatch's rows and per-128-column scales; any strides, e.g. row-major or
+    ``[E, H/128, N].transpose(1, 2)``, rows fastest, as DeepEP lays them out; recv_x is made contiguous).
     recv_count: ``[E]`` int32/int64 on the device, read only there (counts above N are taken as N).
     Weights as in :func:`fused_moe_fp8`. out_dtype: dtype of ``out`` and of h before its
     re-quantization; default recv_x's dtype, bf16 for FP8 input.
@@ -501,7 +508,7 @@ def masked_moe_fp8(
     ops = _triton_ops()
     count = recv_count.contiguous()
     if is_fp8:
-        xq, xs = recv_x.contiguous(), x_scale.contiguous()
+        xq, xs = recv_x.contiguous(), x_scale
     else:
         xq = torch.empty(recv_x.shape, dtype=FP8, device=recv_x.device)
         xs = torch.empty(num_experts, rows, hidden // GROUP, dtype=torch.float32, device=recv_x.device)

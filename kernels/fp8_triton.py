@@ -4,8 +4,9 @@ Operands: float8_e4m3fn values with float32 scales that multiply them back ("deq
 activations one scale per row per 128 columns (1x128 groups, made on the fly by ``quant_rows``),
 weights one scale per 128x128 block (the checkpoint's ``weight_scale_inv``).
 
-- ``quant_rows``: x -> (e4m3, scale) per 1x``GROUP`` group, scale = max(amax, 1e-10) / 448, IEEE
-  divisions (``div_rn``: Triton's ``/`` is the approximate ``div.full.f32``), saturating cast.
+- ``quant_rows``: x -> (e4m3, scale) per 1x``GROUP`` group: with a = max(amax, 1e-10), scale = a /
+  448 and q = x * (448 / a) (one IEEE division per row and group, ``div_rn``: Triton's ``/`` is the
+  approximate ``div.full.f32``), saturating round-to-nearest-even cast.
   Scale strides are free (row-major for the grouped GEMMs, M-major for ``torch._scaled_mm``).
   With ``count`` it reads ``[E, N, K]`` and skips rows at or past each expert's count (the masked
   layout), looping like the masked GEMMs so the grid is fixed by shapes.
@@ -56,7 +57,7 @@ def _quantize(x):
     """``x [R, G]`` float32 -> (e4m3 ``[R, G]``, float32 scale ``[R]``), one group per row."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
     scale = tl.math.div_rn(amax, FP8_MAX)
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX)
+    q = tl.clamp(x * tl.math.div_rn(FP8_MAX, amax)[:, None], -FP8_MAX, FP8_MAX)
     return q.to(tl.float8e4nv), scale
 
 
@@ -145,12 +146,12 @@ def _scaled_dot(acc, a, b, a_s, b_s, SWAP: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(
-    a_rows, as_rows, a_ok, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
+    a_rows, as_rows, stride_asg, a_ok, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     """silu(a . gate) * (a . up) in float32 ``[BLOCK_M, BLOCK_N]`` for rows ``a_rows`` (pointers to
     each e4m3 row; rows with ``a_ok`` false read as zeros), their scales ``as_rows`` (pointers to each
-    row's first group scale, groups contiguous) and columns pid_n*BLOCK_N.. of the intermediate
+    row's first group scale, groups ``stride_asg`` apart) and columns pid_n*BLOCK_N.. of the intermediate
     (N = I columns; BLOCK_N divides 128, so a tile lies in one weight block and never wraps).
 
     ``w``: the e4m3 weight as ``[E * 2N, K]`` rows (pointer, or tensor descriptor with W_TMA);
@@ -171,7 +172,7 @@ def _gate_up_tile(
         g_ptrs = w + (gate_row + tl.arange(0, BLOCK_N))[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     for k in range(0, K // SCALE_BLOCK):
         a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
-        a_s = tl.load(as_rows + k, mask=a_ok, other=0.0)
+        a_s = tl.load(as_rows + k * stride_asg, mask=a_ok, other=0.0)
         if W_TMA:
             g = w.load([gate_row, k * SCALE_BLOCK]).T
             u = w.load([gate_row + N, k * SCALE_BLOCK]).T
@@ -189,7 +190,7 @@ def _gate_up_tile(
 
 @triton.jit
 def _down_tile(
-    a_rows, as_rows, a_ok, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
+    a_rows, as_rows, stride_asg, a_ok, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     """a . w in float32 ``[BLOCK_M, BLOCK_N]`` for rows ``a_rows`` / scales ``as_rows`` (as in
@@ -207,7 +208,7 @@ def _down_tile(
         b_ptrs = w + (row + tl.arange(0, BLOCK_N))[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     for k in range(0, K // SCALE_BLOCK):
         a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
-        a_s = tl.load(as_rows + k, mask=a_ok, other=0.0)
+        a_s = tl.load(as_rows + k * stride_asg, mask=a_ok, other=0.0)
         if W_TMA:
             b = w.load([row, k * SCALE_BLOCK]).T
         else:
@@ -270,7 +271,7 @@ def _gate_up_sorted_kernel(
     pairs = tl.load(sorted_pairs_ptr + slots)
     tokens = (pairs // top_k).to(tl.int64)
     h = _gate_up_tile(
-        x_ptr + tokens * stride_xm, xs_ptr + tokens * stride_xsm, pairs < num_pairs, w, ws_ptr, expert,
+        x_ptr + tokens * stride_xm, xs_ptr + tokens * stride_xsm, 1, pairs < num_pairs, w, ws_ptr, expert,
         pid_n, N, K, stride_wn, stride_wse, stride_wsn, BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
     )  # fmt: skip
     slots64 = slots.to(tl.int64)
@@ -298,7 +299,7 @@ def _down_sorted_kernel(
     live = pairs < num_pairs
     slots64 = slots.to(tl.int64)
     acc = _down_tile(
-        h_ptr + slots64 * stride_hm, hs_ptr + slots64 * stride_hsm, live, w, ws_ptr, expert, pid_n, N, K,
+        h_ptr + slots64 * stride_hm, hs_ptr + slots64 * stride_hsm, 1, live, w, ws_ptr, expert, pid_n, N, K,
         stride_wn, stride_wse, stride_wsn, BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
     )  # fmt: skip
     acc *= tl.load(route_w_ptr + pairs, mask=live, other=0.0)[:, None]
@@ -313,7 +314,7 @@ def _down_sorted_kernel(
 @triton.jit(do_not_specialize=["rows_per_expert", "m_programs"])
 def _gate_up_masked_kernel(
     x_ptr, xs_ptr, w, ws_ptr, h_ptr, hs_ptr, count_ptr, num_experts, rows_per_expert, m_programs, N, K,
-    stride_xe, stride_xm, stride_xse, stride_xsm, stride_wn, stride_wse, stride_wsn,
+    stride_xe, stride_xm, stride_xse, stride_xsm, stride_xsg, stride_wn, stride_wse, stride_wsn,
     stride_he, stride_hm, stride_hse, stride_hsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSE_QUANT: tl.constexpr, ACT_DTYPE: tl.constexpr,
     W_TMA: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -326,9 +327,11 @@ def _gate_up_masked_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         live = rows < count
         r64 = rows.to(tl.int64)
+        x_rows = x_ptr + e64 * stride_xe + r64 * stride_xm
+        xs_rows = xs_ptr + e64 * stride_xse + r64 * stride_xsm
         h = _gate_up_tile(
-            x_ptr + e64 * stride_xe + r64 * stride_xm, xs_ptr + e64 * stride_xse + r64 * stride_xsm, live,
-            w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn, BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
+            x_rows, xs_rows, stride_xsg, live, w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn,
+            BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
         )  # fmt: skip
         _store_h(
             h_ptr + e64 * stride_he + r64 * stride_hm, hs_ptr + e64 * stride_hse + r64 * stride_hsm, live,
@@ -356,7 +359,7 @@ def _down_masked_kernel(
         live = rows < count
         r64 = rows.to(tl.int64)
         acc = _down_tile(
-            h_ptr + e64 * stride_he + r64 * stride_hm, hs_ptr + e64 * stride_hse + r64 * stride_hsm, live,
+            h_ptr + e64 * stride_he + r64 * stride_hm, hs_ptr + e64 * stride_hse + r64 * stride_hsm, 1, live,
             w, ws_ptr, expert, pid_n, N, K, stride_wn, stride_wse, stride_wsn, BLOCK_M, BLOCK_N, W_TMA, SWAP_AB,
         )  # fmt: skip
         _store_tile(out_ptr + e64 * stride_oe + r64 * stride_om, live, acc, pid_n, N, BLOCK_N)
@@ -462,7 +465,7 @@ def masked_moe(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Masked-layout block-FP8 MoE from quantized rows ``xq [E, N, H]`` e4m3 with scales ``xs [E, N,
-    H/128]`` (contiguous) into ``out [E, N, H]`` (rows past each count are not written).
+    H/128]`` (any strides) into ``out [E, N, H]`` (rows past each count are not written).
 
     Launches: gate/up (+ quant h unless fused), down. Temporaries: h e4m3 ``[E, N, I]`` + scales (and
     h in out's dtype when not fused); freed on return.
@@ -477,7 +480,7 @@ def masked_moe(
     h_s = h_s if h_s is not None else hs
     _gate_up_masked_kernel[(m_programs * num_experts * triton.cdiv(inter, gu.block_n),)](
         xq, xs, _weight(w13, gu), w13_scale, h, h_s, recv_count, num_experts, rows, m_programs, inter, hidden,
-        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), w13.stride(1), w13_scale.stride(0),
+        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), xs.stride(2), w13.stride(1), w13_scale.stride(0),
         w13_scale.stride(1), h.stride(0), h.stride(1), h_s.stride(0), h_s.stride(1),
         FUSE_QUANT=fuses_quant(gu), ACT_DTYPE=_TL_DTYPE[out.dtype], **_options(gu, bm),
     )  # fmt: skip
