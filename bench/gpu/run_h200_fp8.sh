@@ -15,12 +15,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 git log -1 --format=%h > $OUT/commit.txt 2>/dev/null || true
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
 if [ "$stage" = kernels ]; then
-  timeout 200 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/test_gpu_fp8.py -rA > $OUT/test_gpu_fp8.txt 2>&1
-  echo "kernel tests exit $?"; tail -5 $OUT/test_gpu_fp8.txt
-  timeout 150 python3 -m pd.bench.fp8_gemm --out $OUT/fp8_gemm.md > $OUT/fp8_gemm.log 2>&1
-  echo "fp8_gemm exit $?"; tail -40 $OUT/fp8_gemm.log
-  timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k fp8 > $OUT/test_gpu_model.txt 2>&1
-  echo "model tests exit $?"; grep -E "agreement|passed|failed|Error" $OUT/test_gpu_model.txt | head -20
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_fp8.py -rfExX > $OUT/test_gpu_fp8.txt 2>&1
+  echo "kernel tests exit $?"; grep -E "^(FAILED|ERROR|XPASS|XFAIL)|passed|failed" $OUT/test_gpu_fp8.txt | cut -c1-300 | head -40
+  timeout 120 python3 -m pd.bench.fp8_gemm --out $OUT/fp8_gemm.md > $OUT/fp8_gemm.log 2>&1
+  echo "fp8_gemm exit $?"; tail -45 $OUT/fp8_gemm.log | cut -c1-250
+  timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k fp8 -rfE > $OUT/test_gpu_model.txt 2>&1
+  echo "model tests exit $?"; grep -E "agreement|passed|failed|Error|^E " $OUT/test_gpu_model.txt | cut -c1-300 | head -30
 fi
 if [ "$stage" = decode ]; then
   for q in fp8 none; do
