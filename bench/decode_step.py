@@ -44,6 +44,17 @@ def measure_fp8_peak() -> float:
     return 2 * n**3 / (bench_us(lambda: block_fp8_linear(x, w, s)) * 1e-6)
 
 
+def write_profile(path: str, step, steps: int) -> None:
+    """A CUDA kernel profile of ``steps`` runs of ``step`` (after one unprofiled run), written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
 def timed(fn, iters: int, warmup: int = 3) -> float:
     """Median seconds of ``fn`` measured with CUDA events."""
     for _ in range(warmup):
@@ -164,6 +175,7 @@ def main() -> None:
     p.add_argument(
         "--profile", help="write a kernel profile of the graph step (batch 64, first context) here"
     )
+    p.add_argument("--profile-prefill", help="write a kernel profile of the prefill chunk here")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -243,15 +255,11 @@ def main() -> None:
         "fraction_of_peak": flops / peak / t_prefill, "tflops": flops / t_prefill / 1e12,
     }  # fmt: skip
     print(json.dumps(prefill), flush=True)
+    if args.profile_prefill:
+        write_profile(args.profile_prefill, lambda: runner.run(prefill_batch), 1)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
         batch = make_batch(runner, 64 if 64 in batches else max_b, contexts[0])
-        runner.run(batch)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                runner.run(batch)
-        Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        write_profile(args.profile, lambda: runner.run(batch), 3)
     print_table(rows, prefill, bw, peak)
     if args.out:
         env = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit(),

@@ -5,9 +5,11 @@
 #            (DeepSeek-V3 layer grouped GEMMs, dense GEMMs, activation quantization).
 #   decode   bench/decode_step.py on the DESIGN.md §8 shape in FP8 and in bf16 (same host, same day), and
 #            pd-serve readiness on the FP8 gpu-tiny checkpoint.
-# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode   (carry .gpu-pack)
+#   tune     bench/tune_moe_fp8.py (sorted FP8 experts at the §8 shape), then decode_step in FP8 with the
+#            tuned table and a prefill kernel profile.
+# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode|tune   (carry .gpu-pack)
 set -u
-stage=${1:?kernels or decode}
+stage=${1:?kernels, decode or tune}
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
@@ -21,6 +23,15 @@ if [ "$stage" = kernels ]; then
   echo "fp8_gemm exit $?"; tail -45 $OUT/fp8_gemm.log | cut -c1-250
   timeout 200 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k fp8 -rfE > $OUT/test_gpu_model.txt 2>&1
   echo "model tests exit $?"; grep -E "agreement|passed|failed|Error|^E " $OUT/test_gpu_model.txt | cut -c1-300 | head -30
+fi
+if [ "$stage" = tune ]; then
+  timeout 230 python3 -m pd.bench.tune_moe_fp8 --max-seconds 170 --out $OUT/moe_fp8_NVIDIA_H200.json > $OUT/tune_fp8.log 2>&1
+  echo "tune exit $?"; grep -vE "^\s*$" $OUT/tune_fp8.log | tail -14 | cut -c1-250
+  [ -f $OUT/moe_fp8_NVIDIA_H200.json ] && cp $OUT/moe_fp8_NVIDIA_H200.json kernels/configs/
+  timeout 230 python3 -m pd.bench.decode_step --quantization fp8 --iters 10 --out $OUT/decode_fp8_tuned.json \
+    --profile $OUT/decode_profile_fp8_tuned.txt --profile-prefill $OUT/prefill_profile_fp8.txt > $OUT/decode_fp8_tuned.log 2>&1
+  echo "decode_step fp8 (tuned) exit $?"; grep -vE "^\{|^$|Warn|warn" $OUT/decode_fp8_tuned.log | tail -16
+  head -30 $OUT/prefill_profile_fp8.txt | cut -c1-60,100-140,150-200
 fi
 if [ "$stage" = decode ]; then
   for q in fp8 none; do
