@@ -7,9 +7,10 @@
 #            pd-serve readiness on the FP8 gpu-tiny checkpoint.
 #   tune     bench/tune_moe_fp8.py (sorted FP8 experts at the §8 shape), then decode_step in FP8 with the
 #            tuned table and a prefill kernel profile.
-# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode|tune   (carry .gpu-pack)
+#   model    the model-level FP8 GPU tests and pd-serve on the FP8 gpu-tiny checkpoint.
+# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode|tune|model   (carry .gpu-pack)
 set -u
-stage=${1:?kernels, decode or tune}
+stage=${1:?kernels, decode, tune or model}
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
@@ -32,6 +33,21 @@ if [ "$stage" = tune ]; then
     --profile $OUT/decode_profile_fp8_tuned.txt --profile-prefill $OUT/prefill_profile_fp8.txt > $OUT/decode_fp8_tuned.log 2>&1
   echo "decode_step fp8 (tuned) exit $?"; grep -vE "^\{|^$|Warn|warn" $OUT/decode_fp8_tuned.log | tail -16
   head -30 $OUT/prefill_profile_fp8.txt | cut -c1-60,100-140,150-200
+fi
+if [ "$stage" = model ]; then
+  timeout 300 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k fp8 -rfE > $OUT/test_gpu_model.txt 2>&1
+  echo "model tests exit $?"; grep -E "agreement|passed|failed|Error|^E " $OUT/test_gpu_model.txt | cut -c1-300 | head -30
+  python3 -m pd.launch.make_tiny_model /tmp/gpu-tiny-fp8 --preset gpu-tiny --fp8 > /dev/null
+  t0=$(date +%s)
+  pd-serve --model /tmp/gpu-tiny-fp8 --device cuda --port 8000 --max-running 32 > $OUT/serve_fp8.log 2>&1 &
+  serve=$!
+  for i in $(seq 1 200); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+  echo "pd-serve FP8 ready after $(( $(date +%s) - t0 )) s"
+  for i in $(seq 1 8); do curl -s http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
+    -d "{\"model\": \"gpu-tiny-fp8\", \"prompt\": \"request $i hello hello\", \"max_tokens\": 16, \"temperature\": 0}" \
+    -o $OUT/completion_$i.json -w "%{http_code} " & done; wait %?curl 2>/dev/null; sleep 5; echo
+  kill -INT $serve; wait $serve; echo "pd-serve exit $?"
+  grep -E "warm-up|weights|FP8|ERROR|Traceback" $OUT/serve_fp8.log | cut -c1-260 | head -12
 fi
 if [ "$stage" = decode ]; then
   for q in fp8 none; do
