@@ -41,11 +41,35 @@ if [ "$stage" = model ]; then
   t0=$(date +%s)
   pd-serve --model /tmp/gpu-tiny-fp8 --device cuda --port 8000 --max-running 32 > $OUT/serve_fp8.log 2>&1 &
   serve=$!
-  for i in $(seq 1 200); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
-  echo "pd-serve FP8 ready after $(( $(date +%s) - t0 )) s"
-  for i in $(seq 1 8); do curl -s http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
-    -d "{\"model\": \"gpu-tiny-fp8\", \"prompt\": \"request $i hello hello\", \"max_tokens\": 16, \"temperature\": 0}" \
-    -o $OUT/completion_$i.json -w "%{http_code} " & done; wait %?curl 2>/dev/null; sleep 5; echo
+  python3 - "$t0" > $OUT/readiness_fp8.txt 2>&1 <<'PY'
+import asyncio, sys, time
+import httpx
+t0 = float(sys.argv[1])
+while time.time() < t0 + 240:
+    try:
+        if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+print(f"pd-serve on the FP8 checkpoint ready after {time.time() - t0:.1f} s")
+
+async def one(client, i):
+    body = {"model": "gpu-tiny-fp8", "prompt": f"request {i}: " + "hello " * (10 + i), "max_tokens": 16,
+            "temperature": 0, "ignore_eos": True}
+    r = await client.post("http://127.0.0.1:8000/v1/completions", json=body, timeout=120)
+    return r.status_code, r.json()["choices"][0]["text"][:40] if r.status_code == 200 else r.text[:200]
+
+async def main():
+    async with httpx.AsyncClient() as client:
+        res = await asyncio.gather(*(one(client, i) for i in range(16)))
+    print(f"16 concurrent completions right after ready: {sum(s == 200 for s, _ in res)}/16 answered 200")
+    for s, text in res[:3]:
+        print(s, repr(text))
+
+asyncio.run(main())
+PY
+  cat $OUT/readiness_fp8.txt
   kill -INT $serve; wait $serve; echo "pd-serve exit $?"
   grep -E "warm-up|weights|FP8|ERROR|Traceback" $OUT/serve_fp8.log | cut -c1-260 | head -12
 fi
