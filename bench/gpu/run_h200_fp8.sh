@@ -8,9 +8,10 @@
 #   tune     bench/tune_moe_fp8.py (sorted FP8 experts at the §8 shape), then decode_step in FP8 with the
 #            tuned table and a prefill kernel profile.
 #   model    the model-level FP8 GPU tests and pd-serve on the FP8 gpu-tiny checkpoint.
-# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode|tune|model   (carry .gpu-pack)
+#   suite    every GPU test (bf16 and FP8) on the final code.
+# Usage: bash bench/gpu/run_h200_fp8.sh kernels|decode|tune|model|suite   (carry .gpu-pack)
 set -u
-stage=${1:?kernels, decode, tune or model}
+stage=${1:?kernels, decode, tune, model or suite}
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
@@ -72,6 +73,11 @@ PY
   cat $OUT/readiness_fp8.txt
   kill -INT $serve; wait $serve; echo "pd-serve exit $?"
   grep -E "warm-up|weights|FP8|ERROR|Traceback" $OUT/serve_fp8.log | cut -c1-260 | head -12
+fi
+if [ "$stage" = suite ]; then
+  timeout 480 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py tests/test_gpu_fp8.py \
+    tests/test_kernels.py -rfE > $OUT/test_gpu_suite.txt 2>&1
+  echo "GPU suite exit $?"; grep -E "agreement|passed|failed|Error|^E " $OUT/test_gpu_suite.txt | cut -c1-300 | head -30
 fi
 if [ "$stage" = decode ]; then
   for q in fp8 none; do
