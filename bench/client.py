@@ -40,6 +40,7 @@ def request_body(
     ignore_eos: bool = False,
     extra_body: Mapping[str, Any] | None = None,
     return_token_ids: bool = False,
+    return_phases: bool = False,
 ) -> dict[str, Any]:
     """The JSON body of one streaming request; `extra_body` keys are added last (and win)."""
     body: dict[str, Any] = {"model": model}
@@ -59,6 +60,8 @@ def request_body(
         body["ignore_eos"] = True
     if return_token_ids:
         body["return_token_ids"] = True
+    if return_phases:
+        body["return_phases"] = True
     body.update(extra_body or {})
     return body
 
@@ -144,6 +147,7 @@ class _Stream:
     token_ids: int = 0  # generated ids the chunks carried (0 when the server sends none)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    phases: dict[str, float] | None = None  # pd's per-phase latency, on the last chunk
 
 
 async def _consume(
@@ -180,6 +184,8 @@ async def _consume(
                 stream.finish_reason = finish_reason
             if isinstance(chunk.get("usage"), dict):
                 stream.usage = chunk["usage"]
+            if isinstance(chunk.get("pd_phases"), dict):
+                stream.phases = chunk["pd_phases"]
         raise StreamError(f"stream ended before data: {DONE}")
 
 
@@ -231,4 +237,5 @@ async def stream_request(
         finish_reason=stream.finish_reason,
         error=error,
         text="".join(stream.texts),
+        phases=stream.phases,
     )

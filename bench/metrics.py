@@ -52,6 +52,7 @@ class RequestRecord:
     finish_reason: str | None = None
     error: str | None = None
     text: str = ""
+    phases: Mapping[str, float] | None = None  # pd's `pd_phases` (seconds per latency phase), if sent
 
     @property
     def ok(self) -> bool:

@@ -83,6 +83,8 @@ class BenchConfig:
     # Ask for the generated ids in every chunk (a server extension pd and vLLM support), so tokens that
     # decode to no text (dummy weights) still count; servers without it send none and are measured by text.
     return_token_ids: bool = True
+    # Ask pd for each request's latency phases (`return_phases`; servers without it send none).
+    return_phases: bool = True
     request_timeout: float = 600.0
     slo_ms: Mapping[str, float] = field(default_factory=dict)
     extra_body: Mapping[str, Any] = field(default_factory=dict)
@@ -274,6 +276,7 @@ async def _run_requests(
             cfg.ignore_eos,
             cfg.extra_body,
             return_token_ids=cfg.return_token_ids,
+            return_phases=cfg.return_phases,
         )
         if limit is not None:
             await limit.acquire()
@@ -420,6 +423,7 @@ def format_table(result: BenchResult) -> str:
         lines.append(_title("Goodput"))
         lines.append(f"{'SLO (ms):':<40} {slo}")
         lines.append(f"{'Requests meeting every SLO:':<40} {m.good_requests}")
+    lines += phase_lines(result.records)
     lines.append("=" * TABLE_WIDTH)
     lines += DEFINITIONS
     if m.errors:
@@ -430,6 +434,27 @@ def format_table(result: BenchResult) -> str:
         lines += [f"  {count:>6} x {message}" for message, count in result.warmup_errors.items()]
     lines += [f"Note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def phase_lines(records: Sequence[RequestRecord]) -> list[str]:
+    """Where the latency went (pd's ``pd_phases``): median and p90 ms per phase over the successful requests
+    that carried them, in the server's order; none when no request did."""
+    phased = [r.phases for r in records if r.ok and r.phases]
+    if not phased:
+        return []
+    lines = [
+        _title(f"Latency by phase (pd; {len(phased)} requests)"),
+        f"{'phase':<26}{'median ms':>14}{'P90 ms':>10}",
+    ]
+    for name in phased[0]:
+        if name == "kv_bytes":
+            continue
+        values = sorted(p[name] for p in phased if name in p)
+        median, p90 = values[len(values) // 2], values[min(len(values) - 1, int(0.9 * len(values)))]
+        lines.append(f"{name:<26}{median * 1e3:>14.2f}{p90 * 1e3:>10.2f}")
+    kv = sorted(p.get("kv_bytes", 0.0) for p in phased)
+    lines.append(f"{'KV bytes per request':<26}{kv[len(kv) // 2]:>14.0f}")
+    return lines
 
 
 def write_result_json(result: BenchResult, path: str | Path) -> None:
@@ -512,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
         "so that tokens decoding to no text (dummy weights) are measured; --no-return-token-ids for a "
         "server that refuses the field (then only chunks with text count) (default: on)",
     )
+    p.add_argument(
+        "--return-phases",
+        action=argparse.BooleanOptionalAction,
+        default=d.return_phases,
+        help="send return_phases: true (pd) and print where each request's latency went, phase by phase; "
+        "--no-return-phases for a server that refuses the field (default: on)",
+    )
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds per request")
     p.add_argument(
         "--slo", nargs="+", default=[], metavar="NAME:MS", help="e.g. ttft:2000 tpot:50 e2el:10000"
@@ -550,6 +582,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
         return_token_ids=args.return_token_ids,
+        return_phases=args.return_phases,
         request_timeout=args.request_timeout,
         slo_ms=parse_slo(args.slo),
         extra_body=extra_body,

@@ -75,6 +75,7 @@ TABLE = {
     "ignore_eos": (IMPL, IMPL, [True], ["yes"]),
     "stop_token_ids": (IMPL, IMPL, [[1, 2]], [[-1]]),
     "return_token_ids": (IMPL, IMPL, [True], [1]),
+    "return_phases": (IMPL, IMPL, [True], [1]),
     "repetition_penalty": (NOOP, NOOP, [1, 1.0], [1.2]),
     # no such field
     "frobnicate": (None, None, [], [1]),

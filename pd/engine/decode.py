@@ -14,6 +14,7 @@ A room's life here (every step on the engine thread):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from pd.engine.engine import Engine, TokenOutput
 from pd.engine.messages import (
     AbortRoom,
     Command,
+    DecodePhases,
     DecodeRoom,
     Event,
     Failure,
@@ -62,6 +64,14 @@ class _Room:
     pages: list[int] | None = None  # reserved for the transfer; the scheduler's once RUNNING
     aux_slot: int | None = None
     aborted: str | None = None  # why, once an abort was asked for during the transfer
+    # Monotonic times of its transfer's start, the KV's arrival and its emissions (per-phase latency).
+    transfer_started: float = 0.0
+    kv_arrived: float = 0.0
+    first_emit: float = 0.0
+    first_emit_unix: float = 0.0
+    second_emit: float = 0.0
+    last_emit: float = 0.0
+    emitted: int = 0  # tokens emitted
 
 
 class DecodeEngine:
@@ -92,6 +102,8 @@ class DecodeEngine:
         return self.engine.has_work()
 
     def step(self) -> list[Event]:
+        if batch := len(self.engine.scheduler.running):
+            self.metrics.decode_batch.observe(batch, role="decode")
         events = [self._emit(out) for out in self.engine.step()]
         self._start_transfers()  # finished requests may have freed pages
         return events
@@ -173,6 +185,7 @@ class DecodeEngine:
             assert slot is not None  # checked above
             self.pending.popleft()
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
+            room.transfer_started = time.monotonic()
             self.in_transfer += 1
             prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
             self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
@@ -186,7 +199,7 @@ class DecodeEngine:
         self.slots.free(room.aux_slot)
         self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="decode")
         if cmd.state is TransferState.DONE and room.aborted is None and cmd.aux is not None:
-            room.stage, room.req.pages = Stage.RUNNING, room.pages
+            room.stage, room.req.pages, room.kv_arrived = Stage.RUNNING, room.pages, time.monotonic()
             return [
                 self._emit(self.engine.add_prefilled(room.req, cmd.aux.first_token, cmd.aux.first_logprob))
             ]
@@ -201,9 +214,19 @@ class DecodeEngine:
 
     def _emit(self, out: TokenOutput) -> Event:
         event = tokens_event(out)
+        room = self.rooms.get(out.req.rid)
+        if room is not None and out.token_ids:
+            now = time.monotonic()
+            if room.emitted == 0:
+                room.first_emit, room.first_emit_unix = now, time.time()
+            elif room.second_emit == 0.0:
+                room.second_emit = now
+            room.last_emit, room.emitted = now, room.emitted + len(out.token_ids)
         if out.finish_reason is not None:
             self.rooms.pop(out.req.rid, None)
             self.metrics.ended(out.finish_reason.value)
+            if room is not None and room.emitted:
+                event = dataclasses.replace(event, phases=_phases(room))
         return event
 
     def _abort(self, room_id: int, reason: str) -> list[Event]:
@@ -225,3 +248,16 @@ class DecodeEngine:
     def _aborted(self, room: _Room) -> Event:
         self.metrics.ended("abort")
         return aborted_event(room.req)
+
+
+def _phases(room: _Room) -> DecodePhases:
+    """Where a room's time went here, from its recorded times (durations on this rank's clock)."""
+    later = room.emitted - 1
+    return DecodePhases(
+        pages_wait_s=room.transfer_started - room.arrived,
+        transfer_s=room.kv_arrived - room.transfer_started,
+        admit_s=room.first_emit - room.kv_arrived,
+        first_step_s=room.second_emit - room.first_emit if room.second_emit else 0.0,
+        tpot_s=(room.last_emit - room.first_emit) / later if later > 0 else 0.0,
+        first_emit_unix=room.first_emit_unix,
+    )

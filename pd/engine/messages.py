@@ -79,12 +79,35 @@ class RoomFailed:
 
 
 @dataclass(frozen=True)
+class PrefillPhases:
+    """Where a room's time went on its prefill rank (seconds on that rank's monotonic clock)."""
+
+    queue_s: float  # arrival to the step that runs its first chunk
+    compute_s: float  # that step's start to the end of its last chunk
+    transfer_s: float  # the last chunk's end to the transfer's end
+    transfer_bytes: int  # KV bytes of its pages, all layers
+
+
+@dataclass(frozen=True)
+class DecodePhases:
+    """Where a room's time went on its decode rank (seconds); carried by its last ``Tokens``."""
+
+    pages_wait_s: float  # arrival to its transfer's start
+    transfer_s: float  # transfer start to the KV's arrival
+    admit_s: float  # the KV's arrival to the first token's emission
+    first_step_s: float  # first token's emission to the second's (0 with one token)
+    tpot_s: float  # mean time between emitted tokens after the first (0 with one token)
+    first_emit_unix: float  # wall clock of the first token's emission (compared with the proxy's)
+
+
+@dataclass(frozen=True)
 class Prefilled:
     """A prefill room's KV and first token reached the decode rank."""
 
     room: int
     prompt_tokens: int
     first_token: int
+    phases: PrefillPhases | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,7 @@ class Tokens:
     finish_reason: str | None  # a ``FinishReason`` value once the room ended, "abort" included
     prompt_tokens: int
     completion_tokens: int
+    phases: DecodePhases | None = None  # on a disaggregated room's last event
 
 
 Event = RoomFailed | Prefilled | Tokens

@@ -30,6 +30,7 @@ from pd.engine.messages import (
     Event,
     Failure,
     Prefilled,
+    PrefillPhases,
     PrefillRoom,
     RoomFailed,
     TransferEnded,
@@ -71,6 +72,8 @@ class _Room:
     pages_sent: int = 0  # leading pages of req.pages handed to the sender
     pages: list[int] | None = None  # taken from the scheduler after the last chunk (or an abort)
     first_token: int = -1
+    started: float = 0.0  # monotonic time of the step that ran its first chunk
+    computed: float = 0.0  # ... and of the end of its last chunk
 
 
 class PrefillEngine:
@@ -145,11 +148,12 @@ class PrefillEngine:
 
     def _announce(self, batch: Batch) -> None:
         """Rooms admitted in this step: the sender learns their pages before any chunk is sent."""
+        now = time.monotonic()
         for req in batch.reqs:
             room = self.rooms[req.rid]
             if not room.announced:
                 self.sender.add_room(req.rid, req.pages)
-                room.announced = True
+                room.announced, room.started = True, now
 
     def _ship(self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]) -> None:
         """Hands the pages this step completed to the sender; the last chunk also sends the first token."""
@@ -157,6 +161,7 @@ class PrefillEngine:
         if self.runner.pool.buffer.is_cuda:  # the sender waits for the forward before reading the pages
             ready = torch.cuda.Event()
             ready.record()
+        now = time.monotonic()
         for req, end, token, logprob in zip(batch.reqs, batch.ends, tokens, logprobs):
             room = self.rooms[req.rid]
             req.num_computed = end
@@ -166,7 +171,7 @@ class PrefillEngine:
                     self.sender.send(req.rid, req.pages[room.pages_sent : full], ready_event=ready)
                     room.pages_sent = full
                 continue
-            room.pages, room.first_token = self.scheduler.release(req), token
+            room.pages, room.first_token, room.computed = self.scheduler.release(req), token, now
             aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
             nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
@@ -184,7 +189,13 @@ class PrefillEngine:
         if cmd.state is TransferState.FAILED:
             self.metrics.transfer_failures.inc(role="prefill")
         if cmd.state is TransferState.DONE:
-            return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token)]
+            assert room.pages is not None
+            nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
+            now = time.monotonic()
+            phases = PrefillPhases(
+                room.started - room.arrived, room.computed - room.started, now - room.computed, nbytes
+            )
+            return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token, phases)]
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
 
     def _abort(self, room_id: int, reason: str) -> list[Event]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -39,16 +40,46 @@ _HTTP_STATUS = {
 # Prefill failures worth one more try on another prefill instance (see Dispatcher.run).
 _RETRY_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 ABORT_TIMEOUT_S = 2.0
+PREFILL_REPLY_GRACE_S = 0.05  # how long the last chunk waits for a prefill reply still on its way
+
+
+# The phases of a request's latency, in the order they happen (``pd_request_phase_seconds{phase}``):
+# the user-visible TTFT is the sum of the first six; ``decode_pages_wait`` runs alongside the prefill.
+PHASES = (
+    "proxy",  # arrival at the proxy to the RPCs sent: body, tokenization, admission queue, routing
+    "prefill_queue",  # the prefill rank's queue
+    "prefill_compute",  # its chunks, to the first token sampled
+    "kv_transfer",  # the KV tail and the first token on the wire, to the prefill side's end
+    "decode_admit",  # the KV's arrival on the decode rank to the first token's emission
+    "delivery",  # the first token's emission to the proxy receiving it (wall clocks of both processes)
+    "first_decode_step",  # the first token's emission to the second's
+    "tpot",  # mean time between tokens after the first, on the decode rank
+    "decode_pages_wait",  # the decode rank's wait for KV pages and a running slot before the transfer
+)
+TTFT_PHASES = PHASES[:6]
+
+
+@dataclass(frozen=True)
+class RoomTimes:
+    """What the ranks measured of one room: the prefill reply's and the last decode chunk's phases, and when
+    the proxy received the first token chunk (wall clock, to compare with the decode rank's)."""
+
+    prefill: wpb.PrefillPhases | None
+    decode: wpb.DecodePhases | None
+    first_received_unix: float
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tokens streamed by the decode rank; the last chunk of a request carries ``finish_reason``."""
+    """Tokens streamed by the decode rank; the last chunk of a request carries ``finish_reason`` (and, for a
+    disaggregated room, ``phases``: seconds per ``PHASES`` entry plus ``ttft`` and ``kv_bytes``)."""
 
     room: int  # the room that produced it (one per request once the first chunk came)
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
+    times: RoomTimes | None = None
+    phases: dict[str, float] | None = None
 
 
 class _PrefillFailed(Exception):
@@ -79,6 +110,18 @@ class Dispatcher:
         self.m_retries = m.counter(
             "pd_proxy_prefill_retries_total", "Requests moved to another prefill instance after a failure."
         )
+        self.m_phase = m.histogram(
+            "pd_request_phase_seconds", "Where each request's latency went, by phase (see PHASES).", ["phase"]
+        )
+        self.m_kv_rate = m.histogram(
+            "pd_kv_transfer_gbytes_per_second",
+            "KV bytes of a room over its transfer phase, GB/s.",
+            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300),
+        )
+        self.m_ttft_gap = m.histogram(
+            "pd_request_ttft_unaccounted_seconds",
+            "TTFT minus the sum of its phases (hand-offs the phases do not cover; negative ones count as 0).",
+        )
 
     async def run(self, job: Job) -> AsyncGenerator[Chunk, None]:
         """D's chunks for ``job``; raises APIError if no rank is there (503) or P or D fails.
@@ -93,7 +136,7 @@ class Dispatcher:
         except NoWorkers as e:
             raise APIError(503, str(e)) from None
         retries = 1 if self.retry_prefill else 0
-        first_at, tokens = None, 0
+        first_at, tokens, sent = None, 0, time.monotonic()
         try:
             while True:
                 room = secrets.randbits(63)
@@ -107,6 +150,11 @@ class Dispatcher:
                             tokens += len(chunk.token_ids)
                             if chunk.finish_reason:
                                 self._finished(job, now, first_at, tokens)
+                                if chunk.times is not None and first_at is not None:
+                                    phases = self._phases(
+                                        room, sent - job.arrived, first_at - job.arrived, chunk.times
+                                    )
+                                    chunk = dataclasses.replace(chunk, phases=phases)
                             yield chunk
                     return
                 except _PrefillFailed as e:
@@ -123,6 +171,40 @@ class Dispatcher:
                     route = Route(route.decode, other)
         finally:
             self.router.release(*route.ranks)
+
+    def _phases(self, room: int, proxy_s: float, ttft: float, times: RoomTimes) -> dict[str, float] | None:
+        """The request's phases (``PHASES``) from the ranks' measurements, observed into the histograms and
+        logged at debug level keyed by the room; None when a side's measurements are missing."""
+        p, d = times.prefill, times.decode
+        if p is None or d is None:
+            return None
+        emitted_unix = d.first_emit_unix
+        phases = {
+            "proxy": proxy_s,
+            "prefill_queue": p.queue_s,
+            "prefill_compute": p.compute_s,
+            "kv_transfer": p.transfer_s,
+            "decode_admit": d.admit_s,
+            "delivery": max(0.0, times.first_received_unix - emitted_unix),
+            "first_decode_step": d.first_step_s,
+            "tpot": d.tpot_s,
+            "decode_pages_wait": d.pages_wait_s,
+        }
+        for phase, seconds in phases.items():
+            self.m_phase.observe(seconds, phase=phase)
+        if p.transfer_s > 0:
+            self.m_kv_rate.observe(p.transfer_bytes / p.transfer_s / 1e9)
+        gap = ttft - sum(phases[k] for k in TTFT_PHASES)
+        self.m_ttft_gap.observe(max(0.0, gap))
+        log.debug(
+            "room %x phases: %s; ttft %.4f s, unaccounted %.4f s, kv %d bytes",
+            room,
+            " ".join(f"{k}={v:.4f}" for k, v in phases.items()),
+            ttft,
+            gap,
+            p.transfer_bytes,
+        )
+        return {**phases, "ttft": ttft, "kv_bytes": float(p.transfer_bytes)}
 
     def _finished(self, job: Job, now: float, first_at: float | None, tokens: int) -> None:
         self.m_e2e.observe(now - job.arrived)
@@ -158,6 +240,7 @@ class Dispatcher:
             generate.prefill_endpoint = prefill_rank.endpoint
         call = self.router.decode_stub(decode_rank).Generate(generate, timeout=timeout, metadata=md)
         finished = started = False
+        first_received_unix = 0.0
         stream = call.__aiter__()
         next_chunk: asyncio.Future | None = None
         try:
@@ -178,10 +261,15 @@ class Dispatcher:
                     self._call_failed(decode_rank, e)
                     raise _api_error(e, "decode") from None
                 started = True
+                if not first_received_unix and reply.token_ids:
+                    first_received_unix = time.time()
                 # Finished once the last chunk is handed over: a consumer that stops after it (the SSE
                 # writer does) closes this generator at the yield, and that must not abort the room.
                 finished = bool(reply.finish_reason)
-                yield Chunk(room, reply.text, tuple(reply.token_ids), reply.finish_reason or None)
+                times = None
+                if finished and reply.HasField("phases"):
+                    times = RoomTimes(await _prefill_phases(prefill), reply.phases, first_received_unix)
+                yield Chunk(room, reply.text, tuple(reply.token_ids), reply.finish_reason or None, times)
                 if finished:
                     return
         finally:
@@ -232,6 +320,17 @@ def _api_error(exc: BaseException, side: str) -> APIError:
         status = _HTTP_STATUS.get(exc.code(), 500)
         return APIError(status, f"{side} failed: {exc.details() or exc.code().name}")
     return APIError(500, f"{side} failed: {exc!r}")
+
+
+async def _prefill_phases(prefill: asyncio.Future) -> wpb.PrefillPhases | None:
+    """The prefill reply's phases; waits a moment for a reply still on its way (it normally precedes the
+    decode rank's first token), None without one."""
+    if not prefill.done():
+        await asyncio.wait({prefill}, timeout=PREFILL_REPLY_GRACE_S)
+    if not prefill.done() or prefill.cancelled() or prefill.exception() is not None:
+        return None
+    reply = prefill.result()
+    return reply.phases if reply is not None and reply.HasField("phases") else None
 
 
 def _consume_exception(fut: asyncio.Future) -> None:

@@ -57,6 +57,7 @@ _SHARED = {
     "ignore_eos": IMPLEMENTED,
     "stop_token_ids": IMPLEMENTED,
     "return_token_ids": IMPLEMENTED,
+    "return_phases": IMPLEMENTED,
     "repetition_penalty": noop(1),
 }
 

@@ -32,7 +32,7 @@ from pd.proxy.protocol import APIError, completion_id, full_response, stream_chu
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
-from pd.worker.metrics import RELAYED
+from pd.worker.metrics import RELAYED, RELAYED_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ class Proxy:
         body = full_response(
             job.req, rid, job.model.name, text, every[-1].finish_reason, ids, len(job.prompt_ids)
         )
+        if job.req.return_phases and every[-1].phases:
+            body["pd_phases"] = every[-1].phases
         return JSONResponse(body)
 
     async def _sse(
@@ -117,9 +119,10 @@ class Proxy:
             while True:
                 completion_tokens += len(chunk.token_ids)
                 finish = chunk.finish_reason
-                yield event(
-                    stream_chunk(job.req, rid, model, chunk.text, finish, list(chunk.token_ids), is_first)
-                )
+                out = stream_chunk(job.req, rid, model, chunk.text, finish, list(chunk.token_ids), is_first)
+                if job.req.return_phases and chunk.phases:
+                    out["pd_phases"] = chunk.phases
+                yield event(out)
                 is_first = False
                 if finish:
                     break
@@ -180,28 +183,42 @@ class Proxy:
         )
 
     async def _relayed_metrics(self) -> str:
-        """Every registered rank's gauges named in RELAYED, fetched now (so leaks show in one scrape)."""
+        """Every registered rank's gauges named in RELAYED and histograms named in RELAYED_HISTOGRAMS
+        (labelled with the rank's instance and rank), fetched now: leaks and the achieved decode batch show
+        in one scrape."""
 
-        async def fetch(rank: Rank) -> str:
+        async def fetch(rank: Rank) -> tuple[Rank, str]:
             try:
                 reply = await self.router.stub(rank).Metrics(
                     wpb.MetricsRequest(), timeout=2.0, metadata=self.router.metadata
                 )
-                return reply.text
+                return rank, reply.text
             except grpc.aio.AioRpcError:
-                return ""
+                return rank, ""
 
-        texts = await asyncio.gather(*(fetch(r) for r in list(self.router.ranks.values())))
-        lines: dict[str, list[str]] = {name: [] for name in RELAYED}
-        for text in texts:
+        fetched = await asyncio.gather(*(fetch(r) for r in list(self.router.ranks.values())))
+        families = {name: name for name in RELAYED} | {
+            f"{name}{suffix}": name for name in RELAYED_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
+        }
+        lines: dict[str, list[str]] = {name: [] for name in (*RELAYED, *RELAYED_HISTOGRAMS)}
+        for rank, text in fetched:
             for (name, labels), value in parse_samples(text).items():
-                if name in lines:
-                    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines[name].append(f"{name}{{{body}}} {value:g}")
+                family = families.get(name)
+                if family is None:
+                    continue
+                if family in RELAYED_HISTOGRAMS:
+                    labels = (*labels, ("instance", rank.instance_id), ("rank", str(rank.dp_rank)))
+                body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                lines[family].append(f"{name}{{{body}}} {value:g}")
         out = []
         for name, samples in lines.items():
             if samples:
-                out += [f"# HELP {name} Relayed from the registered ranks.", f"# TYPE {name} gauge", *samples]
+                kind = "histogram" if name in RELAYED_HISTOGRAMS else "gauge"
+                out += [
+                    f"# HELP {name} Relayed from the registered ranks.",
+                    f"# TYPE {name} {kind}",
+                    *samples,
+                ]
         return "\n".join(out) + ("\n" if out else "")
 
 

@@ -96,6 +96,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    return_phases: bool  # pd extra: "pd_phases" (seconds per latency phase) on the last chunk / the response
 
 
 def check_fields(obj: dict[str, Any], rules: dict[str, fields.Rule], where: str, prefix: str = "") -> None:
@@ -188,6 +189,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         stream=_get(body, "stream", bool, False),
         include_usage=_get(stream_options, "include_usage", bool, False),
         return_token_ids=_get(body, "return_token_ids", bool, False),
+        return_phases=_get(body, "return_phases", bool, False),
     )
 
 

@@ -42,13 +42,43 @@ class PrefillRequest(_message.Message):
     decode_rank: int
     def __init__(self, room: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., decode_instance: _Optional[str] = ..., decode_rank: _Optional[int] = ...) -> None: ...
 
+class PrefillPhases(_message.Message):
+    __slots__ = ("queue_s", "compute_s", "transfer_s", "transfer_bytes")
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    queue_s: float
+    compute_s: float
+    transfer_s: float
+    transfer_bytes: int
+    def __init__(self, queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., transfer_bytes: _Optional[int] = ...) -> None: ...
+
+class DecodePhases(_message.Message):
+    __slots__ = ("pages_wait_s", "transfer_s", "admit_s", "first_step_s", "tpot_s", "first_emit_unix")
+    PAGES_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_EMIT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    pages_wait_s: float
+    transfer_s: float
+    admit_s: float
+    first_step_s: float
+    tpot_s: float
+    first_emit_unix: float
+    def __init__(self, pages_wait_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., admit_s: _Optional[float] = ..., first_step_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., first_emit_unix: _Optional[float] = ...) -> None: ...
+
 class PrefillReply(_message.Message):
-    __slots__ = ("prompt_tokens", "first_token_id")
+    __slots__ = ("prompt_tokens", "first_token_id", "phases")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     first_token_id: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    phases: PrefillPhases
+    def __init__(self, prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., phases: _Optional[_Union[PrefillPhases, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("room", "token_ids", "sampling", "prefill_instance", "prefill_rank", "prefill_endpoint")
@@ -67,20 +97,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, room: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prefill_instance: _Optional[str] = ..., prefill_rank: _Optional[int] = ..., prefill_endpoint: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs")
+    __slots__ = ("token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "phases")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    phases: DecodePhases
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[float]] = ..., phases: _Optional[_Union[DecodePhases, _Mapping]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("room", "reason")

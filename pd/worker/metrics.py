@@ -17,8 +17,13 @@ ROOMS_OPEN = "pd_rooms_open"
 TRANSFER_ROOMS_OPEN = "pd_transfer_rooms_open"
 EXPERT_TOKENS = "pd_expert_tokens"
 
-# Relayed by the proxy from every registered rank (all gauges with RANK_LABELS).
+DECODE_BATCH = "pd_decode_batch_size"
+DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+
+# Relayed by the proxy from every registered rank: gauges (with RANK_LABELS) and histograms (labelled
+# with the rank's instance and rank by the proxy).
 RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
+RELAYED_HISTOGRAMS = (DECODE_BATCH,)
 
 
 class WorkerMetrics:
@@ -48,6 +53,12 @@ class WorkerMetrics:
         )
         self.transfer_bytes = m.counter(
             "pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"]
+        )
+        self.decode_batch = m.histogram(
+            DECODE_BATCH,
+            "Requests decoded in each step (the achieved batch).",
+            ["role"],
+            DECODE_BATCH_BUCKETS,
         )
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]

@@ -6,6 +6,8 @@ first token reached the decode rank, or the status of a ``RoomFailed``. A cancel
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
 from pd.engine.messages import AbortRoom, Prefilled, PrefillRoom, RoomFailed
@@ -40,4 +42,7 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
         if isinstance(event, RoomFailed):
             await context.abort(STATUS[event.failure], event.message)
         assert isinstance(event, Prefilled)
-        return wpb.PrefillReply(prompt_tokens=event.prompt_tokens, first_token_id=event.first_token)
+        phases = wpb.PrefillPhases(**dataclasses.asdict(event.phases)) if event.phases else None
+        return wpb.PrefillReply(
+            prompt_tokens=event.prompt_tokens, first_token_id=event.first_token, phases=phases
+        )

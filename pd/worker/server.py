@@ -12,6 +12,7 @@ heartbeat thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -132,6 +133,7 @@ class RankServer:
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     logprobs=event.logprobs,
+                    phases=wpb.DecodePhases(**dataclasses.asdict(event.phases)) if event.phases else None,
                 )
         finally:
             self.close_room(cmd.room)
