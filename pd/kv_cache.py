@@ -225,7 +225,10 @@ class PageAllocator:
             self._check(p)
             if self._refs[p] < n:
                 raise ValueError(f"double free of page {p}: {n} frees, {self._refs[p]} references")
-        for p in pages:
+        # Pushed in reverse so the stack pops them in their order again: a request's ascending run comes
+        # back out ascending, and its KV moves as one transfer piece per layer (pushed in order, every
+        # later allocation came out descending, so no two pages merged and each moved as its own piece).
+        for p in reversed(pages):
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
