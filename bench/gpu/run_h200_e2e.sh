@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Device run on nvidia-h200 (one GPU), issue 16: pd-serve end to end at the DESIGN.md §8 shape (dummy bf16
+# weights, both instances on cuda:0), pd-bench random 1024 in / 128 out, over the TCP and the NVLink transfer
+# paths, after the page-allocator fix (freed pages came back descending: every page of every layer moved
+# as its own piece). pd-bench prints the per-phase table (return_phases). Carry: .gpu-pack.
+# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "16 inf" [num_prompts]
+set -u
+protocols=${1:-"tcp nvlink"}
+rates=${2:-"16 inf"}
+prompts=${3:-200}
+tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
+source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+python3 -m pd.launch.make_tiny_model /tmp/design --preset moonlight-shape --config-only > /dev/null
+for proto in $protocols; do
+  pd-serve --model /tmp/design --device cuda --load-format dummy --dtype bfloat16 --transfer-protocol $proto \
+    --port 8000 > $OUT/serve_$proto.log 2>&1 &
+  serve=$!
+  python3 - <<'PY'
+import time, httpx
+deadline = time.time() + 300
+while time.time() < deadline:
+    try:
+        if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(1)
+PY
+  echo "== $proto ready"; grep -E "transfer|NVLink|nvlink|TCP" $OUT/serve_$proto.log | cut -c1-200 | head -4
+  for rate in $rates; do
+    timeout 150 pd-bench --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 1024 \
+      --random-output-len 128 --num-prompts $prompts --request-rate $rate --ignore-eos --disable-tqdm \
+      --result-json $OUT/bench_${proto}_$rate.json > $OUT/bench_${proto}_$rate.txt 2>&1
+    echo "-- $proto rate $rate (exit $?)"
+    grep -E "Successful|Request throughput|Output token throughput|Median TTFT|P99 TTFT|Median TPOT" $OUT/bench_${proto}_$rate.txt
+    sed -n '/Latency by phase/,/KV bytes/p' $OUT/bench_${proto}_$rate.txt
+  done
+  curl -s http://127.0.0.1:8000/metrics 2>/dev/null | grep -E "^pd_decode_batch_size_(sum|count)" > $OUT/batch_$proto.txt || \
+    python3 -c "import httpx;print(httpx.get('http://127.0.0.1:8000/metrics').text)" | grep -E "^pd_decode_batch_size_(sum|count)" > $OUT/batch_$proto.txt
+  cat $OUT/batch_$proto.txt
+  kill -INT $serve; wait $serve
+done
