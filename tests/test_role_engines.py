@@ -5,6 +5,7 @@ once: it raises on a double free; the pool is idle at the end of every test)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -113,13 +114,24 @@ def test_disaggregated_greedy_equals_the_colocated_engine(pair, reference) -> No
     for room in range(len(PROMPTS)):
         link.copy(room)
         [done] = prefill.handle(TransferEnded(room, TransferState.DONE))
-        assert done == Prefilled(room, len(PROMPTS[room]), link.aux[room].first_token)
+        assert dataclasses.replace(done, phases=None) == Prefilled(
+            room, len(PROMPTS[room]), link.aux[room].first_token
+        )
+        # Its phases: the bytes of every page of the prompt, all layers; durations in order on this clock.
+        layout = prefill.layout
+        pages = layout.pages_for(len(PROMPTS[room]))
+        assert done.phases.transfer_bytes == pages * layout.page_nbytes_per_layer * layout.num_layers
+        assert min(done.phases.queue_s, done.phases.compute_s, done.phases.transfer_s) >= 0
         [first] = decode.handle(TransferEnded(room, TransferState.DONE, aux=link.aux[room]))
         tokens[room] += first.token_ids
     while decode.has_work():
         for event in decode.step():
             assert isinstance(event, Tokens)
             tokens[event.room] += event.token_ids
+            # Only a room's last event carries its decode phases.
+            assert (event.phases is not None) == (event.finish_reason is not None)
+            if event.phases is not None and len(tokens[event.room]) > 2:
+                assert event.phases.first_step_s > 0 and event.phases.tpot_s > 0
     assert [tokens[r] for r in range(len(PROMPTS))] == reference
     assert idle(prefill.engine, decode.engine) and decode.rooms_open == 0 and prefill.rooms_open == 0
 
