@@ -67,7 +67,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
     )
     p.add_argument("--prefill-device", help="device of the prefill instance (default: --device)")
     p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
-    add_field_arg(p, "--transfer-protocol", TransferConfig, "protocol", choices=PROTOCOLS, help="KV transfer")
+    p.add_argument(
+        "--transfer-protocol",
+        choices=("auto", *PROTOCOLS),
+        default="auto",
+        help="KV transfer; auto: nvlink when both instances run on GPUs (of this host, as pd-serve's always "
+        f"do), else {TransferConfig.protocol} (default: auto)",
+    )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
     par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
@@ -117,6 +123,18 @@ def _parallel_flags(args: argparse.Namespace, dp: int | None) -> list[str]:
     return flags
 
 
+def transfer_protocol(args: argparse.Namespace) -> str:
+    """``--transfer-protocol``, with ``auto`` resolved: NVLink between GPUs of this host (Mooncake's
+    intra-node path, about 100x TCP for a request's KV), else the transfer engine's default."""
+    if args.transfer_protocol != "auto":
+        return args.transfer_protocol
+    devices = (args.prefill_device or args.device, args.decode_device or args.device)
+    if all(d.startswith("cuda") for d in devices):
+        log.info("KV transfer over nvlink: both instances run on GPUs of this host")
+        return "nvlink"
+    return TransferConfig.protocol
+
+
 def commands(
     args: argparse.Namespace, model: str, bootstrap_port: int, proxy_fd: int | None = None
 ) -> list[tuple[str, list[str]]]:
@@ -128,7 +146,7 @@ def commands(
     common = ["--host", host, "--log-level", args.log_level]
     if args.cluster_token_file:
         common += ["--cluster-token-file", args.cluster_token_file]
-    worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
+    worker = ["--bootstrap", boot, "--transfer-protocol", transfer_protocol(args)]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (

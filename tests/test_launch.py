@@ -127,7 +127,6 @@ BOOTSTRAP_FIELDS = {
 SERVE_FIELDS = {
     **{k: v for k, v in WORKER_FIELDS.items() if v[0] in (EngineConfig,)},
     **PROXY_FIELDS,
-    "transfer_protocol": (TransferConfig, "protocol"),
     "dp": (ParallelConfig, "size"),
     "ep_backend": (ParallelConfig, "ep_backend"),
     "expert_placement": (ParallelConfig, "expert_placement"),
@@ -178,10 +177,26 @@ def test_choices_come_from_the_registries():
         if "ep_backend" in actions:
             assert sorted(actions["ep_backend"].choices) == sorted(EP_BACKENDS), name
             assert tuple(actions["expert_placement"].choices) == PLACEMENTS, name
-            assert tuple(actions["transfer_protocol"].choices) == PROTOCOLS, name
+            protocols = ("auto", *PROTOCOLS) if name == "pd-serve" else PROTOCOLS
+            assert tuple(actions["transfer_protocol"].choices) == protocols, name
             assert tuple(actions["attention_backend"].choices) == ATTENTION_BACKENDS, name
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(model_path="/m", attention_backend="nope")
+
+
+def test_pd_serve_picks_nvlink_between_gpus_of_its_host():
+    parse = serve.build_parser()[0].parse_args
+    assert serve.transfer_protocol(parse(["--device", "cuda"])) == "nvlink"
+    assert (
+        serve.transfer_protocol(parse(["--prefill-device", "cuda:0", "--decode-device", "cuda:1"]))
+        == "nvlink"
+    )
+    assert serve.transfer_protocol(parse([])) == TransferConfig.protocol  # CPU
+    assert (
+        serve.transfer_protocol(parse(["--device", "cuda", "--decode-device", "cpu"]))
+        == TransferConfig.protocol
+    )
+    assert serve.transfer_protocol(parse(["--device", "cuda", "--transfer-protocol", "tcp"])) == "tcp"
 
 
 def test_bootstrap_launcher_imports_no_torch():
