@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from pd.rpc.auth import read_token_file
+from pd.rpc.tls import TLSConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -67,7 +68,7 @@ def add_field_arg(
 
 
 def add_common_args(p: argparse.ArgumentParser, config: type) -> None:
-    """--host (its default from ``config.host``), --log-level, --cluster-token-file."""
+    """--host (its default from ``config.host``), --log-level, --cluster-token-file, --tls-*."""
     g = p.add_argument_group("common")
     add_field_arg(g, "--host", config, "host", help="address to bind (127.0.0.1: loopback only)")
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
@@ -75,6 +76,14 @@ def add_common_args(p: argparse.ArgumentParser, config: type) -> None:
         "--cluster-token-file",
         help="file holding a shared secret that every gRPC call between pd processes must carry",
     )
+    g.add_argument(
+        "--tls-cert",
+        help="this process's certificate (PEM): with --tls-key and --tls-ca, every gRPC port and channel "
+        "uses mutual TLS (and pd-proxy serves HTTPS). Needs a subjectAltName for each address peers dial "
+        "(e.g. IP:127.0.0.1) and both serverAuth and clientAuth usages",
+    )
+    g.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    g.add_argument("--tls-ca", help="CA bundle (PEM) that peers' certificates must be signed by")
 
 
 def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
@@ -93,6 +102,20 @@ def forwarded(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
 
 def cluster_token(args: argparse.Namespace) -> str | None:
     return read_token_file(args.cluster_token_file) if args.cluster_token_file else None
+
+
+def tls_config(args: argparse.Namespace) -> TLSConfig | None:
+    """The --tls-* files as a TLSConfig, None without them; exits naming what is missing or wrong."""
+    try:
+        return TLSConfig.from_paths(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def tls_flags(args: argparse.Namespace) -> list[str]:
+    """The --tls-* flags to hand a child process (empty without TLS)."""
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    return [word for flag, path in given.items() if path for word in (flag, path)]
 
 
 class PortInUse(OSError):

@@ -9,7 +9,7 @@ import signal
 import threading
 
 from pd.bootstrap.server import BootstrapConfig, BootstrapServer
-from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging
+from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging, tls_config
 
 log = logging.getLogger("pd.bootstrap")
 
@@ -56,6 +56,7 @@ def bootstrap_config(args: argparse.Namespace) -> BootstrapConfig:
         lease_seconds=args.lease_seconds,
         max_ranks=args.max_ranks,
         cluster_token=cluster_token(args),
+        tls=tls_config(args),
     )
 
 

@@ -9,7 +9,7 @@ import socket
 
 import uvicorn
 
-from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging
+from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging, tls_config
 from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
 
@@ -114,6 +114,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         port=args.port,
         api_key=read_api_key(args.api_key_file),
         cluster_token=cluster_token(args),
+        tls=tls_config(args),
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
         limit_concurrency=args.max_connections,
+        # With TLS, HTTPS on the public port with the same certificate; clients need not present one
+        # (OpenAI clients do not), only pd's own gRPC peers must.
+        ssl_certfile=cfg.tls.cert if cfg.tls else None,
+        ssl_keyfile=cfg.tls.key if cfg.tls else None,
     )
     sockets = None if args.fd is None else [socket.socket(fileno=args.fd)]
     server = uvicorn.Server(config)

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,7 +19,16 @@ from pathlib import Path
 import httpx
 
 from pd.config import EngineConfig
-from pd.launch.args import PortInUse, add_common_args, add_field_arg, forwarded, reserve_port, setup_logging
+from pd.launch.args import (
+    PortInUse,
+    add_common_args,
+    add_field_arg,
+    forwarded,
+    reserve_port,
+    setup_logging,
+    tls_config,
+    tls_flags,
+)
 from pd.launch.engine_args import add_engine_args, add_parallel_args
 from pd.launch.proxy import add_proxy_args
 from pd.proxy.config import ProxyConfig
@@ -146,6 +156,7 @@ def commands(
     common = ["--host", host, "--log-level", args.log_level]
     if args.cluster_token_file:
         common += ["--cluster-token-file", args.cluster_token_file]
+    common += tls_flags(args)  # every child: mutual TLS between them, HTTPS on the proxy
     worker = ["--bootstrap", boot, "--transfer-protocol", transfer_protocol(args)]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
@@ -218,10 +229,14 @@ def reserve_ports(args: argparse.Namespace) -> tuple[socket.socket, socket.socke
     return proxy, bootstrap
 
 
-def wait_healthy(url: str, children: dict[str, subprocess.Popen], timeout: float) -> None:
+def wait_healthy(
+    url: str, children: dict[str, subprocess.Popen], timeout: float, ca: str | None = None
+) -> None:
     """Until ``url``/health answers 200 while every child runs. The proxy child listens on the socket
     pd-serve bound (and no other process can bind that port meanwhile), so the answer is its own; a
-    child that exits fails the start."""
+    child that exits fails the start. ``ca``: the CA bundle an https ``url``'s certificate is checked
+    against."""
+    verify = ssl.create_default_context(cafile=ca) if ca else True
     deadline = time.monotonic() + timeout
 
     def check_children() -> None:
@@ -232,7 +247,7 @@ def wait_healthy(url: str, children: dict[str, subprocess.Popen], timeout: float
     while time.monotonic() < deadline:
         check_children()
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2.0, verify=verify).status_code == 200:
                 check_children()
                 return
         time.sleep(0.2)
@@ -257,6 +272,7 @@ def stop_all(children: dict[str, subprocess.Popen], grace: float = 10.0) -> None
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     setup_logging(args.log_level)
+    tls = tls_config(args)  # checked here, before any child starts
     try:
         proxy_sock, boot_sock = reserve_ports(args)
     except PortInUse as e:
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     args.port = proxy_sock.getsockname()[1]
     bootstrap_port = boot_sock.getsockname()[1]
-    url = f"http://{args.host}:{args.port}"
+    url = f"{'https' if tls else 'http'}://{args.host}:{args.port}"
     model = args.model or str(demo_model_dir())
     procs = commands(args, model, bootstrap_port, proxy_sock.fileno())
     children: dict[str, subprocess.Popen] = {}
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             children[name] = subprocess.Popen(cmd, preexec_fn=_child_setup, pass_fds=fds)
             log.info("started %s (pid %d)", name, children[name].pid)
         proxy_sock.close()  # the proxy child holds it now
-        wait_healthy(url, children, args.ready_timeout)
+        wait_healthy(url, children, args.ready_timeout, tls.ca if tls else None)
         print(f"pd is serving {Path(model).name} at {url}/v1 (Ctrl-C to stop)", flush=True)
         while not stopping:
             dead = [n for n, p in children.items() if p.poll() is not None]

@@ -25,6 +25,7 @@ from pd.launch.args import (
     cluster_token,
     reserve_port,
     setup_logging,
+    tls_config,
 )
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
 from pd.transfer.engine import PROTOCOLS, TransferConfig
@@ -162,6 +163,7 @@ def worker_config(role: str, args: argparse.Namespace) -> WorkerConfig:
         transfer=transfer_config(args),
         timeouts=transfer_timeouts(args),
         cluster_token=cluster_token(args),
+        tls=tls_config(args),
         aux_slots=args.aux_slots,
         decode_headroom_tokens=args.decode_headroom_tokens,
         max_pending=args.max_waiting,
@@ -249,6 +251,7 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
         args.instance_id = f"{role}-{args.host}-{secrets.token_hex(3)}"
         extra += ["--instance-id", args.instance_id]
     par = parallel_config(args)  # validates the flags before anything starts
+    tls_config(args)
     reserved = reserve_rank_ports(role, args, par)  # held until the ranks are gone
     children = [
         subprocess.Popen([sys.executable, "-m", f"pd.launch.{role}", *argv, *extra, "--rank-in-node", str(i)])

@@ -16,6 +16,7 @@ from pd.rpc import bootstrap_pb2 as pb
 from pd.rpc import bootstrap_pb2_grpc as pb_grpc
 from pd.rpc.auth import with_token
 from pd.rpc.channel import RECONNECT_OPTIONS
+from pd.rpc.tls import TLSConfig, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,14 @@ class BootstrapClient:
         retry_for: float = 30.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
+        tls: TLSConfig | None = None,
     ):
         self.target = target
         self.timeout = timeout
         self.retry_for = retry_for
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self._channel = with_token(grpc.insecure_channel(target, options=RECONNECT_OPTIONS), cluster_token)
+        self._channel = with_token(open_channel(target, tls, RECONNECT_OPTIONS), cluster_token)
         self._stub = pb_grpc.BootstrapStub(self._channel)
         # One client serves one rank process: this is that process start's incarnation.
         self.incarnation = new_incarnation()

@@ -20,6 +20,7 @@ from pd.rpc import PROTOCOL_VERSION
 from pd.rpc import bootstrap_pb2 as pb
 from pd.rpc import bootstrap_pb2_grpc as pb_grpc
 from pd.rpc.auth import server_interceptors
+from pd.rpc.tls import TLSConfig, bind
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ class BootstrapConfig:
     lease_seconds: float = 5.0
     max_ranks: int = 4096
     cluster_token: str | None = None
+    tls: TLSConfig | None = None  # mutual TLS on its port (pd.rpc.tls)
     max_workers: int = 8  # threads serving calls
 
     def __post_init__(self) -> None:
@@ -368,18 +370,22 @@ class BootstrapServer:
         cluster_token: str | None = None,
         max_ranks: int = BootstrapConfig.max_ranks,
         max_workers: int = BootstrapConfig.max_workers,
+        tls: TLSConfig | None = None,
     ):
         self.host = host
         self.registry = Registry(lease_seconds, max_ranks)
         self._requested_port = port
         self._token = cluster_token
+        self._tls = tls
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._port: int | None = None
 
     @classmethod
     def from_config(cls, cfg: BootstrapConfig) -> BootstrapServer:
-        return cls(cfg.host, cfg.port, cfg.lease_seconds, cfg.cluster_token, cfg.max_ranks, cfg.max_workers)
+        return cls(
+            cfg.host, cfg.port, cfg.lease_seconds, cfg.cluster_token, cfg.max_ranks, cfg.max_workers, cfg.tls
+        )
 
     @property
     def port(self) -> int:
@@ -402,7 +408,7 @@ class BootstrapServer:
         pb_grpc.add_BootstrapServicer_to_server(_Servicer(self.registry), server)
         target = f"{self.host}:{self._requested_port}"
         try:
-            port = server.add_insecure_port(target)
+            port = bind(server, target, self._tls)
         except RuntimeError as e:  # recent grpcio raises instead of returning 0
             raise OSError(f"bootstrap server cannot bind {target}: {e}") from None
         if port == 0:

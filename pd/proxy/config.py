@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pd.rpc.tls import TLSConfig
+
 
 @dataclass(frozen=True)
 class ProxyConfig:
@@ -12,6 +14,7 @@ class ProxyConfig:
     port: int = 8000
     api_key: str | None = None
     cluster_token: str | None = None
+    tls: TLSConfig | None = None  # mutual TLS to the registry and ranks; HTTPS (server-only) to clients
     max_body_bytes: int = 8 << 20
     max_prompt_tokens: int | None = None  # None: the model's context length
     max_completion_tokens: int = 16384  # cap of max_tokens (and the default for chat)

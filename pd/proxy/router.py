@@ -24,6 +24,7 @@ from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.rpc.auth import auth_metadata
 from pd.rpc.channel import RECONNECT_OPTIONS, keepalive_options
+from pd.rpc.tls import TLSConfig, open_aio_channel
 from pd.tokenizer import Tokenizer, TokenizerFiles
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ class Router:
         cluster_token: str | None = None,
         refresh_s: float = 1.0,
         keepalive_s: float = 5.0,
+        tls: TLSConfig | None = None,
     ) -> None:
-        self.client = BootstrapClient(bootstrap, cluster_token=cluster_token, timeout=2.0, retry_for=0.0)
+        self.client = BootstrapClient(
+            bootstrap, cluster_token=cluster_token, timeout=2.0, retry_for=0.0, tls=tls
+        )
+        self.tls = tls
         self.token = cluster_token
         self.refresh_s = refresh_s
         self.channel_options = _MESSAGE_OPTIONS + RECONNECT_OPTIONS + keepalive_options(keepalive_s)
@@ -268,7 +273,7 @@ class Router:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
+            ch = self._channels[endpoint] = open_aio_channel(endpoint, self.tls, self.channel_options)
         return ch
 
     def prefill_stub(self, rank: Rank) -> wpb_grpc.PrefillWorkerStub:

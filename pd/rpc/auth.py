@@ -2,7 +2,7 @@
 
 With a token configured, a server rejects every call (unary or streaming) that does not carry
 ``authorization: Bearer <token>`` metadata with UNAUTHENTICATED. Without one, nothing is checked.
-The token only keeps stray clients out; it is sent in clear text over insecure channels.
+The token only keeps stray clients out; without TLS (``pd.rpc.tls``) it is sent in clear text.
 """
 
 from __future__ import annotations

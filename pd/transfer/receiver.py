@@ -42,6 +42,7 @@ import grpc
 from pd.kv_cache import KVPool
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
+from pd.rpc.tls import TLSConfig
 from pd.transfer.aux import AuxBuffer, AuxError, AuxRecord
 from pd.transfer.engine import TransferEngine
 from pd.transfer.rpc import Channels, layout_to_proto, rpc_error
@@ -79,6 +80,7 @@ class KVReceiver:
     DONE, else None; it must be quick and thread-safe. ``rpc_timeout_s`` bounds each call to the
     prefill rank, ``retry_interval_s`` spaces hand-shake retries. ``cluster_token``: sent with every
     call to prefill ranks (their servers check it; ``pd.rpc.auth``).
+    ``tls``: mutual TLS on those calls (``pd.rpc.tls``).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class KVReceiver:
         retry_interval_s: float = 0.2,
         tick_s: float = 0.05,
         cluster_token: str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
         self.on_final, self.endpoint, self.timeouts = on_final, endpoint, timeouts or TransferTimeouts()
@@ -102,7 +105,7 @@ class KVReceiver:
         self._lock = threading.RLock()  # RLock: a gRPC future may run its callback in the calling thread
         self._rooms: dict[int, _Room] = {}
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
-        self._channels = Channels(cluster_token)
+        self._channels = Channels(cluster_token, tls)
         self._stop = threading.Event()
         self._control = threading.Thread(target=self._control_loop, name="kv-receiver-control", daemon=True)
         self._control.start()

@@ -19,6 +19,7 @@ from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
 from pd.rpc.auth import with_token
 from pd.rpc.channel import RECONNECT_OPTIONS
+from pd.rpc.tls import TLSConfig, bind, open_channel
 
 
 def start_server(
@@ -26,12 +27,13 @@ def start_server(
     address: str = "127.0.0.1:0",
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_workers: int = 8,
+    tls: TLSConfig | None = None,
 ) -> tuple[grpc.Server, int]:
     """Starts a gRPC server with the given services (e.g. ``KVSender.add_to_server``); returns it and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors))
     for add in add_services:
         add(server)
-    port = server.add_insecure_port(address)
+    port = bind(server, address, tls)
     if port == 0:
         raise RuntimeError(f"cannot bind a gRPC server to {address}")
     server.start()
@@ -42,8 +44,9 @@ class Channels:
     """Client channels by endpoint, opened on first use and kept; thread-safe. Every call carries
     ``cluster_token`` when one is set (``pd.rpc.auth``); a restarted peer is reconnected quickly."""
 
-    def __init__(self, cluster_token: str | None = None) -> None:
+    def __init__(self, cluster_token: str | None = None, tls: TLSConfig | None = None) -> None:
         self._token = cluster_token
+        self._tls = tls
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -51,7 +54,7 @@ class Channels:
         with self._lock:
             channel = self._channels.get(endpoint)
             if channel is None:
-                raw = grpc.insecure_channel(endpoint, options=RECONNECT_OPTIONS)
+                raw = open_channel(endpoint, self._tls, RECONNECT_OPTIONS)
                 channel = self._channels[endpoint] = with_token(raw, self._token)
             return channel
 

@@ -36,6 +36,7 @@ import grpc
 from pd.kv_cache import KVLayout, KVPool, transfer_pieces
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
+from pd.rpc.tls import TLSConfig
 from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
 from pd.transfer.engine import TransferEngine, TransferError
 from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
@@ -116,6 +117,7 @@ class KVSender:
     from decode waits for the room's in-flight writes before answering. ``cluster_token``: sent
     with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A decode peer's
     writer thread ends after ``writer_idle_s`` without work (a new one starts when needed).
+    ``tls``: mutual TLS on the calls to decode ranks (``pd.rpc.tls``).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class KVSender:
         tick_s: float = 0.05,
         cluster_token: str | None = None,
         writer_idle_s: float = 60.0,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
         self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
@@ -145,7 +148,7 @@ class KVSender:
         self._writers: dict[str, queue.SimpleQueue] = {}
         self._threads: list[threading.Thread] = []
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
-        self._channels = Channels(cluster_token)
+        self._channels = Channels(cluster_token, tls)
         self._stop = threading.Event()
         self._start_thread(self._control_loop, "kv-sender-control")
 

@@ -22,6 +22,7 @@ from pd.engine.runner import ModelRunner
 from pd.engine.warmup import warm_up
 from pd.ep import EPConfig, default_ep_backend, make_ep_backend
 from pd.model.moe import fp8_dispatch
+from pd.rpc.tls import TLSConfig
 from pd.tokenizer import Tokenizer, TokenizerFiles
 from pd.transfer.aux import AuxBuffer, SlotAllocator
 from pd.transfer.engine import TransferConfig, TransferEngine
@@ -52,6 +53,7 @@ class WorkerConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     timeouts: TransferTimeouts = field(default_factory=TransferTimeouts)
     cluster_token: str | None = None
+    tls: TLSConfig | None = None  # mutual TLS on its gRPC port and channels (pd.rpc.tls)
     aux_slots: int = 1024  # rooms that can be in transfer at once
     decode_headroom_tokens: int = 64  # decode: pages reserved beyond the prompt when a room arrives
     max_pending: int = 4096  # decode: rooms waiting for pages before new ones are refused
@@ -169,6 +171,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             commands.sender_final,
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
+            tls=cfg.tls,
         )
         role_engine = PrefillEngine(engine, transfer, metrics)
     else:
@@ -179,6 +182,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             commands.receiver_final,
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
+            tls=cfg.tls,
         )
         slots = SlotAllocator(aux.num_slots)
         role_engine = DecodeEngine(

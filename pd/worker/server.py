@@ -32,6 +32,7 @@ from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc.auth import aio_server_interceptors
 from pd.rpc.channel import SERVER_OPTIONS
+from pd.rpc.tls import bind
 from pd.transfer.aux import AUX_RECORD_NBYTES
 from pd.transfer.receiver import KVReceiver
 from pd.worker.builder import Rank
@@ -269,7 +270,7 @@ class RankServer:
             options=_GRPC_OPTIONS,
         )
         self.add_servicers(server)
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        port = bind(server, f"{cfg.host}:{cfg.port}", cfg.tls)
         if port == 0:
             raise OSError(f"rank {cfg.parallel.rank} could not bind its gRPC port {cfg.host}:{cfg.port}")
         self.endpoint = f"{cfg.host}:{port}"
@@ -281,7 +282,7 @@ class RankServer:
             self.rank.transfer.endpoint = self.endpoint
         await server.start()
         self.thread.start()
-        self.bootstrap = BootstrapClient(cfg.bootstrap, cluster_token=cfg.cluster_token)
+        self.bootstrap = BootstrapClient(cfg.bootstrap, cluster_token=cfg.cluster_token, tls=cfg.tls)
         await asyncio.to_thread(self.bootstrap.register, self.rank_info(), self.load())
         self.bootstrap.start_heartbeat(self.load)
         par = cfg.parallel

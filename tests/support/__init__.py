@@ -8,6 +8,8 @@
 - ``clients``: HTTP clients of a deployment: completion bodies, streamed requests that record what came
   back (``Outcome``), abandoned requests, bursts, random aborts, and the openai client helpers.
 - ``oracle``: transformers as the oracle (loading, greedy tokens) and ``rel_err``.
+- ``certs``: test certificates made with the openssl command (a CA, a certificate it signed, and an
+  unrelated CA's for peers that must be refused).
 - ``checkpoints``: a copy of a checkpoint directory with edited tensors or JSON files.
 - ``transfer_peer``: one rank's KV data plane in its own process (run as a script) and ``Peer``, the
   test side that drives it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -54,9 +55,11 @@ def wait_healthy(
     log: Path | None = None,
     *,
     any_status: bool = False,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Until ``url``/health answers 200 (with ``any_status``: answers at all, 503 included); fails at once
-    if one of ``procs`` exits meanwhile, and after ``timeout``, with the tail of ``log``."""
+    if one of ``procs`` exits meanwhile, and after ``timeout``, with the tail of ``log``. ``verify``: how
+    an https ``url``'s certificate is checked (httpx's ``verify``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -64,7 +67,7 @@ def wait_healthy(
                 tail = log.read_text()[-3000:] if log else ""
                 raise RuntimeError(f"process {p.args} exited with {p.returncode} during start-up\n{tail}")
         with contextlib.suppress(httpx.HTTPError):
-            status = httpx.get(f"{url}/health", timeout=2.0).status_code
+            status = httpx.get(f"{url}/health", timeout=2.0, verify=verify).status_code
             if any_status or status == 200:
                 return
         time.sleep(0.25)
@@ -73,13 +76,14 @@ def wait_healthy(
 
 
 @contextlib.contextmanager
-def pd_serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
-    """A whole deployment through ``pd-serve``; yields the proxy's base URL."""
+def pd_serve(model: Path, log: Path, *extra: str, ca: Path | None = None) -> Iterator[str]:
+    """A whole deployment through ``pd-serve``; yields the proxy's base URL. ``ca``: the deployment serves
+    HTTPS (``extra`` holds its --tls-* flags) with a certificate signed by this CA."""
     port = free_port()
     p = start(["pd.launch.serve", "--model", str(model), "--port", str(port), *extra], log)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     try:
-        wait_healthy(url, [p], log=log)
+        wait_healthy(url, [p], log=log, verify=ssl.create_default_context(cafile=ca) if ca else True)
         yield url
     finally:
         code = stop(p, grace=30.0)
