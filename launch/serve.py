@@ -68,6 +68,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
     p.add_argument("--prefill-device", help="device of the prefill instance (default: --device)")
     p.add_argument("--decode-device", help="device of the decode instance (default: --device)")
     add_field_arg(p, "--transfer-protocol", TransferConfig, "protocol", choices=PROTOCOLS, help="KV transfer")
+    add_field_arg(
+        p,
+        "--kv-checksum",
+        TransferConfig,
+        "kv_checksum",
+        help="checksum every KV page prefill sends; decode verifies it before decoding",
+    )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
     par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
@@ -129,6 +136,8 @@ def commands(
     if args.cluster_token_file:
         common += ["--cluster-token-file", args.cluster_token_file]
     worker = ["--bootstrap", boot, "--transfer-protocol", args.transfer_protocol]
+    if args.kv_checksum:
+        worker.append("--kv-checksum")
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (

@@ -169,6 +169,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             commands.sender_final,
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
+            kv_checksum=cfg.transfer.kv_checksum,
         )
         role_engine = PrefillEngine(engine, transfer, metrics)
     else:
@@ -179,6 +180,8 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             commands.receiver_final,
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
+            kv_checksum=cfg.transfer.kv_checksum,
+            on_checksum_failure=metrics.checksum_failed,
         )
         slots = SlotAllocator(aux.num_slots)
         role_engine = DecodeEngine(

@@ -17,7 +17,10 @@ ROOMS_OPEN = "pd_rooms_open"
 TRANSFER_ROOMS_OPEN = "pd_transfer_rooms_open"
 EXPERT_TOKENS = "pd_expert_tokens"
 
-# Relayed by the proxy from every registered rank (all gauges with RANK_LABELS).
+KV_CHECKSUM_FAILURES = "pd_kv_checksum_failures_total"
+
+# Relayed by the proxy from every registered rank (all gauges with RANK_LABELS). Counters are not relayed
+# (the proxy writes every relayed family as a gauge): read KV_CHECKSUM_FAILURES from the rank itself.
 RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
 
 
@@ -49,6 +52,11 @@ class WorkerMetrics:
         self.transfer_bytes = m.counter(
             "pd_transfer_bytes_total", "KV bytes handed to the transfer.", ["role"]
         )
+        self.kv_checksum_failures = m.counter(
+            KV_CHECKSUM_FAILURES,
+            "Rooms whose received KV pages did not match the sender's checksums (--kv-checksum).",
+            ["role"],
+        )
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
@@ -56,6 +64,10 @@ class WorkerMetrics:
     def ended(self, outcome: str) -> None:
         """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort" or "refused"."""
         self.requests.inc(role=self.role, outcome=outcome)
+
+    def checksum_failed(self, room: int, reason: str) -> None:
+        """``KVReceiver``'s ``on_checksum_failure``: one more room failed KV verification here."""
+        self.kv_checksum_failures.inc(role=self.role)
 
     def render(self) -> str:
         return self.registry.render()
