@@ -24,6 +24,8 @@ from tests.support.net import free_port
 
 MODEL_NAME = "tiny-ci"  # the name the test deployments serve the tiny model under
 RSS_SLACK = 32 << 20  # allocator noise between two equal bursts; a leak per request grows past it
+# Every deployment of the suite checks its KV transfers (a test may pass --no-kv-checksum after these).
+SUITE_WORKER_FLAGS = ("--kv-checksum",)
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -74,9 +76,11 @@ def wait_healthy(
 
 @contextlib.contextmanager
 def pd_serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
-    """A whole deployment through ``pd-serve``; yields the proxy's base URL."""
+    """A whole deployment through ``pd-serve`` (with ``SUITE_WORKER_FLAGS``); yields the proxy's base URL."""
     port = free_port()
-    p = start(["pd.launch.serve", "--model", str(model), "--port", str(port), *extra], log)
+    p = start(
+        ["pd.launch.serve", "--model", str(model), "--port", str(port), *SUITE_WORKER_FLAGS, *extra], log
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, [p], log=log)
@@ -174,7 +178,8 @@ class Cluster:
     """A deployment started process by process (bootstrap, prefill and decode instances, proxies), so
     that a test can kill, stop, resume or restart any one of them. Workers keep their gRPC port (and so
     their instance id) across restarts, like a supervisor restarting them. ``close()`` stops every
-    process this object started, by pid. Logs go to ``logdir/<name>.log``."""
+    process this object started, by pid. Logs go to ``logdir/<name>.log``. Workers get
+    ``SUITE_WORKER_FLAGS`` before ``worker_args``."""
 
     def __init__(
         self,
@@ -199,7 +204,16 @@ class Cluster:
                 *common_args,
             ]
         }
-        base = ["--bootstrap", self.boot, "--model", str(model), "--model-name", MODEL_NAME, *worker_args]
+        base = [
+            "--bootstrap",
+            self.boot,
+            "--model",
+            str(model),
+            "--model-name",
+            MODEL_NAME,
+            *SUITE_WORKER_FLAGS,
+            *worker_args,
+        ]
         for role, n in (("prefill", prefill), ("decode", decode)):
             for i in range(n):
                 port = str(free_port())
