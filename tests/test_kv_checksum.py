@@ -14,6 +14,7 @@ Every end-to-end deployment of the suite runs with ``--kv-checksum`` (tests/supp
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 
@@ -29,7 +30,6 @@ from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.transfer.aux import AuxBuffer, AuxRecord, SlotAllocator
 from pd.transfer.checksum import (
-    GRID_COLUMNS,
     ChecksumMismatch,
     PageChecksums,
     pack,
@@ -55,7 +55,7 @@ def oracle(data: bytes) -> tuple[int, int, int]:
     if len(data) % 2:
         data += b"\0"
     n = len(data) // 2
-    cols = max(1, min(n, GRID_COLUMNS))
+    cols = 1 << (math.isqrt(n).bit_length() - 1)  # the largest power of two <= sqrt(n)
     s0 = s1 = s2 = 0
     for i in range(n):
         x = int.from_bytes(data[2 * i : 2 * i + 2], "little", signed=True)
@@ -70,8 +70,8 @@ def checksum(data: bytes, device: str = "cpu") -> tuple[int, ...]:
     return tuple(int(v) for v in unit_checksums(units)[0].cpu())
 
 
-# Sizes: odd, one partial row, exactly one row, several rows with a partial last one.
-SIZES = [7, 1000, 2 * GRID_COLUMNS, 2 * (2 * GRID_COLUMNS + 123) + 1]
+# Sizes (bytes): one word, odd, a square grid, rows of a page of the tiny model, a partial last row.
+SIZES = [2, 7, 2 * 4096, 4 * 24 * 2, 2 * (65536 + 123) + 1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,7 +85,7 @@ def test_checksum_equals_the_oracle(nbytes, device):
 
 def test_checksum_of_a_batch_equals_each_unit():
     rng = np.random.default_rng(0)
-    units = rng.integers(0, 256, (5, 4 * GRID_COLUMNS + 6), dtype=np.uint8)
+    units = rng.integers(0, 256, (5, 4 * 1000 + 6), dtype=np.uint8)
     got = unit_checksums(torch.from_numpy(units))
     assert got.dtype == torch.int64 and got.shape == (5, 3)
     assert [tuple(int(v) for v in row) for row in got] == [oracle(u.tobytes()) for u in units]
@@ -101,17 +101,20 @@ def test_every_single_bit_flip_is_detected():
             data[byte] ^= 1 << bit
 
 
+ROW = 2 * 256  # bytes per grid row of the 128 KiB unit below (65536 words: 256 columns)
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [
         (0, 4),  # neighbours
-        (8, 1000),  # within one row of the grid
-        (100, 100 + 4 * GRID_COLUMNS),  # one column, two rows apart (2 bytes per word)
-        (2, 2 * GRID_COLUMNS + 6),  # different rows and columns
+        (8, 100),  # within one row of the grid
+        (100, 100 + 2 * ROW),  # one column, two rows apart
+        (2, 3 * ROW + 6),  # different rows and columns
     ],
 )
 def test_a_swap_of_two_4_byte_words_is_detected(a, b):
-    data = bytearray(np.random.default_rng(2).integers(0, 256, 6 * GRID_COLUMNS, dtype=np.uint8).tobytes())
+    data = bytearray(np.random.default_rng(2).integers(0, 256, 256 * ROW, dtype=np.uint8).tobytes())
     swapped = bytearray(data)
     swapped[a : a + 4], swapped[b : b + 4] = data[b : b + 4], data[a : a + 4]
     assert swapped != data

@@ -7,27 +7,30 @@ A mismatch fails the room with a message naming the layer and page. (The aux rec
 own CRC32, ``pd.transfer.aux``.)
 
 The checksum of one unit (one page of one layer: ``page_size * latent_dim * itemsize`` bytes) reads its
-bytes as W little-endian int16 words ``x_i`` (a zero byte appended when the count is odd) laid out on a
-grid of ``C = min(W, GRID_COLUMNS)`` columns, word ``i`` at row ``r_i = i // C`` and column
+bytes as W little-endian int16 words ``x_i`` (a zero byte appended when the count is odd) laid out
+row by row on a grid of ``C = grid_columns(W)`` columns (the largest power of two not above sqrt(W): a
+near-square grid, so both partial sums below stay short), word ``i`` at row ``r_i = i // C`` and column
 ``c_i = i % C``, and is three int64 sums::
 
     S0 = sum(x_i)    S1 = sum(x_i * (c_i + 1))    S2 = sum(x_i * (r_i + 1))
 
-All are exact (the row and column sums are accumulated in int32, which cannot overflow for units below
-2**31 words, far beyond any page; the weighted sums in int64), so they are deterministic on CPU and CUDA. Strength: any change confined to at most two 16-bit words is
-detected, whatever the values: a change of one word alters S0; two changes that cancel in S0 (+d at i,
+computed from the grid's row sums and column sums (two int32 reductions over the data; the weighted
+sums of those in int64). Everything is exact (no overflow for units up to ``MAX_UNIT_WORDS``, far beyond
+any page), so the result is deterministic on CPU and CUDA alike. Strength: any change confined to at
+most two 16-bit words is detected, whatever the values: a change of one word alters S0; two changes that cancel in S0 (+d at i,
 -d at j, e.g. two words swapped) alter S1 by ``d * (c_i - c_j)`` or S2 by ``d * (r_i - r_j)``, and two
 distinct positions differ in row or column. Larger corruptions are missed only when they happen to
 cancel in all three sums. It detects faults (flipped bits, misplaced or stale bytes), not adversaries:
 anyone who can write the pool can write matching sums.
 
-Cost: two reductions over the unit's bytes (row sums and column sums of the grid), on the pool's device,
-plus a gather of the pages (one copy). See the report of the commit that added this for figures.
+Cost: a gather of the pages (one copy) and two reductions over their bytes, on the pool's device.
+Measured on 2 CPU cores (torch 2.13): ~0.6 GiB/s for a 32 MiB piece of Moonlight-shaped pages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,14 +39,18 @@ import torch.nn.functional as F
 
 from pd.kv_cache import KVOrder, KVPool
 
-GRID_COLUMNS = 1 << 15  # columns of the word grid: a row sum (int32) stays within 2**30
-_MAX_ROWS = 1 << 16  # a column sum (int32) stays below 2**31: units up to 2**31 words (4 GiB)
+MAX_UNIT_WORDS = 1 << 30  # 2 GiB: rows and columns then stay <= 2**16, so no int32 partial sum overflows
 SUMS_PER_UNIT = 3  # S0, S1, S2
 _WIRE_DTYPE = np.dtype("<i8")  # the checksums on the wire: little-endian int64 [layers, pages, 3]
 
 
 class ChecksumMismatch(ValueError):
     """Destination pages whose bytes differ from what the sender checksummed."""
+
+
+def grid_columns(n_words: int) -> int:
+    """Columns of the grid of a unit of ``n_words`` int16 words: the largest power of two <= sqrt(n_words)."""
+    return 1 << (math.isqrt(max(1, n_words)).bit_length() - 1)
 
 
 def unit_checksums(units: torch.Tensor) -> torch.Tensor:
@@ -57,17 +64,15 @@ def unit_checksums(units: torch.Tensor) -> torch.Tensor:
         units = F.pad(units, (0, 1))
     words = units.contiguous().view(torch.int16)
     n_units, n_words = words.shape
-    cols = max(1, min(n_words, GRID_COLUMNS))
+    if n_words > MAX_UNIT_WORDS:
+        raise ValueError(f"a checksum unit of {n_words} 16-bit words is too large (at most {MAX_UNIT_WORDS})")
+    cols = grid_columns(n_words)
     rows = -(-n_words // cols)
-    if rows > _MAX_ROWS:
-        raise ValueError(
-            f"a checksum unit of {n_words} 16-bit words is too large (at most {_MAX_ROWS * cols})"
-        )
     if rows * cols != n_words:  # zero words add nothing to any sum
         words = F.pad(words, (0, rows * cols - n_words))
     grid = words.view(n_units, rows, cols)
-    row_sums = grid.sum(dim=2, dtype=torch.int32).long()  # [U, rows]
-    col_sums = grid.sum(dim=1, dtype=torch.int32).long()  # [U, cols]
+    row_sums = grid.sum(dim=2, dtype=torch.int32).long()  # [U, rows], |.| <= cols * 2**15
+    col_sums = grid.sum(dim=1, dtype=torch.int32).long()  # [U, cols], |.| <= rows * 2**15
     row_w = torch.arange(1, rows + 1, dtype=torch.int64, device=units.device)
     col_w = torch.arange(1, cols + 1, dtype=torch.int64, device=units.device)
     return torch.stack([row_sums.sum(1), (col_sums * col_w).sum(1), (row_sums * row_w).sum(1)], dim=1)
