@@ -84,6 +84,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
         help="KV transfer; auto: nvlink when both instances run on GPUs (of this host, as pd-serve's always "
         f"do), else {TransferConfig.protocol} (default: auto)",
     )
+    add_field_arg(
+        p,
+        "--kv-checksum",
+        TransferConfig,
+        "kv_checksum",
+        help="checksum every KV page prefill sends; decode verifies it before decoding",
+    )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
     par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
@@ -158,6 +165,8 @@ def commands(
         common += ["--cluster-token-file", args.cluster_token_file]
     common += tls_flags(args)  # every child: mutual TLS between them, HTTPS on the proxy
     worker = ["--bootstrap", boot, "--transfer-protocol", transfer_protocol(args)]
+    if args.kv_checksum:
+        worker.append("--kv-checksum")
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (

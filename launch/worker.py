@@ -83,6 +83,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     add_field_arg(t, "--transfer-timeout", T, "transfer_timeout_s", help="seconds one transfer call may take")
     add_field_arg(
+        t,
+        "--kv-checksum",
+        T,
+        "kv_checksum",
+        help="checksum every KV page sent and verify it before decoding; prefill and decode must agree",
+    )
+    add_field_arg(
         t, "--bootstrapping-timeout", S, "bootstrapping_s", help="seconds a room may wait for its peer"
     )
     add_field_arg(
@@ -120,6 +127,7 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
         protocol=args.transfer_protocol,
         device_names=args.transfer_device_names,
         transfer_timeout_s=args.transfer_timeout,
+        kv_checksum=args.kv_checksum,
     )
 
 

@@ -109,6 +109,7 @@ def test_worker_metrics_render_parseable_with_types():
     w.aborts.inc(role="decode")
     w.queue.set_function(lambda: 4, role="decode", queue="running")
     w.transfer_failures.inc(role="decode")
+    w.checksum_failed(7, "KV checksum mismatch")
     w.transfer_bytes.inc(4096, role="decode")
     w.transfer_seconds.observe(0.02, role="decode")
     text = w.render()
@@ -122,6 +123,7 @@ def test_worker_metrics_render_parseable_with_types():
         "pd_aborts": "counter",
         "pd_queue_length": "gauge",
         "pd_transfer_failures": "counter",
+        "pd_kv_checksum_failures": "counter",
         "pd_transfer_bytes": "counter",
         "pd_transfer_seconds": "histogram",
     }
@@ -130,6 +132,7 @@ def test_worker_metrics_render_parseable_with_types():
     assert s[("pd_kv_pages_used", rank)] == 12 and s[("pd_kv_pages_capacity", rank)] == 100
     assert s[("pd_expert_tokens", tuple(sorted({**labels, "expert": "3"}.items())))] == 40
     assert s[("pd_transfer_bytes_total", (("role", "decode"),))] == 4096
+    assert s[("pd_kv_checksum_failures_total", (("role", "decode"),))] == 1
     assert s[("pd_transfer_seconds_count", (("role", "decode"),))] == 1
     assert set(RANK_LABELS) <= {k for (name, ls) in s if name == "pd_rooms_open" for k, _ in ls}
 

@@ -26,7 +26,15 @@ from tests.support.clients import (
     openai_client,
     random_prompt,
 )
-from tests.support.cluster import kv_pages_used, pd_serve, start, stop, wait_healthy, wait_pages_idle
+from tests.support.cluster import (
+    SUITE_WORKER_FLAGS,
+    kv_pages_used,
+    pd_serve,
+    start,
+    stop,
+    wait_healthy,
+    wait_pages_idle,
+)
 from tests.support.net import free_port
 from tests.support.oracle import hf_greedy
 
@@ -499,6 +507,7 @@ def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
         "tiny-ci",
         "--chunk-size",
         "8",
+        *SUITE_WORKER_FLAGS,
     ]
     procs = [start(["pd.launch.bootstrap", "--port", str(boot)], log)]
     try:

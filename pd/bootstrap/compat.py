@@ -23,6 +23,7 @@ KV_FIELDS = (
     "latent_dim",
     "kv_order",
     "transfer_protocol",
+    "kv_checksum",  # a decode rank that verifies needs a prefill rank that sends checksums, and back
 )
 CLUSTER_FIELDS = MODEL_FIELDS + KV_FIELDS
 # Fields the ranks of one instance must agree on.

@@ -32,7 +32,7 @@ from pd.proxy.protocol import APIError, completion_id, full_response, stream_chu
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
-from pd.worker.metrics import RELAYED, RELAYED_HISTOGRAMS
+from pd.worker.metrics import RELAYED, RELAYED_COUNTERS, RELAYED_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,9 @@ class Proxy:
         )
 
     async def _relayed_metrics(self) -> str:
-        """Every registered rank's gauges named in RELAYED and histograms named in RELAYED_HISTOGRAMS
-        (labelled with the rank's instance and rank), fetched now: leaks and the achieved decode batch show
-        in one scrape."""
+        """Every registered rank's gauges named in RELAYED, histograms in RELAYED_HISTOGRAMS and counters in
+        RELAYED_COUNTERS (those two labelled with the rank's instance and rank), fetched now: leaks, the
+        achieved decode batch and KV checksum failures show in one scrape."""
 
         async def fetch(rank: Rank) -> tuple[Rank, str]:
             try:
@@ -197,23 +197,24 @@ class Proxy:
                 return rank, ""
 
         fetched = await asyncio.gather(*(fetch(r) for r in list(self.router.ranks.values())))
-        families = {name: name for name in RELAYED} | {
-            f"{name}{suffix}": name for name in RELAYED_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
-        }
-        lines: dict[str, list[str]] = {name: [] for name in (*RELAYED, *RELAYED_HISTOGRAMS)}
+        # sample name -> (family, kind); histograms and counters get the rank's labels here.
+        families = {name: (name, "gauge") for name in RELAYED}
+        families |= {name: (name.removesuffix("_total"), "counter") for name in RELAYED_COUNTERS}
+        for name in RELAYED_HISTOGRAMS:
+            families |= {f"{name}{suffix}": (name, "histogram") for suffix in ("_bucket", "_sum", "_count")}
+        lines: dict[tuple[str, str], list[str]] = {family: [] for family in families.values()}
         for rank, text in fetched:
             for (name, labels), value in parse_samples(text).items():
                 family = families.get(name)
                 if family is None:
                     continue
-                if family in RELAYED_HISTOGRAMS:
+                if family[1] != "gauge":
                     labels = (*labels, ("instance", rank.instance_id), ("rank", str(rank.dp_rank)))
                 body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                 lines[family].append(f"{name}{{{body}}} {value:g}")
         out = []
-        for name, samples in lines.items():
+        for (name, kind), samples in lines.items():
             if samples:
-                kind = "histogram" if name in RELAYED_HISTOGRAMS else "gauge"
                 out += [
                     f"# HELP {name} Relayed from the registered ranks.",
                     f"# TYPE {name} {kind}",

@@ -65,10 +65,12 @@ class AbortReply(_message.Message):
     def __init__(self, known: bool = ..., drained: bool = ...) -> None: ...
 
 class TransferDoneRequest(_message.Message):
-    __slots__ = ("room",)
+    __slots__ = ("room", "kv_checksums")
     ROOM_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     room: int
-    def __init__(self, room: _Optional[int] = ...) -> None: ...
+    kv_checksums: bytes
+    def __init__(self, room: _Optional[int] = ..., kv_checksums: _Optional[bytes] = ...) -> None: ...
 
 class TransferFailedRequest(_message.Message):
     __slots__ = ("room", "reason")

@@ -77,6 +77,9 @@ class TransferConfig:
     per-peer queue (``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER``, default 1024) at once.
     ``require_protocol``: raise at start-up instead of warning when the engine falls back to
     another transport than ``protocol``.
+    ``kv_checksum``: the KV sender checksums every page it writes and the receiver verifies them
+    before a room is DONE (``pd.transfer.checksum``); prefill and decode must agree (the registry
+    refuses a pair that does not).
     """
 
     hostname: str = "127.0.0.1"
@@ -85,6 +88,7 @@ class TransferConfig:
     transfer_timeout_s: float = 5.0
     max_batch_pieces: int = 512
     require_protocol: bool = False
+    kv_checksum: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

@@ -3,7 +3,10 @@
 Flow of a room: the scheduler reserves destination pages and an aux slot and calls
 ``add_room``; the receiver sends the hand-shake to the prefill rank (retried briefly while that
 rank is unreachable, within the BOOTSTRAPPING timeout), waits for ``TransferDone``, then reads
-and checks the aux record (magic, checksum, room id, prompt length against the page count).
+and checks the aux record (magic, checksum, room id, prompt length against the page count). With
+``kv_checksum`` it then recomputes the checksums of the destination pages (on the pool's device,
+in the gRPC thread of ``TransferDone``, outside the lock) and compares them with the ones
+``TransferDone`` carried (``pd.transfer.checksum``): a mismatch, or no checksums, fails the room.
 
 Threads: ``add_room`` and ``abort`` only change state and start non-blocking gRPC calls
 (futures). gRPC handlers and call-completion callbacks run in gRPC's threads. A control thread
@@ -44,6 +47,7 @@ from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
 from pd.rpc.tls import TLSConfig
 from pd.transfer.aux import AuxBuffer, AuxError, AuxRecord
+from pd.transfer.checksum import ChecksumMismatch, PageChecksums
 from pd.transfer.engine import TransferEngine
 from pd.transfer.rpc import Channels, layout_to_proto, rpc_error
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
@@ -51,6 +55,8 @@ from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts,
 logger = logging.getLogger(__name__)
 
 ReceiverFinal = Callable[[int, TransferState, "AuxRecord | None", str], None]
+# (room, pool, destination pages): called after a room's writes and before its checksums are verified.
+VerifyHook = Callable[[int, KVPool, tuple[int, ...]], None]
 
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -81,6 +87,10 @@ class KVReceiver:
     prefill rank, ``retry_interval_s`` spaces hand-shake retries. ``cluster_token``: sent with every
     call to prefill ranks (their servers check it; ``pd.rpc.auth``).
     ``tls``: mutual TLS on those calls (``pd.rpc.tls``).
+
+    ``kv_checksum``: verify the pages of every room against the sender's checksums before DONE.
+    ``on_checksum_failure(room, reason)`` runs (quick, thread-safe: e.g. a counter) for each room that
+    verification failed. ``before_verify``: a test hook (e.g. one that corrupts a page), else None.
     """
 
     def __init__(
@@ -96,8 +106,13 @@ class KVReceiver:
         tick_s: float = 0.05,
         cluster_token: str | None = None,
         tls: TLSConfig | None = None,
+        kv_checksum: bool = False,
+        on_checksum_failure: Callable[[int, str], None] | None = None,
+        before_verify: VerifyHook | None = None,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
+        self._checksums = PageChecksums(pool) if kv_checksum else None
+        self.on_checksum_failure, self.before_verify = on_checksum_failure, before_verify
         self.on_final, self.endpoint, self.timeouts = on_final, endpoint, timeouts or TransferTimeouts()
         self.rpc_timeout_s, self.retry_interval_s, self.tick_s = rpc_timeout_s, retry_interval_s, tick_s
         engine.register(pool.data_ptr, pool.nbytes)
@@ -252,7 +267,7 @@ class KVReceiver:
 
     # ---- notices from the prefill rank (gRPC threads) ----
 
-    def _transfer_done(self, room: int) -> bool:
+    def _transfer_done(self, room: int, kv_checksums: bytes = b"") -> bool:
         with self._lock:
             r = self._rooms.get(room)
             if r is None:
@@ -272,10 +287,41 @@ class KVReceiver:
                 except AuxError as e:
                     self._end(r, TransferState.FAILED, f"bad aux record: {e}")
                     return True
-                r.aux = record
-                self._end(r, TransferState.DONE)
+                if self._checksums is None:
+                    r.aux = record
+                    self._end(r, TransferState.DONE)
             self._settle(r)
-            return True
+            if self._checksums is None or r.machine.is_final:
+                return True
+        # The pages stay the room's while it is not final; if it ends meanwhile (abort), the result is dropped.
+        problem = self._verify(r, kv_checksums)
+        with self._lock:
+            if not r.machine.is_final:
+                if problem:
+                    self._end(r, TransferState.FAILED, problem)
+                    if self.on_checksum_failure is not None:
+                        self.on_checksum_failure(room, problem)
+                else:
+                    r.aux = record
+                    self._end(r, TransferState.DONE)
+            self._settle(r)
+        return True
+
+    def _verify(self, r: _Room, kv_checksums: bytes) -> str:
+        """Empty if the room's destination pages hold what the sender checksummed, else why not."""
+        assert self._checksums is not None
+        if not kv_checksums:
+            return "prefill sent no KV checksums (--kv-checksum must be on for prefill and decode alike)"
+        try:
+            if self.before_verify is not None:
+                self.before_verify(r.machine.room, self.pool, r.dst_pages)
+            self._checksums.verify(r.dst_pages, kv_checksums)
+        except ChecksumMismatch as e:
+            return str(e)
+        except Exception as e:  # e.g. a CUDA error: the room fails, the receiver goes on
+            logger.exception("decode room %d: KV checksum verification crashed", r.machine.room)
+            return f"KV checksum verification failed: {e!r}"
+        return ""
 
     def _peer_ended(self, room: int, state: TransferState, reason: str) -> bool:
         with self._lock:
@@ -313,7 +359,7 @@ class _DecodeServicer(pb_grpc.DecodeTransferServicer):
         self._receiver = receiver
 
     def TransferDone(self, request: pb.TransferDoneRequest, context: grpc.ServicerContext) -> pb.NoticeReply:
-        return pb.NoticeReply(known=self._receiver._transfer_done(request.room))
+        return pb.NoticeReply(known=self._receiver._transfer_done(request.room, request.kv_checksums))
 
     def TransferFailed(
         self, request: pb.TransferFailedRequest, context: grpc.ServicerContext

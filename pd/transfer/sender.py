@@ -6,7 +6,9 @@ request never arrives expires in BOOTSTRAPPING). After each prefill chunk the sc
 ``send`` with the pages that chunk completed; on the last chunk also the remaining pages
 (including a partial last page) and the aux record. Writes merge page runs that are contiguous
 on both sides (``pd.kv_cache.transfer_pieces``). After the last pages the aux record is written,
-then ``TransferDone`` tells the decode rank.
+then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the writer thread checksums each
+job's pages just before writing them (``pd.transfer.checksum``) and ``TransferDone`` carries the
+room's checksums.
 
 Threads: the scheduler's calls only validate and enqueue; they never block on the network. One
 writer thread per decode peer does that peer's writes and notices in order (so a dead or hung
@@ -32,12 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from pd.kv_cache import KVLayout, KVPool, transfer_pieces
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
 from pd.rpc.tls import TLSConfig
 from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
+from pd.transfer.checksum import PageChecksums, pack
 from pd.transfer.engine import TransferEngine, TransferError
 from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
@@ -87,6 +91,7 @@ class _Room:
     done_queued: bool = False
     notice: str = ""  # "failed" or "abort": tell decode once drained
     released: bool = False
+    sums: np.ndarray | None = None  # kv_checksum: int64 [layers, pages, 3] of the pages written so far
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class KVSender:
     with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A decode peer's
     writer thread ends after ``writer_idle_s`` without work (a new one starts when needed).
     ``tls``: mutual TLS on the calls to decode ranks (``pd.rpc.tls``).
+    ``kv_checksum``: checksum every page written and send the checksums with ``TransferDone``.
     """
 
     def __init__(
@@ -133,8 +139,10 @@ class KVSender:
         cluster_token: str | None = None,
         writer_idle_s: float = 60.0,
         tls: TLSConfig | None = None,
+        kv_checksum: bool = False,
     ) -> None:
         self.engine, self.pool, self.aux = engine, pool, aux
+        self._checksums = PageChecksums(pool) if kv_checksum else None
         self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
         self.rpc_timeout_s, self.abort_wait_s, self.tick_s = rpc_timeout_s, abort_wait_s, tick_s
         self.writer_idle_s = writer_idle_s
@@ -427,16 +435,17 @@ class KVSender:
             r = self._rooms[job.room]  # present: its inflight count keeps it
             skip = r.machine.is_final
             aux_record = r.aux
+            sums = pack(r.sums) if job.kind == "done" and r.sums is not None else b""
         error = None
         if not skip:
             try:
                 if job.kind == "kv":
-                    self._write_pages(job)
+                    self._keep_sums(r, job, self._write_pages(job))
                 else:
                     assert aux_record is not None
                     self._write_aux(job, aux_record)
                     self._channels.decode(job.peer.endpoint).TransferDone(
-                        pb.TransferDoneRequest(room=job.room), timeout=self.rpc_timeout_s
+                        pb.TransferDoneRequest(room=job.room, kv_checksums=sums), timeout=self.rpc_timeout_s
                     )
             except TransferError as e:
                 error = str(e)
@@ -456,15 +465,28 @@ class KVSender:
                     r.machine.touch()
             self._settle(r)
 
-    def _write_pages(self, job: _Job) -> None:
+    def _write_pages(self, job: _Job) -> np.ndarray | None:
+        """Writes the job's pages; with ``kv_checksum`` returns their checksums (taken just before)."""
         if job.event is not None:
             job.event.synchronize()
+        sums = self._checksums.compute(job.src_pages) if self._checksums is not None else None
         src_base, dst_base = self.pool.data_ptr, job.peer.kv_base
         pieces = [
             (src_base + s, dst_base + d, n)
             for s, d, n in transfer_pieces(self.pool.layout, job.peer.layout, job.src_pages, job.dst_pages)
         ]
         self.engine.write(job.peer.session, pieces, deadline=job.peer.write_deadline)
+        return sums
+
+    def _keep_sums(self, r: _Room, job: _Job, sums: np.ndarray | None) -> None:
+        """Files a written job's checksums at its pages' positions in the room (token order)."""
+        if sums is None:
+            return
+        with self._lock:
+            assert r.src_pages is not None
+            if r.sums is None:
+                r.sums = np.zeros((sums.shape[0], len(r.src_pages), sums.shape[2]), dtype=np.int64)
+            r.sums[:, [r.index[p] for p in job.src_pages]] = sums
 
     def _write_aux(self, job: _Job, record: AuxRecord) -> None:
         with self._lock:

@@ -172,6 +172,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
             tls=cfg.tls,
+            kv_checksum=cfg.transfer.kv_checksum,
         )
         role_engine = PrefillEngine(engine, transfer, metrics)
     else:
@@ -183,6 +184,8 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             timeouts=cfg.timeouts,
             cluster_token=cfg.cluster_token,
             tls=cfg.tls,
+            kv_checksum=cfg.transfer.kv_checksum,
+            on_checksum_failure=metrics.checksum_failed,
         )
         slots = SlotAllocator(aux.num_slots)
         role_engine = DecodeEngine(

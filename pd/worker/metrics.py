@@ -20,10 +20,13 @@ EXPERT_TOKENS = "pd_expert_tokens"
 DECODE_BATCH = "pd_decode_batch_size"
 DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
-# Relayed by the proxy from every registered rank: gauges (with RANK_LABELS) and histograms (labelled
-# with the rank's instance and rank by the proxy).
+KV_CHECKSUM_FAILURES = "pd_kv_checksum_failures_total"
+
+# Relayed by the proxy from every registered rank: gauges (with RANK_LABELS), and histograms and counters
+# (labelled with the rank's instance and rank by the proxy).
 RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
 RELAYED_HISTOGRAMS = (DECODE_BATCH,)
+RELAYED_COUNTERS = (KV_CHECKSUM_FAILURES,)
 
 
 class WorkerMetrics:
@@ -60,6 +63,11 @@ class WorkerMetrics:
             ["role"],
             DECODE_BATCH_BUCKETS,
         )
+        self.kv_checksum_failures = m.counter(
+            KV_CHECKSUM_FAILURES,
+            "Rooms whose received KV pages did not match the sender's checksums (--kv-checksum).",
+            ["role"],
+        )
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
@@ -67,6 +75,10 @@ class WorkerMetrics:
     def ended(self, outcome: str) -> None:
         """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort" or "refused"."""
         self.requests.inc(role=self.role, outcome=outcome)
+
+    def checksum_failed(self, room: int, reason: str) -> None:
+        """``KVReceiver``'s ``on_checksum_failure``: one more room failed KV verification here."""
+        self.kv_checksum_failures.inc(role=self.role)
 
     def render(self) -> str:
         return self.registry.render()

@@ -231,6 +231,7 @@ class RankServer:
             aux_nbytes=aux.nbytes if aux else 0,
             aux_slot_nbytes=AUX_RECORD_NBYTES if aux else 0,
             incarnation=self.incarnation,
+            kv_checksum=self.cfg.transfer.kv_checksum if te else False,
         )
 
     def _bind_gauges(self) -> None:

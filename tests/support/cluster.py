@@ -25,6 +25,8 @@ from tests.support.net import free_port
 
 MODEL_NAME = "tiny-ci"  # the name the test deployments serve the tiny model under
 RSS_SLACK = 32 << 20  # allocator noise between two equal bursts; a leak per request grows past it
+# Every deployment of the suite checks its KV transfers (a test may pass --no-kv-checksum after these).
+SUITE_WORKER_FLAGS = ("--kv-checksum",)
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -77,10 +79,12 @@ def wait_healthy(
 
 @contextlib.contextmanager
 def pd_serve(model: Path, log: Path, *extra: str, ca: Path | None = None) -> Iterator[str]:
-    """A whole deployment through ``pd-serve``; yields the proxy's base URL. ``ca``: the deployment serves
-    HTTPS (``extra`` holds its --tls-* flags) with a certificate signed by this CA."""
+    """A whole deployment through ``pd-serve`` (with ``SUITE_WORKER_FLAGS``); yields the proxy's base URL.
+    ``ca``: the deployment serves HTTPS (``extra`` holds its --tls-* flags) with a certificate signed by it."""
     port = free_port()
-    p = start(["pd.launch.serve", "--model", str(model), "--port", str(port), *extra], log)
+    p = start(
+        ["pd.launch.serve", "--model", str(model), "--port", str(port), *SUITE_WORKER_FLAGS, *extra], log
+    )
     url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     try:
         wait_healthy(url, [p], log=log, verify=ssl.create_default_context(cafile=ca) if ca else True)
@@ -178,7 +182,8 @@ class Cluster:
     """A deployment started process by process (bootstrap, prefill and decode instances, proxies), so
     that a test can kill, stop, resume or restart any one of them. Workers keep their gRPC port (and so
     their instance id) across restarts, like a supervisor restarting them. ``close()`` stops every
-    process this object started, by pid. Logs go to ``logdir/<name>.log``."""
+    process this object started, by pid. Logs go to ``logdir/<name>.log``. Workers get
+    ``SUITE_WORKER_FLAGS`` before ``worker_args``."""
 
     def __init__(
         self,
@@ -203,7 +208,16 @@ class Cluster:
                 *common_args,
             ]
         }
-        base = ["--bootstrap", self.boot, "--model", str(model), "--model-name", MODEL_NAME, *worker_args]
+        base = [
+            "--bootstrap",
+            self.boot,
+            "--model",
+            str(model),
+            "--model-name",
+            MODEL_NAME,
+            *SUITE_WORKER_FLAGS,
+            *worker_args,
+        ]
         for role, n in (("prefill", prefill), ("decode", decode)):
             for i in range(n):
                 port = str(free_port())
