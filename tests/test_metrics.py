@@ -126,6 +126,7 @@ def test_worker_metrics_render_parseable_with_types():
         "pd_kv_checksum_failures": "counter",
         "pd_transfer_bytes": "counter",
         "pd_transfer_seconds": "histogram",
+        "pd_decode_batch_size": "histogram",
     }
     s = parse_samples(text)
     rank = tuple(sorted(labels.items()))
@@ -149,6 +150,9 @@ def test_proxy_metrics_render_parseable_with_types():
         "pd_proxy_requests": "counter",
         "pd_proxy_requests_inflight": "gauge",
         "pd_proxy_ttft_seconds": "histogram",
+        "pd_request_phase_seconds": "histogram",
+        "pd_kv_transfer_gbytes_per_second": "histogram",
+        "pd_request_ttft_unaccounted_seconds": "histogram",
         "pd_proxy_tpot_seconds": "histogram",
         "pd_proxy_e2e_seconds": "histogram",
         "pd_proxy_aborts": "counter",
