@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from pd.kernels.moe import HAS_TRITON, Backend, _device_name, _use_triton, silu_and_mul_ref
+from pd.kernels.moe import HAS_TRITON, Backend, _device_name, _use_triton, check_routing, silu_and_mul_ref
 from pd.kernels.moe_config import MoeConfig, fp8_default_config, fused_fp8_config, masked_fp8_config
 
 FP8 = torch.float8_e4m3fn
@@ -349,20 +349,7 @@ def fused_moe_fp8(
     if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16/fp16/fp32 [T, H], got {x.dtype} {tuple(x.shape)}")
     _check_experts(w13, w13_scale, w2, w2_scale, x.shape[1], x.device)
-    if (
-        topk_ids.dim() != 2
-        or topk_ids.shape[0] != x.shape[0]
-        or topk_ids.dtype not in (torch.int32, torch.int64)
-    ):
-        raise ValueError(
-            f"topk_ids must be int32/int64 [T={x.shape[0]}, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
-        )
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
-        raise ValueError(
-            f"topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}"
-        )
-    if topk_ids.device != x.device or topk_weights.device != x.device:
-        raise ValueError(f"topk_ids/topk_weights must be on {x.device}")
+    check_routing(x, topk_ids, topk_weights)
     out = _check_out(out, tuple(x.shape), x.dtype, x.device)
     if not _use_triton(x, backend):
         out.copy_(fused_moe_fp8_ref(x, w13, w13_scale, w2, w2_scale, topk_ids, topk_weights))

@@ -95,6 +95,24 @@ def _check_weights(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> None
             raise ValueError(f"{name} must be contiguous (strides {w.stride()})")
 
 
+def check_routing(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """``topk_ids [T, K]`` int32/int64 and ``topk_weights [T, K]`` float on x's device, T = x's rows."""
+    if (
+        topk_ids.dim() != 2
+        or topk_ids.shape[0] != x.shape[0]
+        or topk_ids.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"topk_ids must be int32/int64 [T={x.shape[0]}, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
+        )
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+        raise ValueError(
+            f"topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
+    if topk_ids.device != x.device or topk_weights.device != x.device:
+        raise ValueError(f"topk_ids/topk_weights must be on {x.device}")
+
+
 def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -190,20 +208,7 @@ def fused_moe(
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
     _check_weights(w13, w2, x)
-    if (
-        topk_ids.dim() != 2
-        or topk_ids.shape[0] != x.shape[0]
-        or topk_ids.dtype not in (torch.int32, torch.int64)
-    ):
-        raise ValueError(
-            f"topk_ids must be int32/int64 [T={x.shape[0]}, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
-        )
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
-        raise ValueError(
-            f"topk_weights must be float {tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}"
-        )
-    if topk_ids.device != x.device or topk_weights.device != x.device:
-        raise ValueError(f"topk_ids/topk_weights must be on {x.device}")
+    check_routing(x, topk_ids, topk_weights)
     out = _check_out(out, tuple(x.shape), x)
     if not _use_triton(x, backend):
         out.copy_(fused_moe_ref(x, w13, w2, topk_ids, topk_weights))

@@ -96,6 +96,23 @@ def _teacher_forced_top1(
     return picks
 
 
+def _hf_greedy_and_margins(
+    hf32, prompts: list[list[int]], n: int = 32
+) -> tuple[list[list[int]], list[list[float]]]:
+    """transformers' float32 greedy continuation of each prompt (``n`` tokens) and, at each of its positions,
+    the margin between its top-1 and top-2 logits."""
+    forced, margins = [], []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        out = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        forced.append(out[0, len(p) :].tolist())
+        with torch.no_grad():
+            top2 = hf32(out).logits[0, len(p) - 1 : -1].float().topk(2).values
+        margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    return forced, margins
+
+
 @pytest.fixture(scope="module")
 def gpu_tiny(tiny_model):
     return tiny_model("gpu-tiny")
@@ -114,18 +131,12 @@ def test_tiny_model_agrees_with_transformers_fp32(gpu_tiny, hf_model):
     hf16 = load_hf(gpu_tiny, torch.bfloat16).to("cuda")
     rng = random.Random(0)
     prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(64)]
-    forced, margins, hf16_top1 = [], [], []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                            do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-        forced.append(out[0, len(p) :].tolist())
+    forced, margins = _hf_greedy_and_margins(hf32, prompts)
+    hf16_top1 = []
+    for p, f in zip(prompts, forced):
         with torch.no_grad():
-            l32 = hf32(out).logits[0, len(p) - 1 : -1].float()
-            l16 = hf16(out).logits[0, len(p) - 1 : -1].float()
-        top2 = l32.topk(2).values
-        margins.append((top2[:, 0] - top2[:, 1]).tolist())
-        hf16_top1.append(l16.argmax(-1).tolist())
+            out = torch.tensor([p + f], device="cuda")
+            hf16_top1.append(hf16(out).logits[0, len(p) - 1 : -1].float().argmax(-1).tolist())
     runner = _decode_runner(gpu_tiny)
     assert runner.graphs is not None and type(runner.attn).__name__ == "FlashInferMLABackend"
     picks = _teacher_forced_top1(runner, prompts, forced)
@@ -172,15 +183,7 @@ def test_fp8_model_agrees_with_its_dequantized_run(gpu_tiny_fp8, hf_model):
     hf32 = hf_model(gpu_tiny_fp8 / "dequantized").to("cuda")
     rng = random.Random(2)
     prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(64)]
-    forced, margins = [], []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                            do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-        forced.append(out[0, len(p) :].tolist())
-        with torch.no_grad():
-            top2 = hf32(out).logits[0, len(p) - 1 : -1].float().topk(2).values
-        margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    forced, margins = _hf_greedy_and_margins(hf32, prompts)
     fp8 = _decode_runner(gpu_tiny_fp8, quantization="fp8")
     kernels = [m for m in fp8.model.modules() if hasattr(m, "w8a8")]
     assert kernels and all(m.w8a8 for m in kernels), "every FP8 weight should run on the W8A8 kernels"
