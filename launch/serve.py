@@ -91,6 +91,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
         "kv_checksum",
         help="checksum every KV page prefill sends; decode verifies it before decoding",
     )
+    add_field_arg(
+        p,
+        "--transfer-writers",
+        TransferConfig,
+        "writers_per_peer",
+        help="rooms the prefill instance writes to a decode rank at once",
+    )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
     par.add_argument("--decode-dp", type=int, help="ranks of the decode instance (default: --dp)")
@@ -167,6 +174,7 @@ def commands(
     worker = ["--bootstrap", boot, "--transfer-protocol", transfer_protocol(args)]
     if args.kv_checksum:
         worker.append("--kv-checksum")
+    worker += ["--transfer-writers", str(args.transfer_writers)]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (

@@ -84,6 +84,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_field_arg(t, "--transfer-timeout", T, "transfer_timeout_s", help="seconds one transfer call may take")
     add_field_arg(
         t,
+        "--transfer-writers",
+        T,
+        "writers_per_peer",
+        help="rooms a prefill rank writes to one decode rank at once (writer threads per peer)",
+    )
+    add_field_arg(
+        t,
         "--kv-checksum",
         T,
         "kv_checksum",
@@ -128,6 +135,7 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
         device_names=args.transfer_device_names,
         transfer_timeout_s=args.transfer_timeout,
         kv_checksum=args.kv_checksum,
+        writers_per_peer=args.transfer_writers,
     )
 
 

@@ -101,6 +101,7 @@ WORKER_FIELDS = {
     "transfer_protocol": (TransferConfig, "protocol"),
     "transfer_device_names": (TransferConfig, "device_names"),
     "transfer_timeout": (TransferConfig, "transfer_timeout_s"),
+    "transfer_writers": (TransferConfig, "writers_per_peer"),
     "bootstrapping_timeout": (TransferTimeouts, "bootstrapping_s"),
     "waiting_timeout": (TransferTimeouts, "waiting_for_input_s"),
     "transferring_timeout": (TransferTimeouts, "transferring_s"),

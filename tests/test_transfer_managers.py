@@ -71,8 +71,8 @@ def pages_touched(pool: KVPool, addr: int, nbytes: int) -> set[int]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", [1, 2])
-def test_random_aborts_release_each_room_once_and_never_early(seed):
+@pytest.mark.parametrize("seed, writers", [(1, 1), (2, 1), (3, 3)])
+def test_random_aborts_release_each_room_once_and_never_early(seed, writers):
     rng = random.Random(seed)
     layout = KVLayout(2, ROOMS * PAGES_PER_ROOM + 1, 4, 16, torch.bfloat16, KVOrder.LAYER_MAJOR)
     src_pool, dst_pool = KVPool(layout, "cpu"), KVPool(layout, "cpu")
@@ -88,7 +88,14 @@ def test_random_aborts_release_each_room_once_and_never_early(seed):
             released[side].setdefault(room, []).append((time.monotonic(), state))
 
     engine = CopyEngine("fake-decode:1", seed)
-    sender = KVSender(engine, src_pool, AuxBuffer(4), lambda r, s, why: on_final("prefill", r, s), timeouts)
+    sender = KVSender(
+        engine,
+        src_pool,
+        AuxBuffer(4),
+        lambda r, s, why: on_final("prefill", r, s),
+        timeouts,
+        writers_per_peer=writers,  # several rooms in flight to the one decode peer at once
+    )
     receiver = KVReceiver(
         engine, dst_pool, AuxBuffer(ROOMS), lambda r, s, a, why: on_final("decode", r, s), None, timeouts
     )
@@ -258,6 +265,7 @@ def test_idle_writer_threads_end():
         AuxBuffer(4, "cpu"),
         on_final=lambda *a: None,
         writer_idle_s=0.1,
+        writers_per_peer=2,
     )
 
     def writers() -> list[str]:
@@ -266,14 +274,17 @@ def test_idle_writer_threads_end():
     try:
         for session in ("127.0.0.1:7001", "127.0.0.1:7002"):
             with sender._lock:
-                sender._writer(session)
-        assert sorted(writers()) == ["kv-sender-writer-127.0.0.1:7001", "kv-sender-writer-127.0.0.1:7002"]
+                for room in (4, 5, 6):  # rooms 4 and 6 share a writer: two per peer
+                    sender._writer(session, room)
+        assert sorted(writers()) == [
+            f"kv-sender-writer-127.0.0.1:{port}-{w}" for port in (7001, 7002) for w in (0, 1)
+        ]
         deadline = time.monotonic() + 10
         while writers() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert writers() == [] and sender._writers == {}
         with sender._lock:
-            sender._writer("127.0.0.1:7001")
-        assert writers() == ["kv-sender-writer-127.0.0.1:7001"]
+            sender._writer("127.0.0.1:7001", 9)
+        assert writers() == ["kv-sender-writer-127.0.0.1:7001-1"]
     finally:
         sender.close()

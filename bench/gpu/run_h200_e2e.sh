@@ -3,11 +3,12 @@
 # weights, both instances on cuda:0), pd-bench random 1024 in / 128 out, over the TCP and the NVLink transfer
 # paths, after the page-allocator fix (freed pages came back descending: every page of every layer moved
 # as its own piece). pd-bench prints the per-phase table (return_phases). Carry: .gpu-pack.
-# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "16 inf" [num_prompts]
+# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "16 inf" [num_prompts] ["extra pd-serve flags"]
 set -u
 protocols=${1:-"tcp nvlink"}
 rates=${2:-"16 inf"}
 prompts=${3:-200}
+extra=${4:-}
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
@@ -15,7 +16,7 @@ export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cach
 python3 -m pd.launch.make_tiny_model /tmp/design --preset moonlight-shape --config-only > /dev/null
 for proto in $protocols; do
   pd-serve --model /tmp/design --device cuda --load-format dummy --dtype bfloat16 --transfer-protocol $proto \
-    --port 8000 > $OUT/serve_$proto.log 2>&1 &
+    --port 8000 $extra > $OUT/serve_$proto.log 2>&1 &
   serve=$!
   python3 - <<'PY'
 import time, httpx

@@ -77,6 +77,8 @@ class TransferConfig:
     per-peer queue (``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER``, default 1024) at once.
     ``require_protocol``: raise at start-up instead of warning when the engine falls back to
     another transport than ``protocol``.
+    ``writers_per_peer``: rooms a prefill rank writes to one decode rank at once (each room's writes and
+    notices stay in order on one writer thread; rooms are spread over the writers by id).
     ``kv_checksum``: the KV sender checksums every page it writes and the receiver verifies them
     before a room is DONE (``pd.transfer.checksum``); prefill and decode must agree (the registry
     refuses a pair that does not).
@@ -89,8 +91,11 @@ class TransferConfig:
     max_batch_pieces: int = 512
     require_protocol: bool = False
     kv_checksum: bool = False
+    writers_per_peer: int = 1
 
     def __post_init__(self) -> None:
+        if self.writers_per_peer < 1:
+            raise ValueError(f"TransferConfig.writers_per_peer must be >= 1, got {self.writers_per_peer}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"TransferConfig.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not self.transfer_timeout_s > 0:

@@ -10,9 +10,10 @@ then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the writer thr
 job's pages just before writing them (``pd.transfer.checksum``) and ``TransferDone`` carries the
 room's checksums.
 
-Threads: the scheduler's calls only validate and enqueue; they never block on the network. One
-writer thread per decode peer does that peer's writes and notices in order (so a dead or hung
-peer holds up only its own rooms; it ends after a while without work). A control thread
+Threads: the scheduler's calls only validate and enqueue; they never block on the network. Writer
+threads per decode peer (``writers_per_peer``, rooms spread over them by id) do that peer's writes and
+notices, each room's in order (so a dead or hung peer holds up only its own rooms; a writer ends after
+a while without work). A control thread
 enforces the state timeouts and runs ``on_final``. gRPC handlers run in the server's threads.
 
 Pages: ``on_final(room, state, reason)`` runs exactly once per room passed to ``add_room``, from the
@@ -124,6 +125,8 @@ class KVSender:
     writer thread ends after ``writer_idle_s`` without work (a new one starts when needed).
     ``tls``: mutual TLS on the calls to decode ranks (``pd.rpc.tls``).
     ``kv_checksum``: checksum every page written and send the checksums with ``TransferDone``.
+    ``writers_per_peer``: writer threads per decode peer (rooms spread over them by id, each room's writes
+    and notices in order on one): that many rooms' writes in flight to a peer at once.
     """
 
     def __init__(
@@ -140,7 +143,13 @@ class KVSender:
         writer_idle_s: float = 60.0,
         tls: TLSConfig | None = None,
         kv_checksum: bool = False,
+        writers_per_peer: int = 1,
     ) -> None:
+        if not 0 < writers_per_peer <= aux.num_slots:
+            raise ValueError(
+                f"writers_per_peer={writers_per_peer} must be in [1, {aux.num_slots}] (the aux staging slots)"
+            )
+        self.writers_per_peer = writers_per_peer
         self.engine, self.pool, self.aux = engine, pool, aux
         self._checksums = PageChecksums(pool) if kv_checksum else None
         self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
@@ -153,7 +162,7 @@ class KVSender:
         self._drained = threading.Condition(self._lock)
         self._rooms: dict[int, _Room] = {}
         self._tombstones: dict[int, tuple[float, TransferState]] = {}  # finished rooms, for late messages
-        self._writers: dict[str, queue.SimpleQueue] = {}
+        self._writers: dict[tuple[str, int], queue.SimpleQueue] = {}  # (peer session, writer) -> its jobs
         self._threads: list[threading.Thread] = []
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
         self._channels = Channels(cluster_token, tls)
@@ -286,7 +295,7 @@ class KVSender:
         if r.machine.state is TransferState.WAITING_FOR_INPUT:
             r.machine.to(TransferState.TRANSFERRING)
         assert r.src_pages is not None and r.peer is not None
-        writer = self._writer(r.peer.session)
+        writer = self._writer(r.peer.session, r.machine.room)
         if r.ready:
             src = tuple(r.src_pages[i] for i in r.ready)
             dst = tuple(r.peer.dst_pages[i] for i in r.ready)
@@ -311,7 +320,7 @@ class KVSender:
         del self._rooms[room]
         self._tombstone(room, r.machine.state)
         if r.notice and r.peer is not None:
-            self._writer(r.peer.session).put(
+            self._writer(r.peer.session, room).put(
                 _Job(room, "notice", r.peer, notice=r.notice, reason=r.machine.reason)
             )
         if r.src_pages is not None:  # a hand-shake whose request never came holds no pages: no on_final
@@ -324,11 +333,14 @@ class KVSender:
         self._tombstones.pop(room, None)  # re-insert at the end: the dict stays in expiry order
         self._tombstones[room] = (time.monotonic() + ttl, state)
 
-    def _writer(self, session: str) -> queue.SimpleQueue:
-        q = self._writers.get(session)
+    def _writer(self, session: str, room: int) -> queue.SimpleQueue:
+        """The queue of the writer thread that carries ``room``'s writes to ``session`` (one per room, so they
+        stay in order; ``writers_per_peer`` of them per peer)."""
+        key = (session, room % self.writers_per_peer)
+        q = self._writers.get(key)
         if q is None:
-            q = self._writers[session] = queue.SimpleQueue()
-            self._start_thread(lambda: self._writer_loop(session, q), f"kv-sender-writer-{session}")
+            q = self._writers[key] = queue.SimpleQueue()
+            self._start_thread(lambda: self._writer_loop(key, q), f"kv-sender-writer-{session}-{key[1]}")
         return q
 
     def _start_thread(self, target: Callable[[], None], name: str) -> None:
@@ -410,14 +422,14 @@ class KVSender:
 
     # ---- threads ----
 
-    def _writer_loop(self, session: str, jobs: queue.SimpleQueue) -> None:
+    def _writer_loop(self, key: tuple[str, int], jobs: queue.SimpleQueue) -> None:
         while True:
             try:
                 job = jobs.get(timeout=self.writer_idle_s)
             except queue.Empty:  # decode ranks come and go (restarts): an idle peer's thread ends
                 with self._lock:  # jobs are queued under this lock: none can slip in meanwhile
-                    if jobs.empty() and self._writers.get(session) is jobs:
-                        del self._writers[session]
+                    if jobs.empty() and self._writers.get(key) is jobs:
+                        del self._writers[key]
                         return
                 continue
             if job is None:

@@ -173,6 +173,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             cluster_token=cfg.cluster_token,
             tls=cfg.tls,
             kv_checksum=cfg.transfer.kv_checksum,
+            writers_per_peer=cfg.transfer.writers_per_peer,
         )
         role_engine = PrefillEngine(engine, transfer, metrics)
     else:
