@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 DUMMY_PAGE = 0
+# What two pools must share for KV to move between them page for page (their page counts may differ).
+TRANSFER_FIELDS = ("num_layers", "page_size", "latent_dim", "dtype", "order")
 
 
 class KVOrder(str, enum.Enum):
@@ -84,6 +86,19 @@ class KVLayout:
             return (layer * self.num_pages + page) * self.page_nbytes_per_layer
         return (page * self.num_layers + layer) * self.page_nbytes_per_layer
 
+    def check_pages(self, pages: Sequence[int], side: str) -> tuple[int, ...]:
+        """``pages`` as a tuple of ints; raises ValueError (naming ``side``) unless they are non-empty,
+        distinct and in ``[1, num_pages)``."""
+        out = tuple(int(p) for p in pages)
+        if not out:
+            raise ValueError(f"no {side} pages")
+        if len(set(out)) != len(out):
+            raise ValueError(f"{side} pages repeat a page: {list(out)}")
+        for p in out:
+            if not 0 < p < self.num_pages:
+                raise ValueError(f"{side} page {p} out of range [1, {self.num_pages})")
+        return out
+
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.page_size)
@@ -120,15 +135,13 @@ def transfer_pieces(
     bootstrap registry refuses to pair peers that do not). Page-major pools move a run of pages
     of all layers as one piece; layer-major pools move one piece per layer per run.
     """
-    for field in ("num_layers", "page_size", "latent_dim", "dtype", "order"):
+    for field in TRANSFER_FIELDS:
         if getattr(src, field) != getattr(dst, field):
             raise ValueError(
                 f"KV layouts differ in {field}: source {getattr(src, field)} vs destination {getattr(dst, field)}"
             )
-    for pages, layout, side in ((src_pages, src, "source"), (dst_pages, dst, "destination")):
-        for p in pages:
-            if not 0 < p < layout.num_pages:
-                raise ValueError(f"{side} page {p} out of range [1, {layout.num_pages})")
+    src.check_pages(src_pages, "source")
+    dst.check_pages(dst_pages, "destination")
     pieces: list[tuple[int, int, int]] = []
     runs = merge_page_runs(src_pages, dst_pages)
     if src.order is KVOrder.PAGE_MAJOR:

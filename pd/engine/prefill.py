@@ -74,6 +74,7 @@ class _Room:
     first_token: int = -1
     started: float = 0.0  # monotonic time of the step that ran its first chunk
     computed: float = 0.0  # ... and of the end of its last chunk
+    kv_bytes: int = 0  # bytes of its pages, all layers (what the transfer moves)
 
 
 class PrefillEngine:
@@ -174,8 +175,8 @@ class PrefillEngine:
             room.pages, room.first_token, room.computed = self.scheduler.release(req), token, now
             aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
-            nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
-            self.metrics.transfer_bytes.inc(nbytes, role="prefill")
+            room.kv_bytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
+            self.metrics.transfer_bytes.inc(room.kv_bytes, role="prefill")
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
         room = self.rooms.pop(cmd.room, None)
@@ -189,11 +190,9 @@ class PrefillEngine:
         if cmd.state is TransferState.FAILED:
             self.metrics.transfer_failures.inc(role="prefill")
         if cmd.state is TransferState.DONE:
-            assert room.pages is not None
-            nbytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
             now = time.monotonic()
             phases = PrefillPhases(
-                room.started - room.arrived, room.computed - room.started, now - room.computed, nbytes
+                room.started - room.arrived, room.computed - room.started, now - room.computed, room.kv_bytes
             )
             return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token, phases)]
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]

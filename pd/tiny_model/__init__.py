@@ -23,7 +23,7 @@ tokenizer's generated training text), `tokenizer` (BPE training, special tokens,
 """
 
 from pd.tiny_model.checkpoint import DEQUANTIZED_DIR, make_tiny_model, model_config
-from pd.tiny_model.fp8 import dequantize_block_fp8, is_quantized, quantize_block_fp8
+from pd.tiny_model.fp8 import is_quantized
 from pd.tiny_model.presets import DTYPES, MAX_TOKENIZER_VOCAB, PRESETS, Preset, YarnScaling, get_preset
 from pd.tiny_model.tokenizer import (
     ASSISTANT_TOKEN,
@@ -48,12 +48,10 @@ __all__ = [
     "Preset",
     "TensorSpec",
     "YarnScaling",
-    "dequantize_block_fp8",
     "get_preset",
     "is_quantized",
     "make_tiny_model",
     "model_config",
-    "quantize_block_fp8",
     "random_tensor",
     "tensor_specs",
     "train_tokenizer",

@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
+from pd.model.quant import dequantize, quantize
 from pd.tiny_model.fp8 import (
     DEFAULT_BLOCK,
     SCALE_SUFFIX,
-    dequantize_block_fp8,
     fp8_specs,
     is_quantized,
     quantization_config,
-    quantize_block_fp8,
 )
 from pd.tiny_model.presets import DTYPES, Preset, get_preset
 from pd.tiny_model.tokenizer import BOS_TOKEN, EOS_TOKEN, tokenizer_config, train_tokenizer
@@ -209,7 +208,7 @@ def make_tiny_model(
 
     @functools.lru_cache(maxsize=1)  # a weight and its scale are written one after the other
     def quantized(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_block_fp8(random_tensor(TensorSpec(name, shape_of[name], wdtype), p, seed), block)
+        return quantize(random_tensor(TensorSpec(name, shape_of[name], wdtype), p, seed), block)
 
     shape_of = {spec.name: spec.shape for spec in specs}
 
@@ -221,7 +220,7 @@ def make_tiny_model(
     def dequantized(spec: TensorSpec) -> torch.Tensor:
         if not is_quantized(spec.name):
             return plain(spec)
-        return dequantize_block_fp8(*quantized(spec.name), block).to(spec.dtype)
+        return dequantize(*quantized(spec.name), block).to(spec.dtype)
 
     fp8_files = {**files, "config.json": {**config, "quantization_config": quantization_config(block)}}
     _write_checkpoint(out, fp8_files, fp8_specs(specs, block), fp8_tensor, shard_size, config_only)

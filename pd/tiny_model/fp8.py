@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from pd.model.quant import dequantize, quantize
+from pd.model.quant import scale_shape
 from pd.tiny_model.weights import TensorSpec
 
 DEFAULT_BLOCK = (128, 128)
@@ -37,12 +37,6 @@ def is_quantized(name: str) -> bool:
     return _QUANTIZED.match(name) is not None
 
 
-def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
-    """`[ceil(out/bo), ceil(in/bi)]`: one scale per block, edge blocks partial."""
-    (o, i), (bo, bi) = shape, block
-    return -(-o // bo), -(-i // bi)
-
-
 def fp8_specs(specs: list[TensorSpec], block: tuple[int, int]) -> list[TensorSpec]:
     """The FP8 checkpoint's tensors: every quantized weight in float8_e4m3fn plus its float32 scale, the rest
     as in `specs`; sorted by name."""
@@ -50,19 +44,11 @@ def fp8_specs(specs: list[TensorSpec], block: tuple[int, int]) -> list[TensorSpe
     for spec in specs:
         if is_quantized(spec.name):
             out.append(TensorSpec(spec.name, spec.shape, torch.float8_e4m3fn))
-            out.append(TensorSpec(spec.name + SCALE_SUFFIX, scale_shape(spec.shape, block), torch.float32))
+            out.append(
+                TensorSpec(
+                    spec.name + SCALE_SUFFIX, scale_shape(spec.shape[:1], spec.shape[1], block), torch.float32
+                )
+            )
         else:
             out.append(spec)
     return sorted(out, key=lambda s: s.name)
-
-
-def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight [O, I]` -> (float8_e4m3fn weight, float32 scale_inv [ceil(O/bo), ceil(I/bi)]): per block,
-    scale = amax / 448 (1 for an all-zero block), weight / scale clamped to ±448 and cast to e4m3 (pd's own
-    quantizer, which `--quantization fp8` uses on unquantized checkpoints)."""
-    return quantize(weight, block)
-
-
-def dequantize_block_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """`q * scale_inv` over each block, in float32 (as pd's loader computes it)."""
-    return dequantize(q, scale_inv, block)

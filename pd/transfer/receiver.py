@@ -131,16 +131,7 @@ class KVReceiver:
         """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order)."""
         if self.endpoint is None:
             raise RuntimeError("KVReceiver.endpoint must be set before add_room")
-        pages = tuple(int(p) for p in dst_pages)
-        if not pages or len(set(pages)) != len(pages):
-            raise ValueError(
-                f"room {room}: destination pages must be distinct and non-empty, got {list(pages)}"
-            )
-        for p in pages:
-            if not 0 < p < self.pool.layout.num_pages:
-                raise ValueError(
-                    f"room {room}: destination page {p} out of range [1, {self.pool.layout.num_pages})"
-                )
+        pages = self.pool.layout.check_pages(dst_pages, f"room {room}: destination")
         self.aux.slot_offset(aux_slot)  # range check
         with self._lock:
             if room in self._rooms:

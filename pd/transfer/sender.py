@@ -11,10 +11,9 @@ job's pages just before writing them (``pd.transfer.checksum``) and ``TransferDo
 room's checksums.
 
 Threads: the scheduler's calls only validate and enqueue; they never block on the network. Writer
-threads per decode peer (``writers_per_peer``, rooms spread over them by id) do that peer's writes and
-notices, each room's in order (so a dead or hung peer holds up only its own rooms; a writer ends after
-a while without work). A control thread
-enforces the state timeouts and runs ``on_final``. gRPC handlers run in the server's threads.
+threads per decode peer do that peer's writes and notices (``pd.transfer.writes``), each room's in order
+on one of them, so a dead or hung peer holds up only its own rooms. A control thread enforces the state
+timeouts and runs ``on_final``. gRPC handlers run in the server's threads.
 
 Pages: ``on_final(room, state, reason)`` runs exactly once per room passed to ``add_room``, from the
 control thread, once the room is final AND no write of it is in flight; only then may the scheduler free the room's
@@ -37,44 +36,20 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pd.kv_cache import KVLayout, KVPool, transfer_pieces
+from pd.kv_cache import TRANSFER_FIELDS, KVPool
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
 from pd.rpc.tls import TLSConfig
-from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
+from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord
 from pd.transfer.checksum import PageChecksums, pack
 from pd.transfer.engine import TransferEngine, TransferError
 from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
+from pd.transfer.writes import Peer, PeerWrites
 
 logger = logging.getLogger(__name__)
 
 SenderFinal = Callable[[int, TransferState, str], None]
-
-_LAYOUT_FIELDS = ("num_layers", "page_size", "latent_dim", "dtype", "order")
-
-
-@dataclass(frozen=True)
-class _Peer:
-    """Where decode wants a room written (from its hand-shake)."""
-
-    session: str
-    endpoint: str
-    dst_pages: tuple[int, ...]
-    layout: KVLayout
-    kv_base: int
-    aux_addr: int
-    write_deadline: float  # time.monotonic(); no write starts after it
-
-    def same_target(self, other: _Peer) -> bool:
-        return (self.session, self.endpoint, self.dst_pages, self.layout, self.kv_base, self.aux_addr) == (
-            other.session,
-            other.endpoint,
-            other.dst_pages,
-            other.layout,
-            other.kv_base,
-            other.aux_addr,
-        )
 
 
 @dataclass(eq=False)
@@ -82,7 +57,7 @@ class _Room:
     machine: RoomStateMachine
     src_pages: tuple[int, ...] | None = None
     index: dict[int, int] = field(default_factory=dict)  # source page id -> position
-    peer: _Peer | None = None
+    peer: Peer | None = None
     sent: set[int] = field(default_factory=set)  # source pages handed to send()
     ready: list[int] = field(default_factory=list)  # positions computed but not yet queued
     last: bool = False
@@ -99,7 +74,7 @@ class _Room:
 class _Job:
     room: int
     kind: str  # "kv": pages; "done": aux record + TransferDone; "notice": TransferFailed/Abort
-    peer: _Peer
+    peer: Peer
     src_pages: tuple[int, ...] = ()
     dst_pages: tuple[int, ...] = ()
     event: Any = None
@@ -121,8 +96,8 @@ class KVSender:
     ``on_final(room, state, reason)`` (reason: why a room failed or was aborted, else empty) must be quick and thread-safe (e.g. put into a queue).
     ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort``
     from decode waits for the room's in-flight writes before answering. ``cluster_token``: sent
-    with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A decode peer's
-    writer thread ends after ``writer_idle_s`` without work (a new one starts when needed).
+    with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A writer thread ends after
+    ``writer_idle_s`` without work (a new one starts when needed).
     ``tls``: mutual TLS on the calls to decode ranks (``pd.rpc.tls``).
     ``kv_checksum``: checksum every page written and send the checksums with ``TransferDone``.
     ``writers_per_peer``: writer threads per decode peer (rooms spread over them by id, each room's writes
@@ -149,15 +124,12 @@ class KVSender:
             raise ValueError(
                 f"writers_per_peer={writers_per_peer} must be in [1, {aux.num_slots}] (the aux staging slots)"
             )
-        self.writers_per_peer = writers_per_peer
-        self.engine, self.pool, self.aux = engine, pool, aux
-        self._checksums = PageChecksums(pool) if kv_checksum else None
+        self.writers_per_peer, self.pool = writers_per_peer, pool
         self.on_final, self.timeouts = on_final, timeouts or TransferTimeouts()
-        self.rpc_timeout_s, self.abort_wait_s, self.tick_s = rpc_timeout_s, abort_wait_s, tick_s
-        self.writer_idle_s = writer_idle_s
-        engine.register(pool.data_ptr, pool.nbytes)
-        engine.register(aux.data_ptr, aux.nbytes)
-        self._slots = SlotAllocator(aux.num_slots)
+        self.abort_wait_s, self.tick_s, self.writer_idle_s = abort_wait_s, tick_s, writer_idle_s
+        self._channels = Channels(cluster_token, tls)
+        checksums = PageChecksums(pool) if kv_checksum else None
+        self._writes = PeerWrites(engine, pool, aux, self._channels, rpc_timeout_s, checksums)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._rooms: dict[int, _Room] = {}
@@ -165,7 +137,6 @@ class KVSender:
         self._writers: dict[tuple[str, int], queue.SimpleQueue] = {}  # (peer session, writer) -> its jobs
         self._threads: list[threading.Thread] = []
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
-        self._channels = Channels(cluster_token, tls)
         self._stop = threading.Event()
         self._start_thread(self._control_loop, "kv-sender-control")
 
@@ -173,7 +144,7 @@ class KVSender:
 
     def add_room(self, room: int, src_pages: Sequence[int]) -> None:
         """Announces a request's source pages, in token order (ids into ``pool``)."""
-        pages = self._check_pages(src_pages, self.pool.layout, "source")
+        pages = self.pool.layout.check_pages(src_pages, "source")
         with self._lock:
             r = self._rooms.get(room)
             if r is None:
@@ -358,18 +329,18 @@ class KVSender:
             )
         try:
             layout = layout_from_proto(req.layout)
-            for name in _LAYOUT_FIELDS:
+            for name in TRANSFER_FIELDS:
                 if getattr(layout, name) != getattr(self.pool.layout, name):
                     raise ValueError(
                         f"decode KV layout {name} {getattr(layout, name)} differs from prefill's "
                         f"{getattr(self.pool.layout, name)}"
                     )
-            dst = self._check_pages(req.dst_pages, layout, "destination")
+            dst = layout.check_pages(req.dst_pages, "destination")
             if not req.session or not req.endpoint:
                 raise ValueError("hand-shake without a transfer session or gRPC endpoint")
         except ValueError as e:
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"room {req.room}: {e}") from None
-        peer = _Peer(
+        peer = Peer(
             session=req.session,
             endpoint=req.endpoint,
             dst_pages=dst,
@@ -441,7 +412,7 @@ class KVSender:
 
     def _run_job(self, job: _Job) -> None:
         if job.kind == "notice":
-            self._send_notice(job)
+            self._writes.notice(job.peer, job.room, job.notice, job.reason)
             return
         with self._lock:
             r = self._rooms[job.room]  # present: its inflight count keeps it
@@ -452,13 +423,12 @@ class KVSender:
         if not skip:
             try:
                 if job.kind == "kv":
-                    self._keep_sums(r, job, self._write_pages(job))
+                    self._keep_sums(
+                        r, job, self._writes.pages(job.peer, job.src_pages, job.dst_pages, job.event)
+                    )
                 else:
                     assert aux_record is not None
-                    self._write_aux(job, aux_record)
-                    self._channels.decode(job.peer.endpoint).TransferDone(
-                        pb.TransferDoneRequest(room=job.room, kv_checksums=sums), timeout=self.rpc_timeout_s
-                    )
+                    self._writes.finish(job.peer, job.room, aux_record, sums)
             except TransferError as e:
                 error = str(e)
             except grpc.RpcError as e:
@@ -477,19 +447,6 @@ class KVSender:
                     r.machine.touch()
             self._settle(r)
 
-    def _write_pages(self, job: _Job) -> np.ndarray | None:
-        """Writes the job's pages; with ``kv_checksum`` returns their checksums (taken just before)."""
-        if job.event is not None:
-            job.event.synchronize()
-        sums = self._checksums.compute(job.src_pages) if self._checksums is not None else None
-        src_base, dst_base = self.pool.data_ptr, job.peer.kv_base
-        pieces = [
-            (src_base + s, dst_base + d, n)
-            for s, d, n in transfer_pieces(self.pool.layout, job.peer.layout, job.src_pages, job.dst_pages)
-        ]
-        self.engine.write(job.peer.session, pieces, deadline=job.peer.write_deadline)
-        return sums
-
     def _keep_sums(self, r: _Room, job: _Job, sums: np.ndarray | None) -> None:
         """Files a written job's checksums at its pages' positions in the room (token order)."""
         if sums is None:
@@ -499,38 +456,6 @@ class KVSender:
             if r.sums is None:
                 r.sums = np.zeros((sums.shape[0], len(r.src_pages), sums.shape[2]), dtype=np.int64)
             r.sums[:, [r.index[p] for p in job.src_pages]] = sums
-
-    def _write_aux(self, job: _Job, record: AuxRecord) -> None:
-        with self._lock:
-            slot = self._slots.alloc()
-        if slot is None:
-            raise TransferError(f"no free aux staging slot (AuxBuffer has {self.aux.num_slots})")
-        try:
-            self.aux.write(slot, record)
-            local = self.aux.data_ptr + self.aux.slot_offset(slot)
-            self.engine.write(
-                job.peer.session,
-                [(local, job.peer.aux_addr, AUX_RECORD_NBYTES)],
-                deadline=job.peer.write_deadline,
-            )
-        finally:
-            with self._lock:
-                self._slots.free(slot)
-
-    def _send_notice(self, job: _Job) -> None:
-        """Best effort, bounded by ``rpc_timeout_s``: decode falls back on its own timeouts."""
-        stub = self._channels.decode(job.peer.endpoint)
-        try:
-            if job.notice == "abort":
-                stub.Abort(pb.AbortRequest(room=job.room, reason=job.reason), timeout=self.rpc_timeout_s)
-            else:
-                stub.TransferFailed(
-                    pb.TransferFailedRequest(room=job.room, reason=job.reason), timeout=self.rpc_timeout_s
-                )
-        except grpc.RpcError as e:
-            logger.warning(
-                "prefill room %d: notice to %s failed: %s", job.room, job.peer.endpoint, rpc_error(e)
-            )
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
@@ -550,18 +475,6 @@ class KVSender:
                     if expiry > now:
                         break
                     del self._tombstones[room]
-
-    @staticmethod
-    def _check_pages(pages: Sequence[int], layout: KVLayout, side: str) -> tuple[int, ...]:
-        out = tuple(int(p) for p in pages)
-        if not out:
-            raise ValueError(f"no {side} pages")
-        if len(set(out)) != len(out):
-            raise ValueError(f"{side} pages repeat a page: {list(out)}")
-        for p in out:
-            if not 0 < p < layout.num_pages:
-                raise ValueError(f"{side} page {p} out of range [1, {layout.num_pages})")
-        return out
 
 
 class _PrefillServicer(pb_grpc.PrefillTransferServicer):

@@ -1,0 +1,113 @@
+"""The prefill side's writes to decode ranks: a room's KV pages, its aux record with ``TransferDone``, and the
+notices of a failed or aborted room. No room state here: ``KVSender``'s writer threads call these, one room's
+in order, and keep the bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from pd.kv_cache import KVLayout, KVPool, transfer_pieces
+from pd.rpc import transfer_pb2 as pb
+from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
+from pd.transfer.checksum import PageChecksums
+from pd.transfer.engine import TransferEngine, TransferError
+from pd.transfer.rpc import Channels, rpc_error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where decode wants a room written (from its hand-shake)."""
+
+    session: str
+    endpoint: str
+    dst_pages: tuple[int, ...]
+    layout: KVLayout
+    kv_base: int
+    aux_addr: int
+    write_deadline: float  # time.monotonic(); no write starts after it
+
+    def same_target(self, other: Peer) -> bool:
+        """The same destination (a repeated hand-shake), whatever its deadline."""
+        return dataclasses.replace(other, write_deadline=self.write_deadline) == self
+
+
+class PeerWrites:
+    """Writes into decode ranks' registered memory through ``engine`` (which this registers ``pool`` and
+    ``aux`` with) and their ``DecodeTransfer`` service through ``channels``. Thread-safe: several writer
+    threads call it at once; ``aux`` holds one staging slot per final write in flight."""
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        pool: KVPool,
+        aux: AuxBuffer,
+        channels: Channels,
+        rpc_timeout_s: float,
+        checksums: PageChecksums | None,
+    ) -> None:
+        self.engine, self.pool, self.aux, self.channels = engine, pool, aux, channels
+        self.rpc_timeout_s, self.checksums = rpc_timeout_s, checksums
+        engine.register(pool.data_ptr, pool.nbytes)
+        engine.register(aux.data_ptr, aux.nbytes)
+        self._slots = SlotAllocator(aux.num_slots)
+        self._lock = threading.Lock()
+
+    def pages(
+        self, peer: Peer, src_pages: Sequence[int], dst_pages: Sequence[int], ready_event: Any
+    ) -> np.ndarray | None:
+        """Writes ``src_pages`` to ``dst_pages`` of ``peer`` once ``ready_event`` (the forward that filled them)
+        has passed; with checksums on, returns theirs (int64 ``[layers, pages, 3]``, taken just before)."""
+        if ready_event is not None:
+            ready_event.synchronize()
+        sums = self.checksums.compute(src_pages) if self.checksums is not None else None
+        src_base, dst_base = self.pool.data_ptr, peer.kv_base
+        pieces = [
+            (src_base + s, dst_base + d, n)
+            for s, d, n in transfer_pieces(self.pool.layout, peer.layout, src_pages, dst_pages)
+        ]
+        self.engine.write(peer.session, pieces, deadline=peer.write_deadline)
+        return sums
+
+    def finish(self, peer: Peer, room: int, record: AuxRecord, kv_checksums: bytes) -> None:
+        """Writes the aux record (the first token), then tells decode with ``TransferDone``. Raises
+        ``TransferError`` or ``grpc.RpcError``."""
+        with self._lock:
+            slot = self._slots.alloc()
+        if slot is None:
+            raise TransferError(f"no free aux staging slot (AuxBuffer has {self.aux.num_slots})")
+        try:
+            self.aux.write(slot, record)
+            local = self.aux.data_ptr + self.aux.slot_offset(slot)
+            self.engine.write(
+                peer.session, [(local, peer.aux_addr, AUX_RECORD_NBYTES)], deadline=peer.write_deadline
+            )
+        finally:
+            with self._lock:
+                self._slots.free(slot)
+        self.channels.decode(peer.endpoint).TransferDone(
+            pb.TransferDoneRequest(room=room, kv_checksums=kv_checksums), timeout=self.rpc_timeout_s
+        )
+
+    def notice(self, peer: Peer, room: int, notice: str, reason: str) -> None:
+        """Tells decode a room ``"abort"``-ed or ``"failed"`` here. Best effort, bounded by ``rpc_timeout_s``:
+        decode falls back on its own timeouts."""
+        stub = self.channels.decode(peer.endpoint)
+        try:
+            if notice == "abort":
+                stub.Abort(pb.AbortRequest(room=room, reason=reason), timeout=self.rpc_timeout_s)
+            else:
+                stub.TransferFailed(
+                    pb.TransferFailedRequest(room=room, reason=reason), timeout=self.rpc_timeout_s
+                )
+        except grpc.RpcError as e:
+            logger.warning("prefill room %d: notice to %s failed: %s", room, peer.endpoint, rpc_error(e))
