@@ -29,7 +29,7 @@ from pd.launch.args import (
     tls_config,
     tls_flags,
 )
-from pd.launch.engine_args import add_engine_args, add_parallel_args
+from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
 from pd.launch.proxy import add_proxy_args
 from pd.proxy.config import ProxyConfig
 from pd.transfer.engine import PROTOCOLS, TransferConfig
@@ -290,6 +290,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     setup_logging(args.log_level)
     tls = tls_config(args)  # checked here, before any child starts
+    try:  # the configs the children will build, checked here too
+        engine_config(args, args.model or "")
+        TransferConfig(
+            protocol=transfer_protocol(args),
+            kv_checksum=args.kv_checksum,
+            writers_per_peer=args.transfer_writers,
+        )
+    except ValueError as e:
+        raise SystemExit(f"pd-serve: error: {e}") from None
     try:
         proxy_sock, boot_sock = reserve_ports(args)
     except PortInUse as e:

@@ -227,7 +227,10 @@ def run(role: str, argv: list[str] | None = None) -> None:
     setup_logging(args.log_level)
     if args.dp > 1 and args.rank_in_node is None:
         sys.exit(spawn_ranks(role, args, sys.argv[1:] if argv is None else argv))
-    cfg = worker_config(role, args)
+    try:
+        cfg = worker_config(role, args)
+    except ValueError as e:  # a config field out of range: named, without a traceback
+        raise SystemExit(f"pd-{role}: error: {e}") from None
     # One rank on its own: it reserves its port before building the engine (the ranks of a multi-rank
     # instance have theirs reserved by the launcher process that started them).
     reserved = reserve_rank_ports(role, args, cfg.parallel) if args.rank_in_node is None else []

@@ -405,3 +405,17 @@ def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected)
              serve._engine_flags(args, "m", args.decode_device or args.device)]  # fmt: skip
     got = tuple(_worker_flag(f, "--gpu-memory-fraction") for f in flags)
     assert tuple(None if g is None else float(g) for g in got) == expected
+
+
+@pytest.mark.parametrize(
+    "launcher, flags, message",
+    [
+        ("pd.launch.serve", ["--transfer-writers", "0"], "writers_per_peer must be >= 1"),
+        ("pd.launch.serve", ["--gpu-memory-fraction", "2"], "gpu_memory_fraction must be in (0, 1)"),
+        ("pd.launch.decode", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--transfer-writers", "0"],
+         "writers_per_peer must be >= 1"),
+    ],
+)  # fmt: skip
+def test_launchers_refuse_bad_settings_by_name_before_starting(launcher, flags, message):
+    p = subprocess.run([sys.executable, "-m", launcher, *flags], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
