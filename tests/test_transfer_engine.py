@@ -120,3 +120,38 @@ def test_write_is_byte_exact_in_batches_and_fails_cleanly():
     for name in ("unregistered", "deadline", "no peer"):
         assert f"{name} TransferError" in proc.stdout
     assert "overlap region" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_tcp_write_of_gpu_memory_does_not_wait_for_the_model_stream():
+    """Mooncake's TCP transport stages GPU memory through the host with a synchronous ``cudaMemcpy`` per
+    64 KiB on the legacy default stream, which waits for every kernel queued on a blocking stream. With a
+    long kernel on the default stream a write waits for it (the cap that held TCP serving at ~6 req/s);
+    with the kernel on a stream of its own (``ModelRunner.bind_thread``) the write finishes while it runs."""
+    pytest.importorskip("mooncake.engine")
+    proc = run_child(
+        """
+        import torch
+        from pd.transfer.engine import TransferConfig, TransferEngine
+        cfg = TransferConfig(transfer_timeout_s=30)
+        a, b = TransferEngine(cfg), TransferEngine(cfg)
+        src = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8, device="cuda")
+        dst = torch.zeros(4 << 20, dtype=torch.uint8, device="cuda")
+        a.register(src.data_ptr(), src.numel())
+        b.register(dst.data_ptr(), dst.numel())
+        torch.cuda.synchronize()
+        own = torch.cuda.Stream()
+        for name, stream in [("default", torch.cuda.default_stream()), ("own", own)]:
+            dst.zero_()
+            torch.cuda.synchronize()
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(4_000_000_000)  # about 2 s of GPU time
+            a.write(b.session_id, [(src.data_ptr(), dst.data_ptr(), src.numel())])
+            print(name, "kernel still running after the write:", not stream.query())
+            torch.cuda.synchronize()
+            print(name, "exact:", torch.equal(src, dst))
+        """
+    )
+    assert "default kernel still running after the write: False" in proc.stdout, proc.stdout + proc.stderr
+    assert "own kernel still running after the write: True" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("exact: True") == 2, proc.stdout

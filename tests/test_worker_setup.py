@@ -32,35 +32,36 @@ class Recorder:
         return Load(0, 0)
 
 
-def test_engine_thread_makes_the_model_device_current(monkeypatch) -> None:
-    # The current CUDA device is per thread; Triton launches on it. A rank on cuda:1 whose engine
-    # thread left it at cuda:0 failed its first MoE step (seen on two H200s).
-    calls: list[tuple[str, torch.device]] = []
-    monkeypatch.setattr(
-        torch.cuda, "set_device", lambda d: calls.append((threading.current_thread().name, d))
-    )
+def test_engine_thread_binds_the_model_device_and_stream_first() -> None:
+    # The current CUDA device and stream are per thread; Triton launches on the device. A rank on cuda:1
+    # whose engine thread left it at cuda:0 failed its first MoE step (seen on two H200s).
     engine, commands = Recorder(), CommandQueue()
-    thread = EngineThread(engine, commands, print, name="decode-engine", device=torch.device("cuda", 1))
-    thread.start()
+
+    def bind() -> None:
+        engine.handled.append((threading.current_thread().name, "bind"))
+
+    thread = EngineThread(engine, commands, print, name="decode-engine", bind=bind)
     thread.submit(AbortRoom(1, "x"))
     commands.sender_final(2, TransferState.DONE, "")  # from a transfer thread
+    thread.start()
     thread.stop()
-    assert calls == [("decode-engine", torch.device("cuda", 1))]
     assert engine.handled == [
+        ("decode-engine", "bind"),
         ("decode-engine", AbortRoom(1, "x")),
         ("decode-engine", TransferEnded(2, TransferState.DONE, "")),
     ]
 
 
-def test_engine_thread_on_cpu_sets_no_device(monkeypatch) -> None:
+def test_runner_on_cpu_binds_no_cuda_state(monkeypatch, tiny_model_dir) -> None:
+    from pd.config import EngineConfig
+    from pd.engine.engine import Engine
+
     calls: list[object] = []
-    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    thread = EngineThread(
-        Recorder(), CommandQueue(), print, name="prefill-engine", device=torch.device("cpu")
-    )
-    thread.start()
-    thread.stop()
-    assert calls == [] and thread.error is None
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", d)))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("stream", s)))
+    runner = Engine(EngineConfig(model_path=str(tiny_model_dir), num_pages=16)).runner
+    runner.bind_thread()
+    assert runner.stream is None and calls == []
 
 
 def test_rank_engine_config_per_role() -> None:

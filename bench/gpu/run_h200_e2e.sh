@@ -3,8 +3,12 @@
 # weights, both instances on cuda:0), pd-bench random 1024 in / 128 out, over the TCP and the NVLink transfer
 # paths, after the page-allocator fix (freed pages came back descending: every page of every layer moved
 # as its own piece). pd-bench prints the per-phase table (return_phases). Carry: .gpu-pack.
-# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "16 inf" [num_prompts] ["extra pd-serve flags"]
+# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "4:100 16 inf" [num_prompts] ["extra pd-serve flags"]
+#   a rate may carry its own prompt count (rate:prompts); rates that would start after 540 s are skipped,
+#   so the call's 600 s limit never cuts a run in half. First: the GPU test of the TCP path's stream.
 set -u
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
 protocols=${1:-"tcp nvlink"}
 rates=${2:-"16 inf"}
 prompts=${3:-200}
@@ -14,6 +18,8 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
 python3 -m pd.launch.make_tiny_model /tmp/design --preset moonlight-shape --config-only > /dev/null
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_transfer_engine.py > $OUT/test_tcp_stream.txt 2>&1
+echo "== GPU test of the TCP stream (t=$(elapsed) s): $(tail -1 $OUT/test_tcp_stream.txt)"
 for proto in $protocols; do
   pd-serve --model /tmp/design --device cuda --load-format dummy --dtype bfloat16 --transfer-protocol $proto \
     --port 8000 $extra > $OUT/serve_$proto.log 2>&1 &
@@ -29,12 +35,14 @@ while time.time() < deadline:
         pass
     time.sleep(1)
 PY
-  echo "== $proto ready"; grep -E "transfer|NVLink|nvlink|TCP" $OUT/serve_$proto.log | cut -c1-200 | head -4
-  for rate in $rates; do
+  echo "== $proto ready (t=$(elapsed) s)"; grep -E "transfer|NVLink|nvlink|TCP" $OUT/serve_$proto.log | cut -c1-200 | head -4
+  for spec in $rates; do
+    rate=${spec%%:*}; n=$prompts; [ "$spec" != "$rate" ] && n=${spec#*:}
+    if [ "$(elapsed)" -gt 540 ]; then echo "-- $proto rate $rate skipped (t=$(elapsed) s)"; continue; fi
     timeout 150 pd-bench --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 1024 \
-      --random-output-len 128 --num-prompts $prompts --request-rate $rate --ignore-eos --disable-tqdm \
+      --random-output-len 128 --num-prompts $n --request-rate $rate --ignore-eos --disable-tqdm \
       --result-json $OUT/bench_${proto}_$rate.json > $OUT/bench_${proto}_$rate.txt 2>&1
-    echo "-- $proto rate $rate (exit $?)"
+    echo "-- $proto rate $rate, $n prompts (exit $?, t=$(elapsed) s)"
     grep -E "Successful|Request throughput|Output token throughput|Median TTFT|P99 TTFT|Median TPOT" $OUT/bench_${proto}_$rate.txt
     sed -n '/Latency by phase/,/KV bytes/p' $OUT/bench_${proto}_$rate.txt
   done

@@ -125,8 +125,8 @@ class ModelRunner:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda":  # kernels (Triton, FlashInfer) launch on the current device
-            torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.bind_thread()
         self.dtype = cfg.torch_dtype
         self.ep = ep or make_ep_backend(
             "local",
@@ -176,6 +176,17 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
             )
+
+    def bind_thread(self) -> None:
+        """Makes the model's device and compute stream current on the calling thread (both are per thread).
+
+        Kernels (Triton, FlashInfer) launch on the current device. The model runs on a stream of its own, never
+        on the legacy default stream: a synchronous ``cudaMemcpy`` that a library issues there waits for every
+        kernel queued on the process's blocking streams, and Mooncake's TCP transport stages GPU memory through
+        the host that way, 64 KiB at a time, so each 64 KiB of KV waited behind a whole forward."""
+        if self.stream is not None:
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self.stream)
 
     def _kv_layout(self) -> KVLayout:
         mc = self.model_cfg

@@ -13,8 +13,6 @@ import queue
 import threading
 from collections.abc import Callable
 
-import torch
-
 from pd.engine.messages import Command, Event, TransferEnded
 from pd.engine.role import RoleEngine
 from pd.transfer.aux import AuxRecord
@@ -51,8 +49,8 @@ class EngineThread:
 
     Commands run between steps, in arrival order. With ``lockstep`` (a multi-rank instance) the ranks
     agree before each step: all step if any has work (the engine then runs an idle forward on ranks with
-    nothing to do), and all stop together when any is asked to stop. ``device``: the CUDA device the
-    model lives on, made current on the thread.
+    nothing to do), and all stop together when any is asked to stop. ``bind``: called first on the thread
+    (``ModelRunner.bind_thread``: the model's CUDA device and stream are per thread).
     """
 
     IDLE_WAIT_S = 0.05  # bounds how long a stop request waits on an idle thread
@@ -65,10 +63,10 @@ class EngineThread:
         emit: Callable[[list[Event]], None],
         name: str,
         lockstep: Lockstep | None = None,
-        device: torch.device | None = None,
+        bind: Callable[[], None] | None = None,
     ) -> None:
         self.engine, self.commands, self._emit = engine, commands, emit
-        self._device, self._lockstep = device, lockstep
+        self._bind, self._lockstep = bind, lockstep
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
@@ -106,10 +104,8 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
-            if self._device is not None and self._device.type == "cuda":
-                # The current CUDA device is per thread, and Triton launches (and CUDA graphs' streams)
-                # follow it: without this a rank on cuda:1 launched its kernels on cuda:0.
-                torch.cuda.set_device(self._device)
+            if self._bind is not None:  # without it a rank on cuda:1 launched its kernels on cuda:0
+                self._bind()
             while True:
                 self._drain(block=not self.engine.has_work())
                 if self._lockstep is None:

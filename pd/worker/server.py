@@ -71,7 +71,7 @@ class RankServer:
             self._post,
             f"{self.cfg.role}-engine",
             rank.lockstep,
-            rank.engine.runner.device,
+            rank.engine.runner.bind_thread,
         )
         self.endpoint = ""
         self.instance_id = self.cfg.instance_id or ""
