@@ -130,6 +130,7 @@ HIDDEN = (
     "deep_ep",
     "starlette",
     "uvicorn",
+    "pydantic",
 )
 
 

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+pytest.importorskip("pydantic")  # pd's dependency (the request models), missing from a bare GPU image
 from pd.proxy.dispatch import PHASES, TTFT_PHASES
 from tests.support.clients import completion_body, random_prompt
 from tests.support.cluster import MODEL_NAME, metric_samples, pd_serve

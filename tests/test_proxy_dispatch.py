@@ -11,6 +11,8 @@ import grpc
 import pytest
 
 from pd.metrics import Registry, parse_samples
+
+pytest.importorskip("pydantic")  # pd's dependency (the request models), missing from a bare GPU image
 from pd.proxy.admission import Job
 from pd.proxy.dispatch import Dispatcher
 from pd.proxy.protocol import APIError, parse_request

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pd.proxy import fields
+pytest.importorskip("pydantic")  # pd's dependency, missing from a bare GPU image
+from pd.proxy import fields, schemas
 from pd.proxy.protocol import APIError, parse_request
 
 IMPL, META, NOOP, REFUSED = "implemented", "metadata", "no-op value only", "refused (400)"
@@ -133,6 +134,66 @@ def test_pd_proxy_fields_is_this_table():
     for i, table in enumerate((fields.COMPLETIONS, fields.CHAT)):
         expected = {name: row[i] for name, row in TABLE.items() if row[i] is not None}
         assert {name: status_of(rule) for name, rule in table.items()} == expected
+
+
+MODELS = {
+    schemas.CompletionRequest: fields.COMPLETIONS,
+    schemas.ChatCompletionRequest: fields.CHAT,
+    schemas.StreamOptions: fields.STREAM_OPTIONS,
+    schemas.ChatMessage: fields.MESSAGE,
+    schemas.TextPart: fields.TEXT_PART,
+}
+
+
+def test_the_request_models_declare_their_tables_implemented_fields():
+    """Each request model is built on its pd.proxy.fields table: it declares exactly the implemented fields
+    (the others are checked by their rule and dropped), and a model that declares others fails at import."""
+    for model, table in MODELS.items():
+        assert model.table is table
+        assert set(model.model_fields) == {name for name, rule in table.items() if rule.kind == "implemented"}
+    with pytest.raises(TypeError, match="its table implements"):
+
+        class Drifted(schemas.TableModel):
+            table = fields.STREAM_OPTIONS
+            where = "stream_options"
+            include_usage: bool = False
+            continuous_usage_stats: bool = False
+
+
+# body -> (param, words the message must hold): nested fields are named by their path.
+# fmt: off
+NESTED = [
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage", "boolean"),
+    ({"stream_options": {"x": 1, "y": 2}}, "stream_options.x",
+     "unknown fields 'stream_options.x', 'stream_options.y'"),
+    ({"messages": []}, "messages", "non-empty"),
+    ({"messages": ["hi"]}, "messages[0]", "object"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role", "required"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "a string or an array of text parts"),
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content", "lone surrogate"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0]", "only text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text",
+     "string"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]}]},
+     "messages[0].content[0].cache", "not a field of a text part"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": "bob"}]},
+     "messages[1].name", "not supported"),
+    ({"prompt": [["a"]]}, "prompt", "a list of one of those"),
+    ({"stop": ["a", ""]}, "stop", "non-empty strings"),
+    ({"stop_token_ids": [1, True]}, "stop_token_ids", "non-negative integers"),
+    ({"temperature": True}, "temperature", "got true"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("extra, param, words", NESTED, ids=[f"{n[1]}-{i}" for i, n in enumerate(NESTED)])
+def test_a_400_names_the_field_by_its_path(extra, param, words):
+    chat = "prompt" not in extra
+    with pytest.raises(APIError) as e:
+        parse_request({**BASE["chat" if chat else "completions"], **extra}, chat)
+    assert (e.value.status, e.value.param) == (400, param)
+    assert f"'{param}'" in e.value.message and words in e.value.message, e.value.message
 
 
 def test_the_openai_client_sends_no_field_the_table_lacks():

@@ -2,15 +2,16 @@
 
 Nothing is silently ignored. Each field the OpenAI API defines (and each pd extra) is one of:
 
-- ``IMPLEMENTED``: parsed and honoured (``pd.proxy.protocol``);
+- ``IMPLEMENTED``: a typed field of the request model (``pd.proxy.schemas``), honoured;
 - ``metadata(type)``: type-checked, then dropped: pd stores, logs and forwards none of it;
 - ``noop(*values)``: accepted only as ``null`` or one of ``values``, the values that ask for nothing pd
   does not do (``n: 1``, ``presence_penalty: 0``, ``response_format: {"type": "text"}``); any other value
   gets 400 naming the field. ``noop()`` (no values) is a refused field: only ``null`` passes.
 
 Any field not in an endpoint's table (a typo, a vendor extension, the other endpoint's field) gets 400
-naming it. ``pd.proxy.protocol`` applies these tables; the README's API section carries the same
-table (a test holds them equal).
+naming it. The request models of ``pd.proxy.schemas`` are built on these tables (a model declaring other
+implemented fields than its table fails at import); the README's API section carries the same table (a
+test holds them equal).
 """
 
 from __future__ import annotations

@@ -1,0 +1,159 @@
+"""The response bodies and stream chunks of ``/v1/completions`` and ``/v1/chat/completions``.
+
+A field typed ``X | None`` without a default is always written, as ``null`` when None (OpenAI writes
+``"logprobs": null``, and ``"finish_reason": null`` in every chunk but the last); a field listed in a
+model's ``omitted_if_none`` is left out when None (pd's ``token_ids``, only when asked for; a chunk's
+``usage``; a delta's ``role``, only on the first), by ``model_dump``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
+
+
+class Response(BaseModel):
+    """A part of a response body."""
+
+    omitted_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in self.omitted_if_none:
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+# ---- logprobs (defined for what comes next: nothing fills them yet) ----
+
+
+class CompletionLogprobs(Response):
+    """Completions' logprobs, one entry per generated token in each list: its text, its logprob, the most
+    likely tokens there ({text: logprob}) and where its text starts in the completion."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class TopLogprob(Response):
+    """A token, its logprob and its UTF-8 bytes (None where the token is no whole bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token and the most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Response):
+    content: list[TokenLogprob] | None
+
+
+# ---- choices ----
+
+
+class CompletionChoice(Response):
+    omitted_if_none = frozenset({"token_ids"})
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None  # None until the last chunk
+    token_ids: list[int] | None = None  # pd extra: the generated ids, when the request asks
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Response):
+    omitted_if_none = frozenset({"token_ids"})
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str
+    token_ids: list[int] | None = None
+
+
+class ChatDelta(Response):
+    omitted_if_none = frozenset({"role"})
+
+    content: str
+    role: Literal["assistant"] | None = None  # on the first chunk
+
+
+class ChatChunkChoice(Response):
+    omitted_if_none = frozenset({"token_ids"})
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    token_ids: list[int] | None = None
+
+
+# ---- bodies ----
+
+
+class _Body(Response):
+    id: str
+    object: str
+    created: int  # Unix seconds
+    model: str
+
+
+class CompletionResponse(_Body):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Body):
+    """A completions stream event: one choice, or none and ``usage`` (the last, when asked for)."""
+
+    omitted_if_none = frozenset({"usage"})
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionResponse(_Body):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionChunk(_Body):
+    """A chat stream event: one choice, or none and ``usage`` (the last, when asked for)."""
+
+    omitted_if_none = frozenset({"usage"})
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

@@ -1,0 +1,64 @@
+"""The response bodies and stream chunks pd.proxy.protocol builds on pd.proxy.schemas: the fields OpenAI
+writes as null are there as null, pd's extras only when asked for; and the logprobs shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pydantic")  # pd's dependency, missing from a bare GPU image
+from pd.proxy import schemas
+from pd.proxy.protocol import full_response, parse_request, stream_chunk, usage_chunk
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_stream_chunks():
+    req = parse_request({"prompt": "hi"}, chat=False)
+    chunk = stream_chunk(req, "cmpl-1", "m", "t", None, [7], first=True)
+    assert chunk.pop("created") > 0
+    assert chunk == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "model": "m",
+        "choices": [{"index": 0, "text": "t", "logprobs": None, "finish_reason": None}],
+    }
+    req = parse_request({**CHAT, "return_token_ids": True}, chat=True)
+    first, last = (
+        stream_chunk(req, "c", "m", "t", finish, [7], first)
+        for finish, first in ((None, True), ("stop", False))
+    )
+    assert first["object"] == "chat.completion.chunk" and "usage" not in first
+    assert first["choices"] == [
+        {"index": 0, "delta": {"content": "t", "role": "assistant"}, "logprobs": None, "finish_reason": None,
+         "token_ids": [7]}
+    ]  # fmt: skip
+    assert last["choices"][0]["delta"] == {"content": "t"} and last["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_usage_chunk_and_full_response(chat):
+    req = parse_request(CHAT if chat else {"prompt": "hi"}, chat)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    last = usage_chunk(req, "id", "m", 3, 2)
+    assert (last["choices"], last["usage"]) == ([], usage)
+    body = full_response(req, "id", "m", "ab", "length", [1, 2], 3)
+    assert body["object"] == ("chat.completion" if chat else "text_completion") and body["usage"] == usage
+    choice = {"message": {"role": "assistant", "content": "ab"}} if chat else {"text": "ab"}
+    assert body["choices"] == [{"index": 0, **choice, "logprobs": None, "finish_reason": "length"}]
+
+
+def test_logprobs_shapes():
+    top = schemas.TopLogprob(token="a", logprob=-0.5, bytes=[97])
+    chat = schemas.ChatLogprobs(
+        content=[schemas.TokenLogprob(token="é", logprob=-0.1, bytes=None, top_logprobs=[top])]
+    )
+    assert chat.model_dump() == {
+        "content": [
+            {"token": "é", "logprob": -0.1, "bytes": None,
+             "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]}]}
+        ]
+    }  # fmt: skip
+    completions = schemas.CompletionLogprobs(
+        tokens=["a"], token_logprobs=[-0.5], top_logprobs=[{"a": -0.5}], text_offset=[0]
+    )
+    assert set(completions.model_dump()) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
