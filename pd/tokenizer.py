@@ -16,12 +16,13 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for bytes that are not (yet) complete UTF-8
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -78,9 +79,9 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _compile_chat_template(source: str) -> jinja2.Template:
+def _compile_chat_template(source: str) -> tuple[jinja2.Template, bool]:
     """The template in the environment transformers renders chat templates in (same options, globals and
-    filters), sandboxed because templates come with downloaded models."""
+    filters), sandboxed because templates come with downloaded models; and whether it reads ``tools``."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
@@ -88,14 +89,20 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+        return env.from_string(source), reads_tools
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template does not compile: {e}") from None
 
 
 def _validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Chat messages as the template sees them: a non-empty list of {role, content} with a role in
-    CHAT_ROLES and string content. Keys with None values are dropped, as transformers does."""
+    CHAT_ROLES and string content. Keys with None values are dropped, as transformers does.
+
+    Tool use, in OpenAI's shapes: an assistant message may carry ``tool_calls`` (a list of {id, type:
+    "function", function: {name, arguments: JSON text}}), and then its content may be null (it becomes "",
+    which DeepSeek's and Kimi's templates render as they render a null); an empty list is dropped. A
+    "tool" message answers one call: ``tool_call_id`` is a string."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(
             f"messages must be a non-empty list of {{role, content}} objects, got {messages!r:.100}"
@@ -109,10 +116,39 @@ def _validate_messages(messages: Any) -> list[dict[str, Any]]:
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}].role is {role!r}, expected one of {', '.join(CHAT_ROLES)}")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise ValueError(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
+            _validate_tool_calls(calls, f"messages[{i}].tool_calls")
+            if calls and content is None:
+                content = ""
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        plain.append({k: v for k, v in message.items() if v is not None})
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ValueError(f"messages[{i}].tool_call_id must be a string (the id of the call it answers)")
+        kept = {k: v for k, v in message.items() if v is not None and not (k == "tool_calls" and not v)}
+        plain.append({**kept, "content": content})
     return plain
+
+
+def _validate_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"{where} must be a list, got {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not (
+            isinstance(call, Mapping)
+            and isinstance(call.get("id"), str)
+            and call.get("type") == "function"
+            and isinstance(function, Mapping)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise ValueError(
+                f'{where}[{j}] must be {{id: string, type: "function", function: {{name: string, '
+                f"arguments: string}}}}, got {call!r:.200}"
+            )
 
 
 @dataclass(frozen=True)
@@ -171,7 +207,10 @@ class Tokenizer:
             i for i, t in backend.get_added_tokens_decoder().items() if t.special
         )
         self._chat_template_source = chat_template
-        self._chat_template = _compile_chat_template(chat_template) if chat_template is not None else None
+        self._chat_template: jinja2.Template | None = None
+        self._template_reads_tools = False  # tools given to a template that never reads them are refused
+        if chat_template is not None:
+            self._chat_template, self._template_reads_tools = _compile_chat_template(chat_template)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -246,30 +285,55 @@ class Tokenizer:
         """Text of `ids`; ids outside the vocabulary decode to nothing. Incomplete UTF-8 becomes U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` if it is a single token of the vocabulary (e.g. an added marker token)."""
+        return self._backend.token_to_id(token)
+
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for `messages` ([{role: system|user|assistant, content: str}, ...]), as
-        transformers' apply_chat_template(..., tokenize=False) renders it. Raises ValueError for a model
-        without a chat template, malformed messages, or a conversation the template rejects.
-        The text usually starts with BOS already: tokenize it with encode_chat (no second BOS)."""
+        """The prompt text for `messages` ([{role: system|user|assistant|tool, content: str}, ...], see
+        _validate_messages for tool calls and tool answers) and `tools` (OpenAI tool objects, passed to the
+        template as ``tools``), as transformers' apply_chat_template(..., tokenize=False) renders it.
+        Raises ValueError for a model without a chat template, malformed messages, tools given to a
+        template that never reads them (they would silently not reach the model), or a conversation the
+        template rejects. The text usually starts with BOS already: tokenize it with encode_chat (no
+        second BOS)."""
         if self._chat_template is None:
             raise ValueError("this model has no chat template (tokenizer_config.json has no chat_template)")
         plain = _validate_messages(messages)
+        if tools is not None:
+            if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
+                raise ValueError(f"tools must be a list of tool objects, got {tools!r:.100}")
+            if tools and not self._template_reads_tools:
+                raise ValueError(
+                    "this model's chat template does not use 'tools': it cannot show them to the model"
+                )
         try:
             return self._chat_template.render(
-                messages=plain, add_generation_prompt=add_generation_prompt, **self._named_tokens
+                messages=plain,
+                tools=None if tools is None else [dict(t) for t in tools],
+                add_generation_prompt=add_generation_prompt,
+                **self._named_tokens,
             )
-        except jinja2.TemplateError as e:  # raise_exception, undefined values, sandbox violations
+        except (jinja2.TemplateError, TypeError) as e:  # raise_exception, undefined values, sandbox
+            # violations; TypeError: the template's operations on the request's values (tojson of a missing
+            # tool field, a string plus a number)
             raise ValueError(f"chat template rejected the messages: {e}") from None
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the chat prompt, as transformers' apply_chat_template(..., tokenize=True): the
         template's text encoded without adding special tokens (the template writes them)."""
         return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
+            self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False
         )
 
 

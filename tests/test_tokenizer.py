@@ -191,7 +191,8 @@ def test_chat_template_from_list_and_from_jinja_file(tmp_path, tiny_model_dir, t
         ([], "non-empty"),
         ("hello", "non-empty"),
         ([["user", "hi"]], r"messages\[0\] must be an object"),
-        ([{"role": "tool", "content": "x"}], r"messages\[0\].role is 'tool'"),
+        ([{"role": "function", "content": "x"}], r"messages\[0\].role is 'function'"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\].tool_call_id must be a string"),
         ([{"content": "x"}], r"messages\[0\].role is None"),
         (
             [{"role": "user", "content": "a"}, {"role": "user", "content": None}],
