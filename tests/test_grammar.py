@@ -70,6 +70,49 @@ def test_apply_bitmask_matches_dense_reference(vocab, words, dtype) -> None:
     assert torch.equal(out[1], logits[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_bitmask_on_cuda_without_syncs_and_in_a_graph() -> None:
+    """On CUDA: no host synchronization (sync debug mode raises on one), and captured in a CUDA graph, the
+    replays on new data equal the CPU result. Logits wider than the bitmask, a third of the rows free."""
+    batch, words = 16, 4040
+    vocab = 32 * words + 40
+
+    def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        bitmask = torch.randint(-(2**31), 2**31, (batch, words), generator=gen, dtype=torch.int64)
+        bitmask[::3] = ALL_ALLOWED
+        return torch.randn(batch, vocab, generator=gen), bitmask.to(torch.int32)
+
+    def on_cpu(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        out = logits.clone()
+        apply_bitmask(out, bitmask)
+        return out
+
+    logits, bitmask = (t.cuda() for t in data(0))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        apply_bitmask(logits, bitmask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(logits.cpu(), on_cpu(*data(0)))
+    static_logits, static_mask = (t.cuda() for t in data(0))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up before capture
+        apply_bitmask(static_logits.clone(), static_mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        apply_bitmask(static_logits, static_mask)
+    for seed in (1, 2):
+        new_logits, new_mask = data(seed)
+        static_logits.copy_(new_logits)
+        static_mask.copy_(new_mask)
+        graph.replay()
+        assert torch.equal(static_logits.cpu(), on_cpu(new_logits, new_mask))
+
+
 def test_apply_bitmask_checks_its_arguments() -> None:
     logits = torch.zeros(2, 64)
     with pytest.raises(ValueError, match="int32"):
