@@ -274,6 +274,11 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template_source
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (as loaded, post-processor included): what other libraries
+        (the grammar backend) build their own copy of this tokenizer from."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; add_special_tokens adds what the model's files say (e.g. a leading BOS).
 
