@@ -7,6 +7,7 @@ templates as `transformers.AutoTokenizer` does for the same files.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import jinja2.ext
 import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import processors
+from tokenizers import decoders, processors
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for bytes that are not (yet) complete UTF-8
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -203,6 +204,7 @@ class Tokenizer:
         eos = named_ids.get("eos_token")
         eos_ids = set(eos_token_ids) | ({eos} if eos is not None else set())
         self._eos_token_ids = frozenset(eos_ids)
+        self._added_ids = frozenset(backend.get_added_tokens_decoder())
         self._special_token_ids = frozenset(
             i for i, t in backend.get_added_tokens_decoder().items() if t.special
         )
@@ -290,6 +292,18 @@ class Tokenizer:
         """Text of `ids`; ids outside the vocabulary decode to nothing. Incomplete UTF-8 becomes U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (logprobs show them): a byte-level BPE piece mapped back to its
+        bytes; an added token, or any token of another kind of tokenizer, as its decoded UTF-8 text."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if isinstance(self._backend.decoder, decoders.ByteLevel) and token_id not in self._added_ids:
+            table = _byte_level_table()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self._backend.decode([token_id], skip_special_tokens=False).encode()
+
     def token_to_id(self, token: str) -> int | None:
         """The id of ``token`` if it is a single token of the vocabulary (e.g. an added marker token)."""
         return self._backend.token_to_id(token)
@@ -340,6 +354,17 @@ class Tokenizer:
         return self.encode(
             self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False
         )
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet back to bytes: printable Latin-1 bytes stand for themselves, the other 68
+    bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return table
 
 
 def _bos_eos_processor(

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+LOGIT_BIAS_LIMIT = 100.0  # each bias is clamped to [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,14 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
     those filters. ``seed`` keys a counter-based random stream by (seed, token position), so a
     seeded request samples the same tokens whatever its batch, rank or CUDA-graph bucket.
+
+    Logits processing, before temperature and the filters (``pd.engine.logits``): ``repetition_penalty``
+    (transformers' rule, over prompt and generated tokens; 1 = off), ``frequency_penalty`` and
+    ``presence_penalty`` (OpenAI's, over generated tokens; 0 = off), ``logit_bias`` ((token id, bias)
+    pairs, bias clamped to +-100), ``min_tokens`` (EOS and ``stop_token_ids`` are masked until that many
+    tokens are out). ``top_logprobs``: alternatives returned per sampled token; ``prompt_logprobs``: with
+    it (>= 0) every prompt token's logprob and that many alternatives come back (echo). Logprobs are those
+    of the processed logits, before temperature and the filters.
     """
 
     temperature: float = 1.0
@@ -32,6 +43,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -45,6 +63,34 @@ class SamplingParams:
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)"),
             ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
+            (
+                "repetition_penalty",
+                math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+                "in (0, 2]",
+            ),
+            (
+                "frequency_penalty",
+                math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2,
+                "in [-2, 2]",
+            ),
+            (
+                "presence_penalty",
+                math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2,
+                "in [-2, 2]",
+            ),
+            (
+                "logit_bias",
+                len(self.logit_bias) <= MAX_LOGIT_BIAS
+                and all(t >= 0 and math.isfinite(b) for t, b in self.logit_bias),
+                f"at most {MAX_LOGIT_BIAS} (token id >= 0, finite bias) pairs",
+            ),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                f"null or in [0, {MAX_TOP_LOGPROBS}]",
+            ),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -56,6 +102,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        """Whether a penalty needs the request's token counts."""
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether the logits change before sampling (a penalty, a bias, or min_tokens)."""
+        return self.needs_penalties or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def needs_sorting(self) -> bool:
@@ -86,6 +142,8 @@ class Req:
     max_context_len: int
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # where top_logprobs > 0
+    prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # tokens 1.. (echo)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     state: ReqState = ReqState.WAITING
@@ -106,6 +164,29 @@ class Req:
     def max_total_len(self) -> int:
         """The longest this request can grow: prompt + max_tokens, capped by the context length."""
         return min(len(self.prompt_ids) + self.sampling.max_tokens, self.max_context_len)
+
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass
+class StepResult:
+    """What one step computed, per request of its batch (lists in batch order).
+
+    ``tokens[i]``/``logprobs[i]``: the sampled token and its logprob, None if request i did not sample
+    this step (a non-final chunk). ``top[i]``: the ``top_logprobs`` alternatives asked for (else ``()``).
+    ``prompt[i]``: for a request asking for prompt logprobs, (logprob, alternatives) of each prompt token
+    this step scored, in order (token p is scored by the position before it, so token 0 never is).
+    """
+
+    tokens: list[int | None]
+    logprobs: list[float | None]
+    top: list[TopLogprobs]
+    prompt: list[list[tuple[float, TopLogprobs]]]
+
+    @classmethod
+    def of(cls, tokens: list[int | None], logprobs: list[float | None]) -> StepResult:
+        return cls(tokens, logprobs, [()] * len(tokens), [[] for _ in tokens])
 
 
 class BatchMode(str, enum.Enum):

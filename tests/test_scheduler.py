@@ -7,7 +7,7 @@ import pytest
 from pd.config import SchedulerConfig
 from pd.engine.scheduler import QueueFull, Scheduler
 from pd.kv_cache import PageAllocator
-from pd.types import BatchMode, FinishReason, Req, SamplingParams
+from pd.types import BatchMode, FinishReason, Req, SamplingParams, StepResult
 
 EOS = 0
 
@@ -34,7 +34,7 @@ def run_to_end(sched, token_fn=lambda r: 7, max_steps=10_000):
             assert len(r.pages) * sched.cfg.page_size >= e
         steps.append(batch)
         tokens = [token_fn(r) if s else None for r, s in zip(batch.reqs, batch.samples)]
-        sched.postprocess(batch, tokens, [0.0 if t is not None else None for t in tokens])
+        sched.postprocess(batch, StepResult.of(tokens, [0.0 if t is not None else None for t in tokens]))
     return steps
 
 
@@ -95,7 +95,7 @@ def test_abort_frees_pages_exactly_once_from_every_queue():
     batch = sched.schedule()  # a is mid-prefill
     sched.finish(a, FinishReason.ABORT)
     sched.finish(a, FinishReason.ABORT)  # idempotent
-    sched.postprocess(batch, [None], [None])  # a late result for an aborted request is ignored
+    sched.postprocess(batch, StepResult.of([None], [None]))  # a late result for an aborted request is ignored
     sched.finish(c, FinishReason.ABORT)  # still waiting
     run_to_end(sched)
     assert a.finish_reason is FinishReason.ABORT and c.finish_reason is FinishReason.ABORT
@@ -126,7 +126,7 @@ def test_random_workload_invariants():
         if batch is None:
             break
         tokens = [rng.choice([7, 8, EOS]) if s else None for s in batch.samples]
-        sched.postprocess(batch, tokens, [0.0] * len(tokens))
+        sched.postprocess(batch, StepResult.of(tokens, [0.0] * len(tokens)))
         if rng.random() < 0.05:
             victim = rng.choice(reqs)
             aborted.add(victim.rid)

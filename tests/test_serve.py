@@ -14,11 +14,14 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import torch
 
 from pd.metrics import parse_samples
+from pd.proxy.logprobs import token_text
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.tokenizer import Tokenizer
+from pd.types import SamplingParams
 from tests.support.clients import (
     async_openai_client,
     greedy_request,
@@ -36,7 +39,7 @@ from tests.support.cluster import (
     wait_pages_idle,
 )
 from tests.support.net import free_port
-from tests.support.oracle import hf_greedy
+from tests.support.oracle import hf_greedy, hf_penalized_greedy
 
 # The official client is a test extra (`pip install -e .[test]`), not on every host that runs `-m gpu`.
 openai = pytest.importorskip("openai")
@@ -241,7 +244,7 @@ BAD_REQUESTS = [
     ("completions", json.dumps({"model": "tiny-ci", "prompt": [1, 2, 10**7]}).encode(), 400),
     ("completions", json.dumps({"model": "tiny-ci", "prompt": "word " * 5000}).encode(), 400),
     ("completions", json.dumps({"model": "no-such-model", "prompt": "hi"}).encode(), 404),
-    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "logit_bias": {"5": 3}}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "logit_bias": {"5": "a"}}).encode(), 400),
     ("chat/completions", json.dumps({"model": "tiny-ci"}).encode(), 400),
     (
         "chat/completions",
@@ -347,15 +350,20 @@ def test_models_list_and_retrieve_with_the_openai_client(deployment, tiny_model_
 
 # (endpoint, fields added to a valid body, the param a 400 must name): see pd/proxy/fields.py.
 UNSUPPORTED_FIELDS = [
-    ("completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ("chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ("completions", {"n": 2}, "n"),
+    ("chat/completions", {"n": 2}, "n"),
+    ("chat/completions", {"repetition_penalty": 2.5}, "repetition_penalty"),  # out of range
+    ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("completions", {"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ("completions", {"logprobs": 21}, "logprobs"),
     ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     (
         "completions",
         {"response_format": {"type": "json_object"}},
         "response_format",
     ),  # not a completions field
-    ("completions", {"logprobs": 0}, "logprobs"),
+    ("completions", {"suffix": "x"}, "suffix"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("completions", {"best_off": 2}, "best_off"),  # a typo: unknown fields are refused
     (
@@ -392,10 +400,8 @@ def test_unsupported_fields_through_the_openai_client(deployment):
         )
     assert e.value.body["param"] == "response_format" and "response_format" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        c.completions.create(
-            model="tiny-ci", prompt="hi", max_tokens=4, extra_body={"repetition_penalty": 1.1}
-        )
-    assert e.value.body["param"] == "repetition_penalty"
+        c.completions.create(model="tiny-ci", prompt="hi", max_tokens=4, best_of=2)
+    assert e.value.body["param"] == "best_of"
 
 
 def test_no_op_values_are_accepted_and_change_nothing(deployment):
@@ -580,3 +586,75 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
             assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
         pages = wait_pages_idle(url)
         assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())
+
+
+def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
+    """Completions with echo and logprobs (the prompt chunked), lm-eval's loglikelihood request, chat
+    logprobs streaming and not, and a penalty: all against transformers' fp32 log_softmax."""
+    hf = hf_model(tiny_model_dir)
+    c = openai_client(deployment)
+    ids = prompts(tok.vocab_size)[3]  # several chunks of CHUNK tokens
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    r = c.completions.create(
+        model="tiny-ci", prompt=ids, max_tokens=4, temperature=0, echo=True, logprobs=3, extra_body=extra
+    )
+    gen = r.choices[0].model_extra["token_ids"]
+    full = ids + gen
+    with torch.no_grad():
+        lp = hf(torch.tensor([full])).logits[0].float().log_softmax(-1)
+    got = r.choices[0].logprobs
+    assert gen == hf_greedy(hf, ids, 4)
+    assert r.choices[0].text == tok.decode(ids) + tok.decode(gen)
+    assert got.tokens == [token_text(tok, t) for t in full] and got.token_logprobs[0] is None
+    assert got.text_offset == sorted(got.text_offset) and got.text_offset[0] == 0
+    for p in range(1, len(full)):
+        assert abs(got.token_logprobs[p] - float(lp[p - 1, full[p]])) < 1e-4
+        ref = lp[p - 1].topk(3)
+        assert sorted(got.top_logprobs[p].values(), reverse=True) == pytest.approx(
+            ref.values.tolist(), abs=1e-4
+        )
+    # lm-eval's local-completions loglikelihood request, as it sends it (prompt as token ids).
+    body = {
+        "model": "tiny-ci",
+        "prompt": [ids],
+        "max_tokens": 1,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+    }
+    lm = httpx.post(f"{deployment}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert lm["token_logprobs"][: len(ids)] == pytest.approx(got.token_logprobs[: len(ids)], abs=1e-5)
+    # chat: the sampled tokens' logprobs and two alternatives, streaming and not.
+    messages = [{"role": "user", "content": "Where is the mill?"}]
+    kw = dict(model="tiny-ci", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    whole = c.chat.completions.create(**kw, extra_body=extra)
+    chat_ids = tok.encode_chat(messages)
+    out = whole.choices[0].model_extra["token_ids"]
+    with torch.no_grad():
+        lp = hf(torch.tensor([chat_ids + out])).logits[0].float().log_softmax(-1)
+    content = whole.choices[0].logprobs.content
+    assert [e.token for e in content] == [token_text(tok, t) for t in out]
+    for i, (t, e) in enumerate(zip(out, content)):
+        row = lp[len(chat_ids) - 1 + i]
+        assert abs(e.logprob - float(row[t])) < 1e-4 and bytes(e.bytes) == tok.token_bytes(t)
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
+    streamed = [
+        e for ch in c.chat.completions.create(**kw, stream=True) for e in ch.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [
+        (e.token, round(e.logprob, 5)) for e in content
+    ]
+    # a penalty changes the greedy tokens exactly as the rule on transformers' logits does
+    sp = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5
+    )
+    r = c.completions.create(
+        model="tiny-ci",
+        prompt=ids,
+        max_tokens=10,
+        temperature=0,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        extra_body=extra,
+    )
+    assert r.choices[0].model_extra["token_ids"] == hf_penalized_greedy(hf, ids, sp, set())[0]

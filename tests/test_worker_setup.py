@@ -88,26 +88,27 @@ def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tin
     from pd.engine.warmup import warm_up
 
     engine = Engine(EngineConfig(model_path=str(tiny_model_dir), page_size=4, num_pages=8))
-    seen: list[tuple[str, bool, list[bool], list[bool]]] = []
+    seen: list[tuple[str, bool, list[bool], list[bool], list[bool]]] = []
     run = engine.runner.run
 
-    def spy(batch):
+    def spy(batch, logits=None):
         greedy = [r.sampling.greedy for r in batch.reqs]
-        seen.append((batch.mode.value, any(s > 0 for s in batch.starts), list(batch.samples), greedy))
-        return run(batch)
+        processed = [r.sampling.needs_processing and r.sampling.top_logprobs > 0 for r in batch.reqs]
+        starts = any(s > 0 for s in batch.starts)
+        seen.append((batch.mode.value, starts, list(batch.samples), greedy, processed))
+        assert logits is engine.logits
+        return run(batch, logits)
 
     engine.runner.run = spy
     for extend, decode in ((True, False), (False, True), (True, True)):
         seen.clear()
         assert warm_up(engine, extend, decode) >= 0
         expected = []
-        if extend:  # a first chunk, then a chunk over a cached prefix that samples, greedy and not
-            expected += [
-                ("extend", False, [False, False], [True, False]),
-                ("extend", True, [True, True], [True, False]),
-            ]
+        kinds = [True, False, False], [False, False, True]  # greedy; sampled; processed with logprobs
+        if extend:  # a first chunk, then a chunk over a cached prefix that samples
+            expected += [("extend", False, [False] * 3, *kinds), ("extend", True, [True] * 3, *kinds)]
         if decode:
-            expected += [("decode", True, [True, True], [True, False])]
+            expected += [("decode", True, [True] * 3, *kinds)]
         assert seen == expected
-        assert engine.allocator.num_used == 0
+        assert engine.allocator.num_used == 0 and engine.logits.slots_in_use == 0
     assert int(engine.runner.model.expert_token_counts().sum()) == 0, "served tokens only in pd_expert_tokens"

@@ -11,14 +11,15 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pd.config import EngineConfig, ModelConfig
+from pd.engine.logits import LogitsProcessor
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.kv_cache import PageAllocator
 from pd.tokenizer import IncrementalDetokenizer, Tokenizer
-from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams
+from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams, StepResult, TopLogprobs
 
 
 @dataclass
@@ -30,6 +31,8 @@ class TokenOutput:
     logprobs: list[float]
     text: str
     finish_reason: FinishReason | None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, where asked
+    prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # first output, echo
 
 
 @dataclass
@@ -53,6 +56,11 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
+        # Per-request logits state (penalties); a request's slot is freed wherever it ends.
+        self.logits = LogitsProcessor(
+            self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos)
+        )
+        self.scheduler.on_end = self.logits.release
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
@@ -88,7 +96,7 @@ class Engine:
         self.scheduler.admit_prefilled(req)
         # As if the prompt's last position had just been computed here and sampled the token.
         batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
-        return self._postprocess(batch, [first_token], [first_logprob])[0]
+        return self._postprocess(batch, StepResult.of([first_token], [first_logprob]))[0]
 
     def abort(self, req: Req) -> None:
         self.scheduler.finish(req, FinishReason.ABORT)
@@ -105,15 +113,12 @@ class Engine:
         if batch is None:
             self.runner.run_idle()  # other ranks of the instance may be stepping
             return []
-        tokens, logprobs = self.runner.run(batch)
-        return self._postprocess(batch, tokens, logprobs)
+        return self._postprocess(batch, self.runner.run(batch, self.logits))
 
-    def _postprocess(
-        self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]
-    ) -> list[TokenOutput]:
-        self.scheduler.postprocess(batch, tokens, logprobs)
+    def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+        self.scheduler.postprocess(batch, result)
         outputs = []
-        for req, token, logprob in zip(batch.reqs, tokens, logprobs):
+        for req, token, logprob, top in zip(batch.reqs, result.tokens, result.logprobs, result.top):
             if token is None:
                 continue
             assert logprob is not None  # sampled together with the token
@@ -127,7 +132,10 @@ class Engine:
                     text += detok.flush()
             if req.finished:
                 self._detok.pop(req.rid, None)
-            outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason))
+            first = len(req.output_ids) == 1 and req.sampling.prompt_logprobs is not None
+            prompt = list(req.prompt_logprobs) if first else []
+            tops = [top] if req.sampling.top_logprobs else []
+            outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason, tops, prompt))
         return outputs
 
     def _track(self, req: Req) -> None:

@@ -5,7 +5,8 @@ combine) -> final norm -> lm_head -> greedy token and its logprob. Buckets are c
 first into one memory pool. Before a replay the attention metadata is planned outside the graph
 into the bucket's persistent buffers (the attention backend's graph hooks); a batch is padded to
 its bucket with rows that read and write only the dummy page and route to no expert. Sampling other
-than greedy runs on the graph's logits after the replay (its filters need the host's view of the batch).
+than greedy, logits processing and top logprobs run on the graph's logits after the replay
+(``ModelRunner.run``).
 
 Lifetime: destroy (``close``) before the process group: a process that captured NCCL work hung at
 exit in destroy_process_group otherwise (gpu/NOTES.md).
@@ -22,7 +23,6 @@ from pd.attention.base import AttentionBackend, AttnInputs
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
-from pd.sampling import SamplingTensors, sample
 from pd.types import Batch, BatchMode
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,10 @@ class DecodeGraphs:
         self.attn.prepare_graph(self.states[bs], inputs)
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[list[int], list[float]]:
-        """Replays the bucket of a decode batch; returns each request's token and logprob."""
+    def run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replays the bucket of a decode batch: (logits ``[n, V]`` float32, greedy tokens ``[n]`` int64, their
+        logprobs ``[n]`` float32) of its ``n`` requests, views of the graph's outputs (valid until the next
+        replay)."""
         n = len(batch.reqs)
         bs = self.bucket(n)
         assert bs is not None, f"no bucket holds {n} requests"
@@ -126,14 +128,7 @@ class DecodeGraphs:
         self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
         self.graphs[bs].replay()
         logits, tokens, logprobs = self.outputs[bs]
-        params = [r.sampling for r in batch.reqs]
-        if not all(p.greedy for p in params):
-            st = SamplingTensors.build(
-                params, [r.seed for r in batch.reqs], [r.seq_len for r in batch.reqs], logits.device
-            )
-            t, lp = sample(logits[:n], st)
-            return t.tolist(), lp.tolist()
-        return tokens[:n].tolist(), logprobs[:n].tolist()
+        return logits[:n], tokens[:n], logprobs[:n]
 
     @torch.inference_mode()
     def run_idle(self, bs: int | None = None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pd.transfer.aux import AuxRecord
 from pd.transfer.state import TransferState
-from pd.types import SamplingParams
+from pd.types import SamplingParams, TopLogprobs
 
 # ---- commands (event loop -> engine thread) ----
 
@@ -108,6 +108,8 @@ class Prefilled:
     prompt_tokens: int
     first_token: int
     phases: PrefillPhases | None = None
+    first_top: TopLogprobs = ()  # the first token's alternatives (top_logprobs), if asked
+    prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] = ()  # prompt tokens 1.. (echo), if asked
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class Tokens:
     prompt_tokens: int
     completion_tokens: int
     phases: DecodePhases | None = None  # on a disaggregated room's last event
+    top_logprobs: tuple[TopLogprobs, ...] = ()  # per token, if asked
+    prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] = ()  # a colocated room's first event (echo)
 
 
 Event = RoomFailed | Prefilled | Tokens

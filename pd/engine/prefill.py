@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -40,7 +40,7 @@ from pd.engine.role import Load, refused
 from pd.engine.scheduler import QueueFull
 from pd.transfer.aux import AuxRecord
 from pd.transfer.state import TransferState
-from pd.types import Batch, FinishReason, Req
+from pd.types import Batch, FinishReason, Req, StepResult, TopLogprobs
 from pd.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class _Room:
     pages_sent: int = 0  # leading pages of req.pages handed to the sender
     pages: list[int] | None = None  # taken from the scheduler after the last chunk (or an abort)
     first_token: int = -1
+    first_top: TopLogprobs = ()  # the first token's alternatives, if asked
+    prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # echo, if asked
     started: float = 0.0  # monotonic time of the step that ran its first chunk
     computed: float = 0.0  # ... and of the end of its last chunk
     kv_bytes: int = 0  # bytes of its pages, all layers (what the transfer moves)
@@ -96,8 +98,7 @@ class PrefillEngine:
             self.runner.run_idle()  # other ranks of the instance may be stepping
             return []
         self._announce(batch)
-        tokens, logprobs = self.runner.run(batch)
-        self._ship(batch, tokens, logprobs)
+        self._ship(batch, self.runner.run(batch, self.engine.logits))
         return []
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -156,16 +157,19 @@ class PrefillEngine:
                 self.sender.add_room(req.rid, req.pages)
                 room.announced, room.started = True, now
 
-    def _ship(self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]) -> None:
+    def _ship(self, batch: Batch, result: StepResult) -> None:
         """Hands the pages this step completed to the sender; the last chunk also sends the first token."""
         ready = None
         if self.runner.pool.buffer.is_cuda:  # the sender waits for the forward before reading the pages
             ready = torch.cuda.Event()
             ready.record()
         now = time.monotonic()
-        for req, end, token, logprob in zip(batch.reqs, batch.ends, tokens, logprobs):
+        for i, (req, end, token, logprob) in enumerate(
+            zip(batch.reqs, batch.ends, result.tokens, result.logprobs)
+        ):
             room = self.rooms[req.rid]
             req.num_computed = end
+            room.prompt_logprobs += result.prompt[i]
             if token is None:
                 full = end // self.layout.page_size  # pages whose every slot is computed
                 if full > room.pages_sent:
@@ -173,6 +177,7 @@ class PrefillEngine:
                     room.pages_sent = full
                 continue
             room.pages, room.first_token, room.computed = self.scheduler.release(req), token, now
+            room.first_top = result.top[i]
             aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
             room.kv_bytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
@@ -194,7 +199,16 @@ class PrefillEngine:
             phases = PrefillPhases(
                 room.started - room.arrived, room.computed - room.started, now - room.computed, room.kv_bytes
             )
-            return [Prefilled(cmd.room, len(room.req.prompt_ids), room.first_token, phases)]
+            return [
+                Prefilled(
+                    cmd.room,
+                    len(room.req.prompt_ids),
+                    room.first_token,
+                    phases,
+                    room.first_top,
+                    tuple(room.prompt_logprobs),
+                )
+            ]
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
 
     def _abort(self, room_id: int, reason: str) -> list[Event]:

@@ -56,6 +56,8 @@ def tokens_event(out: TokenOutput) -> Tokens:
         reason,
         len(req.prompt_ids),
         len(req.output_ids),
+        top_logprobs=tuple(out.top_logprobs),
+        prompt_logprobs=tuple(out.prompt_logprobs),
     )
 
 

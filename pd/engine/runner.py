@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
@@ -12,6 +11,7 @@ from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_support
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
+from pd.engine.logits import LogitsProcessor
 from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
@@ -22,7 +22,7 @@ from pd.model.moe import MoE
 from pd.model.quant import prepare_weights
 from pd.model.weights import init_dummy_weights, load_weights
 from pd.sampling import SamplingTensors, sample
-from pd.types import Batch, BatchMode
+from pd.types import Batch, BatchMode, Req, StepResult, TopLogprobs
 
 
 def build_model(
@@ -101,6 +101,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 log = logging.getLogger(__name__)
+
+PROMPT_LOGPROBS_BLOCK = 1024  # prompt positions scored per lm_head call (echo)
 
 KV_FREE_HEADROOM = 0.05  # of the device's memory left free by the KV pool (activations, graphs, other ranks)
 
@@ -234,32 +236,100 @@ class ModelRunner:
         return num_pages
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[Sequence[int | None], Sequence[float | None]]:
-        """Runs one step; returns per request the sampled token and its logprob (None if it did not sample)."""
+    def run(self, batch: Batch, logits: LogitsProcessor | None = None) -> StepResult:
+        """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens);
+        None: no request of the batch asks for processing."""
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        plain = not any(r.sampling.needs_processing or r.sampling.top_logprobs for r in sampled)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
-            return self.graphs.run(batch)
+            out, tokens, lps = self.graphs.run(batch)
+            if plain and all(r.sampling.greedy for r in sampled):
+                return StepResult.of(tokens.tolist(), lps.tolist())
+            return self._sample(out, batch, sampled, logits)
         ids: list[int] = []
         positions: list[int] = []
-        logits_rows: list[int] = []
+        rows: list[int] = []  # rows of the step's tokens that sample
+        scored: list[int] = []  # rows whose next token is a prompt token to score (prompt logprobs)
+        targets: list[int] = []
         for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
+            base = len(ids) - start
             ids += req.all_ids[start:end]
             positions += range(start, end)
             if end == req.seq_len:
-                logits_rows.append(len(ids) - 1)
+                rows.append(base + end - 1)
+            if req.sampling.prompt_logprobs is not None:
+                last = min(end, len(req.prompt_ids) - 1)
+                scored += range(base + start, base + last)
+                targets += req.prompt_ids[start + 1 : last + 1]
         self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
-        ctx = ForwardContext(batch.mode, self.attn, self._tensor(logits_rows), self.low_latency_moe)
-        logits = self.model(self._tensor(ids), self._tensor(positions), ctx)
-        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        ctx = ForwardContext(batch.mode, self.attn, self._tensor(rows), self.low_latency_moe)
+        hidden = self.model.hidden(
+            self._tensor(ids), self._tensor(positions), ctx, self._tensor(rows + scored)
+        )
+        result = self._sample(self.model.logits(hidden[: len(rows)]), batch, sampled, logits)
+        if scored:
+            self._score_prompt(batch, hidden[len(rows) :], targets, result)
+        return result
+
+    def _sample(
+        self, out: torch.Tensor, batch: Batch, sampled: list[Req], logits: LogitsProcessor | None
+    ) -> StepResult:
+        """Samples ``out [len(sampled), V]`` float32 (processed in place first)."""
+        step = logits.prepare(sampled) if logits is not None else None
+        if step is not None:
+            assert logits is not None
+            logits.apply(out, step)
         st = SamplingTensors.build(
             [r.sampling for r in sampled],
             [r.seed for r in sampled],
             [r.seq_len for r in sampled],
             self.device,
         )
-        tokens, logprobs = sample(logits, st)
-        token_iter = iter(zip(tokens.tolist(), logprobs.tolist()))
-        out = [next(token_iter) if s else (None, None) for s in batch.samples]
-        return [t for t, _ in out], [lp for _, lp in out]
+        tokens, lps = sample(out, st)
+        if step is not None:
+            assert logits is not None
+            logits.record(step, tokens)
+        k = max((r.sampling.top_logprobs for r in sampled), default=0)
+        top_rows: list[TopLogprobs] = [()] * len(sampled)
+        if k:
+            values, top_ids = out.log_softmax(-1).topk(k, dim=-1)
+            for i, (r, v, t) in enumerate(zip(sampled, values.tolist(), top_ids.tolist())):
+                top_rows[i] = tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
+        it = iter(zip(tokens.tolist(), lps.tolist(), top_rows))
+        picked = [next(it) if s else (None, None, ()) for s in batch.samples]
+        return StepResult(
+            [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked], [[] for _ in batch.reqs]
+        )
+
+    def _score_prompt(
+        self, batch: Batch, hidden: torch.Tensor, targets: list[int], result: StepResult
+    ) -> None:
+        """Fills ``result.prompt``: the logprob (and alternatives) of each prompt token that ``hidden``
+        ``[len(targets), hidden]`` predicts, in blocks of ``PROMPT_LOGPROBS_BLOCK`` rows (logits of a whole
+        chunk at once would take chunk x vocab x 4 bytes)."""
+        k = max((r.sampling.prompt_logprobs or 0 for r in batch.reqs), default=0)
+        target = self._tensor(targets)
+        chosen: list[float] = []
+        top_v: list[list[float]] = []
+        top_i: list[list[int]] = []
+        for i in range(0, len(targets), PROMPT_LOGPROBS_BLOCK):
+            lp = self.model.logits(hidden[i : i + PROMPT_LOGPROBS_BLOCK]).log_softmax(-1)
+            chosen += lp.gather(1, target[i : i + PROMPT_LOGPROBS_BLOCK, None])[:, 0].tolist()
+            if k:
+                v, t = lp.topk(k, dim=-1)
+                top_v += v.tolist()
+                top_i += t.tolist()
+        n = 0
+        for j, (req, start, end) in enumerate(zip(batch.reqs, batch.starts, batch.ends)):
+            kr = req.sampling.prompt_logprobs
+            if kr is None:
+                continue
+            count = max(0, min(end, len(req.prompt_ids) - 1) - start)
+            result.prompt[j] = [
+                (chosen[n + m], tuple(zip(top_i[n + m][:kr], top_v[n + m][:kr])) if kr else ())
+                for m in range(count)
+            ]
+            n += count
 
     @torch.inference_mode()
     def run_idle(self) -> None:

@@ -9,11 +9,11 @@ request is preempted (its pages freed; it is recomputed later).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from pd.config import SchedulerConfig
 from pd.kv_cache import PageAllocator
-from pd.types import Batch, BatchMode, FinishReason, Req, ReqState
+from pd.types import Batch, BatchMode, FinishReason, Req, ReqState, StepResult
 
 
 class QueueFull(RuntimeError):
@@ -28,6 +28,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
         self.running: list[Req] = []  # decoding
+        self.on_end: Callable[[Req], None] | None = None  # called once a request ends or leaves (release)
 
     @property
     def num_unfinished(self) -> int:
@@ -82,18 +83,20 @@ class Scheduler:
         reqs = list(self.running)
         return Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
 
-    def postprocess(
-        self, batch: Batch, tokens: Sequence[int | None], logprobs: Sequence[float | None]
-    ) -> list[Req]:
+    def postprocess(self, batch: Batch, result: StepResult) -> list[Req]:
         """Records the step's results; returns requests that finished on a token-level condition.
 
-        ``tokens[i]`` is None for a request that did not sample this step (a non-final chunk).
+        ``result.tokens[i]`` is None for a request that did not sample this step (a non-final chunk).
         """
         finished = []
-        for req, end, token, logprob in zip(batch.reqs, batch.ends, tokens, logprobs):
+        for i, (req, end, token, logprob) in enumerate(
+            zip(batch.reqs, batch.ends, result.tokens, result.logprobs)
+        ):
             if req.finished:
                 continue  # aborted while the step ran
             req.num_computed = end
+            if not req.output_ids:  # a preempted request recomputes its prompt: score it once
+                req.prompt_logprobs += result.prompt[i]
             if token is None:
                 continue
             assert logprob is not None  # sampled together with the token
@@ -102,6 +105,8 @@ class Scheduler:
                 self.running.append(req)
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
+            if req.sampling.top_logprobs:
+                req.output_top_logprobs.append(result.top[i])
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self.finish(req, reason)
@@ -121,6 +126,8 @@ class Scheduler:
             self.allocator.free(req.pages)
             req.pages = []
         req.state, req.finish_reason = ReqState.FINISHED, reason
+        if self.on_end is not None:
+            self.on_end(req)
 
     def admit_prefilled(self, req: Req) -> None:
         """Admits a request whose prompt KV is already in ``req.pages`` (computed by a prefill rank): it
@@ -139,6 +146,8 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         pages, req.pages = req.pages, []
+        if self.on_end is not None:
+            self.on_end(req)
         return pages
 
     def _stop_reason(self, req: Req, token: int) -> FinishReason | None:

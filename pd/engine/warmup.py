@@ -4,9 +4,10 @@ On a fresh GPU host the first forward JIT-builds FlashInfer's kernels and tunes 
 a rank that registered before that failed its first requests on transfer timeouts. ``warm_up`` runs, on
 scratch requests whose pages it allocates and frees:
 
-- ``extend``: a prompt in two chunks (the second one over a cached prefix), greedy and sampled;
-- ``decode``: a decode step of the same requests, greedy and sampled (CUDA-graph bucket when graphs are
-  on), then a replay of every other graph bucket.
+- ``extend``: a prompt in two chunks (the second one over a cached prefix), greedy, sampled, and sampled
+  with every logits processing and logprobs option (penalties, bias, min_tokens, top and prompt logprobs);
+- ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), then a replay of
+  every other graph bucket.
 
 Ranks of a multi-rank instance run the same sequence, so their EP collectives meet. The model's expert
 counters are reset afterwards: ``pd_expert_tokens`` counts served tokens only.
@@ -24,6 +25,17 @@ log = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
 _SAMPLED = SamplingParams(temperature=0.7, top_p=0.9, top_k=8, min_p=0.01, max_tokens=2, ignore_eos=True)
+_PROCESSED = SamplingParams(
+    temperature=0.7,
+    max_tokens=2,
+    repetition_penalty=1.1,
+    frequency_penalty=0.5,
+    presence_penalty=0.5,
+    logit_bias=((1, 1.0),),
+    min_tokens=1,
+    top_logprobs=5,
+    prompt_logprobs=5,
+)
 
 
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
@@ -33,11 +45,11 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
     page = runner.pool.layout.page_size
     n = min(page + 1, engine.context_len - 2)  # two chunks: [0, page) and the partial page after it
     chunk = max(1, n - 1)
-    count = min(2, engine.cfg.max_running)
+    count = min(3, engine.cfg.max_running)
     vocab = engine.model_cfg.vocab_size
     reqs = []
     try:
-        for i, sp in enumerate((_GREEDY, _SAMPLED)[:count]):
+        for i, sp in enumerate((_GREEDY, _SAMPLED, _PROCESSED)[:count]):
             pages = engine.allocator.alloc(runner.pool.layout.pages_for(n + 1))
             if pages is None:
                 raise RuntimeError(f"the KV pool ({engine.allocator.capacity} pages) cannot hold the warm-up")
@@ -51,20 +63,23 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             req.pages = pages
             reqs.append(req)
         if extend:
-            runner.run(Batch(BatchMode.EXTEND, reqs, [0] * count, [chunk] * count))
-            tokens, _ = runner.run(Batch(BatchMode.EXTEND, reqs, [chunk] * count, [n] * count))
+            runner.run(Batch(BatchMode.EXTEND, reqs, [0] * count, [chunk] * count), engine.logits)
+            tokens = runner.run(
+                Batch(BatchMode.EXTEND, reqs, [chunk] * count, [n] * count), engine.logits
+            ).tokens
         else:
             tokens = [0] * count  # the decode step reads whatever the pages hold
         if decode:
             for req, token in zip(reqs, tokens):
                 req.output_ids.append(int(token or 0))
-            runner.run(Batch(BatchMode.DECODE, reqs, [n] * count, [n + 1] * count))
+            runner.run(Batch(BatchMode.DECODE, reqs, [n] * count, [n + 1] * count), engine.logits)
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
                     runner.graphs.run_idle(bs)
     finally:
         for req in reqs:
             engine.allocator.free(req.pages)
+            engine.logits.release(req)
         runner.model.reset_expert_token_counts()
     if runner.device.type == "cuda":
         import torch

@@ -109,11 +109,21 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[T]`` int64 -> float32 logits ``[len(ctx.logits_indices), V]``."""
+        return self.logits(self.hidden(input_ids, positions, ctx, ctx.logits_indices))
+
+    def hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``input_ids``, ``positions`` ``[T]`` int64 -> the final-normed hidden states of ``rows``
+        (``[R]`` int64) ``[R, hidden]``."""
         x = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, ctx)
         assert residual is not None  # set by the first layer
-        rows = ctx.logits_indices
         x, _ = self.model.norm(x[rows], residual[rows])
-        return self.lm_head(x).float()
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[N, hidden]`` -> float32 logits ``[N, V]``."""
+        return self.lm_head(hidden).float()

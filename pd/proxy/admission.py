@@ -75,7 +75,14 @@ class Admission:
             )
         max_tokens = self._max_tokens(req, model, len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
-        sampling = dataclasses.replace(req.sampling, max_tokens=max_tokens, seed=seed)
+        sp = req.sampling
+        bad = [t for t, _ in sp.logit_bias if t >= model.vocab_size]
+        if bad:
+            raise APIError(400, f"'logit_bias' has token id {bad[0]} outside the vocabulary", "logit_bias")
+        # min_tokens beyond what the context leaves: all of it
+        sampling = dataclasses.replace(
+            sp, max_tokens=max_tokens, seed=seed, min_tokens=min(sp.min_tokens, max_tokens)
+        )
         if self.inflight >= self.cfg.max_inflight:
             raise APIError(429, f"the proxy has {self.inflight} requests in flight; try again later")
         self.inflight += 1

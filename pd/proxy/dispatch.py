@@ -26,7 +26,8 @@ from pd.proxy.admission import Job
 from pd.proxy.protocol import APIError
 from pd.proxy.router import NoWorkers, Rank, Route, Router
 from pd.rpc import worker_pb2 as wpb
-from pd.rpc.sampling import sampling_to_proto
+from pd.rpc.sampling import prompt_from_proto, sampling_to_proto, top_from_proto
+from pd.types import TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class Chunk:
     finish_reason: str | None
     times: RoomTimes | None = None
     phases: dict[str, float] | None = None
+    logprobs: tuple[float, ...] = ()  # one per token
+    top: tuple[TopLogprobs, ...] = ()  # one per token, when asked
+    prompt: tuple[tuple[float, TopLogprobs], ...] = ()  # the first chunk's, when asked (echo)
 
 
 class _PrefillFailed(Exception):
@@ -239,7 +243,8 @@ class Dispatcher:
             generate.prefill_rank = prefill_rank.dp_rank
             generate.prefill_endpoint = prefill_rank.endpoint
         call = self.router.decode_stub(decode_rank).Generate(generate, timeout=timeout, metadata=md)
-        finished = started = False
+        finished = started = first_seen = False
+        want_logprobs = job.sampling.top_logprobs > 0 or job.sampling.prompt_logprobs is not None
         first_received_unix = 0.0
         stream = call.__aiter__()
         next_chunk: asyncio.Future | None = None
@@ -269,7 +274,28 @@ class Dispatcher:
                 times = None
                 if finished and reply.HasField("phases"):
                     times = RoomTimes(await _prefill_phases(prefill), reply.phases, first_received_unix)
-                yield Chunk(room, reply.text, tuple(reply.token_ids), reply.finish_reason or None, times)
+                top = [top_from_proto(t) for t in reply.top_logprobs]
+                prompt = prompt_from_proto(reply.prompt_logprobs)
+                if not first_seen and reply.token_ids and prefill_rank is not None and want_logprobs:
+                    # The first token was sampled on the prefill rank: its alternatives and the prompt's
+                    # logprobs come with the prefill reply.
+                    pr = await _prefill_reply(prefill, timeout)
+                    if pr is None:
+                        raise APIError(502, "the prefill rank's logprobs were lost (its reply failed)")
+                    if top:
+                        top[0] = top_from_proto(pr.first_top)
+                    prompt = prompt_from_proto(pr.prompt_logprobs)
+                first_seen = first_seen or bool(reply.token_ids)
+                yield Chunk(
+                    room,
+                    reply.text,
+                    tuple(reply.token_ids),
+                    reply.finish_reason or None,
+                    times,
+                    logprobs=tuple(reply.logprobs),
+                    top=tuple(top),
+                    prompt=tuple(prompt),
+                )
                 if finished:
                     return
         finally:
@@ -322,14 +348,21 @@ def _api_error(exc: BaseException, side: str) -> APIError:
     return APIError(500, f"{side} failed: {exc!r}")
 
 
-async def _prefill_phases(prefill: asyncio.Future) -> wpb.PrefillPhases | None:
-    """The prefill reply's phases; waits a moment for a reply still on its way (it normally precedes the
-    decode rank's first token), None without one."""
+async def _prefill_reply(
+    prefill: asyncio.Future, wait_s: float = PREFILL_REPLY_GRACE_S
+) -> wpb.PrefillReply | None:
+    """The prefill rank's reply; waits up to ``wait_s`` for a reply still on its way (it normally precedes
+    the decode rank's first token), None without one (a failed call, or a colocated rank's)."""
     if not prefill.done():
-        await asyncio.wait({prefill}, timeout=PREFILL_REPLY_GRACE_S)
+        await asyncio.wait({prefill}, timeout=wait_s)
     if not prefill.done() or prefill.cancelled() or prefill.exception() is not None:
         return None
-    reply = prefill.result()
+    return prefill.result()
+
+
+async def _prefill_phases(prefill: asyncio.Future) -> wpb.PrefillPhases | None:
+    """The prefill reply's phases, None without them."""
+    reply = await _prefill_reply(prefill)
     return reply.phases if reply is not None and reply.HasField("phases") else None
 
 

@@ -48,9 +48,9 @@ _SHARED = {
     "stop": IMPLEMENTED,
     "seed": IMPLEMENTED,
     "n": noop(1),
-    "presence_penalty": noop(0),
-    "frequency_penalty": noop(0),
-    "logit_bias": noop({}),
+    "presence_penalty": IMPLEMENTED,
+    "frequency_penalty": IMPLEMENTED,
+    "logit_bias": IMPLEMENTED,
     "user": metadata(str),
     # pd's extras (vLLM's names)
     "top_k": IMPLEMENTED,
@@ -59,14 +59,15 @@ _SHARED = {
     "stop_token_ids": IMPLEMENTED,
     "return_token_ids": IMPLEMENTED,
     "return_phases": IMPLEMENTED,
-    "repetition_penalty": noop(1),
+    "repetition_penalty": IMPLEMENTED,
+    "min_tokens": IMPLEMENTED,
 }
 
 COMPLETIONS = {
     **_SHARED,
     "prompt": IMPLEMENTED,
-    "logprobs": noop(),  # an integer; 0 already asks for the sampled tokens' logprobs
-    "echo": noop(False),
+    "logprobs": IMPLEMENTED,
+    "echo": IMPLEMENTED,
     "best_of": noop(1),
     "suffix": noop(),
 }
@@ -75,8 +76,8 @@ CHAT = {
     **_SHARED,
     "messages": IMPLEMENTED,
     "max_completion_tokens": IMPLEMENTED,
-    "logprobs": noop(False),
-    "top_logprobs": noop(0),
+    "logprobs": IMPLEMENTED,
+    "top_logprobs": IMPLEMENTED,
     "response_format": noop({"type": "text"}),
     "tools": noop([]),
     "tool_choice": noop("none"),

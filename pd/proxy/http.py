@@ -28,6 +28,7 @@ from pd.metrics import Registry, parse_samples
 from pd.proxy.admission import Admission, Job
 from pd.proxy.config import ProxyConfig
 from pd.proxy.dispatch import Chunk, Dispatcher
+from pd.proxy.logprobs import ResponseLogprobs
 from pd.proxy.protocol import APIError, completion_id, full_response, stream_chunk, usage_chunk
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
@@ -99,9 +100,18 @@ class Proxy:
         every = [first, *rest]
         ids = [t for c in every for t in c.token_ids]
         rid = completion_id(first.room, chat)
-        text = "".join(c.text for c in every)
+        lps = _logprobs(job)
+        prefix, logprobs = lps.chunk(
+            True,
+            job.prompt_ids,
+            ids,
+            [lp for c in every for lp in c.logprobs],
+            [top for c in every for top in c.top],
+            first.prompt,
+        )
+        text = prefix + "".join(c.text for c in every)
         body = full_response(
-            job.req, rid, job.model.name, text, every[-1].finish_reason, ids, len(job.prompt_ids)
+            job.req, rid, job.model.name, text, every[-1].finish_reason, ids, len(job.prompt_ids), logprobs
         )
         if job.req.return_phases and every[-1].phases:
             body["pd_phases"] = every[-1].phases
@@ -115,11 +125,15 @@ class Proxy:
 
         rid, model = completion_id(first.room, job.req.chat), job.model.name
         chunk, is_first, completion_tokens = first, True, 0
+        lps = _logprobs(job)
         try:
             while True:
                 completion_tokens += len(chunk.token_ids)
-                finish = chunk.finish_reason
-                out = stream_chunk(job.req, rid, model, chunk.text, finish, list(chunk.token_ids), is_first)
+                finish, ids = chunk.finish_reason, list(chunk.token_ids)
+                prefix, logprobs = lps.chunk(
+                    is_first, job.prompt_ids, ids, chunk.logprobs, chunk.top, chunk.prompt
+                )
+                out = stream_chunk(job.req, rid, model, prefix + chunk.text, finish, ids, is_first, logprobs)
                 if job.req.return_phases and chunk.phases:
                     out["pd_phases"] = chunk.phases
                 yield event(out)
@@ -221,6 +235,11 @@ class Proxy:
                     *samples,
                 ]
         return "\n".join(out) + ("\n" if out else "")
+
+
+def _logprobs(job: Job) -> ResponseLogprobs:
+    req = job.req
+    return ResponseLogprobs(job.model.tokenizer, req.chat, req.logprobs, req.echo, req.prompt)
 
 
 def _escape(label_value: str) -> str:

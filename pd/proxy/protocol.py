@@ -54,6 +54,8 @@ class ParsedRequest:
     include_usage: bool
     return_token_ids: bool
     return_phases: bool  # pd extra: "pd_phases" (seconds per latency phase) on the last chunk / the response
+    logprobs: int | None = None  # alternatives per token in the response's logprobs; None: no logprobs
+    echo: bool = False  # completions: the prompt before the completion
 
 
 def parse_request(body: Any, chat: bool) -> ParsedRequest:
@@ -66,23 +68,39 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         req = model.model_validate(body)
     except ValidationError as e:
         raise APIError(400, *schemas.describe(e, model)) from None
+    echo, prompt_logprobs = False, None
     if isinstance(req, schemas.ChatCompletionRequest):
         prompt, messages = None, [{"role": m.role, "content": m.text} for m in req.messages]
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         assert isinstance(req, schemas.CompletionRequest)
         prompt, messages, max_tokens = req.prompt, None, req.max_tokens
-    sampling = SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        seed=req.seed,
-        max_tokens=max_tokens or 1,
-        stop=tuple(req.stop),
-        stop_token_ids=tuple(req.stop_token_ids),
-        ignore_eos=req.ignore_eos,
-    )
+        logprobs, echo = req.logprobs, req.echo
+        prompt_logprobs = logprobs if echo else None
+    try:
+        sampling = SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            max_tokens=max_tokens or max(1, req.min_tokens),  # the real one is set once the prompt is known
+            stop=tuple(req.stop),
+            stop_token_ids=tuple(req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+            repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            logit_bias=tuple(sorted((int(t), b) for t, b in req.logit_bias.items())),
+            min_tokens=req.min_tokens,
+            top_logprobs=logprobs or 0,
+            prompt_logprobs=prompt_logprobs,
+        )
+    except ValueError as e:  # names the field first
+        raise APIError(400, str(e), str(e).split()[0]) from None
     return ParsedRequest(
         chat=chat,
         model=req.model,
@@ -94,6 +112,8 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         include_usage=req.stream_options.include_usage,
         return_token_ids=req.return_token_ids,
         return_phases=req.return_phases,
+        logprobs=logprobs,
+        echo=echo,
     )
 
 
@@ -102,18 +122,28 @@ def completion_id(room: int, chat: bool) -> str:
 
 
 def stream_chunk(
-    req: ParsedRequest, rid: str, model: str, text: str, finish: str | None, token_ids: list[int], first: bool
+    req: ParsedRequest,
+    rid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    token_ids: list[int],
+    first: bool,
+    logprobs: Any = None,
 ) -> dict[str, Any]:
+    """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked."""
     ids = token_ids if req.return_token_ids else None
     chunk: schemas.ChatCompletionChunk | schemas.CompletionChunk
     if req.chat:
         delta = schemas.ChatDelta(content=text, role="assistant" if first else None)
         choice = schemas.ChatChunkChoice(
-            index=0, delta=delta, logprobs=None, finish_reason=finish, token_ids=ids
+            index=0, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         chunk = schemas.ChatCompletionChunk(id=rid, created=int(time.time()), model=model, choices=[choice])
     else:
-        c = schemas.CompletionChoice(index=0, text=text, logprobs=None, finish_reason=finish, token_ids=ids)
+        c = schemas.CompletionChoice(
+            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
+        )
         chunk = schemas.CompletionChunk(id=rid, created=int(time.time()), model=model, choices=[c])
     return chunk.model_dump()
 
@@ -127,21 +157,31 @@ def usage_chunk(
 
 
 def full_response(
-    req: ParsedRequest, rid: str, model: str, text: str, finish: str, token_ids: list[int], prompt_tokens: int
+    req: ParsedRequest,
+    rid: str,
+    model: str,
+    text: str,
+    finish: str,
+    token_ids: list[int],
+    prompt_tokens: int,
+    logprobs: Any = None,
 ) -> dict[str, Any]:
+    """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked."""
     ids = token_ids if req.return_token_ids else None
     usage = schemas.Usage.of(prompt_tokens, len(token_ids))
     body: schemas.ChatCompletionResponse | schemas.CompletionResponse
     if req.chat:
         message = schemas.AssistantMessage(content=text)
         choice = schemas.ChatChoice(
-            index=0, message=message, logprobs=None, finish_reason=finish, token_ids=ids
+            index=0, message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         body = schemas.ChatCompletionResponse(
             id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage
         )
     else:
-        c = schemas.CompletionChoice(index=0, text=text, logprobs=None, finish_reason=finish, token_ids=ids)
+        c = schemas.CompletionChoice(
+            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
+        )
         body = schemas.CompletionResponse(
             id=rid, created=int(time.time()), model=model, choices=[c], usage=usage
         )

@@ -13,7 +13,7 @@ import grpc
 from pd.engine.messages import AbortRoom, Prefilled, PrefillRoom, RoomFailed
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
-from pd.rpc.sampling import sampling_from_proto
+from pd.rpc.sampling import prompt_to_proto, sampling_from_proto, top_to_proto
 from pd.worker.server import STATUS, RankServer
 
 
@@ -44,5 +44,9 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
         assert isinstance(event, Prefilled)
         phases = wpb.PrefillPhases(**dataclasses.asdict(event.phases)) if event.phases else None
         return wpb.PrefillReply(
-            prompt_tokens=event.prompt_tokens, first_token_id=event.first_token, phases=phases
+            prompt_tokens=event.prompt_tokens,
+            first_token_id=event.first_token,
+            phases=phases,
+            first_top=top_to_proto(event.first_top),
+            prompt_logprobs=prompt_to_proto(event.prompt_logprobs),
         )

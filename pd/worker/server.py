@@ -32,6 +32,7 @@ from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc.auth import aio_server_interceptors
 from pd.rpc.channel import SERVER_OPTIONS
+from pd.rpc.sampling import prompt_to_proto, top_to_proto
 from pd.rpc.tls import bind
 from pd.transfer.aux import AUX_RECORD_NBYTES
 from pd.transfer.receiver import KVReceiver
@@ -135,6 +136,8 @@ class RankServer:
                     completion_tokens=event.completion_tokens,
                     logprobs=event.logprobs,
                     phases=wpb.DecodePhases(**dataclasses.asdict(event.phases)) if event.phases else None,
+                    top_logprobs=[top_to_proto(t) for t in event.top_logprobs],
+                    prompt_logprobs=prompt_to_proto(event.prompt_logprobs),
                 )
         finally:
             self.close_room(cmd.room)

@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from pd.proxy import fields
 from pd.proxy.schemas.table import JSON_TYPES, REFUSED, UNICODE, WRONG_TYPE, TableModel
-from pd.types import MAX_STOP_STRING_LEN, MAX_STOP_STRINGS, SamplingParams
+from pd.types import MAX_LOGIT_BIAS, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
 
 _DEFAULT = SamplingParams()
 
@@ -146,6 +146,17 @@ class _Shared(TableModel):
     ]
     return_token_ids: bool = False
     return_phases: bool = False  # "pd_phases" (seconds per latency phase) on the last chunk / the response
+    presence_penalty: Annotated[float, _in_range(-2, 2)] = _DEFAULT.presence_penalty
+    frequency_penalty: Annotated[float, _in_range(-2, 2)] = _DEFAULT.frequency_penalty
+    repetition_penalty: Annotated[float, _in_range(0, 2, lo_open=True)] = _DEFAULT.repetition_penalty
+    logit_bias: Annotated[
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(allow_inf_nan=False)]],
+        Field(
+            max_length=MAX_LOGIT_BIAS,
+            description=f"an object of up to {MAX_LOGIT_BIAS} token ids (as strings) to finite biases",
+        ),
+    ] = Field(default_factory=dict)
+    min_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class CompletionRequest(_Shared):
@@ -154,6 +165,8 @@ class CompletionRequest(_Shared):
 
     prompt: Prompt
     max_tokens: PositiveInt = 16  # OpenAI's default
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # alternatives per token
+    echo: bool = False
 
 
 class ChatCompletionRequest(_Shared):
@@ -163,3 +176,5 @@ class ChatCompletionRequest(_Shared):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: PositiveInt | None = None  # None: the rest of the context
     max_completion_tokens: PositiveInt | None = None  # wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # needs logprobs

@@ -41,7 +41,7 @@ class Usage(Response):
         )
 
 
-# ---- logprobs (defined for what comes next: nothing fills them yet) ----
+# ---- logprobs (pd.proxy.logprobs fills them) ----
 
 
 class CompletionLogprobs(Response):
@@ -49,8 +49,8 @@ class CompletionLogprobs(Response):
     likely tokens there ({text: logprob}) and where its text starts in the completion."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for the first token of an echoed prompt
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -1,0 +1,147 @@
+"""Logits processing before sampling (penalties, logit bias, min_tokens) and the logprobs requests ask for.
+
+Order, per row that asks for it (``SamplingParams``): repetition penalty (transformers' rule: a seen
+token's logit is divided by the penalty if positive, multiplied if not; seen = in the prompt or the
+output), frequency and presence penalties (OpenAI's: ``-= frequency * count + presence * (count > 0)``
+over generated tokens), logit bias, then min_tokens (EOS and ``stop_token_ids`` to -inf while fewer than
+``min_tokens`` are out). Rows that ask for nothing are left as they are, and a batch where no row asks
+costs nothing.
+
+Per-request state lives on the logits' device in slot rows, so no step sends token histories from the
+host: ``counts [slots, V]`` int32 (generated-token counts) and ``seen [slots, V]`` bool (prompt or output
+tokens). A request takes a slot the first time it samples with a penalty (the slot is filled from its
+prompt and the tokens it already has, e.g. the first token sampled on a prefill rank), every token it
+samples afterwards is recorded on the device, and ``release`` (called when the request ends, from the
+scheduler) gives the slot back. ``slots`` must be at least the requests that can sample in one engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pd.types import LOGIT_BIAS_LIMIT, Req
+
+
+@dataclass
+class StepLogits:
+    """What one step's processing needs on the device; rows index the sampled rows of the logits."""
+
+    penalty_rows: torch.Tensor | None  # int64 [P]: rows with a penalty
+    penalty_slots: torch.Tensor | None  # int64 [P]: their slots
+    repetition: torch.Tensor | None  # float32 [P]
+    frequency: torch.Tensor | None  # float32 [P]
+    presence: torch.Tensor | None  # float32 [P]
+    bias_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids), int64 [K] each
+    bias_value: torch.Tensor | None  # float32 [K]
+    masked_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf (min_tokens)
+
+
+class LogitsProcessor:
+    """Penalties, bias and min_tokens for a vocabulary of ``vocab`` logits, with ``slots`` request states."""
+
+    def __init__(self, vocab: int, slots: int, device: torch.device, eos_token_ids: frozenset[int]) -> None:
+        self.vocab, self.device, self.eos = vocab, device, sorted(eos_token_ids)
+        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self._free = list(range(slots - 1, -1, -1))
+        self._slot: dict[int, int] = {}  # request id -> slot
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._slot)
+
+    def release(self, req: Req) -> None:
+        """The request ended: its slot (if it had one) is free again. Idempotent."""
+        slot = self._slot.pop(req.rid, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def prepare(self, reqs: Sequence[Req]) -> StepLogits | None:
+        """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks."""
+        if not any(r.sampling.needs_processing for r in reqs):
+            return None
+        prows, pslots, rep, freq, pres = [], [], [], [], []
+        brows, bids, bvals, mrows, mids = [], [], [], [], []
+        for row, req in enumerate(reqs):
+            sp = req.sampling
+            if sp.needs_penalties:
+                prows.append(row)
+                pslots.append(self._slot_of(req))
+                rep.append(sp.repetition_penalty)
+                freq.append(sp.frequency_penalty)
+                pres.append(sp.presence_penalty)
+            for token, bias in sp.logit_bias:
+                if token < self.vocab:
+                    brows.append(row)
+                    bids.append(token)
+                    bvals.append(max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias)))
+            if len(req.output_ids) < sp.min_tokens:
+                ends = {t for t in sp.stop_token_ids if t < self.vocab}
+                if not sp.ignore_eos:
+                    ends.update(t for t in self.eos if t < self.vocab)
+                mrows += [row] * len(ends)
+                mids += sorted(ends)
+
+        def ints(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        def floats(v: list[float]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32).to(self.device, non_blocking=True)
+
+        return StepLogits(
+            penalty_rows=ints(prows) if prows else None,
+            penalty_slots=ints(pslots) if prows else None,
+            repetition=floats(rep) if prows else None,
+            frequency=floats(freq) if prows else None,
+            presence=floats(pres) if prows else None,
+            bias_index=(ints(brows), ints(bids)) if brows else None,
+            bias_value=floats(bvals) if brows else None,
+            masked_index=(ints(mrows), ints(mids)) if mrows else None,
+        )
+
+    def apply(self, logits: torch.Tensor, step: StepLogits) -> torch.Tensor:
+        """Processes ``logits [B, V']`` float32 (V' >= vocab; columns past the vocabulary untouched) in place."""
+        if step.penalty_rows is not None:
+            assert step.penalty_slots is not None and step.repetition is not None
+            assert step.frequency is not None and step.presence is not None
+            rows = logits[step.penalty_rows, : self.vocab]  # a copy [P, vocab]
+            counts = self.counts[step.penalty_slots].float()
+            seen = self.seen[step.penalty_slots]
+            rep = step.repetition[:, None]
+            rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+            rows -= step.frequency[:, None] * counts + step.presence[:, None] * (counts > 0).float()
+            logits[step.penalty_rows, : self.vocab] = rows
+        if step.bias_index is not None:
+            assert step.bias_value is not None
+            logits.index_put_(step.bias_index, step.bias_value, accumulate=True)
+        if step.masked_index is not None:
+            logits[step.masked_index] = float("-inf")
+        return logits
+
+    def record(self, step: StepLogits | None, tokens: torch.Tensor) -> None:
+        """Counts the tokens just sampled (``tokens [B]`` int64, the rows of ``prepare``) for penalty rows."""
+        if step is None or step.penalty_rows is None:
+            return
+        assert step.penalty_slots is not None
+        picked = tokens[step.penalty_rows]
+        ones = torch.ones_like(picked, dtype=torch.int32)
+        self.counts.index_put_((step.penalty_slots, picked), ones, accumulate=True)
+        self.seen[step.penalty_slots, picked] = True
+
+    def _slot_of(self, req: Req) -> int:
+        slot = self._slot.get(req.rid)
+        if slot is not None:
+            return slot
+        if not self._free:
+            raise RuntimeError(f"no free penalty slot ({self.counts.shape[0]} are in use)")
+        slot = self._free.pop()
+        self._slot[req.rid] = slot
+        out = torch.tensor(req.output_ids, dtype=torch.int64, device=self.device)
+        self.counts[slot].zero_()
+        self.counts[slot].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)
+        self.seen[slot].zero_()
+        self.seen[slot, torch.tensor(req.all_ids, dtype=torch.int64, device=self.device)] = True
+        return slot
