@@ -204,6 +204,8 @@ def main() -> None:
     t0 = time.perf_counter()
     runner = ModelRunner(cfg, ModelConfig.from_dir(args.model))
     print(f"model + KV pool + graphs ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    if runner.graphs is None:
+        raise SystemExit("decode_step: no CUDA graphs were captured (see the attention backend warning above)")
     runner.pool.buffer.normal_()  # never time on zeros
     mc = runner.model_cfg
     pb = parameter_bytes(runner)

@@ -40,14 +40,14 @@ TABLE = {
                        [{"include_obfuscation": True}, {"continuous_usage_stats": True}, [1]]),
     "stop": (IMPL, IMPL, ["\n", ["a", "b"]], [5, [""]]),
     "seed": (IMPL, IMPL, [7], [-1]),
-    "logprobs": (REFUSED, NOOP, ([], [False]), ([0, 2], [True])),
-    "top_logprobs": (None, NOOP, [0], [2]),
-    "echo": (NOOP, None, [False], [True]),
+    "logprobs": (IMPL, IMPL, ([0, 5, 20], [False, True]), ([-1, 21, True, 1.5], [1, "yes"])),
+    "top_logprobs": (None, IMPL, [], [21, -1]),  # accepted with logprobs: true (test below)
+    "echo": (IMPL, None, [False, True], ["yes"]),
     "best_of": (NOOP, None, [1], [3]),
     "suffix": (REFUSED, None, [], ["x", ""]),
-    "presence_penalty": (NOOP, NOOP, [0, 0.0], [0.5, False]),
-    "frequency_penalty": (NOOP, NOOP, [0, 0.0], [-1]),
-    "logit_bias": (NOOP, NOOP, [{}], [{"5": 3}]),
+    "presence_penalty": (IMPL, IMPL, [0, 0.5, -2], [2.5, False]),
+    "frequency_penalty": (IMPL, IMPL, [0, -1, 2.0], [-3, "x"]),
+    "logit_bias": (IMPL, IMPL, [{}, {"5": 3, "0": -100.5}], [{"x": 3}, {"5": "a"}, [5], {"-1": 1}]),
     "user": (META, META, ["user-1"], [5]),
     "response_format": (None, NOOP, [{"type": "text"}],
                         [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}]),
@@ -77,7 +77,8 @@ TABLE = {
     "stop_token_ids": (IMPL, IMPL, [[1, 2]], [[-1]]),
     "return_token_ids": (IMPL, IMPL, [True], [1]),
     "return_phases": (IMPL, IMPL, [True], [1]),
-    "repetition_penalty": (NOOP, NOOP, [1, 1.0], [1.2]),
+    "repetition_penalty": (IMPL, IMPL, [1, 1.2, 0.5], [0, 2.5]),
+    "min_tokens": (IMPL, IMPL, [0, 3], [-1, 1.5]),
     # no such field
     "frobnicate": (None, None, [], [1]),
 }
@@ -107,6 +108,18 @@ def test_every_field_is_implemented_or_refused_by_name(endpoint, name, value, ac
         assert e.value.status == 400 and e.value.param.startswith(name) and name in e.value.message
         return
     parse_request(body, chat=endpoint == "chat")
+
+
+def test_logprobs_fields_reach_the_sampling_parameters():
+    chat = parse_request({**BASE["chat"], "logprobs": True, "top_logprobs": 3}, chat=True)
+    assert (chat.logprobs, chat.sampling.top_logprobs, chat.sampling.prompt_logprobs) == (3, 3, None)
+    assert parse_request({**BASE["chat"], "logprobs": True}, chat=True).logprobs == 0
+    assert parse_request(BASE["chat"], chat=True).logprobs is None
+    body = {**BASE["completions"], "logprobs": 2, "echo": True, "logit_bias": {"7": 200, "3": -1}}
+    req = parse_request(body, chat=False)
+    assert (req.logprobs, req.echo, req.sampling.top_logprobs, req.sampling.prompt_logprobs) == (2, True, 2, 2)
+    assert req.sampling.logit_bias == ((3, -1.0), (7, 200.0))  # clamped to +-100 where applied
+    assert parse_request({**BASE["completions"], "echo": True}, chat=False).sampling.prompt_logprobs is None
 
 
 def test_no_op_values_change_nothing():

@@ -28,11 +28,20 @@ SUPPORTED_LATENT = (512, 64)
 
 def flashinfer_supports(kv_lora_rank: int, rope_dim: int) -> bool:
     """FlashInfer is installed, a GPU is present, and its MLA kernels cover these latent widths."""
+    return flashinfer_unusable(kv_lora_rank, rope_dim) is None
+
+
+def flashinfer_unusable(kv_lora_rank: int, rope_dim: int) -> str | None:
+    """Why FlashInfer's MLA cannot serve these latent widths here, or None when it can."""
     try:
         import flashinfer  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and (kv_lora_rank, rope_dim) == SUPPORTED_LATENT
+    except ImportError as e:  # flashinfer itself, or one of its own dependencies (apache-tvm-ffi, ...)
+        return f"flashinfer does not import ({e})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if (kv_lora_rank, rope_dim) != SUPPORTED_LATENT:
+        return f"its MLA kernels cover latent widths {SUPPORTED_LATENT}, not {(kv_lora_rank, rope_dim)}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
-from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_supports
+from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_unusable
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
@@ -73,8 +73,14 @@ def materialize(model: DeepseekV3ForCausalLM, device: torch.device) -> DeepseekV
 
 def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> AttentionBackend:
     if name == "auto":
-        usable = pool.buffer.is_cuda and flashinfer_supports(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-        name = "flashinfer" if usable else "torch"
+        why = flashinfer_unusable(cfg.kv_lora_rank, cfg.qk_rope_head_dim) if pool.buffer.is_cuda else "CPU"
+        if why is not None and pool.buffer.is_cuda:
+            log.warning(
+                "attention: FlashInfer is not usable (%s); the torch reference backend runs, without CUDA "
+                "graphs: decode is several times slower",
+                why,
+            )
+        name = "flashinfer" if why is None else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
     if name == "flashinfer":
