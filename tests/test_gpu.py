@@ -4,6 +4,7 @@ replay against eager decode."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -82,7 +83,7 @@ def _teacher_forced_top1(
         reqs.append(r)
     picks = [[] for _ in prompts]
     batch = Batch(BatchMode.EXTEND, reqs, [0] * len(reqs), [len(p) for p in prompts])
-    tokens, _ = runner.run(batch)
+    tokens = runner.run(batch).tokens
     for i, t in enumerate(tokens):
         picks[i].append(t)
     for step in range(len(forced[0]) - 1):
@@ -90,7 +91,7 @@ def _teacher_forced_top1(
             r.output_ids.append(f[step])
             r.num_computed = r.seq_len - 1
         batch = Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
-        tokens, _ = runner.run(batch)
+        tokens = runner.run(batch).tokens
         for i, t in enumerate(tokens):
             picks[i].append(t)
     return picks
@@ -258,18 +259,50 @@ def test_seeded_sampling_in_graph_equals_eager(gpu_tiny):
             )
             r.pages = [1 + 2 * i, 2 + 2 * i]
             reqs.append(r)
-        tokens, _ = runner.run(Batch(BatchMode.EXTEND, reqs, [0] * 5, [3] * 5))
+        tokens = runner.run(Batch(BatchMode.EXTEND, reqs, [0] * 5, [3] * 5)).tokens
         seq = [tokens]
         for _ in range(6):
             for r, t in zip(reqs, tokens):
                 r.output_ids.append(t)
                 r.num_computed = r.seq_len - 1
-            tokens, _ = runner.run(
+            tokens = runner.run(
                 Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
-            )
+            ).tokens
             seq.append(tokens)
         results.append(seq)
     assert results[0] == results[1]
+
+
+def test_logits_processing_and_logprobs_in_graph_equal_eager(gpu_tiny):
+    """Penalties, bias, min_tokens and top logprobs on the graph's logits: what eager decoding gives."""
+    from pd.engine.engine import Engine
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.5, top_logprobs=5),
+        SamplingParams(
+            temperature=0, max_tokens=10, frequency_penalty=1.0, presence_penalty=0.5, min_tokens=4
+        ),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True, logit_bias=((7, 5.0),)),
+    ]
+    rng = random.Random(5)
+    prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in params]
+    out = []
+    for graph in (True, False):
+        cfg = EngineConfig(
+            str(gpu_tiny), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8
+        )
+        engine = Engine(dataclasses.replace(cfg, cuda_graph=graph))
+        assert (engine.runner.graphs is not None) == graph
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while engine.has_work():
+            engine.step()
+        out.append(reqs)
+    for g, e in zip(*out):
+        assert g.output_ids == e.output_ids
+        assert g.output_logprobs == pytest.approx(e.output_logprobs, abs=2e-2)
+        assert [[t for t, _ in top] for top in g.output_top_logprobs] == [
+            [t for t, _ in top] for top in e.output_top_logprobs
+        ]
 
 
 def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):

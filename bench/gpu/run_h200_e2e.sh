@@ -3,7 +3,8 @@
 # weights, both instances on cuda:0), pd-bench random 1024 in / 128 out, over the TCP and the NVLink transfer
 # paths, after the page-allocator fix (freed pages came back descending: every page of every layer moved
 # as its own piece). pd-bench prints the per-phase table (return_phases). Carry: .gpu-pack.
-# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "4:100 16 inf" [num_prompts] ["extra pd-serve flags"]
+# Usage: bash bench/gpu/run_h200_e2e.sh "tcp nvlink" "4:100 16 inf" [num_prompts] ["extra pd-serve flags"] [test -k]
+#   a fifth argument runs those GPU tests of tests/test_gpu.py at the end (pytest -k expression)
 #   a rate may carry its own prompt count (rate:prompts); rates that would start after 540 s are skipped,
 #   so the call's 600 s limit never cuts a run in half. First: the GPU test of the TCP path's stream.
 set -u
@@ -13,6 +14,7 @@ protocols=${1:-"tcp nvlink"}
 rates=${2:-"16 inf"}
 prompts=${3:-200}
 extra=${4:-}
+tests=${5:-}
 tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
 source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
@@ -51,3 +53,7 @@ PY
   cat $OUT/batch_$proto.txt
   kill -INT $serve; wait $serve
 done
+if [ -n "$tests" ]; then
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "$tests" -rfE > $OUT/gpu_tests.txt 2>&1
+  echo "== GPU tests (t=$(elapsed) s): $(tail -1 $OUT/gpu_tests.txt)"; grep -E "^E|FAILED" $OUT/gpu_tests.txt | head -8
+fi
