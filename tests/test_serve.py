@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from pd.metrics import parse_samples
-from pd.proxy.logprobs import token_text
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
 from pd.tokenizer import Tokenizer
@@ -591,6 +590,7 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
 def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
     """Completions with echo and logprobs (the prompt chunked), lm-eval's loglikelihood request, chat
     logprobs streaming and not, and a penalty: all against transformers' fp32 log_softmax."""
+    from pd.proxy.logprobs import token_text  # pydantic: not on a bare GPU image
     hf = hf_model(tiny_model_dir)
     c = openai_client(deployment)
     ids = prompts(tok.vocab_size)[3]  # several chunks of CHUNK tokens
