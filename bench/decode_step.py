@@ -205,7 +205,9 @@ def main() -> None:
     runner = ModelRunner(cfg, ModelConfig.from_dir(args.model))
     print(f"model + KV pool + graphs ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if runner.graphs is None:
-        raise SystemExit("decode_step: no CUDA graphs were captured (see the attention backend warning above)")
+        raise SystemExit(
+            "decode_step: no CUDA graphs were captured (see the attention backend warning above)"
+        )
     runner.pool.buffer.normal_()  # never time on zeros
     mc = runner.model_cfg
     pb = parameter_bytes(runner)

@@ -12,6 +12,7 @@ import uvicorn
 from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging, tls_config
 from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
+from pd.proxy.reasoning import REASONING_PARSERS
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -72,6 +73,12 @@ def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
             help="move a request whose prefill rank fails before the first token to another prefill "
             "instance, once",
         ),
+        g.add_argument(
+            "--reasoning-parser",
+            choices=sorted(REASONING_PARSERS),
+            help="chat: the model's reasoning goes to 'reasoning_content', the answer stays in 'content' "
+            "(default: none, all output is content)",
+        ),
     ]
 
 
@@ -123,6 +130,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         body_timeout_s=args.body_timeout,
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

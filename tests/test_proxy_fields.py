@@ -117,7 +117,12 @@ def test_logprobs_fields_reach_the_sampling_parameters():
     assert parse_request(BASE["chat"], chat=True).logprobs is None
     body = {**BASE["completions"], "logprobs": 2, "echo": True, "logit_bias": {"7": 200, "3": -1}}
     req = parse_request(body, chat=False)
-    assert (req.logprobs, req.echo, req.sampling.top_logprobs, req.sampling.prompt_logprobs) == (2, True, 2, 2)
+    assert (req.logprobs, req.echo, req.sampling.top_logprobs, req.sampling.prompt_logprobs) == (
+        2,
+        True,
+        2,
+        2,
+    )
     assert req.sampling.logit_bias == ((3, -1.0), (7, 200.0))  # clamped to +-100 where applied
     assert parse_request({**BASE["completions"], "echo": True}, chat=False).sampling.prompt_logprobs is None
 

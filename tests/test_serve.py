@@ -68,6 +68,8 @@ def deployment(tiny_model_dir, serve_log):
         "tiny-ci",
         "--body-timeout",
         str(BODY_TIMEOUT),
+        "--reasoning-parser",  # the tiny model never thinks: its chat output must stay all content
+        "deepseek-r1",
     ) as url:
         yield url
 
@@ -591,6 +593,7 @@ def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_d
     """Completions with echo and logprobs (the prompt chunked), lm-eval's loglikelihood request, chat
     logprobs streaming and not, and a penalty: all against transformers' fp32 log_softmax."""
     from pd.proxy.logprobs import token_text  # pydantic: not on a bare GPU image
+
     hf = hf_model(tiny_model_dir)
     c = openai_client(deployment)
     ids = prompts(tok.vocab_size)[3]  # several chunks of CHUNK tokens

@@ -24,3 +24,4 @@ class ProxyConfig:
     refresh_s: float = 1.0  # how often the registry view is refreshed
     keepalive_s: float = 5.0  # pings on worker channels: a hung worker fails its calls within ~2x this
     retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
+    reasoning_parser: str | None = None  # chat: reasoning text to reasoning_content (pd.proxy.reasoning)

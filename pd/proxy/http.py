@@ -30,6 +30,7 @@ from pd.proxy.config import ProxyConfig
 from pd.proxy.dispatch import Chunk, Dispatcher
 from pd.proxy.logprobs import ResponseLogprobs
 from pd.proxy.protocol import APIError, completion_id, full_response, stream_chunk, usage_chunk
+from pd.proxy.reasoning import REASONING_PARSERS, ReasoningStream
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
@@ -110,8 +111,21 @@ class Proxy:
             first.prompt,
         )
         text = prefix + "".join(c.text for c in every)
+        reasoning = None
+        splitter = self._reasoning(job)
+        if splitter is not None:
+            deltas = [*splitter.feed(text), *splitter.finish()]
+            reasoning, text = _joined(deltas, "reasoning_content"), _joined(deltas, "content") or ""
         body = full_response(
-            job.req, rid, job.model.name, text, every[-1].finish_reason, ids, len(job.prompt_ids), logprobs
+            job.req,
+            rid,
+            job.model.name,
+            text,
+            every[-1].finish_reason,
+            ids,
+            len(job.prompt_ids),
+            logprobs,
+            reasoning,
         )
         if job.req.return_phases and every[-1].phases:
             body["pd_phases"] = every[-1].phases
@@ -126,6 +140,7 @@ class Proxy:
         rid, model = completion_id(first.room, job.req.chat), job.model.name
         chunk, is_first, completion_tokens = first, True, 0
         lps = _logprobs(job)
+        splitter = self._reasoning(job)
         try:
             while True:
                 completion_tokens += len(chunk.token_ids)
@@ -133,7 +148,11 @@ class Proxy:
                 prefix, logprobs = lps.chunk(
                     is_first, job.prompt_ids, ids, chunk.logprobs, chunk.top, chunk.prompt
                 )
-                out = stream_chunk(job.req, rid, model, prefix + chunk.text, finish, ids, is_first, logprobs)
+                text, reasoning = prefix + chunk.text, None
+                if splitter is not None:
+                    deltas = [*splitter.feed(text), *(splitter.finish() if finish else [])]
+                    reasoning, text = _joined(deltas, "reasoning_content"), _joined(deltas, "content") or ""
+                out = stream_chunk(job.req, rid, model, text, finish, ids, is_first, logprobs, reasoning)
                 if job.req.return_phases and chunk.phases:
                     out["pd_phases"] = chunk.phases
                 yield event(out)
@@ -148,6 +167,14 @@ class Proxy:
         finally:
             await rest.aclose()
         yield b"data: [DONE]\n\n"
+
+    def _reasoning(self, job: Job) -> ReasoningStream | None:
+        """Chat's reasoning splitter for ``job`` (``--reasoning-parser``), None without one."""
+        if self.cfg.reasoning_parser is None or not job.req.chat:
+            return None
+        parser = REASONING_PARSERS[self.cfg.reasoning_parser]
+        tail = job.model.tokenizer.decode(job.prompt_ids[-16:], skip_special_tokens=False)
+        return parser.stream(starts_in_reasoning=parser.starts_inside(tail))
 
     # ---- ops endpoints ----
 
@@ -235,6 +262,12 @@ class Proxy:
                     *samples,
                 ]
         return "\n".join(out) + ("\n" if out else "")
+
+
+def _joined(deltas: list[dict[str, Any]], key: str) -> str | None:
+    """The text of ``deltas`` under ``key``, None if there is none."""
+    parts = [d[key] for d in deltas if key in d]
+    return "".join(parts) if parts else None
 
 
 def _logprobs(job: Job) -> ResponseLogprobs:

@@ -130,12 +130,16 @@ def stream_chunk(
     token_ids: list[int],
     first: bool,
     logprobs: Any = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
-    """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked."""
+    """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
+    ``reasoning``: chat's ``reasoning_content`` delta (``--reasoning-parser``)."""
     ids = token_ids if req.return_token_ids else None
     chunk: schemas.ChatCompletionChunk | schemas.CompletionChunk
     if req.chat:
-        delta = schemas.ChatDelta(content=text, role="assistant" if first else None)
+        delta = schemas.ChatDelta(
+            content=text, role="assistant" if first else None, reasoning_content=reasoning
+        )
         choice = schemas.ChatChunkChoice(
             index=0, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
@@ -165,13 +169,15 @@ def full_response(
     token_ids: list[int],
     prompt_tokens: int,
     logprobs: Any = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
-    """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked."""
+    """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
+    ``reasoning``: chat's ``reasoning_content`` (``--reasoning-parser``)."""
     ids = token_ids if req.return_token_ids else None
     usage = schemas.Usage.of(prompt_tokens, len(token_ids))
     body: schemas.ChatCompletionResponse | schemas.CompletionResponse
     if req.chat:
-        message = schemas.AssistantMessage(content=text)
+        message = schemas.AssistantMessage(content=text, reasoning_content=reasoning)
         choice = schemas.ChatChoice(
             index=0, message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )

@@ -86,8 +86,11 @@ class CompletionChoice(Response):
 
 
 class AssistantMessage(Response):
+    omitted_if_none = frozenset({"reasoning_content"})
+
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = None  # with --reasoning-parser
 
 
 class ChatChoice(Response):
@@ -101,10 +104,11 @@ class ChatChoice(Response):
 
 
 class ChatDelta(Response):
-    omitted_if_none = frozenset({"role"})
+    omitted_if_none = frozenset({"role", "reasoning_content"})
 
     content: str
     role: Literal["assistant"] | None = None  # on the first chunk
+    reasoning_content: str | None = None  # with --reasoning-parser
 
 
 class ChatChunkChoice(Response):
