@@ -100,10 +100,13 @@ def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return scaled
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, st: SamplingTensors, logprobs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Picks one token per row. ``logits [B, V]`` float32 -> (token ids ``[B]`` int64, their
-    log-probabilities under the unfiltered distribution ``[B]`` float32)."""
-    logprobs = logits.log_softmax(-1)
+    log-probabilities under the unfiltered distribution ``[B]`` float32). ``logprobs``: ``logits``'
+    log_softmax when the caller has it already."""
+    logprobs = logits.log_softmax(-1) if logprobs is None else logprobs
     greedy = logits.argmax(-1)
     if st.all_greedy:
         tokens = greedy

@@ -7,8 +7,9 @@ import random
 import pytest
 import tokenizers
 
+from pd.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from pd.tiny_model import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN
-from pd.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
+from pd.tokenizer import Tokenizer
 from tests.support.checkpoints import copy_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -12,16 +12,13 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from pd.proxy.tool_choice import ToolChoice, ToolRequestError, tool_call_grammar, validate_tools
 from pd.proxy.tools import (
     TOOL_PARSERS,
     ToolCall,
-    ToolChoice,
-    ToolRequestError,
     assistant_message,
     detect_tool_parser,
     make_tool_parser,
-    tool_call_grammar,
-    validate_tools,
 )
 from pd.tokenizer import Tokenizer
 from tests.support.checkpoints import copy_checkpoint

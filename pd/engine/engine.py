@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pd.config import EngineConfig, ModelConfig
+from pd.detokenizer import IncrementalDetokenizer
 from pd.engine.logits import LogitsProcessor
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.kv_cache import PageAllocator
-from pd.tokenizer import IncrementalDetokenizer, Tokenizer
+from pd.tokenizer import Tokenizer
 from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams, StepResult, TopLogprobs
 
 

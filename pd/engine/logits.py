@@ -26,17 +26,25 @@ from pd.types import LOGIT_BIAS_LIMIT, Req
 
 
 @dataclass
+class Penalties:
+    """The rows of a step with a penalty (int64 ``[P]``), their slots, and their penalties (float32 ``[P]``)."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    repetition: torch.Tensor
+    frequency: torch.Tensor
+    presence: torch.Tensor
+
+
+@dataclass
 class StepLogits:
     """What one step's processing needs on the device; rows index the sampled rows of the logits."""
 
-    penalty_rows: torch.Tensor | None  # int64 [P]: rows with a penalty
-    penalty_slots: torch.Tensor | None  # int64 [P]: their slots
-    repetition: torch.Tensor | None  # float32 [P]
-    frequency: torch.Tensor | None  # float32 [P]
-    presence: torch.Tensor | None  # float32 [P]
-    bias_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids), int64 [K] each
-    bias_value: torch.Tensor | None  # float32 [K]
-    masked_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf (min_tokens)
+    penalties: Penalties | None
+    bias: (
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    )  # rows, token ids (int64 [K]), biases (f32 [K])
+    masked: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids set to -inf (min_tokens)
 
 
 class LogitsProcessor:
@@ -91,45 +99,40 @@ class LogitsProcessor:
         def floats(v: list[float]) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.float32).to(self.device, non_blocking=True)
 
+        penalties = None
+        if prows:
+            penalties = Penalties(ints(prows), ints(pslots), floats(rep), floats(freq), floats(pres))
         return StepLogits(
-            penalty_rows=ints(prows) if prows else None,
-            penalty_slots=ints(pslots) if prows else None,
-            repetition=floats(rep) if prows else None,
-            frequency=floats(freq) if prows else None,
-            presence=floats(pres) if prows else None,
-            bias_index=(ints(brows), ints(bids)) if brows else None,
-            bias_value=floats(bvals) if brows else None,
-            masked_index=(ints(mrows), ints(mids)) if mrows else None,
+            penalties,
+            (ints(brows), ints(bids), floats(bvals)) if brows else None,
+            (ints(mrows), ints(mids)) if mrows else None,
         )
 
     def apply(self, logits: torch.Tensor, step: StepLogits) -> torch.Tensor:
         """Processes ``logits [B, V']`` float32 (V' >= vocab; columns past the vocabulary untouched) in place."""
-        if step.penalty_rows is not None:
-            assert step.penalty_slots is not None and step.repetition is not None
-            assert step.frequency is not None and step.presence is not None
-            rows = logits[step.penalty_rows, : self.vocab]  # a copy [P, vocab]
-            counts = self.counts[step.penalty_slots].float()
-            seen = self.seen[step.penalty_slots]
-            rep = step.repetition[:, None]
-            rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
-            rows -= step.frequency[:, None] * counts + step.presence[:, None] * (counts > 0).float()
-            logits[step.penalty_rows, : self.vocab] = rows
-        if step.bias_index is not None:
-            assert step.bias_value is not None
-            logits.index_put_(step.bias_index, step.bias_value, accumulate=True)
-        if step.masked_index is not None:
-            logits[step.masked_index] = float("-inf")
+        p = step.penalties
+        if p is not None:
+            rows = logits[p.rows, : self.vocab]  # a copy [P, vocab]
+            counts = self.counts[p.slots].float()
+            rep = p.repetition[:, None]
+            rows = torch.where(self.seen[p.slots], torch.where(rows > 0, rows / rep, rows * rep), rows)
+            rows -= p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0).float()
+            logits[p.rows, : self.vocab] = rows
+        if step.bias is not None:
+            rows, ids, values = step.bias
+            logits.index_put_((rows, ids), values, accumulate=True)
+        if step.masked is not None:
+            logits[step.masked] = float("-inf")
         return logits
 
     def record(self, step: StepLogits | None, tokens: torch.Tensor) -> None:
         """Counts the tokens just sampled (``tokens [B]`` int64, the rows of ``prepare``) for penalty rows."""
-        if step is None or step.penalty_rows is None:
+        if step is None or step.penalties is None:
             return
-        assert step.penalty_slots is not None
-        picked = tokens[step.penalty_rows]
-        ones = torch.ones_like(picked, dtype=torch.int32)
-        self.counts.index_put_((step.penalty_slots, picked), ones, accumulate=True)
-        self.seen[step.penalty_slots, picked] = True
+        p = step.penalties
+        picked = tokens[p.rows]
+        self.counts.index_put_((p.slots, picked), torch.ones_like(picked, dtype=torch.int32), accumulate=True)
+        self.seen[p.slots, picked] = True
 
     def _slot_of(self, req: Req) -> int:
         slot = self._slot.get(req.rid)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -73,7 +73,6 @@ class _Room:
     pages: list[int] | None = None  # taken from the scheduler after the last chunk (or an abort)
     first_token: int = -1
     first_top: TopLogprobs = ()  # the first token's alternatives, if asked
-    prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # echo, if asked
     started: float = 0.0  # monotonic time of the step that ran its first chunk
     computed: float = 0.0  # ... and of the end of its last chunk
     kv_bytes: int = 0  # bytes of its pages, all layers (what the transfer moves)
@@ -169,7 +168,7 @@ class PrefillEngine:
         ):
             room = self.rooms[req.rid]
             req.num_computed = end
-            room.prompt_logprobs += result.prompt[i]
+            req.prompt_logprobs += result.prompt[i]
             if token is None:
                 full = end // self.layout.page_size  # pages whose every slot is computed
                 if full > room.pages_sent:
@@ -206,7 +205,7 @@ class PrefillEngine:
                     room.first_token,
                     phases,
                     room.first_top,
-                    tuple(room.prompt_logprobs),
+                    tuple(room.req.prompt_logprobs),
                 )
             ]
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]

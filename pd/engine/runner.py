@@ -282,8 +282,7 @@ class ModelRunner:
     ) -> StepResult:
         """Samples ``out [len(sampled), V]`` float32 (processed in place first)."""
         step = logits.prepare(sampled) if logits is not None else None
-        if step is not None:
-            assert logits is not None
+        if logits is not None and step is not None:
             logits.apply(out, step)
         st = SamplingTensors.build(
             [r.sampling for r in sampled],
@@ -291,14 +290,14 @@ class ModelRunner:
             [r.seq_len for r in sampled],
             self.device,
         )
-        tokens, lps = sample(out, st)
-        if step is not None:
-            assert logits is not None
-            logits.record(step, tokens)
         k = max((r.sampling.top_logprobs for r in sampled), default=0)
+        full = out.log_softmax(-1) if k else None  # shared with sample
+        tokens, lps = sample(out, st, full)
+        if logits is not None:
+            logits.record(step, tokens)
         top_rows: list[TopLogprobs] = [()] * len(sampled)
-        if k:
-            values, top_ids = out.log_softmax(-1).topk(k, dim=-1)
+        if full is not None:
+            values, top_ids = full.topk(k, dim=-1)
             for i, (r, v, t) in enumerate(zip(sampled, values.tolist(), top_ids.tolist())):
                 top_rows[i] = tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
         it = iter(zip(tokens.tolist(), lps.tolist(), top_rows))

@@ -6,7 +6,40 @@ longest tail that a later delta could complete into one, and looks again once mo
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
+
+Delta = dict[str, Any]  # an OpenAI chat.completion.chunk ``delta`` (or part of one)
+
+
+class MarkerStream(ABC):
+    """The feeding loop of a streaming parser: text goes into ``_buf``, ``_step`` consumes what it can and
+    appends deltas to ``_out`` (returning True while it made progress), and ``feed``/``finish`` hand them out."""
+
+    def __init__(self) -> None:
+        self._buf = ""  # received, not yet consumed
+        self._out: list[Delta] = []
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buf += text
+        while self._step(final=False):
+            pass
+        return self._take()
+
+    def finish(self) -> list[Delta]:
+        """The deltas still held back, at the end of the output."""
+        while self._step(final=True):
+            pass
+        return self._take()
+
+    def _take(self) -> list[Delta]:
+        out, self._out = self._out, []
+        return out
+
+    @abstractmethod
+    def _step(self, final: bool) -> bool:
+        """Consumes what it can of ``_buf``; True if the state changed (step again)."""
 
 
 def first_marker(text: str, markers: Sequence[str]) -> tuple[int, str]:

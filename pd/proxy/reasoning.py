@@ -19,11 +19,8 @@ whitespace. ``ReasoningParser.starts_inside(prompt)`` tells which case a rendere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from pd.proxy.markers import closing_tail_len
-
-Delta = dict[str, Any]  # {"reasoning_content": ...} or {"content": ...}
+from pd.proxy.markers import MarkerStream, closing_tail_len
 
 
 @dataclass(frozen=True)
@@ -50,21 +47,20 @@ class ReasoningParser:
 REASONING_PARSERS: dict[str, ReasoningParser] = {"deepseek-r1": ReasoningParser("<think>", "</think>")}
 
 
-class ReasoningStream:
+class ReasoningStream(MarkerStream):
     """Turns one request's output deltas into ``{"reasoning_content": ...}`` and ``{"content": ...}``
     deltas. A tail that may still become the closing tag (or the reasoning's trailing whitespace) is held
     back; so is the start of the output while it may still become the opening tag. The deltas of all
     ``feed`` calls and ``finish`` add up to ``reasoning`` and ``content``."""
 
     def __init__(self, parser: ReasoningParser, starts_in_reasoning: bool) -> None:
+        super().__init__()
         self._parser = parser
         self._starts_in_reasoning = starts_in_reasoning
         self._state = "start"  # start | reasoning | content
-        self._buf = ""
         self._lead = True  # the current part has not started: its leading whitespace is dropped
         self._reasoning: list[str] = []
         self._content: list[str] = []
-        self._out: list[Delta] = []
 
     @property
     def reasoning(self) -> str | None:
@@ -73,22 +69,6 @@ class ReasoningStream:
     @property
     def content(self) -> str:
         return "".join(self._content)
-
-    def feed(self, text: str) -> list[Delta]:
-        self._buf += text
-        while self._step(final=False):
-            pass
-        return self._take()
-
-    def finish(self) -> list[Delta]:
-        """The deltas still held back, at the end of the output."""
-        while self._step(final=True):
-            pass
-        return self._take()
-
-    def _take(self) -> list[Delta]:
-        out, self._out = self._out, []
-        return out
 
     def _step(self, final: bool) -> bool:
         p, buf = self._parser, self._buf

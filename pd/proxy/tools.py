@@ -1,5 +1,5 @@
-"""Tool calls: parsing them out of model output (whole or streamed), checking a request's ``tools`` and
-``tool_choice``, and the grammar that makes the model call one.
+"""Tool calls: parsing them out of model output (whole or streamed). A request's ``tools`` and ``tool_choice``
+and the grammar that forces a call: ``pd.proxy.tool_choice``.
 
 Formats (the exact markers; DeepSeek's bars are U+FF5C FULLWIDTH VERTICAL LINE and its spaces U+2581 LOWER
 ONE EIGHTH BLOCK), as the models' chat templates write an assistant turn's calls:
@@ -48,19 +48,16 @@ off first; tool calls are parsed from the content that remains.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pd.proxy.markers import closing_tail_len, first_marker, partial_marker_len
+from pd.proxy.markers import Delta, MarkerStream, closing_tail_len, first_marker, partial_marker_len
 
-Delta = dict[str, Any]  # an OpenAI chat.completion.chunk ``delta``: {"content": ...} or {"tool_calls": [...]}
-
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 @dataclass(frozen=True)
@@ -239,7 +236,7 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     return None
 
 
-class ToolCallStream:
+class ToolCallStream(MarkerStream):
     """Turns one request's output deltas into OpenAI deltas: ``{"content": ...}`` for text, and per call
     ``{"tool_calls": [{"index", "id", "type": "function", "function": {"name"}}]}`` once its header is
     complete, then ``{"tool_calls": [{"index", "function": {"arguments": piece}}]}``. Text that may be part
@@ -247,16 +244,15 @@ class ToolCallStream:
     The deltas of all ``feed`` calls and ``finish`` add up to ``content`` and ``calls``."""
 
     def __init__(self, parser: ToolParser, id_prefix: str) -> None:
+        super().__init__()
         self._parser, self._m, self._id_prefix = parser, parser.markers, id_prefix
         self._state = "content"  # content | section | header | args | broken
-        self._buf = ""  # received, not yet consumed
         self._gap = ""  # whitespace between calls, dropped unless more than whitespace follows
         self._gap_live = False
         self._raw = ""  # a malformed call's text so far
         self._lead = True  # the current call's arguments have not started (leading whitespace is dropped)
         self._content: list[str] = []
         self._calls: list[tuple[str, str, list[str]]] = []  # id, name, argument pieces
-        self._out: list[Delta] = []
 
     @property
     def content(self) -> str:
@@ -265,22 +261,6 @@ class ToolCallStream:
     @property
     def calls(self) -> list[ToolCall]:
         return [ToolCall(i, n, "".join(a)) for i, n, a in self._calls]
-
-    def feed(self, text: str) -> list[Delta]:
-        self._buf += text
-        while self._step(final=False):
-            pass
-        return self._take()
-
-    def finish(self) -> list[Delta]:
-        """The deltas still held back, at the end of the output."""
-        while self._step(final=True):
-            pass
-        return self._take()
-
-    def _take(self) -> list[Delta]:
-        out, self._out = self._out, []
-        return out
 
     def _step(self, final: bool) -> bool:
         """Consumes what it can of the buffer; True if the state changed (step again)."""
@@ -387,139 +367,3 @@ class ToolCallStream:
                 old["function"]["arguments"] += new["function"]["arguments"]
                 return
         self._out.append(delta)
-
-
-# ------------------------------------------------------------------------------ request validation
-
-
-class ToolRequestError(ValueError):
-    """A bad ``tools`` or ``tool_choice`` value; ``param`` names the field (for the error body)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class ToolChoice:
-    """What the request asks: ``mode`` none | auto | required; ``name`` set when one function is forced
-    (mode required)."""
-
-    mode: str
-    name: str | None = None
-
-
-_TOOL_KEYS = {"type", "function"}
-_FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
-
-
-def validate_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], ToolChoice]:
-    """Checks ``tools`` (null or a list of ``{"type": "function", "function": {name, description?,
-    parameters?, strict?}}``) and ``tool_choice`` (null, "none", "auto", "required" or ``{"type":
-    "function", "function": {"name": ...}}``). Returns the tools and the choice; a null choice is "auto"
-    with tools and "none" without. Raises ToolRequestError naming the field."""
-    tools = [] if tools is None else tools
-    if not isinstance(tools, list):
-        raise ToolRequestError(f"'tools' must be an array, got {type(tools).__name__}", "tools")
-    names: list[str] = []
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
-        _check_keys(tool, _TOOL_KEYS, where)
-        if tool.get("type") != "function":
-            raise ToolRequestError(f"'{where}.type' must be \"function\", got {tool.get('type')!r}", where)
-        function = tool.get("function")
-        _check_keys(function, _FUNCTION_KEYS, f"{where}.function")
-        name = function.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ToolRequestError(
-                f"'{where}.function.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}", where
-            )
-        if name in names:
-            raise ToolRequestError(f"'{where}.function.name': function {name!r} is defined twice", where)
-        names.append(name)
-        for key, kind in (("description", str), ("parameters", dict), ("strict", bool)):
-            value = function.get(key)
-            if value is not None and not isinstance(value, kind):
-                raise ToolRequestError(f"'{where}.function.{key}' must be of type {_JSON[kind]}", where)
-    return tools, _tool_choice(tool_choice, names)
-
-
-_JSON = {str: "string", dict: "object", bool: "boolean"}
-
-
-def _check_keys(obj: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(obj, dict):
-        raise ToolRequestError(f"'{where}' must be an object, got {type(obj).__name__}", where)
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise ToolRequestError(f"unknown field '{where}.{unknown[0]}'", where)
-
-
-def _tool_choice(choice: Any, names: list[str]) -> ToolChoice:
-    if choice is None or (choice == "auto" and not names):
-        return ToolChoice("auto" if names else "none")
-    if choice in ("none", "auto", "required"):
-        if choice == "required" and not names:
-            raise ToolRequestError("'tool_choice' is \"required\" but 'tools' is empty", "tool_choice")
-        return ToolChoice(choice)
-    named = (
-        isinstance(choice, dict)
-        and set(choice) == {"type", "function"}
-        and choice["type"] == "function"
-        and isinstance(choice["function"], dict)
-        and set(choice["function"]) == {"name"}
-        and isinstance(choice["function"]["name"], str)
-    )
-    if not named:
-        raise ToolRequestError(
-            '\'tool_choice\' must be "none", "auto", "required" or '
-            f'{{"type": "function", "function": {{"name": ...}}}}, got {choice!r:.100}',
-            "tool_choice",
-        )
-    name = choice["function"]["name"]
-    if name not in names:
-        raise ToolRequestError(f"'tool_choice' names function {name!r} that is not in 'tools'", "tool_choice")
-    return ToolChoice("required", name)
-
-
-# ------------------------------------------------------------------------------ forcing a call
-
-
-def tool_call_grammar(
-    parser: ToolParser,
-    tools: list[dict[str, Any]],
-    name: str | None = None,
-    parallel: bool = True,
-    token_markers: Collection[str] = (),
-) -> str:
-    """A Lark grammar (llguidance's dialect) for output that is only a tool-calls section: one call to
-    ``name`` if given, else one (``parallel=False``) or more calls to any of ``tools`` (validated by
-    ``validate_tools``), each call's arguments held to its function's ``parameters`` JSON schema (any
-    object if it has none). For ``tool_choice`` "required" or a named function.
-
-    ``token_markers``: the markers that are single tokens of the model's vocabulary (its added tokens,
-    e.g. ``[m for m in parser.markers.all() if tokenizer.token_to_id(m) is not None]``). llguidance
-    matches an added token only by its special-token syntax, which for a token spelled ``<...>`` (all
-    markers that are tokens are) is its text, bare; other strings are Lark string literals, matched as
-    text."""
-
-    def lit(text: str) -> str:
-        return text if text in token_markers else json.dumps(text, ensure_ascii=False)
-
-    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
-    if not functions:
-        raise ValueError(f"no function to call: {name!r} is not in tools" if name else "no tools to call")
-    m = parser.markers
-    more = ""  # further calls
-    if parallel and name is None:
-        more = f"({lit(parser.separator)} call)*" if parser.separator else "call*"
-    lines = [
-        "%llguidance {}",
-        f"start: {lit(m.section_begin)} call {more} {lit(m.section_end)}",
-        "call: " + " | ".join(f"call_{i}" for i in range(len(functions))),
-    ]
-    for i, function in enumerate(functions):
-        schema = function.get("parameters") or {"type": "object"}
-        lines.append(f"call_{i}: {parser.grammar_call(function['name'], f'args_{i}', lit)}")
-        lines.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
-    return "\n".join(lines) + "\n"
