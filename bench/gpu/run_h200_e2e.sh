@@ -57,3 +57,5 @@ if [ -n "$tests" ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "$tests" -rfE > $OUT/gpu_tests.txt 2>&1
   echo "== GPU tests (t=$(elapsed) s): $(tail -1 $OUT/gpu_tests.txt)"; grep -E "^E|FAILED" $OUT/gpu_tests.txt | head -8
 fi
+# Only a few files under $OUT come back: everything goes back as one archive.
+tar -C $OUT -cJf /tmp/e2e_all.tar.xz . && rm -f $OUT/* && mv /tmp/e2e_all.tar.xz $OUT/
