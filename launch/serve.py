@@ -32,7 +32,7 @@ from pd.launch.args import (
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
 from pd.launch.proxy import add_proxy_args
 from pd.proxy.config import ProxyConfig
-from pd.transfer.engine import PROTOCOLS, TransferConfig
+from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
 
 log = logging.getLogger("pd.serve")
 
@@ -97,6 +97,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
         TransferConfig,
         "writers_per_peer",
         help="rooms the prefill instance writes to a decode rank at once",
+    )
+    add_field_arg(
+        p,
+        "--host-staging",
+        TransferConfig,
+        "host_staging",
+        choices=STAGING_MODES,
+        help="copy KV through pinned host memory in bulk (auto: with the TCP transport and a GPU pool)",
+    )
+    add_field_arg(
+        p,
+        "--staging-mb",
+        TransferConfig,
+        "staging_mb",
+        help="pinned host memory for host staging, MB per rank",
     )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
@@ -174,7 +189,8 @@ def commands(
     worker = ["--bootstrap", boot, "--transfer-protocol", transfer_protocol(args)]
     if args.kv_checksum:
         worker.append("--kv-checksum")
-    worker += ["--transfer-writers", str(args.transfer_writers)]
+    worker += ["--transfer-writers", str(args.transfer_writers), "--host-staging", args.host_staging]
+    worker += ["--staging-mb", str(args.staging_mb)]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (
@@ -296,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             protocol=transfer_protocol(args),
             kv_checksum=args.kv_checksum,
             writers_per_peer=args.transfer_writers,
+            host_staging=args.host_staging,
+            staging_mb=args.staging_mb,
         )
     except ValueError as e:
         raise SystemExit(f"pd-serve: error: {e}") from None

@@ -28,7 +28,7 @@ from pd.launch.args import (
     tls_config,
 )
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
-from pd.transfer.engine import PROTOCOLS, TransferConfig
+from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig, build_rank
 
@@ -91,6 +91,15 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     add_field_arg(
         t,
+        "--host-staging",
+        T,
+        "host_staging",
+        choices=STAGING_MODES,
+        help="copy KV through pinned host memory in bulk (auto: with the TCP transport and a GPU pool)",
+    )
+    add_field_arg(t, "--staging-mb", T, "staging_mb", help="pinned host memory for host staging, MB per rank")
+    add_field_arg(
+        t,
         "--kv-checksum",
         T,
         "kv_checksum",
@@ -136,6 +145,8 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
         transfer_timeout_s=args.transfer_timeout,
         kv_checksum=args.kv_checksum,
         writers_per_peer=args.transfer_writers,
+        host_staging=args.host_staging,
+        staging_mb=args.staging_mb,
     )
 
 

@@ -162,9 +162,9 @@ class KVPool:
     engine registers ``[data_ptr, data_ptr + nbytes)`` once.
     """
 
-    def __init__(self, layout: KVLayout, device: torch.device | str) -> None:
+    def __init__(self, layout: KVLayout, device: torch.device | str, pin_memory: bool = False) -> None:
         self.layout = layout
-        self.buffer = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+        self.buffer = torch.zeros(layout.shape, dtype=layout.dtype, device=device, pin_memory=pin_memory)
 
     @property
     def data_ptr(self) -> int:

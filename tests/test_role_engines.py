@@ -54,6 +54,9 @@ class Loopback:
     aux: dict[int, AuxRecord] = field(default_factory=dict)
     aborted: list[int] = field(default_factory=list)
 
+    def can_add(self, num_pages: int) -> bool:  # PageReceiver
+        return True
+
     # PageSender
     def add_room(self, room: int, pages: Sequence[int], *rest) -> None:
         if rest:  # PageReceiver.add_room(room, endpoint, dst_pages, slot)

@@ -70,6 +70,10 @@ def deployment(tiny_model_dir, serve_log):
         str(BODY_TIMEOUT),
         "--reasoning-parser",  # the tiny model never thinks: its chat output must stay all content
         "deepseek-r1",
+        "--host-staging",  # KV through pinned host pages both sides (auto: only for GPU pools over TCP)
+        "on",
+        "--staging-mb",
+        "1",
     ) as url:
         yield url
 

@@ -44,6 +44,8 @@ class PageReceiver(Protocol):
     """The transfer layer's decode side (``pd.transfer.receiver.KVReceiver``). It holds the page list and
     aux slot it is given until it reports the room's end (``TransferEnded``); it never frees a page."""
 
+    def can_add(self, num_pages: int) -> bool: ...
+
     def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None: ...
 
     def abort(self, room: int, reason: str) -> None: ...
@@ -168,7 +170,8 @@ class DecodeEngine:
         return self.layout.pages_for(max(tokens, len(req.prompt_ids) + 1))
 
     def _start_transfers(self) -> None:
-        """Moves pending rooms (FIFO) into transfer while pages and aux slots last, and while the rooms
+        """Moves pending rooms (FIFO) into transfer while pages, aux slots and the receiver's host staging
+        pages last, and while the rooms
         running or in transfer stay within ``max_running``: a decode batch never grows past it (the
         low-latency MoE buffers of a multi-rank instance hold that many tokens per rank)."""
         allocator = self.engine.allocator
@@ -176,7 +179,8 @@ class DecodeEngine:
             if len(self.engine.scheduler.running) + self.in_transfer >= self.engine.cfg.max_running:
                 return
             room = self.rooms[self.pending[0]]
-            if self.slots.num_free == 0:
+            prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
+            if self.slots.num_free == 0 or not self.receiver.can_add(prompt_pages):
                 return
             pages = allocator.alloc(self._pages_wanted(room.req))
             if pages is None:
@@ -187,7 +191,6 @@ class DecodeEngine:
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
             room.transfer_started = time.monotonic()
             self.in_transfer += 1
-            prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
             self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:

@@ -61,6 +61,9 @@ _TRANSPORT_LINES: tuple[tuple[str, str], ...] = (
 )
 
 
+STAGING_MODES = ("auto", "on", "off")  # TransferConfig.host_staging
+
+
 class TransferError(RuntimeError):
     """A transfer-engine call failed (peer dead, hung, unreachable, or a bad address)."""
 
@@ -79,6 +82,9 @@ class TransferConfig:
     another transport than ``protocol``.
     ``writers_per_peer``: rooms a prefill rank writes to one decode rank at once (each room's writes and
     notices stay in order on one writer thread; rooms are spread over the writers by id).
+    ``host_staging``: ``auto`` (on when the transport is TCP and the pool on a GPU), ``on`` or ``off``: copy
+    KV pages between the GPU and pinned host memory in bulk and let the engine move host memory only
+    (``pd.transfer.staging`` says why); ``staging_mb``: the pinned host memory each rank stages through.
     ``kv_checksum``: the KV sender checksums every page it writes and the receiver verifies them
     before a room is DONE (``pd.transfer.checksum``); prefill and decode must agree (the registry
     refuses a pair that does not).
@@ -92,8 +98,16 @@ class TransferConfig:
     require_protocol: bool = False
     kv_checksum: bool = False
     writers_per_peer: int = 1
+    host_staging: str = "auto"
+    staging_mb: int = 1024
 
     def __post_init__(self) -> None:
+        if self.host_staging not in STAGING_MODES:
+            raise ValueError(
+                f"TransferConfig.host_staging must be one of {STAGING_MODES}, got {self.host_staging!r}"
+            )
+        if self.staging_mb < 1:
+            raise ValueError(f"TransferConfig.staging_mb must be >= 1, got {self.staging_mb}")
         if self.writers_per_peer < 1:
             raise ValueError(f"TransferConfig.writers_per_peer must be >= 1, got {self.writers_per_peer}")
         if self.protocol not in PROTOCOLS:

@@ -50,6 +50,7 @@ from pd.transfer.aux import AuxBuffer, AuxError, AuxRecord
 from pd.transfer.checksum import ChecksumMismatch, PageChecksums
 from pd.transfer.engine import TransferEngine
 from pd.transfer.rpc import Channels, layout_to_proto, rpc_error
+from pd.transfer.staging import HostStaging
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class _Room:
     release_at: float = float("inf")  # grace deadline for a final room whose peer did not confirm
     aux: AuxRecord | None = None
     released: bool = False
+    host_pages: tuple[int, ...] | None = None  # host staging pages the prefill rank writes into
+    landing: bool = False  # staged pages are being copied to the device, or checksums verified
 
 
 class KVReceiver:
@@ -91,6 +94,9 @@ class KVReceiver:
     ``kv_checksum``: verify the pages of every room against the sender's checksums before DONE.
     ``on_checksum_failure(room, reason)`` runs (quick, thread-safe: e.g. a counter) for each room that
     verification failed. ``before_verify``: a test hook (e.g. one that corrupts a page), else None.
+
+    ``staging``: host staging (``pd.transfer.staging``): a room that fits is written into host pages, which
+    are copied to its destination pages after ``TransferDone`` (before checksums are verified); else None.
     """
 
     def __init__(
@@ -109,14 +115,17 @@ class KVReceiver:
         kv_checksum: bool = False,
         on_checksum_failure: Callable[[int, str], None] | None = None,
         before_verify: VerifyHook | None = None,
+        staging: HostStaging | None = None,
     ) -> None:
-        self.engine, self.pool, self.aux = engine, pool, aux
+        self.engine, self.pool, self.aux, self.staging = engine, pool, aux, staging
         self._checksums = PageChecksums(pool) if kv_checksum else None
         self.on_checksum_failure, self.before_verify = on_checksum_failure, before_verify
         self.on_final, self.endpoint, self.timeouts = on_final, endpoint, timeouts or TransferTimeouts()
         self.rpc_timeout_s, self.retry_interval_s, self.tick_s = rpc_timeout_s, retry_interval_s, tick_s
         engine.register(pool.data_ptr, pool.nbytes)
         engine.register(aux.data_ptr, aux.nbytes)
+        if staging is not None:
+            engine.register(staging.pool.data_ptr, staging.pool.nbytes)
         self._lock = threading.RLock()  # RLock: a gRPC future may run its callback in the calling thread
         self._rooms: dict[int, _Room] = {}
         self._finals: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,8 +136,15 @@ class KVReceiver:
 
     # ---- scheduler API (never blocks on the network) ----
 
+    def can_add(self, num_pages: int) -> bool:
+        """Whether a room of ``num_pages`` can be added now: its host staging pages are free (or it is too
+        big to be staged, and is written straight into the device pages)."""
+        s = self.staging
+        return s is None or num_pages > s.capacity or s.num_free >= num_pages
+
     def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None:
-        """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order)."""
+        """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order).
+        Call ``can_add`` first: with host staging this raises RuntimeError if its pages are not free."""
         if self.endpoint is None:
             raise RuntimeError("KVReceiver.endpoint must be set before add_room")
         pages = self.pool.layout.check_pages(dst_pages, f"room {room}: destination")
@@ -136,9 +152,13 @@ class KVReceiver:
         with self._lock:
             if room in self._rooms:
                 raise ValueError(f"room {room} was already added")
-            r = self._rooms[room] = _Room(
-                RoomStateMachine(room, "decode", self.timeouts), prefill_endpoint, pages, aux_slot
-            )
+            r = _Room(RoomStateMachine(room, "decode", self.timeouts), prefill_endpoint, pages, aux_slot)
+            if self.staging is not None and len(pages) <= self.staging.capacity:
+                host = self.staging.try_alloc(len(pages))
+                if host is None:
+                    raise RuntimeError(f"room {room}: no {len(pages)} host staging pages free (see can_add)")
+                r.host_pages = tuple(host)
+            self._rooms[room] = r
             self._handshake(r)
 
     def abort(self, room: int, reason: str) -> None:
@@ -175,14 +195,15 @@ class KVReceiver:
     def _handshake(self, r: _Room) -> None:
         now = time.monotonic()
         patience = max(0.0, r.machine.deadline - now) + self.timeouts.waiting_for_input_s
+        pool = self.pool if r.host_pages is None or self.staging is None else self.staging.pool
         request = pb.HandshakeRequest(
             room=r.machine.room,
             session=self.engine.session_id,
             endpoint=self.endpoint,
-            dst_pages=r.dst_pages,
+            dst_pages=r.dst_pages if r.host_pages is None else r.host_pages,
             aux_slot=r.aux_slot,
-            layout=layout_to_proto(self.pool.layout),
-            kv_base=self.pool.data_ptr,
+            layout=layout_to_proto(pool.layout),
+            kv_base=pool.data_ptr,
             aux_base=self.aux.data_ptr,
             deadline_ms=int(patience * 1000),
         )
@@ -223,7 +244,7 @@ class KVReceiver:
 
     def _settle(self, r: _Room) -> None:
         """Releases a final room once the prefill side cannot write into it; exactly once (``released``)."""
-        if not r.machine.is_final or r.released or r.call is not None:
+        if not r.machine.is_final or r.released or r.call is not None or r.landing:
             return
         now = time.monotonic()
         if r.attempted and not r.peer_drained and now < r.release_at:
@@ -241,6 +262,9 @@ class KVReceiver:
             )
         r.released = True
         del self._rooms[r.machine.room]
+        if r.host_pages is not None:
+            assert self.staging is not None
+            self.staging.free(r.host_pages)
         self._finals.put((r.machine.room, r.machine.state, r.aux, r.machine.reason))
 
     def _abort_done(self, r: _Room, call: grpc.Future) -> None:
@@ -278,15 +302,16 @@ class KVReceiver:
                 except AuxError as e:
                     self._end(r, TransferState.FAILED, f"bad aux record: {e}")
                     return True
-                if self._checksums is None:
+                if self._checksums is None and r.host_pages is None:
                     r.aux = record
                     self._end(r, TransferState.DONE)
             self._settle(r)
-            if self._checksums is None or r.machine.is_final:
+            if r.machine.is_final:
                 return True
-        # The pages stay the room's while it is not final; if it ends meanwhile (abort), the result is dropped.
-        problem = self._verify(r, kv_checksums)
+            r.landing = True  # the room's pages stay its own until landed (an abort meanwhile waits)
+        problem = self._land(r, kv_checksums)
         with self._lock:
+            r.landing = False
             if not r.machine.is_final:
                 if problem:
                     self._end(r, TransferState.FAILED, problem)
@@ -297,6 +322,18 @@ class KVReceiver:
                     self._end(r, TransferState.DONE)
             self._settle(r)
         return True
+
+    def _land(self, r: _Room, kv_checksums: bytes) -> str:
+        """Copies a staged room to its device pages, then verifies its checksums (each if on); empty if the
+        pages hold the room's KV, else why not. Outside the lock: ``landing`` keeps the room's pages."""
+        if r.host_pages is not None:
+            assert self.staging is not None
+            try:
+                self.staging.to_device(r.host_pages, r.dst_pages)
+            except Exception as e:  # e.g. a CUDA error: the room fails, the receiver goes on
+                logger.exception("decode room %d: copying the staged KV to the device failed", r.machine.room)
+                return f"copying the staged KV to the device failed: {e!r}"
+        return self._verify(r, kv_checksums) if self._checksums is not None else ""
 
     def _verify(self, r: _Room, kv_checksums: bytes) -> str:
         """Empty if the room's destination pages hold what the sender checksummed, else why not."""

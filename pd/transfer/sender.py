@@ -44,6 +44,7 @@ from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord
 from pd.transfer.checksum import PageChecksums, pack
 from pd.transfer.engine import TransferEngine, TransferError
 from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
+from pd.transfer.staging import HostStaging
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
 from pd.transfer.writes import Peer, PeerWrites
 
@@ -102,6 +103,7 @@ class KVSender:
     ``kv_checksum``: checksum every page written and send the checksums with ``TransferDone``.
     ``writers_per_peer``: writer threads per decode peer (rooms spread over them by id, each room's writes
     and notices in order on one): that many rooms' writes in flight to a peer at once.
+    ``staging``: host staging the writes go through (``pd.transfer.staging``), else None: straight from ``pool``.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class KVSender:
         tls: TLSConfig | None = None,
         kv_checksum: bool = False,
         writers_per_peer: int = 1,
+        staging: HostStaging | None = None,
     ) -> None:
         if not 0 < writers_per_peer <= aux.num_slots:
             raise ValueError(
@@ -129,7 +132,7 @@ class KVSender:
         self.abort_wait_s, self.tick_s, self.writer_idle_s = abort_wait_s, tick_s, writer_idle_s
         self._channels = Channels(cluster_token, tls)
         checksums = PageChecksums(pool) if kv_checksum else None
-        self._writes = PeerWrites(engine, pool, aux, self._channels, rpc_timeout_s, checksums)
+        self._writes = PeerWrites(engine, pool, aux, self._channels, rpc_timeout_s, checksums, staging)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._rooms: dict[int, _Room] = {}

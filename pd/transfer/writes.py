@@ -20,6 +20,7 @@ from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocat
 from pd.transfer.checksum import PageChecksums
 from pd.transfer.engine import TransferEngine, TransferError
 from pd.transfer.rpc import Channels, rpc_error
+from pd.transfer.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class Peer:
 class PeerWrites:
     """Writes into decode ranks' registered memory through ``engine`` (which this registers ``pool`` and
     ``aux`` with) and their ``DecodeTransfer`` service through ``channels``. Thread-safe: several writer
-    threads call it at once; ``aux`` holds one staging slot per final write in flight."""
+    threads call it at once; ``aux`` holds one staging slot per final write in flight. With ``staging`` (host
+    staging, ``pd.transfer.staging``) a job's pages are copied to pinned host pages first, in parts of at most
+    the staging's capacity, and written from there."""
 
     def __init__(
         self,
@@ -54,11 +57,14 @@ class PeerWrites:
         channels: Channels,
         rpc_timeout_s: float,
         checksums: PageChecksums | None,
+        staging: HostStaging | None = None,
     ) -> None:
         self.engine, self.pool, self.aux, self.channels = engine, pool, aux, channels
-        self.rpc_timeout_s, self.checksums = rpc_timeout_s, checksums
+        self.rpc_timeout_s, self.checksums, self.staging = rpc_timeout_s, checksums, staging
         engine.register(pool.data_ptr, pool.nbytes)
         engine.register(aux.data_ptr, aux.nbytes)
+        if staging is not None:
+            engine.register(staging.pool.data_ptr, staging.pool.nbytes)
         self._slots = SlotAllocator(aux.num_slots)
         self._lock = threading.Lock()
 
@@ -70,13 +76,30 @@ class PeerWrites:
         if ready_event is not None:
             ready_event.synchronize()
         sums = self.checksums.compute(src_pages) if self.checksums is not None else None
-        src_base, dst_base = self.pool.data_ptr, peer.kv_base
+        if self.staging is None:
+            self._write(peer, self.pool, src_pages, dst_pages)
+            return sums
+        step = self.staging.capacity
+        for i in range(0, len(src_pages), step):
+            part, host = src_pages[i : i + step], None
+            try:
+                host = self.staging.alloc(len(part), peer.write_deadline)
+                if host is None:
+                    raise TransferError("no host staging pages came free before the write deadline")
+                self.staging.to_host(part, host)
+                self._write(peer, self.staging.pool, host, dst_pages[i : i + step])
+            finally:
+                if host is not None:
+                    self.staging.free(host)
+        return sums
+
+    def _write(self, peer: Peer, pool: KVPool, src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
+        src_base, dst_base = pool.data_ptr, peer.kv_base
         pieces = [
             (src_base + s, dst_base + d, n)
-            for s, d, n in transfer_pieces(self.pool.layout, peer.layout, src_pages, dst_pages)
+            for s, d, n in transfer_pieces(pool.layout, peer.layout, src_pages, dst_pages)
         ]
         self.engine.write(peer.session, pieces, deadline=peer.write_deadline)
-        return sums
 
     def finish(self, peer: Peer, room: int, record: AuxRecord, kv_checksums: bytes) -> None:
         """Writes the aux record (the first token), then tells decode with ``TransferDone``. Raises

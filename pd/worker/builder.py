@@ -28,6 +28,7 @@ from pd.transfer.aux import AuxBuffer, SlotAllocator
 from pd.transfer.engine import TransferConfig, TransferEngine
 from pd.transfer.receiver import KVReceiver
 from pd.transfer.sender import KVSender
+from pd.transfer.staging import make_staging
 from pd.transfer.state import TransferTimeouts
 from pd.worker.loop import CommandQueue
 from pd.worker.metrics import WorkerMetrics
@@ -174,6 +175,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             tls=cfg.tls,
             kv_checksum=cfg.transfer.kv_checksum,
             writers_per_peer=cfg.transfer.writers_per_peer,
+            staging=make_staging(cfg.transfer, transfer_engine.transport, pool),
         )
         role_engine = PrefillEngine(engine, transfer, metrics)
     else:
@@ -187,6 +189,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             tls=cfg.tls,
             kv_checksum=cfg.transfer.kv_checksum,
             on_checksum_failure=metrics.checksum_failed,
+            staging=make_staging(cfg.transfer, transfer_engine.transport, pool),
         )
         slots = SlotAllocator(aux.num_slots)
         role_engine = DecodeEngine(
