@@ -47,7 +47,7 @@ def page_unit(layout: KVLayout) -> int:
 def same_page(a: KVPool, pa: int, b: KVPool, pb: int) -> bool:
     """Byte equality (random bit patterns hold NaNs, which compare unequal as numbers)."""
     bits = [
-        (a.layer(i)[pa].view(torch.int16), b.layer(i)[pb].view(torch.int16))
+        (a.layer(i)[pa].view(torch.int16).cpu(), b.layer(i)[pb].view(torch.int16).cpu())
         for i in range(a.layout.num_layers)
     ]
     return all(torch.equal(x, y) for x, y in bits)
