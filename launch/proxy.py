@@ -12,6 +12,7 @@ import uvicorn
 from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_logging, tls_config
 from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
+from pd.proxy.prefix_routing import POLICIES, RoutingConfig
 from pd.proxy.reasoning import REASONING_PARSERS
 
 
@@ -73,6 +74,36 @@ def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
             help="move a request whose prefill rank fails before the first token to another prefill "
             "instance, once",
         ),
+        add_field_arg(
+            g,
+            "--routing",
+            RoutingConfig,
+            "policy",
+            choices=POLICIES,
+            help="which prefill rank computes a prompt: cache_aware sends shared prefixes where they were "
+            "computed while the load is balanced; least_load ignores prefixes",
+        ),
+        add_field_arg(
+            g,
+            "--routing-cache-threshold",
+            RoutingConfig,
+            "cache_threshold",
+            help="cache_aware: least share of the prompt a recorded prefix must cover",
+        ),
+        add_field_arg(
+            g,
+            "--routing-balance-abs",
+            RoutingConfig,
+            "balance_abs",
+            help="cache_aware: outstanding requests the busiest rank may have beyond the idlest",
+        ),
+        add_field_arg(
+            g,
+            "--routing-balance-rel",
+            RoutingConfig,
+            "balance_rel",
+            help="cache_aware: or at most this many times the idlest's",
+        ),
         g.add_argument(
             "--reasoning-parser",
             choices=sorted(REASONING_PARSERS),
@@ -131,6 +162,12 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
         reasoning_parser=args.reasoning_parser,
+        routing=RoutingConfig(
+            policy=args.routing,
+            cache_threshold=args.routing_cache_threshold,
+            balance_abs=args.routing_balance_abs,
+            balance_rel=args.routing_balance_rel,
+        ),
     )
 
 

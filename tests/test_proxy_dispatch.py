@@ -54,11 +54,11 @@ class FakeCluster:
 
     # ---- the Router interface that Dispatcher uses ----
 
-    def pick(self, model: str) -> Route:
+    def pick(self, model: str, prompt_ids=()) -> Route:
         self.outstanding.update([P1.label, D.label])
         return Route(D, P1)
 
-    def pick_prefill(self, model: str, exclude_instances) -> Rank:
+    def pick_prefill(self, model: str, exclude_instances, prompt_ids=()) -> Rank:
         others = [r for r in (P1, P2) if r.label in self.prefill and r.instance_id not in exclude_instances]
         if not others:
             raise NoWorkers("no other prefill rank")
@@ -292,7 +292,7 @@ def test_client_gone_before_the_first_token_aborts_each_side_once():
 
 def test_no_rank_gives_503_and_holds_nothing():
     class Empty(FakeCluster):
-        def pick(self, model):
+        def pick(self, model, prompt_ids=()):
             raise NoWorkers("no prefill rank serving model 'm' is registered")
 
     cluster = Empty({})

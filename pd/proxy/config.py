@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pd.proxy.prefix_routing import RoutingConfig
 from pd.rpc.tls import TLSConfig
 
 
@@ -25,3 +26,4 @@ class ProxyConfig:
     keepalive_s: float = 5.0  # pings on worker channels: a hung worker fails its calls within ~2x this
     retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
     reasoning_parser: str | None = None  # chat: reasoning text to reasoning_content (pd.proxy.reasoning)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # which rank computes a prompt

@@ -136,7 +136,7 @@ class Dispatcher:
         on the same decode rank.
         """
         try:
-            route = self.router.pick(job.model.name)
+            route = self.router.pick(job.model.name, job.prompt_ids)
         except NoWorkers as e:
             raise APIError(503, str(e)) from None
         retries = 1 if self.retry_prefill else 0
@@ -165,7 +165,9 @@ class Dispatcher:
                     if retries == 0 or e.code not in _RETRY_PREFILL or route.prefill is None:
                         raise e.error from None
                     try:
-                        other = self.router.pick_prefill(job.model.name, [route.prefill.instance_id])
+                        other = self.router.pick_prefill(
+                            job.model.name, [route.prefill.instance_id], job.prompt_ids
+                        )
                     except NoWorkers:
                         raise e.error from None
                     retries -= 1

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 class Proxy:
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
-        self.router = Router(cfg.bootstrap, cfg.cluster_token, cfg.refresh_s, cfg.keepalive_s, cfg.tls)
+        self.router = Router(
+            cfg.bootstrap, cfg.cluster_token, cfg.refresh_s, cfg.keepalive_s, cfg.tls, cfg.routing
+        )
         m = self.metrics = Registry()
         self.m_requests = m.counter(
             "pd_proxy_requests_total", "Requests answered, by endpoint and status.", ["endpoint", "status"]

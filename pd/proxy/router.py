@@ -1,5 +1,6 @@
 """The proxy's view of the cluster: registered ranks from the bootstrap registry, gRPC stubs to them,
-and the choice of a prefill rank and a decode rank for each request (least outstanding requests).
+and the choice of a prefill rank (cache-aware, ``pd.proxy.prefix_routing``) and a decode rank (least
+outstanding requests) for each request.
 
 Failures: a rank whose call failed with UNAVAILABLE is probed (``Health``); if it does not answer,
 it gets no new requests (unless no other rank is left) until it re-registers as a new incarnation
@@ -13,12 +14,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from pd.bootstrap.client import BootstrapClient, BootstrapError
+from pd.proxy.prefix_routing import PrefixRecord, RoutingConfig, block_digests, choose
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc import worker_pb2_grpc as wpb_grpc
@@ -81,7 +83,8 @@ class NoWorkers(Exception):
 
 class Router:
     """``keepalive_s``: HTTP/2 ping interval on the worker channels (``pd.rpc.channel``): a call to a
-    rank that stops answering fails within about twice that."""
+    rank that stops answering fails within about twice that. ``routing``: how the rank that computes a
+    prompt (prefill or colocated) is chosen; ``decisions`` counts why each was."""
 
     def __init__(
         self,
@@ -90,7 +93,11 @@ class Router:
         refresh_s: float = 1.0,
         keepalive_s: float = 5.0,
         tls: TLSConfig | None = None,
+        routing: RoutingConfig | None = None,
     ) -> None:
+        self.routing = routing = routing or RoutingConfig()
+        self.prefixes = PrefixRecord(routing.max_blocks)
+        self.decisions: dict[str, int] = {"cache": 0, "load": 0, "imbalance": 0}
         self.client = BootstrapClient(
             bootstrap, cluster_token=cluster_token, timeout=2.0, retry_for=0.0, tls=tls
         )
@@ -178,6 +185,7 @@ class Router:
         for key in [k for k in self.assigned if k not in self.ranks and not self.outstanding.get(k)]:
             del self.assigned[key]  # requests still out on a departed rank keep its counts until released
             self.outstanding.pop(key, None)
+        self.prefixes.retain(set(self.ranks.values()))
         live = {r.endpoint for r in self.ranks.values()}
         busy = {r.endpoint for r in self._used.values() if self.outstanding.get(r.key)}
         for endpoint in [e for e in self._channels if e not in live and e not in busy]:
@@ -207,25 +215,40 @@ class Router:
 
     # ---- choosing ranks ----
 
-    def pick(self, model: str) -> Route:
-        """A colocated rank serving ``model``, else a prefill and a decode rank, each the least busy
-        (ties: the fewest requests so far); counts them busy until ``release``."""
+    def pick(self, model: str, prompt_ids: Sequence[int] = ()) -> Route:
+        """A colocated rank serving ``model``, else a prefill and a decode rank: the prefill (or colocated)
+        one by the routing policy for ``prompt_ids``, the decode one the least busy (ties: the fewest
+        requests so far); counts them busy until ``release``."""
+        prompt = self._prompt(prompt_ids)
         if self.ranks_of(bpb.ROLE_COLOCATED, model):
-            route = Route(self._choose(bpb.ROLE_COLOCATED, model, ()), None)
+            route = Route(self._choose(bpb.ROLE_COLOCATED, model, (), prompt), None)
         else:
-            prefill = self._choose(bpb.ROLE_PREFILL, model, ())
+            prefill = self._choose(bpb.ROLE_PREFILL, model, (), prompt)
             route = Route(self._choose(bpb.ROLE_DECODE, model, ()), prefill)
         for r in route.ranks:
             self._take(r)
         return route
 
-    def pick_prefill(self, model: str, exclude_instances: Iterable[str]) -> Rank:
+    def pick_prefill(
+        self, model: str, exclude_instances: Iterable[str], prompt_ids: Sequence[int] = ()
+    ) -> Rank:
         """Another prefill rank for a retry, on none of ``exclude_instances``; counted busy until ``release``."""
-        rank = self._choose(bpb.ROLE_PREFILL, model, frozenset(exclude_instances))
+        rank = self._choose(bpb.ROLE_PREFILL, model, frozenset(exclude_instances), self._prompt(prompt_ids))
         self._take(rank)
         return rank
 
-    def _choose(self, role: int, model: str, exclude_instances: Iterable[str]) -> Rank:
+    def _prompt(self, prompt_ids: Sequence[int]) -> tuple[list[bytes], int] | None:
+        if self.routing.policy != "cache_aware" or not prompt_ids:
+            return None
+        return block_digests(prompt_ids), len(prompt_ids)
+
+    def _choose(
+        self,
+        role: int,
+        model: str,
+        exclude_instances: Iterable[str],
+        prompt: tuple[list[bytes], int] | None = None,
+    ) -> Rank:
         name = bpb.Role.Name(role).removeprefix("ROLE_").lower()
         registered = self.ranks_of(role, model)
         if not registered:
@@ -235,10 +258,16 @@ class Router:
             raise NoWorkers(f"no other {name} rank serving model {model!r} is registered")
         # Ranks that failed a probe only when nothing else is left: a false alarm must not stop serving.
         candidates = [r for r in candidates if not self.is_down(r)] or candidates
-        # Fewest outstanding requests; ties: fewest requests so far, so sequential load spreads too.
-        return min(
-            candidates, key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key)
-        )
+        if prompt is None:  # fewest outstanding requests; ties: fewest so far, so sequential load spreads too
+            return min(
+                candidates, key=lambda r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0), r.key)
+            )
+        digests, length = prompt
+        load = {r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0)) for r in candidates}
+        rank, why = choose(self.routing, candidates, load, self.prefixes, digests, length)
+        self.prefixes.add(rank, digests)
+        self.decisions[why] += 1
+        return rank
 
     def _take(self, rank: Rank) -> None:
         self._used[rank.endpoint] = rank
