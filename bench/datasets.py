@@ -34,12 +34,16 @@ class SampleRequest:
     `prompt` is text, or token ids (the completions API accepts a list of ints).
     `prompt_len` is the prompt's token count; exact when `prompt_len_exact`, else estimated.
     `output_len` is the `max_tokens` to ask for.
+    `turn` is its turn in a conversation (0: the first); `after`, the index of the request that must have
+    ended before this one is sent (the conversation's previous turn), else None.
     """
 
     prompt: str | list[int]
     prompt_len: int
     output_len: int
     prompt_len_exact: bool = True
+    turn: int = 0
+    after: int | None = None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

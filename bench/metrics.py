@@ -53,6 +53,7 @@ class RequestRecord:
     error: str | None = None
     text: str = ""
     phases: Mapping[str, float] | None = None  # pd's `pd_phases` (seconds per latency phase), if sent
+    turn: int = 0  # the request's turn in its conversation (multi-turn workloads)
 
     @property
     def ok(self) -> bool:

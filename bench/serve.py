@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,20 +39,19 @@ from pd.bench.datasets import (
 from pd.bench.metrics import (
     SLO_METRICS,
     BenchMetrics,
-    LatencyStats,
     RequestRecord,
     compute_metrics,
     group_errors,
 )
+from pd.bench.prefix_datasets import (
+    PREFIX_DATASETS,
+    chained_offsets,
+    multiturn_requests,
+    shared_prefix_requests,
+)
+from pd.bench.report import expert_balance, fmt, format_table, write_result_json
 
-DATASETS = ("random", "sharegpt")
-TABLE_WIDTH = 50
-# Printed under the table (pd.bench.metrics has the details).
-DEFINITIONS = [
-    "TPOT = (last token - first token) / (output tokens - 1), per request;",
-    "ITL = gaps between chunks carrying tokens, over all requests (as vllm bench serve);",
-    "E2EL = request sent to end of stream.",
-]
+DATASETS = ("random", "sharegpt", *PREFIX_DATASETS)
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,15 @@ class BenchConfig:
     # Random ids are drawn below this; None: the tokenizer's vocabulary, else the one the server lists.
     random_vocab_size: int | None = None
     sharegpt_output_len: int | None = None  # replaces the reply length of every ShareGPT sample
+    # generated-shared-prefix (pd.bench.prefix_datasets): groups x prompts, each a shared system prompt + a question
+    gsp_num_groups: int = 32
+    gsp_prompts_per_group: int = 16
+    gsp_system_prompt_len: int = 2000
+    gsp_question_len: int = 100
+    gsp_output_len: int = 128
+    multiturn_max_turns: int = (
+        4  # sharegpt-multiturn: turns replayed per conversation (--num-prompts of them)
+    )
     request_rate: float = math.inf  # requests/s with Poisson arrivals; inf sends all at once
     max_concurrency: int | None = None
     num_warmups: int = 0
@@ -97,8 +104,10 @@ class BenchConfig:
             )
         if self.dataset_name not in DATASETS:
             raise ValueError(f"dataset_name={self.dataset_name!r}, expected one of {DATASETS}")
-        if self.dataset_name == "sharegpt" and not self.dataset_path:
-            raise ValueError("dataset_name='sharegpt' needs dataset_path (a ShareGPT JSON file)")
+        if self.dataset_name in ("sharegpt", "sharegpt-multiturn") and not self.dataset_path:
+            raise ValueError(f"dataset_name={self.dataset_name!r} needs dataset_path (a ShareGPT JSON file)")
+        if self.dataset_name == "generated-shared-prefix" and self.is_chat:
+            raise ValueError("dataset_name='generated-shared-prefix' sends token ids: use /v1/completions")
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts={self.num_prompts}, expected >= 1")
         if self.random_vocab_size is not None and self.random_vocab_size < 1:
@@ -215,6 +224,37 @@ def sample_requests(
                 "chat prompts have the asked length in tokens without the chat template; the input token "
                 "totals are the server's usage (template included) where it reports one"
             )
+    elif cfg.dataset_name == "generated-shared-prefix":
+        vocab_size = cfg.random_vocab_size or (tokenizer.get_vocab_size() if tokenizer else server_vocab_size)
+        if vocab_size is None:
+            raise ValueError(
+                "generated-shared-prefix: pass --tokenizer or --random-vocab-size (ids to draw from)"
+            )
+        requests = shared_prefix_requests(
+            cfg.gsp_num_groups,
+            cfg.gsp_prompts_per_group,
+            cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len,
+            cfg.gsp_output_len,
+            vocab_size,
+            cfg.seed,
+        )
+        notes.append(
+            f"{len(requests)} prompts ({cfg.gsp_num_groups} groups x {cfg.gsp_prompts_per_group}); --num-prompts ignored"
+        )
+    elif cfg.dataset_name == "sharegpt-multiturn":
+        assert cfg.dataset_path is not None
+        requests = multiturn_requests(
+            cfg.dataset_path,
+            cfg.num_prompts,
+            cfg.multiturn_max_turns,
+            cfg.seed,
+            tokenizer,
+            output_len=cfg.sharegpt_output_len,
+        )
+        notes.append(
+            f"{len(requests)} turns of {cfg.num_prompts} conversations, each turn sent when the previous ended"
+        )
     else:
         requests = sharegpt_requests(
             cfg.dataset_path, cfg.num_prompts, cfg.seed, tokenizer, output_len=cfg.sharegpt_output_len
@@ -264,9 +304,18 @@ async def _run_requests(
 ) -> tuple[list[RequestRecord], float]:
     """Sends request i at offsets[i] s after start, at most max_concurrency at once; returns (records, duration)."""
     limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    ended = [asyncio.Event() for _ in requests]  # a conversation's next turn waits for the previous one
     t0 = time.perf_counter()
 
     async def one(index: int, sample: SampleRequest, offset: float) -> RequestRecord:
+        try:
+            return dataclasses.replace(await send(index, sample, offset), turn=sample.turn)
+        finally:
+            ended[index].set()
+
+    async def send(index: int, sample: SampleRequest, offset: float) -> RequestRecord:
+        if sample.after is not None:
+            await ended[sample.after].wait()
         await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
         body = request_body(
             sample,
@@ -321,7 +370,7 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
     async with httpx.AsyncClient(headers=headers, timeout=None, limits=limits) as client:
         needs_vocab = (
             requests is None
-            and cfg.dataset_name == "random"
+            and cfg.dataset_name in ("random", "generated-shared-prefix")
             and cfg.tokenizer is None
             and cfg.random_vocab_size is None
         )
@@ -344,7 +393,8 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
             records, _ = await _run_requests(client, cfg, model, warmups, [0.0] * len(warmups), None)
             warmup_errors = group_errors(records)
 
-        offsets = arrival_times(len(requests), cfg.request_rate, cfg.seed)
+        firsts = sum(r.after is None for r in requests)
+        offsets = chained_offsets(requests, arrival_times(firsts, cfg.request_rate, cfg.seed))
         with tqdm(total=len(requests), disable=cfg.disable_tqdm, desc="requests") as progress:
             records, duration = await _run_requests(client, cfg, model, requests, offsets, progress)
 
@@ -358,109 +408,6 @@ async def run_benchmark(cfg: BenchConfig, requests: Sequence[SampleRequest] | No
             "output token counts are the token ids (or output chunks) in the stream: the server reported no usage"
         )
     return BenchResult(cfg, model, tuple(records), metrics, warmup_errors, tuple(notes), date)
-
-
-def _fmt(value: float | int | str | None) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.2f}"
-    return str(value)
-
-
-def _title(text: str, fill: str = "-") -> str:
-    return f"{text:{fill}^{TABLE_WIDTH}}"
-
-
-def format_table(result: BenchResult) -> str:
-    """The result block printed at the end of a run (the layout of vllm's serving benchmark)."""
-    m, cfg = result.metrics, result.config
-    source = {
-        "usage": "server usage",
-        "chunks": "token ids / chunks in the stream",
-        "mixed": "usage where reported, else the stream",
-        "none": "n/a",
-    }[m.output_tokens_source]
-    rows: list[tuple[str, Any]] = [
-        ("Successful requests:", m.completed),
-        ("Failed requests:", m.failed),
-        ("Request rate (req/s):", cfg.request_rate),
-        ("Maximum request concurrency:", cfg.max_concurrency),
-        ("Benchmark duration (s):", m.duration_s),
-        ("Total input tokens:", m.total_input_tokens),
-        ("Total generated tokens:", m.total_output_tokens),
-        ("Output token counts from:", source),
-        ("Request throughput (req/s):", m.request_throughput),
-    ]
-    if m.goodput is not None:
-        rows.append(("Request goodput (req/s):", m.goodput))
-    rows += [
-        ("Output token throughput (tok/s):", m.output_throughput),
-        ("Peak output token throughput (tok/s):", m.peak_output_throughput),
-        ("Peak concurrent requests:", m.peak_concurrency),
-        ("Total token throughput (tok/s):", m.total_token_throughput),
-    ]
-    lines = [_title(" Serving Benchmark Result ", "=")]
-    lines += [f"{label:<40} {_fmt(value)}" for label, value in rows]
-    sections: list[tuple[str, str, LatencyStats]] = [
-        ("Time to First Token", "TTFT", m.ttft),
-        ("Time per Output Token (excl. 1st token)", "TPOT", m.tpot),
-        ("Inter-token Latency", "ITL", m.itl),
-        ("End-to-end Latency", "E2EL", m.e2el),
-    ]
-    for title, short, stats in sections:
-        lines.append(_title(title))
-        for name, value in (
-            ("Mean", stats.mean),
-            ("Median", stats.median),
-            ("Std", stats.std),
-            ("P90", stats.p90),
-            ("P99", stats.p99),
-        ):
-            lines.append(f"{f'{name} {short} (ms):':<40} {_fmt(value)}")
-    if m.slo_ms:
-        slo = " ".join(f"{k}:{v:g}" for k, v in m.slo_ms.items())
-        lines.append(_title("Goodput"))
-        lines.append(f"{'SLO (ms):':<40} {slo}")
-        lines.append(f"{'Requests meeting every SLO:':<40} {m.good_requests}")
-    lines += phase_lines(result.records)
-    lines.append("=" * TABLE_WIDTH)
-    lines += DEFINITIONS
-    if m.errors:
-        lines.append("Failed requests by error:")
-        lines += [f"  {count:>6} x {message}" for message, count in m.errors.items()]
-    if result.warmup_errors:
-        lines.append("Failed warm-up requests by error (not counted above):")
-        lines += [f"  {count:>6} x {message}" for message, count in result.warmup_errors.items()]
-    lines += [f"Note: {note}" for note in result.notes]
-    return "\n".join(lines)
-
-
-def phase_lines(records: Sequence[RequestRecord]) -> list[str]:
-    """Where the latency went (pd's ``pd_phases``): median and p90 ms per phase over the successful requests
-    that carried them, in the server's order; none when no request did."""
-    phased = [r.phases for r in records if r.ok and r.phases]
-    if not phased:
-        return []
-    lines = [
-        _title(f"Latency by phase (pd; {len(phased)} requests)"),
-        f"{'phase':<26}{'median ms':>14}{'P90 ms':>10}",
-    ]
-    for name in phased[0]:
-        if name == "kv_bytes":
-            continue
-        values = sorted(p[name] for p in phased if name in p)
-        median, p90 = values[len(values) // 2], values[min(len(values) - 1, int(0.9 * len(values)))]
-        lines.append(f"{name:<26}{median * 1e3:>14.2f}{p90 * 1e3:>10.2f}")
-    kv = sorted(p.get("kv_bytes", 0.0) for p in phased)
-    lines.append(f"{'KV bytes per request':<26}{kv[len(kv) // 2]:>14.0f}")
-    return lines
-
-
-def write_result_json(result: BenchResult, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def parse_slo(items: Sequence[str]) -> dict[str, float]:
@@ -519,6 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sharegpt-output-len", type=int, default=None, help="max_tokens for every ShareGPT prompt"
     )
+    g = p.add_argument_group("shared-prefix workloads (pd.bench.prefix_datasets)")
+    g.add_argument("--gsp-num-groups", type=int, default=d.gsp_num_groups, help="system prompts")
+    g.add_argument(
+        "--gsp-prompts-per-group", type=int, default=d.gsp_prompts_per_group, help="questions each"
+    )
+    g.add_argument("--gsp-system-prompt-len", type=int, default=d.gsp_system_prompt_len, help="tokens")
+    g.add_argument("--gsp-question-len", type=int, default=d.gsp_question_len, help="tokens")
+    g.add_argument("--gsp-output-len", type=int, default=d.gsp_output_len, help="max_tokens")
+    g.add_argument(
+        "--multiturn-max-turns", type=int, default=d.multiturn_max_turns, help="turns per conversation"
+    )
     p.add_argument(
         "--request-rate", type=float, default=d.request_rate, help="requests/s, Poisson; inf: all at once"
     )
@@ -575,6 +533,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         random_range_ratio=args.random_range_ratio,
         random_vocab_size=args.random_vocab_size,
         sharegpt_output_len=args.sharegpt_output_len,
+        gsp_num_groups=args.gsp_num_groups,
+        gsp_prompts_per_group=args.gsp_prompts_per_group,
+        gsp_system_prompt_len=args.gsp_system_prompt_len,
+        gsp_question_len=args.gsp_question_len,
+        gsp_output_len=args.gsp_output_len,
+        multiturn_max_turns=args.multiturn_max_turns,
         request_rate=args.request_rate,
         max_concurrency=args.max_concurrency,
         num_warmups=args.num_warmups,
@@ -590,49 +554,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def expert_balance(base_url: str) -> str:
-    """Load balance of the experts, from a pd proxy's ``pd_expert_tokens`` (empty for other servers).
-
-    Per role: the (token, expert) pairs each EP rank received (cumulative since the ranks started)
-    and max / mean over ranks and over experts.
-    """
-    from pd.metrics import parse_samples
-
-    try:
-        response = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10)
-    except httpx.HTTPError:
-        return ""
-    if response.status_code != 200:  # not a pd proxy (or no metrics there)
-        return ""
-    text = response.text
-    per_rank: dict[str, dict[str, float]] = {}
-    per_expert: dict[str, dict[str, float]] = {}
-    for (name, labels), value in parse_samples(text).items():
-        if name != "pd_expert_tokens":
-            continue
-        d = dict(labels)
-        rank = f"{d['instance']}/{d['rank']}"
-        per_rank.setdefault(d["role"], {}).setdefault(rank, 0.0)
-        per_rank[d["role"]][rank] += value
-        per_expert.setdefault(d["role"], {})[d["expert"]] = (
-            per_expert.get(d["role"], {}).get(d["expert"], 0.0) + value
-        )
-    if not per_rank:
-        return ""
-    lines = ["Expert load (cumulative (token, expert) pairs since start):"]
-    for role, ranks in sorted(per_rank.items()):
-        rank_values, expert_values = list(ranks.values()), list(per_expert[role].values())
-        imbalance = max(rank_values) / (sum(rank_values) / len(rank_values)) if sum(rank_values) else 0.0
-        expert_imbalance = (
-            max(expert_values) / (sum(expert_values) / len(expert_values)) if sum(expert_values) else 0.0
-        )
-        shown = ", ".join(f"{r} {v:.0f}" for r, v in sorted(ranks.items()))
-        lines.append(
-            f"  {role}: {shown}; max/mean over ranks {imbalance:.2f}, over experts {expert_imbalance:.2f}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -642,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     print(
         f"pd-bench: {cfg.url}, dataset {cfg.dataset_name}, {cfg.num_prompts} prompts, "
-        f"request rate {_fmt(cfg.request_rate)}/s, max concurrency {_fmt(cfg.max_concurrency)}"
+        f"request rate {fmt(cfg.request_rate)}/s, max concurrency {fmt(cfg.max_concurrency)}"
     )
     try:
         result = asyncio.run(run_benchmark(cfg))

@@ -25,7 +25,8 @@ from pd.bench.datasets import (
     sharegpt_requests,
 )
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
-from pd.bench.serve import BenchConfig, arrival_times, format_table, main, parse_slo, run_benchmark
+from pd.bench.report import format_table
+from pd.bench.serve import BenchConfig, arrival_times, main, parse_slo, run_benchmark
 from tests.support.net import free_port
 
 if TYPE_CHECKING:

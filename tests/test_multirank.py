@@ -63,7 +63,7 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
     for role in ("prefill", "decode"):
         for rank in ("0", "1"):
             assert counts[(role, rank)] == held[placement][rank], (role, rank)
-    from pd.bench.serve import expert_balance
+    from pd.bench.report import expert_balance
 
     summary = expert_balance(deployment_dp2)
     assert "prefill:" in summary and "decode:" in summary and "max/mean over ranks" in summary
