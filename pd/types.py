@@ -10,6 +10,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from pd.grammar.spec import GrammarSpec
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
@@ -32,6 +34,10 @@ class SamplingParams:
     tokens are out). ``top_logprobs``: alternatives returned per sampled token; ``prompt_logprobs``: with
     it (>= 0) every prompt token's logprob and that many alternatives come back (echo). Logprobs are those
     of the processed logits, before temperature and the filters.
+
+    ``grammar``: structured output (``pd.grammar``): each step, tokens the grammar does not allow next are
+    masked to -inf (after the processing above, so logprobs see the mask too), and the request ends with
+    ``stop`` once the grammar is complete and can take no more text.
     """
 
     temperature: float = 1.0
@@ -50,6 +56,7 @@ class SamplingParams:
     min_tokens: int = 0
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -110,8 +117,10 @@ class SamplingParams:
 
     @property
     def needs_processing(self) -> bool:
-        """Whether the logits change before sampling (a penalty, a bias, or min_tokens)."""
-        return self.needs_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        """Whether the logits change before sampling (a penalty, a bias, min_tokens or a grammar)."""
+        return (
+            self.needs_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.grammar is not None
+        )
 
     @property
     def needs_sorting(self) -> bool:

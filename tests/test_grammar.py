@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pd.grammar import (
-    ALL_ALLOWED,
-    GrammarError,
-    GrammarSpec,
-    apply_bitmask,
-    bitmask_words,
-    make_grammar_backend,
-    new_bitmask,
-)
+from pd.grammar import GrammarError, GrammarSpec, make_grammar_backend
+from pd.grammar.mask import ALL_ALLOWED, apply_bitmask, bitmask_words, new_bitmask
 from pd.tokenizer import Tokenizer
+from tests.support.schemas import SCHEMAS
 
 MAX_STEPS = 400  # tokens a random model may take to finish one output
 SEEDS = (0, 1, 2)
@@ -190,62 +184,6 @@ def generate(backend, tokenizer, spec: GrammarSpec, seed: int, weigh=None) -> st
     raise AssertionError(f"no EOS after {MAX_STEPS} tokens: {tokenizer.decode(tokens)!r}")
 
 
-def _object(properties: dict, required: list[str]) -> dict:
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-
-
-SCHEMAS = {
-    "nested": _object(
-        {
-            "name": {"type": "string", "maxLength": 8},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "address": _object(
-                {
-                    "street": {"type": "string", "maxLength": 10},
-                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                },
-                ["street", "zip"],
-            ),
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-        },
-        ["name", "age", "address"],
-    ),
-    "enums": _object(
-        {
-            "color": {"enum": ["red", "green", "blue"]},
-            "size": {"enum": [1, 2, 3, None]},
-            "ok": {"type": "boolean"},
-        },
-        ["color", "size", "ok"],
-    ),
-    "array": {
-        "type": "array",
-        "items": {"type": "integer", "minimum": -5, "maximum": 5},
-        "minItems": 1,
-        "maxItems": 4,
-    },
-    "integers": _object(
-        {
-            "a": {"type": "integer", "minimum": 10, "maximum": 99},
-            "b": {"type": "integer", "exclusiveMinimum": 0, "maximum": 1000},
-        },
-        ["a", "b"],
-    ),
-    "strings": _object(
-        {"s": {"type": "string", "minLength": 2, "maxLength": 6}, "t": {"type": "string", "maxLength": 3}},
-        ["s", "t"],
-    ),
-    "array_of_objects": {
-        "type": "array",
-        "maxItems": 3,
-        "items": _object(
-            {"id": {"type": "integer", "minimum": 0, "maximum": 9}, "v": {"type": "number"}}, ["id"]
-        ),
-    },
-    "any_of": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"const": "none"}]},
-}
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_random_model_finishes_valid_json(backend, tokenizer, name, seed) -> None:
@@ -306,13 +244,23 @@ def test_regex_lark_and_choice(backend, tokenizer, seed) -> None:
     ],
 )
 def test_bad_specs_raise_grammar_error(backend, spec, message) -> None:
-    with pytest.raises(GrammarError, match=re.escape(message)):
+    """The rank's compile and the proxy's tokenizer-free check refuse a spec in the same words."""
+    from pd.grammar.text import validate
+
+    with pytest.raises(GrammarError, match=re.escape(message)) as compiled:
         backend.compile(spec)
+    with pytest.raises(GrammarError) as checked:
+        validate(spec)
+    assert str(checked.value) == str(compiled.value)
 
 
 def test_lenient_schema_compiles_with_warnings(backend) -> None:
-    compiled = backend.compile(GrammarSpec.json_schema({"type": "array", "uniqueItems": True}))
-    assert any("uniqueItems" in w for w in compiled.warnings)
+    from pd.grammar.text import validate
+
+    spec = GrammarSpec.json_schema({"type": "array", "uniqueItems": True})
+    assert any("uniqueItems" in w for w in backend.compile(spec).warnings)
+    assert any("uniqueItems" in w for w in validate(spec))
+    assert validate(GrammarSpec.json_schema(SCHEMAS["nested"], strict=True)) == ()
 
 
 def mask_of(matcher, words: int) -> np.ndarray:

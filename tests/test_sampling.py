@@ -102,4 +102,14 @@ def test_sampling_params_survive_the_wire():
     sp = SamplingParams(temperature=0.5, top_p=0.75, top_k=7, min_p=0.125, seed=2**40 + 3, max_tokens=33,
                         stop=("</s>", "##"), stop_token_ids=(5, 9), ignore_eos=True)  # fmt: skip
     wire = wpb.Sampling.FromString(sampling_to_proto(sp).SerializeToString())
-    assert sampling_from_proto(wire) == sp
+    assert sampling_from_proto(wire) == sp and sampling_from_proto(wire).grammar is None
+    from pd.grammar import GrammarSpec
+
+    for grammar in (
+        GrammarSpec.json_schema({"type": "object", "properties": {"é": {"enum": [1, "x"]}}}, strict=True),
+        GrammarSpec.json_object(),
+        GrammarSpec.choice(["yes", "", 'a "b"\n']),
+        GrammarSpec.regex("[0-9]{3}"),
+    ):
+        sp = SamplingParams(seed=1, grammar=grammar)
+        assert sampling_from_proto(wpb.Sampling.FromString(sampling_to_proto(sp).SerializeToString())) == sp

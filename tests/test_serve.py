@@ -362,12 +362,8 @@ UNSUPPORTED_FIELDS = [
     ("completions", {"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
     ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("completions", {"logprobs": 21}, "logprobs"),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    (
-        "completions",
-        {"response_format": {"type": "json_object"}},
-        "response_format",
-    ),  # not a completions field
+    ("chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("completions", {"max_completion_tokens": 4}, "max_completion_tokens"),  # not a completions field
     ("completions", {"suffix": "x"}, "suffix"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("completions", {"best_off": 2}, "best_off"),  # a typo: unknown fields are refused
@@ -400,10 +396,8 @@ def test_unsupported_fields_through_the_openai_client(deployment):
     c = openai_client(deployment)
     messages = [{"role": "user", "content": "Reply in JSON."}]
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(
-            model="tiny-ci", messages=messages, max_tokens=4, response_format={"type": "json_object"}
-        )
-    assert e.value.body["param"] == "response_format" and "response_format" in e.value.body["message"]
+        c.chat.completions.create(model="tiny-ci", messages=messages, max_tokens=4, reasoning_effort="low")
+    assert e.value.body["param"] == "reasoning_effort" and "reasoning_effort" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="tiny-ci", prompt="hi", max_tokens=4, best_of=2)
     assert e.value.body["param"] == "best_of"

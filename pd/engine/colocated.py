@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pd.engine.engine import Engine
 from pd.engine.messages import AbortRoom, Command, DecodeRoom, Event, Failure
-from pd.engine.role import Load, aborted_event, refused, tokens_event
+from pd.engine.role import Load, aborted_event, output_event, refused
 from pd.engine.scheduler import QueueFull
 from pd.types import Req
 from pd.worker.metrics import WorkerMetrics
@@ -27,10 +27,10 @@ class ColocatedEngine:
     def step(self) -> list[Event]:
         events: list[Event] = []
         for out in self.engine.step():
-            events.append(tokens_event(out))
+            events.append(output_event(out))
             if out.finish_reason is not None:
                 self.rooms.pop(out.req.rid, None)
-                self.metrics.ended(out.finish_reason.value)
+                self.metrics.ended("failed" if out.error else out.finish_reason.value)
         return events
 
     def handle(self, cmd: Command) -> list[Event]:

@@ -33,7 +33,7 @@ from pd.engine.messages import (
     TransferEnded,
     transfer_failed,
 )
-from pd.engine.role import Load, aborted_event, refused, tokens_event
+from pd.engine.role import Load, aborted_event, output_event, refused, tokens_event
 from pd.transfer.aux import SlotAllocator
 from pd.transfer.state import TransferState
 from pd.types import Req
@@ -216,6 +216,10 @@ class DecodeEngine:
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
 
     def _emit(self, out: TokenOutput) -> Event:
+        if out.error is not None:  # the room fails alone (the scheduler freed its pages)
+            self.rooms.pop(out.req.rid, None)
+            self.metrics.ended("failed")
+            return output_event(out)
         event = tokens_event(out)
         room = self.rooms.get(out.req.rid)
         if room is not None and out.token_ids:

@@ -9,18 +9,23 @@ scheduler's extend batches and ships the pages.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pd.config import EngineConfig, ModelConfig
 from pd.detokenizer import IncrementalDetokenizer
+from pd.engine.grammar import GrammarMatchers
 from pd.engine.logits import LogitsProcessor
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
+from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
 from pd.tokenizer import Tokenizer
 from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams, StepResult, TopLogprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +39,7 @@ class TokenOutput:
     finish_reason: FinishReason | None
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, where asked
     prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)  # first output, echo
+    error: str | None = None  # the request failed (its output left its grammar): it ends with this error
 
 
 @dataclass
@@ -57,15 +63,26 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
-        # Per-request logits state (penalties); a request's slot is freed wherever it ends.
+        # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
+        self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
         self.logits = LogitsProcessor(
-            self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos)
+            self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos), self.grammar
         )
         self.scheduler.on_end = self.logits.release
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
         self._detok: dict[int, IncrementalDetokenizer] = {}
+
+    def _grammar_backend(self) -> GrammarBackend | None:
+        """Structured output needs the tokenizer (and an EOS token in it); without, it is refused."""
+        if self.tokenizer is None or not self.tokenizer.eos_token_ids:
+            return None
+        try:
+            return make_grammar_backend(GRAMMAR_BACKENDS[0], self.tokenizer, self.model_cfg.vocab_size)
+        except (ValueError, RuntimeError) as e:  # e.g. a tokenizer the grammar library cannot read
+            log.warning("structured output is off on this rank: %s", e)
+            return None
 
     # ---- requests in ----
 
@@ -79,6 +96,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids {bad[:4]} outside the vocabulary [0, {vocab})")
+        if params.grammar is not None:
+            self.grammar.check(params.grammar)  # GrammarError is a ValueError
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return Req(next(self._rids) if rid is None else rid, list(prompt_ids), params, seed, self.context_len)
 
@@ -123,6 +142,11 @@ class Engine:
             if token is None:
                 continue
             assert logprob is not None  # sampled together with the token
+            error = None
+            if req.sampling.grammar is not None and not req.finished:
+                complete, error = self.grammar.advance(req)
+                if complete or error:
+                    self.scheduler.finish(req, FinishReason.ABORT if error else FinishReason.STOP)
             text = ""
             detok = self._detok.get(req.rid)
             if detok is not None:
@@ -136,7 +160,7 @@ class Engine:
             first = len(req.output_ids) == 1 and req.sampling.prompt_logprobs is not None
             prompt = list(req.prompt_logprobs) if first else []
             tops = [top] if req.sampling.top_logprobs else []
-            outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason, tops, prompt))
+            outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason, tops, prompt, error))
         return outputs
 
     def _track(self, req: Req) -> None:

@@ -1,10 +1,12 @@
-"""Logits processing before sampling (penalties, logit bias, min_tokens) and the logprobs requests ask for.
+"""Logits processing before sampling (penalties, logit bias, min_tokens, grammar masks) and the logprobs
+requests ask for.
 
 Order, per row that asks for it (``SamplingParams``): repetition penalty (transformers' rule: a seen
 token's logit is divided by the penalty if positive, multiplied if not; seen = in the prompt or the
 output), frequency and presence penalties (OpenAI's: ``-= frequency * count + presence * (count > 0)``
 over generated tokens), logit bias, then min_tokens (EOS and ``stop_token_ids`` to -inf while fewer than
-``min_tokens`` are out). Rows that ask for nothing are left as they are, and a batch where no row asks
+``min_tokens`` are out), and last the grammar's token mask (``pd.engine.grammar``: disallowed tokens to
+-inf). Rows that ask for nothing are left as they are, and a batch where no row asks
 costs nothing.
 
 Per-request state lives on the logits' device in slot rows, so no step sends token histories from the
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pd.engine.grammar import GrammarMatchers
+from pd.grammar.mask import apply_bitmask
 from pd.types import LOGIT_BIAS_LIMIT, Req
 
 
@@ -45,13 +49,23 @@ class StepLogits:
         tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     )  # rows, token ids (int64 [K]), biases (f32 [K])
     masked: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids set to -inf (min_tokens)
+    bitmask: torch.Tensor | None = None  # int32 [B, words]: the grammars' allowed tokens (pd.grammar.mask)
 
 
 class LogitsProcessor:
-    """Penalties, bias and min_tokens for a vocabulary of ``vocab`` logits, with ``slots`` request states."""
+    """Penalties, bias, min_tokens and grammars for a vocabulary of ``vocab`` logits, with ``slots`` request
+    states. ``grammar``: the engine's grammar matchers (None: requests with a grammar are not served)."""
 
-    def __init__(self, vocab: int, slots: int, device: torch.device, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        slots: int,
+        device: torch.device,
+        eos_token_ids: frozenset[int],
+        grammar: GrammarMatchers | None = None,
+    ) -> None:
         self.vocab, self.device, self.eos = vocab, device, sorted(eos_token_ids)
+        self.grammar = grammar
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self._free = list(range(slots - 1, -1, -1))
@@ -62,15 +76,24 @@ class LogitsProcessor:
         return len(self._slot)
 
     def release(self, req: Req) -> None:
-        """The request ended: its slot (if it had one) is free again. Idempotent."""
+        """The request ended: its slot and its grammar matcher (if it had them) are free again. Idempotent."""
+        if self.grammar is not None:
+            self.grammar.release(req)
         slot = self._slot.pop(req.rid, None)
         if slot is not None:
             self._free.append(slot)
 
     def prepare(self, reqs: Sequence[Req]) -> StepLogits | None:
-        """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks."""
+        """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks.
+        Called after the step's forward was launched: the grammars' bitmask is filled on the host while the
+        device runs it."""
         if not any(r.sampling.needs_processing for r in reqs):
             return None
+        bitmask = None
+        if any(r.sampling.grammar is not None for r in reqs):
+            if self.grammar is None:
+                raise ValueError("a request with a grammar reached an engine without grammar matchers")
+            bitmask = self.grammar.fill(reqs)
         prows, pslots, rep, freq, pres = [], [], [], [], []
         brows, bids, bvals, mrows, mids = [], [], [], [], []
         for row, req in enumerate(reqs):
@@ -106,6 +129,7 @@ class LogitsProcessor:
             penalties,
             (ints(brows), ints(bids), floats(bvals)) if brows else None,
             (ints(mrows), ints(mids)) if mrows else None,
+            bitmask,
         )
 
     def apply(self, logits: torch.Tensor, step: StepLogits) -> torch.Tensor:
@@ -123,6 +147,8 @@ class LogitsProcessor:
             logits.index_put_((rows, ids), values, accumulate=True)
         if step.masked is not None:
             logits[step.masked] = float("-inf")
+        if step.bitmask is not None:
+            apply_bitmask(logits, step.bitmask)
         return logits
 
     def record(self, step: StepLogits | None, tokens: torch.Tensor) -> None:

@@ -69,6 +69,7 @@ class Failure(str, enum.Enum):
     ABORTED = "aborted"
     TIMEOUT = "timeout"  # a transfer state timed out
     UNAVAILABLE = "unavailable"  # the peer failed
+    FAILED = "failed"  # the request failed while running (its output left its grammar); others go on
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,13 @@ def tokens_event(out: TokenOutput) -> Tokens:
     )
 
 
+def output_event(out: TokenOutput) -> Tokens | RoomFailed:
+    """A step's output as its room's event: its tokens, or the failure that ended it (``out.error``)."""
+    if out.error is not None:
+        return RoomFailed(out.req.rid, Failure.FAILED, out.error)
+    return tokens_event(out)
+
+
 def aborted_event(req: Req) -> Tokens:
     """The last event of a room aborted while it waited or decoded (its stream ends, not fails)."""
     return Tokens(req.rid, (), (), "", FinishReason.ABORT.value, len(req.prompt_ids), len(req.output_ids))

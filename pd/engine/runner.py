@@ -243,8 +243,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch, logits: LogitsProcessor | None = None) -> StepResult:
-        """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens);
-        None: no request of the batch asks for processing."""
+        """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens,
+        grammar matchers); None: no request of the batch asks for processing. Requests that ask for any
+        never take the CUDA graph's greedy tokens: their logits are processed (and masked) first."""
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         plain = not any(r.sampling.needs_processing or r.sampling.top_logprobs for r in sampled)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
@@ -281,6 +282,8 @@ class ModelRunner:
         self, out: torch.Tensor, batch: Batch, sampled: list[Req], logits: LogitsProcessor | None
     ) -> StepResult:
         """Samples ``out [len(sampled), V]`` float32 (processed in place first)."""
+        if logits is None and any(r.sampling.grammar is not None for r in sampled):
+            raise ValueError("a request with a grammar needs the engine's LogitsProcessor (its token masks)")
         step = logits.prepare(sampled) if logits is not None else None
         if logits is not None and step is not None:
             logits.apply(out, step)

@@ -5,7 +5,8 @@ a rank that registered before that failed its first requests on transfer timeout
 scratch requests whose pages it allocates and frees:
 
 - ``extend``: a prompt in two chunks (the second one over a cached prefix), greedy, sampled, and sampled
-  with every logits processing and logprobs option (penalties, bias, min_tokens, top and prompt logprobs);
+  with every logits processing and logprobs option (penalties, bias, min_tokens, a grammar where the
+  engine serves them, top and prompt logprobs);
 - ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), then a replay of
   every other graph bucket.
 
@@ -15,10 +16,12 @@ counters are reset afterwards: ``pd_expert_tokens`` counts served tokens only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from pd.engine.engine import Engine
+from pd.grammar import GrammarSpec
 from pd.types import Batch, BatchMode, Req, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ _PROCESSED = SamplingParams(
     top_logprobs=5,
     prompt_logprobs=5,
 )
+_GRAMMAR = GrammarSpec.json_object()  # the token masks' path, where the engine has a grammar backend
 
 
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
@@ -48,8 +52,11 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
     count = min(3, engine.cfg.max_running)
     vocab = engine.model_cfg.vocab_size
     reqs = []
+    processed = _PROCESSED
+    if engine.grammar.backend is not None:
+        processed = dataclasses.replace(_PROCESSED, grammar=_GRAMMAR)
     try:
-        for i, sp in enumerate((_GREEDY, _SAMPLED, _PROCESSED)[:count]):
+        for i, sp in enumerate((_GREEDY, _SAMPLED, processed)[:count]):
             pages = engine.allocator.alloc(runner.pool.layout.pages_for(n + 1))
             if pages is None:
                 raise RuntimeError(f"the KV pool ({engine.allocator.capacity} pages) cannot hold the warm-up")

@@ -1,28 +1,27 @@
 """Structured output: grammars (JSON schema, JSON object, regex, choice, Lark) that constrain sampling.
 
 ``make_grammar_backend(name, tokenizer)`` builds a backend; each request compiles its `GrammarSpec`
-(cached), gets a `Matcher`, and each step fills its bitmask row, which `apply_bitmask` applies to the
-logits before sampling; the sampled token is then `Matcher.accept`-ed.
+(cached), gets a `Matcher`, and each step fills its bitmask row, which ``pd.grammar.mask.apply_bitmask``
+applies to the logits before sampling; the sampled token is then `Matcher.accept`-ed. The proxy checks a
+spec without a tokenizer with ``pd.grammar.text.validate``.
+
+This package's top level imports no torch (the proxy imports it): the bitmask helpers are in
+``pd.grammar.mask``, the backend in ``pd.grammar.llguidance``.
 """
 
 from __future__ import annotations
 
-from pd.grammar.base import (
-    GRAMMAR_KINDS,
-    CompiledGrammar,
-    GrammarBackend,
-    GrammarError,
-    GrammarKind,
-    GrammarSpec,
-    Matcher,
-)
-from pd.grammar.mask import ALL_ALLOWED, apply_bitmask, bitmask_words, new_bitmask
-from pd.tokenizer import Tokenizer
+from typing import TYPE_CHECKING
+
+from pd.grammar.base import CompiledGrammar, GrammarBackend, Matcher
+from pd.grammar.spec import GRAMMAR_KINDS, GrammarError, GrammarKind, GrammarSpec
+
+if TYPE_CHECKING:
+    from pd.tokenizer import Tokenizer
 
 GRAMMAR_BACKENDS = ("llguidance",)
 
 __all__ = [
-    "ALL_ALLOWED",
     "GRAMMAR_BACKENDS",
     "GRAMMAR_KINDS",
     "CompiledGrammar",
@@ -31,10 +30,7 @@ __all__ = [
     "GrammarKind",
     "GrammarSpec",
     "Matcher",
-    "apply_bitmask",
-    "bitmask_words",
     "make_grammar_backend",
-    "new_bitmask",
 ]
 
 

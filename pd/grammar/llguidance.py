@@ -19,7 +19,6 @@ Why llguidance, not xgrammar (checked with llguidance 1.9.1 and xgrammar 0.2.8, 
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,39 +28,15 @@ import llguidance as llg
 import numpy as np
 import torch
 
-from pd.grammar.base import BitmaskRow, GrammarError, GrammarSpec, Matcher
+from pd.grammar.spec import GrammarSpec
+from pd.grammar.text import error_message, grammar_text
 from pd.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
+    from pd.grammar.base import BitmaskRow, Matcher
 
-# JSON without free whitespace: whitespace_flexible=False allows no whitespace between tokens and the
-# separators are exactly "," and ":". A model (random ones included) cannot run away emitting blanks, so it
-# finishes its objects. Passed as overrides: a schema's own "x-guidance" options cannot turn it back on.
-JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-JSON_OBJECT_SCHEMA = '{"type":"object"}'
 COMPILE_CACHE_SIZE = 256  # compiled grammars kept (LRU)
-MAX_ERROR_CHARS = 1000  # of a library error message, in a GrammarError
 _LOG_LEVEL = 0  # llguidance prints nothing; warnings are kept on the compiled grammar, errors raised
-
-
-def _grammar_text(spec: GrammarSpec) -> str:
-    """The llguidance grammar (its JSON form) for ``spec``."""
-    if spec.kind == "json_object":
-        return llg.LLMatcher.grammar_from_json_schema(JSON_OBJECT_SCHEMA, overrides=JSON_OPTIONS)
-    if spec.kind == "json_schema":
-        # lenient: ignore keywords llguidance does not implement (warnings) instead of failing.
-        options: JsonCompileOptions = {**JSON_OPTIONS, "lenient": not spec.strict}
-        try:
-            return llg.LLMatcher.grammar_from_json_schema(str(spec.value), overrides=options)
-        except ValueError as e:  # only when the schema is not a JSON object
-            raise GrammarError(f"invalid json_schema: {e}") from None
-    if spec.kind == "regex":
-        return llg.LLMatcher.grammar_from_regex(str(spec.value))
-    if spec.kind == "choice":
-        # Lark string literals take JSON's escapes.
-        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.value))
-    return llg.LLMatcher.grammar_from_lark(str(spec.value))
 
 
 def _buffer_address(buf: BitmaskRow, shape: tuple[int, ...]) -> int:
@@ -207,12 +182,9 @@ class LLGuidanceBackend:
         return compiled
 
     def _compile(self, spec: GrammarSpec) -> LLGuidanceGrammar:
-        template = llg.LLMatcher(self._ll_tokenizer, _grammar_text(spec), log_level=_LOG_LEVEL)
+        template = llg.LLMatcher(self._ll_tokenizer, grammar_text(spec), log_level=_LOG_LEVEL)
         if template.is_error():
-            message = template.get_error().strip()
-            if len(message) > MAX_ERROR_CHARS:
-                message = message[:MAX_ERROR_CHARS] + "..."
-            raise GrammarError(f"invalid {spec.kind}: {message}")
+            raise error_message(spec, template.get_error())
         return LLGuidanceGrammar(spec, template)
 
     def matcher(self, compiled: object) -> LLGuidanceMatcher:

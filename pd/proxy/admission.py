@@ -1,11 +1,11 @@
 """Admission: everything a request must pass before any rank hears of it.
 
 Owns the API key check (401), the body (size limit 413, read timeout 408, JSON 400), the request's
-validation (``pd.proxy.protocol`` parses the OpenAI fields), the model's resolution (404, 503), the
-prompt's tokenization and its length limits (400), and the proxy's in-flight limit (429; the limit on
-connections is uvicorn's ``limit_concurrency``, which ``pd-proxy --max-connections`` sets). What passes
-is a ``Job``, counted in flight until ``release``. No HTTP framework here: it reads a header mapping
-and an async stream of body bytes.
+validation (``pd.proxy.protocol`` parses the OpenAI fields; a grammar must compile, 400), the model's
+resolution (404, 503), the prompt's tokenization and its length limits (400), and the proxy's in-flight
+limit (429; the limit on connections is uvicorn's ``limit_concurrency``, which ``pd-proxy
+--max-connections`` sets). What passes is a ``Job``, counted in flight until ``release``. No HTTP
+framework here: it reads a header mapping and an async stream of body bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pd.metrics import Registry
 from pd.proxy.config import ProxyConfig
 from pd.proxy.protocol import APIError, ParsedRequest, parse_request
 from pd.proxy.router import ModelInfo, NoWorkers, Router
+from pd.proxy.structured import GrammarRequestError, check_grammar
 from pd.types import SamplingParams
 
 
@@ -83,6 +84,11 @@ class Admission:
         sampling = dataclasses.replace(
             sp, max_tokens=max_tokens, seed=seed, min_tokens=min(sp.min_tokens, max_tokens)
         )
+        if sampling.grammar is not None:
+            try:
+                await check_grammar(sampling.grammar, req.grammar_param)
+            except GrammarRequestError as e:
+                raise APIError(400, str(e), e.param) from None
         if self.inflight >= self.cfg.max_inflight:
             raise APIError(429, f"the proxy has {self.inflight} requests in flight; try again later")
         self.inflight += 1

@@ -5,7 +5,7 @@ Nothing is silently ignored. Each field the OpenAI API defines (and each pd extr
 - ``IMPLEMENTED``: a typed field of the request model (``pd.proxy.schemas``), honoured;
 - ``metadata(type)``: type-checked, then dropped: pd stores, logs and forwards none of it;
 - ``noop(*values)``: accepted only as ``null`` or one of ``values``, the values that ask for nothing pd
-  does not do (``n: 1``, ``presence_penalty: 0``, ``response_format: {"type": "text"}``); any other value
+  does not do (``n: 1``, ``best_of: 1``, ``store: false``); any other value
   gets 400 naming the field. ``noop()`` (no values) is a refused field: only ``null`` passes.
 
 Any field not in an endpoint's table (a typo, a vendor extension, the other endpoint's field) gets 400
@@ -61,6 +61,11 @@ _SHARED = {
     "return_phases": IMPLEMENTED,
     "repetition_penalty": IMPLEMENTED,
     "min_tokens": IMPLEMENTED,
+    # structured output (pd.proxy.structured): OpenAI's, and vLLM's guided_* extras
+    "response_format": IMPLEMENTED,
+    "guided_json": IMPLEMENTED,
+    "guided_regex": IMPLEMENTED,
+    "guided_choice": IMPLEMENTED,
 }
 
 COMPLETIONS = {
@@ -78,7 +83,6 @@ CHAT = {
     "max_completion_tokens": IMPLEMENTED,
     "logprobs": IMPLEMENTED,
     "top_logprobs": IMPLEMENTED,
-    "response_format": noop({"type": "text"}),
     "tools": noop([]),
     "tool_choice": noop("none"),
     "parallel_tool_calls": noop(True),
@@ -111,6 +115,15 @@ MESSAGE = {
     "function_call": noop(),
     "audio": noop(),
     "refusal": noop(),
+}
+
+RESPONSE_FORMAT = {"type": IMPLEMENTED, "json_schema": IMPLEMENTED}
+
+JSON_SCHEMA_FORMAT = {
+    "name": IMPLEMENTED,
+    "description": metadata(str),
+    "schema": IMPLEMENTED,
+    "strict": IMPLEMENTED,
 }
 
 TEXT_PART = {"type": IMPLEMENTED, "text": IMPLEMENTED, "prompt_cache_breakpoint": noop()}

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pd.proxy import schemas
+from pd.proxy.structured import GrammarRequestError, grammar_fields, grammar_for_response_format
 from pd.types import SamplingParams
 
 
@@ -56,6 +57,7 @@ class ParsedRequest:
     return_phases: bool  # pd extra: "pd_phases" (seconds per latency phase) on the last chunk / the response
     logprobs: int | None = None  # alternatives per token in the response's logprobs; None: no logprobs
     echo: bool = False  # completions: the prompt before the completion
+    grammar_param: str | None = None  # the field sampling.grammar came from (its errors name it)
 
 
 def parse_request(body: Any, chat: bool) -> ParsedRequest:
@@ -81,6 +83,10 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         logprobs, echo = req.logprobs, req.echo
         prompt_logprobs = logprobs if echo else None
     try:
+        grammar = grammar_for_response_format(req)
+    except GrammarRequestError as e:
+        raise APIError(400, str(e), e.param) from None
+    try:
         sampling = SamplingParams(
             temperature=req.temperature,
             top_p=req.top_p,
@@ -98,6 +104,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
             min_tokens=req.min_tokens,
             top_logprobs=logprobs or 0,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
     except ValueError as e:  # names the field first
         raise APIError(400, str(e), str(e).split()[0]) from None
@@ -114,6 +121,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         return_phases=req.return_phases,
         logprobs=logprobs,
         echo=echo,
+        grammar_param=next(iter(grammar_fields(req)), None),
     )
 
 

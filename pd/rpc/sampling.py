@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pd.grammar.spec import GrammarSpec
 from pd.rpc import worker_pb2 as wpb
 from pd.types import SamplingParams, TopLogprobs
 
@@ -28,6 +29,7 @@ def sampling_to_proto(sp: SamplingParams) -> wpb.Sampling:
         min_tokens=sp.min_tokens,
         top_logprobs=sp.top_logprobs,
         prompt_logprobs=-1 if sp.prompt_logprobs is None else sp.prompt_logprobs,
+        grammar=None if sp.grammar is None else grammar_to_proto(sp.grammar),
     )
 
 
@@ -50,7 +52,20 @@ def sampling_from_proto(s: wpb.Sampling) -> SamplingParams:
         min_tokens=s.min_tokens,
         top_logprobs=s.top_logprobs,
         prompt_logprobs=None if s.prompt_logprobs < 0 else s.prompt_logprobs,
+        grammar=grammar_from_proto(s.grammar) if s.HasField("grammar") else None,
     )
+
+
+def grammar_to_proto(spec: GrammarSpec) -> wpb.GrammarSpec:
+    if spec.kind == "choice":
+        return wpb.GrammarSpec(kind=spec.kind, choices=list(spec.value), strict=spec.strict)
+    return wpb.GrammarSpec(kind=spec.kind, value=str(spec.value), strict=spec.strict)
+
+
+def grammar_from_proto(g: wpb.GrammarSpec) -> GrammarSpec:
+    """Raises GrammarError (a ValueError) for a spec GrammarSpec refuses."""
+    value = tuple(g.choices) if g.kind == "choice" else g.value
+    return GrammarSpec(g.kind, value, g.strict)  # type: ignore[arg-type]  # the kind is checked
 
 
 def top_to_proto(top: TopLogprobs) -> wpb.TopLogprobs:

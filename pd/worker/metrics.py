@@ -73,7 +73,8 @@ class WorkerMetrics:
         )
 
     def ended(self, outcome: str) -> None:
-        """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort" or "refused"."""
+        """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort", "refused" or
+        "failed" (a request that failed while running)."""
         self.requests.inc(role=self.role, outcome=outcome)
 
     def checksum_failed(self, room: int, reason: str) -> None:

@@ -25,13 +25,13 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
     async def Prefill(
         self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> wpb.PrefillReply:
+        sampling = sampling_from_proto(request.sampling)
+        await self.compile_grammar(sampling, context)
         events = self.open_room(request.room)
         if events is None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {request.room:x} is already open here")
             raise AssertionError("context.abort raises")
-        self.submit(
-            PrefillRoom(request.room, tuple(request.token_ids), sampling_from_proto(request.sampling))
-        )
+        self.submit(PrefillRoom(request.room, tuple(request.token_ids), sampling))
         try:
             event = await events.get()
         except BaseException:  # cancelled: the caller went away

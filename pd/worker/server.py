@@ -25,7 +25,7 @@ import grpc
 from pd.bootstrap.client import BootstrapClient, new_incarnation
 from pd.bootstrap.compat import model_fingerprint
 from pd.config import dtype_name
-from pd.engine.messages import AbortRoom, Command, Event, Failure, RoomFailed, Tokens
+from pd.engine.messages import AbortRoom, Command, DecodeRoom, Event, Failure, RoomFailed, Tokens
 from pd.engine.role import RoleEngine
 from pd.rpc import PROTOCOL_VERSION
 from pd.rpc import bootstrap_pb2 as bpb
@@ -36,6 +36,7 @@ from pd.rpc.sampling import prompt_to_proto, top_to_proto
 from pd.rpc.tls import bind
 from pd.transfer.aux import AUX_RECORD_NBYTES
 from pd.transfer.receiver import KVReceiver
+from pd.types import SamplingParams
 from pd.worker.builder import Rank
 from pd.worker.loop import EngineThread
 from pd.worker.metrics import RANK_LABELS
@@ -51,6 +52,7 @@ STATUS = {
     Failure.ABORTED: grpc.StatusCode.ABORTED,
     Failure.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     Failure.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Failure.FAILED: grpc.StatusCode.INTERNAL,
 }
 _GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -98,6 +100,17 @@ class RankServer:
     def submit(self, cmd: Command) -> None:
         self.thread.submit(cmd)
 
+    async def compile_grammar(self, sampling: SamplingParams, context: grpc.aio.ServicerContext) -> None:
+        """Compiles the request's grammar, if it has one, in a thread: the engine thread then finds it in
+        the backend's cache instead of compiling between two steps. A spec the backend refuses ends the
+        call with INVALID_ARGUMENT (the proxy checked it already: this is the rank's own word)."""
+        if sampling.grammar is None:
+            return
+        try:
+            await asyncio.to_thread(self.rank.engine.grammar.check, sampling.grammar)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
     def _post(self, events: list[Event]) -> None:
         """Engine thread: hands the events to the event loop."""
         assert self._loop is not None
@@ -110,10 +123,11 @@ class RankServer:
                 q.put_nowait(event)
 
     async def stream(
-        self, cmd: Command, context: grpc.aio.ServicerContext
+        self, cmd: DecodeRoom, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wpb.GenerateChunk]:
         """Submits a decode (or colocated) room and yields its tokens; the room is aborted if the caller
         goes away before its last chunk."""
+        await self.compile_grammar(cmd.sampling, context)
         events = self.open_room(cmd.room)
         if events is None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {cmd.room:x} is already open here")

@@ -103,9 +103,9 @@ def _walk(model: type[TableModel], loc: tuple[int | str, ...]) -> _Place:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif at is not None and part in at.model_fields:
+        elif at is not None and part in at.json_fields:
             path = _join(path, part)
-            description = at.model_fields[part].description
+            description = at.json_fields[part].description
             described = (path, description) if description else None
             at = at.submodels.get(part)
     return _Place(path, at, described)

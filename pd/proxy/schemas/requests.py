@@ -126,6 +126,41 @@ class ChatMessage(TableModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(TableModel):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    table = fields.JSON_SCHEMA_FORMAT
+    where = "response_format.json_schema"
+
+    name: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="1 to 64 letters, digits, '_' or '-'")
+    ]
+    # "schema" is a BaseModel attribute: the field has another name and "schema" as its JSON name.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool = False
+
+
+class ResponseFormat(TableModel):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": ...}`` (the last type only)."""
+
+    table = fields.RESPONSE_FORMAT
+    where = "response_format"
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                REFUSED, 'is required with type "json_schema"', {"field": "json_schema"}
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            message = 'is only allowed with type "json_schema"'
+            raise PydanticCustomError(REFUSED, message, {"field": "json_schema"})
+        return self
+
+
 class _Shared(TableModel):
     """The implemented fields both endpoints have."""
 
@@ -157,6 +192,18 @@ class _Shared(TableModel):
         ),
     ] = Field(default_factory=dict)
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    # structured output (pd.proxy.structured); at most one of them
+    response_format: ResponseFormat | None = None
+    guided_json: Annotated[
+        dict[str, Any] | Text | None, Field(description="a JSON schema: an object, or one as JSON text")
+    ] = None
+    guided_regex: Annotated[
+        Text | None, Field(min_length=1, description="a non-empty regular expression")
+    ] = None
+    guided_choice: Annotated[
+        list[Annotated[Text, Field(min_length=1)]] | None,
+        Field(min_length=1, description="a non-empty list of non-empty strings"),
+    ] = None
 
 
 class CompletionRequest(_Shared):

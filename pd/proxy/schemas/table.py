@@ -1,7 +1,8 @@
 """``TableModel``: a pydantic model whose fields are a table of ``pd.proxy.fields``.
 
 A subclass declares ``table`` and, as typed pydantic fields, exactly the table's implemented fields (a
-mismatch fails at import). The table's other fields (``noop``, ``metadata``) are checked against their
+mismatch fails at import; a field whose JSON name is taken by pydantic, such as ``schema``, is declared
+under another name with the JSON name as its alias). The table's other fields (``noop``, ``metadata``) are checked against their
 rule and dropped before pydantic validates the rest; a key in no row is refused (``extra="forbid"``).
 ``null`` is the default of every field: a null value is dropped like an absent one.
 """
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, get_args
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from pd.proxy import fields
@@ -45,7 +47,9 @@ class TableModel(BaseModel):
     table: ClassVar[Mapping[str, fields.Rule]]
     where: ClassVar[str]
     implemented: ClassVar[frozenset[str]] = frozenset()  # the table's implemented fields
-    # field -> the TableModel its value holds (directly or in a list or union), for error paths.
+    # JSON name (a field's alias, else its name) -> the field: error locations use JSON names.
+    json_fields: ClassVar[dict[str, FieldInfo]] = {}
+    # JSON name -> the TableModel its value holds (directly or in a list or union), for error paths.
     submodels: ClassVar[dict[str, type[TableModel]]] = {}
 
     @classmethod
@@ -54,13 +58,14 @@ class TableModel(BaseModel):
         if "table" not in cls.__dict__:  # a base holding shared fields
             return
         cls.implemented = frozenset(name for name, rule in cls.table.items() if rule.kind == "implemented")
-        if set(cls.model_fields) != cls.implemented:
+        cls.json_fields = {info.alias or name: info for name, info in cls.model_fields.items()}
+        if set(cls.json_fields) != cls.implemented:
             raise TypeError(
-                f"{cls.__name__} declares {sorted(cls.model_fields)}, but its table implements "
+                f"{cls.__name__} declares {sorted(cls.json_fields)}, but its table implements "
                 f"{sorted(cls.implemented)}"
             )
         cls.submodels = {
-            name: sub for name, info in cls.model_fields.items() if (sub := _model_in(info.annotation))
+            name: sub for name, info in cls.json_fields.items() if (sub := _model_in(info.annotation))
         }
 
     @model_validator(mode="before")
