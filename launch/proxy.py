@@ -13,6 +13,7 @@ from pd.launch.args import add_common_args, add_field_arg, cluster_token, setup_
 from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
 from pd.proxy.reasoning import REASONING_PARSERS
+from pd.proxy.tools import TOOL_PARSERS
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -79,6 +80,15 @@ def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
             help="chat: the model's reasoning goes to 'reasoning_content', the answer stays in 'content' "
             "(default: none, all output is content)",
         ),
+        add_field_arg(
+            g,
+            "--tool-call-parser",
+            ProxyConfig,
+            "tool_call_parser",
+            choices=sorted(TOOL_PARSERS),
+            help="chat: the format the model writes tool calls in; requests may then send 'tools', and the "
+            "calls come back as 'tool_calls' (default: none, requests with tools get 400)",
+        ),
     ]
 
 
@@ -131,6 +141,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
         reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

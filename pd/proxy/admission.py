@@ -25,6 +25,8 @@ from pd.metrics import Registry
 from pd.proxy.config import ProxyConfig
 from pd.proxy.protocol import APIError, ParsedRequest, parse_request
 from pd.proxy.router import ModelInfo, NoWorkers, Router
+from pd.proxy.tool_choice import ToolChoice, forced_call_grammar
+from pd.proxy.tools import make_tool_parser
 from pd.types import SamplingParams
 
 
@@ -58,6 +60,12 @@ class Admission:
     ) -> Job:
         """The ``Job`` for one request (now in flight: ``release`` it), or APIError."""
         req = parse_request(await self.read_json(headers, body), chat)
+        if req.tools and self.cfg.tool_call_parser is None:
+            raise APIError(
+                400,
+                "'tools' cannot be served: this server has no tool-call parser (start it with --tool-call-parser)",
+                "tools",
+            )
         name = self.resolve_model(req.model)
         try:
             model = await self.router.model_info(name)
@@ -65,6 +73,10 @@ class Admission:
             raise APIError(503, str(e)) from None
         except grpc.aio.AioRpcError as e:
             raise APIError(503, f"could not read model info from a worker: {e.details()}") from None
+        if req.tools and not model.tokenizer.template_reads_tools:
+            raise APIError(
+                400, f"'tools' cannot be shown to {name!r}: its chat template does not render tools", "tools"
+            )
         max_prompt = min(self.cfg.max_prompt_tokens or model.max_context_len, model.max_context_len)
         ids = await self.tokenize(req, model, max_prompt)
         if len(ids) >= max_prompt:
@@ -83,6 +95,13 @@ class Admission:
         sampling = dataclasses.replace(
             sp, max_tokens=max_tokens, seed=seed, min_tokens=min(sp.min_tokens, max_tokens)
         )
+        if self.cfg.tool_call_parser is not None and req.tools:
+            parser = make_tool_parser(self.cfg.tool_call_parser)
+            grammar = forced_call_grammar(
+                parser, list(req.tools), req.tool_choice, model.tokenizer.token_to_id
+            )
+            if grammar is not None:
+                sampling = attach_tool_call_grammar(sampling, req.tool_choice, grammar)
         if self.inflight >= self.cfg.max_inflight:
             raise APIError(429, f"the proxy has {self.inflight} requests in flight; try again later")
         self.inflight += 1
@@ -137,7 +156,7 @@ class Admission:
         if req.chat:
             assert req.messages is not None  # parsed for every chat request
             try:
-                text = tok.apply_chat_template(req.messages)
+                text = tok.apply_chat_template(req.messages, tools=list(req.tools) or None)
             except ValueError as e:
                 raise APIError(400, str(e), "messages") from None
             return await asyncio.to_thread(tok.encode, text, False)
@@ -167,3 +186,17 @@ class Admission:
                 "max_tokens",
             )
         return req.max_tokens
+
+
+def attach_tool_call_grammar(sampling: SamplingParams, choice: ToolChoice, grammar: str) -> SamplingParams:
+    """``sampling`` constrained to ``grammar`` (``forced_call_grammar``'s Lark text: the output is only
+    tool calls), for ``tool_choice`` "required" or a named function: the one place a forced call meets the
+    sampler. SamplingParams has no grammar field yet (structured output, proto ``Sampling`` field 17, is
+    wired separately), so until then such a request is refused here; once it has one this returns
+    ``dataclasses.replace(sampling, grammar=<the Lark grammar>)``."""
+    shown = (
+        choice.mode
+        if choice.name is None
+        else json.dumps({"type": "function", "function": {"name": choice.name}})
+    )
+    raise APIError(400, f"tool_choice {shown!r} is not supported yet", "tool_choice")

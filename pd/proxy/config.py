@@ -25,3 +25,4 @@ class ProxyConfig:
     keepalive_s: float = 5.0  # pings on worker channels: a hung worker fails its calls within ~2x this
     retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
     reasoning_parser: str | None = None  # chat: reasoning text to reasoning_content (pd.proxy.reasoning)
+    tool_call_parser: str | None = None  # chat: the model's tool-call format (pd.proxy.tools); None: no tools

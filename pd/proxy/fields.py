@@ -79,8 +79,8 @@ CHAT = {
     "logprobs": IMPLEMENTED,
     "top_logprobs": IMPLEMENTED,
     "response_format": noop({"type": "text"}),
-    "tools": noop([]),
-    "tool_choice": noop("none"),
+    "tools": IMPLEMENTED,  # with --tool-call-parser (pd.proxy.tool_choice checks them)
+    "tool_choice": IMPLEMENTED,
     "parallel_tool_calls": noop(True),
     "functions": noop([]),
     "function_call": noop("none"),
@@ -106,11 +106,15 @@ MESSAGE = {
     "role": IMPLEMENTED,
     "content": IMPLEMENTED,
     "name": noop(),
-    "tool_calls": noop([]),
-    "tool_call_id": noop(),
+    "tool_calls": IMPLEMENTED,  # an assistant message's calls
+    "tool_call_id": IMPLEMENTED,  # a tool message: the call it answers
     "function_call": noop(),
     "audio": noop(),
     "refusal": noop(),
 }
+
+TOOL_CALL = {"id": IMPLEMENTED, "type": IMPLEMENTED, "function": IMPLEMENTED}  # in messages[].tool_calls
+
+FUNCTION_CALL = {"name": IMPLEMENTED, "arguments": IMPLEMENTED}  # a tool call's function
 
 TEXT_PART = {"type": IMPLEMENTED, "text": IMPLEMENTED, "prompt_cache_breakpoint": noop()}
