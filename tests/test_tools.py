@@ -16,7 +16,6 @@ from pd.proxy.tool_choice import ToolChoice, ToolRequestError, tool_call_grammar
 from pd.proxy.tools import (
     TOOL_PARSERS,
     ToolCall,
-    assistant_message,
     detect_tool_parser,
     make_tool_parser,
 )
@@ -206,13 +205,6 @@ def test_response_shapes():
         "type": "function",
         "function": {"name": "f", "arguments": '{"a": 1}'},
     }
-    assert assistant_message("", [call]) == {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [call.to_openai()],
-    }
-    assert assistant_message("hi", []) == {"role": "assistant", "content": "hi"}
-    assert assistant_message("", []) == {"role": "assistant", "content": ""}
 
 
 def test_parser_registry_and_detection():

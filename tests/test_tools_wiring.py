@@ -25,6 +25,7 @@ from pd.proxy.dispatch import Chunk
 from pd.proxy.http import build_app
 from pd.proxy.reasoning import REASONING_PARSERS
 from pd.proxy.router import ModelInfo
+from pd.proxy.tool_choice import ToolChoice, forced_call_grammar, tool_call_grammar
 from pd.proxy.tools import TOOL_PARSERS, make_tool_parser
 from pd.tokenizer import Tokenizer
 from tests.test_tools import (
@@ -320,6 +321,21 @@ def test_refusals_name_the_field(tiny_model_dir, cfg, template_tools, extra, par
         client(stub, **cfg).chat.completions.create(model="m", messages=ASK, **extra)
     assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
     assert stub.jobs == []  # refused before any rank hears of it
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["plain-markers", "special-markers"])
+def test_forced_call_grammar(tiny_model_dir, special):
+    """ "required" and a named function get tool_call_grammar's grammar, the markers that are tokens of the
+    vocabulary written as tokens; "none" and "auto" get none."""
+    tok = tokenizer(tiny_model_dir, "kimi_k2", special)
+    parser = make_tool_parser("kimi_k2")
+    tokens = [m for m in parser.markers.all() if special]  # Kimi-K2's markers are all "<|...|>"
+    assert forced_call_grammar(parser, TOOLS, ToolChoice("auto"), tok.token_to_id) is None
+    assert forced_call_grammar(parser, TOOLS, ToolChoice("none"), tok.token_to_id) is None
+    for name in (None, "get_time"):
+        expected = tool_call_grammar(parser, TOOLS, name=name, token_markers=tokens)
+        assert forced_call_grammar(parser, TOOLS, ToolChoice("required", name), tok.token_to_id) == expected
+    assert "<|tool_call_begin|>" in expected and ('"<|tool_call_begin|>"' in expected) != special
 
 
 def test_parsers_are_the_flags_choices():
