@@ -14,6 +14,7 @@ from pd.proxy.config import ProxyConfig
 from pd.proxy.http import build_app
 from pd.proxy.prefix_routing import POLICIES, RoutingConfig
 from pd.proxy.reasoning import REASONING_PARSERS
+from pd.proxy.tools import TOOL_PARSERS
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -110,6 +111,15 @@ def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
             help="chat: the model's reasoning goes to 'reasoning_content', the answer stays in 'content' "
             "(default: none, all output is content)",
         ),
+        add_field_arg(
+            g,
+            "--tool-call-parser",
+            ProxyConfig,
+            "tool_call_parser",
+            choices=sorted(TOOL_PARSERS),
+            help="chat: the format the model writes tool calls in; requests may then send 'tools', and the "
+            "calls come back as 'tool_calls' (default: none, requests with tools get 400)",
+        ),
     ]
 
 
@@ -168,6 +178,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
             balance_abs=args.routing_balance_abs,
             balance_rel=args.routing_balance_rel,
         ),
+        tool_call_parser=args.tool_call_parser,
     )
 
 

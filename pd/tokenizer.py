@@ -275,6 +275,11 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template_source
 
+    @property
+    def template_reads_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` (apply_chat_template refuses tools otherwise)."""
+        return self._template_reads_tools
+
     def to_json(self) -> str:
         """The tokenizer as tokenizer.json text (as loaded, post-processor included): what other libraries
         (the grammar backend) build their own copy of this tokenizer from."""

@@ -62,3 +62,29 @@ def test_logprobs_shapes():
         tokens=["a"], token_logprobs=[-0.5], top_logprobs=[{"a": -0.5}], text_offset=[0]
     )
     assert set(completions.model_dump()) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+
+
+def test_tool_calls_in_the_response_and_the_deltas():
+    """OpenAI's shapes: content null when the model only called tools; a call's first delta item carries
+    id, type, name and arguments, later ones index and an argument piece only."""
+    req = parse_request(CHAT, chat=True)
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    message = full_response(req, "id", "m", "", "tool_calls", [1], 3, tool_calls=[call])["choices"][0][
+        "message"
+    ]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [call]}
+    message = full_response(req, "id", "m", "Sure.", "tool_calls", [1], 3, tool_calls=[call])["choices"][0][
+        "message"
+    ]
+    assert message == {"role": "assistant", "content": "Sure.", "tool_calls": [call]}
+    assert full_response(req, "id", "m", "", "stop", [1], 3, tool_calls=[])["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "",
+    }
+    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    later = {"index": 0, "function": {"arguments": '{"a"'}}
+    delta = stream_chunk(req, "c", "m", "", None, [1], True, tool_calls=[first, later])["choices"][0]["delta"]
+    assert delta == {"content": None, "role": "assistant", "tool_calls": [first, later]}
+    delta = stream_chunk(req, "c", "m", "ok", None, [1], False, tool_calls=[later])["choices"][0]["delta"]
+    assert delta == {"content": "ok", "tool_calls": [later]}
+    assert stream_chunk(req, "c", "m", "", "stop", [1], False)["choices"][0]["delta"] == {"content": ""}

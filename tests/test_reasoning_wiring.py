@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("pydantic")
-from pd.proxy.http import _joined
 from pd.proxy.protocol import full_response, parse_request, stream_chunk
 from pd.proxy.reasoning import REASONING_PARSERS
+
+
+def _joined(deltas: list[dict], key: str) -> str | None:
+    parts = [d[key] for d in deltas if key in d]
+    return "".join(parts) if parts else None
+
 
 TEXT = "<think>\nfirst, the mill.\n</think>\n\nThe mill is by the river."
 

@@ -16,7 +16,6 @@ from pd.proxy.tool_choice import ToolChoice, ToolRequestError, tool_call_grammar
 from pd.proxy.tools import (
     TOOL_PARSERS,
     ToolCall,
-    assistant_message,
     detect_tool_parser,
     make_tool_parser,
 )
@@ -206,13 +205,6 @@ def test_response_shapes():
         "type": "function",
         "function": {"name": "f", "arguments": '{"a": 1}'},
     }
-    assert assistant_message("", [call]) == {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [call.to_openai()],
-    }
-    assert assistant_message("hi", []) == {"role": "assistant", "content": "hi"}
-    assert assistant_message("", []) == {"role": "assistant", "content": ""}
 
 
 def test_parser_registry_and_detection():
@@ -255,16 +247,16 @@ def test_validate_tools_accepts():
     [
         ({"type": "function"}, None, "'tools' must be an array, got dict", "tools"),
         (["f"], None, "'tools\\[0\\]' must be an object, got str", "tools[0]"),
-        ([{"type": "code", "function": {"name": "f"}}], None, "'tools\\[0\\].type' must be \"function\"", "tools[0]"),
+        ([{"type": "code", "function": {"name": "f"}}], None, "'tools\\[0\\].type' must be \"function\"", "tools[0].type"),
         ([{"type": "function"}], None, "'tools\\[0\\].function' must be an object", "tools[0].function"),
         ([fn("f"), {"type": "function", "function": {"name": "g"}, "extra": 1}], None,
-         "unknown field 'tools\\[1\\].extra'", "tools[1]"),
-        ([fn("f", params={})], None, "unknown field 'tools\\[0\\].function.params'", "tools[0].function"),
-        ([fn("a b")], None, "'tools\\[0\\].function.name' must be 1 to 64 letters", "tools[0]"),
-        ([fn("x" * 65)], None, "'tools\\[0\\].function.name' must be 1 to 64", "tools[0]"),
-        ([fn("f"), fn("f")], None, "function 'f' is defined twice", "tools[1]"),
-        ([fn("f", parameters=[])], None, "'tools\\[0\\].function.parameters' must be of type object", "tools[0]"),
-        ([fn("f", description=3)], None, "'tools\\[0\\].function.description' must be of type string", "tools[0]"),
+         "unknown field 'tools\\[1\\].extra'", "tools[1].extra"),
+        ([fn("f", params={})], None, "unknown field 'tools\\[0\\].function.params'", "tools[0].function.params"),
+        ([fn("a b")], None, "'tools\\[0\\].function.name' must be 1 to 64 letters", "tools[0].function.name"),
+        ([fn("x" * 65)], None, "'tools\\[0\\].function.name' must be 1 to 64", "tools[0].function.name"),
+        ([fn("f"), fn("f")], None, "function 'f' is defined twice", "tools[1].function.name"),
+        ([fn("f", parameters=[])], None, "'tools\\[0\\].function.parameters' must be of type object", "tools[0].function.parameters"),
+        ([fn("f", description=3)], None, "'tools\\[0\\].function.description' must be of type string", "tools[0].function.description"),
         (TOOLS, "always", "'tool_choice' must be \"none\", \"auto\", \"required\" or", "tool_choice"),
         (TOOLS, {"type": "function", "name": "f"}, "'tool_choice' must be", "tool_choice"),
         (TOOLS, {"type": "function", "function": {"name": "get_time", "x": 1}}, "'tool_choice' must be", "tool_choice"),
@@ -316,7 +308,7 @@ def test_grammar_forces_calls(name):
         return ok and not matcher.is_error() and matcher.is_accepting()
 
     render = RENDER[name]
-    weather, time = ("get_weather", '{"city": "Paris"}'), ("get_time", "{}")
+    weather, time = ("get_weather", '{"city":"Paris"}'), ("get_time", "{}")  # compact: no free whitespace
     free = tool_call_grammar(parser, TOOLS, token_markers=markers)
     assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", free), vocabulary) == ""
     assert accepts(free, render([weather]))
@@ -327,6 +319,7 @@ def test_grammar_forces_calls(name):
     assert not accepts(free, render([("get_weather", '{"city": 3}')]))  # against its schema
     assert not accepts(free, render([("get_weather", "{}")]))  # a required property missing
     assert not accepts(free, "Sure. " + render([weather]))  # content first
+    assert not accepts(free, render([("get_weather", '{"city": "Paris"}')]))  # a blank the model could repeat
     single = tool_call_grammar(parser, TOOLS, parallel=False, token_markers=markers)
     assert accepts(single, render([time])) and not accepts(single, render([time, time]))
     named = tool_call_grammar(parser, TOOLS, name="get_time", token_markers=markers)

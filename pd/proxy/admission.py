@@ -21,11 +21,14 @@ from typing import Any
 
 import grpc
 
+from pd.grammar.spec import GrammarSpec
 from pd.metrics import Registry
 from pd.proxy.config import ProxyConfig
 from pd.proxy.protocol import APIError, ParsedRequest, parse_request
 from pd.proxy.router import ModelInfo, NoWorkers, Router
 from pd.proxy.structured import GrammarRequestError, check_grammar
+from pd.proxy.tool_choice import forced_call_grammar
+from pd.proxy.tools import make_tool_parser
 from pd.types import SamplingParams
 
 
@@ -59,6 +62,12 @@ class Admission:
     ) -> Job:
         """The ``Job`` for one request (now in flight: ``release`` it), or APIError."""
         req = parse_request(await self.read_json(headers, body), chat)
+        if req.tools and self.cfg.tool_call_parser is None:
+            raise APIError(
+                400,
+                "'tools' cannot be served: this server has no tool-call parser (start it with --tool-call-parser)",
+                "tools",
+            )
         name = self.resolve_model(req.model)
         try:
             model = await self.router.model_info(name)
@@ -66,6 +75,10 @@ class Admission:
             raise APIError(503, str(e)) from None
         except grpc.aio.AioRpcError as e:
             raise APIError(503, f"could not read model info from a worker: {e.details()}") from None
+        if req.tools and not model.tokenizer.template_reads_tools:
+            raise APIError(
+                400, f"'tools' cannot be shown to {name!r}: its chat template does not render tools", "tools"
+            )
         max_prompt = min(self.cfg.max_prompt_tokens or model.max_context_len, model.max_context_len)
         ids = await self.tokenize(req, model, max_prompt)
         if len(ids) >= max_prompt:
@@ -84,9 +97,24 @@ class Admission:
         sampling = dataclasses.replace(
             sp, max_tokens=max_tokens, seed=seed, min_tokens=min(sp.min_tokens, max_tokens)
         )
+        grammar_param = req.grammar_param
+        if self.cfg.tool_call_parser is not None and req.tools:
+            parser = make_tool_parser(self.cfg.tool_call_parser)
+            grammar = forced_call_grammar(
+                parser, list(req.tools), req.tool_choice, model.tokenizer.token_to_id
+            )
+            if grammar is not None:
+                if sampling.grammar is not None:
+                    raise APIError(
+                        400,
+                        f"tool_choice {req.tool_choice.mode!r} forces tool calls; it cannot be combined with "
+                        f"'{req.grammar_param}'",
+                        "tool_choice",
+                    )
+                sampling, grammar_param = attach_tool_call_grammar(sampling, grammar), "tool_choice"
         if sampling.grammar is not None:
             try:
-                await check_grammar(sampling.grammar, req.grammar_param)
+                await check_grammar(sampling.grammar, grammar_param)
             except GrammarRequestError as e:
                 raise APIError(400, str(e), e.param) from None
         if self.inflight >= self.cfg.max_inflight:
@@ -143,7 +171,7 @@ class Admission:
         if req.chat:
             assert req.messages is not None  # parsed for every chat request
             try:
-                text = tok.apply_chat_template(req.messages)
+                text = tok.apply_chat_template(req.messages, tools=list(req.tools) or None)
             except ValueError as e:
                 raise APIError(400, str(e), "messages") from None
             return await asyncio.to_thread(tok.encode, text, False)
@@ -173,3 +201,10 @@ class Admission:
                 "max_tokens",
             )
         return req.max_tokens
+
+
+def attach_tool_call_grammar(sampling: SamplingParams, grammar: str) -> SamplingParams:
+    """``sampling`` constrained to ``grammar`` (``forced_call_grammar``'s Lark text: the output is only
+    tool calls), for ``tool_choice`` "required" or a named function: the one place a forced call meets the
+    sampler."""
+    return dataclasses.replace(sampling, grammar=GrammarSpec.lark(grammar))

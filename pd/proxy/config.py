@@ -27,3 +27,4 @@ class ProxyConfig:
     retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
     reasoning_parser: str | None = None  # chat: reasoning text to reasoning_content (pd.proxy.reasoning)
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # which rank computes a prompt
+    tool_call_parser: str | None = None  # chat: the model's tool-call format (pd.proxy.tools); None: no tools

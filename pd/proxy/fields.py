@@ -83,9 +83,9 @@ CHAT = {
     "max_completion_tokens": IMPLEMENTED,
     "logprobs": IMPLEMENTED,
     "top_logprobs": IMPLEMENTED,
-    "tools": noop([]),
-    "tool_choice": noop("none"),
-    "parallel_tool_calls": noop(True),
+    "tools": IMPLEMENTED,  # with --tool-call-parser (pd.proxy.tool_choice checks them)
+    "tool_choice": IMPLEMENTED,
+    "parallel_tool_calls": IMPLEMENTED,  # false only with a forced tool_choice (the grammar allows one call)
     "functions": noop([]),
     "function_call": noop("none"),
     "modalities": noop(["text"]),
@@ -110,8 +110,8 @@ MESSAGE = {
     "role": IMPLEMENTED,
     "content": IMPLEMENTED,
     "name": noop(),
-    "tool_calls": noop([]),
-    "tool_call_id": noop(),
+    "tool_calls": IMPLEMENTED,  # an assistant message's calls
+    "tool_call_id": IMPLEMENTED,  # a tool message: the call it answers
     "function_call": noop(),
     "audio": noop(),
     "refusal": noop(),
@@ -125,5 +125,9 @@ JSON_SCHEMA_FORMAT = {
     "schema": IMPLEMENTED,
     "strict": IMPLEMENTED,
 }
+
+TOOL_CALL = {"id": IMPLEMENTED, "type": IMPLEMENTED, "function": IMPLEMENTED}  # in messages[].tool_calls
+
+FUNCTION_CALL = {"name": IMPLEMENTED, "arguments": IMPLEMENTED}  # a tool call's function
 
 TEXT_PART = {"type": IMPLEMENTED, "text": IMPLEMENTED, "prompt_cache_breakpoint": noop()}

@@ -26,11 +26,11 @@ from starlette.types import Receive, Scope, Send
 
 from pd.metrics import Registry, parse_samples
 from pd.proxy.admission import Admission, Job
+from pd.proxy.chat_output import ChatOutput, chat_output
 from pd.proxy.config import ProxyConfig
 from pd.proxy.dispatch import Chunk, Dispatcher
 from pd.proxy.logprobs import ResponseLogprobs
 from pd.proxy.protocol import APIError, completion_id, full_response, stream_chunk, usage_chunk
-from pd.proxy.reasoning import REASONING_PARSERS, ReasoningStream
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
@@ -112,22 +112,17 @@ class Proxy:
             [top for c in every for top in c.top],
             first.prompt,
         )
-        text = prefix + "".join(c.text for c in every)
-        reasoning = None
-        splitter = self._reasoning(job)
-        if splitter is not None:
-            deltas = [*splitter.feed(text), *splitter.finish()]
-            reasoning, text = _joined(deltas, "reasoning_content"), _joined(deltas, "content") or ""
+        text, finish = prefix + "".join(c.text for c in every), every[-1].finish_reason
+        reasoning, calls = None, None
+        output = self._chat_output(job)
+        if output is not None:
+            pieces = [output.feed(c.text, c.token_ids, c is every[-1]) for c in every]
+            reasoning = "".join(p.reasoning for p in pieces) or None
+            text = "".join(p.content for p in pieces)
+            calls = [c.to_openai() for c in output.calls]
+            finish = output.finish_reason(finish)
         body = full_response(
-            job.req,
-            rid,
-            job.model.name,
-            text,
-            every[-1].finish_reason,
-            ids,
-            len(job.prompt_ids),
-            logprobs,
-            reasoning,
+            job.req, rid, job.model.name, text, finish, ids, len(job.prompt_ids), logprobs, reasoning, calls
         )
         if job.req.return_phases and every[-1].phases:
             body["pd_phases"] = every[-1].phases
@@ -142,7 +137,7 @@ class Proxy:
         rid, model = completion_id(first.room, job.req.chat), job.model.name
         chunk, is_first, completion_tokens = first, True, 0
         lps = _logprobs(job)
-        splitter = self._reasoning(job)
+        output = self._chat_output(job)
         try:
             while True:
                 completion_tokens += len(chunk.token_ids)
@@ -150,11 +145,14 @@ class Proxy:
                 prefix, logprobs = lps.chunk(
                     is_first, job.prompt_ids, ids, chunk.logprobs, chunk.top, chunk.prompt
                 )
-                text, reasoning = prefix + chunk.text, None
-                if splitter is not None:
-                    deltas = [*splitter.feed(text), *(splitter.finish() if finish else [])]
-                    reasoning, text = _joined(deltas, "reasoning_content"), _joined(deltas, "content") or ""
-                out = stream_chunk(job.req, rid, model, text, finish, ids, is_first, logprobs, reasoning)
+                text, reasoning, calls = prefix + chunk.text, None, None
+                if output is not None:
+                    piece = output.feed(text, ids, finish is not None)
+                    text, reasoning, calls = piece.content, piece.reasoning or None, piece.tool_calls
+                    finish = finish and output.finish_reason(finish)
+                out = stream_chunk(
+                    job.req, rid, model, text, finish, ids, is_first, logprobs, reasoning, calls
+                )
                 if job.req.return_phases and chunk.phases:
                     out["pd_phases"] = chunk.phases
                 yield event(out)
@@ -170,13 +168,20 @@ class Proxy:
             await rest.aclose()
         yield b"data: [DONE]\n\n"
 
-    def _reasoning(self, job: Job) -> ReasoningStream | None:
-        """Chat's reasoning splitter for ``job`` (``--reasoning-parser``), None without one."""
-        if self.cfg.reasoning_parser is None or not job.req.chat:
+    def _chat_output(self, job: Job) -> ChatOutput | None:
+        """Chat's output parsers for ``job`` (``--reasoning-parser``, ``--tool-call-parser``), None without."""
+        req, cfg = job.req, self.cfg
+        if not req.chat:
             return None
-        parser = REASONING_PARSERS[self.cfg.reasoning_parser]
-        tail = job.model.tokenizer.decode(job.prompt_ids[-16:], skip_special_tokens=False)
-        return parser.stream(starts_in_reasoning=parser.starts_inside(tail))
+        parse_tools = bool(req.tools) and req.tool_choice.mode != "none"
+        return chat_output(
+            cfg.reasoning_parser,
+            cfg.tool_call_parser,
+            job.model.tokenizer,
+            job.prompt_ids,
+            parse_tools,
+            req.sampling.stop,
+        )
 
     # ---- ops endpoints ----
 
@@ -264,12 +269,6 @@ class Proxy:
                     *samples,
                 ]
         return "\n".join(out) + ("\n" if out else "")
-
-
-def _joined(deltas: list[dict[str, Any]], key: str) -> str | None:
-    """The text of ``deltas`` under ``key``, None if there is none."""
-    parts = [d[key] for d in deltas if key in d]
-    return "".join(parts) if parts else None
 
 
 def _logprobs(job: Job) -> ResponseLogprobs:

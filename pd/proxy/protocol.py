@@ -9,6 +9,7 @@ their JSON objects.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from pd.proxy import schemas
 from pd.proxy.structured import GrammarRequestError, grammar_fields, grammar_for_response_format
+from pd.proxy.tool_choice import NO_TOOLS, ToolChoice, ToolRequestError, validate_tools
 from pd.types import SamplingParams
 
 
@@ -48,7 +50,7 @@ class ParsedRequest:
     chat: bool
     model: str | None
     prompt: str | list[int] | None  # completions: text or token ids
-    messages: list[dict[str, str]] | None  # chat
+    messages: list[dict[str, Any]] | None  # chat, as the template reads them (ChatMessage.for_template)
     max_tokens: int | None  # None: fill the rest of the context (capped by the server)
     sampling: SamplingParams  # max_tokens filled in later, once the prompt length is known
     stream: bool
@@ -58,6 +60,8 @@ class ParsedRequest:
     logprobs: int | None = None  # alternatives per token in the response's logprobs; None: no logprobs
     echo: bool = False  # completions: the prompt before the completion
     grammar_param: str | None = None  # the field sampling.grammar came from (its errors name it)
+    tools: tuple[dict[str, Any], ...] = ()  # chat: the request's tools, checked (validate_tools)
+    tool_choice: ToolChoice = NO_TOOLS  # chat: what tool_choice asks
 
 
 def parse_request(body: Any, chat: bool) -> ParsedRequest:
@@ -71,8 +75,19 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
     except ValidationError as e:
         raise APIError(400, *schemas.describe(e, model)) from None
     echo, prompt_logprobs = False, None
+    tools: list[dict[str, Any]] = []
+    tool_choice = NO_TOOLS
     if isinstance(req, schemas.ChatCompletionRequest):
-        prompt, messages = None, [{"role": m.role, "content": m.text} for m in req.messages]
+        prompt, messages = None, [m.for_template() for m in req.messages]
+        try:
+            tools, tool_choice = validate_tools(req.tools, req.tool_choice)
+        except ToolRequestError as e:
+            raise APIError(400, str(e), e.param) from None
+        if not req.parallel_tool_calls and tools:
+            if tool_choice.mode != "required":
+                message = "'parallel_tool_calls': false needs tool_choice 'required' or a named function (a grammar then allows one call); with 'auto' the model's calls cannot be limited"
+                raise APIError(400, message, "parallel_tool_calls")
+            tool_choice = dataclasses.replace(tool_choice, parallel=False)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -122,6 +137,8 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         logprobs=logprobs,
         echo=echo,
         grammar_param=next(iter(grammar_fields(req)), None),
+        tools=tuple(tools),
+        tool_choice=tool_choice,
     )
 
 
@@ -139,14 +156,19 @@ def stream_chunk(
     first: bool,
     logprobs: Any = None,
     reasoning: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` delta (``--reasoning-parser``)."""
+    ``reasoning``: chat's ``reasoning_content`` delta (``--reasoning-parser``); ``tool_calls``: chat's
+    tool-call delta items (``--tool-call-parser``; content is null in a delta of calls and no text)."""
     ids = token_ids if req.return_token_ids else None
     chunk: schemas.ChatCompletionChunk | schemas.CompletionChunk
     if req.chat:
         delta = schemas.ChatDelta(
-            content=text, role="assistant" if first else None, reasoning_content=reasoning
+            content=None if tool_calls and not text else text,
+            role="assistant" if first else None,
+            reasoning_content=reasoning,
+            tool_calls=None if not tool_calls else [schemas.DeltaToolCall(**c) for c in tool_calls],
         )
         choice = schemas.ChatChunkChoice(
             index=0, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
@@ -178,14 +200,21 @@ def full_response(
     prompt_tokens: int,
     logprobs: Any = None,
     reasoning: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` (``--reasoning-parser``)."""
+    ``reasoning``: chat's ``reasoning_content`` (``--reasoning-parser``); ``tool_calls``: the calls parsed
+    from the output (``--tool-call-parser``, OpenAI's shape: ``pd.proxy.tools.ToolCall.to_openai``), and
+    then content is null when ``text`` is empty, as OpenAI has it."""
     ids = token_ids if req.return_token_ids else None
     usage = schemas.Usage.of(prompt_tokens, len(token_ids))
     body: schemas.ChatCompletionResponse | schemas.CompletionResponse
     if req.chat:
-        message = schemas.AssistantMessage(content=text, reasoning_content=reasoning)
+        message = schemas.AssistantMessage(
+            content=None if tool_calls and not text else text,
+            reasoning_content=reasoning,
+            tool_calls=None if not tool_calls else [schemas.ToolCall(**c) for c in tool_calls],
+        )
         choice = schemas.ChatChoice(
             index=0, message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )

@@ -5,10 +5,11 @@ parsing live in ``pd.proxy.tools``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from pd.grammar.text import JSON_OPTIONS
 from pd.proxy.tools import NAME, ToolParser
 
 
@@ -23,11 +24,14 @@ class ToolRequestError(ValueError):
 @dataclass(frozen=True)
 class ToolChoice:
     """What the request asks: ``mode`` none | auto | required; ``name`` set when one function is forced
-    (mode required)."""
+    (mode required); ``parallel``: several calls allowed (``parallel_tool_calls``)."""
 
     mode: str
     name: str | None = None
+    parallel: bool = True
 
+
+NO_TOOLS = ToolChoice("none")  # the choice of a request without tools
 
 _TOOL_KEYS = {"type", "function"}
 _FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
@@ -46,21 +50,27 @@ def validate_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]], 
         where = f"tools[{i}]"
         _check_keys(tool, _TOOL_KEYS, where)
         if tool.get("type") != "function":
-            raise ToolRequestError(f"'{where}.type' must be \"function\", got {tool.get('type')!r}", where)
+            raise ToolRequestError(
+                f"'{where}.type' must be \"function\", got {tool.get('type')!r}", f"{where}.type"
+            )
         function = tool.get("function")
         _check_keys(function, _FUNCTION_KEYS, f"{where}.function")
         name = function.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ToolRequestError(
-                f"'{where}.function.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}", where
+                f"'{where}.function.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                f"{where}.function.name",
             )
         if name in names:
-            raise ToolRequestError(f"'{where}.function.name': function {name!r} is defined twice", where)
+            raise ToolRequestError(
+                f"'{where}.function.name': function {name!r} is defined twice", f"{where}.function.name"
+            )
         names.append(name)
         for key, kind in (("description", str), ("parameters", dict), ("strict", bool)):
             value = function.get(key)
             if value is not None and not isinstance(value, kind):
-                raise ToolRequestError(f"'{where}.function.{key}' must be of type {_JSON[kind]}", where)
+                path = f"{where}.function.{key}"
+                raise ToolRequestError(f"'{path}' must be of type {_JSON[kind]}", path)
     return tools, _tool_choice(tool_choice, names)
 
 
@@ -72,7 +82,7 @@ def _check_keys(obj: Any, allowed: set[str], where: str) -> None:
         raise ToolRequestError(f"'{where}' must be an object, got {type(obj).__name__}", where)
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise ToolRequestError(f"unknown field '{where}.{unknown[0]}'", where)
+        raise ToolRequestError(f"unknown field '{where}.{unknown[0]}'", f"{where}.{unknown[0]}")
 
 
 def _tool_choice(choice: Any, names: list[str]) -> ToolChoice:
@@ -139,7 +149,25 @@ def tool_call_grammar(
         "call: " + " | ".join(f"call_{i}" for i in range(len(functions))),
     ]
     for i, function in enumerate(functions):
-        schema = function.get("parameters") or {"type": "object"}
+        # No free whitespace in the arguments (as for response_format): a weak model must still finish them.
+        schema = {**(function.get("parameters") or {"type": "object"}), "x-guidance": dict(JSON_OPTIONS)}
         lines.append(f"call_{i}: {parser.grammar_call(function['name'], f'args_{i}', lit)}")
         lines.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
+
+
+def forced_call_grammar(
+    parser: ToolParser,
+    tools: list[dict[str, Any]],
+    choice: ToolChoice,
+    token_to_id: Callable[[str], int | None],
+) -> str | None:
+    """The grammar a request's ``tool_choice`` puts on its output: None for "none" and "auto" (the model
+    chooses), ``tool_call_grammar``'s for "required" (any of ``tools``) and a named function. Markers spelled
+    ``<...>`` that ``token_to_id`` (the model's tokenizer's) knows are matched as those tokens."""
+    if choice.mode != "required":
+        return None
+    markers = [
+        m for m in parser.markers.all() if m[:1] == "<" and m[-1:] == ">" and token_to_id(m) is not None
+    ]
+    return tool_call_grammar(parser, tools, name=choice.name, parallel=choice.parallel, token_markers=markers)

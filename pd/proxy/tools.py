@@ -75,14 +75,6 @@ class ToolCall:
         }
 
 
-def assistant_message(content: str, calls: list[ToolCall]) -> dict[str, Any]:
-    """``choices[].message`` of a response: content is null when the model only called tools."""
-    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
-    if calls:
-        message["tool_calls"] = [c.to_openai() for c in calls]
-    return message
-
-
 @dataclass(frozen=True)
 class Markers:
     """The fixed strings of a format (see the module docstring)."""

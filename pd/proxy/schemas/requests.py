@@ -113,17 +113,71 @@ Content = Annotated[
 ]
 
 
+class FunctionCall(TableModel):
+    """A tool call's ``{"name", "arguments"}`` (arguments: JSON text, as the model wrote it)."""
+
+    table = fields.FUNCTION_CALL
+    where = "a tool call's function"
+
+    name: Text
+    arguments: Text
+
+
+class MessageToolCall(TableModel):
+    """One of an assistant message's ``tool_calls``, as an earlier response returned it."""
+
+    table = fields.TOOL_CALL
+    where = "a tool call"
+
+    id: Text
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(TableModel):
     table = fields.MESSAGE
     where = "a message"
 
     role: Text
-    content: Content
+    content: Content | None = None  # null only in an assistant message with tool_calls
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: Text | None = None  # tool messages: the id of the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields_by_role(self) -> ChatMessage:
+        """Content is required but in an assistant message with calls; tool_calls belong to assistant
+        messages, tool_call_id to (and is required in) tool messages. Other rules of roles: the chat
+        template's (pd.tokenizer)."""
+
+        def refuse(field: str, why: str) -> PydanticCustomError:
+            return PydanticCustomError(REFUSED, why, {"field": field})
+
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise refuse("content", "is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise refuse("tool_calls", "is a field of assistant messages only")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            why = (
+                "is required in a tool message" if self.role == "tool" else "is a field of tool messages only"
+            )
+            raise refuse("tool_call_id", why)
+        return self
 
     @property
     def text(self) -> str:
-        """The content as one string (text parts joined)."""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as one string (text parts joined; "" for none)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: role, content (a string), and the tool fields it has."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class JsonSchemaFormat(TableModel):
@@ -225,3 +279,9 @@ class ChatCompletionRequest(_Shared):
     max_completion_tokens: PositiveInt | None = None  # wins over max_tokens
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # needs logprobs
+    # Checked by pd.proxy.tool_choice.validate_tools (its messages name the place in them).
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = (
+        True  # false: at most one call (with tool_choice required or a named function)
+    )

@@ -85,12 +85,26 @@ class CompletionChoice(Response):
     token_ids: list[int] | None = None  # pd extra: the generated ids, when the request asks
 
 
+class ToolCallFunction(Response):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(Response):
+    """A parsed tool call (``--tool-call-parser``)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(Response):
-    omitted_if_none = frozenset({"reasoning_content"})
+    omitted_if_none = frozenset({"reasoning_content", "tool_calls"})
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the model only called tools
     reasoning_content: str | None = None  # with --reasoning-parser
+    tool_calls: list[ToolCall] | None = None  # with --tool-call-parser, when the model called tools
 
 
 class ChatChoice(Response):
@@ -103,12 +117,31 @@ class ChatChoice(Response):
     token_ids: list[int] | None = None
 
 
-class ChatDelta(Response):
-    omitted_if_none = frozenset({"role", "reasoning_content"})
+class DeltaFunction(Response):
+    omitted_if_none = frozenset({"name", "arguments"})
 
-    content: str
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # a piece of the arguments ("" in a first delta that has none yet)
+
+
+class DeltaToolCall(Response):
+    """A piece of tool call ``index``: its first carries id, type and name, the others argument pieces."""
+
+    omitted_if_none = frozenset({"id", "type"})
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+class ChatDelta(Response):
+    omitted_if_none = frozenset({"role", "reasoning_content", "tool_calls"})
+
+    content: str | None  # None in a delta of tool calls only
     role: Literal["assistant"] | None = None  # on the first chunk
     reasoning_content: str | None = None  # with --reasoning-parser
+    tool_calls: list[DeltaToolCall] | None = None  # with --tool-call-parser
 
 
 class ChatChunkChoice(Response):
