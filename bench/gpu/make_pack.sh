@@ -17,7 +17,7 @@ get "$tmp/site" flashinfer-python==0.7.2.post1 mooncake-transfer-engine-cuda13==
 mkdir -p .gpu-pack "$tmp/gsite"
 for w in "$tmp"/site/*.whl; do python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$tmp/gsite"; done
 tar -C "$tmp" -cf - gsite | xz -T0 -6 > .gpu-pack/site.tar.xz
-get .gpu-pack apache-tvm-ffi==0.1.15.post2 cuda-tile==1.7.0 prometheus_client pydantic pydantic-core \
+get .gpu-pack apache-tvm-ffi==0.1.15.post2 cuda-tile==1.7.0 prometheus_client pydantic pydantic-core llguidance \
   annotated-types typing-inspection
 grep -qx "/.gpu-pack/" .git/info/exclude 2>/dev/null || echo "/.gpu-pack/" >> .git/info/exclude
 rm -rf "$tmp"
