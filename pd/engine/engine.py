@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pd.config import EngineConfig, ModelConfig
 from pd.detokenizer import IncrementalDetokenizer
 from pd.engine.logits import LogitsProcessor
+from pd.engine.prefix_cache import PrefixCache
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.kv_cache import PageAllocator
@@ -56,7 +57,8 @@ class Engine:
         self.runner = runner or ModelRunner(cfg, self.model_cfg)
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
+        cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache)
         # Per-request logits state (penalties); a request's slot is freed wherever it ends.
         self.logits = LogitsProcessor(
             self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos)
@@ -104,6 +106,13 @@ class Engine:
         self._detok.pop(req.rid, None)
 
     # ---- the loop ----
+
+    @property
+    def pages_held(self) -> int:
+        """Pages a request (or a prefill rank's transfer) holds: pages in use less those only the prefix cache
+        holds. Zero on an idle engine."""
+        cache = self.scheduler.cache
+        return self.allocator.num_used - (cache.num_idle_pages() if cache is not None else 0)
 
     def has_work(self) -> bool:
         return self.scheduler.num_unfinished > 0
