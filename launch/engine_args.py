@@ -93,6 +93,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             "cuda_graph",
             help="decode in full-model CUDA graphs on CUDA (--no-cuda-graph: eagerly)",
         ),
+        add_field_arg(
+            g,
+            "--prefix-cache",
+            E,
+            "prefix_cache",
+            help="reuse the KV pages of cached prompt prefixes on prefill and colocated ranks "
+            "(--no-prefix-cache: compute every prompt in full; decode ranks never cache)",
+        ),
     ]
 
 
@@ -113,6 +121,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         attention_backend=args.attention_backend,
         seed=args.seed,
         cuda_graph=args.cuda_graph,
+        prefix_cache=args.prefix_cache,
     )
 
 

@@ -334,6 +334,9 @@ class EngineConfig:
     cuda_graph: bool = (
         True  # decode in full-model CUDA graphs on CUDA (needs a graph-capable attention backend)
     )
+    # Keep full KV pages of computed prompts and reuse them for later prompts with the same prefix (prefill
+    # and colocated ranks; decode ranks never cache).
+    prefix_cache: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -368,4 +368,4 @@ def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     )
     warm_up(engine, extend=True, decode=True)
     assert replayed == [-2, *engine.runner.graphs.buckets]
-    assert engine.allocator.num_used == 0
+    assert engine.pages_held == 0

@@ -93,7 +93,7 @@ def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) 
 
 def idle(*engines: Engine) -> bool:
     return all(
-        e.allocator.num_used == 0 and e.scheduler.num_unfinished == 0 and e.grammar.active == 0
+        e.pages_held == 0 and e.scheduler.num_unfinished == 0 and e.grammar.active == 0
         for e in engines
     )
 

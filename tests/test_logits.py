@@ -61,7 +61,7 @@ def test_processing_and_top_logprobs_equal_transformers_batched(chunk_size, tiny
                 assert all(abs(float(lp[t]) - v) < MAX_ABS_ERR for t, v in top)
         else:
             assert req.output_top_logprobs == []
-    assert engine.logits.slots_in_use == 0 and engine.allocator.num_used == 0
+    assert engine.logits.slots_in_use == 0 and engine.pages_held == 0
 
 
 def test_min_tokens_masks_eos_until_reached(tiny_model_dir, hf_model):

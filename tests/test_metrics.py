@@ -112,6 +112,9 @@ def test_worker_metrics_render_parseable_with_types():
     w.checksum_failed(7, "KV checksum mismatch")
     w.transfer_bytes.inc(4096, role="decode")
     w.transfer_seconds.observe(0.02, role="decode")
+    w.pages_cached.set_function(lambda: 3, **labels)
+    w.prefix_matched(40, 32)
+    w.prefix_matched(8, 0)
     text = w.render()
     assert families(text) == {
         "pd_kv_pages_used": "gauge",
@@ -127,6 +130,9 @@ def test_worker_metrics_render_parseable_with_types():
         "pd_transfer_bytes": "counter",
         "pd_transfer_seconds": "histogram",
         "pd_decode_batch_size": "histogram",
+        "pd_kv_pages_cached": "gauge",
+        "pd_prefix_cache_query_tokens": "counter",
+        "pd_prefix_cache_hit_tokens": "counter",
     }
     s = parse_samples(text)
     rank = tuple(sorted(labels.items()))
@@ -134,6 +140,9 @@ def test_worker_metrics_render_parseable_with_types():
     assert s[("pd_expert_tokens", tuple(sorted({**labels, "expert": "3"}.items())))] == 40
     assert s[("pd_transfer_bytes_total", (("role", "decode"),))] == 4096
     assert s[("pd_kv_checksum_failures_total", (("role", "decode"),))] == 1
+    assert s[("pd_kv_pages_cached", rank)] == 3
+    assert s[("pd_prefix_cache_query_tokens_total", (("role", "decode"),))] == 48
+    assert s[("pd_prefix_cache_hit_tokens_total", (("role", "decode"),))] == 32
     assert s[("pd_transfer_seconds_count", (("role", "decode"),))] == 1
     assert set(RANK_LABELS) <= {k for (name, ls) in s if name == "pd_rooms_open" for k, _ in ls}
 

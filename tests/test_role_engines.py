@@ -82,7 +82,7 @@ class Loopback:
 
 
 def idle(*engines: Engine) -> bool:
-    return all(e.allocator.num_used == 0 and e.scheduler.num_unfinished == 0 for e in engines)
+    return all(e.pages_held == 0 and e.scheduler.num_unfinished == 0 for e in engines)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_disaggregated_greedy_equals_the_colocated_engine(pair, reference) -> No
         assert decode.handle(DecodeRoom(room, tuple(prompt), GREEDY, "prefill:1")) == []
     assert sorted(link.dst) == [0, 1, 2], "decode reserved pages and started every transfer"
     run_prefill(prefill)
-    assert prefill.engine.allocator.num_used > 0, "pages stay with the prefill engine until the transfer ends"
+    assert prefill.engine.pages_held > 0, "pages stay with the prefill engine until the transfer ends"
     tokens: dict[int, list[int]] = {room: [] for room in range(len(PROMPTS))}
     for room in range(len(PROMPTS)):
         link.copy(room)
@@ -162,7 +162,7 @@ def test_prefill_abort_at_every_stage_frees_pages_once(pair, stage) -> None:
     else:
         assert prefill.handle(AbortRoom(7, "client gone")) == []
         assert link.aborted == [7]
-        assert prefill.engine.allocator.num_used > 0, "the sender may still read the pages"
+        assert prefill.engine.pages_held > 0, "the sender may still read the pages"
         [event] = prefill.handle(TransferEnded(7, TransferState.ABORTED, "client gone"))
         assert event.failure is Failure.ABORTED
     assert prefill.handle(TransferEnded(7, TransferState.ABORTED)) == [], "a second end is ignored"
@@ -186,7 +186,7 @@ def test_decode_abort_at_every_stage_frees_pages_once(tiny_model_dir, stage) -> 
         decode.handle(TransferEnded(1, TransferState.ABORTED))
     elif stage in ("transfer", "transfer_done_after_abort"):
         assert decode.handle(AbortRoom(1, "client gone")) == [] and link.aborted == [1]
-        assert d.allocator.num_used > 0, "the prefill rank may still write the pages"
+        assert d.pages_held > 0, "the prefill rank may still write the pages"
         state = TransferState.DONE if stage == "transfer_done_after_abort" else TransferState.ABORTED
         [event] = decode.handle(TransferEnded(1, state, aux=aux if state is TransferState.DONE else None))
         assert (event.room, event.finish_reason) == (1, "abort")

@@ -32,6 +32,7 @@ from tests.support.cluster import (
     SUITE_WORKER_FLAGS,
     kv_pages_used,
     pd_serve,
+    proxy_metric,
     start,
     stop,
     wait_healthy,
@@ -202,14 +203,41 @@ def test_clean_requests_abort_nothing(deployment, serve_log):
 
 def test_metrics_relay_every_ranks_gauges(deployment):
     """The proxy's /metrics carries the gauges pd.worker.metrics.RELAYED names, from every rank."""
-    from pd.worker.metrics import KV_PAGES_CAPACITY, KV_PAGES_USED
+    from pd.worker.metrics import KV_PAGES_CACHED, KV_PAGES_CAPACITY, KV_PAGES_USED
 
     samples = parse_samples(httpx.get(f"{deployment}/metrics", timeout=10).text)
-    for name in (KV_PAGES_USED, KV_PAGES_CAPACITY):
+    for name in (KV_PAGES_USED, KV_PAGES_CAPACITY, KV_PAGES_CACHED):
         roles = {dict(labels)["role"] for (n, labels), _ in samples.items() if n == name}
         assert roles == {"prefill", "decode"}, name
     assert all(v > 0 for (n, _), v in samples.items() if n == KV_PAGES_CAPACITY)
     assert not any(n == "pd_kv_pages_total" for n, _ in samples)  # the former name
+
+
+def test_repeated_prompt_hits_the_prefix_cache_with_the_same_tokens(
+    deployment, tiny_model_dir, hf_model, tok
+):
+    """The second time a prompt comes, the prefill rank reuses its 10 full pages (page size 4, 41 tokens),
+    reports the hit in /metrics, and the tokens are transformers' still; the cached pages are no leak."""
+    hf = hf_model(tiny_model_dir)
+    c = openai_client(deployment)
+    ids = random_prompt(random.Random(19), 41, tok.vocab_size - 2)
+    expected = hf_greedy(hf, ids, MAX_TOKENS)
+
+    def counters() -> tuple[float, float]:
+        return (
+            proxy_metric(deployment, "pd_prefix_cache_query_tokens_total"),
+            proxy_metric(deployment, "pd_prefix_cache_hit_tokens_total"),
+        )
+
+    readings = [counters()]
+    for _ in range(2):
+        assert greedy_tokens(c, ids, MAX_TOKENS) == expected
+        readings.append(counters())
+    (q0, h0), (q1, h1), (q2, h2) = readings
+    assert (q1 - q0, h1 - h0) == (41, 0), "the first time, nothing is cached"
+    assert (q2 - q1, h2 - h1) == (41, 40), "then every full page before the last token"
+    assert proxy_metric(deployment, "pd_kv_pages_cached") >= 10
+    assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 
 def test_32_concurrent_streams_complete_correctly(deployment, tok):

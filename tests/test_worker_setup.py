@@ -110,5 +110,5 @@ def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tin
         if decode:
             expected += [("decode", True, [True] * 3, *kinds)]
         assert seen == expected
-        assert engine.allocator.num_used == 0 and engine.logits.slots_in_use == 0
+        assert engine.pages_held == 0 and engine.logits.slots_in_use == 0
     assert int(engine.runner.model.expert_token_counts().sum()) == 0, "served tokens only in pd_expert_tokens"

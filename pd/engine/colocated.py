@@ -2,7 +2,9 @@
 
 The reference engine behind the same proxy and API (the baseline of the disaggregation experiments): a
 ``DecodeRoom`` is queued straight into the scheduler, which prefills it (chunked) and decodes it; the
-scheduler frees its pages when it finishes or is aborted.
+scheduler frees its pages when it finishes or is aborted. The prefix cache is on here too (``prefix_cache``):
+a prompt's full pages are cached once it is computed, and a later prompt with the same prefix starts after
+them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class ColocatedEngine:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics("colocated")
         self.rooms: dict[int, Req] = {}
+        engine.scheduler.on_prefix_match = self.metrics.prefix_matched
 
     def has_work(self) -> bool:
         return self.engine.has_work()

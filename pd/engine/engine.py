@@ -18,6 +18,7 @@ from pd.config import EngineConfig, ModelConfig
 from pd.detokenizer import IncrementalDetokenizer
 from pd.engine.grammar import GrammarMatchers
 from pd.engine.logits import LogitsProcessor
+from pd.engine.prefix_cache import PrefixCache
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
@@ -62,7 +63,8 @@ class Engine:
         self.runner = runner or ModelRunner(cfg, self.model_cfg)
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos))
+        cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache)
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
         self.logits = LogitsProcessor(
@@ -123,6 +125,13 @@ class Engine:
         self._detok.pop(req.rid, None)
 
     # ---- the loop ----
+
+    @property
+    def pages_held(self) -> int:
+        """Pages a request (or a prefill rank's transfer) holds: pages in use less those only the prefix cache
+        holds. Zero on an idle engine."""
+        cache = self.scheduler.cache
+        return self.allocator.num_used - (cache.num_idle_pages() if cache is not None else 0)
 
     def has_work(self) -> bool:
         return self.scheduler.num_unfinished > 0

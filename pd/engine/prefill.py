@@ -3,12 +3,15 @@
 A room's life here (every step on the engine thread):
 
 1. ``PrefillRoom`` -> queued in the scheduler (bounded: BUSY beyond ``max_waiting``).
-2. ``step``: the scheduler admits it with pages for the whole prompt; the room's page list is announced to
-   the sender before its first chunk runs. After each chunk the pages it completed are sent; the last
-   chunk samples the first token, which goes out as the aux record with the remaining pages, and the
-   request leaves the scheduler (its pages stay with this engine: the transfer still reads them).
-3. ``TransferEnded`` (the sender released the room: no write reads its pages any more) -> the pages are
-   freed, exactly once, and the RPC gets ``Prefilled`` or ``RoomFailed``.
+2. ``step``: the scheduler admits it with pages for the whole prompt (the leading ones from the prefix
+   cache on a hit: their tokens are not computed again); the room's page list, cached pages included, is
+   announced to the sender before its first chunk runs. After each chunk the pages it completed are sent
+   (a hit's cached pages with the first chunk); the last chunk samples the first token, which goes out as
+   the aux record with the remaining pages, the prompt's full pages join the prefix cache, and the request
+   leaves the scheduler (its pages stay with this engine: the transfer still reads them).
+3. ``TransferEnded`` (the sender released the room: no write reads its pages any more) -> the room's
+   references to its pages are freed, exactly once (cached pages stay with the cache), and the RPC gets
+   ``Prefilled`` or ``RoomFailed``.
 
 ``AbortRoom`` ends a queued room at once; an announced room is aborted in the sender, and step 3 follows.
 """
@@ -85,6 +88,7 @@ class PrefillEngine:
         self.scheduler, self.runner = engine.scheduler, engine.runner
         self.layout = self.runner.pool.layout
         self.rooms: dict[int, _Room] = {}
+        self.scheduler.on_prefix_match = self.metrics.prefix_matched
 
     # ---- the loop ----
 
@@ -175,6 +179,7 @@ class PrefillEngine:
                     self.sender.send(req.rid, req.pages[room.pages_sent : full], ready_event=ready)
                     room.pages_sent = full
                 continue
+            self.scheduler.cache_prompt(req)  # the cache takes its own references to the full pages
             room.pages, room.first_token, room.computed = self.scheduler.release(req), token, now
             room.first_top = result.top[i]
             aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))

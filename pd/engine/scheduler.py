@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pd.config import SchedulerConfig
+from pd.engine.prefix_cache import PrefixCache
 from pd.kv_cache import PageAllocator
 from pd.types import Batch, BatchMode, FinishReason, Req, ReqState, StepResult
 
@@ -21,14 +22,23 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, allocator: PageAllocator, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        allocator: PageAllocator,
+        eos_token_ids: frozenset[int],
+        cache: PrefixCache | None = None,
+    ) -> None:
         self.cfg = cfg
         self.allocator = allocator
+        self.cache = cache  # None: every prompt is computed in full
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Req] = deque()
         self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
         self.running: list[Req] = []  # decoding
         self.on_end: Callable[[Req], None] | None = None  # called once a request ends or leaves (release)
+        # Called on each admission with a cache: (tokens looked up, tokens found cached).
+        self.on_prefix_match: Callable[[int, int], None] | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -61,16 +71,21 @@ class Scheduler:
             budget -= n
         while budget > 0 and self.waiting and len(self.prefilling) + len(self.running) < self.cfg.max_running:
             req = self.waiting[0]
-            pages = self.allocator.alloc(self._pages_for(req.seq_len))
+            hit = self._match(req)
+            pages = self._alloc(self._pages_for(req.seq_len) - len(hit))
             if pages is None:
+                self.allocator.free(hit)  # back to the cache alone
                 break  # the head waits for pages; later requests do not overtake it
             self.waiting.popleft()
-            req.pages, req.state, req.num_computed = pages, ReqState.RUNNING, 0
+            req.pages, req.state = hit + pages, ReqState.RUNNING
+            req.num_computed = len(hit) * self.cfg.page_size
+            if self.cache is not None and self.on_prefix_match is not None:
+                self.on_prefix_match(req.seq_len, req.num_computed)
             self.prefilling.append(req)
-            n = min(budget, req.seq_len)
+            n = min(budget, req.seq_len - req.num_computed)
             reqs.append(req)
-            starts.append(0)
-            ends.append(n)
+            starts.append(req.num_computed)
+            ends.append(req.num_computed + n)
             budget -= n
         return Batch(BatchMode.EXTEND, reqs, starts, ends) if reqs else None
 
@@ -103,6 +118,7 @@ class Scheduler:
             if req in self.prefilling:
                 self.prefilling.remove(req)
                 self.running.append(req)
+                self.cache_prompt(req)
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
             if req.sampling.top_logprobs:
@@ -128,6 +144,12 @@ class Scheduler:
         req.state, req.finish_reason = ReqState.FINISHED, reason
         if self.on_end is not None:
             self.on_end(req)
+
+    def cache_prompt(self, req: Req) -> None:
+        """Offers the full pages of a request's computed prompt to the prefix cache (if there is one)."""
+        if self.cache is not None:
+            assert req.num_computed >= len(req.prompt_ids), "only a computed prompt is cached"
+            self.cache.insert(req.prompt_ids, req.pages)
 
     def admit_prefilled(self, req: Req) -> None:
         """Admits a request whose prompt KV is already in ``req.pages`` (computed by a prefill rank): it
@@ -162,7 +184,7 @@ class Scheduler:
         """Makes room for the token this step writes, preempting the newest requests if needed."""
         need = self._pages_for(req.seq_len) - len(req.pages)
         while need > 0:
-            pages = self.allocator.alloc(need)
+            pages = self._alloc(need)
             if pages is not None:
                 req.pages += pages
                 return
@@ -176,6 +198,21 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages, req.num_computed, req.state = [], 0, ReqState.WAITING
         self.waiting.appendleft(req)
+
+    def _match(self, req: Req) -> list[int]:
+        """Cached pages of the request's leading tokens, one reference each taken for it (none without a
+        cache, or when the request scores its prompt: every prompt position must be computed for that)."""
+        if self.cache is None or req.sampling.prompt_logprobs is not None:
+            return []
+        return self.cache.match(req.all_ids)
+
+    def _alloc(self, n: int) -> list[int] | None:
+        """``n`` fresh pages, evicting pages only the cache holds if too few are free; None if still short."""
+        pages = self.allocator.alloc(n)
+        if pages is None and self.cache is not None:
+            self.cache.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
+        return pages
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)

@@ -13,6 +13,7 @@ RANK_LABELS = ("role", "instance", "rank")
 
 KV_PAGES_USED = "pd_kv_pages_used"
 KV_PAGES_CAPACITY = "pd_kv_pages_capacity"
+KV_PAGES_CACHED = "pd_kv_pages_cached"
 ROOMS_OPEN = "pd_rooms_open"
 TRANSFER_ROOMS_OPEN = "pd_transfer_rooms_open"
 EXPERT_TOKENS = "pd_expert_tokens"
@@ -21,12 +22,14 @@ DECODE_BATCH = "pd_decode_batch_size"
 DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
 KV_CHECKSUM_FAILURES = "pd_kv_checksum_failures_total"
+PREFIX_QUERY_TOKENS = "pd_prefix_cache_query_tokens_total"
+PREFIX_HIT_TOKENS = "pd_prefix_cache_hit_tokens_total"
 
 # Relayed by the proxy from every registered rank: gauges (with RANK_LABELS), and histograms and counters
 # (labelled with the rank's instance and rank by the proxy).
-RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
+RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, KV_PAGES_CACHED, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
 RELAYED_HISTOGRAMS = (DECODE_BATCH,)
-RELAYED_COUNTERS = (KV_CHECKSUM_FAILURES,)
+RELAYED_COUNTERS = (KV_CHECKSUM_FAILURES, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS)
 
 
 class WorkerMetrics:
@@ -38,6 +41,11 @@ class WorkerMetrics:
         self.pages_used = m.gauge(KV_PAGES_USED, "KV cache pages in use.", RANK_LABELS)
         self.pages_capacity = m.gauge(
             KV_PAGES_CAPACITY, "KV cache pages that can hold requests.", RANK_LABELS
+        )
+        self.pages_cached = m.gauge(
+            KV_PAGES_CACHED,
+            "KV cache pages the prefix cache holds that no request holds (counted in pd_kv_pages_used).",
+            RANK_LABELS,
         )
         self.rooms = m.gauge(ROOMS_OPEN, "Rooms (requests) this rank holds, in any stage.", RANK_LABELS)
         self.transfer_rooms = m.gauge(
@@ -68,6 +76,16 @@ class WorkerMetrics:
             "Rooms whose received KV pages did not match the sender's checksums (--kv-checksum).",
             ["role"],
         )
+        self.prefix_query_tokens = m.counter(
+            PREFIX_QUERY_TOKENS,
+            "Tokens of admitted requests looked up in the prefix cache.",
+            ["role"],
+        )
+        self.prefix_hit_tokens = m.counter(
+            PREFIX_HIT_TOKENS,
+            "Tokens found in the prefix cache (not computed again).",
+            ["role"],
+        )
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
@@ -76,6 +94,12 @@ class WorkerMetrics:
         """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort", "refused" or
         "failed" (a request that failed while running)."""
         self.requests.inc(role=self.role, outcome=outcome)
+
+    def prefix_matched(self, query_tokens: int, hit_tokens: int) -> None:
+        """The scheduler's ``on_prefix_match``: a request was admitted with ``hit_tokens`` of its
+        ``query_tokens`` found in the prefix cache."""
+        self.prefix_query_tokens.inc(query_tokens, role=self.role)
+        self.prefix_hit_tokens.inc(hit_tokens, role=self.role)
 
     def checksum_failed(self, room: int, reason: str) -> None:
         """``KVReceiver``'s ``on_checksum_failure``: one more room failed KV verification here."""

@@ -210,10 +210,11 @@ class RankServer:
 
     def load(self) -> bpb.Load:
         load, allocator = self.engine.load(), self.rank.engine.allocator
+        cache = self.rank.engine.scheduler.cache
         return bpb.Load(
             running_requests=load.running,
             waiting_requests=load.waiting,
-            free_pages=allocator.num_free,
+            free_pages=allocator.num_free + (cache.num_idle_pages() if cache else 0),  # cached: evictable
             total_pages=allocator.capacity,
         )
 
@@ -262,6 +263,8 @@ class RankServer:
         )
         m.pages_used.set_function(lambda: allocator.num_used, **self._labels)
         m.pages_capacity.set_function(lambda: allocator.capacity, **self._labels)
+        cache = self.rank.engine.scheduler.cache
+        m.pages_cached.set_function(lambda: cache.num_idle_pages() if cache else 0, **self._labels)
         m.rooms.set_function(lambda: engine.rooms_open, **self._labels)
         m.transfer_rooms.set_function(lambda: transfer.num_rooms if transfer else 0, **self._labels)
         for name in engine.queue_lengths():

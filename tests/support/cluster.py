@@ -108,17 +108,26 @@ def proxy_metric(url: str, name: str) -> float:
 
 
 def kv_pages_used(url: str) -> dict[tuple[str, str, str], float]:
-    """``pd_kv_pages_used`` of every registered rank, from the proxy's /metrics: {(role, instance, rank): pages}."""
-    out = {}
-    for (name, labels), value in metric_samples(url).items():
-        if name == "pd_kv_pages_used":
+    """Pages a request or transfer holds on every registered rank, from one scrape of the proxy's /metrics:
+    ``pd_kv_pages_used - pd_kv_pages_cached`` (pages only the prefix cache holds are not leaks), as
+    {(role, instance, rank): pages}."""
+    return _held_pages(metric_samples(url))
+
+
+def _held_pages(samples: dict) -> dict[tuple[str, str, str], float]:
+    used: dict[tuple[str, str, str], float] = {}
+    cached: dict[tuple[str, str, str], float] = {}
+    for (name, labels), value in samples.items():
+        if name in ("pd_kv_pages_used", "pd_kv_pages_cached"):
             d = dict(labels)
-            out[(d["role"], d["instance"], d["rank"])] = value
-    return out
+            key = (d["role"], d["instance"], d["rank"])
+            (used if name == "pd_kv_pages_used" else cached)[key] = value
+    return {key: value - cached.get(key, 0.0) for key, value in used.items()}
 
 
 def wait_pages_idle(url: str, timeout: float = 30.0) -> dict:
-    """Waits until every rank's pages are back to zero; returns the last reading."""
+    """Waits until no rank holds a page for a request or transfer (``kv_pages_used``: used less cached) on
+    every rank; returns the last reading."""
     deadline = time.monotonic() + timeout
     pages = kv_pages_used(url)
     while time.monotonic() < deadline:
@@ -129,14 +138,17 @@ def wait_pages_idle(url: str, timeout: float = 30.0) -> dict:
     return pages
 
 
-IDLE_GAUGES = ("pd_kv_pages_used", "pd_rooms_open", "pd_transfer_rooms_open")
+IDLE_GAUGES = ("pd_rooms_open", "pd_transfer_rooms_open")
+HELD_PAGES = "pd_kv_pages_used - pd_kv_pages_cached"
 
 
 def rank_gauges(url: str) -> dict[tuple[str, str, str, str], float]:
-    """Every relayed per-rank gauge of IDLE_GAUGES and the proxy's requests in flight, from one scrape:
-    {(name, role, instance, rank): value} (the proxy's own gauge under ("...", "proxy", "", ""))."""
-    out = {}
-    for (name, labels), value in metric_samples(url).items():
+    """From one scrape: every rank's held pages (under HELD_PAGES), its relayed gauges of IDLE_GAUGES, and
+    the proxy's requests in flight: {(name, role, instance, rank): value} (the proxy's own gauge under
+    ("...", "proxy", "", ""))."""
+    samples = metric_samples(url)
+    out = {(HELD_PAGES, *key): value for key, value in _held_pages(samples).items()}
+    for (name, labels), value in samples.items():
         d = dict(labels)
         if name in IDLE_GAUGES:
             out[(name, d["role"], d["instance"], d["rank"])] = value
