@@ -2,7 +2,8 @@
 
 The reference engine behind the same proxy and API (the baseline of the disaggregation experiments): a
 ``DecodeRoom`` is queued straight into the scheduler, which prefills it (chunked) and decodes it; the
-scheduler frees its pages when it finishes or is aborted.
+scheduler frees its pages when it finishes or is aborted. A room of n choices forks into n sequences in
+the step that samples its first token (``pd.engine.engine``); it ends with its last choice.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class ColocatedEngine:
     def __init__(self, engine: Engine, metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics("colocated")
-        self.rooms: dict[int, Req] = {}
+        self.rooms: dict[int, Req] = {}  # choice 0 of each room
+        self._unfinished: dict[int, int] = {}  # choices of each room not finished yet
 
     def has_work(self) -> bool:
         return self.engine.has_work()
@@ -28,9 +30,12 @@ class ColocatedEngine:
         events: list[Event] = []
         for out in self.engine.step():
             events.append(tokens_event(out))
-            if out.finish_reason is not None:
-                self.rooms.pop(out.req.rid, None)
-                self.metrics.ended(out.finish_reason.value)
+            room = out.req.rid
+            if out.finish_reason is not None and room in self.rooms:
+                self._unfinished[room] -= 1
+                if self._unfinished[room] == 0:
+                    del self.rooms[room], self._unfinished[room]
+                    self.metrics.ended(out.finish_reason.value)
         return events
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -59,6 +64,7 @@ class ColocatedEngine:
             )
         try:
             self.rooms[cmd.room] = self.engine.add_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
+            self._unfinished[cmd.room] = cmd.sampling.n
         except QueueFull as e:
             return refused(self.metrics, cmd.room, Failure.BUSY, str(e))
         except ValueError as e:
@@ -69,7 +75,10 @@ class ColocatedEngine:
         req = self.rooms.pop(room, None)
         if req is None:
             return []
+        del self._unfinished[room]
         self.metrics.aborts.inc(role="colocated")
-        self.engine.abort(req)
+        ended = self.engine.abort(req)
         self.metrics.ended("abort")
-        return [aborted_event(req)]
+        if not req.forks:  # not forked yet: its other choices end too
+            return [aborted_event(req, i) for i in range(req.sampling.n)]
+        return [aborted_event(r) for r in ended]

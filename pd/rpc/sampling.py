@@ -28,6 +28,7 @@ def sampling_to_proto(sp: SamplingParams) -> wpb.Sampling:
         min_tokens=sp.min_tokens,
         top_logprobs=sp.top_logprobs,
         prompt_logprobs=-1 if sp.prompt_logprobs is None else sp.prompt_logprobs,
+        n=sp.n,
     )
 
 
@@ -50,6 +51,7 @@ def sampling_from_proto(s: wpb.Sampling) -> SamplingParams:
         min_tokens=s.min_tokens,
         top_logprobs=s.top_logprobs,
         prompt_logprobs=None if s.prompt_logprobs < 0 else s.prompt_logprobs,
+        n=s.n or 1,
     )
 
 
