@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("pydantic")  # pd's dependency, missing from a bare GPU image
 from pd.proxy import schemas
-from pd.proxy.protocol import full_response, parse_request, stream_chunk, usage_chunk
+from pd.proxy.protocol import ChoiceResult, full_response, parse_request, stream_chunk, usage_chunk
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -41,10 +41,17 @@ def test_usage_chunk_and_full_response(chat):
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     last = usage_chunk(req, "id", "m", 3, 2)
     assert (last["choices"], last["usage"]) == ([], usage)
-    body = full_response(req, "id", "m", "ab", "length", [1, 2], 3)
+    body = full_response(req, "id", "m", [ChoiceResult("ab", "length", [1, 2])], 3)
     assert body["object"] == ("chat.completion" if chat else "text_completion") and body["usage"] == usage
     choice = {"message": {"role": "assistant", "content": "ab"}} if chat else {"text": "ab"}
     assert body["choices"] == [{"index": 0, **choice, "logprobs": None, "finish_reason": "length"}]
+    # n choices: each at its index; usage counts the prompt once and every choice's tokens.
+    two = full_response(
+        req, "id", "m", [ChoiceResult("ab", "length", [1, 2]), ChoiceResult("c", "stop", [3])], 3
+    )
+    assert [c["index"] for c in two["choices"]] == [0, 1] and two["choices"][1]["finish_reason"] == "stop"
+    assert two["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert stream_chunk(req, "id", "m", "c", None, [3], True, index=2)["choices"][0]["index"] == 2
 
 
 def test_logprobs_shapes():

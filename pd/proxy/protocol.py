@@ -80,6 +80,11 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         prompt, messages, max_tokens = req.prompt, None, req.max_tokens
         logprobs, echo = req.logprobs, req.echo
         prompt_logprobs = logprobs if echo else None
+        if req.best_of is not None and req.best_of != req.n:
+            message = (
+                f"'best_of' must equal 'n' ({req.n}): every sampled choice is returned, got {req.best_of}"
+            )
+            raise APIError(400, message, "best_of")
     try:
         sampling = SamplingParams(
             temperature=req.temperature,
@@ -98,6 +103,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
             min_tokens=req.min_tokens,
             top_logprobs=logprobs or 0,
             prompt_logprobs=prompt_logprobs,
+            n=req.n,
         )
     except ValueError as e:  # names the field first
         raise APIError(400, str(e), str(e).split()[0]) from None
@@ -131,9 +137,11 @@ def stream_chunk(
     first: bool,
     logprobs: Any = None,
     reasoning: str | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` delta (``--reasoning-parser``)."""
+    """One stream event, of choice ``index``; ``first``: that choice's first event; ``logprobs``: the chunk's
+    ``ChatLogprobs`` or ``CompletionLogprobs``, if asked; ``reasoning``: chat's ``reasoning_content`` delta
+    (``--reasoning-parser``)."""
     ids = token_ids if req.return_token_ids else None
     chunk: schemas.ChatCompletionChunk | schemas.CompletionChunk
     if req.chat:
@@ -141,12 +149,12 @@ def stream_chunk(
             content=text, role="assistant" if first else None, reasoning_content=reasoning
         )
         choice = schemas.ChatChunkChoice(
-            index=0, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         chunk = schemas.ChatCompletionChunk(id=rid, created=int(time.time()), model=model, choices=[choice])
     else:
         c = schemas.CompletionChoice(
-            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
+            index=index, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         chunk = schemas.CompletionChunk(id=rid, created=int(time.time()), model=model, choices=[c])
     return chunk.model_dump()
@@ -160,35 +168,50 @@ def usage_chunk(
     return kind(id=rid, created=int(time.time()), model=model, choices=[], usage=usage).model_dump()
 
 
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One choice of a whole response: its text, finish reason and token ids; ``logprobs``: its
+    ``ChatLogprobs`` or ``CompletionLogprobs``, if asked; ``reasoning``: chat's ``reasoning_content``
+    (``--reasoning-parser``)."""
+
+    text: str
+    finish: str
+    token_ids: list[int]
+    logprobs: Any = None
+    reasoning: str | None = None
+
+
 def full_response(
-    req: ParsedRequest,
-    rid: str,
-    model: str,
-    text: str,
-    finish: str,
-    token_ids: list[int],
-    prompt_tokens: int,
-    logprobs: Any = None,
-    reasoning: str | None = None,
+    req: ParsedRequest, rid: str, model: str, choices: list[ChoiceResult], prompt_tokens: int
 ) -> dict[str, Any]:
-    """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` (``--reasoning-parser``)."""
-    ids = token_ids if req.return_token_ids else None
-    usage = schemas.Usage.of(prompt_tokens, len(token_ids))
-    body: schemas.ChatCompletionResponse | schemas.CompletionResponse
+    """The whole response: ``choices`` in index order; usage counts the prompt once and every choice's
+    tokens."""
+    usage = schemas.Usage.of(prompt_tokens, sum(len(c.token_ids) for c in choices))
+    created = int(time.time())
     if req.chat:
-        message = schemas.AssistantMessage(content=text, reasoning_content=reasoning)
-        choice = schemas.ChatChoice(
-            index=0, message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids
+        chat = [
+            schemas.ChatChoice(
+                index=i,
+                message=schemas.AssistantMessage(content=c.text, reasoning_content=c.reasoning),
+                logprobs=c.logprobs,
+                finish_reason=c.finish,
+                token_ids=c.token_ids if req.return_token_ids else None,
+            )
+            for i, c in enumerate(choices)
+        ]
+        return schemas.ChatCompletionResponse(
+            id=rid, created=created, model=model, choices=chat, usage=usage
+        ).model_dump()
+    completions = [
+        schemas.CompletionChoice(
+            index=i,
+            text=c.text,
+            logprobs=c.logprobs,
+            finish_reason=c.finish,
+            token_ids=c.token_ids if req.return_token_ids else None,
         )
-        body = schemas.ChatCompletionResponse(
-            id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage
-        )
-    else:
-        c = schemas.CompletionChoice(
-            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
-        )
-        body = schemas.CompletionResponse(
-            id=rid, created=int(time.time()), model=model, choices=[c], usage=usage
-        )
-    return body.model_dump()
+        for i, c in enumerate(choices)
+    ]
+    return schemas.CompletionResponse(
+        id=rid, created=created, model=model, choices=completions, usage=usage
+    ).model_dump()
