@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pd.engine.colocated import ColocatedEngine
 from pd.engine.decode import DecodeEngine
 from pd.engine.engine import Engine
 from pd.engine.messages import AbortRoom, DecodeRoom, Failure, PrefillRoom, Tokens, TransferEnded
 from pd.engine.prefill import PrefillEngine
-from pd.kv_cache import PageAllocator
+from pd.kv_cache import KVLayout, KVOrder, KVPool, PageAllocator
 from pd.sampling import choice_seed
 from pd.transfer.aux import AuxRecord, SlotAllocator, pack_aux, unpack_aux
 from pd.transfer.state import TransferState
@@ -64,6 +65,18 @@ def test_allocator_frees_a_shared_page_once_its_last_reference_goes() -> None:
     with pytest.raises(ValueError, match="incref of free page"):
         alloc.incref(pages[:1])
     assert alloc.num_free == alloc.capacity
+
+
+@pytest.mark.parametrize("order", list(KVOrder))
+def test_copy_page_copies_every_layer_of_one_page(order) -> None:
+    pool = KVPool(KVLayout(3, 6, 4, 5, torch.float32, order), "cpu")
+    pool.buffer.copy_(torch.randn(pool.layout.shape))
+    before = [pool.layer(layer).clone() for layer in range(3)]
+    pool.copy_page(2, 4)
+    for layer in range(3):
+        expected = before[layer].clone()
+        expected[4] = before[layer][2]
+        assert torch.equal(pool.layer(layer), expected)
 
 
 @pytest.mark.parametrize("prompt", [MID_PAGE, PAGE_END], ids=["mid_page", "page_end"])
