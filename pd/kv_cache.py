@@ -174,6 +174,13 @@ class KVPool:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copies page ``src`` of every layer into page ``dst`` (in the device's stream order)."""
+        if self.layout.order is KVOrder.LAYER_MAJOR:
+            self.buffer[:, dst].copy_(self.buffer[:, src])
+        else:
+            self.buffer[dst].copy_(self.buffer[src])
+
     def layer(self, layer: int) -> torch.Tensor:
         """The cache of one layer, ``[pages, page_size, latent]`` (a view; strided if page-major)."""
         if self.layout.order is KVOrder.LAYER_MAJOR:

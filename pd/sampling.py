@@ -16,6 +16,14 @@ import torch
 from pd.types import SamplingParams
 
 _M32 = 0xFFFFFFFF
+_SEED_MASK = (1 << 63) - 1
+_CHOICE_STEP = 0x9E3779B97F4A7C15  # odd: distinct choices of one seed get distinct seeds
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The random stream key of choice ``index`` of a request seeded ``seed`` (``n > 1``): choice 0 keeps
+    ``seed`` (so it samples what the request would alone), the others get distinct keys in [0, 2**63)."""
+    return (seed + index * _CHOICE_STEP) & _SEED_MASK
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

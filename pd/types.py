@@ -17,6 +17,7 @@ MAX_STOP_STRING_LEN = 256
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 LOGIT_BIAS_LIMIT = 100.0  # each bias is clamped to [-100, 100]
+MAX_CHOICES = 16  # n: choices a request may ask for
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class SamplingParams:
     ``grammar``: structured output (``pd.grammar``): each step, tokens the grammar does not allow next are
     masked to -inf (after the processing above, so logprobs see the mask too), and the request ends with
     ``stop`` once the grammar is complete and can take no more text.
+    ``n``: choices of one prompt. The prompt is computed once; its first token is sampled n times from the
+    same logits, choice i with the seed ``pd.sampling.choice_seed(seed, i)`` (choice 0 with ``seed``
+    itself), and the request then decodes as n sequences sharing the prompt's full KV pages.
     """
 
     temperature: float = 1.0
@@ -57,6 +61,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
     grammar: GrammarSpec | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         checks = (
@@ -68,6 +73,7 @@ class SamplingParams:
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("n", 1 <= self.n <= MAX_CHOICES, f"in [1, {MAX_CHOICES}]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)"),
             ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
             (
@@ -157,6 +163,8 @@ class Req:
     num_computed: int = 0
     state: ReqState = ReqState.WAITING
     finish_reason: FinishReason | None = None
+    index: int = 0  # its choice (n > 1): choice 0 is the request itself, choices 1.. are forked from it
+    forks: list[Req] = field(default_factory=list, repr=False)  # choice 0's: choices 1.., once forked
 
     @property
     def all_ids(self) -> list[int]:
@@ -170,12 +178,26 @@ class Req:
     def finished(self) -> bool:
         return self.state is ReqState.FINISHED
 
+    @property
+    def width(self) -> int:
+        """Sequences it will decode as: ``n`` until its first token is sampled (it forks then), else 1."""
+        return self.sampling.n if self.index == 0 and not self.output_ids else 1
+
     def max_total_len(self) -> int:
         """The longest this request can grow: prompt + max_tokens, capped by the context length."""
         return min(len(self.prompt_ids) + self.sampling.max_tokens, self.max_context_len)
 
 
 TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sampled token: its id, its logprob, and the alternatives asked for (else ``()``)."""
+
+    token: int
+    logprob: float
+    top: TopLogprobs = ()
 
 
 @dataclass
@@ -186,16 +208,22 @@ class StepResult:
     this step (a non-final chunk). ``top[i]``: the ``top_logprobs`` alternatives asked for (else ``()``).
     ``prompt[i]``: for a request asking for prompt logprobs, (logprob, alternatives) of each prompt token
     this step scored, in order (token p is scored by the position before it, so token 0 never is).
+    ``forks[i]``: for a request of ``n > 1`` choices that sampled its first token this step, the first
+    tokens of choices 1..n-1, sampled from the same logits (``tokens[i]`` is choice 0's); else ``[]``.
     """
 
     tokens: list[int | None]
     logprobs: list[float | None]
     top: list[TopLogprobs]
     prompt: list[list[tuple[float, TopLogprobs]]]
+    forks: list[list[Sampled]]
 
     @classmethod
-    def of(cls, tokens: list[int | None], logprobs: list[float | None]) -> StepResult:
-        return cls(tokens, logprobs, [()] * len(tokens), [[] for _ in tokens])
+    def of(
+        cls, tokens: list[int | None], logprobs: list[float | None], forks: list[list[Sampled]] | None = None
+    ) -> StepResult:
+        n = len(tokens)
+        return cls(tokens, logprobs, [()] * n, [[] for _ in tokens], forks or [[] for _ in tokens])
 
 
 class BatchMode(str, enum.Enum):
@@ -216,6 +244,8 @@ class Batch:
     starts: list[int]
     ends: list[int]
     samples: list[bool] = field(init=False)  # fixed when the batch is made
+    # (source page, destination page): KV copied, every layer, before the step runs (copy on write)
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.samples = [e == r.seq_len for r, e in zip(self.reqs, self.ends)]

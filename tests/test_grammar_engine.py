@@ -93,8 +93,7 @@ def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) 
 
 def idle(*engines: Engine) -> bool:
     return all(
-        e.pages_held == 0 and e.scheduler.num_unfinished == 0 and e.grammar.active == 0
-        for e in engines
+        e.pages_held == 0 and e.scheduler.num_unfinished == 0 and e.grammar.active == 0 for e in engines
     )
 
 
@@ -179,7 +178,8 @@ def test_matchers_go_with_their_requests_however_they_end(tiny_model_dir, tok) -
     [aborted] = colocated.handle(AbortRoom(2, "client gone"))
     assert aborted.finish_reason == "abort" and e.grammar.active == len(cases) - 1
     # Room 3's matcher refuses whatever it is given next: its output has left the grammar.
-    e.grammar._entries[3].matcher.accept = lambda token: False  # type: ignore[method-assign]
+    [room3] = [r for r in e.grammar._entries if r.rid == 3]  # matchers are kept by sequence
+    e.grammar._entries[room3].matcher.accept = lambda token: False  # type: ignore[method-assign]
     while colocated.has_work():
         for event in colocated.step():
             events[event.room].append(event)

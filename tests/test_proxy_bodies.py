@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("pydantic")  # pd's dependency, missing from a bare GPU image
 from pd.proxy import schemas
-from pd.proxy.protocol import full_response, parse_request, stream_chunk, usage_chunk
+from pd.proxy.protocol import ChoiceResult, full_response, parse_request, stream_chunk, usage_chunk
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -41,10 +41,17 @@ def test_usage_chunk_and_full_response(chat):
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     last = usage_chunk(req, "id", "m", 3, 2)
     assert (last["choices"], last["usage"]) == ([], usage)
-    body = full_response(req, "id", "m", "ab", "length", [1, 2], 3)
+    body = full_response(req, "id", "m", [ChoiceResult("ab", "length", [1, 2])], 3)
     assert body["object"] == ("chat.completion" if chat else "text_completion") and body["usage"] == usage
     choice = {"message": {"role": "assistant", "content": "ab"}} if chat else {"text": "ab"}
     assert body["choices"] == [{"index": 0, **choice, "logprobs": None, "finish_reason": "length"}]
+    # n choices: each at its index; usage counts the prompt once and every choice's tokens.
+    two = full_response(
+        req, "id", "m", [ChoiceResult("ab", "length", [1, 2]), ChoiceResult("c", "stop", [3])], 3
+    )
+    assert [c["index"] for c in two["choices"]] == [0, 1] and two["choices"][1]["finish_reason"] == "stop"
+    assert two["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert stream_chunk(req, "id", "m", "c", None, [3], True, index=2)["choices"][0]["index"] == 2
 
 
 def test_logprobs_shapes():
@@ -69,15 +76,17 @@ def test_tool_calls_in_the_response_and_the_deltas():
     id, type, name and arguments, later ones index and an argument piece only."""
     req = parse_request(CHAT, chat=True)
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
-    message = full_response(req, "id", "m", "", "tool_calls", [1], 3, tool_calls=[call])["choices"][0][
-        "message"
-    ]
+    message = full_response(req, "id", "m", [ChoiceResult("", "tool_calls", [1], tool_calls=[call])], 3)[
+        "choices"
+    ][0]["message"]
     assert message == {"role": "assistant", "content": None, "tool_calls": [call]}
-    message = full_response(req, "id", "m", "Sure.", "tool_calls", [1], 3, tool_calls=[call])["choices"][0][
-        "message"
-    ]
+    message = full_response(req, "id", "m", [ChoiceResult("Sure.", "tool_calls", [1], tool_calls=[call])], 3)[
+        "choices"
+    ][0]["message"]
     assert message == {"role": "assistant", "content": "Sure.", "tool_calls": [call]}
-    assert full_response(req, "id", "m", "", "stop", [1], 3, tool_calls=[])["choices"][0]["message"] == {
+    assert full_response(req, "id", "m", [ChoiceResult("", "stop", [1], tool_calls=[])], 3)["choices"][0][
+        "message"
+    ] == {
         "role": "assistant",
         "content": "",
     }

@@ -93,7 +93,7 @@ class _Stub:
         if outcome != "ok":
             raise rpc_error(outcome)
         self.c.prefilled[req.room].set()
-        return wpb.PrefillReply(prompt_tokens=len(req.token_ids), first_token_id=1)
+        return wpb.PrefillReply(prompt_tokens=len(req.token_ids), first_token_ids=[1])
 
     def Generate(self, req: wpb.GenerateRequest, timeout, metadata) -> _Call:
         self.c.generates.append(req.room)

@@ -34,7 +34,7 @@ TABLE = {
     "max_completion_tokens": (None, IMPL, [5], [0]),
     "temperature": (IMPL, IMPL, [0, 0.7], [3, "hot"]),
     "top_p": (IMPL, IMPL, [0.5], [0]),
-    "n": (NOOP, NOOP, [1], [2, True]),
+    "n": (IMPL, IMPL, [1, 2, 16], [0, 17, True, 1.5]),
     "stream": (IMPL, IMPL, [True, False], ["yes"]),
     "stream_options": (IMPL, IMPL, [{"include_usage": True}, {"include_obfuscation": False}],
                        [{"include_obfuscation": True}, {"continuous_usage_stats": True}, [1]]),
@@ -43,7 +43,7 @@ TABLE = {
     "logprobs": (IMPL, IMPL, ([0, 5, 20], [False, True]), ([-1, 21, True, 1.5], [1, "yes"])),
     "top_logprobs": (None, IMPL, [], [21, -1]),  # accepted with logprobs: true (test below)
     "echo": (IMPL, None, [False, True], ["yes"]),
-    "best_of": (NOOP, None, [1], [3]),
+    "best_of": (IMPL, None, [1], [3, 0]),  # equal to n only (test below)
     "suffix": (REFUSED, None, [], ["x", ""]),
     "presence_penalty": (IMPL, IMPL, [0, 0.5, -2], [2.5, False]),
     "frequency_penalty": (IMPL, IMPL, [0, -1, 2.0], [-3, "x"]),

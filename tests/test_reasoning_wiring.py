@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("pydantic")
-from pd.proxy.protocol import full_response, parse_request, stream_chunk
+from pd.proxy.protocol import ChoiceResult, full_response, parse_request, stream_chunk
 from pd.proxy.reasoning import REASONING_PARSERS
 
 
@@ -24,17 +24,10 @@ def test_streamed_reasoning_deltas_add_up_to_the_whole_split(cut):
     parser = REASONING_PARSERS["deepseek-r1"]
     whole_stream = parser.stream(starts_in_reasoning=False)
     deltas = [*whole_stream.feed(TEXT), *whole_stream.finish()]
-    body = full_response(
-        req,
-        "id",
-        "m",
-        _joined(deltas, "content") or "",
-        "stop",
-        [],
-        3,
-        None,
-        _joined(deltas, "reasoning_content"),
+    whole = ChoiceResult(
+        _joined(deltas, "content") or "", "stop", [], None, _joined(deltas, "reasoning_content")
     )
+    body = full_response(req, "id", "m", [whole], 3)
     message = body["choices"][0]["message"]
     assert message == {
         "role": "assistant",

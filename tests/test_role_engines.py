@@ -118,7 +118,7 @@ def test_disaggregated_greedy_equals_the_colocated_engine(pair, reference) -> No
         link.copy(room)
         [done] = prefill.handle(TransferEnded(room, TransferState.DONE))
         assert dataclasses.replace(done, phases=None) == Prefilled(
-            room, len(PROMPTS[room]), link.aux[room].first_token
+            room, len(PROMPTS[room]), (link.aux[room].first_token,), first_tops=((),)
         )
         # Its phases: the bytes of every page of the prompt, all layers; durations in order on this clock.
         layout = prefill.layout

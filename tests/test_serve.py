@@ -272,7 +272,7 @@ BAD_REQUESTS = [
     ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "temperature": "hot"}).encode(), 400),
     ("completions", b'{"model": "tiny-ci", "prompt": "hi", "temperature": NaN}', 400),
     ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "top_p": 0}).encode(), 400),
-    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "n": 2}).encode(), 400),
+    ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "n": 17}).encode(), 400),
     ("completions", json.dumps({"model": "tiny-ci", "prompt": "hi", "stream": "yes"}).encode(), 400),
     ("completions", json.dumps({"model": "tiny-ci", "prompt": [1, 2, 10**7]}).encode(), 400),
     ("completions", json.dumps({"model": "tiny-ci", "prompt": "word " * 5000}).encode(), 400),
@@ -383,8 +383,9 @@ def test_models_list_and_retrieve_with_the_openai_client(deployment, tiny_model_
 
 # (endpoint, fields added to a valid body, the param a 400 must name): see pd/proxy/fields.py.
 UNSUPPORTED_FIELDS = [
-    ("completions", {"n": 2}, "n"),
-    ("chat/completions", {"n": 2}, "n"),
+    ("completions", {"n": 17}, "n"),
+    ("chat/completions", {"n": 0}, "n"),
+    ("completions", {"n": 2, "best_of": 3}, "best_of"),
     ("chat/completions", {"repetition_penalty": 2.5}, "repetition_penalty"),  # out of range
     ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
     ("completions", {"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary

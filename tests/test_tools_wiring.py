@@ -171,7 +171,8 @@ class StubEngine:
         self.jobs.append(job)
         chunks = decode_chunks(self.tok, job.prompt_ids, self.ids, random.Random(len(self.jobs)))
         for i, (text, group) in enumerate(chunks):
-            yield Chunk(7, text, tuple(group), self.finish if i == len(chunks) - 1 else None)
+            last = i == len(chunks) - 1
+            yield Chunk(7, text, tuple(group), self.finish if last else None, done=last)
 
 
 def client(stub: StubEngine, **cfg) -> openai.OpenAI:

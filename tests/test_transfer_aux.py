@@ -17,14 +17,21 @@ from pd.transfer.aux import (
     unpack_aux,
 )
 
-RECORD = AuxRecord(room=2**63 - 5, first_token=-3, first_logprob=-1.25, prompt_len=70_000)
+RECORD = AuxRecord(
+    room=2**63 - 5, first_token=-3, first_logprob=-1.25, prompt_len=70_000, forks=((7, -0.5), (9, -2.0))
+)
 
 
 def test_round_trip_and_layout():
     data = pack_aux(RECORD)
-    assert len(data) == AUX_RECORD_NBYTES == 32
-    assert struct.unpack_from("<Qqf I", data) == (RECORD.room, -3, -1.25, 70_000)  # documented offsets
+    assert len(data) == AUX_RECORD_NBYTES == 156
+    assert struct.unpack_from("<Qqf I I", data) == (RECORD.room, -3, -1.25, 70_000, 2)  # documented offsets
+    assert struct.unpack_from("<2i", data, 28) == (7, 9) and struct.unpack_from("<2f", data, 88) == (
+        -0.5,
+        -2.0,
+    )
     assert unpack_aux(data, RECORD.room) == RECORD
+    assert unpack_aux(pack_aux(AuxRecord(1, 5, 0.0, 3)), 1).forks == ()
 
 
 def test_zeroed_slot_fails_the_magic():
@@ -43,7 +50,8 @@ def test_any_corrupt_byte_is_detected(byte):
 def test_half_written_slot_fails_the_checksum():
     old = pack_aux(AuxRecord(RECORD.room, 11, -2.0, 5))
     new = pack_aux(RECORD)
-    torn = new[:16] + old[16:]  # the first half of a new record over an old one of the same room
+    half = AUX_RECORD_NBYTES // 2
+    torn = new[:half] + old[half:]  # the first half of a new record over an old one of the same room
     with pytest.raises(AuxError, match="checksum"):
         unpack_aux(torn, RECORD.room)
 
@@ -58,8 +66,8 @@ def test_bad_values_and_sizes():
         pack_aux(AuxRecord(-1, 0, 0.0, 1))
     with pytest.raises(ValueError, match="u32"):
         pack_aux(AuxRecord(1, 0, 0.0, 2**32))
-    with pytest.raises(AuxError, match="31 bytes"):
-        unpack_aux(pack_aux(RECORD)[:31], RECORD.room)
+    with pytest.raises(AuxError, match="155 bytes"):
+        unpack_aux(pack_aux(RECORD)[:155], RECORD.room)
 
 
 def test_aux_buffer_slots():
@@ -67,7 +75,7 @@ def test_aux_buffer_slots():
     assert buf.buffer.shape == (4, AUX_RECORD_NBYTES) and buf.buffer.dtype == torch.uint8
     buf.write(2, RECORD)
     assert buf.read(2, RECORD.room) == RECORD
-    assert buf.slot_offset(2) == 64
+    assert buf.slot_offset(2) == 2 * AUX_RECORD_NBYTES
     with pytest.raises(AuxError, match="magic"):
         buf.read(1, RECORD.room)  # never written
     with pytest.raises(ValueError, match="out of range"):

@@ -4,7 +4,8 @@ The reference engine behind the same proxy and API (the baseline of the disaggre
 ``DecodeRoom`` is queued straight into the scheduler, which prefills it (chunked) and decodes it; the
 scheduler frees its pages when it finishes or is aborted. The prefix cache is on here too (``prefix_cache``):
 a prompt's full pages are cached once it is computed, and a later prompt with the same prefix starts after
-them.
+them. A room of n choices forks into n sequences in the step that samples its first token
+(``pd.engine.engine``); it ends with its last choice, or fails with the first whose output left its grammar.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class ColocatedEngine:
     def __init__(self, engine: Engine, metrics: WorkerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics("colocated")
-        self.rooms: dict[int, Req] = {}
+        self.rooms: dict[int, Req] = {}  # choice 0 of each room
+        self._unfinished: dict[int, int] = {}  # choices of each room not finished yet
         engine.scheduler.on_prefix_match = self.metrics.prefix_matched
 
     def has_work(self) -> bool:
@@ -31,9 +33,18 @@ class ColocatedEngine:
         events: list[Event] = []
         for out in self.engine.step():
             events.append(output_event(out))
-            if out.finish_reason is not None:
-                self.rooms.pop(out.req.rid, None)
-                self.metrics.ended("failed" if out.error else out.finish_reason.value)
+            room = out.req.rid
+            if out.finish_reason is None or room not in self.rooms:
+                continue
+            if out.error is not None:  # the room fails: its other choices end too
+                self.engine.abort(self.rooms.pop(room))
+                del self._unfinished[room]
+                self.metrics.ended("failed")
+                continue
+            self._unfinished[room] -= 1
+            if self._unfinished[room] == 0:
+                del self.rooms[room], self._unfinished[room]
+                self.metrics.ended(out.finish_reason.value)
         return events
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -62,6 +73,7 @@ class ColocatedEngine:
             )
         try:
             self.rooms[cmd.room] = self.engine.add_request(cmd.token_ids, cmd.sampling, rid=cmd.room)
+            self._unfinished[cmd.room] = cmd.sampling.n
         except QueueFull as e:
             return refused(self.metrics, cmd.room, Failure.BUSY, str(e))
         except ValueError as e:
@@ -72,7 +84,10 @@ class ColocatedEngine:
         req = self.rooms.pop(room, None)
         if req is None:
             return []
+        del self._unfinished[room]
         self.metrics.aborts.inc(role="colocated")
-        self.engine.abort(req)
+        ended = self.engine.abort(req)
         self.metrics.ended("abort")
-        return [aborted_event(req)]
+        if not req.forks:  # not forked yet: its other choices end too
+            return [aborted_event(req, i) for i in range(req.sampling.n)]
+        return [aborted_event(r) for r in ended]

@@ -7,9 +7,12 @@ A room's life here (every step on the engine thread):
 2. TRANSFER: the receiver is given the prompt's pages and the slot; it hand-shakes with the prefill rank,
    which writes the KV and the first token there.
 3. ``TransferEnded`` DONE -> RUNNING: the scheduler admits the request with its pages
-   (``Engine.add_prefilled``) and the first token is emitted; each ``step`` then decodes one token per
-   running room. Any other end frees the pages at once (the receiver reports only once no write can land).
-4. Finished (stop, length) or aborted: the scheduler frees the pages exactly once.
+   (``Engine.add_prefilled``) and the first token is emitted; a request of n choices forks there into n
+   sequences sharing the prompt's pages (each choice's first token came in the aux record). Each ``step``
+   then decodes one token per running sequence. Any other end frees the pages at once (the receiver
+   reports only once no write can land).
+4. Finished (stop, length) or aborted: the scheduler frees each sequence's page references exactly once;
+   the room ends with its last choice.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pd.engine.messages import (
 from pd.engine.role import Load, aborted_event, output_event, refused, tokens_event
 from pd.transfer.aux import SlotAllocator
 from pd.transfer.state import TransferState
-from pd.types import Req
+from pd.types import Req, Sampled
 from pd.worker.metrics import WorkerMetrics
 
 
@@ -66,6 +69,7 @@ class _Room:
     pages: list[int] | None = None  # reserved for the transfer; the scheduler's once RUNNING
     aux_slot: int | None = None
     aborted: str | None = None  # why, once an abort was asked for during the transfer
+    unfinished: int = 0  # choices still decoding, once RUNNING
     # Monotonic times of its transfer's start, the KV's arrival and its emissions (per-phase latency).
     transfer_started: float = 0.0
     kv_arrived: float = 0.0
@@ -171,14 +175,15 @@ class DecodeEngine:
 
     def _start_transfers(self) -> None:
         """Moves pending rooms (FIFO) into transfer while pages, aux slots and the receiver's host staging
-        pages last, and while the rooms
-        running or in transfer stay within ``max_running``: a decode batch never grows past it (the
-        low-latency MoE buffers of a multi-rank instance hold that many tokens per rank)."""
+        pages last, and while the sequences running or in transfer (n per room) stay within ``max_running``:
+        a decode batch never grows past it (the low-latency MoE buffers of a multi-rank instance hold that
+        many tokens per rank)."""
         allocator = self.engine.allocator
         while self.pending:
-            if len(self.engine.scheduler.running) + self.in_transfer >= self.engine.cfg.max_running:
-                return
             room = self.rooms[self.pending[0]]
+            n = room.req.sampling.n
+            if len(self.engine.scheduler.running) + self.in_transfer + n > self.engine.cfg.max_running:
+                return
             prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
             if self.slots.num_free == 0 or not self.receiver.can_add(prompt_pages):
                 return
@@ -190,7 +195,7 @@ class DecodeEngine:
             self.pending.popleft()
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
             room.transfer_started = time.monotonic()
-            self.in_transfer += 1
+            self.in_transfer += n
             self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
@@ -198,26 +203,38 @@ class DecodeEngine:
         if room is None or room.stage is not Stage.TRANSFER:
             return []
         assert room.pages is not None and room.aux_slot is not None
-        self.in_transfer -= 1
+        n = room.req.sampling.n
+        self.in_transfer -= n
         self.slots.free(room.aux_slot)
         self.metrics.transfer_seconds.observe(time.monotonic() - room.arrived, role="decode")
-        if cmd.state is TransferState.DONE and room.aborted is None and cmd.aux is not None:
+        aux = cmd.aux
+        if aux is not None and len(aux.forks) != n - 1:
+            reason = f"the aux record has {len(aux.forks) + 1} first tokens for {n} choices"
+            cmd = TransferEnded(cmd.room, TransferState.FAILED, reason)
+        elif cmd.state is TransferState.DONE and room.aborted is None and aux is not None:
             room.stage, room.req.pages, room.kv_arrived = Stage.RUNNING, room.pages, time.monotonic()
-            return [
-                self._emit(self.engine.add_prefilled(room.req, cmd.aux.first_token, cmd.aux.first_logprob))
-            ]
+            room.unfinished = n
+            first, forks = (
+                Sampled(aux.first_token, aux.first_logprob),
+                [Sampled(t, lp) for t, lp in aux.forks],
+            )
+            return [self._emit(out) for out in self.engine.add_prefilled(room.req, first, forks)]
         self.engine.allocator.free(room.pages)
         del self.rooms[cmd.room]
         if cmd.state is TransferState.FAILED:
             self.metrics.transfer_failures.inc(role="decode")
         if room.aborted is not None:
-            return [self._aborted(room)]
+            return self._aborted(room)
         self.metrics.ended(cmd.state.value)
         return [transfer_failed(cmd.room, cmd.state, cmd.reason)]
 
     def _emit(self, out: TokenOutput) -> Event:
-        if out.error is not None:  # the room fails alone (the scheduler freed its pages)
-            self.rooms.pop(out.req.rid, None)
+        if (
+            out.error is not None
+        ):  # the room fails alone; its other choices end too (the scheduler frees pages)
+            failed = self.rooms.pop(out.req.rid, None)
+            if failed is not None:
+                self.engine.abort(failed.req)
             self.metrics.ended("failed")
             return output_event(out)
         event = tokens_event(out)
@@ -229,11 +246,13 @@ class DecodeEngine:
             elif room.second_emit == 0.0:
                 room.second_emit = now
             room.last_emit, room.emitted = now, room.emitted + len(out.token_ids)
-        if out.finish_reason is not None:
-            self.rooms.pop(out.req.rid, None)
-            self.metrics.ended(out.finish_reason.value)
-            if room is not None and room.emitted:
-                event = dataclasses.replace(event, phases=_phases(room))
+        if out.finish_reason is not None and room is not None:
+            room.unfinished -= 1
+            if room.unfinished == 0:  # its last choice: the room ends
+                del self.rooms[out.req.rid]
+                self.metrics.ended(out.finish_reason.value)
+                if room.emitted:
+                    event = dataclasses.replace(event, phases=_phases(room))
         return event
 
     def _abort(self, room_id: int, reason: str) -> list[Event]:
@@ -245,16 +264,18 @@ class DecodeEngine:
             room.aborted = reason
             self.receiver.abort(room_id, reason)  # TransferEnded frees the pages once no write can land
             return []
+        del self.rooms[room_id]
         if room.stage is Stage.PENDING:
             self.pending.remove(room_id)
-        else:
-            self.engine.abort(room.req)  # the scheduler frees the pages
-        del self.rooms[room_id]
-        return [self._aborted(room)]
-
-    def _aborted(self, room: _Room) -> Event:
+            return self._aborted(room)
+        ended = self.engine.abort(room.req)  # every choice; the scheduler frees their pages
         self.metrics.ended("abort")
-        return aborted_event(room.req)
+        return [aborted_event(r) for r in ended]
+
+    def _aborted(self, room: _Room) -> list[Event]:
+        """The abort events of a room that never ran: one per choice."""
+        self.metrics.ended("abort")
+        return [aborted_event(room.req, i) for i in range(room.req.sampling.n)]
 
 
 def _phases(room: _Room) -> DecodePhases:

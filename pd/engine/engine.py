@@ -4,6 +4,12 @@
 colocated reference engine (``generate``), and the core of the role engines: ``DecodeEngine`` admits
 requests whose KV arrived from a prefill rank with ``add_prefilled``; ``PrefillEngine`` runs its
 scheduler's extend batches and ships the pages.
+
+A request of ``n > 1`` choices is computed once; its first token is sampled n times from the prompt's
+last logits (``StepResult.forks``), and ``_fork`` makes choices 1..n-1 new sequences (``Req.index``, listed
+in choice 0's ``Req.forks``) that share every page of the prompt by reference count. No KV is copied at
+the fork: the prompt's last page, when partial, is copied on the first write into it by a sequence that
+does not hold it alone (``Scheduler._reserve_pages``), so at most one page per choice is ever copied.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
 from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
+from pd.sampling import choice_seed
 from pd.tokenizer import Tokenizer
-from pd.types import Batch, BatchMode, FinishReason, Req, SamplingParams, StepResult, TopLogprobs
+from pd.types import Batch, BatchMode, FinishReason, Req, Sampled, SamplingParams, StepResult, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ log = logging.getLogger(__name__)
 class TokenOutput:
     """What one request produced in one step: new tokens, the text they completed, and whether it ended."""
 
-    req: Req
+    req: Req  # the sequence: a choice of its request (``req.index``)
     token_ids: list[int]
     logprobs: list[float]
     text: str
@@ -46,6 +53,7 @@ class TokenOutput:
 @dataclass
 class Completion:
     rid: int
+    index: int  # the choice
     prompt_ids: list[int]
     output_ids: list[int]
     logprobs: list[float]
@@ -74,7 +82,7 @@ class Engine:
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
-        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._detok: dict[Req, IncrementalDetokenizer] = {}
 
     def _grammar_backend(self) -> GrammarBackend | None:
         """Structured output needs the tokenizer (and an EOS token in it); without, it is refused."""
@@ -92,6 +100,8 @@ class Engine:
         """Validates a prompt and builds its request (not queued yet)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
+        if params.n > self.cfg.max_running:
+            raise ValueError(f"n={params.n} choices exceed this rank's max_running {self.cfg.max_running}")
         if len(prompt_ids) >= self.context_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.context_len}")
         vocab = self.model_cfg.vocab_size
@@ -110,19 +120,25 @@ class Engine:
         self._track(req)
         return req
 
-    def add_prefilled(self, req: Req, first_token: int, first_logprob: float) -> TokenOutput:
-        """Admits a request whose prompt KV is already in ``req.pages`` and whose first token was
-        sampled elsewhere (by a prefill rank); it joins the running batch unless that token ends it."""
+    def add_prefilled(self, req: Req, first: Sampled, forks: Sequence[Sampled] = ()) -> list[TokenOutput]:
+        """Admits a request whose prompt KV is already in ``req.pages`` and whose first token was sampled
+        elsewhere (by a prefill rank), with its other choices' first tokens (``forks``, n > 1); each choice
+        joins the running batch unless its first token ends it. Returns the choices' first outputs."""
         self._track(req)
         n = len(req.prompt_ids)
         self.scheduler.admit_prefilled(req)
-        # As if the prompt's last position had just been computed here and sampled the token.
+        # As if the prompt's last position had just been computed here and sampled the tokens.
         batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
-        return self._postprocess(batch, StepResult.of([first_token], [first_logprob]))[0]
+        result = StepResult([first.token], [first.logprob], [first.top], [[]], [list(forks)])
+        return self._postprocess(batch, result)
 
-    def abort(self, req: Req) -> None:
-        self.scheduler.finish(req, FinishReason.ABORT)
-        self._detok.pop(req.rid, None)
+    def abort(self, req: Req) -> list[Req]:
+        """Ends every unfinished choice of ``req`` (choice 0, and its forks); returns those it ended."""
+        ended = [r for r in (req, *req.forks) if not r.finished]
+        for r in ended:
+            self.scheduler.finish(r, FinishReason.ABORT)
+            self._detok.pop(r, None)
+        return ended
 
     # ---- the loop ----
 
@@ -145,6 +161,13 @@ class Engine:
         return self._postprocess(batch, self.runner.run(batch, self.logits))
 
     def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
+        # Forks are made before choice 0's token is recorded: a token that ends choice 0 frees its pages.
+        forks = [
+            (self._fork(req, i), draw)
+            for req, draws in zip(batch.reqs, result.forks)
+            if not req.finished
+            for i, draw in enumerate(draws, 1)
+        ]
         self.scheduler.postprocess(batch, result)
         outputs = []
         for req, token, logprob, top in zip(batch.reqs, result.tokens, result.logprobs, result.top):
@@ -157,7 +180,7 @@ class Engine:
                 if complete or error:
                     self.scheduler.finish(req, FinishReason.ABORT if error else FinishReason.STOP)
             text = ""
-            detok = self._detok.get(req.rid)
+            detok = self._detok.get(req)
             if detok is not None:
                 text = detok.add(token)
                 if detok.stopped and not req.finished:
@@ -165,38 +188,62 @@ class Engine:
                 if req.finished:
                     text += detok.flush()
             if req.finished:
-                self._detok.pop(req.rid, None)
+                self._detok.pop(req, None)
             first = len(req.output_ids) == 1 and req.sampling.prompt_logprobs is not None
             prompt = list(req.prompt_logprobs) if first else []
             tops = [top] if req.sampling.top_logprobs else []
             outputs.append(TokenOutput(req, [token], [logprob], text, req.finish_reason, tops, prompt, error))
+        for fork, draw in forks:  # each joins the batch with its first token, as if sampled here
+            self.scheduler.admit_prefilled(fork)
+            n = len(fork.prompt_ids)
+            one = StepResult([draw.token], [draw.logprob], [draw.top], [[]], [[]])
+            outputs += self._postprocess(Batch(BatchMode.DECODE, [fork], [n - 1], [n]), one)
         return outputs
+
+    def _fork(self, req: Req, index: int) -> Req:
+        """Choice ``index`` of ``req``, whose prompt KV is computed: a new sequence holding one more reference
+        to each of the prompt's pages (none is copied here; see ``Scheduler._reserve_pages``)."""
+        pages = req.pages[: self.runner.pool.layout.pages_for(len(req.prompt_ids))]
+        self.allocator.incref(pages)
+        fork = Req(
+            req.rid,
+            list(req.prompt_ids),
+            req.sampling,
+            choice_seed(req.seed, index),
+            req.max_context_len,
+            pages=list(pages),
+            index=index,
+        )
+        req.forks.append(fork)
+        self._track(fork)
+        return fork
 
     def _track(self, req: Req) -> None:
         if self.tokenizer is not None:
-            self._detok[req.rid] = IncrementalDetokenizer(
-                self.tokenizer, req.prompt_ids, stop=req.sampling.stop
-            )
+            self._detok[req] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, stop=req.sampling.stop)
 
     # ---- offline API ----
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
-        """Runs ``prompts`` (text, or token ids) to completion together; results in prompt order."""
+        """Runs ``prompts`` (text, or token ids) to completion together; results in prompt order (a prompt
+        of ``n`` choices gives n results, in choice order)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         reqs = [self.add_request(self._encode(p), sp) for p, sp in zip(prompts, params)]
-        texts: dict[int, list[str]] = {r.rid: [] for r in reqs}
+        texts: dict[tuple[int, int], list[str]] = {}
         while self.has_work():
             for out in self.step():
-                texts[out.req.rid].append(out.text)
+                texts.setdefault((out.req.rid, out.req.index), []).append(out.text)
         completions = []
-        for r in reqs:
+        for r in (choice for req in reqs for choice in (req, *req.forks)):
             assert r.finish_reason is not None  # no work left: every request finished
-            text = "".join(texts[r.rid]) if self.tokenizer is not None else None
+            text = "".join(texts[r.rid, r.index]) if self.tokenizer is not None else None
             completions.append(
-                Completion(r.rid, r.prompt_ids, r.output_ids, r.output_logprobs, r.finish_reason, text)
+                Completion(
+                    r.rid, r.index, r.prompt_ids, r.output_ids, r.output_logprobs, r.finish_reason, text
+                )
             )
         return completions
 

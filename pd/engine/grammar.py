@@ -40,7 +40,7 @@ class GrammarMatchers:
 
     def __init__(self, backend: GrammarBackend | None, device: torch.device) -> None:
         self.backend, self.device = backend, device
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[Req, _Entry] = {}  # by sequence: the n choices of a request have one each
         self._host: torch.Tensor | None = None  # int32 [rows, words], grown on demand; reused every step
 
     @property
@@ -57,7 +57,7 @@ class GrammarMatchers:
 
     def release(self, req: Req) -> None:
         """The request ended: its matcher goes. Idempotent."""
-        self._entries.pop(req.rid, None)
+        self._entries.pop(req, None)
 
     def fill(self, reqs: Sequence[Req]) -> torch.Tensor | None:
         """The bitmask of a step's sampled rows ``reqs`` on the device, int32 ``[len(reqs), words]`` (rows
@@ -89,12 +89,12 @@ class GrammarMatchers:
         return entry.matcher.finished and entry.error is None, entry.error
 
     def _sync(self, req: Req) -> _Entry:
-        entry = self._entries.get(req.rid)
+        entry = self._entries.get(req)
         if entry is None:
             spec = req.sampling.grammar
             assert spec is not None, "only requests with a grammar have a matcher"
             backend = self._backend()
-            entry = self._entries[req.rid] = _Entry(backend.matcher(backend.compile(spec)))
+            entry = self._entries[req] = _Entry(backend.matcher(backend.compile(spec)))
         m = entry.matcher
         if entry.error is None:
             for position in range(m.num_tokens, len(req.output_ids)):

@@ -69,7 +69,7 @@ class LogitsProcessor:
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
         self._free = list(range(slots - 1, -1, -1))
-        self._slot: dict[int, int] = {}  # request id -> slot
+        self._slot: dict[Req, int] = {}  # sequence (each choice of a request its own) -> slot
 
     @property
     def slots_in_use(self) -> int:
@@ -79,7 +79,7 @@ class LogitsProcessor:
         """The request ended: its slot and its grammar matcher (if it had them) are free again. Idempotent."""
         if self.grammar is not None:
             self.grammar.release(req)
-        slot = self._slot.pop(req.rid, None)
+        slot = self._slot.pop(req, None)
         if slot is not None:
             self._free.append(slot)
 
@@ -161,13 +161,13 @@ class LogitsProcessor:
         self.seen[p.slots, picked] = True
 
     def _slot_of(self, req: Req) -> int:
-        slot = self._slot.get(req.rid)
+        slot = self._slot.get(req)
         if slot is not None:
             return slot
         if not self._free:
             raise RuntimeError(f"no free penalty slot ({self.counts.shape[0]} are in use)")
         slot = self._free.pop()
-        self._slot[req.rid] = slot
+        self._slot[req] = slot
         out = torch.tensor(req.output_ids, dtype=torch.int64, device=self.device)
         self.counts[slot].zero_()
         self.counts[slot].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)

@@ -107,15 +107,16 @@ class Prefilled:
 
     room: int
     prompt_tokens: int
-    first_token: int
+    first_tokens: tuple[int, ...]  # one per choice (n), in choice order
     phases: PrefillPhases | None = None
-    first_top: TopLogprobs = ()  # the first token's alternatives (top_logprobs), if asked
+    first_tops: tuple[TopLogprobs, ...] = ()  # one per choice: the first token's alternatives, if asked
     prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] = ()  # prompt tokens 1.. (echo), if asked
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """New tokens of a decoding room (one step), the text they completed, and whether it ended."""
+    """New tokens of one choice of a decoding room (one step), the text they completed, and whether that
+    choice ended (the room ends once each of its n choices has)."""
 
     room: int
     token_ids: tuple[int, ...]
@@ -123,10 +124,11 @@ class Tokens:
     text: str
     finish_reason: str | None  # a ``FinishReason`` value once the room ended, "abort" included
     prompt_tokens: int
-    completion_tokens: int
-    phases: DecodePhases | None = None  # on a disaggregated room's last event
+    completion_tokens: int  # of this choice
+    phases: DecodePhases | None = None  # on a disaggregated room's last event (its last choice's end)
     top_logprobs: tuple[TopLogprobs, ...] = ()  # per token, if asked
     prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] = ()  # a colocated room's first event (echo)
+    index: int = 0  # the choice (n > 1)
 
 
 Event = RoomFailed | Prefilled | Tokens

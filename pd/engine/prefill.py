@@ -6,9 +6,10 @@ A room's life here (every step on the engine thread):
 2. ``step``: the scheduler admits it with pages for the whole prompt (the leading ones from the prefix
    cache on a hit: their tokens are not computed again); the room's page list, cached pages included, is
    announced to the sender before its first chunk runs. After each chunk the pages it completed are sent
-   (a hit's cached pages with the first chunk); the last chunk samples the first token, which goes out as
-   the aux record with the remaining pages, the prompt's full pages join the prefix cache, and the request
-   leaves the scheduler (its pages stay with this engine: the transfer still reads them).
+   (a hit's cached pages with the first chunk); the last chunk samples the first token (n of them for a
+   request of n choices, from the same logits), which goes out as the aux record with the remaining pages,
+   the prompt's full pages join the prefix cache, and the request leaves the scheduler (its pages stay with
+   this engine: the transfer still reads them). The prompt's KV is shipped once, whatever n.
 3. ``TransferEnded`` (the sender released the room: no write reads its pages any more) -> the room's
    references to its pages are freed, exactly once (cached pages stay with the cache), and the RPC gets
    ``Prefilled`` or ``RoomFailed``.
@@ -74,8 +75,8 @@ class _Room:
     announced: bool = False  # the sender knows its pages: only TransferEnded ends it now
     pages_sent: int = 0  # leading pages of req.pages handed to the sender
     pages: list[int] | None = None  # taken from the scheduler after the last chunk (or an abort)
-    first_token: int = -1
-    first_top: TopLogprobs = ()  # the first token's alternatives, if asked
+    first_tokens: tuple[int, ...] = ()  # one per choice
+    first_tops: tuple[TopLogprobs, ...] = ()  # one per choice: the first token's alternatives, if asked
     started: float = 0.0  # monotonic time of the step that ran its first chunk
     computed: float = 0.0  # ... and of the end of its last chunk
     kv_bytes: int = 0  # bytes of its pages, all layers (what the transfer moves)
@@ -179,10 +180,18 @@ class PrefillEngine:
                     self.sender.send(req.rid, req.pages[room.pages_sent : full], ready_event=ready)
                     room.pages_sent = full
                 continue
+            forks = result.forks[i]
             self.scheduler.cache_prompt(req)  # the cache takes its own references to the full pages
-            room.pages, room.first_token, room.computed = self.scheduler.release(req), token, now
-            room.first_top = result.top[i]
-            aux = AuxRecord(req.rid, token, float(logprob or 0.0), len(req.prompt_ids))
+            room.pages, room.computed = self.scheduler.release(req), now
+            room.first_tokens = (token, *(f.token for f in forks))
+            room.first_tops = (result.top[i], *(f.top for f in forks))
+            aux = AuxRecord(
+                req.rid,
+                token,
+                float(logprob or 0.0),
+                len(req.prompt_ids),
+                tuple((f.token, f.logprob) for f in forks),
+            )
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
             room.kv_bytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers
             self.metrics.transfer_bytes.inc(room.kv_bytes, role="prefill")
@@ -207,9 +216,9 @@ class PrefillEngine:
                 Prefilled(
                     cmd.room,
                     len(room.req.prompt_ids),
-                    room.first_token,
+                    room.first_tokens,
                     phases,
-                    room.first_top,
+                    room.first_tops,
                     tuple(room.req.prompt_logprobs),
                 )
             ]

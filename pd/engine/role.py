@@ -58,6 +58,7 @@ def tokens_event(out: TokenOutput) -> Tokens:
         len(req.output_ids),
         top_logprobs=tuple(out.top_logprobs),
         prompt_logprobs=tuple(out.prompt_logprobs),
+        index=req.index,
     )
 
 
@@ -68,9 +69,12 @@ def output_event(out: TokenOutput) -> Tokens | RoomFailed:
     return tokens_event(out)
 
 
-def aborted_event(req: Req) -> Tokens:
-    """The last event of a room aborted while it waited or decoded (its stream ends, not fails)."""
-    return Tokens(req.rid, (), (), "", FinishReason.ABORT.value, len(req.prompt_ids), len(req.output_ids))
+def aborted_event(req: Req, index: int | None = None) -> Tokens:
+    """The last event of a choice (``index``, default ``req``'s) of a room aborted while it waited or
+    decoded (its stream ends, not fails)."""
+    reason, i = FinishReason.ABORT.value, req.index if index is None else index
+    output = len(req.output_ids) if i == req.index else 0
+    return Tokens(req.rid, (), (), "", reason, len(req.prompt_ids), output, index=i)
 
 
 def refused(metrics: WorkerMetrics, room: int, failure: Failure, message: str) -> list[Event]:

@@ -21,8 +21,8 @@ from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
 from pd.model.quant import prepare_weights
 from pd.model.weights import init_dummy_weights, load_weights
-from pd.sampling import SamplingTensors, sample
-from pd.types import Batch, BatchMode, Req, StepResult, TopLogprobs
+from pd.sampling import SamplingTensors, choice_seed, sample
+from pd.types import Batch, BatchMode, Req, Sampled, StepResult, TopLogprobs
 
 
 def build_model(
@@ -246,6 +246,8 @@ class ModelRunner:
         """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens,
         grammar matchers); None: no request of the batch asks for processing. Requests that ask for any
         never take the CUDA graph's greedy tokens: their logits are processed (and masked) first."""
+        for src, dst in batch.copies:  # copy on write, before any write of this step
+            self.pool.copy_page(src, dst)
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         plain = not any(r.sampling.needs_processing or r.sampling.top_logprobs for r in sampled)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
@@ -281,32 +283,47 @@ class ModelRunner:
     def _sample(
         self, out: torch.Tensor, batch: Batch, sampled: list[Req], logits: LogitsProcessor | None
     ) -> StepResult:
-        """Samples ``out [len(sampled), V]`` float32 (processed in place first)."""
+        """Samples ``out [len(sampled), V]`` float32 (processed in place first).
+
+        A request of ``n > 1`` choices sampling its first token forks: its row is drawn from n times,
+        choice i keyed by ``choice_seed(seed, i)``; the draws of choices 1.. come back in ``forks``."""
         if logits is None and any(r.sampling.grammar is not None for r in sampled):
             raise ValueError("a request with a grammar needs the engine's LogitsProcessor (its token masks)")
         step = logits.prepare(sampled) if logits is not None else None
         if logits is not None and step is not None:
             logits.apply(out, step)
+        forks = [(row, i) for row, r in enumerate(sampled) for i in range(1, r.width)]
+        rows = sampled + [sampled[row] for row, _ in forks]  # one per draw: the requests' own, then forks
+        if forks:
+            out = out[list(range(len(sampled))) + [row for row, _ in forks]]
         st = SamplingTensors.build(
-            [r.sampling for r in sampled],
-            [r.seed for r in sampled],
-            [r.seq_len for r in sampled],
+            [r.sampling for r in rows],
+            [r.seed for r in sampled] + [choice_seed(sampled[row].seed, i) for row, i in forks],
+            [r.seq_len for r in rows],
             self.device,
         )
         k = max((r.sampling.top_logprobs for r in sampled), default=0)
         full = out.log_softmax(-1) if k else None  # shared with sample
         tokens, lps = sample(out, st, full)
         if logits is not None:
-            logits.record(step, tokens)
-        top_rows: list[TopLogprobs] = [()] * len(sampled)
+            logits.record(step, tokens)  # the requests' own draws (the first rows)
+        top_rows: list[TopLogprobs] = [()] * len(rows)
         if full is not None:
             values, top_ids = full.topk(k, dim=-1)
-            for i, (r, v, t) in enumerate(zip(sampled, values.tolist(), top_ids.tolist())):
+            for i, (r, v, t) in enumerate(zip(rows, values.tolist(), top_ids.tolist())):
                 top_rows[i] = tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
-        it = iter(zip(tokens.tolist(), lps.tolist(), top_rows))
-        picked = [next(it) if s else (None, None, ()) for s in batch.samples]
+        draws = [Sampled(t, lp, top) for t, lp, top in zip(tokens.tolist(), lps.tolist(), top_rows)]
+        forked: list[list[Sampled]] = [[] for _ in sampled]
+        for (row, _), draw in zip(forks, draws[len(sampled) :]):
+            forked[row].append(draw)
+        it = iter(zip(draws, forked))
+        picked = [next(it) if s else (None, []) for s in batch.samples]
         return StepResult(
-            [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked], [[] for _ in batch.reqs]
+            [d.token if d else None for d, _ in picked],
+            [d.logprob if d else None for d, _ in picked],
+            [d.top if d else () for d, _ in picked],
+            [[] for _ in batch.reqs],
+            [f for _, f in picked],
         )
 
     def _score_prompt(

@@ -3,7 +3,9 @@
 Each step is either an extend batch (prefill chunks under a token budget) or a decode batch (every
 running request, one token each). Pages are reserved for a request's whole prompt on admission,
 and one page at a time as decoding crosses page boundaries; when none is free the newest running
-request is preempted (its pages freed; it is recomputed later).
+request is preempted (its pages freed; it is recomputed later). A request of ``n`` choices counts as n
+against ``max_running`` until it forks (``Req.width``); a page its choices share is copied before one of
+them writes into it (``Batch.copies``).
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ class Scheduler:
             starts.append(req.num_computed)
             ends.append(req.num_computed + n)
             budget -= n
-        while budget > 0 and self.waiting and len(self.prefilling) + len(self.running) < self.cfg.max_running:
+        while budget > 0 and self.waiting:
             req = self.waiting[0]
+            if self.num_sequences + req.width > self.cfg.max_running:
+                break
             hit = self._match(req)
             pages = self._alloc(self._pages_for(req.seq_len) - len(hit))
             if pages is None:
@@ -89,14 +93,22 @@ class Scheduler:
             budget -= n
         return Batch(BatchMode.EXTEND, reqs, starts, ends) if reqs else None
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences decoding, or to decode once the requests prefilling now fork."""
+        return sum(r.width for r in self.prefilling) + len(self.running)
+
     def _schedule_decode(self) -> Batch | None:
+        copies: list[tuple[int, int]] = []
         for req in list(self.running):
             if req in self.running:  # not preempted while making room for an earlier one
-                self._reserve_pages(req)
+                self._reserve_pages(req, copies)
         if not self.running:
             return None
         reqs = list(self.running)
-        return Batch(BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs])
+        return Batch(
+            BatchMode.DECODE, reqs, [r.seq_len - 1 for r in reqs], [r.seq_len for r in reqs], copies=copies
+        )
 
     def postprocess(self, batch: Batch, result: StepResult) -> list[Req]:
         """Records the step's results; returns requests that finished on a token-level condition.
@@ -180,16 +192,31 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _reserve_pages(self, req: Req) -> None:
-        """Makes room for the token this step writes, preempting the newest requests if needed."""
-        need = self._pages_for(req.seq_len) - len(req.pages)
-        while need > 0:
+    def _reserve_pages(self, req: Req, copies: list[tuple[int, int]]) -> None:
+        """Makes room for the token this step writes, preempting the newest requests if needed (idle cached
+        pages are evicted first, ``_alloc``).
+
+        Copy on write: if the page it writes into is shared (the prompt's partial last page, held by every
+        choice of a forked request), it gets a page of its own, and ``(shared, own)`` is added to ``copies``
+        (the KV the runner copies before the step). The last holder writes in place: n choices copy at most
+        n - 1 pages. (Pages shared with the prefix cache are full: no request writes into them.)"""
+        while True:
+            write = (req.seq_len - 1) // self.cfg.page_size  # the page of the position written this step
+            shared = write < len(req.pages) and self.allocator.refcount(req.pages[write]) > 1
+            need = self._pages_for(req.seq_len) - len(req.pages) + shared
+            if need <= 0:
+                return
             pages = self._alloc(need)
             if pages is not None:
+                if shared:
+                    own = pages.pop()
+                    copies.append((req.pages[write], own))
+                    self.allocator.free([req.pages[write]])
+                    req.pages[write] = own
                 req.pages += pages
                 return
             victim = self.running[-1]
-            self._preempt(victim)
+            self._preempt(victim)  # may have held the shared page: look again
             if victim is req:
                 return
 

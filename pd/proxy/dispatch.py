@@ -72,8 +72,9 @@ class RoomTimes:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tokens streamed by the decode rank; the last chunk of a request carries ``finish_reason`` (and, for a
-    disaggregated room, ``phases``: seconds per ``PHASES`` entry plus ``ttft`` and ``kv_bytes``)."""
+    """Tokens of one choice (``index``) streamed by the decode rank; a choice's last chunk carries its
+    ``finish_reason``, and the request's last chunk (``done``: every choice has finished; for a disaggregated
+    room) ``phases``: seconds per ``PHASES`` entry plus ``ttft`` and ``kv_bytes``."""
 
     room: int  # the room that produced it (one per request once the first chunk came)
     text: str
@@ -83,7 +84,9 @@ class Chunk:
     phases: dict[str, float] | None = None
     logprobs: tuple[float, ...] = ()  # one per token
     top: tuple[TopLogprobs, ...] = ()  # one per token, when asked
-    prompt: tuple[tuple[float, TopLogprobs], ...] = ()  # the first chunk's, when asked (echo)
+    prompt: tuple[tuple[float, TopLogprobs], ...] = ()  # each choice's first chunk's, when asked (echo)
+    index: int = 0  # the choice (n > 1)
+    done: bool = False  # the request's last chunk
 
 
 class _PrefillFailed(Exception):
@@ -152,7 +155,7 @@ class Dispatcher:
                                 first_at = now
                                 self.m_ttft.observe(now - job.arrived)
                             tokens += len(chunk.token_ids)
-                            if chunk.finish_reason:
+                            if chunk.done:
                                 self._finished(job, now, first_at, tokens)
                                 if chunk.times is not None and first_at is not None:
                                     phases = self._phases(
@@ -245,7 +248,10 @@ class Dispatcher:
             generate.prefill_rank = prefill_rank.dp_rank
             generate.prefill_endpoint = prefill_rank.endpoint
         call = self.router.decode_stub(decode_rank).Generate(generate, timeout=timeout, metadata=md)
-        finished = started = first_seen = False
+        finished = started = False
+        unfinished = job.sampling.n  # choices without their last chunk yet
+        first_seen: set[int] = set()  # choices whose first token came
+        scored_prompt: list[tuple[float, TopLogprobs]] = []  # echo: each choice's first chunk carries it
         want_logprobs = job.sampling.top_logprobs > 0 or job.sampling.prompt_logprobs is not None
         first_received_unix = 0.0
         stream = call.__aiter__()
@@ -270,24 +276,27 @@ class Dispatcher:
                 started = True
                 if not first_received_unix and reply.token_ids:
                     first_received_unix = time.time()
-                # Finished once the last chunk is handed over: a consumer that stops after it (the SSE
-                # writer does) closes this generator at the yield, and that must not abort the room.
-                finished = bool(reply.finish_reason)
+                # Finished once the last chunk of the last choice is handed over: a consumer that stops after
+                # it (the SSE writer does) closes this generator at the yield, and that must not abort the room.
+                unfinished -= bool(reply.finish_reason)
+                finished = unfinished == 0
                 times = None
                 if finished and reply.HasField("phases"):
                     times = RoomTimes(await _prefill_phases(prefill), reply.phases, first_received_unix)
                 top = [top_from_proto(t) for t in reply.top_logprobs]
-                prompt = prompt_from_proto(reply.prompt_logprobs)
-                if not first_seen and reply.token_ids and prefill_rank is not None and want_logprobs:
+                scored_prompt = scored_prompt or prompt_from_proto(reply.prompt_logprobs)
+                first = bool(reply.token_ids) and reply.index not in first_seen
+                if first and prefill_rank is not None and want_logprobs:
                     # The first token was sampled on the prefill rank: its alternatives and the prompt's
                     # logprobs come with the prefill reply.
                     pr = await _prefill_reply(prefill, timeout)
                     if pr is None:
                         raise APIError(502, "the prefill rank's logprobs were lost (its reply failed)")
                     if top:
-                        top[0] = top_from_proto(pr.first_top)
-                    prompt = prompt_from_proto(pr.prompt_logprobs)
-                first_seen = first_seen or bool(reply.token_ids)
+                        top[0] = top_from_proto(pr.first_tops[reply.index])
+                    scored_prompt = prompt_from_proto(pr.prompt_logprobs)
+                if first:
+                    first_seen.add(reply.index)
                 yield Chunk(
                     room,
                     reply.text,
@@ -296,7 +305,9 @@ class Dispatcher:
                     times,
                     logprobs=tuple(reply.logprobs),
                     top=tuple(top),
-                    prompt=tuple(prompt),
+                    prompt=tuple(scored_prompt) if first else (),
+                    index=reply.index,
+                    done=finished,
                 )
                 if finished:
                     return

@@ -5,7 +5,7 @@ Nothing is silently ignored. Each field the OpenAI API defines (and each pd extr
 - ``IMPLEMENTED``: a typed field of the request model (``pd.proxy.schemas``), honoured;
 - ``metadata(type)``: type-checked, then dropped: pd stores, logs and forwards none of it;
 - ``noop(*values)``: accepted only as ``null`` or one of ``values``, the values that ask for nothing pd
-  does not do (``n: 1``, ``best_of: 1``, ``store: false``); any other value
+  does not do (``functions: []``, ``modalities: ["text"]``); any other value
   gets 400 naming the field. ``noop()`` (no values) is a refused field: only ``null`` passes.
 
 Any field not in an endpoint's table (a typo, a vendor extension, the other endpoint's field) gets 400
@@ -47,7 +47,7 @@ _SHARED = {
     "stream_options": IMPLEMENTED,
     "stop": IMPLEMENTED,
     "seed": IMPLEMENTED,
-    "n": noop(1),
+    "n": IMPLEMENTED,
     "presence_penalty": IMPLEMENTED,
     "frequency_penalty": IMPLEMENTED,
     "logit_bias": IMPLEMENTED,
@@ -73,7 +73,7 @@ COMPLETIONS = {
     "prompt": IMPLEMENTED,
     "logprobs": IMPLEMENTED,
     "echo": IMPLEMENTED,
-    "best_of": noop(1),
+    "best_of": IMPLEMENTED,  # only equal to n: pd returns every choice it samples
     "suffix": noop(),
 }
 

@@ -30,7 +30,14 @@ from pd.proxy.chat_output import ChatOutput, chat_output
 from pd.proxy.config import ProxyConfig
 from pd.proxy.dispatch import Chunk, Dispatcher
 from pd.proxy.logprobs import ResponseLogprobs
-from pd.proxy.protocol import APIError, completion_id, full_response, stream_chunk, usage_chunk
+from pd.proxy.protocol import (
+    APIError,
+    ChoiceResult,
+    completion_id,
+    full_response,
+    stream_chunk,
+    usage_chunk,
+)
 from pd.proxy.router import NoWorkers, Rank, Router
 from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
@@ -101,32 +108,36 @@ class Proxy:
                     self.admission.release(job)
         self.m_requests.inc(endpoint=endpoint, status="200")
         every = [first, *rest]
-        ids = [t for c in every for t in c.token_ids]
-        rid = completion_id(first.room, chat)
-        lps = _logprobs(job)
-        prefix, logprobs = lps.chunk(
-            True,
-            job.prompt_ids,
-            ids,
-            [lp for c in every for lp in c.logprobs],
-            [top for c in every for top in c.top],
-            first.prompt,
-        )
-        text, finish = prefix + "".join(c.text for c in every), every[-1].finish_reason
-        reasoning, calls = None, None
-        output = self._chat_output(job)
-        if output is not None:
-            pieces = [output.feed(c.text, c.token_ids, c is every[-1]) for c in every]
-            reasoning = "".join(p.reasoning for p in pieces) or None
-            text = "".join(p.content for p in pieces)
-            calls = [c.to_openai() for c in output.calls]
-            finish = output.finish_reason(finish)
+        choices = [self._choice(job, [c for c in every if c.index == i]) for i in range(job.sampling.n)]
         body = full_response(
-            job.req, rid, job.model.name, text, finish, ids, len(job.prompt_ids), logprobs, reasoning, calls
+            job.req, completion_id(first.room, chat), job.model.name, choices, len(job.prompt_ids)
         )
         if job.req.return_phases and every[-1].phases:
             body["pd_phases"] = every[-1].phases
         return JSONResponse(body)
+
+    def _choice(self, job: Job, chunks: list[Chunk]) -> ChoiceResult:
+        """One choice of a whole response from its chunks, in order (its last carries its finish reason)."""
+        ids = [t for c in chunks for t in c.token_ids]
+        prefix, logprobs = _logprobs(job).chunk(
+            True,
+            job.prompt_ids,
+            ids,
+            [lp for c in chunks for lp in c.logprobs],
+            [top for c in chunks for top in c.top],
+            chunks[0].prompt,
+        )
+        text, finish = prefix + "".join(c.text for c in chunks), chunks[-1].finish_reason
+        assert finish is not None  # the stream ends once every choice has finished
+        reasoning, calls = None, None
+        output = self._chat_output(job)
+        if output is not None:
+            pieces = [output.feed(c.text, c.token_ids, c is chunks[-1]) for c in chunks]
+            reasoning = "".join(p.reasoning for p in pieces) or None
+            text = "".join(p.content for p in pieces)
+            calls = [c.to_openai() for c in output.calls]
+            finish = output.finish_reason(finish)
+        return ChoiceResult(text, finish, ids, logprobs, reasoning, calls)
 
     async def _sse(
         self, job: Job, first: Chunk, rest: AsyncGenerator[Chunk, None]
@@ -135,29 +146,33 @@ class Proxy:
             return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
         rid, model = completion_id(first.room, job.req.chat), job.model.name
-        chunk, is_first, completion_tokens = first, True, 0
-        lps = _logprobs(job)
-        output = self._chat_output(job)
+        chunk, completion_tokens = first, 0
+        # Per choice: its logprobs (text offsets run on per choice), its chat output (reasoning and tool
+        # calls split off), and whether its first event went out. Choices interleave as decode emits them.
+        lps = [_logprobs(job) for _ in range(job.sampling.n)]
+        outputs = [self._chat_output(job) for _ in range(job.sampling.n)]
+        started: set[int] = set()
         try:
             while True:
                 completion_tokens += len(chunk.token_ids)
-                finish, ids = chunk.finish_reason, list(chunk.token_ids)
-                prefix, logprobs = lps.chunk(
+                i, finish, ids = chunk.index, chunk.finish_reason, list(chunk.token_ids)
+                is_first = i not in started
+                prefix, logprobs = lps[i].chunk(
                     is_first, job.prompt_ids, ids, chunk.logprobs, chunk.top, chunk.prompt
                 )
-                text, reasoning, calls = prefix + chunk.text, None, None
+                text, reasoning, calls, output = prefix + chunk.text, None, None, outputs[i]
                 if output is not None:
                     piece = output.feed(text, ids, finish is not None)
                     text, reasoning, calls = piece.content, piece.reasoning or None, piece.tool_calls
                     finish = finish and output.finish_reason(finish)
                 out = stream_chunk(
-                    job.req, rid, model, text, finish, ids, is_first, logprobs, reasoning, calls
+                    job.req, rid, model, text, finish, ids, is_first, logprobs, reasoning, calls, i
                 )
                 if job.req.return_phases and chunk.phases:
                     out["pd_phases"] = chunk.phases
                 yield event(out)
-                is_first = False
-                if finish:
+                started.add(i)
+                if chunk.done:
                     break
                 chunk = await rest.__anext__()
             if job.req.include_usage:

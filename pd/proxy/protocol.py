@@ -97,6 +97,11 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         prompt, messages, max_tokens = req.prompt, None, req.max_tokens
         logprobs, echo = req.logprobs, req.echo
         prompt_logprobs = logprobs if echo else None
+        if req.best_of is not None and req.best_of != req.n:
+            message = (
+                f"'best_of' must equal 'n' ({req.n}): every sampled choice is returned, got {req.best_of}"
+            )
+            raise APIError(400, message, "best_of")
     try:
         grammar = grammar_for_response_format(req)
     except GrammarRequestError as e:
@@ -120,6 +125,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
             top_logprobs=logprobs or 0,
             prompt_logprobs=prompt_logprobs,
             grammar=grammar,
+            n=req.n,
         )
     except ValueError as e:  # names the field first
         raise APIError(400, str(e), str(e).split()[0]) from None
@@ -157,10 +163,12 @@ def stream_chunk(
     logprobs: Any = None,
     reasoning: str | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One stream event; ``logprobs``: the chunk's ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` delta (``--reasoning-parser``); ``tool_calls``: chat's
-    tool-call delta items (``--tool-call-parser``; content is null in a delta of calls and no text)."""
+    """One stream event, of choice ``index``; ``first``: that choice's first event; ``logprobs``: the chunk's
+    ``ChatLogprobs`` or ``CompletionLogprobs``, if asked; ``reasoning``: chat's ``reasoning_content`` delta
+    (``--reasoning-parser``); ``tool_calls``: chat's tool-call delta items (``--tool-call-parser``; content
+    is null in a delta of calls and no text)."""
     ids = token_ids if req.return_token_ids else None
     chunk: schemas.ChatCompletionChunk | schemas.CompletionChunk
     if req.chat:
@@ -171,12 +179,12 @@ def stream_chunk(
             tool_calls=None if not tool_calls else [schemas.DeltaToolCall(**c) for c in tool_calls],
         )
         choice = schemas.ChatChunkChoice(
-            index=0, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         chunk = schemas.ChatCompletionChunk(id=rid, created=int(time.time()), model=model, choices=[choice])
     else:
         c = schemas.CompletionChoice(
-            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
+            index=index, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
         )
         chunk = schemas.CompletionChunk(id=rid, created=int(time.time()), model=model, choices=[c])
     return chunk.model_dump()
@@ -190,42 +198,56 @@ def usage_chunk(
     return kind(id=rid, created=int(time.time()), model=model, choices=[], usage=usage).model_dump()
 
 
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One choice of a whole response: its text, finish reason and token ids; ``logprobs``: its
+    ``ChatLogprobs`` or ``CompletionLogprobs``, if asked; ``reasoning``: chat's ``reasoning_content``
+    (``--reasoning-parser``); ``tool_calls``: the calls parsed from its output (``--tool-call-parser``, in
+    OpenAI's shape: ``pd.proxy.tools.ToolCall.to_openai``)."""
+
+    text: str
+    finish: str
+    token_ids: list[int]
+    logprobs: Any = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
 def full_response(
-    req: ParsedRequest,
-    rid: str,
-    model: str,
-    text: str,
-    finish: str,
-    token_ids: list[int],
-    prompt_tokens: int,
-    logprobs: Any = None,
-    reasoning: str | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
+    req: ParsedRequest, rid: str, model: str, choices: list[ChoiceResult], prompt_tokens: int
 ) -> dict[str, Any]:
-    """The whole response; ``logprobs``: ``ChatLogprobs`` or ``CompletionLogprobs``, if asked;
-    ``reasoning``: chat's ``reasoning_content`` (``--reasoning-parser``); ``tool_calls``: the calls parsed
-    from the output (``--tool-call-parser``, OpenAI's shape: ``pd.proxy.tools.ToolCall.to_openai``), and
-    then content is null when ``text`` is empty, as OpenAI has it."""
-    ids = token_ids if req.return_token_ids else None
-    usage = schemas.Usage.of(prompt_tokens, len(token_ids))
-    body: schemas.ChatCompletionResponse | schemas.CompletionResponse
+    """The whole response: ``choices`` in index order; usage counts the prompt once and every choice's
+    tokens. A chat choice with tool calls has null content when it has no other text, as OpenAI has it."""
+    usage = schemas.Usage.of(prompt_tokens, sum(len(c.token_ids) for c in choices))
+    created = int(time.time())
     if req.chat:
-        message = schemas.AssistantMessage(
-            content=None if tool_calls and not text else text,
-            reasoning_content=reasoning,
-            tool_calls=None if not tool_calls else [schemas.ToolCall(**c) for c in tool_calls],
+        chat = [
+            schemas.ChatChoice(
+                index=i,
+                message=schemas.AssistantMessage(
+                    content=None if c.tool_calls and not c.text else c.text,
+                    reasoning_content=c.reasoning,
+                    tool_calls=[schemas.ToolCall(**t) for t in c.tool_calls] if c.tool_calls else None,
+                ),
+                logprobs=c.logprobs,
+                finish_reason=c.finish,
+                token_ids=c.token_ids if req.return_token_ids else None,
+            )
+            for i, c in enumerate(choices)
+        ]
+        return schemas.ChatCompletionResponse(
+            id=rid, created=created, model=model, choices=chat, usage=usage
+        ).model_dump()
+    completions = [
+        schemas.CompletionChoice(
+            index=i,
+            text=c.text,
+            logprobs=c.logprobs,
+            finish_reason=c.finish,
+            token_ids=c.token_ids if req.return_token_ids else None,
         )
-        choice = schemas.ChatChoice(
-            index=0, message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids
-        )
-        body = schemas.ChatCompletionResponse(
-            id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage
-        )
-    else:
-        c = schemas.CompletionChoice(
-            index=0, text=text, logprobs=logprobs, finish_reason=finish, token_ids=ids
-        )
-        body = schemas.CompletionResponse(
-            id=rid, created=int(time.time()), model=model, choices=[c], usage=usage
-        )
-    return body.model_dump()
+        for i, c in enumerate(choices)
+    ]
+    return schemas.CompletionResponse(
+        id=rid, created=created, model=model, choices=completions, usage=usage
+    ).model_dump()

@@ -30,6 +30,7 @@ def sampling_to_proto(sp: SamplingParams) -> wpb.Sampling:
         top_logprobs=sp.top_logprobs,
         prompt_logprobs=-1 if sp.prompt_logprobs is None else sp.prompt_logprobs,
         grammar=None if sp.grammar is None else grammar_to_proto(sp.grammar),
+        n=sp.n,
     )
 
 
@@ -53,6 +54,7 @@ def sampling_from_proto(s: wpb.Sampling) -> SamplingParams:
         top_logprobs=s.top_logprobs,
         prompt_logprobs=None if s.prompt_logprobs < 0 else s.prompt_logprobs,
         grammar=grammar_from_proto(s.grammar) if s.HasField("grammar") else None,
+        n=s.n or 1,
     )
 
 

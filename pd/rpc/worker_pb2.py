@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pd/rpc/worker.proto\x12\x06pd.rpc\"\xc9\x03\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x33\n\nlogit_bias\x18\r \x03(\x0b\x32\x1f.pd.rpc.Sampling.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x05\x12$\n\x07grammar\x18\x11 \x01(\x0b\x32\x13.pd.rpc.GrammarSpec\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"K\n\x0bGrammarSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"B\n\rPromptLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12 \n\x03top\x18\x02 \x01(\x0b\x32\x13.pd.rpc.TopLogprobs\"\x83\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x05 \x01(\r\"_\n\rPrefillPhases\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x04 \x01(\x04\"\x88\x01\n\x0c\x44\x65\x63odePhases\x12\x14\n\x0cpages_wait_s\x18\x01 \x01(\x01\x12\x12\n\ntransfer_s\x18\x02 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x66irst_step_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\x17\n\x0f\x66irst_emit_unix\x18\x06 \x01(\x01\"\xbc\x01\n\x0cPrefillReply\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12%\n\x06phases\x18\x03 \x01(\x0b\x32\x15.pd.rpc.PrefillPhases\x12&\n\tfirst_top\x18\x04 \x01(\x0b\x32\x13.pd.rpc.TopLogprobs\x12.\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x15.pd.rpc.PromptLogprob\"\xa0\x01\n\x0fGenerateRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x14\n\x0cprefill_rank\x18\x05 \x01(\r\x12\x18\n\x10prefill_endpoint\x18\x06 \x01(\t\"\x8c\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12$\n\x06phases\x18\x07 \x01(\x0b\x32\x14.pd.rpc.DecodePhases\x12)\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x13.pd.rpc.TopLogprobs\x12.\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x15.pd.rpc.PromptLogprob\"-\n\rCancelRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xbf\x01\n\x0eModelInfoReply\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_config_json\x18\x05 \x01(\t\x12\x1e\n\x16generation_config_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\"\x15\n\x13WorkerHealthRequest\"r\n\x11WorkerHealthReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x15\n\rkv_pages_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb7\x02\n\rPrefillWorker\x12\x37\n\x07Prefill\x12\x16.pd.rpc.PrefillRequest\x1a\x14.pd.rpc.PrefillReply\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReply2\xbb\x02\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.pd.rpc.GenerateRequest\x1a\x15.pd.rpc.GenerateChunk0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pd/rpc/worker.proto\x12\x06pd.rpc\"\xd4\x03\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x33\n\nlogit_bias\x18\r \x03(\x0b\x32\x1f.pd.rpc.Sampling.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x05\x12$\n\x07grammar\x18\x11 \x01(\x0b\x32\x13.pd.rpc.GrammarSpec\x12\t\n\x01n\x18\x12 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"K\n\x0bGrammarSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x03 \x03(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"B\n\rPromptLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12 \n\x03top\x18\x02 \x01(\x0b\x32\x13.pd.rpc.TopLogprobs\"\x83\x01\n\x0ePrefillRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rank\x18\x05 \x01(\r\"_\n\rPrefillPhases\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x04 \x01(\x04\"\x88\x01\n\x0c\x44\x65\x63odePhases\x12\x14\n\x0cpages_wait_s\x18\x01 \x01(\x01\x12\x12\n\ntransfer_s\x18\x02 \x01(\x01\x12\x0f\n\x07\x61\x64mit_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x66irst_step_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\x17\n\x0f\x66irst_emit_unix\x18\x06 \x01(\x01\"\xca\x01\n\x0cPrefillReply\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12%\n\x06phases\x18\x03 \x01(\x0b\x32\x15.pd.rpc.PrefillPhases\x12.\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x15.pd.rpc.PromptLogprob\x12\x17\n\x0f\x66irst_token_ids\x18\x06 \x03(\x05\x12\'\n\nfirst_tops\x18\x07 \x03(\x0b\x32\x13.pd.rpc.TopLogprobsJ\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05\"\xa0\x01\n\x0fGenerateRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.pd.rpc.Sampling\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x14\n\x0cprefill_rank\x18\x05 \x01(\r\x12\x18\n\x10prefill_endpoint\x18\x06 \x01(\t\"\x9b\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12$\n\x06phases\x18\x07 \x01(\x0b\x32\x14.pd.rpc.DecodePhases\x12)\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x13.pd.rpc.TopLogprobs\x12.\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x15.pd.rpc.PromptLogprob\x12\r\n\x05index\x18\n \x01(\r\"-\n\rCancelRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\xbf\x01\n\x0eModelInfoReply\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_config_json\x18\x05 \x01(\t\x12\x1e\n\x16generation_config_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\"\x15\n\x13WorkerHealthRequest\"r\n\x11WorkerHealthReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x15\n\rkv_pages_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t2\xb7\x02\n\rPrefillWorker\x12\x37\n\x07Prefill\x12\x16.pd.rpc.PrefillRequest\x1a\x14.pd.rpc.PrefillReply\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReply2\xbb\x02\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.pd.rpc.GenerateRequest\x1a\x15.pd.rpc.GenerateChunk0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.pd.rpc.CancelRequest\x1a\x13.pd.rpc.CancelReply\x12=\n\tModelInfo\x12\x18.pd.rpc.ModelInfoRequest\x1a\x16.pd.rpc.ModelInfoReply\x12@\n\x06Health\x12\x1b.pd.rpc.WorkerHealthRequest\x1a\x19.pd.rpc.WorkerHealthReply\x12\x37\n\x07Metrics\x12\x16.pd.rpc.MetricsRequest\x1a\x14.pd.rpc.MetricsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,45 +34,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLING_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLING']._serialized_start=32
-  _globals['_SAMPLING']._serialized_end=489
-  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=441
-  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=489
-  _globals['_GRAMMARSPEC']._serialized_start=491
-  _globals['_GRAMMARSPEC']._serialized_end=566
-  _globals['_TOPLOGPROBS']._serialized_start=568
-  _globals['_TOPLOGPROBS']._serialized_end=618
-  _globals['_PROMPTLOGPROB']._serialized_start=620
-  _globals['_PROMPTLOGPROB']._serialized_end=686
-  _globals['_PREFILLREQUEST']._serialized_start=689
-  _globals['_PREFILLREQUEST']._serialized_end=820
-  _globals['_PREFILLPHASES']._serialized_start=822
-  _globals['_PREFILLPHASES']._serialized_end=917
-  _globals['_DECODEPHASES']._serialized_start=920
-  _globals['_DECODEPHASES']._serialized_end=1056
-  _globals['_PREFILLREPLY']._serialized_start=1059
-  _globals['_PREFILLREPLY']._serialized_end=1247
-  _globals['_GENERATEREQUEST']._serialized_start=1250
-  _globals['_GENERATEREQUEST']._serialized_end=1410
-  _globals['_GENERATECHUNK']._serialized_start=1413
-  _globals['_GENERATECHUNK']._serialized_end=1681
-  _globals['_CANCELREQUEST']._serialized_start=1683
-  _globals['_CANCELREQUEST']._serialized_end=1728
-  _globals['_CANCELREPLY']._serialized_start=1730
-  _globals['_CANCELREPLY']._serialized_end=1758
-  _globals['_MODELINFOREQUEST']._serialized_start=1760
-  _globals['_MODELINFOREQUEST']._serialized_end=1778
-  _globals['_MODELINFOREPLY']._serialized_start=1781
-  _globals['_MODELINFOREPLY']._serialized_end=1972
-  _globals['_WORKERHEALTHREQUEST']._serialized_start=1974
-  _globals['_WORKERHEALTHREQUEST']._serialized_end=1995
-  _globals['_WORKERHEALTHREPLY']._serialized_start=1997
-  _globals['_WORKERHEALTHREPLY']._serialized_end=2111
-  _globals['_METRICSREQUEST']._serialized_start=2113
-  _globals['_METRICSREQUEST']._serialized_end=2129
-  _globals['_METRICSREPLY']._serialized_start=2131
-  _globals['_METRICSREPLY']._serialized_end=2159
-  _globals['_PREFILLWORKER']._serialized_start=2162
-  _globals['_PREFILLWORKER']._serialized_end=2473
-  _globals['_DECODEWORKER']._serialized_start=2476
-  _globals['_DECODEWORKER']._serialized_end=2791
+  _globals['_SAMPLING']._serialized_end=500
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=452
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=500
+  _globals['_GRAMMARSPEC']._serialized_start=502
+  _globals['_GRAMMARSPEC']._serialized_end=577
+  _globals['_TOPLOGPROBS']._serialized_start=579
+  _globals['_TOPLOGPROBS']._serialized_end=629
+  _globals['_PROMPTLOGPROB']._serialized_start=631
+  _globals['_PROMPTLOGPROB']._serialized_end=697
+  _globals['_PREFILLREQUEST']._serialized_start=700
+  _globals['_PREFILLREQUEST']._serialized_end=831
+  _globals['_PREFILLPHASES']._serialized_start=833
+  _globals['_PREFILLPHASES']._serialized_end=928
+  _globals['_DECODEPHASES']._serialized_start=931
+  _globals['_DECODEPHASES']._serialized_end=1067
+  _globals['_PREFILLREPLY']._serialized_start=1070
+  _globals['_PREFILLREPLY']._serialized_end=1272
+  _globals['_GENERATEREQUEST']._serialized_start=1275
+  _globals['_GENERATEREQUEST']._serialized_end=1435
+  _globals['_GENERATECHUNK']._serialized_start=1438
+  _globals['_GENERATECHUNK']._serialized_end=1721
+  _globals['_CANCELREQUEST']._serialized_start=1723
+  _globals['_CANCELREQUEST']._serialized_end=1768
+  _globals['_CANCELREPLY']._serialized_start=1770
+  _globals['_CANCELREPLY']._serialized_end=1798
+  _globals['_MODELINFOREQUEST']._serialized_start=1800
+  _globals['_MODELINFOREQUEST']._serialized_end=1818
+  _globals['_MODELINFOREPLY']._serialized_start=1821
+  _globals['_MODELINFOREPLY']._serialized_end=2012
+  _globals['_WORKERHEALTHREQUEST']._serialized_start=2014
+  _globals['_WORKERHEALTHREQUEST']._serialized_end=2035
+  _globals['_WORKERHEALTHREPLY']._serialized_start=2037
+  _globals['_WORKERHEALTHREPLY']._serialized_end=2151
+  _globals['_METRICSREQUEST']._serialized_start=2153
+  _globals['_METRICSREQUEST']._serialized_end=2169
+  _globals['_METRICSREPLY']._serialized_start=2171
+  _globals['_METRICSREPLY']._serialized_end=2199
+  _globals['_PREFILLWORKER']._serialized_start=2202
+  _globals['_PREFILLWORKER']._serialized_end=2513
+  _globals['_DECODEWORKER']._serialized_start=2516
+  _globals['_DECODEWORKER']._serialized_end=2831
 # @@protoc_insertion_point(module_scope)

@@ -4,11 +4,14 @@ One record per room slot, fixed size, little-endian::
 
     offset  size  field
     0       8     room            u64
-    8       8     first_token     i64
+    8       8     first_token     i64  (choice 0's)
     16      4     first_logprob   f32
     20      4     prompt_len      u32
-    24      4     magic           u32  (AUX_MAGIC: format and version)
-    28      4     crc32           u32  (of bytes 0..27)
+    24      4     num_forks       u32  (n - 1: choices 1.. of a request of n choices)
+    28      60    fork_tokens     i32[MAX_FORKS]  (their first tokens; unused entries 0)
+    88      60    fork_logprobs   f32[MAX_FORKS]
+    148     4     magic           u32  (AUX_MAGIC: format and version)
+    152     4     crc32           u32  (of bytes 0..151)
 
 The decode side never trusts a slot blindly: a zeroed or never-written slot fails the magic, a
 half-written one fails the checksum, and a stale record of an earlier room fails the room check.
@@ -23,10 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-AUX_MAGIC = 0x31585541  # b"AUX1" little-endian
-_STRUCT = struct.Struct("<QqfIII")
-_BODY = struct.Struct("<QqfII")
-AUX_RECORD_NBYTES = _STRUCT.size  # 32
+from pd.types import MAX_CHOICES
+
+AUX_MAGIC = 0x32585541  # b"AUX2" little-endian
+MAX_FORKS = MAX_CHOICES - 1
+_BODY = struct.Struct(f"<QqfII{MAX_FORKS}i{MAX_FORKS}fI")  # the fields before the checksum
+_CRC = struct.Struct("<I")
+AUX_RECORD_NBYTES = _BODY.size + _CRC.size  # 156
 
 
 class AuxError(ValueError):
@@ -39,6 +45,7 @@ class AuxRecord:
     first_token: int
     first_logprob: float
     prompt_len: int
+    forks: tuple[tuple[int, float], ...] = ()  # (first token, its logprob) of choices 1.. (n > 1)
 
 
 def pack_aux(record: AuxRecord) -> bytes:
@@ -47,15 +54,29 @@ def pack_aux(record: AuxRecord) -> bytes:
         raise ValueError(f"aux room {record.room} is not a u64")
     if not 0 <= record.prompt_len < 2**32:
         raise ValueError(f"aux prompt_len {record.prompt_len} is not a u32")
-    body = _BODY.pack(record.room, record.first_token, record.first_logprob, record.prompt_len, AUX_MAGIC)
-    return body + struct.pack("<I", zlib.crc32(body))
+    if len(record.forks) > MAX_FORKS:
+        raise ValueError(f"aux record holds at most {MAX_FORKS} forks, got {len(record.forks)}")
+    pad = [(0, 0.0)] * (MAX_FORKS - len(record.forks))
+    tokens, logprobs = zip(*record.forks, *pad)
+    body = _BODY.pack(
+        record.room,
+        record.first_token,
+        record.first_logprob,
+        record.prompt_len,
+        len(record.forks),
+        *tokens,
+        *logprobs,
+        AUX_MAGIC,
+    )
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def unpack_aux(data: bytes, room: int) -> AuxRecord:
     """Parses and checks a slot's bytes; raises ``AuxError`` unless it is a whole record of ``room``."""
     if len(data) != AUX_RECORD_NBYTES:
         raise AuxError(f"aux slot holds {len(data)} bytes, expected {AUX_RECORD_NBYTES}")
-    got_room, token, logprob, prompt_len, magic, crc = _STRUCT.unpack(data)
+    got_room, token, logprob, prompt_len, num_forks, *rest = _BODY.unpack(data[: _BODY.size])
+    magic, (crc,) = rest[-1], _CRC.unpack(data[_BODY.size :])
     if magic != AUX_MAGIC:
         raise AuxError(
             f"aux slot for room {room} has magic {magic:#010x}, expected {AUX_MAGIC:#010x} (never written?)"
@@ -64,7 +85,10 @@ def unpack_aux(data: bytes, room: int) -> AuxRecord:
         raise AuxError(f"aux slot for room {room} fails its checksum (half-written?)")
     if got_room != room:
         raise AuxError(f"aux slot holds room {got_room}, expected room {room} (stale record)")
-    return AuxRecord(room=got_room, first_token=token, first_logprob=logprob, prompt_len=prompt_len)
+    if num_forks > MAX_FORKS:
+        raise AuxError(f"aux slot for room {room} claims {num_forks} forks (at most {MAX_FORKS})")
+    forks = tuple(zip(rest[:num_forks], rest[MAX_FORKS : MAX_FORKS + num_forks]))
+    return AuxRecord(got_room, token, logprob, prompt_len, forks)
 
 
 class AuxBuffer:

@@ -45,8 +45,8 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
         phases = wpb.PrefillPhases(**dataclasses.asdict(event.phases)) if event.phases else None
         return wpb.PrefillReply(
             prompt_tokens=event.prompt_tokens,
-            first_token_id=event.first_token,
             phases=phases,
-            first_top=top_to_proto(event.first_top),
             prompt_logprobs=prompt_to_proto(event.prompt_logprobs),
+            first_token_ids=event.first_tokens,
+            first_tops=[top_to_proto(t) for t in event.first_tops],
         )

@@ -125,15 +125,15 @@ class RankServer:
     async def stream(
         self, cmd: DecodeRoom, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wpb.GenerateChunk]:
-        """Submits a decode (or colocated) room and yields its tokens; the room is aborted if the caller
-        goes away before its last chunk."""
+        """Submits a decode (or colocated) room and yields its tokens, each choice's as they come; the room
+        is aborted if the caller goes away before the last chunk of its last choice."""
         await self.compile_grammar(cmd.sampling, context)
         events = self.open_room(cmd.room)
         if events is None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {cmd.room:x} is already open here")
             return
         self.submit(cmd)
-        finished = False
+        unfinished, finished = cmd.sampling.n, False
         try:
             while not finished:
                 event = await events.get()
@@ -141,7 +141,8 @@ class RankServer:
                     finished = True
                     await context.abort(STATUS[event.failure], event.message)
                 assert isinstance(event, Tokens)
-                finished = event.finish_reason is not None
+                unfinished -= event.finish_reason is not None
+                finished = unfinished == 0
                 yield wpb.GenerateChunk(
                     token_ids=event.token_ids,
                     text=event.text,
@@ -152,6 +153,7 @@ class RankServer:
                     phases=wpb.DecodePhases(**dataclasses.asdict(event.phases)) if event.phases else None,
                     top_logprobs=[top_to_proto(t) for t in event.top_logprobs],
                     prompt_logprobs=prompt_to_proto(event.prompt_logprobs),
+                    index=event.index,
                 )
         finally:
             self.close_room(cmd.room)

@@ -16,7 +16,14 @@ from pydantic_core import PydanticCustomError
 
 from pd.proxy import fields
 from pd.proxy.schemas.table import JSON_TYPES, REFUSED, UNICODE, WRONG_TYPE, TableModel
-from pd.types import MAX_LOGIT_BIAS, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
+from pd.types import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRING_LEN,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+)
 
 _DEFAULT = SamplingParams()
 
@@ -225,6 +232,7 @@ class _Shared(TableModel):
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     stop: Stop = Field(default_factory=list)
     seed: Annotated[int | None, Field(ge=0, lt=2**63, description="an integer in [0, 2**63)")] = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES, description=f"an integer in [1, {MAX_CHOICES}]")] = 1
     # pd's extras (vLLM's names)
     top_k: int = _DEFAULT.top_k
     min_p: Annotated[float, _in_range(0, 1)] = _DEFAULT.min_p
@@ -268,6 +276,7 @@ class CompletionRequest(_Shared):
     max_tokens: PositiveInt = 16  # OpenAI's default
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # alternatives per token
     echo: bool = False
+    best_of: int | None = None  # only n (checked in pd.proxy.protocol): every sampled choice is returned
 
 
 class ChatCompletionRequest(_Shared):
