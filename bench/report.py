@@ -174,3 +174,33 @@ def expert_balance(base_url: str) -> str:
             f"  {role}: {shown}; max/mean over ranks {imbalance:.2f}, over experts {expert_imbalance:.2f}"
         )
     return "\n".join(lines)
+
+
+def prefix_cache_tokens(base_url: str) -> tuple[float, float] | None:
+    """(prompt tokens looked up, tokens found) in the prefix caches of a pd deployment's ranks so far, from
+    its proxy's /metrics; None for other servers."""
+    from pd.metrics import parse_samples
+    from pd.worker.metrics import PREFIX_HIT_TOKENS, PREFIX_QUERY_TOKENS
+
+    try:
+        response = httpx.get(f"{base_url.rstrip('/')}/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    query = hit = 0.0
+    found = False
+    for (name, _), value in parse_samples(response.text).items():
+        if name == PREFIX_QUERY_TOKENS:
+            query, found = query + value, True
+        elif name == PREFIX_HIT_TOKENS:
+            hit += value
+    return (query, hit) if found else None
+
+
+def prefix_cache_line(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
+    """The run's prefix-cache hit rate (the counters' growth over the run), or nothing."""
+    if before is None or after is None or after[0] <= before[0]:
+        return ""
+    query, hit = after[0] - before[0], after[1] - before[1]
+    return f"Prefix cache: {hit:.0f} of {query:.0f} prompt tokens found cached ({hit / query:.1%})"

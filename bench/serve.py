@@ -49,7 +49,14 @@ from pd.bench.prefix_datasets import (
     multiturn_requests,
     shared_prefix_requests,
 )
-from pd.bench.report import expert_balance, fmt, format_table, write_result_json
+from pd.bench.report import (
+    expert_balance,
+    fmt,
+    format_table,
+    prefix_cache_line,
+    prefix_cache_tokens,
+    write_result_json,
+)
 
 DATASETS = ("random", "sharegpt", *PREFIX_DATASETS)
 
@@ -565,12 +572,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pd-bench: {cfg.url}, dataset {cfg.dataset_name}, {cfg.num_prompts} prompts, "
         f"request rate {fmt(cfg.request_rate)}/s, max concurrency {fmt(cfg.max_concurrency)}"
     )
+    cached_before = prefix_cache_tokens(cfg.base_url)
     try:
         result = asyncio.run(run_benchmark(cfg))
     except (RuntimeError, ValueError, OSError) as e:
         print(f"pd-bench: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    cached = prefix_cache_line(cached_before, prefix_cache_tokens(cfg.base_url))
+    if cached:
+        print(cached)
     balance = expert_balance(cfg.base_url)
     if balance:
         print(balance)

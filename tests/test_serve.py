@@ -606,6 +606,22 @@ def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
     assert (m2["completed"], m2["failed"]) == (4, 0)
 
 
+def test_pd_bench_shared_prefix_workload_reports_cache_hits(deployment, capsys):
+    """generated-shared-prefix against pd-serve, one request at a time: every group's later prompts find the
+    system prompt's full pages cached (the counters' growth over the run, as pd-bench prints it)."""
+    from pd.bench.serve import main as bench_main
+
+    argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "generated-shared-prefix",
+            "--gsp-num-groups", "2", "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "40",
+            "--gsp-question-len", "6", "--gsp-output-len", "4", "--max-concurrency", "1", "--disable-tqdm"]  # fmt: skip
+    assert bench_main(argv) == 0
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("Prefix cache:")]
+    hit, query = (int(w) for w in line.split()[2:5:2])
+    # 6 prompts of 46 tokens; each group's 2nd and 3rd find its 40-token system prompt (10 pages of 4).
+    assert query == 6 * 46 and hit == 2 * 2 * 40, line
+
+
 def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_path, tok):
     """--colocated: the reference engine (prefill and decode in one instance) behind the same proxy."""
     hf = hf_model(tiny_model_dir)
