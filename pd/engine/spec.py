@@ -90,7 +90,6 @@ def greedy_accept(drafts: torch.Tensor, logits: torch.Tensor) -> Verdict:
 def per_position(st: SamplingTensors, n: int) -> SamplingTensors:
     """Row parameters ``[B]`` repeated for ``n`` positions per row (``[B * n]``, row-major), the position of
     offset ``j`` advanced by ``j``: what ``pd.sampling.sample`` takes for logits ``[B, n, V]`` flattened."""
-
     rows = st.positions.shape[0]
     offsets = torch.arange(n, device=st.positions.device).repeat(rows)
     repeated = {
