@@ -14,6 +14,7 @@ from pd.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig, Paralle
 from pd.ep import BACKENDS as EP_BACKENDS
 from pd.ep.placement import PLACEMENTS
 from pd.launch.args import add_field_arg
+from pd.speculative import MAX_SPECULATIVE_TOKENS, SPECULATIVE_ALGORITHMS, SpeculativeConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> list[argparse.Action]:
@@ -101,7 +102,49 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             help="reuse the KV pages of cached prompt prefixes on prefill and colocated ranks "
             "(--no-prefix-cache: compute every prompt in full; decode ranks never cache)",
         ),
+        *add_speculative_args(p),
     ]
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """--speculative-algorithm, --num-speculative-tokens, --speculative-oracle (``SpeculativeConfig``)."""
+    g = p.add_argument_group("speculative decoding (prefill and decode instances must agree)")
+    S = SpeculativeConfig
+    return [
+        add_field_arg(
+            g,
+            "--speculative-algorithm",
+            S,
+            "algorithm",
+            choices=SPECULATIVE_ALGORITHMS,
+            help="mtp: draft with the checkpoint's MTP layer (needs num_nextn_predict_layers >= 1); "
+            "default: off",
+        ),
+        add_field_arg(
+            g,
+            "--num-speculative-tokens",
+            S,
+            "num_tokens",
+            metavar="K",
+            help=f"drafts per step, 1..{MAX_SPECULATIVE_TOKENS} (more than one chains the MTP layer); "
+            "needed with --speculative-algorithm",
+        ),
+        add_field_arg(
+            g,
+            "--speculative-oracle",
+            S,
+            "oracle",
+            help="benchmark mode: draft the target's own argmax, so every draft is accepted",
+        ),
+    ]
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    return SpeculativeConfig(
+        algorithm=args.speculative_algorithm,
+        num_tokens=args.num_speculative_tokens,
+        oracle=args.speculative_oracle,
+    )
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -122,6 +165,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed,
         cuda_graph=args.cuda_graph,
         prefix_cache=args.prefix_cache,
+        speculative=speculative_config(args),
     )
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from pd.config import ParallelConfig
+from pd.config import ModelConfig, ParallelConfig
 from pd.launch.args import (
     PortInUse,
     add_common_args,
@@ -30,7 +30,7 @@ from pd.launch.args import (
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
 from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
 from pd.transfer.state import TransferTimeouts
-from pd.worker.builder import WorkerConfig, build_rank
+from pd.worker.builder import WorkerConfig, build_rank, check_speculative
 
 log = logging.getLogger("pd.launch")
 
@@ -240,6 +240,8 @@ def run(role: str, argv: list[str] | None = None) -> None:
         sys.exit(spawn_ranks(role, args, sys.argv[1:] if argv is None else argv))
     try:
         cfg = worker_config(role, args)
+        if cfg.engine.speculative.enabled:  # refused here with its message, not deep in the rank's start
+            check_speculative(cfg.engine, ModelConfig.from_dir(cfg.engine.model_path))
     except ValueError as e:  # a config field out of range: named, without a traceback
         raise SystemExit(f"pd-{role}: error: {e}") from None
     # One rank on its own: it reserves its port before building the engine (the ranks of a multi-rank

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pd.attention import ATTENTION_BACKENDS
+from pd.speculative import SpeculativeConfig
 
 # Model types that carry the DeepSeek-V3 architecture (Kimi-K2 ships its own model_type).
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
@@ -185,6 +186,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str = "bfloat16"
     fp8: FP8Quant | None = None
+    num_nextn_predict_layers: int = (
+        0  # MTP layers the checkpoint carries, as model.layers.{num_hidden_layers}...
+    )
 
     def __post_init__(self) -> None:
         if self.n_routed_experts % self.n_group:
@@ -272,6 +276,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             checkpoint_dtype=hf.get("torch_dtype") or hf.get("dtype") or "bfloat16",
             fp8=_parse_fp8(hf.get("quantization_config")),
+            num_nextn_predict_layers=int(hf.get("num_nextn_predict_layers") or 0),
         )
 
     @classmethod
@@ -338,6 +343,7 @@ class EngineConfig:
     # and colocated ranks; decode ranks never cache).
     prefix_cache: bool = True
     seed: int = 0
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

@@ -26,6 +26,7 @@ from pd.ep import BACKENDS as EP_BACKENDS
 from pd.ep.placement import PLACEMENTS
 from pd.launch import bootstrap, worker
 from pd.launch.args import PortInUse, field_default, reserve_port
+from pd.speculative import SpeculativeConfig
 from pd.transfer.engine import PROTOCOLS, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig
@@ -86,6 +87,9 @@ WORKER_FIELDS = {
     "attention_backend": (EngineConfig, "attention_backend"),
     "seed": (EngineConfig, "seed"),
     "cuda_graph": (EngineConfig, "cuda_graph"),
+    "speculative_algorithm": (SpeculativeConfig, "algorithm"),
+    "num_speculative_tokens": (SpeculativeConfig, "num_tokens"),
+    "speculative_oracle": (SpeculativeConfig, "oracle"),
     "dp": (ParallelConfig, "size"),
     "ep_backend": (ParallelConfig, "ep_backend"),
     "expert_placement": (ParallelConfig, "expert_placement"),
@@ -126,7 +130,7 @@ BOOTSTRAP_FIELDS = {
     "max_ranks": (BootstrapConfig, "max_ranks"),
 }
 SERVE_FIELDS = {
-    **{k: v for k, v in WORKER_FIELDS.items() if v[0] in (EngineConfig,)},
+    **{k: v for k, v in WORKER_FIELDS.items() if v[0] in (EngineConfig, SpeculativeConfig)},
     **PROXY_FIELDS,
     "dp": (ParallelConfig, "size"),
     "ep_backend": (ParallelConfig, "ep_backend"),

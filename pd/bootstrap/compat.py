@@ -25,7 +25,11 @@ KV_FIELDS = (
     "transfer_protocol",
     "kv_checksum",  # a decode rank that verifies needs a prefill rank that sends checksums, and back
 )
-CLUSTER_FIELDS = MODEL_FIELDS + KV_FIELDS
+# Speculative settings: a prefill rank ships the drafter's KV layer and a decode step's first drafts, so
+# it must draft as its decode peers verify (--speculative-oracle is absent: it changes only what decode
+# accepts).
+SPECULATIVE_FIELDS = ("speculative_algorithm", "num_speculative_tokens")
+CLUSTER_FIELDS = MODEL_FIELDS + KV_FIELDS + SPECULATIVE_FIELDS
 # Fields the ranks of one instance must agree on.
 INSTANCE_FIELDS = ("dp_size", "role")
 

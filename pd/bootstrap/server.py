@@ -38,6 +38,7 @@ _INT_RANGES = {
     "latent_dim": (1, 1 << 16),
     "aux_nbytes": (0, 1 << 40),
     "aux_slot_nbytes": (0, 1 << 32),
+    "num_speculative_tokens": (0, 1 << 8),
 }
 # RankInfo strings: maximum length (all are required).
 _STR_LENGTHS = {
@@ -51,6 +52,7 @@ _STR_LENGTHS = {
     "kv_order": 32,
     "incarnation": 64,
 }
+_SPECULATIVE_NAME_MAX = 32  # speculative_algorithm: optional ("" = off)
 _LOAD_MAX = 1 << 40
 
 
@@ -95,6 +97,13 @@ def rank_info_problems(info: pb.RankInfo) -> list[str]:
         problems.append(f"dp_rank must be in [0, dp_size={info.dp_size}), got {info.dp_rank}")
     if info.role not in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_COLOCATED):
         problems.append(f"role must be ROLE_PREFILL, ROLE_DECODE or ROLE_COLOCATED, got {info.role}")
+    if len(info.speculative_algorithm) > _SPECULATIVE_NAME_MAX:
+        problems.append(f"speculative_algorithm must be at most {_SPECULATIVE_NAME_MAX} characters")
+    elif bool(info.speculative_algorithm) != (info.num_speculative_tokens > 0):
+        problems.append(
+            f"speculative_algorithm {info.speculative_algorithm!r} and num_speculative_tokens "
+            f"{info.num_speculative_tokens} disagree (both set, or neither)"
+        )
     for name in ("grpc_endpoint", "transfer_session"):
         if getattr(info, name):  # an empty one is reported above
             problems += _endpoint_problems(name, getattr(info, name))

@@ -19,6 +19,7 @@ from pd.kv_cache import KVLayout, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
+from pd.model.mtp import DeepseekV3WithMTP
 from pd.model.quant import prepare_weights
 from pd.model.weights import init_dummy_weights, load_weights
 from pd.sampling import SamplingTensors, choice_seed, sample
@@ -33,9 +34,11 @@ def build_model(
     dtype: torch.dtype,
     placement: PlacementMap | None = None,
     quant: FP8Quant | None = None,
+    mtp: bool = False,
 ) -> DeepseekV3ForCausalLM:
-    """Creates the model's parameters directly on ``device`` in ``dtype`` (FP8 with ``quant``; uninitialised)."""
-    return materialize(meta_model(cfg, ep, max_positions, dtype, placement, quant), device)
+    """Creates the model's parameters directly on ``device`` in ``dtype`` (FP8 with ``quant``; uninitialised).
+    ``mtp``: with the checkpoint's MTP layer (``pd.model.mtp.DeepseekV3WithMTP``)."""
+    return materialize(meta_model(cfg, ep, max_positions, dtype, placement, quant, mtp), device)
 
 
 def meta_model(
@@ -45,13 +48,15 @@ def meta_model(
     dtype: torch.dtype,
     placement: PlacementMap | None = None,
     quant: FP8Quant | None = None,
+    mtp: bool = False,
 ) -> DeepseekV3ForCausalLM:
     """The model on the meta device: shapes and dtypes, no memory (its size can be planned first)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    cls = DeepseekV3WithMTP if mtp else DeepseekV3ForCausalLM
     try:
         with torch.device("meta"):
-            return DeepseekV3ForCausalLM(cfg, ep, max_positions, placement, quant)
+            return cls(cfg, ep, max_positions, placement, quant)
     finally:
         torch.set_default_dtype(default)
 
@@ -63,11 +68,11 @@ def materialize(model: DeepseekV3ForCausalLM, device: torch.device) -> DeepseekV
     model.model.rotary.build_tables()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, MoE):
+    for moe in model.modules():  # the main layers' and the MTP layer's
+        if isinstance(moe, MoE):
             # The routing bias stays float32 whatever the model dtype; the counters start at zero.
-            layer.mlp.gate.e_score_correction_bias.data = layer.mlp.gate.e_score_correction_bias.data.float()
-            layer.mlp.expert_tokens.zero_()
+            moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
+            moe.expert_tokens.zero_()
     return model
 
 
@@ -150,8 +155,15 @@ class ModelRunner:
         self.placement = placement
         placement_map = None if placement.kind == "linear" else PlacementMap(placement, self.device)
         self.quant = cfg.weight_quant(model_cfg)
+        cfg.speculative.check_model(model_cfg)
         model = meta_model(
-            model_cfg, self.ep, cfg.context_len(model_cfg), self.dtype, placement_map, self.quant
+            model_cfg,
+            self.ep,
+            cfg.context_len(model_cfg),
+            self.dtype,
+            placement_map,
+            self.quant,
+            cfg.speculative.mtp,
         )
         self.weights = WeightBytes.of(model)
         if self.device.type == "cuda":  # refused before a byte is allocated if it cannot fit
@@ -198,14 +210,15 @@ class ModelRunner:
 
     def _kv_layout(self) -> KVLayout:
         mc = self.model_cfg
-        layout = KVLayout(mc.num_hidden_layers, 2, self.cfg.page_size, mc.latent_dim, self.dtype)
+        layers = self.cfg.speculative.kv_layers(mc)  # with MTP, its layer's cache too
+        layout = KVLayout(layers, 2, self.cfg.page_size, mc.latent_dim, self.dtype)
         num_pages = self.cfg.num_pages
         if num_pages is None:
             if self.device.type == "cuda":
-                num_pages = self._pages_in_share(layout.page_nbytes_per_layer * mc.num_hidden_layers)
+                num_pages = self._pages_in_share(layout.page_nbytes_per_layer * layers)
             else:
                 num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
-        return KVLayout(mc.num_hidden_layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
+        return KVLayout(layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
 
     def memory_report(self) -> str:
         """Where this rank's memory went: weights by kind, the KV pool, and (on CUDA) what the device has left."""

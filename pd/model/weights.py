@@ -4,7 +4,10 @@ Checkpoint names map onto parameters one to one, except:
 - ``gate_proj`` / ``up_proj`` (dense MLP, shared experts) fill the two halves of ``gate_up_proj``;
 - routed experts ``mlp.experts.{e}.{gate,up,down}_proj`` fill rows of the stacked ``w13`` / ``w2``
   when expert ``e`` lives on this EP rank (``e // E_local == rank``), and are skipped otherwise;
-- the MTP layer ``model.layers.{num_hidden_layers}.*`` is skipped (serving does not use it);
+- the MTP layer ``model.layers.{num_hidden_layers}.*`` is skipped, unless the model has one
+  (``pd.model.mtp.DeepseekV3WithMTP``, speculative decoding): then it fills ``mtp.*``, and its copies of the
+  embedding and output head (``embed_tokens``, ``shared_head.head``) are checked equal to the main model's,
+  which the MTP layer uses; further MTP layers (``num_nextn_predict_layers`` > 1) are skipped;
 - block-FP8 tensors (with ``weight_scale_inv``) fill an FP8 parameter and its ``<param>_scale_inv``
   as they are, and are dequantized into a parameter in the activation dtype (``--quantization none``,
   and ``kv_b_proj`` always); an unquantized tensor bound for an FP8 parameter is quantized on load.
@@ -25,12 +28,16 @@ from tqdm import tqdm
 from pd.ep.placement import placement_of
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
+from pd.model.mtp import SHARED_COPIES, MTPLayer
 from pd.model.quant import FP8_DTYPE, dequantize, quantize
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+MTP_PREFIX = (
+    "mtp."  # the MTP layer's parameters (pd.model.mtp), model.layers.{num_hidden_layers}. in checkpoints
+)
 
 
 class WeightLoadError(ValueError):
@@ -80,6 +87,8 @@ class WeightMapper:
         cfg = model.cfg
         self.cfg = cfg
         self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.mtp = isinstance(getattr(model, "mtp", None), MTPLayer)
+        self.mtp_layer = f"model.layers.{cfg.num_hidden_layers}."  # the MTP layer's checkpoint prefix
         self.ep_rank = ep_rank
         self.num_local = cfg.n_routed_experts // ep_size
         # Global expert e lives in physical slot placement.physical(e): rank p // E_local, slot p % E_local.
@@ -91,7 +100,12 @@ class WeightMapper:
         """The parameter slot for ``name``; None for tensors serving skips. Raises on unknown names."""
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= self.cfg.num_hidden_layers:
-            return None  # MTP layer
+            if not self.mtp or int(layer.group(1)) > self.cfg.num_hidden_layers:
+                return None  # an MTP layer serving does not use
+            rest = name[layer.end() :]
+            if rest in SHARED_COPIES:
+                return None  # the main model's tensor serves (``shared_copy`` checks they are equal)
+            name = MTP_PREFIX + rest
         if _IGNORED.search(name) or (self.cfg.tie_word_embeddings and name == "lm_head.weight"):
             return None
         if m := _EXPERT.match(name):
@@ -111,6 +125,22 @@ class WeightMapper:
             return Target(name)
         raise WeightLoadError(f"unexpected tensor {name!r} in checkpoint: no such parameter in DeepSeek-V3")
 
+    def shared_copy(self, name: str) -> str | None:
+        """For the MTP layer's copy of the embedding or output head (when the model has an MTP layer): the
+        main model's parameter it must equal; else None."""
+        if not self.mtp or not name.startswith(self.mtp_layer):
+            return None
+        main = SHARED_COPIES.get(name.removeprefix(self.mtp_layer))
+        if main == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return main
+
+    def checkpoint_name(self, param_name: str) -> str:
+        """The checkpoint's name for a name in parameter space (``mtp.x`` is ``model.layers.{n}.x``)."""
+        if param_name.startswith(MTP_PREFIX):
+            return self.mtp_layer + param_name.removeprefix(MTP_PREFIX)
+        return param_name
+
     def expected_names(self) -> set[str]:
         """Every checkpoint tensor this rank needs."""
         cfg = self.cfg
@@ -128,7 +158,7 @@ class WeightMapper:
                     names |= {f"{base}.{e}.{k}_proj.weight" for k in kinds}
             else:
                 names.add(pname)
-        return names
+        return {self.checkpoint_name(n) for n in names}
 
 
 @dataclass(frozen=True)
@@ -211,17 +241,43 @@ def load_weights(
     mapper = WeightMapper(model, ep_rank, ep_size)
     fp8 = model.cfg.fp8
     seen: set[str] = set()
+    copies: list[tuple[str, str, torch.Tensor]] = []  # (MTP copy, main parameter, value): checked at the end
     with torch.no_grad():
         for name, tensor in _iter_checkpoint(Path(model_dir), fp8.block if fp8 else None):
+            if main := mapper.shared_copy(name):
+                if main in seen:
+                    _check_copy(mapper.params[main], name, main, tensor.dequantized())
+                else:  # its main tensor comes later
+                    copies.append((name, main, tensor.dequantized()))
+                continue
             target = mapper.target(name)
             if target is None:
                 continue
             _fill(mapper.params, target, name, tensor, model.quant.block if model.quant else None)
             seen.add(name)
     missing = sorted(mapper.expected_names() - seen)
+    if missing and all(n.startswith(mapper.mtp_layer) for n in missing):
+        raise WeightLoadError(
+            f"checkpoint {model_dir} lacks its MTP layer (config.json: num_nextn_predict_layers "
+            f"{model.cfg.num_nextn_predict_layers}): {len(missing)} {mapper.mtp_layer}* tensors missing, e.g. "
+            f"{missing[0]}; speculative decoding with MTP needs them"
+        )
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise WeightLoadError(f"checkpoint {model_dir} lacks tensors: {shown}")
+    for name, main, value in copies:
+        _check_copy(mapper.params[main], name, main, value)
+
+
+def _check_copy(param: torch.Tensor, name: str, main: str, value: torch.Tensor) -> None:
+    """Raises unless the MTP layer's copy ``name`` (``value``) equals the loaded main parameter ``main``."""
+    if tuple(value.shape) != tuple(param.shape) or not torch.equal(
+        value.to(param.device, param.dtype), param
+    ):
+        raise WeightLoadError(
+            f"the MTP layer's {name!r} differs from {main!r}: pd runs the MTP layer with the main model's "
+            "embedding and output head (published checkpoints store equal copies)"
+        )
 
 
 def init_dummy_weights(model: DeepseekV3ForCausalLM, seed: int = 0) -> None:

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pd/rpc/bootstrap.proto\x12\x06pd.rpc\"\xb3\x04\n\x08RankInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x04 \x01(\x03\x12\x1a\n\x04role\x18\x05 \x01(\x0e\x32\x0c.pd.rpc.Role\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x07 \x01(\x03\x12\x0f\n\x07\x64p_size\x18\x08 \x01(\x03\x12\x15\n\rgrpc_endpoint\x18\t \x01(\t\x12\x18\n\x10transfer_session\x18\n \x01(\t\x12\x19\n\x11transfer_protocol\x18\x0b \x01(\t\x12\x14\n\x0ckv_base_addr\x18\x0c \x01(\x04\x12\x11\n\tkv_nbytes\x18\r \x01(\x03\x12\x11\n\tnum_pages\x18\x0e \x01(\x03\x12\x11\n\tpage_size\x18\x0f \x01(\x03\x12\x1d\n\x15page_nbytes_per_layer\x18\x10 \x01(\x03\x12\x12\n\nnum_layers\x18\x11 \x01(\x03\x12\x12\n\nlatent_dim\x18\x12 \x01(\x03\x12\x10\n\x08kv_dtype\x18\x13 \x01(\t\x12\x10\n\x08kv_order\x18\x14 \x01(\t\x12\x15\n\raux_base_addr\x18\x15 \x01(\x04\x12\x12\n\naux_nbytes\x18\x16 \x01(\x03\x12\x17\n\x0f\x61ux_slot_nbytes\x18\x17 \x01(\x03\x12\x13\n\x0bincarnation\x18\x18 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x19 \x01(\x08\"c\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x02 \x01(\x03\x12\x12\n\nfree_pages\x18\x03 \x01(\x03\x12\x13\n\x0btotal_pages\x18\x04 \x01(\x03\"G\n\tRankEntry\x12\x1e\n\x04info\x18\x01 \x01(\x0b\x32\x10.pd.rpc.RankInfo\x12\x1a\n\x04load\x18\x02 \x01(\x0b\x32\x0c.pd.rpc.Load\"n\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.pd.rpc.Role\x12\x0f\n\x07\x64p_size\x18\x03 \x01(\x03\x12 \n\x05ranks\x18\x04 \x03(\x0b\x32\x11.pd.rpc.RankEntry\"M\n\x0fRegisterRequest\x12\x1e\n\x04info\x18\x01 \x01(\x0b\x32\x10.pd.rpc.RankInfo\x12\x1a\n\x04load\x18\x02 \x01(\x0b\x32\x0c.pd.rpc.Load\")\n\x10RegisterResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"i\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x1a\n\x04load\x18\x04 \x01(\x0b\x32\x0c.pd.rpc.Load\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\")\n\x0bListRequest\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.pd.rpc.Role\"]\n\x0cListResponse\x12#\n\tinstances\x18\x01 \x03(\x0b\x32\x10.pd.rpc.Instance\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"5\n\rLookupRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\"1\n\x0eLookupResponse\x12\x1f\n\x04rank\x18\x01 \x01(\x0b\x32\x11.pd.rpc.RankEntry\"N\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"N\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x18\n\x10protocol_version\x18\x02 \x01(\x03\x12\x11\n\tnum_ranks\x18\x03 \x01(\x03*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x12\n\x0eROLE_COLOCATED\x10\x03\x32\xf6\x02\n\tBootstrap\x12=\n\x08Register\x12\x17.pd.rpc.RegisterRequest\x1a\x18.pd.rpc.RegisterResponse\x12@\n\tHeartbeat\x12\x18.pd.rpc.HeartbeatRequest\x1a\x19.pd.rpc.HeartbeatResponse\x12\x31\n\x04List\x12\x13.pd.rpc.ListRequest\x1a\x14.pd.rpc.ListResponse\x12\x37\n\x06Lookup\x12\x15.pd.rpc.LookupRequest\x1a\x16.pd.rpc.LookupResponse\x12\x43\n\nDeregister\x12\x19.pd.rpc.DeregisterRequest\x1a\x1a.pd.rpc.DeregisterResponse\x12\x37\n\x06Health\x12\x15.pd.rpc.HealthRequest\x1a\x16.pd.rpc.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pd/rpc/bootstrap.proto\x12\x06pd.rpc\"\xf2\x04\n\x08RankInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x04 \x01(\x03\x12\x1a\n\x04role\x18\x05 \x01(\x0e\x32\x0c.pd.rpc.Role\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x07 \x01(\x03\x12\x0f\n\x07\x64p_size\x18\x08 \x01(\x03\x12\x15\n\rgrpc_endpoint\x18\t \x01(\t\x12\x18\n\x10transfer_session\x18\n \x01(\t\x12\x19\n\x11transfer_protocol\x18\x0b \x01(\t\x12\x14\n\x0ckv_base_addr\x18\x0c \x01(\x04\x12\x11\n\tkv_nbytes\x18\r \x01(\x03\x12\x11\n\tnum_pages\x18\x0e \x01(\x03\x12\x11\n\tpage_size\x18\x0f \x01(\x03\x12\x1d\n\x15page_nbytes_per_layer\x18\x10 \x01(\x03\x12\x12\n\nnum_layers\x18\x11 \x01(\x03\x12\x12\n\nlatent_dim\x18\x12 \x01(\x03\x12\x10\n\x08kv_dtype\x18\x13 \x01(\t\x12\x10\n\x08kv_order\x18\x14 \x01(\t\x12\x15\n\raux_base_addr\x18\x15 \x01(\x04\x12\x12\n\naux_nbytes\x18\x16 \x01(\x03\x12\x17\n\x0f\x61ux_slot_nbytes\x18\x17 \x01(\x03\x12\x13\n\x0bincarnation\x18\x18 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x19 \x01(\x08\x12\x1d\n\x15speculative_algorithm\x18\x1a \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x1b \x01(\x03\"c\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x02 \x01(\x03\x12\x12\n\nfree_pages\x18\x03 \x01(\x03\x12\x13\n\x0btotal_pages\x18\x04 \x01(\x03\"G\n\tRankEntry\x12\x1e\n\x04info\x18\x01 \x01(\x0b\x32\x10.pd.rpc.RankInfo\x12\x1a\n\x04load\x18\x02 \x01(\x0b\x32\x0c.pd.rpc.Load\"n\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.pd.rpc.Role\x12\x0f\n\x07\x64p_size\x18\x03 \x01(\x03\x12 \n\x05ranks\x18\x04 \x03(\x0b\x32\x11.pd.rpc.RankEntry\"M\n\x0fRegisterRequest\x12\x1e\n\x04info\x18\x01 \x01(\x0b\x32\x10.pd.rpc.RankInfo\x12\x1a\n\x04load\x18\x02 \x01(\x0b\x32\x0c.pd.rpc.Load\")\n\x10RegisterResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"i\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x1a\n\x04load\x18\x04 \x01(\x0b\x32\x0c.pd.rpc.Load\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\")\n\x0bListRequest\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.pd.rpc.Role\"]\n\x0cListResponse\x12#\n\tinstances\x18\x01 \x03(\x0b\x32\x10.pd.rpc.Instance\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"5\n\rLookupRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\"1\n\x0eLookupResponse\x12\x1f\n\x04rank\x18\x01 \x01(\x0b\x32\x11.pd.rpc.RankEntry\"N\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"N\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x18\n\x10protocol_version\x18\x02 \x01(\x03\x12\x11\n\tnum_ranks\x18\x03 \x01(\x03*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x12\n\x0eROLE_COLOCATED\x10\x03\x32\xf6\x02\n\tBootstrap\x12=\n\x08Register\x12\x17.pd.rpc.RegisterRequest\x1a\x18.pd.rpc.RegisterResponse\x12@\n\tHeartbeat\x12\x18.pd.rpc.HeartbeatRequest\x1a\x19.pd.rpc.HeartbeatResponse\x12\x31\n\x04List\x12\x13.pd.rpc.ListRequest\x1a\x14.pd.rpc.ListResponse\x12\x37\n\x06Lookup\x12\x15.pd.rpc.LookupRequest\x1a\x16.pd.rpc.LookupResponse\x12\x43\n\nDeregister\x12\x19.pd.rpc.DeregisterRequest\x1a\x1a.pd.rpc.DeregisterResponse\x12\x37\n\x06Health\x12\x15.pd.rpc.HealthRequest\x1a\x16.pd.rpc.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pd.rpc.bootstrap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1619
-  _globals['_ROLE']._serialized_end=1702
+  _globals['_ROLE']._serialized_start=1682
+  _globals['_ROLE']._serialized_end=1765
   _globals['_RANKINFO']._serialized_start=35
-  _globals['_RANKINFO']._serialized_end=598
-  _globals['_LOAD']._serialized_start=600
-  _globals['_LOAD']._serialized_end=699
-  _globals['_RANKENTRY']._serialized_start=701
-  _globals['_RANKENTRY']._serialized_end=772
-  _globals['_INSTANCE']._serialized_start=774
-  _globals['_INSTANCE']._serialized_end=884
-  _globals['_REGISTERREQUEST']._serialized_start=886
-  _globals['_REGISTERREQUEST']._serialized_end=963
-  _globals['_REGISTERRESPONSE']._serialized_start=965
-  _globals['_REGISTERRESPONSE']._serialized_end=1006
-  _globals['_HEARTBEATREQUEST']._serialized_start=1008
-  _globals['_HEARTBEATREQUEST']._serialized_end=1113
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1115
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1157
-  _globals['_LISTREQUEST']._serialized_start=1159
-  _globals['_LISTREQUEST']._serialized_end=1200
-  _globals['_LISTRESPONSE']._serialized_start=1202
-  _globals['_LISTRESPONSE']._serialized_end=1295
-  _globals['_LOOKUPREQUEST']._serialized_start=1297
-  _globals['_LOOKUPREQUEST']._serialized_end=1350
-  _globals['_LOOKUPRESPONSE']._serialized_start=1352
-  _globals['_LOOKUPRESPONSE']._serialized_end=1401
-  _globals['_DEREGISTERREQUEST']._serialized_start=1403
-  _globals['_DEREGISTERREQUEST']._serialized_end=1481
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1483
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1520
-  _globals['_HEALTHREQUEST']._serialized_start=1522
-  _globals['_HEALTHREQUEST']._serialized_end=1537
-  _globals['_HEALTHRESPONSE']._serialized_start=1539
-  _globals['_HEALTHRESPONSE']._serialized_end=1617
-  _globals['_BOOTSTRAP']._serialized_start=1705
-  _globals['_BOOTSTRAP']._serialized_end=2079
+  _globals['_RANKINFO']._serialized_end=661
+  _globals['_LOAD']._serialized_start=663
+  _globals['_LOAD']._serialized_end=762
+  _globals['_RANKENTRY']._serialized_start=764
+  _globals['_RANKENTRY']._serialized_end=835
+  _globals['_INSTANCE']._serialized_start=837
+  _globals['_INSTANCE']._serialized_end=947
+  _globals['_REGISTERREQUEST']._serialized_start=949
+  _globals['_REGISTERREQUEST']._serialized_end=1026
+  _globals['_REGISTERRESPONSE']._serialized_start=1028
+  _globals['_REGISTERRESPONSE']._serialized_end=1069
+  _globals['_HEARTBEATREQUEST']._serialized_start=1071
+  _globals['_HEARTBEATREQUEST']._serialized_end=1176
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1178
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1220
+  _globals['_LISTREQUEST']._serialized_start=1222
+  _globals['_LISTREQUEST']._serialized_end=1263
+  _globals['_LISTRESPONSE']._serialized_start=1265
+  _globals['_LISTRESPONSE']._serialized_end=1358
+  _globals['_LOOKUPREQUEST']._serialized_start=1360
+  _globals['_LOOKUPREQUEST']._serialized_end=1413
+  _globals['_LOOKUPRESPONSE']._serialized_start=1415
+  _globals['_LOOKUPRESPONSE']._serialized_end=1464
+  _globals['_DEREGISTERREQUEST']._serialized_start=1466
+  _globals['_DEREGISTERREQUEST']._serialized_end=1544
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1546
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1583
+  _globals['_HEALTHREQUEST']._serialized_start=1585
+  _globals['_HEALTHREQUEST']._serialized_end=1600
+  _globals['_HEALTHRESPONSE']._serialized_start=1602
+  _globals['_HEALTHRESPONSE']._serialized_end=1680
+  _globals['_BOOTSTRAP']._serialized_start=1768
+  _globals['_BOOTSTRAP']._serialized_end=2142
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ ROLE_DECODE: Role
 ROLE_COLOCATED: Role
 
 class RankInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_fingerprint", "model_name", "max_context_len", "role", "instance_id", "dp_rank", "dp_size", "grpc_endpoint", "transfer_session", "transfer_protocol", "kv_base_addr", "kv_nbytes", "num_pages", "page_size", "page_nbytes_per_layer", "num_layers", "latent_dim", "kv_dtype", "kv_order", "aux_base_addr", "aux_nbytes", "aux_slot_nbytes", "incarnation", "kv_checksum")
+    __slots__ = ("protocol_version", "model_fingerprint", "model_name", "max_context_len", "role", "instance_id", "dp_rank", "dp_size", "grpc_endpoint", "transfer_session", "transfer_protocol", "kv_base_addr", "kv_nbytes", "num_pages", "page_size", "page_nbytes_per_layer", "num_layers", "latent_dim", "kv_dtype", "kv_order", "aux_base_addr", "aux_nbytes", "aux_slot_nbytes", "incarnation", "kv_checksum", "speculative_algorithm", "num_speculative_tokens")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class RankInfo(_message.Message):
     AUX_SLOT_NBYTES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_fingerprint: str
     model_name: str
@@ -70,7 +72,9 @@ class RankInfo(_message.Message):
     aux_slot_nbytes: int
     incarnation: str
     kv_checksum: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., max_context_len: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., instance_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., dp_size: _Optional[int] = ..., grpc_endpoint: _Optional[str] = ..., transfer_session: _Optional[str] = ..., transfer_protocol: _Optional[str] = ..., kv_base_addr: _Optional[int] = ..., kv_nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., page_nbytes_per_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., latent_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., kv_order: _Optional[str] = ..., aux_base_addr: _Optional[int] = ..., aux_nbytes: _Optional[int] = ..., aux_slot_nbytes: _Optional[int] = ..., incarnation: _Optional[str] = ..., kv_checksum: bool = ...) -> None: ...
+    speculative_algorithm: str
+    num_speculative_tokens: int
+    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., max_context_len: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., instance_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., dp_size: _Optional[int] = ..., grpc_endpoint: _Optional[str] = ..., transfer_session: _Optional[str] = ..., transfer_protocol: _Optional[str] = ..., kv_base_addr: _Optional[int] = ..., kv_nbytes: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., page_nbytes_per_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., latent_dim: _Optional[int] = ..., kv_dtype: _Optional[str] = ..., kv_order: _Optional[str] = ..., aux_base_addr: _Optional[int] = ..., aux_nbytes: _Optional[int] = ..., aux_slot_nbytes: _Optional[int] = ..., incarnation: _Optional[str] = ..., kv_checksum: bool = ..., speculative_algorithm: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("running_requests", "waiting_requests", "free_pages", "total_pages")

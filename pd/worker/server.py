@@ -225,7 +225,7 @@ class RankServer:
     def rank_info(self) -> bpb.RankInfo:
         r = self.rank
         pool, te, aux = r.engine.runner.pool, r.transfer_engine, r.aux
-        layout = pool.layout
+        layout, spec = pool.layout, self.cfg.engine.speculative
         return bpb.RankInfo(
             protocol_version=PROTOCOL_VERSION,
             model_fingerprint=model_fingerprint(r.hf_config),
@@ -252,6 +252,8 @@ class RankServer:
             aux_slot_nbytes=AUX_RECORD_NBYTES if aux else 0,
             incarnation=self.incarnation,
             kv_checksum=self.cfg.transfer.kv_checksum if te else False,
+            speculative_algorithm=spec.algorithm or "",
+            num_speculative_tokens=spec.num_tokens,
         )
 
     def _bind_gauges(self) -> None:
