@@ -199,8 +199,10 @@ def prefix_cache_tokens(base_url: str) -> tuple[float, float] | None:
 
 
 def prefix_cache_line(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
-    """The run's prefix-cache hit rate (the counters' growth over the run), or nothing."""
-    if before is None or after is None or after[0] <= before[0]:
+    """The run's prefix-cache hit rate (the counters' growth over the run), or nothing. The counters show
+    once a rank has counted (``before`` None: none had)."""
+    before = before or (0.0, 0.0)
+    if after is None or after[0] <= before[0]:
         return ""
     query, hit = after[0] - before[0], after[1] - before[1]
     return f"Prefix cache: {hit:.0f} of {query:.0f} prompt tokens found cached ({hit / query:.1%})"

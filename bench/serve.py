@@ -569,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     print(
-        f"pd-bench: {cfg.url}, dataset {cfg.dataset_name}, {cfg.num_prompts} prompts, "
+        f"pd-bench: {cfg.url}, dataset {cfg.dataset_name}, "
+        f"{cfg.gsp_num_groups * cfg.gsp_prompts_per_group if cfg.dataset_name == 'generated-shared-prefix' else cfg.num_prompts} prompts, "
         f"request rate {fmt(cfg.request_rate)}/s, max concurrency {fmt(cfg.max_concurrency)}"
     )
     cached_before = prefix_cache_tokens(cfg.base_url)

@@ -616,7 +616,9 @@ def test_pd_bench_shared_prefix_workload_reports_cache_hits(deployment, capsys):
             "--gsp-question-len", "6", "--gsp-output-len", "4", "--max-concurrency", "1", "--disable-tqdm"]  # fmt: skip
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
-    [line] = [x for x in out.splitlines() if x.startswith("Prefix cache:")]
+    lines = [x for x in out.splitlines() if x.startswith("Prefix cache:")]
+    assert len(lines) == 1, out
+    [line] = lines
     hit, query = (int(w) for w in line.split()[2:5:2])
     # 6 prompts of 46 tokens; each group's 2nd and 3rd find its 40-token system prompt (10 pages of 4).
     assert query == 6 * 46 and hit == 2 * 2 * 40, line
