@@ -672,6 +672,19 @@ def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_d
     }
     lm = httpx.post(f"{deployment}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
     assert lm["token_logprobs"][: len(ids)] == pytest.approx(got.token_logprobs[: len(ids)], abs=1e-5)
+    # max_tokens 0 with echo: the prompt alone with its logprobs, whole and streamed; without echo a 400.
+    zero = {**body, "max_tokens": 0, "return_token_ids": True}
+    r0 = httpx.post(f"{deployment}/v1/completions", json=zero, timeout=60).json()
+    (choice,) = r0["choices"]
+    assert choice["text"] == tok.decode(ids) and choice["finish_reason"] == "length"
+    assert choice["token_ids"] == [] and r0["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(lm["token_logprobs"][: len(ids)], abs=1e-5)
+    openai_kw = {k: v for k, v in zero.items() if k != "return_token_ids"}
+    events = list(c.completions.create(**openai_kw, stream=True))
+    assert "".join(e.choices[0].text for e in events) == tok.decode(ids)
+    assert [e.choices[0].finish_reason for e in events][-1] == "length"
+    no_echo = httpx.post(f"{deployment}/v1/completions", json={**zero, "echo": False}, timeout=60)
+    assert no_echo.status_code == 400 and no_echo.json()["error"]["param"] == "max_tokens"
     # chat: the sampled tokens' logprobs and two alternatives, streaming and not.
     messages = [{"role": "user", "content": "Where is the mill?"}]
     kw = dict(model="tiny-ci", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)

@@ -189,6 +189,8 @@ class Admission:
 
     def _max_tokens(self, req: ParsedRequest, model: ModelInfo, prompt_len: int) -> int:
         cap, room_left = self.cfg.max_completion_tokens, model.max_context_len - prompt_len
+        if req.prompt_only:  # the first token is computed (prefill samples one) but not returned
+            return 1
         if req.max_tokens is None:
             return min(room_left, cap)
         if req.max_tokens > cap:

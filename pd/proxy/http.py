@@ -118,6 +118,9 @@ class Proxy:
 
     def _choice(self, job: Job, chunks: list[Chunk]) -> ChoiceResult:
         """One choice of a whole response from its chunks, in order (its last carries its finish reason)."""
+        if job.req.prompt_only:  # echo with max_tokens 0: the prompt (and its logprobs) alone
+            prefix, logprobs = _logprobs(job).chunk(True, job.prompt_ids, [], [], [], chunks[0].prompt)
+            return ChoiceResult(prefix, "length", [], logprobs)
         ids = [t for c in chunks for t in c.token_ids]
         prefix, logprobs = _logprobs(job).chunk(
             True,
@@ -153,7 +156,13 @@ class Proxy:
         outputs = [self._chat_output(job) for _ in range(job.sampling.n)]
         started: set[int] = set()
         try:
-            while True:
+            if job.req.prompt_only:  # echo with max_tokens 0: each choice's prompt, then the stream ends
+                for i in range(job.sampling.n):
+                    prefix, logprobs = lps[i].chunk(True, job.prompt_ids, [], [], [], chunk.prompt)
+                    yield event(
+                        stream_chunk(job.req, rid, model, prefix, "length", [], True, logprobs, index=i)
+                    )
+            while not job.req.prompt_only:
                 completion_tokens += len(chunk.token_ids)
                 i, finish, ids = chunk.index, chunk.finish_reason, list(chunk.token_ids)
                 is_first = i not in started

@@ -59,6 +59,7 @@ class ParsedRequest:
     return_phases: bool  # pd extra: "pd_phases" (seconds per latency phase) on the last chunk / the response
     logprobs: int | None = None  # alternatives per token in the response's logprobs; None: no logprobs
     echo: bool = False  # completions: the prompt before the completion
+    prompt_only: bool = False  # completions with echo and max_tokens 0: the prompt alone, nothing generated
     grammar_param: str | None = None  # the field sampling.grammar came from (its errors name it)
     tools: tuple[dict[str, Any], ...] = ()  # chat: the request's tools, checked (validate_tools)
     tool_choice: ToolChoice = NO_TOOLS  # chat: what tool_choice asks
@@ -95,6 +96,12 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
     else:
         assert isinstance(req, schemas.CompletionRequest)
         prompt, messages, max_tokens = req.prompt, None, req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise APIError(
+                400,
+                "'max_tokens': 0 asks for nothing; it needs 'echo': true (the prompt alone)",
+                "max_tokens",
+            )
         logprobs, echo = req.logprobs, req.echo
         prompt_logprobs = logprobs if echo else None
         if req.best_of is not None and req.best_of != req.n:
@@ -135,6 +142,7 @@ def parse_request(body: Any, chat: bool) -> ParsedRequest:
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens,
+        prompt_only=max_tokens == 0,
         sampling=sampling,
         stream=req.stream,
         include_usage=req.stream_options.include_usage,

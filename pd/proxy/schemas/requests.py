@@ -83,6 +83,7 @@ Stop = Annotated[
 ]
 
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class StreamOptions(TableModel):
@@ -273,7 +274,7 @@ class CompletionRequest(_Shared):
     where = "/v1/completions"
 
     prompt: Prompt
-    max_tokens: PositiveInt = 16  # OpenAI's default
+    max_tokens: NonNegativeInt = 16  # OpenAI's default; 0 only with echo (the prompt alone)
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None  # alternatives per token
     echo: bool = False
     best_of: int | None = None  # only n (checked in pd.proxy.protocol): every sampled choice is returned
