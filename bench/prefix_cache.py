@@ -1,0 +1,144 @@
+"""Issue 19's figure: the generated shared-prefix workload through pd-serve with and without the prefix
+cache: hit rate, TTFT p50/p99 (all requests and the ones that hit), and prompt tokens computed per second.
+
+    python -m pd.bench.prefix_cache [--device cpu|cuda] [--rate 4] [--groups 8 --per-group 8 ...] [--out FILE]
+
+On CPU it serves the demo model (``pd-make-tiny-model``); on CUDA the DESIGN.md §8 shape with dummy weights.
+A request "hit" when the cache held its group's system prompt at its arrival: every one of a group but
+its first (when they arrive slower than a prefill). The target (one H200): TTFT p50 of the hits <= 0.3x the
+uncached TTFT p50 at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pd.bench.disagg_vs_colocated import free_port, shape_model, wait_healthy
+from pd.bench.report import prefix_cache_tokens
+from pd.bench.serve import BenchConfig, run_benchmark
+
+
+def serve(args: argparse.Namespace, model: str, port: int, cache: bool, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pd.launch.serve", "--model", model, "--port", str(port)]
+    cmd += [
+        "--model-name",
+        "bench",
+        "--device",
+        args.device,
+        "--prefix-cache" if cache else "--no-prefix-cache",
+    ]
+    if args.device != "cpu":
+        cmd += ["--load-format", "dummy", "--dtype", "bfloat16"]
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def measure(args: argparse.Namespace, model: str, cache: bool, log_dir: Path) -> dict:
+    port = free_port()
+    proc = serve(args, model, port, cache, log_dir / f"pd-serve-{'cache' if cache else 'nocache'}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, args.ready_timeout)
+        cfg = BenchConfig(
+            base_url=url, model="bench", dataset_name="generated-shared-prefix", request_rate=args.rate,
+            gsp_num_groups=args.groups, gsp_prompts_per_group=args.per_group,
+            gsp_system_prompt_len=args.system_len, gsp_question_len=args.question_len,
+            gsp_output_len=args.output_len, ignore_eos=True, disable_tqdm=True, seed=args.seed,
+            random_vocab_size=args.vocab,
+        )  # fmt: skip
+        before = prefix_cache_tokens(url) or (0.0, 0.0)
+        result = asyncio.run(run_benchmark(cfg))
+        after = prefix_cache_tokens(url) or (0.0, 0.0)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ok = [r for r in result.records if r.ok and r.ttft is not None]
+    # Hits: a group's requests after its first, in arrival (index) order.
+    seen: set[tuple[int, ...]] = set()
+    hits, misses = [], []
+    prompts = {r.index: r for r in ok}
+    for i, sample in enumerate(result_requests(cfg)):
+        key = tuple(sample.prompt[: args.system_len])  # type: ignore[index]
+        (hits if key in seen else misses).append(i)
+        seen.add(key)
+    ttft = sorted(r.ttft for r in ok if r.ttft is not None)
+    hit_ttft = sorted(prompts[i].ttft for i in hits if i in prompts)  # type: ignore[misc]
+    query, hit = after[0] - before[0], after[1] - before[1]
+    return {
+        "cache": cache,
+        "completed": len(ok),
+        "failed": len(result.records) - len(ok),
+        "hit_rate": hit / query if query else 0.0,
+        "ttft_p50_ms": statistics.median(ttft) * 1e3,
+        "ttft_p99_ms": ttft[int(0.99 * (len(ttft) - 1))] * 1e3,
+        "ttft_p50_later_ms": statistics.median(hit_ttft) * 1e3 if hit_ttft else None,
+        "computed_tokens_per_s": (query - hit) / result.metrics.duration_s,
+        "req_per_s": result.metrics.request_throughput,
+    }
+
+
+def result_requests(cfg: BenchConfig) -> list:
+    from pd.bench.serve import sample_requests
+
+    return sample_requests(cfg)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--per-group", type=int, default=8)
+    p.add_argument("--system-len", type=int, default=2000)
+    p.add_argument("--question-len", type=int, default=100)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=1000, help="random ids drawn below this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    if args.device == "cpu":
+        from pd.tiny_model import make_tiny_model
+
+        model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "ci"))
+    else:
+        model = shape_model(args.system_len + args.question_len + args.output_len + 64)
+    log_dir = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
+    rows = []
+    for cache in (False, True):
+        t0 = time.monotonic()
+        rows.append(measure(args, model, cache, log_dir))
+        print(json.dumps(rows[-1]), f"({time.monotonic() - t0:.0f} s)", flush=True)
+    print(
+        f"\nShared-prefix workload: {args.groups} groups x {args.per_group}, system prompt {args.system_len} "
+        f"tokens, question {args.question_len}, output {args.output_len}, rate {args.rate}/s, {args.device}\n"
+    )
+    print(
+        "| prefix cache | hit rate | TTFT p50 ms | TTFT p99 ms | TTFT p50, later requests of a group | prompt tokens computed/s | req/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        later = f"{r['ttft_p50_later_ms']:.1f}" if r["ttft_p50_later_ms"] is not None else "-"
+        print(f"| {'on' if r['cache'] else 'off'} | {r['hit_rate']:.1%} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+              f"{later} | {r['computed_tokens_per_s']:.0f} | {r['req_per_s']:.2f} |")  # fmt: skip
+    off, on = rows
+    if off["ttft_p50_later_ms"] and on["ttft_p50_later_ms"]:
+        print(
+            f"\nLater requests' TTFT p50 with the cache / without: {on['ttft_p50_later_ms'] / off['ttft_p50_later_ms']:.2f}x (target <= 0.3x)"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
