@@ -1,7 +1,7 @@
 """Issue 19's figure: the generated shared-prefix workload through pd-serve with and without the prefix
 cache: hit rate, TTFT p50/p99 (all requests and the ones that hit), and prompt tokens computed per second.
 
-    python -m pd.bench.prefix_cache [--device cpu|cuda] [--rate 4] [--groups 8 --per-group 8 ...] [--out FILE]
+    python -m pd.bench.prefix_cache [--device cpu|cuda] [--rates 1,4] [--groups 8 --per-group 8 ...] [--out FILE]
 
 On CPU it serves the demo model (``pd-make-tiny-model``); on CUDA the DESIGN.md §8 shape with dummy weights.
 A request "hit" when the cache held its group's system prompt at its arrival: every one of a group but
@@ -40,14 +40,14 @@ def serve(args: argparse.Namespace, model: str, port: int, cache: bool, log: Pat
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def measure(args: argparse.Namespace, model: str, cache: bool, log_dir: Path) -> dict:
+def measure(args: argparse.Namespace, model: str, cache: bool, rate: float, log_dir: Path) -> dict:
     port = free_port()
     proc = serve(args, model, port, cache, log_dir / f"pd-serve-{'cache' if cache else 'nocache'}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, args.ready_timeout)
         cfg = BenchConfig(
-            base_url=url, model="bench", dataset_name="generated-shared-prefix", request_rate=args.rate,
+            base_url=url, model="bench", dataset_name="generated-shared-prefix", request_rate=rate,
             gsp_num_groups=args.groups, gsp_prompts_per_group=args.per_group,
             gsp_system_prompt_len=args.system_len, gsp_question_len=args.question_len,
             gsp_output_len=args.output_len, ignore_eos=True, disable_tqdm=True, seed=args.seed,
@@ -74,7 +74,10 @@ def measure(args: argparse.Namespace, model: str, cache: bool, log_dir: Path) ->
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)
     hit_ttft = sorted(prompts[i].ttft for i in hits if i in prompts)  # type: ignore[misc]
     query, hit = after[0] - before[0], after[1] - before[1]
+    if not cache:  # no counters without the cache: every prompt token is computed
+        query, hit = float(result.metrics.total_input_tokens), 0.0
     return {
+        "rate": rate,
         "cache": cache,
         "completed": len(ok),
         "failed": len(result.records) - len(ok),
@@ -96,7 +99,7 @@ def result_requests(cfg: BenchConfig) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--rates", default="1,4", help="request rates, each with and without the cache")
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--per-group", type=int, default=8)
     p.add_argument("--system-len", type=int, default=2000)
@@ -115,27 +118,29 @@ def main() -> None:
         model = shape_model(args.system_len + args.question_len + args.output_len + 64)
     log_dir = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
     rows = []
-    for cache in (False, True):
-        t0 = time.monotonic()
-        rows.append(measure(args, model, cache, log_dir))
-        print(json.dumps(rows[-1]), f"({time.monotonic() - t0:.0f} s)", flush=True)
+    for rate in (float(r) for r in args.rates.split(",")):
+        for cache in (False, True):
+            t0 = time.monotonic()
+            rows.append(measure(args, model, cache, rate, log_dir))
+            print(json.dumps(rows[-1]), f"({time.monotonic() - t0:.0f} s)", flush=True)
     print(
         f"\nShared-prefix workload: {args.groups} groups x {args.per_group}, system prompt {args.system_len} "
-        f"tokens, question {args.question_len}, output {args.output_len}, rate {args.rate}/s, {args.device}\n"
+        f"tokens, question {args.question_len}, output {args.output_len}, {args.device}\n"
     )
     print(
-        "| prefix cache | hit rate | TTFT p50 ms | TTFT p99 ms | TTFT p50, later requests of a group | prompt tokens computed/s | req/s |"
+        "| rate | prefix cache | hit rate | TTFT p50 ms | TTFT p99 ms | TTFT p50, later requests of a group | prompt tokens computed/s | req/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         later = f"{r['ttft_p50_later_ms']:.1f}" if r["ttft_p50_later_ms"] is not None else "-"
-        print(f"| {'on' if r['cache'] else 'off'} | {r['hit_rate']:.1%} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+        print(f"| {r['rate']:g} | {'on' if r['cache'] else 'off'} | {r['hit_rate']:.1%} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
               f"{later} | {r['computed_tokens_per_s']:.0f} | {r['req_per_s']:.2f} |")  # fmt: skip
-    off, on = rows
-    if off["ttft_p50_later_ms"] and on["ttft_p50_later_ms"]:
-        print(
-            f"\nLater requests' TTFT p50 with the cache / without: {on['ttft_p50_later_ms'] / off['ttft_p50_later_ms']:.2f}x (target <= 0.3x)"
-        )
+    for off, on in zip(rows[0::2], rows[1::2]):
+        if off["ttft_p50_later_ms"] and on["ttft_p50_later_ms"]:
+            ratio = on["ttft_p50_later_ms"] / off["ttft_p50_later_ms"]
+            print(
+                f"rate {off['rate']:g}: later requests' TTFT p50 with the cache / without {ratio:.2f}x (target <= 0.3x)"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
