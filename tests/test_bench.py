@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pd.bench.cli import main, parse_slo
 from pd.bench.client import sse_data
 from pd.bench.datasets import (
     SampleRequest,
@@ -26,7 +27,7 @@ from pd.bench.datasets import (
 )
 from pd.bench.metrics import BenchMetrics, LatencyStats, RequestRecord, compute_metrics, peak_concurrency
 from pd.bench.report import format_table
-from pd.bench.serve import BenchConfig, arrival_times, main, parse_slo, run_benchmark
+from pd.bench.serve import BenchConfig, arrival_times, run_benchmark
 from tests.support.net import free_port
 
 if TYPE_CHECKING:

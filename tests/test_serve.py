@@ -568,7 +568,7 @@ def test_separate_launchers_by_hand(tiny_model_dir, hf_model, tmp_path, tok):
 def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
     """pd-bench on the real deployment: 20 requests succeed, the JSON holds every metric, and the
     token counts are the ones the server reported in usage."""
-    from pd.bench.serve import main as bench_main
+    from pd.bench.cli import main as bench_main
 
     out = tmp_path / "bench.json"
     argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "random", "--random-input-len", "24",
@@ -609,7 +609,7 @@ def test_pd_bench_against_pd_serve(deployment, tiny_model_dir, tmp_path):
 def test_pd_bench_shared_prefix_workload_reports_cache_hits(deployment, capsys):
     """generated-shared-prefix against pd-serve, one request at a time: every group's later prompts find the
     system prompt's full pages cached (the counters' growth over the run, as pd-bench prints it)."""
-    from pd.bench.serve import main as bench_main
+    from pd.bench.cli import main as bench_main
 
     argv = ["--base-url", deployment, "--model", "tiny-ci", "--dataset-name", "generated-shared-prefix",
             "--gsp-num-groups", "2", "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "40",
