@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.bench.moe_kernels import measure_ceilings
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
@@ -53,6 +54,21 @@ def write_profile(path: str, step, steps: int) -> None:
         for _ in range(steps):
             step()
     Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def kernel_times(step, steps: int) -> list[tuple[str, float]]:
+    """(kernel name, device microseconds per step) of every GPU kernel and copy of ``steps`` runs of ``step``
+    (after one unprofiled run); kernels replayed from a CUDA graph count like launched ones."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    return [
+        (e.name, e.time_range.elapsed_us() / steps) for e in prof.events() if e.device_type == DeviceType.CUDA
+    ]
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
@@ -176,6 +192,11 @@ def main() -> None:
         "--profile", help="write a kernel profile of the graph step (batch 64, first context) here"
     )
     p.add_argument("--profile-prefill", help="write a kernel profile of the prefill chunk here")
+    p.add_argument(
+        "--breakdown",
+        default="",
+        help="batches (e.g. 1,64; first context) whose graph step is split into kernel classes and the gap",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -265,6 +286,12 @@ def main() -> None:
         batch = make_batch(runner, 64 if 64 in batches else max_b, contexts[0])
         write_profile(args.profile, lambda: runner.run(batch), 3)
     print_table(rows, prefill, bw, peak)
+    for b in [int(x) for x in args.breakdown.split(",") if x]:
+        batch = make_batch(runner, b, contexts[0])
+        wall_us = wall(lambda batch=batch: runner.run(batch), args.iters) * 1e6
+        classes = breakdown(kernel_times(lambda batch=batch: runner.run(batch), 3), wall_us)
+        print(f"\nDecode step by kernel class, batch {b}, context {contexts[0]}: wall {wall_us:.0f} us\n")
+        print(format_breakdown(classes, wall_us))
     if args.out:
         env = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit(),
                "copy_tb_s": bw / 1e12, "matmul_tflops": peak / 1e12, "quantization": args.quantization}  # fmt: skip

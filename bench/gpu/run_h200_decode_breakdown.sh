@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Device run on nvidia-h200 (one GPU), issue 17 item 5: pd.bench.decode_step at the DESIGN.md §8 shape (dummy
+# bf16 weights, context 1K) with the decode step of batch 1 and 64 split into kernel classes and the gap
+# (wall minus the kernels' sum). Carry: .gpu-pack.
+set -u
+tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
+source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+timeout 540 python3 -m pd.bench.decode_step --batches 1,8,32,64,128 --contexts 1024 --breakdown 1,64 \
+  --out $OUT/decode_step.json 2>&1 | tee $OUT/decode_step.txt | tail -60
