@@ -109,15 +109,19 @@ def test_malformed_speculative_fields_are_invalid():
     )
 
 
-def test_the_builder_refuses_speculative_decoding_until_the_engine_drafts(tiny_model):
+def test_the_builder_allows_speculative_decoding_on_a_single_colocated_rank_only(tiny_model):
     spec = SpeculativeConfig("mtp", 1)
     with_layer = ModelConfig.from_dir(tiny_model("ci", with_mtp=True))
-    with pytest.raises(ValueError, match="not implemented in the engine yet"):
-        check_speculative(EngineConfig("m", speculative=spec), with_layer)
+    check_speculative(EngineConfig("m", speculative=spec), with_layer, "colocated", 1)
+    for role in ("prefill", "decode"):
+        with pytest.raises(ValueError, match="MTP runs in colocated mode only so far"):
+            check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 1)
+    with pytest.raises(ValueError, match="with 2 ranks: MTP runs on a single-rank colocated instance only"):
+        check_speculative(EngineConfig("m", speculative=spec), with_layer, "colocated", 2)
     without = ModelConfig.from_dir(tiny_model("ci"))
     with pytest.raises(ValueError, match="num_nextn_predict_layers 0"):
-        check_speculative(EngineConfig("m", speculative=spec), without)
-    check_speculative(EngineConfig("m"), without)  # off: nothing to check
+        check_speculative(EngineConfig("m", speculative=spec), without, "colocated", 1)
+    check_speculative(EngineConfig("m"), without, "decode", 1)  # off: nothing to check
 
 
 def test_pd_decode_exits_naming_the_missing_mtp_layer(tiny_model):
@@ -129,3 +133,12 @@ def test_pd_decode_exits_naming_the_missing_mtp_layer(tiny_model):
     assert done.returncode != 0
     assert "pd-decode: error: speculative decoding with MTP needs the checkpoint's MTP layer" in done.stderr
     assert "num_nextn_predict_layers 0" in done.stderr
+
+
+def test_pd_decode_refuses_mtp_until_disaggregated_speculation_lands(tiny_model):
+    argv = ["--model", str(tiny_model("ci", with_mtp=True)), "--bootstrap", "127.0.0.1:1", *FLAGS]
+    done = subprocess.run(
+        [sys.executable, "-m", "pd.launch.decode", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "MTP runs in colocated mode only so far" in done.stderr

@@ -73,13 +73,17 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache, lookahead(cfg.speculative))
+        self.scheduler = Scheduler(
+            cfg.scheduler, self.allocator, frozenset(eos), cache, lookahead(cfg.speculative)
+        )
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
         self.logits = LogitsProcessor(
             self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos), self.grammar
         )
-        self.spec = MTPSpeculator(self.runner, self.logits, cfg.speculative) if cfg.speculative.enabled else None
+        self.spec = (
+            MTPSpeculator(self.runner, self.logits, cfg.speculative) if cfg.speculative.enabled else None
+        )
         self.scheduler.on_end = self._released
         self.forwards = 0  # target forwards run (extend, decode or verify steps)
         self.context_len = cfg.context_len(self.model_cfg)

@@ -1,0 +1,171 @@
+"""Speculative decoding with MTP in the colocated engine (pd.engine.speculative), on the tiny checkpoint with
+its MTP layer. The oracle is plain decoding: with drafts verified, ``Engine.generate`` must emit the very
+same tokens (and logprobs) as without speculation, greedy and seeded sampling alike, for K = 1..3, chunked
+prompts, max_tokens and stop tokens that end a request mid-step. The tiny model's random MTP layer rarely
+drafts right, so acceptance is also driven by drafts planted from the plain run's output (some corrupted):
+those must be accepted up to the first wrong one, and the engine must then need fewer target forwards. The
+MTP layer's drafts themselves are checked against the dense reference of tests/test_mtp.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pd.config import EngineConfig
+from pd.engine.engine import Engine
+from pd.speculative import SpeculativeConfig
+from pd.types import FinishReason, SamplingParams
+from tests.support.clients import random_prompt
+
+PAGE_SIZE = 3  # odd on purpose: a step's K + 1 tokens cross pages
+CHUNK = 16  # prompts longer than this are prefilled in chunks
+LENGTHS = (5, 17, 40, 9)
+GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=13, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_model):
+    return tiny_model("ci", with_mtp=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(path):
+    rng = random.Random(0)
+    return [random_prompt(rng, n, 100) for n in LENGTHS]
+
+
+def engine(path, k: int = 0, oracle: bool = False, num_pages: int = 256) -> Engine:
+    spec = SpeculativeConfig("mtp", k, oracle) if k else SpeculativeConfig()
+    cfg = EngineConfig(
+        str(path), page_size=PAGE_SIZE, num_pages=num_pages, chunk_size=CHUNK, speculative=spec
+    )
+    return Engine(cfg)
+
+
+def generate(e: Engine, prompts, params) -> list[tuple[list[int], list[float], FinishReason]]:
+    out = [(c.output_ids, c.logprobs, c.finish_reason) for c in e.generate(prompts, params)]
+    assert e.pages_held == 0  # every page freed but the prefix cache's (a double free raises)
+    return out
+
+
+def same(got, want) -> None:
+    for (gt, glp, gr), (wt, wlp, wr) in zip(got, want, strict=True):
+        assert gt == wt and gr == wr
+        assert glp == pytest.approx(wlp, abs=1e-4)
+
+
+def plant(e: Engine, want: list[list[int]], vocab: int, wrong: int = 0) -> None:
+    """Before each verify step, each request's drafts become its plain-run continuation, the draft at
+    offset ``(tokens out) % wrong`` corrupted (``wrong`` 0: every draft right)."""
+    spec = e.spec
+    assert spec is not None
+    decode = spec.decode
+
+    def planted(batch, postprocess):
+        for r in batch.reqs:
+            n = len(r.output_ids)
+            drafts = list(want[r.rid][n : n + spec.k])
+            if wrong and n % wrong < len(drafts):
+                drafts[n % wrong] = (drafts[n % wrong] + 1) % vocab
+            spec.drafts[r] = drafts
+        return decode(batch, postprocess)
+
+    spec.decode = planted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mtp_decoding_emits_the_plain_tokens(path, prompts, params, k):
+    want = generate(engine(path), prompts, params)
+    same(generate(engine(path, k), prompts, params), want)  # the MTP layer's own drafts
+
+    planted = engine(path, k)
+    plain = engine(path)
+    plant(planted, [w[0] for w in want], planted.model_cfg.vocab_size, wrong=k + 2)
+    same(generate(planted, prompts, params), want)
+    generate(plain, prompts, params)
+    stats = planted.spec.stats
+    assert sum(stats.accepted_at) > 0 and sum(stats.emitted_hist[2:]) > 0
+    assert planted.forwards < plain.forwards
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_max_tokens_and_stop_tokens_end_a_request_inside_a_step(path, prompts, k):
+    want = generate(engine(path), prompts, GREEDY)
+    # A stop token each request emits mid-way; max_tokens not a multiple of K + 1.
+    stop = want[1][0][6]
+    params = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,))
+    want = generate(engine(path), prompts, params)
+    assert any(r is FinishReason.STOP for _, _, r in want) and any(
+        r is FinishReason.LENGTH for _, _, r in want
+    )
+    e = engine(path, k)
+    plant(e, [w[0] + [0] * k for w in want], e.model_cfg.vocab_size)  # every draft right
+    same(generate(e, prompts, params), want)
+    assert e.spec.stats.emitted_hist[k + 1] > 0  # whole steps accepted
+
+
+def test_the_oracle_accepts_every_draft_and_needs_fewer_forwards(path, prompts):
+    plain, oracle = engine(path), engine(path, 3, oracle=True)
+    generate(plain, prompts, GREEDY)
+    got = generate(oracle, prompts, GREEDY)
+    assert all(len(t) == GREEDY.max_tokens and r is FinishReason.LENGTH for t, _, r in got)
+    assert oracle.forwards < plain.forwards
+    assert oracle.spec.stats.emitted_hist[4] > 0
+
+
+def test_processed_and_top_logprob_requests_decode_as_plain_beside_speculating_ones(path, prompts):
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=3),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logit_bias=((5, 3.0),)),
+        GREEDY,
+    ]
+    plain, spec = engine(path), engine(path, 2)
+    want = plain.generate(prompts, params)
+    got = spec.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.output_ids == w.output_ids
+
+
+def test_preemption_and_aborts_free_every_page_once(path, prompts):
+    want = generate(engine(path), prompts, GREEDY)
+    small = engine(path, 3, num_pages=40)  # too few pages for all four: requests are preempted
+    same(generate(small, prompts, GREEDY), want)
+    e = engine(path, 2)
+    reqs = [e.add_request(p, GREEDY) for p in prompts]
+    for _ in range(6):
+        e.step()
+    assert any(r.output_ids for r in reqs) and e.pages_held > 0
+    for r in reqs:
+        e.abort(r)
+    assert e.pages_held == 0 and not e.spec.drafts and not e.has_work()
+
+
+def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model):
+    """After prefill and after verify steps, a request's drafts are what the MTP layer computes densely over
+    its whole sequence: its MTP KV is consistent with the tokens emitted."""
+    from tests.test_mtp import Reference
+
+    ref, hf = Reference(path), hf_model(path)
+    e = engine(path, 2)
+    req = e.add_request(random_prompt(random.Random(3), 20, 100), GREEDY)
+    checked = 0
+    while not req.finished and len(req.output_ids) < 8:
+        e.step()
+        drafts = e.spec.drafts.get(req)
+        if not drafts:
+            continue
+        ids = req.all_ids
+        with torch.no_grad():
+            hidden = hf.model(torch.tensor([ids])).last_hidden_state[0]
+        logits, head = ref(hidden[:-1], torch.tensor(ids[1:]))
+        assert drafts[0] == int(logits[-1].argmax())
+        if len(drafts) > 1:
+            second, _ = ref(torch.cat([hidden[:-1], head[-1:]]), torch.tensor([*ids[1:], drafts[0]]))
+            assert drafts[1] == int(second[-1].argmax())
+        checked += 1
+    assert checked >= 3
