@@ -169,3 +169,31 @@ def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model
             assert drafts[1] == int(second[-1].argmax())
         checked += 1
     assert checked >= 3
+
+
+def test_the_colocated_role_counts_drafts_and_acceptance_per_position(path, prompts):
+    from pd.engine.colocated import ColocatedEngine
+    from pd.worker.metrics import SPEC_ACCEPTED, SPEC_DRAFTS, SPEC_STEP_TOKENS
+
+    want = generate(engine(path), prompts, GREEDY)
+    e = engine(path, 2)
+    role = ColocatedEngine(e)
+    plant(e, [w[0] for w in want], e.model_cfg.vocab_size, wrong=4)
+    generate(e, prompts, GREEDY)
+    stats = e.spec.stats
+    text = role.metrics.render()
+
+    def value(name: str, **labels: str) -> float:
+        want_labels = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        line = next(x for x in text.splitlines() if x.startswith(f"{name}{{") and want_labels in x)
+        return float(line.rsplit(" ", 1)[1])
+
+    assert stats.drafted > 0 and sum(stats.accepted_at) > 0
+    for j in range(2):
+        assert value(SPEC_ACCEPTED, position=str(j), role="colocated") == stats.accepted_at[j]
+    drafted = sum(value(SPEC_DRAFTS, position=str(j), role="colocated") for j in range(2))
+    assert drafted == stats.drafted
+    assert value(f"{SPEC_STEP_TOKENS}_count", role="colocated") == sum(stats.emitted_hist)
+    assert value(f"{SPEC_STEP_TOKENS}_sum", role="colocated") == sum(
+        c * n for c, n in enumerate(stats.emitted_hist)
+    )

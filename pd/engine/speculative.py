@@ -75,6 +75,8 @@ class MTPSpeculator:
         self.runner, self.model, self.logits = runner, runner.model, logits
         self.k, self.oracle = spec.num_tokens, spec.oracle
         self.drafts: dict[Req, list[int]] = {}
+        # Called after each verify step with, per request, the drafts verified and the tokens emitted.
+        self.on_verify: Callable[[list[int], list[int]], None] | None = None
         self.stats = SpecStats(accepted_at=[0] * self.k, emitted_hist=[0] * (self.k + 2))
         self._step_logits: StepLogits | None = None  # this step's processing of its plain rows
         self._proc_rows: list[int] = []  # those rows (batch indices)
@@ -147,6 +149,14 @@ class MTPSpeculator:
         if self._step_logits is not None:
             self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
         outputs = self._emit(batch, verdict, counts.tolist(), tops, postprocess)
+        emitted = counts.tolist()
+        for c, d in zip(emitted, dlens):
+            self.stats.emitted_hist[c] += 1
+            self.stats.drafted += d
+            for j in range(c - 1):
+                self.stats.accepted_at[j] += 1
+        if self.on_verify is not None:
+            self.on_verify(dlens, emitted)
         self._after_verify(reqs, hidden, bases, counts.tolist(), dlens)
         return outputs
 
@@ -204,11 +214,6 @@ class MTPSpeculator:
                 [[] for _ in live],
             )
             outputs += postprocess(step, result)
-        for c, d in zip(counts, [len(self.drafts.get(r, [])) for r in batch.reqs]):
-            self.stats.emitted_hist[c] += 1
-            self.stats.drafted += min(d, self.k)
-            for j in range(c - 1):
-                self.stats.accepted_at[j] += 1
         return outputs
 
     def _after_verify(
