@@ -634,6 +634,19 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
         assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())
 
 
+def test_colocated_mtp_speculative_decoding_gives_transformers_tokens(tiny_model, hf_model, tmp_path, tok):
+    """--colocated with --speculative-algorithm mtp: the verified tokens are transformers' greedy tokens,
+    and the rank counts the drafts it verified."""
+    path = tiny_model("ci", with_mtp=True)
+    hf = hf_model(path)
+    spec = ("--speculative-algorithm", "mtp", "--num-speculative-tokens", "2")
+    with pd_serve(path, tmp_path / "mtp.log", "--colocated", "1", "--model-name", "tiny-ci", *spec) as url:
+        for ids in prompts(tok.vocab_size, 3):
+            assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
+        assert proxy_metric(url, "pd_spec_draft_tokens_total") > 0
+        assert all(v == 0 for v in wait_pages_idle(url).values())
+
+
 def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
     """Completions with echo and logprobs (the prompt chunked), lm-eval's loglikelihood request, chat
     logprobs streaming and not, and a penalty: all against transformers' fp32 log_softmax."""
