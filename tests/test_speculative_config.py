@@ -109,15 +109,15 @@ def test_malformed_speculative_fields_are_invalid():
     )
 
 
-def test_the_builder_allows_speculative_decoding_on_a_single_colocated_rank_only(tiny_model):
+def test_the_builder_allows_speculative_decoding_on_single_rank_instances_only(tiny_model):
     spec = SpeculativeConfig("mtp", 1)
     with_layer = ModelConfig.from_dir(tiny_model("ci", with_mtp=True))
-    check_speculative(EngineConfig("m", speculative=spec), with_layer, "colocated", 1)
-    for role in ("prefill", "decode"):
-        with pytest.raises(ValueError, match="MTP runs in colocated mode only so far"):
-            check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 1)
-    with pytest.raises(ValueError, match="with 2 ranks: MTP runs on a single-rank colocated instance only"):
-        check_speculative(EngineConfig("m", speculative=spec), with_layer, "colocated", 2)
+    for role in ("prefill", "decode", "colocated"):
+        check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 1)
+        with pytest.raises(
+            ValueError, match=f"{role} instance of 2 ranks: MTP runs on single-rank instances only"
+        ):
+            check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 2)
     without = ModelConfig.from_dir(tiny_model("ci"))
     with pytest.raises(ValueError, match="num_nextn_predict_layers 0"):
         check_speculative(EngineConfig("m", speculative=spec), without, "colocated", 1)
@@ -133,12 +133,3 @@ def test_pd_decode_exits_naming_the_missing_mtp_layer(tiny_model):
     assert done.returncode != 0
     assert "pd-decode: error: speculative decoding with MTP needs the checkpoint's MTP layer" in done.stderr
     assert "num_nextn_predict_layers 0" in done.stderr
-
-
-def test_pd_decode_refuses_mtp_until_disaggregated_speculation_lands(tiny_model):
-    argv = ["--model", str(tiny_model("ci", with_mtp=True)), "--bootstrap", "127.0.0.1:1", *FLAGS]
-    done = subprocess.run(
-        [sys.executable, "-m", "pd.launch.decode", *argv], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode != 0
-    assert "MTP runs in colocated mode only so far" in done.stderr

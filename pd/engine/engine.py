@@ -132,17 +132,23 @@ class Engine:
         self._track(req)
         return req
 
-    def add_prefilled(self, req: Req, first: Sampled, forks: Sequence[Sampled] = ()) -> list[TokenOutput]:
+    def add_prefilled(
+        self, req: Req, first: Sampled, forks: Sequence[Sampled] = (), drafts: Sequence[int] = ()
+    ) -> list[TokenOutput]:
         """Admits a request whose prompt KV is already in ``req.pages`` and whose first token was sampled
         elsewhere (by a prefill rank), with its other choices' first tokens (``forks``, n > 1); each choice
-        joins the running batch unless its first token ends it. Returns the choices' first outputs."""
+        joins the running batch unless its first token ends it; ``drafts``: choice 0's first speculative
+        drafts, from the prefill rank's MTP layer (its KV came with the pages). Returns the first outputs."""
         self._track(req)
         n = len(req.prompt_ids)
         self.scheduler.admit_prefilled(req)
         # As if the prompt's last position had just been computed here and sampled the tokens.
         batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
         result = StepResult([first.token], [first.logprob], [first.top], [[]], [list(forks)])
-        return self._postprocess(batch, result)
+        outputs = self._postprocess(batch, result)
+        if self.spec is not None and drafts and not req.finished:
+            self.spec.drafts[req] = list(drafts)
+        return outputs
 
     def abort(self, req: Req) -> list[Req]:
         """Ends every unfinished choice of ``req`` (choice 0, and its forks); returns those it ended."""
@@ -173,9 +179,10 @@ class Engine:
         self.forwards += 1
         if self.spec is not None and batch.mode is BatchMode.DECODE:
             return self.spec.decode(batch, self._postprocess)
-        outputs = self._postprocess(batch, self.runner.run(batch, self.logits))
+        result = self.runner.run(batch, self.logits)
+        outputs = self._postprocess(batch, result)
         if self.spec is not None:
-            self.spec.after_extend(batch)
+            self.spec.after_extend(batch, result.tokens)
         return outputs
 
     def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:

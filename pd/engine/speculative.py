@@ -26,7 +26,7 @@ sampled as in a plain step). Pages: the scheduler reserves ``2K - 1`` tokens bey
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -87,9 +87,10 @@ class MTPSpeculator:
 
     # ---- after a prompt chunk ----
 
-    def after_extend(self, batch: Batch) -> None:
-        """Runs the MTP layer over each unfinished request's chunk just computed (``runner.last_hidden``,
-        the chunk rows in batch order) and drafts for those whose prompt is now complete."""
+    def after_extend(self, batch: Batch, tokens: Sequence[int | None]) -> None:
+        """Runs the MTP layer over each live request's chunk just computed (``runner.last_hidden``, the
+        chunk rows in batch order) and drafts for those that sampled their first token (``tokens[i]``; on a
+        prefill rank it is not appended to the request). Before the chunk's pages are shipped."""
         hidden = self.runner.last_hidden
         assert hidden is not None, "the runner keeps the extend step's hidden states"
         self.runner.last_hidden = None
@@ -97,12 +98,20 @@ class MTPSpeculator:
         segs: list[tuple[Req, int, list[int]]] = []
         drafting: list[bool] = []
         base = 0
-        for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
-            if not req.finished and req.pages and req.seq_len > end:
-                rows += range(base, base + end - start)
-                segs.append((req, start, req.all_ids[start + 1 : end + 1]))
-                drafting.append(req.seq_len == end + 1)  # its prompt is complete: the first token is out
-            base += end - start
+        for req, start, end, token in zip(batch.reqs, batch.starts, batch.ends, tokens):
+            ids, n = req.all_ids, end - start
+            base += n
+            if req.finished or not req.pages:
+                continue
+            if end < len(ids):  # a prompt chunk, or the first token already appended (colocated)
+                after = ids[start + 1 : end + 1]
+            elif token is not None:  # a prefill rank: the first token is not appended
+                after = [*ids[start + 1 : end], token]
+            else:
+                continue
+            rows += range(base - n, base)
+            segs.append((req, start, after))
+            drafting.append(token is not None)
         if segs:
             self._draft(segs, hidden[self._tensor(rows)], drafting)
 

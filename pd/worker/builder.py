@@ -108,22 +108,15 @@ class Rank:
 
 def check_speculative(engine: EngineConfig, model: ModelConfig, role: str, ranks: int) -> None:
     """Refuses speculative settings this build cannot serve, before anything is built: a checkpoint without
-    the MTP layer (named by ``num_nextn_predict_layers``), and speculative decoding anywhere but a colocated
-    instance of one rank (pd.engine.speculative drafts and verifies there; the prefill/decode roles do not
-    yet ship the MTP state, and an EP group's ranks do not step the MTP layer in lockstep)."""
+    the MTP layer (named by ``num_nextn_predict_layers``), and speculative decoding on an instance of more
+    than one rank (an EP group's ranks do not step the MTP layer in lockstep yet). ``role`` is the rank's
+    (every role drafts and verifies: pd.engine.speculative)."""
     spec = engine.speculative
     spec.check_model(model)
-    if not spec.enabled:
-        return
-    if role != "colocated":
+    if spec.enabled and ranks > 1:
         raise ValueError(
-            f"speculative decoding (--speculative-algorithm {spec.algorithm}) on a {role} rank: MTP runs in "
-            "colocated mode only so far (pd-colocated); start this role without --speculative-algorithm"
-        )
-    if ranks > 1:
-        raise ValueError(
-            f"speculative decoding (--speculative-algorithm {spec.algorithm}) with {ranks} ranks: MTP runs on a "
-            "single-rank colocated instance only so far"
+            f"speculative decoding (--speculative-algorithm {spec.algorithm}) on a {role} instance of {ranks} "
+            "ranks: MTP runs on single-rank instances only so far"
         )
 
 
