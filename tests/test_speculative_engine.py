@@ -197,3 +197,49 @@ def test_the_colocated_role_counts_drafts_and_acceptance_per_position(path, prom
     assert value(f"{SPEC_STEP_TOKENS}_sum", role="colocated") == sum(
         c * n for c, n in enumerate(stats.emitted_hist)
     )
+
+
+def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocated(path, prompts):
+    """A prefill engine and a decode engine (pages copied in-process, every layer, the MTP layer's too):
+    the aux record carries the first drafts, and the decode engine's drafts after each step are the
+    colocated engine's, which they could not be without the prompt's MTP KV."""
+    from pd.engine.decode import DecodeEngine
+    from pd.engine.messages import DecodeRoom, PrefillRoom, Tokens, TransferEnded
+    from pd.engine.prefill import PrefillEngine
+    from pd.transfer.aux import SlotAllocator
+    from pd.transfer.state import TransferState
+    from tests.test_role_engines import Loopback
+
+    prompt = prompts[2]  # chunked
+    colocated = engine(path, 2)
+    req = colocated.add_request(prompt, GREEDY)
+    want: list[list[int]] = []
+    while colocated.has_work():
+        colocated.step()
+        if req.output_ids and not req.finished:
+            want.append(list(colocated.spec.drafts[req]))
+
+    p, d = engine(path, 2), engine(path, 2)
+    link = Loopback(p, d)
+    prefill = PrefillEngine(p, link)
+    decode = DecodeEngine(d, link, SlotAllocator(4), headroom_tokens=8, max_pending=4)
+    prefill.handle(PrefillRoom(0, tuple(prompt), GREEDY))
+    decode.handle(DecodeRoom(0, tuple(prompt), GREEDY, "prefill:1"))
+    while prefill.has_work():
+        prefill.step()
+    link.copy(0)
+    prefill.handle(TransferEnded(0, TransferState.DONE))
+    aux = link.aux[0]
+    assert list(aux.drafts) == want[0]
+    [first] = decode.handle(TransferEnded(0, TransferState.DONE, aux=aux))
+    tokens = list(first.token_ids)
+    got = [list(aux.drafts)]
+    [running] = d.scheduler.running
+    while decode.has_work():
+        for event in decode.step():
+            assert isinstance(event, Tokens)
+            tokens += event.token_ids
+        if not running.finished:
+            got.append(list(d.spec.drafts[running]))
+    assert got == want and tokens == req.output_ids
+    assert p.pages_held == 0 and d.pages_held == 0
