@@ -120,6 +120,8 @@ class MTPSpeculator:
     def decode(self, batch: Batch, postprocess: Postprocess) -> list[TokenOutput]:
         """Verifies every running request's drafts in one target forward, emits what is accepted through
         ``postprocess`` (the engine's, one token offset at a time) and drafts again."""
+        for src, dst in batch.copies:  # copy on write (a forked request's shared page), before any write
+            self.runner.pool.copy_page(src, dst)
         reqs = batch.reqs
         k, dev = self.k, self.runner.device
         plain = [r.sampling.needs_processing or bool(r.sampling.top_logprobs) for r in reqs]
