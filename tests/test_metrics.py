@@ -115,6 +115,7 @@ def test_worker_metrics_render_parseable_with_types():
     w.pages_cached.set_function(lambda: 3, **labels)
     w.prefix_matched(40, 32)
     w.prefix_matched(8, 0)
+    w.speculated([2, 2, 0], [3, 1, 1])  # drafts verified, tokens emitted: 2 + 0 accepted
     text = w.render()
     assert families(text) == {
         "pd_kv_pages_used": "gauge",
@@ -133,6 +134,9 @@ def test_worker_metrics_render_parseable_with_types():
         "pd_kv_pages_cached": "gauge",
         "pd_prefix_cache_query_tokens": "counter",
         "pd_prefix_cache_hit_tokens": "counter",
+        "pd_spec_draft_tokens": "counter",
+        "pd_spec_accepted_tokens": "counter",
+        "pd_spec_tokens_per_step": "histogram",
     }
     s = parse_samples(text)
     rank = tuple(sorted(labels.items()))
@@ -144,6 +148,11 @@ def test_worker_metrics_render_parseable_with_types():
     assert s[("pd_prefix_cache_query_tokens_total", (("role", "decode"),))] == 48
     assert s[("pd_prefix_cache_hit_tokens_total", (("role", "decode"),))] == 32
     assert s[("pd_transfer_seconds_count", (("role", "decode"),))] == 1
+    for position, drafts, accepted in (("0", 2, 1), ("1", 2, 1)):
+        at = (("position", position), ("role", "decode"))
+        assert s[("pd_spec_draft_tokens_total", at)] == drafts
+        assert s[("pd_spec_accepted_tokens_total", at)] == accepted
+    assert s[("pd_spec_tokens_per_step_sum", (("role", "decode"),))] == 5
     assert set(RANK_LABELS) <= {k for (name, ls) in s if name == "pd_rooms_open" for k, _ in ls}
 
 

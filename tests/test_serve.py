@@ -634,6 +634,23 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
         assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())
 
 
+@pytest.mark.parametrize("colocated", [True, False], ids=["colocated", "disaggregated"])
+def test_mtp_speculative_decoding_gives_transformers_tokens(colocated, tiny_model, hf_model, tmp_path, tok):
+    """--speculative-algorithm mtp, colocated and prefill/decode (the prefill rank ships the MTP layer's KV
+    with the pages and the first drafts in the aux record): the verified tokens are transformers' greedy
+    tokens (one prompt of several chunks), and the rank that decodes counts the drafts it verified."""
+    path = tiny_model("ci", with_mtp=True)
+    hf = hf_model(path)
+    flags = ["--model-name", "tiny-ci", "--speculative-algorithm", "mtp", "--num-speculative-tokens", "2"]
+    if colocated:
+        flags += ["--colocated", "1"]
+    with pd_serve(path, tmp_path / "mtp.log", *flags) as url:
+        for ids in prompts(tok.vocab_size, 4)[1:]:
+            assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
+        assert proxy_metric(url, "pd_spec_draft_tokens_total") > 0
+        assert all(v == 0 for v in wait_pages_idle(url).values())
+
+
 def test_logprobs_echo_and_penalties_equal_transformers(deployment, tiny_model_dir, hf_model, tok):
     """Completions with echo and logprobs (the prompt chunked), lm-eval's loglikelihood request, chat
     logprobs streaming and not, and a penalty: all against transformers' fp32 log_softmax."""

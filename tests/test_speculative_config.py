@@ -109,15 +109,19 @@ def test_malformed_speculative_fields_are_invalid():
     )
 
 
-def test_the_builder_refuses_speculative_decoding_until_the_engine_drafts(tiny_model):
+def test_the_builder_allows_speculative_decoding_on_single_rank_instances_only(tiny_model):
     spec = SpeculativeConfig("mtp", 1)
     with_layer = ModelConfig.from_dir(tiny_model("ci", with_mtp=True))
-    with pytest.raises(ValueError, match="not implemented in the engine yet"):
-        check_speculative(EngineConfig("m", speculative=spec), with_layer)
+    for role in ("prefill", "decode", "colocated"):
+        check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 1)
+        with pytest.raises(
+            ValueError, match=f"{role} instance of 2 ranks: MTP runs on single-rank instances only"
+        ):
+            check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 2)
     without = ModelConfig.from_dir(tiny_model("ci"))
     with pytest.raises(ValueError, match="num_nextn_predict_layers 0"):
-        check_speculative(EngineConfig("m", speculative=spec), without)
-    check_speculative(EngineConfig("m"), without)  # off: nothing to check
+        check_speculative(EngineConfig("m", speculative=spec), without, "colocated", 1)
+    check_speculative(EngineConfig("m"), without, "decode", 1)  # off: nothing to check
 
 
 def test_pd_decode_exits_naming_the_missing_mtp_layer(tiny_model):

@@ -24,7 +24,7 @@ RECORD = AuxRecord(
 
 def test_round_trip_and_layout():
     data = pack_aux(RECORD)
-    assert len(data) == AUX_RECORD_NBYTES == 156
+    assert len(data) == AUX_RECORD_NBYTES == 172
     assert struct.unpack_from("<Qqf I I", data) == (RECORD.room, -3, -1.25, 70_000, 2)  # documented offsets
     assert struct.unpack_from("<2i", data, 28) == (7, 9) and struct.unpack_from("<2f", data, 88) == (
         -0.5,
@@ -32,6 +32,12 @@ def test_round_trip_and_layout():
     )
     assert unpack_aux(data, RECORD.room) == RECORD
     assert unpack_aux(pack_aux(AuxRecord(1, 5, 0.0, 3)), 1).forks == ()
+    spec = AuxRecord(4, 5, 0.0, 3, drafts=(11, 12, 13))
+    data = pack_aux(spec)
+    assert struct.unpack_from("<I3iI", data, 148) == (3, 11, 12, 13, 0x33585541)  # documented offsets
+    assert unpack_aux(data, 4) == spec
+    with pytest.raises(ValueError, match="at most 3 drafts"):
+        pack_aux(AuxRecord(4, 5, 0.0, 3, drafts=(1, 2, 3, 4)))
 
 
 def test_zeroed_slot_fails_the_magic():

@@ -25,6 +25,8 @@ class ColocatedEngine:
         self.rooms: dict[int, Req] = {}  # choice 0 of each room
         self._unfinished: dict[int, int] = {}  # choices of each room not finished yet
         engine.scheduler.on_prefix_match = self.metrics.prefix_matched
+        if engine.spec is not None:
+            engine.spec.on_verify = self.metrics.speculated
 
     def has_work(self) -> bool:
         return self.engine.has_work()

@@ -101,6 +101,8 @@ class DecodeEngine:
         self.rooms: dict[int, _Room] = {}
         self.pending: deque[int] = deque()
         self.in_transfer = 0
+        if engine.spec is not None:
+            engine.spec.on_verify = self.metrics.speculated
 
     # ---- the loop ----
 
@@ -218,7 +220,8 @@ class DecodeEngine:
                 Sampled(aux.first_token, aux.first_logprob),
                 [Sampled(t, lp) for t, lp in aux.forks],
             )
-            return [self._emit(out) for out in self.engine.add_prefilled(room.req, first, forks)]
+            outputs = self.engine.add_prefilled(room.req, first, forks, aux.drafts)
+            return [self._emit(out) for out in outputs]
         self.engine.allocator.free(room.pages)
         del self.rooms[cmd.room]
         if cmd.state is TransferState.FAILED:

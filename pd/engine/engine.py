@@ -27,6 +27,7 @@ from pd.engine.logits import LogitsProcessor
 from pd.engine.prefix_cache import PrefixCache
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
+from pd.engine.speculative import MTPSpeculator, lookahead
 from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
 from pd.sampling import choice_seed
@@ -72,17 +73,28 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache)
+        self.scheduler = Scheduler(
+            cfg.scheduler, self.allocator, frozenset(eos), cache, lookahead(cfg.speculative)
+        )
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
         self.logits = LogitsProcessor(
             self.model_cfg.vocab_size, cfg.max_running, self.runner.device, frozenset(eos), self.grammar
         )
-        self.scheduler.on_end = self.logits.release
+        self.spec = (
+            MTPSpeculator(self.runner, self.logits, cfg.speculative) if cfg.speculative.enabled else None
+        )
+        self.scheduler.on_end = self._released
+        self.forwards = 0  # target forwards run (extend, decode or verify steps)
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
         self._detok: dict[Req, IncrementalDetokenizer] = {}
+
+    def _released(self, req: Req) -> None:
+        self.logits.release(req)
+        if self.spec is not None:
+            self.spec.release(req)
 
     def _grammar_backend(self) -> GrammarBackend | None:
         """Structured output needs the tokenizer (and an EOS token in it); without, it is refused."""
@@ -120,17 +132,23 @@ class Engine:
         self._track(req)
         return req
 
-    def add_prefilled(self, req: Req, first: Sampled, forks: Sequence[Sampled] = ()) -> list[TokenOutput]:
+    def add_prefilled(
+        self, req: Req, first: Sampled, forks: Sequence[Sampled] = (), drafts: Sequence[int] = ()
+    ) -> list[TokenOutput]:
         """Admits a request whose prompt KV is already in ``req.pages`` and whose first token was sampled
         elsewhere (by a prefill rank), with its other choices' first tokens (``forks``, n > 1); each choice
-        joins the running batch unless its first token ends it. Returns the choices' first outputs."""
+        joins the running batch unless its first token ends it; ``drafts``: choice 0's first speculative
+        drafts, from the prefill rank's MTP layer (its KV came with the pages). Returns the first outputs."""
         self._track(req)
         n = len(req.prompt_ids)
         self.scheduler.admit_prefilled(req)
         # As if the prompt's last position had just been computed here and sampled the tokens.
         batch = Batch(BatchMode.DECODE, [req], [n - 1], [n])
         result = StepResult([first.token], [first.logprob], [first.top], [[]], [list(forks)])
-        return self._postprocess(batch, result)
+        outputs = self._postprocess(batch, result)
+        if self.spec is not None and drafts and not req.finished:
+            self.spec.drafts[req] = list(drafts)
+        return outputs
 
     def abort(self, req: Req) -> list[Req]:
         """Ends every unfinished choice of ``req`` (choice 0, and its forks); returns those it ended."""
@@ -158,7 +176,14 @@ class Engine:
         if batch is None:
             self.runner.run_idle()  # other ranks of the instance may be stepping
             return []
-        return self._postprocess(batch, self.runner.run(batch, self.logits))
+        self.forwards += 1
+        if self.spec is not None and batch.mode is BatchMode.DECODE:
+            return self.spec.decode(batch, self._postprocess)
+        result = self.runner.run(batch, self.logits)
+        outputs = self._postprocess(batch, result)
+        if self.spec is not None:
+            self.spec.after_extend(batch, result.tokens)
+        return outputs
 
     def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
         # Forks are made before choice 0's token is recorded: a token that ends choice 0 frees its pages.

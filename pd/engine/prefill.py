@@ -102,7 +102,10 @@ class PrefillEngine:
             self.runner.run_idle()  # other ranks of the instance may be stepping
             return []
         self._announce(batch)
-        self._ship(batch, self.runner.run(batch, self.engine.logits))
+        result = self.runner.run(batch, self.engine.logits)
+        if self.engine.spec is not None:  # the MTP layer's KV, and the first drafts, before the pages go
+            self.engine.spec.after_extend(batch, result.tokens)
+        self._ship(batch, result)
         return []
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -182,6 +185,8 @@ class PrefillEngine:
                 continue
             forks = result.forks[i]
             self.scheduler.cache_prompt(req)  # the cache takes its own references to the full pages
+            spec = self.engine.spec
+            drafts = tuple(spec.drafts.get(req, ())) if spec is not None else ()  # release drops them
             room.pages, room.computed = self.scheduler.release(req), now
             room.first_tokens = (token, *(f.token for f in forks))
             room.first_tops = (result.top[i], *(f.top for f in forks))
@@ -191,6 +196,7 @@ class PrefillEngine:
                 float(logprob or 0.0),
                 len(req.prompt_ids),
                 tuple((f.token, f.logprob) for f in forks),
+                drafts,
             )
             self.sender.send(req.rid, room.pages[room.pages_sent :], last=True, aux=aux, ready_event=ready)
             room.kv_bytes = len(room.pages) * self.layout.page_nbytes_per_layer * self.layout.num_layers

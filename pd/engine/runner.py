@@ -190,8 +190,14 @@ class ModelRunner:
         self.pool = KVPool(self._kv_layout(), self.device)
         log.info("%s", self.memory_report())
         self.attn = make_attention_backend(cfg.attention_backend, self.pool, model_cfg)
+        # Speculative decoding (pd.engine.speculative): extend steps keep every row's final hidden state
+        # (``last_hidden [T, hidden]``, batch order, until the speculator takes it) for the MTP layer.
+        self.keep_hidden = False
+        self.last_hidden: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
-        if cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
+        if cfg.speculative.enabled and cfg.cuda_graph and self.device.type == "cuda":
+            log.info("speculative decoding: decode runs eager (no CUDA graphs for verify steps yet)")
+        elif cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
             buckets = default_buckets(cfg.max_running)
             self.graphs = DecodeGraphs(
                 self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
@@ -285,9 +291,13 @@ class ModelRunner:
                 targets += req.prompt_ids[start + 1 : last + 1]
         self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
         ctx = ForwardContext(batch.mode, self.attn, self._tensor(rows), self.low_latency_moe)
+        every = list(range(len(ids))) if self.keep_hidden else []
         hidden = self.model.hidden(
-            self._tensor(ids), self._tensor(positions), ctx, self._tensor(rows + scored)
+            self._tensor(ids), self._tensor(positions), ctx, self._tensor(rows + scored + every)
         )
+        if every:
+            self.last_hidden = hidden[len(rows) + len(scored) :]
+            hidden = hidden[: len(rows) + len(scored)]
         result = self._sample(self.model.logits(hidden[: len(rows)]), batch, sampled, logits)
         if scored:
             self._score_prompt(batch, hidden[len(rows) :], targets, result)

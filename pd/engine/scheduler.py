@@ -30,8 +30,12 @@ class Scheduler:
         allocator: PageAllocator,
         eos_token_ids: frozenset[int],
         cache: PrefixCache | None = None,
+        lookahead: int = 0,
     ) -> None:
         self.cfg = cfg
+        # Tokens past a request's length a decode step writes KV for (speculative drafts and their MTP
+        # chain, pd.engine.speculative.lookahead); their pages are reserved with the step's own.
+        self.lookahead = lookahead
         self.allocator = allocator
         self.cache = cache  # None: every prompt is computed in full
         self.eos_token_ids = eos_token_ids
@@ -49,7 +53,7 @@ class Scheduler:
     def add(self, req: Req) -> None:
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"waiting queue is full ({self.cfg.max_waiting} requests)")
-        need = self._pages_for(req.max_total_len())
+        need = self._pages_for(min(req.max_total_len() + self.lookahead, req.max_context_len))
         if need > self.allocator.capacity:
             raise ValueError(
                 f"request needs {need} KV pages at its longest but the pool has {self.allocator.capacity}"
@@ -203,7 +207,8 @@ class Scheduler:
         while True:
             write = (req.seq_len - 1) // self.cfg.page_size  # the page of the position written this step
             shared = write < len(req.pages) and self.allocator.refcount(req.pages[write]) > 1
-            need = self._pages_for(req.seq_len) - len(req.pages) + shared
+            tokens = max(req.seq_len, min(req.seq_len + self.lookahead, req.max_context_len))
+            need = self._pages_for(tokens) - len(req.pages) + shared
             if need <= 0:
                 return
             pages = self._alloc(need)

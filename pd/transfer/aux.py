@@ -10,8 +10,10 @@ One record per room slot, fixed size, little-endian::
     24      4     num_forks       u32  (n - 1: choices 1.. of a request of n choices)
     28      60    fork_tokens     i32[MAX_FORKS]  (their first tokens; unused entries 0)
     88      60    fork_logprobs   f32[MAX_FORKS]
-    148     4     magic           u32  (AUX_MAGIC: format and version)
-    152     4     crc32           u32  (of bytes 0..151)
+    148     4     num_drafts      u32  (speculative decoding: the first drafts of choice 0, else 0)
+    152     12    draft_tokens    i32[MAX_SPECULATIVE_TOKENS]  (unused entries 0)
+    164     4     magic           u32  (AUX_MAGIC: format and version)
+    168     4     crc32           u32  (of bytes 0..167)
 
 The decode side never trusts a slot blindly: a zeroed or never-written slot fails the magic, a
 half-written one fails the checksum, and a stale record of an earlier room fails the room check.
@@ -26,13 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
+from pd.speculative import MAX_SPECULATIVE_TOKENS
 from pd.types import MAX_CHOICES
 
-AUX_MAGIC = 0x32585541  # b"AUX2" little-endian
+AUX_MAGIC = 0x33585541  # b"AUX3" little-endian
 MAX_FORKS = MAX_CHOICES - 1
-_BODY = struct.Struct(f"<QqfII{MAX_FORKS}i{MAX_FORKS}fI")  # the fields before the checksum
+MAX_DRAFTS = MAX_SPECULATIVE_TOKENS
+# The fields before the checksum.
+_BODY = struct.Struct(f"<QqfII{MAX_FORKS}i{MAX_FORKS}fI{MAX_DRAFTS}iI")
 _CRC = struct.Struct("<I")
-AUX_RECORD_NBYTES = _BODY.size + _CRC.size  # 156
+AUX_RECORD_NBYTES = _BODY.size + _CRC.size  # 172
 
 
 class AuxError(ValueError):
@@ -46,6 +51,7 @@ class AuxRecord:
     first_logprob: float
     prompt_len: int
     forks: tuple[tuple[int, float], ...] = ()  # (first token, its logprob) of choices 1.. (n > 1)
+    drafts: tuple[int, ...] = ()  # speculative decoding: choice 0's first drafts (MTP, after the first token)
 
 
 def pack_aux(record: AuxRecord) -> bytes:
@@ -56,6 +62,8 @@ def pack_aux(record: AuxRecord) -> bytes:
         raise ValueError(f"aux prompt_len {record.prompt_len} is not a u32")
     if len(record.forks) > MAX_FORKS:
         raise ValueError(f"aux record holds at most {MAX_FORKS} forks, got {len(record.forks)}")
+    if len(record.drafts) > MAX_DRAFTS:
+        raise ValueError(f"aux record holds at most {MAX_DRAFTS} drafts, got {len(record.drafts)}")
     pad = [(0, 0.0)] * (MAX_FORKS - len(record.forks))
     tokens, logprobs = zip(*record.forks, *pad)
     body = _BODY.pack(
@@ -66,6 +74,9 @@ def pack_aux(record: AuxRecord) -> bytes:
         len(record.forks),
         *tokens,
         *logprobs,
+        len(record.drafts),
+        *record.drafts,
+        *[0] * (MAX_DRAFTS - len(record.drafts)),
         AUX_MAGIC,
     )
     return body + _CRC.pack(zlib.crc32(body))
@@ -88,7 +99,11 @@ def unpack_aux(data: bytes, room: int) -> AuxRecord:
     if num_forks > MAX_FORKS:
         raise AuxError(f"aux slot for room {room} claims {num_forks} forks (at most {MAX_FORKS})")
     forks = tuple(zip(rest[:num_forks], rest[MAX_FORKS : MAX_FORKS + num_forks]))
-    return AuxRecord(got_room, token, logprob, prompt_len, forks)
+    num_drafts = rest[2 * MAX_FORKS]
+    if num_drafts > MAX_DRAFTS:
+        raise AuxError(f"aux slot for room {room} claims {num_drafts} drafts (at most {MAX_DRAFTS})")
+    drafts = tuple(rest[2 * MAX_FORKS + 1 : 2 * MAX_FORKS + 1 + num_drafts])
+    return AuxRecord(got_room, token, logprob, prompt_len, forks, drafts)
 
 
 class AuxBuffer:

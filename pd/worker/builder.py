@@ -106,18 +106,17 @@ class Rank:
     transfer: KVSender | KVReceiver | None
 
 
-def check_speculative(engine: EngineConfig, model: ModelConfig) -> None:
+def check_speculative(engine: EngineConfig, model: ModelConfig, role: str, ranks: int) -> None:
     """Refuses speculative settings this build cannot serve, before anything is built: a checkpoint without
-    the MTP layer (named by ``num_nextn_predict_layers``), and -- until the role engines draft and verify --
-    speculative decoding at all. This is the one place that gate lives: the engine wiring deletes the
-    ``if spec.enabled`` refusal below."""
+    the MTP layer (named by ``num_nextn_predict_layers``), and speculative decoding on an instance of more
+    than one rank (an EP group's ranks do not step the MTP layer in lockstep yet). ``role`` is the rank's
+    (every role drafts and verifies: pd.engine.speculative)."""
     spec = engine.speculative
     spec.check_model(model)
-    if spec.enabled:
+    if spec.enabled and ranks > 1:
         raise ValueError(
-            f"speculative decoding (--speculative-algorithm {spec.algorithm}) is not implemented in the engine "
-            "yet: the MTP layer, the settings and the acceptance rules exist (pd.model.mtp, pd.engine.spec), "
-            "the prefill/decode steps that use them do not; start without --speculative-algorithm"
+            f"speculative decoding (--speculative-algorithm {spec.algorithm}) on a {role} instance of {ranks} "
+            "ranks: MTP runs on single-rank instances only so far"
         )
 
 
@@ -126,7 +125,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
     files = TokenizerFiles.read(cfg.engine.model_path)
     hf_config = load_hf_config(cfg.engine.model_path)
     model_cfg = ModelConfig.from_hf(hf_config)
-    check_speculative(cfg.engine, model_cfg)
+    check_speculative(cfg.engine, model_cfg, role, par.size)
     engine_cfg = rank_engine_config(role, cfg.engine, par)
     low_latency = uses_low_latency_moe(role, par)
     lockstep, ep_group = None, None

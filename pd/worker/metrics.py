@@ -24,12 +24,16 @@ DECODE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 KV_CHECKSUM_FAILURES = "pd_kv_checksum_failures_total"
 PREFIX_QUERY_TOKENS = "pd_prefix_cache_query_tokens_total"
 PREFIX_HIT_TOKENS = "pd_prefix_cache_hit_tokens_total"
+SPEC_DRAFTS = "pd_spec_draft_tokens_total"
+SPEC_ACCEPTED = "pd_spec_accepted_tokens_total"
+SPEC_STEP_TOKENS = "pd_spec_tokens_per_step"
+SPEC_STEP_BUCKETS = (1, 2, 3, 4)  # tokens a request emits per verify step: 1 .. MAX_SPECULATIVE_TOKENS + 1
 
 # Relayed by the proxy from every registered rank: gauges (with RANK_LABELS), and histograms and counters
 # (labelled with the rank's instance and rank by the proxy).
 RELAYED = (KV_PAGES_USED, KV_PAGES_CAPACITY, KV_PAGES_CACHED, ROOMS_OPEN, TRANSFER_ROOMS_OPEN, EXPERT_TOKENS)
-RELAYED_HISTOGRAMS = (DECODE_BATCH,)
-RELAYED_COUNTERS = (KV_CHECKSUM_FAILURES, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS)
+RELAYED_HISTOGRAMS = (DECODE_BATCH, SPEC_STEP_TOKENS)
+RELAYED_COUNTERS = (KV_CHECKSUM_FAILURES, PREFIX_QUERY_TOKENS, PREFIX_HIT_TOKENS, SPEC_DRAFTS, SPEC_ACCEPTED)
 
 
 class WorkerMetrics:
@@ -89,6 +93,33 @@ class WorkerMetrics:
         self.transfer_seconds = m.histogram(
             "pd_transfer_seconds", "Time from a room's arrival to its KV transfer's end.", ["role"]
         )
+
+        self.spec_drafts = m.counter(
+            SPEC_DRAFTS,
+            "Draft tokens verified (speculative decoding), by draft position (0-based).",
+            ["role", "position"],
+        )
+        self.spec_accepted = m.counter(
+            SPEC_ACCEPTED,
+            "Draft tokens accepted (speculative decoding), by draft position (0-based).",
+            ["role", "position"],
+        )
+        self.spec_step_tokens = m.histogram(
+            SPEC_STEP_TOKENS,
+            "Tokens a request emitted per speculative verify step (accepted drafts + 1).",
+            ["role"],
+            SPEC_STEP_BUCKETS,
+        )
+
+    def speculated(self, drafts: list[int], counts: list[int]) -> None:
+        """One verify step (``MTPSpeculator.on_verify``): per request, the drafts it verified and the tokens
+        it emitted (``accepted + 1``)."""
+        for d, c in zip(drafts, counts):
+            self.spec_step_tokens.observe(c, role=self.role)
+            for j in range(d):
+                self.spec_drafts.inc(role=self.role, position=str(j))
+                if j < c - 1:
+                    self.spec_accepted.inc(role=self.role, position=str(j))
 
     def ended(self, outcome: str) -> None:
         """A room ended here: ``outcome`` is a finish reason, a transfer state, "abort", "refused" or

@@ -1,0 +1,295 @@
+"""Speculative decoding with the checkpoint's MTP layer, colocated and eager (DESIGN.md §11, issue 20).
+
+A decode step of a request whose last token sits at position ``L - 1`` (``L`` = its length) and which holds
+``d`` drafts (``0 <= d <= K``) runs the target over ``[last, draft_1 .. draft_d]`` at positions
+``L - 1 .. L - 1 + d`` in one forward through the extend attention path over the paged cache (every
+request of the batch at once), verifies the drafts (``pd.engine.spec.sample_accept``: greedy rows take the
+argmax, sampling rows pd's seeded sampler at each position, so the emitted tokens are the very ones plain
+decoding emits; ``accept_all`` under ``--speculative-oracle``) and emits ``c = accepted + 1`` tokens, one at a
+time through the engine's own postprocessing (stop tokens, stop strings, max_tokens end the request at the
+token that ends it; the rest are dropped). ``num_computed`` becomes ``L + c - 1``: the KV of rejected drafts
+is overwritten by a later step.
+
+Then the MTP layer (its own KV layer of the pool) runs over positions ``L - 1 .. L + c - 2`` with the target's
+hidden states there and the tokens after them, and drafts the next token from the last row; ``K > 1``
+chains the layer on its own head input, one position further each time. After a prompt's chunk the MTP
+layer runs over the chunk the same way (the last chunk's last row takes the token just sampled) and drafts
+the first ``K``. The MTP layer's KV only shapes drafts, never what is emitted: a stale entry (a prefix-cache
+hit, a forked choice sharing its prompt's pages) can only lower acceptance.
+
+Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; a request
+that asks for logits processing or top logprobs verifies no drafts (its one token is processed and
+sampled as in a plain step). Pages: the scheduler reserves ``2K - 1`` tokens beyond the request's length
+(``lookahead``): the verify writes up to ``L - 1 + K``, a chain up to ``L + 2K - 2``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pd.attention.base import AttnInputs
+from pd.engine.logits import LogitsProcessor, StepLogits
+from pd.engine.runner import ModelRunner
+from pd.engine.spec import PAD_TOKEN, Verdict, accept_all, sample_accept
+from pd.model.context import ForwardContext
+from pd.model.mtp import DeepseekV3WithMTP
+from pd.sampling import SamplingTensors
+from pd.speculative import SpeculativeConfig
+from pd.types import Batch, BatchMode, Req, StepResult, TopLogprobs
+
+if TYPE_CHECKING:
+    from pd.engine.engine import TokenOutput
+
+
+def lookahead(spec: SpeculativeConfig) -> int:
+    """Tokens beyond a request's length a decode step may write KV for (0 without speculation)."""
+    return 2 * spec.num_tokens - 1 if spec.enabled else 0
+
+
+@dataclass
+class SpecStats:
+    """Counters since start: verify forwards, drafts offered, drafts accepted at each offset ``[K]``, and
+    how many steps emitted each count of tokens (index ``c``: ``c`` tokens, ``0 .. K + 1``)."""
+
+    verify_forwards: int = 0
+    drafted: int = 0
+    accepted_at: list[int] = field(default_factory=list)
+    emitted_hist: list[int] = field(default_factory=list)
+
+
+Postprocess = Callable[[Batch, StepResult], list["TokenOutput"]]
+
+
+class MTPSpeculator:
+    """Drafts with the MTP layer and verifies with the target for one colocated engine. ``drafts`` holds
+    each running request's next drafts (host ints); an entry is dropped when its request leaves."""
+
+    def __init__(self, runner: ModelRunner, logits: LogitsProcessor, spec: SpeculativeConfig) -> None:
+        if not isinstance(runner.model, DeepseekV3WithMTP):
+            raise ValueError("speculative decoding with MTP needs the model built with its MTP layer")
+        self.runner, self.model, self.logits = runner, runner.model, logits
+        self.k, self.oracle = spec.num_tokens, spec.oracle
+        self.drafts: dict[Req, list[int]] = {}
+        # Called after each verify step with, per request, the drafts verified and the tokens emitted.
+        self.on_verify: Callable[[list[int], list[int]], None] | None = None
+        self.stats = SpecStats(accepted_at=[0] * self.k, emitted_hist=[0] * (self.k + 2))
+        self._step_logits: StepLogits | None = None  # this step's processing of its plain rows
+        self._proc_rows: list[int] = []  # those rows (batch indices)
+        runner.keep_hidden = True  # extend steps keep every row's hidden state for the MTP layer
+
+    def release(self, req: Req) -> None:
+        self.drafts.pop(req, None)
+
+    # ---- after a prompt chunk ----
+
+    def after_extend(self, batch: Batch, tokens: Sequence[int | None]) -> None:
+        """Runs the MTP layer over each live request's chunk just computed (``runner.last_hidden``, the
+        chunk rows in batch order) and drafts for those that sampled their first token (``tokens[i]``; on a
+        prefill rank it is not appended to the request). Before the chunk's pages are shipped."""
+        hidden = self.runner.last_hidden
+        assert hidden is not None, "the runner keeps the extend step's hidden states"
+        self.runner.last_hidden = None
+        rows: list[int] = []
+        segs: list[tuple[Req, int, list[int]]] = []
+        drafting: list[bool] = []
+        base = 0
+        for req, start, end, token in zip(batch.reqs, batch.starts, batch.ends, tokens):
+            ids, n = req.all_ids, end - start
+            base += n
+            if req.finished or not req.pages:
+                continue
+            if end < len(ids):  # a prompt chunk, or the first token already appended (colocated)
+                after = ids[start + 1 : end + 1]
+            elif token is not None:  # a prefill rank: the first token is not appended
+                after = [*ids[start + 1 : end], token]
+            else:
+                continue
+            rows += range(base - n, base)
+            segs.append((req, start, after))
+            drafting.append(token is not None)
+        if segs:
+            self._draft(segs, hidden[self._tensor(rows)], drafting)
+
+    # ---- a decode step ----
+
+    def decode(self, batch: Batch, postprocess: Postprocess) -> list[TokenOutput]:
+        """Verifies every running request's drafts in one target forward, emits what is accepted through
+        ``postprocess`` (the engine's, one token offset at a time) and drafts again."""
+        for src, dst in batch.copies:  # copy on write (a forked request's shared page), before any write
+            self.runner.pool.copy_page(src, dst)
+        reqs = batch.reqs
+        k, dev = self.k, self.runner.device
+        plain = [r.sampling.needs_processing or bool(r.sampling.top_logprobs) for r in reqs]
+        dlens = [0 if p else self._room(r, len(self.drafts.get(r, []))) for r, p in zip(reqs, plain)]
+        ids: list[int] = []
+        positions: list[int] = []
+        bases: list[int] = []
+        for req, d in zip(reqs, dlens):
+            bases.append(len(ids))
+            start = req.seq_len - 1
+            ids += [req.all_ids[-1], *self.drafts.get(req, [])[:d]]
+            positions += range(start, start + d + 1)
+        starts = [r.seq_len - 1 for r in reqs]
+        ends = [s + d + 1 for s, d in zip(starts, dlens)]
+        attn = self.runner.attn
+        attn.prepare(AttnInputs(BatchMode.EXTEND, starts, ends, [r.pages for r in reqs]))
+        every = self._tensor(list(range(len(ids))))
+        ctx = ForwardContext(BatchMode.EXTEND, attn, every, self.runner.low_latency_moe)
+        hidden = self.model.hidden(self._tensor(ids), self._tensor(positions), ctx, every)
+        out = self.model.logits(hidden)  # [T, V]
+        self.stats.verify_forwards += 1
+        offsets = torch.arange(k + 1, device=dev)
+        dl = self._tensor(dlens)
+        index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
+        logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
+        drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
+        for b, (req, d) in enumerate(zip(reqs, dlens)):
+            drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
+        drafts = drafts.to(dev)
+        tops = self._process(reqs, plain, logits3)
+        st = SamplingTensors.build(
+            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], dev
+        )
+        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
+        counts = torch.minimum(verdict.counts, dl + 1)
+        if self._step_logits is not None:
+            self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
+        outputs = self._emit(batch, verdict, counts.tolist(), tops, postprocess)
+        emitted = counts.tolist()
+        for c, d in zip(emitted, dlens):
+            self.stats.emitted_hist[c] += 1
+            self.stats.drafted += d
+            for j in range(c - 1):
+                self.stats.accepted_at[j] += 1
+        if self.on_verify is not None:
+            self.on_verify(dlens, emitted)
+        self._after_verify(reqs, hidden, bases, counts.tolist(), dlens)
+        return outputs
+
+    def _room(self, req: Req, have: int) -> int:
+        """Drafts ``req`` may verify this step: never past max_tokens or the context length."""
+        left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len)
+        return max(0, min(have, self.k, left - 1))
+
+    def _process(self, reqs: list[Req], plain: list[bool], logits3: torch.Tensor) -> list[TopLogprobs]:
+        """Logits processing and top logprobs of the rows that verify no drafts (offset 0, in place)."""
+        self._proc_rows = [b for b, p in enumerate(plain) if p]
+        self._step_logits = None
+        tops: list[TopLogprobs] = [()] * len(reqs)
+        if not self._proc_rows:
+            return tops
+        rows = self._tensor(self._proc_rows)
+        first = logits3[rows, 0]
+        proc = [reqs[b] for b in self._proc_rows]
+        self._step_logits = self.logits.prepare(proc)
+        if self._step_logits is not None:
+            self.logits.apply(first, self._step_logits)
+            logits3[rows, 0] = first
+        k = max((r.sampling.top_logprobs for r in proc), default=0)
+        if k:
+            values, top_ids = first.log_softmax(-1).topk(k, dim=-1)
+            for b, r, v, t in zip(self._proc_rows, proc, values.tolist(), top_ids.tolist()):
+                n = r.sampling.top_logprobs
+                tops[b] = tuple(zip(t[:n], v[:n]))
+        return tops
+
+    def _emit(
+        self,
+        batch: Batch,
+        verdict: Verdict,
+        counts: list[int],
+        tops: list[TopLogprobs],
+        postprocess: Postprocess,
+    ) -> list[TokenOutput]:
+        tokens = verdict.tokens.tolist()
+        assert verdict.logprobs is not None  # sample_accept and accept_all give them
+        logprobs = verdict.logprobs.tolist()
+        outputs: list[TokenOutput] = []
+        for j in range(self.k + 1):
+            live = [b for b, r in enumerate(batch.reqs) if counts[b] > j and not r.finished]
+            if not live:
+                break
+            reqs = [batch.reqs[b] for b in live]
+            lens = [r.seq_len for r in reqs]
+            step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lens], lens)
+            result = StepResult(
+                [tokens[b][j] for b in live],
+                [logprobs[b][j] for b in live],
+                [tops[b] if j == 0 else () for b in live],
+                [[] for _ in live],
+                [[] for _ in live],
+            )
+            outputs += postprocess(step, result)
+        return outputs
+
+    def _after_verify(
+        self, reqs: list[Req], hidden: torch.Tensor, bases: list[int], counts: list[int], dlens: list[int]
+    ) -> None:
+        """The MTP layer over the verified positions of each request still running, and its next drafts."""
+        rows: list[int] = []
+        segs: list[tuple[Req, int, list[int]]] = []
+        for req, base, c in zip(reqs, bases, counts):
+            self.drafts.pop(req, None)
+            if req.finished or not req.pages:
+                continue
+            start = req.seq_len - 1 - c  # the position of the step's first input
+            rows += range(base, base + c)
+            segs.append((req, start, req.all_ids[start + 1 : start + 1 + c]))
+        if segs:
+            self._draft(segs, hidden[self._tensor(rows)], drafting=[True] * len(segs))
+
+    # ---- the MTP layer ----
+
+    def _draft(
+        self, segs: list[tuple[Req, int, list[int]]], hidden: torch.Tensor, drafting: list[bool]
+    ) -> None:
+        """``segs``: (request, first position, the tokens after each position) with ``hidden`` their rows
+        ``[T, H]`` in order. Stores the MTP KV at those positions; for the requests ``drafting``, drafts
+        ``K`` tokens from the last row, chaining while the next position has a reserved page."""
+        starts = [s for _, s, _ in segs]
+        ends = [s + len(n) for _, s, n in segs]
+        reqs = [r for r, _, _ in segs]
+        attn, low_latency = self.runner.attn, self.runner.low_latency_moe
+        attn.prepare(AttnInputs(BatchMode.EXTEND, starts, ends, [r.pages for r in reqs]))
+        last = self._tensor(list(itertools.accumulate(e - s for s, e in zip(starts, ends)))) - 1
+        ctx = ForwardContext(BatchMode.EXTEND, attn, last, low_latency)
+        next_ids = self._tensor([t for _, _, n in segs for t in n])
+        positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
+        logits, head = self.model.draft(hidden, next_ids, positions, ctx)
+        chain = [b for b, d in enumerate(drafting) if d]
+        if not chain:
+            return
+        pick = self._tensor(chain)
+        head, token = head[pick], logits[pick].argmax(-1)
+        at = [ends[b] for b in chain]  # a chained draft's position: one after the row it follows
+        for b in chain:
+            self.drafts[reqs[b]] = []
+        for step in range(self.k):
+            for b, t in zip(chain, token.tolist()):
+                self.drafts[reqs[b]].append(t)
+            if step == self.k - 1:
+                break
+            keep = [i for i, (b, p) in enumerate(zip(chain, at)) if p < self._limit(reqs[b])]
+            if not keep:
+                break
+            chain, at = [chain[i] for i in keep], [at[i] for i in keep]
+            pick = self._tensor(keep)
+            head, token = head[pick], token[pick]
+            tables = [reqs[b].pages for b in chain]
+            attn.prepare(AttnInputs(BatchMode.DECODE, at, [p + 1 for p in at], tables))
+            ctx = ForwardContext(BatchMode.DECODE, attn, self._tensor(list(range(len(chain)))), low_latency)
+            logits, head = self.model.draft(head, token, self._tensor(at), ctx)
+            token = logits.argmax(-1)
+            at = [p + 1 for p in at]
+
+    def _limit(self, req: Req) -> int:
+        """Positions below this have a reserved page and a rotary entry."""
+        return min(len(req.pages) * self.runner.pool.layout.page_size, req.max_context_len)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.runner.device)

@@ -1,0 +1,253 @@
+"""Speculative decoding with MTP in the colocated engine (pd.engine.speculative), on the tiny checkpoint with
+its MTP layer. The oracle is plain decoding: with drafts verified, ``Engine.generate`` must emit the very
+same tokens (and logprobs) as without speculation, greedy and seeded sampling alike, for K = 1..3, chunked
+prompts, max_tokens and stop tokens that end a request mid-step. The tiny model's random MTP layer rarely
+drafts right, so acceptance is also driven by drafts planted from the plain run's output (some corrupted):
+those must be accepted up to the first wrong one, and the engine must then need fewer target forwards. The
+MTP layer's drafts themselves are checked against the dense reference of tests/test_mtp.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pd.config import EngineConfig
+from pd.engine.engine import Engine
+from pd.speculative import SpeculativeConfig
+from pd.types import FinishReason, SamplingParams
+from tests.support.clients import random_prompt
+
+PAGE_SIZE = 3  # odd on purpose: a step's K + 1 tokens cross pages
+CHUNK = 16  # prompts longer than this are prefilled in chunks
+LENGTHS = (5, 17, 40, 9)
+GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=13, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_model):
+    return tiny_model("ci", with_mtp=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(path):
+    rng = random.Random(0)
+    return [random_prompt(rng, n, 100) for n in LENGTHS]
+
+
+def engine(path, k: int = 0, oracle: bool = False, num_pages: int = 256) -> Engine:
+    spec = SpeculativeConfig("mtp", k, oracle) if k else SpeculativeConfig()
+    cfg = EngineConfig(
+        str(path), page_size=PAGE_SIZE, num_pages=num_pages, chunk_size=CHUNK, speculative=spec
+    )
+    return Engine(cfg)
+
+
+def generate(e: Engine, prompts, params) -> list[tuple[list[int], list[float], FinishReason]]:
+    out = [(c.output_ids, c.logprobs, c.finish_reason) for c in e.generate(prompts, params)]
+    assert e.pages_held == 0  # every page freed but the prefix cache's (a double free raises)
+    return out
+
+
+def same(got, want) -> None:
+    for (gt, glp, gr), (wt, wlp, wr) in zip(got, want, strict=True):
+        assert gt == wt and gr == wr
+        assert glp == pytest.approx(wlp, abs=1e-4)
+
+
+def plant(e: Engine, want: list[list[int]], vocab: int, wrong: int = 0) -> None:
+    """Before each verify step, each request's drafts become its plain-run continuation, the draft at
+    offset ``(tokens out) % wrong`` corrupted (``wrong`` 0: every draft right)."""
+    spec = e.spec
+    assert spec is not None
+    decode = spec.decode
+
+    def planted(batch, postprocess):
+        for r in batch.reqs:
+            n = len(r.output_ids)
+            drafts = list(want[r.rid][n : n + spec.k])
+            if wrong and n % wrong < len(drafts):
+                drafts[n % wrong] = (drafts[n % wrong] + 1) % vocab
+            spec.drafts[r] = drafts
+        return decode(batch, postprocess)
+
+    spec.decode = planted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mtp_decoding_emits_the_plain_tokens(path, prompts, params, k):
+    want = generate(engine(path), prompts, params)
+    same(generate(engine(path, k), prompts, params), want)  # the MTP layer's own drafts
+
+    planted = engine(path, k)
+    plain = engine(path)
+    plant(planted, [w[0] for w in want], planted.model_cfg.vocab_size, wrong=k + 2)
+    same(generate(planted, prompts, params), want)
+    generate(plain, prompts, params)
+    stats = planted.spec.stats
+    assert sum(stats.accepted_at) > 0 and sum(stats.emitted_hist[2:]) > 0
+    assert planted.forwards < plain.forwards
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_max_tokens_and_stop_tokens_end_a_request_inside_a_step(path, prompts, k):
+    want = generate(engine(path), prompts, GREEDY)
+    # A stop token each request emits mid-way; max_tokens not a multiple of K + 1.
+    stop = want[1][0][6]
+    params = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,))
+    want = generate(engine(path), prompts, params)
+    assert any(r is FinishReason.STOP for _, _, r in want) and any(
+        r is FinishReason.LENGTH for _, _, r in want
+    )
+    e = engine(path, k)
+    plant(e, [w[0] + [0] * k for w in want], e.model_cfg.vocab_size)  # every draft right
+    same(generate(e, prompts, params), want)
+    assert e.spec.stats.emitted_hist[k + 1] > 0  # whole steps accepted
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_choices_of_a_forked_request_decode_as_plain(path, prompts, k):
+    """n = 2: the choices share the prompt's partial last page until the first write copies it (the verify
+    step does the batch's copies first); each choice emits its plain tokens."""
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=5, n=2, ignore_eos=True)
+    same(generate(engine(path, k), prompts[:2], params), generate(engine(path), prompts[:2], params))
+
+
+def test_the_oracle_accepts_every_draft_and_needs_fewer_forwards(path, prompts):
+    plain, oracle = engine(path), engine(path, 3, oracle=True)
+    generate(plain, prompts, GREEDY)
+    got = generate(oracle, prompts, GREEDY)
+    assert all(len(t) == GREEDY.max_tokens and r is FinishReason.LENGTH for t, _, r in got)
+    assert oracle.forwards < plain.forwards
+    assert oracle.spec.stats.emitted_hist[4] > 0
+
+
+def test_processed_and_top_logprob_requests_decode_as_plain_beside_speculating_ones(path, prompts):
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=3),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logit_bias=((5, 3.0),)),
+        GREEDY,
+    ]
+    plain, spec = engine(path), engine(path, 2)
+    want = plain.generate(prompts, params)
+    got = spec.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.output_ids == w.output_ids
+
+
+def test_preemption_and_aborts_free_every_page_once(path, prompts):
+    want = generate(engine(path), prompts, GREEDY)
+    small = engine(path, 3, num_pages=40)  # too few pages for all four: requests are preempted
+    same(generate(small, prompts, GREEDY), want)
+    e = engine(path, 2)
+    reqs = [e.add_request(p, GREEDY) for p in prompts]
+    for _ in range(6):
+        e.step()
+    assert any(r.output_ids for r in reqs) and e.pages_held > 0
+    for r in reqs:
+        e.abort(r)
+    assert e.pages_held == 0 and not e.spec.drafts and not e.has_work()
+
+
+def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model):
+    """After prefill and after verify steps, a request's drafts are what the MTP layer computes densely over
+    its whole sequence: its MTP KV is consistent with the tokens emitted."""
+    from tests.test_mtp import Reference
+
+    ref, hf = Reference(path), hf_model(path)
+    e = engine(path, 2)
+    req = e.add_request(random_prompt(random.Random(3), 20, 100), GREEDY)
+    checked = 0
+    while not req.finished and len(req.output_ids) < 8:
+        e.step()
+        drafts = e.spec.drafts.get(req)
+        if not drafts:
+            continue
+        ids = req.all_ids
+        with torch.no_grad():
+            hidden = hf.model(torch.tensor([ids])).last_hidden_state[0]
+        logits, head = ref(hidden[:-1], torch.tensor(ids[1:]))
+        assert drafts[0] == int(logits[-1].argmax())
+        if len(drafts) > 1:
+            second, _ = ref(torch.cat([hidden[:-1], head[-1:]]), torch.tensor([*ids[1:], drafts[0]]))
+            assert drafts[1] == int(second[-1].argmax())
+        checked += 1
+    assert checked >= 3
+
+
+def test_the_colocated_role_counts_drafts_and_acceptance_per_position(path, prompts):
+    from pd.engine.colocated import ColocatedEngine
+    from pd.worker.metrics import SPEC_ACCEPTED, SPEC_DRAFTS, SPEC_STEP_TOKENS
+
+    want = generate(engine(path), prompts, GREEDY)
+    e = engine(path, 2)
+    role = ColocatedEngine(e)
+    plant(e, [w[0] for w in want], e.model_cfg.vocab_size, wrong=4)
+    generate(e, prompts, GREEDY)
+    stats = e.spec.stats
+    text = role.metrics.render()
+
+    def value(name: str, **labels: str) -> float:
+        want_labels = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        line = next(x for x in text.splitlines() if x.startswith(f"{name}{{") and want_labels in x)
+        return float(line.rsplit(" ", 1)[1])
+
+    assert stats.drafted > 0 and sum(stats.accepted_at) > 0
+    for j in range(2):
+        assert value(SPEC_ACCEPTED, position=str(j), role="colocated") == stats.accepted_at[j]
+    drafted = sum(value(SPEC_DRAFTS, position=str(j), role="colocated") for j in range(2))
+    assert drafted == stats.drafted
+    assert value(f"{SPEC_STEP_TOKENS}_count", role="colocated") == sum(stats.emitted_hist)
+    assert value(f"{SPEC_STEP_TOKENS}_sum", role="colocated") == sum(
+        c * n for c, n in enumerate(stats.emitted_hist)
+    )
+
+
+def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocated(path, prompts):
+    """A prefill engine and a decode engine (pages copied in-process, every layer, the MTP layer's too):
+    the aux record carries the first drafts, and the decode engine's drafts after each step are the
+    colocated engine's, which they could not be without the prompt's MTP KV."""
+    from pd.engine.decode import DecodeEngine
+    from pd.engine.messages import DecodeRoom, PrefillRoom, Tokens, TransferEnded
+    from pd.engine.prefill import PrefillEngine
+    from pd.transfer.aux import SlotAllocator
+    from pd.transfer.state import TransferState
+    from tests.test_role_engines import Loopback
+
+    prompt = prompts[2]  # chunked
+    colocated = engine(path, 2)
+    req = colocated.add_request(prompt, GREEDY)
+    want: list[list[int]] = []
+    while colocated.has_work():
+        colocated.step()
+        if req.output_ids and not req.finished:
+            want.append(list(colocated.spec.drafts[req]))
+
+    p, d = engine(path, 2), engine(path, 2)
+    link = Loopback(p, d)
+    prefill = PrefillEngine(p, link)
+    decode = DecodeEngine(d, link, SlotAllocator(4), headroom_tokens=8, max_pending=4)
+    prefill.handle(PrefillRoom(0, tuple(prompt), GREEDY))
+    decode.handle(DecodeRoom(0, tuple(prompt), GREEDY, "prefill:1"))
+    while prefill.has_work():
+        prefill.step()
+    link.copy(0)
+    prefill.handle(TransferEnded(0, TransferState.DONE))
+    aux = link.aux[0]
+    assert list(aux.drafts) == want[0]
+    [first] = decode.handle(TransferEnded(0, TransferState.DONE, aux=aux))
+    tokens = list(first.token_ids)
+    got = [list(aux.drafts)]
+    [running] = d.scheduler.running
+    while decode.has_work():
+        for event in decode.step():
+            assert isinstance(event, Tokens)
+            tokens += event.token_ids
+        if not running.finished:
+            got.append(list(d.spec.drafts[running]))
+    assert got == want and tokens == req.output_ids
+    assert p.pages_held == 0 and d.pages_held == 0
