@@ -67,3 +67,30 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
 
     summary = expert_balance(deployment_dp2)
     assert "prefill:" in summary and "decode:" in summary and "max/mean over ranks" in summary
+
+
+def prefix_hits(url: str) -> dict[str, float]:
+    """Prefix-cache hit tokens of each prefill rank so far (relayed by the proxy with the rank's label)."""
+    out: dict[str, float] = {}
+    for (name, labels), value in metric_samples(url).items():
+        d = dict(labels)
+        if name == "pd_prefix_cache_hit_tokens_total" and d.get("role") == "prefill":
+            out[d["rank"]] = out.get(d["rank"], 0.0) + value
+    return out
+
+
+def test_cache_aware_routing_sends_a_shared_prefix_to_the_rank_that_holds_it(deployment_dp2):
+    """Four requests in turn that share a 64-token prefix (4 pages of 16): the proxy sends them to one
+    prefill DP rank, whose cache then holds the prefix for the three after the first (least-load routing
+    would alternate the ranks, and each would find it only once)."""
+    url, _ = deployment_dp2
+    wait_until(lambda: len(kv_pages_used(url)) >= 4, 30, "4 ranks registered", interval=0.2)
+    before = prefix_hits(url)
+    rng = random.Random(11)
+    shared = random_prompt(rng, 64, 1000)
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+    for _ in range(4):
+        c.completions.create(**greedy_request(shared + random_prompt(rng, 3, 1000), 2))
+    after = prefix_hits(url)
+    grown = sorted(after.get(r, 0.0) - before.get(r, 0.0) for r in ("0", "1"))
+    assert grown == [0.0, 3 * 64.0], (before, after)
