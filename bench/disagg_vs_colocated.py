@@ -193,12 +193,17 @@ def sweep_system(
                     break  # saturated well past the SLO: higher rates only queue up
             results["workloads"].append({"input": in_len, "output": out_len, "points": points})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return results
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 90) -> None:
+    """Stops a pd-serve this benchmark started (SIGTERM, then SIGKILL after ``grace_s``)."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def sustained_rate(points: list[dict]) -> float:

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pd.bench.disagg_vs_colocated import free_port, shape_model, wait_healthy
+from pd.bench.disagg_vs_colocated import free_port, shape_model, stop, wait_healthy
+from pd.bench.prefix_datasets import shared_prefix_requests
 from pd.bench.report import prefix_cache_tokens
 from pd.bench.serve import BenchConfig, run_benchmark
 
@@ -41,59 +42,53 @@ def serve(args: argparse.Namespace, model: str, port: int, cache: bool, log: Pat
 
 
 def measure(args: argparse.Namespace, model: str, cache: bool, rate: float, log_dir: Path) -> dict:
+    requests = shared_prefix_requests(
+        args.groups,
+        args.per_group,
+        args.system_len,
+        args.question_len,
+        args.output_len,
+        args.vocab,
+        args.seed,
+    )
     port = free_port()
     proc = serve(args, model, port, cache, log_dir / f"pd-serve-{'cache' if cache else 'nocache'}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, args.ready_timeout)
         cfg = BenchConfig(
-            base_url=url, model="bench", dataset_name="generated-shared-prefix", request_rate=rate,
-            gsp_num_groups=args.groups, gsp_prompts_per_group=args.per_group,
-            gsp_system_prompt_len=args.system_len, gsp_question_len=args.question_len,
-            gsp_output_len=args.output_len, ignore_eos=True, disable_tqdm=True, seed=args.seed,
-            random_vocab_size=args.vocab,
-        )  # fmt: skip
+            base_url=url, model="bench", request_rate=rate, ignore_eos=True, disable_tqdm=True, seed=args.seed
+        )
         before = prefix_cache_tokens(url) or (0.0, 0.0)
-        result = asyncio.run(run_benchmark(cfg))
+        result = asyncio.run(run_benchmark(cfg, requests))
         after = prefix_cache_tokens(url) or (0.0, 0.0)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    ok = [r for r in result.records if r.ok and r.ttft is not None]
-    # Hits: a group's requests after its first, in arrival (index) order.
+        stop(proc, 60)
+    # A group's requests after its first (in arrival order) find its system prompt cached.
     seen: set[tuple[int, ...]] = set()
-    hits, misses = [], []
-    prompts = {r.index: r for r in ok}
-    for i, sample in enumerate(result_requests(cfg)):
-        key = tuple(sample.prompt[: args.system_len])  # type: ignore[index]
-        (hits if key in seen else misses).append(i)
+    later: set[int] = set()
+    for i, sample in enumerate(requests):
+        key = tuple(sample.prompt[: args.system_len])
+        if key in seen:
+            later.add(i)
         seen.add(key)
-    ttft = sorted(r.ttft for r in ok if r.ttft is not None)
-    hit_ttft = sorted(prompts[i].ttft for i in hits if i in prompts)  # type: ignore[misc]
+    ttft = sorted(r.ttft for r in result.records if r.ok and r.ttft is not None)
+    later_ttft = [r.ttft for r in result.records if r.ok and r.ttft is not None and r.index in later]
     query, hit = after[0] - before[0], after[1] - before[1]
     if not cache:  # no counters without the cache: every prompt token is computed
         query, hit = float(result.metrics.total_input_tokens), 0.0
     return {
         "rate": rate,
         "cache": cache,
-        "completed": len(ok),
-        "failed": len(result.records) - len(ok),
+        "completed": result.metrics.completed,
+        "failed": result.metrics.failed,
         "hit_rate": hit / query if query else 0.0,
         "ttft_p50_ms": statistics.median(ttft) * 1e3,
         "ttft_p99_ms": ttft[int(0.99 * (len(ttft) - 1))] * 1e3,
-        "ttft_p50_later_ms": statistics.median(hit_ttft) * 1e3 if hit_ttft else None,
+        "ttft_p50_later_ms": statistics.median(later_ttft) * 1e3 if later_ttft else None,
         "computed_tokens_per_s": (query - hit) / result.metrics.duration_s,
         "req_per_s": result.metrics.request_throughput,
     }
-
-
-def result_requests(cfg: BenchConfig) -> list:
-    from pd.bench.serve import sample_requests
-
-    return sample_requests(cfg)[0]
 
 
 def main() -> None:

@@ -92,18 +92,16 @@ class _Refusal(Exception):
 class KVSender:
     """All rooms of one prefill rank.
 
-    ``pool`` and ``aux`` are registered with ``engine`` here. ``aux`` is the staging area of the
-    aux records (one slot per concurrent final write, i.e. per decode peer at most).
-    ``on_final(room, state, reason)`` (reason: why a room failed or was aborted, else empty) must be quick and thread-safe (e.g. put into a queue).
-    ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort``
-    from decode waits for the room's in-flight writes before answering. ``cluster_token``: sent
-    with every call to decode ranks (their servers check it; ``pd.rpc.auth``). A writer thread ends after
-    ``writer_idle_s`` without work (a new one starts when needed).
-    ``tls``: mutual TLS on the calls to decode ranks (``pd.rpc.tls``).
-    ``kv_checksum``: checksum every page written and send the checksums with ``TransferDone``.
-    ``writers_per_peer``: writer threads per decode peer (rooms spread over them by id, each room's writes
-    and notices in order on one): that many rooms' writes in flight to a peer at once.
-    ``staging``: host staging the writes go through (``pd.transfer.staging``), else None: straight from ``pool``.
+    ``pool`` and ``aux`` are registered with ``engine`` here. ``aux`` is the staging area of the aux records
+    (one slot per concurrent final write, i.e. per decode peer at most). ``on_final(room, state, reason)``
+    (reason: why a room failed or was aborted, else empty) must be quick and thread-safe (e.g. a queue put).
+    ``rpc_timeout_s`` bounds each notice to decode; ``abort_wait_s`` bounds how long an ``Abort`` from decode
+    waits for the room's in-flight writes before answering. ``cluster_token``: sent with every call to
+    decode ranks (``pd.rpc.auth``); ``tls``: mutual TLS on those calls (``pd.rpc.tls``). A writer thread ends
+    after ``writer_idle_s`` without work (a new one starts when needed). ``kv_checksum``: checksum every page
+    written and send the checksums with ``TransferDone``. ``writers_per_peer``: writer threads per decode
+    peer (rooms spread over them by id, each room's writes and notices in order on one). ``staging``: host
+    staging the writes go through (``pd.transfer.staging``), else None: straight from ``pool``.
     """
 
     def __init__(
