@@ -172,20 +172,28 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
         reasoning_parser=args.reasoning_parser,
-        routing=RoutingConfig(
-            policy=args.routing,
-            cache_threshold=args.routing_cache_threshold,
-            balance_abs=args.routing_balance_abs,
-            balance_rel=args.routing_balance_rel,
-        ),
+        routing=routing_config(args),
         tool_call_parser=args.tool_call_parser,
+    )
+
+
+def routing_config(args: argparse.Namespace) -> RoutingConfig:
+    """The ``--routing*`` flags' config; raises ValueError naming a bad value (pd-serve checks it first)."""
+    return RoutingConfig(
+        policy=args.routing,
+        cache_threshold=args.routing_cache_threshold,
+        balance_abs=args.routing_balance_abs,
+        balance_rel=args.routing_balance_rel,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     setup_logging(args.log_level)
-    cfg = proxy_config(args)
+    try:
+        cfg = proxy_config(args)
+    except ValueError as e:
+        raise SystemExit(f"pd-proxy: error: {e}") from None
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that one a no-op, so a requested stop exits with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -30,7 +30,7 @@ from pd.launch.args import (
     tls_flags,
 )
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
-from pd.launch.proxy import add_proxy_args
+from pd.launch.proxy import add_proxy_args, routing_config
 from pd.proxy.config import ProxyConfig
 from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
 
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     tls = tls_config(args)  # checked here, before any child starts
     try:  # the configs the children will build, checked here too
         engine_config(args, args.model or "")
+        routing_config(args)
         TransferConfig(
             protocol=transfer_protocol(args),
             kv_checksum=args.kv_checksum,

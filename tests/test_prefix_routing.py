@@ -114,3 +114,20 @@ def test_least_load_ignores_prefixes(router):
         used.append(route.prefill.instance_id)
         router.release(*route.ranks)
     assert used == ["p1", "p2", "p1", "p2"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--routing-cache-threshold", "2"], r"cache_threshold must be in \[0, 1\], got 2.0"),
+        (["--routing-balance-rel", "0.5"], "balance_rel >= 1"),
+    ],
+)
+def test_bad_routing_flags_stop_pd_serve_and_pd_proxy_with_the_value_named(flags, words):
+    pytest.importorskip("uvicorn")
+    from pd.launch import proxy, serve
+
+    with pytest.raises(SystemExit, match=f"pd-serve: error: .*{words}"):  # before any child starts
+        serve.main(flags)
+    with pytest.raises(SystemExit, match=f"pd-proxy: error: .*{words}"):
+        proxy.main(["--bootstrap", "127.0.0.1:1", *flags])
