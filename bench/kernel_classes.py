@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 # First match wins: specific names before generic ones.
 CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("routed experts", ("moe", "fused_experts", "grouped_gemm", "expert")),
-    ("attention", ("flashinfer", "mla", "attention", "batchdecode", "batchprefill", "fmha")),
-    ("routing", ("topk", "top_k", "sort", "router", "gate", "group_limited")),
+    # pd's routed-expert kernels (kernels/moe_triton.py, fp8_triton.py) by their names, then others' by theirs.
+    ("routed experts", ("gate_up_", "_down_", "_align_", "sum_topk", "silu_and_mul", "moe", "expert")),
+    ("routing", ("noaux", "topk", "top_k", "sort", "router", "gate", "group_limited")),
+    ("attention", ("mla", "attention", "batchdecode", "batchprefill", "fmha")),
     ("ep dispatch/combine", ("dispatch", "combine", "nccl", "all_to_all", "alltoall")),
     ("norm", ("rmsnorm", "rms_norm", "layer_norm", "norm")),
     ("rope", ("rope", "rotary")),

@@ -7,6 +7,7 @@
   human turn and the recorded reply (the dataset's, not the model's: the prompts are the same whatever the
   model says) and then the k-th human turn, as ``User:`` / ``Assistant:`` text. Turn k is sent once turn
   k-1 of its conversation has ended (``SampleRequest.after``); conversations start at the request rate.
+  ``synthetic_sharegpt`` writes conversations in that format (random words) where no ShareGPT file is at hand.
 """
 
 from __future__ import annotations
@@ -123,6 +124,36 @@ def _exchanges(conversation: object) -> list[tuple[str, str]]:
             break
         pairs.append((question, answer))
     return pairs
+
+
+_COMMON = (
+    "the a of to and in is it that for on with as was be at by this from or have an they which one you were "
+    "all we there can more if about when what so up out no time only new some could these two may first"
+)
+WORDS = _COMMON.split()
+
+
+def synthetic_sharegpt(
+    conversations: int, turns: int, question_words: int, answer_words: int, seed: int = 0
+) -> list[dict]:
+    """ShareGPT-format conversations of ``turns`` (human, gpt) exchanges of random common words: the shape
+    of a multi-turn replay (each turn's prompt holds every earlier one) without the dataset."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    return [
+        {
+            "id": f"synthetic-{c}",
+            "conversations": [
+                {"from": role, "value": text(question_words if role == "human" else answer_words)}
+                for _ in range(turns)
+                for role in ("human", "gpt")
+            ],
+        }
+        for c in range(conversations)
+    ]
 
 
 def chained_offsets(requests: Sequence[SampleRequest], starts: Sequence[float]) -> list[float]:

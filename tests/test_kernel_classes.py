@@ -12,6 +12,16 @@ from pd.bench.kernel_classes import OTHER, breakdown, classify, format_breakdown
     ("name", "cls"),
     [
         ("_fused_moe_kernel_masked", "routed experts"),
+        ("_gate_up_sorted_kernel", "routed experts"),  # pd's own, as the H200 profile names them
+        ("_down_sorted_kernel", "routed experts"),
+        ("_align_scatter_kernel", "routed experts"),
+        ("_sum_topk_kernel", "routed experts"),
+        ("_silu_and_mul_kernel", "routed experts"),
+        ("void flashinfer::NoAuxTc<float>(...)", "routing"),
+        ("void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>", "norm"),
+        ("void flashinfer::BatchPrefillWithRaggedKVCacheKernel<...>", "attention"),
+        ("void flashinfer::mla::hopper::BatchMLAPageAttentionHopperKernel<...>", "attention"),
+        ("void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>", "routing"),
         ("void flashinfer::BatchMLAPagedAttentionKernel<...>", "attention"),
         ("_grouped_topk_kernel", "routing"),
         ("void at::native::(anonymous namespace)::fused_rms_norm_kernel", "norm"),

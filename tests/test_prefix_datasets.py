@@ -9,7 +9,12 @@ import json
 
 import pytest
 
-from pd.bench.prefix_datasets import chained_offsets, multiturn_requests, shared_prefix_requests
+from pd.bench.prefix_datasets import (
+    chained_offsets,
+    multiturn_requests,
+    shared_prefix_requests,
+    synthetic_sharegpt,
+)
 from pd.bench.report import format_table
 from pd.bench.serve import BenchConfig, run_benchmark
 from tests.test_bench import bounded, stub_server
@@ -94,3 +99,19 @@ def test_a_turn_is_sent_after_the_previous_one_ended(tmp_path):
         if sample.after is not None:
             assert r.start >= records[sample.after].end
     assert "Time to First Token by turn" in format_table(result)
+
+
+def test_synthetic_conversations_replay_as_growing_turns(tmp_path):
+    data = synthetic_sharegpt(conversations=3, turns=4, question_words=5, answer_words=7, seed=2)
+    assert synthetic_sharegpt(3, 4, 5, 7, seed=2) == data and synthetic_sharegpt(3, 4, 5, 7, seed=3) != data
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps(data))
+    reqs = multiturn_requests(path, conversations=3, max_turns=4, output_len=2)
+    assert len(reqs) == 12 and [r.turn for r in reqs] == [0, 1, 2, 3] * 3
+    for i, nxt in enumerate(reqs[1:], 1):
+        prev = reqs[i - 1]
+        if nxt.turn:  # a later turn's prompt holds the earlier turn's prompt and reply
+            assert nxt.after == i - 1 and nxt.prompt.startswith(prev.prompt)
+            assert (
+                len(nxt.prompt.split()) == len(prev.prompt.split()) + 7 + 1 + 5 + 1
+            )  # reply, User:, question, Assistant:

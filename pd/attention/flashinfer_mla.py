@@ -1,7 +1,7 @@
 """MLA attention on FlashInfer (CUDA): ragged causal prefill (non-absorbed) and paged absorbed decode.
 
-Planning happens in ``prepare`` (once per step, outside any CUDA graph); the per-layer calls only
-launch kernels. For CUDA graphs each batch bucket has its own decode wrapper whose metadata buffers
+Planning happens in ``prepare`` (once per step, outside any CUDA graph) on host tensors; the per-layer
+calls only launch kernels. For CUDA graphs each batch bucket has its own decode wrapper whose metadata buffers
 keep their addresses between captures and replays (``graph_state``); ``prepare_graph`` re-plans it
 before each replay.
 """
@@ -79,6 +79,10 @@ class _StepMeta:
         )  # fmt: skip
 
 
+def _host(a: npt.ArrayLike) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+
+
 @dataclass
 class _GraphState:
     """One bucket's decode wrapper and the static buffers its captured kernels read."""
@@ -134,11 +138,13 @@ class FlashInferMLABackend(AttentionBackend):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
 
     def _plan_decode(self, wrapper: Any, meta: _StepMeta) -> None:
+        # Host tensors: the planner reads the lengths on the host (a device tensor costs a blocking copy back
+        # each, which waits for whatever the stream still runs) and copies them into its buffers itself.
         metadata = self._MLAPlanMetadata.csr(
-            self._to_device(np.arange(len(meta.ends) + 1)),  # one query per sequence
-            self._to_device(np.concatenate([[0], np.cumsum(meta.pages_used)])),
-            self._to_device(meta.flat_pages),
-            self._to_device(meta.ends),
+            _host(np.arange(len(meta.ends) + 1)),  # one query per sequence
+            _host(np.concatenate([[0], np.cumsum(meta.pages_used)])),
+            _host(meta.flat_pages),
+            _host(meta.ends),
         )
         wrapper.plan(
             metadata=metadata,
@@ -165,8 +171,8 @@ class FlashInferMLABackend(AttentionBackend):
         if inputs.has_prefix:
             self.ctx_slots = self._to_device(meta.context_slots(self.pool.layout.page_size), np.int64)
         self.prefill.plan(
-            self._to_device(np.concatenate([[0], np.cumsum(meta.ends - meta.starts)])),
-            self._to_device(np.concatenate([[0], np.cumsum(meta.ends)])),
+            _host(np.concatenate([[0], np.cumsum(meta.ends - meta.starts)])),
+            _host(np.concatenate([[0], np.cumsum(meta.ends)])),
             self.num_heads,
             self.num_heads,
             self.qk_head_dim,

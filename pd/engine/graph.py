@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
@@ -62,9 +63,9 @@ class DecodeGraphs:
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
         dev = pool.buffer.device
-        self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.row_mask = torch.zeros(max_bs, dtype=torch.bool, device=dev)
+        # The graphs' inputs, one host-to-device copy per replay: token ids, positions, real-row flags.
+        self.inputs = torch.zeros(3, max_bs, dtype=torch.int64, device=dev)
+        self.ids, self.positions, self.real = self.inputs
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -77,9 +78,8 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch buckets %s", self.buckets)
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx = ForwardContext(
-            BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, self.row_mask[:bs]
-        )
+        row_mask = self.real[:bs] != 0
+        ctx = ForwardContext(BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, row_mask)
         logits = self.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
         tokens = logits.argmax(-1)
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
@@ -106,13 +106,9 @@ class DecodeGraphs:
         self, bs: int, ids: list[int], positions: list[int], ends: list[int], pages: list[list[int]]
     ) -> None:
         n = len(ids)
-        self.ids[:bs].zero_()
-        self.positions[:bs].zero_()
-        self.row_mask[:bs] = False
-        if n:
-            self.ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-            self.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
-            self.row_mask[:n] = True
+        host = np.zeros((3, self.inputs.shape[1]), dtype=np.int64)  # padding rows: token 0 at position 0
+        host[0, :n], host[1, :n], host[2, :n] = ids, positions, 1
+        self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
         inputs = AttnInputs(BatchMode.DECODE, [e - 1 for e in ends], ends, pages)
         self.attn.prepare_graph(self.states[bs], inputs)
 

@@ -3,6 +3,9 @@ the EP backend, shared experts run locally."""
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +15,7 @@ from pd.ep.base import EPBackend
 from pd.ep.placement import PlacementMap, placement_of
 from pd.kernels import fp8 as fp8_kernels  # called through the module: a test swaps in the references
 from pd.kernels.moe import fused_moe, masked_moe
+from pd.kernels.routing import fused_routing, fused_routing_unusable
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
 from pd.model.quant import FP8_DTYPE, dequantize, scale_shape, w8a8_capable
@@ -25,10 +29,38 @@ def select_experts(
     Scores are sigmoid(router logits) in float32; the correction bias only steers the choice
     (groups ranked by the sum of their top-2 biased scores, then the top-K experts inside the best
     ``topk_group`` groups); the weights are the unbiased scores of the chosen experts, normalised
-    if ``norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+    if ``norm_topk_prob`` and scaled by ``routed_scaling_factor``. On CUDA, where the model's routing
+    fits it, one fused kernel (``pd.kernels.routing``) does all but the router GEMM; else ``route_ref``.
     """
-    t, e = x.shape[0], cfg.n_routed_experts
-    scores = F.linear(x.float(), gate_weight.float()).sigmoid()  # [T, E]
+    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    if x.is_cuda and _fused_routing_fits(cfg):
+        return fused_routing(
+            logits,
+            correction_bias,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.num_experts_per_tok,
+            cfg.routed_scaling_factor,
+        )
+    return route_ref(logits, correction_bias, cfg)
+
+
+@functools.cache
+def _fused_routing_fits(cfg: ModelConfig) -> bool:
+    k = cfg.num_experts_per_tok
+    why = fused_routing_unusable(
+        cfg.n_routed_experts, cfg.n_group, cfg.topk_group, k, cfg.norm_topk_prob, torch.device("cuda")
+    )
+    log.info("MoE routing: %s", "one fused kernel (FlashInfer)" if why is None else f"torch ({why})")
+    return why is None
+
+
+def route_ref(
+    logits: torch.Tensor, correction_bias: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` from the router ``logits [T, E]`` float32, in torch (the reference)."""
+    t, e = logits.shape[0], cfg.n_routed_experts
+    scores = logits.sigmoid()  # [T, E]
     choice = scores + correction_bias
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         group_scores = choice.view(t, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)  # [T, G]
@@ -41,6 +73,9 @@ def select_experts(
     if cfg.norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
     return topk_weights * cfg.routed_scaling_factor, topk_idx
+
+
+log = logging.getLogger(__name__)
 
 
 def fp8_dispatch(cfg: ModelConfig, quant: FP8Quant | None, device: torch.device) -> bool:
