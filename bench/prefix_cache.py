@@ -162,29 +162,30 @@ def main() -> None:
         model = shape_model(args.system_len + args.question_len + args.output_len + 64)
     log_dir = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
     rows = []
-    for rate in (float(r) for r in args.rates.split(",")):
+    for rate in (float(r) for r in args.rates.split(",") if r):  # --rates "": the multi-turn replay only
         for cache in (False, True):
             t0 = time.monotonic()
             rows.append(measure(args, model, cache, rate, log_dir))
             print(json.dumps(rows[-1]), f"({time.monotonic() - t0:.0f} s)", flush=True)
-    print(
-        f"\nShared-prefix workload: {args.groups} groups x {args.per_group}, system prompt {args.system_len} "
-        f"tokens, question {args.question_len}, output {args.output_len}, {args.device}\n"
-    )
-    print(
-        "| rate | prefix cache | hit rate | TTFT p50 ms | TTFT p99 ms | TTFT p50, later requests of a group | prompt tokens computed/s | req/s |"
-    )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        later = f"{r['ttft_p50_later_ms']:.1f}" if r["ttft_p50_later_ms"] is not None else "-"
-        print(f"| {r['rate']:g} | {'on' if r['cache'] else 'off'} | {r['hit_rate']:.1%} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
-              f"{later} | {r['computed_tokens_per_s']:.0f} | {r['req_per_s']:.2f} |")  # fmt: skip
-    for off, on in zip(rows[0::2], rows[1::2]):
-        if off["ttft_p50_later_ms"] and on["ttft_p50_later_ms"]:
-            ratio = on["ttft_p50_later_ms"] / off["ttft_p50_later_ms"]
-            print(
-                f"rate {off['rate']:g}: later requests' TTFT p50 with the cache / without {ratio:.2f}x (target <= 0.3x)"
-            )
+    if rows:
+        print(
+            f"\nShared-prefix workload: {args.groups} groups x {args.per_group}, system prompt {args.system_len} "
+            f"tokens, question {args.question_len}, output {args.output_len}, {args.device}\n"
+        )
+        print(
+            "| rate | prefix cache | hit rate | TTFT p50 ms | TTFT p99 ms | TTFT p50, later requests of a group | prompt tokens computed/s | req/s |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            later = f"{r['ttft_p50_later_ms']:.1f}" if r["ttft_p50_later_ms"] is not None else "-"
+            print(f"| {r['rate']:g} | {'on' if r['cache'] else 'off'} | {r['hit_rate']:.1%} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+                  f"{later} | {r['computed_tokens_per_s']:.0f} | {r['req_per_s']:.2f} |")  # fmt: skip
+        for off, on in zip(rows[0::2], rows[1::2]):
+            if off["ttft_p50_later_ms"] and on["ttft_p50_later_ms"]:
+                ratio = on["ttft_p50_later_ms"] / off["ttft_p50_later_ms"]
+                print(
+                    f"rate {off['rate']:g}: later requests' TTFT p50 with the cache / without {ratio:.2f}x (target <= 0.3x)"
+                )
     turns = [measure_turns(args, model, cache, log_dir) for cache in (False, True)] if args.turns else []
     if turns:
         source = (
