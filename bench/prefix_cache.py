@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from pd.bench.disagg_vs_colocated import free_port, shape_model, stop, wait_healthy
 from pd.bench.prefix_datasets import multiturn_requests, shared_prefix_requests, synthetic_sharegpt
-from pd.bench.report import prefix_cache_tokens
+from pd.bench.report import phase_lines, prefix_cache_tokens
 from pd.bench.serve import BenchConfig, BenchResult, run_benchmark
 
 
@@ -88,6 +88,9 @@ def measure(args: argparse.Namespace, model: str, cache: bool, rate: float, log_
         if key in seen:
             later.add(i)
         seen.add(key)
+    # Where a hit's TTFT goes: pd's latency phases of the later requests (pd-bench's phase table).
+    print(f"rate {rate:g}, cache {'on' if cache else 'off'}, a group's later requests:")
+    print("\n".join(phase_lines([r for r in result.records if r.index in later])), flush=True)
     ttft = sorted(r.ttft for r in result.records if r.ok and r.ttft is not None)
     later_ttft = [r.ttft for r in result.records if r.ok and r.ttft is not None and r.index in later]
     return {

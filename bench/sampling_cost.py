@@ -3,7 +3,7 @@
 step, at each batch size, on one GPU at the DESIGN.md §8 shape (dummy weights; the tiny tokenizer of the
 ``moonlight-shape`` preset gives the grammar its vocabulary).
 
-    python -m pd.bench.sampling_cost [--batches 1,64] [--context 1024] [--iters 20] [--out FILE]
+    python -m pd.bench.sampling_cost [--batches 1,64] [--context 1024] [--iters 20] [--profile DIR] [--out FILE]
 
 Each row: median wall ms of ``ModelRunner.run`` with the engine's ``LogitsProcessor`` (host work included:
 the grammar's bitmask is filled on the host while the forward runs), every request of the batch asking
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,18 @@ MODES["all"] = dataclasses.replace(
 )
 
 
+def profile_step(path: Path, runner, batch, logits) -> None:
+    """Writes a profiler table (host and device time per op, by self CPU time) of five steps to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            runner.run(batch, logits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,64")
@@ -57,6 +70,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the same code (no graphs)")
     p.add_argument(
         "--preset", default="moonlight-shape", help="pd-make-tiny-model preset (ci: a CPU smoke run)"
+    )
+    p.add_argument(
+        "--profile",
+        help="directory: a CPU + CUDA profile table of each option at the largest batch (host work shows)",
     )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
@@ -86,6 +103,9 @@ def main() -> None:
                 r.sampling = sampling
             logits = None if mode == "plain" else engine.logits
             ms = wall(lambda batch=batch, logits=logits: runner.run(batch, logits), args.iters) * 1e3
+            if args.profile and b == max(batches):
+                name = re.sub(r"\W+", "_", mode)
+                profile_step(Path(args.profile) / f"{name}_b{b}.txt", runner, batch, logits)
             for r in batch.reqs:
                 engine.logits.release(r)
             plain_ms = ms if mode == "plain" else plain_ms
