@@ -1,12 +1,12 @@
 """Full-model CUDA graphs for decode: one graph per batch bucket.
 
 Each graph covers embedding -> every layer (MLA decode, dense MLP or MoE with its EP dispatch and
-combine) -> final norm -> lm_head -> greedy token and its logprob. Buckets are captured largest
+combine) -> final norm -> lm_head -> log_softmax -> greedy token and its logprob. Buckets are captured largest
 first into one memory pool. Before a replay the attention metadata is planned outside the graph
 into the bucket's persistent buffers (the attention backend's graph hooks); a batch is padded to
 its bucket with rows that read and write only the dummy page and route to no expert. Sampling other
-than greedy, logits processing and top logprobs run on the graph's logits after the replay
-(``ModelRunner.run``).
+than greedy and logits processing run on the graph's logits after the replay, top logprobs on its
+log_softmax (``ModelRunner.run``).
 
 Lifetime: destroy (``close``) before the process group: a process that captured NCCL work hung at
 exit in destroy_process_group otherwise (gpu/NOTES.md).
@@ -68,7 +68,7 @@ class DecodeGraphs:
         self.ids, self.positions, self.real = self.inputs
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.states: dict[int, object] = {}
         max_pages = max_bs * pool.layout.pages_for(context_len)
         mempool = torch.cuda.graph_pool_handle()
@@ -77,13 +77,13 @@ class DecodeGraphs:
             self._capture(bs, mempool)
         log.info("captured decode CUDA graphs for batch buckets %s", self.buckets)
 
-    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         row_mask = self.real[:bs] != 0
         ctx = ForwardContext(BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, row_mask)
         logits = self.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
         tokens = logits.argmax(-1)
-        logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-        return logits, tokens, logprobs
+        full = logits.log_softmax(-1)  # kept: top logprobs of greedy rows, the sampler's logprobs
+        return logits, tokens, full.gather(1, tokens[:, None])[:, 0], full
 
     @torch.inference_mode()
     def _capture(self, bs: int, pool: torch.cuda._POOL_HANDLE) -> None:
@@ -113,18 +113,18 @@ class DecodeGraphs:
         self.attn.prepare_graph(self.states[bs], inputs)
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replays the bucket of a decode batch: (logits ``[n, V]`` float32, greedy tokens ``[n]`` int64, their
-        logprobs ``[n]`` float32) of its ``n`` requests, views of the graph's outputs (valid until the next
-        replay)."""
+        logprobs ``[n]`` float32, the logits' log_softmax ``[n, V]`` float32) of its ``n`` requests, views of
+        the graph's outputs (valid until the next replay)."""
         n = len(batch.reqs)
         bs = self.bucket(n)
         assert bs is not None, f"no bucket holds {n} requests"
         ids = [r.all_ids[s] for r, s in zip(batch.reqs, batch.starts)]
         self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
         self.graphs[bs].replay()
-        logits, tokens, logprobs = self.outputs[bs]
-        return logits[:n], tokens[:n], logprobs[:n]
+        logits, tokens, logprobs, full = self.outputs[bs]
+        return logits[:n], tokens[:n], logprobs[:n], full[:n]
 
     @torch.inference_mode()
     def run_idle(self, bs: int | None = None) -> None:

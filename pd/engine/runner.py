@@ -111,6 +111,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def top_logprobs(full: torch.Tensor, rows: list[Req]) -> list[TopLogprobs]:
+    """Each row's ``top_logprobs`` alternatives (token id, logprob), best first, from ``full [len(rows), V]``
+    (log-probabilities); ``()`` for rows that ask for none."""
+    k = max((r.sampling.top_logprobs for r in rows), default=0)
+    if not k:
+        return [()] * len(rows)
+    values, ids = full.topk(k, dim=-1)
+    return [
+        tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
+        for r, v, t in zip(rows, values.tolist(), ids.tolist())
+    ]
+
+
 log = logging.getLogger(__name__)
 
 PROMPT_LOGPROBS_BLOCK = 1024  # prompt positions scored per lm_head call (echo)
@@ -264,16 +277,19 @@ class ModelRunner:
     def run(self, batch: Batch, logits: LogitsProcessor | None = None) -> StepResult:
         """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens,
         grammar matchers); None: no request of the batch asks for processing. Requests that ask for any
-        never take the CUDA graph's greedy tokens: their logits are processed (and masked) first."""
+        never take the CUDA graph's greedy tokens: their logits are processed (and masked) first. Greedy
+        requests that ask for none take the graph's tokens, logprobs and (top logprobs) log-softmax."""
         for src, dst in batch.copies:  # copy on write, before any write of this step
             self.pool.copy_page(src, dst)
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-        plain = not any(r.sampling.needs_processing or r.sampling.top_logprobs for r in sampled)
+        unprocessed = not any(r.sampling.needs_processing for r in sampled)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
-            out, tokens, lps = self.graphs.run(batch)
-            if plain and all(r.sampling.greedy for r in sampled):
-                return StepResult.of(tokens.tolist(), lps.tolist())
-            return self._sample(out, batch, sampled, logits)
+            out, tokens, lps, full = self.graphs.run(batch)
+            if unprocessed and all(r.sampling.greedy for r in sampled):
+                result = StepResult.of(tokens.tolist(), lps.tolist())
+                result.top = top_logprobs(full, batch.reqs)  # a decode step samples every request
+                return result
+            return self._sample(out, batch, sampled, logits, full)
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []  # rows of the step's tokens that sample
@@ -304,9 +320,15 @@ class ModelRunner:
         return result
 
     def _sample(
-        self, out: torch.Tensor, batch: Batch, sampled: list[Req], logits: LogitsProcessor | None
+        self,
+        out: torch.Tensor,
+        batch: Batch,
+        sampled: list[Req],
+        logits: LogitsProcessor | None,
+        full: torch.Tensor | None = None,
     ) -> StepResult:
-        """Samples ``out [len(sampled), V]`` float32 (processed in place first).
+        """Samples ``out [len(sampled), V]`` float32 (processed in place first). ``full``: ``out``'s
+        log_softmax where the caller has it (the decode graph's), used unless processing changes ``out``.
 
         A request of ``n > 1`` choices sampling its first token forks: its row is drawn from n times,
         choice i keyed by ``choice_seed(seed, i)``; the draws of choices 1.. come back in ``forks``."""
@@ -315,26 +337,25 @@ class ModelRunner:
         step = logits.prepare(sampled) if logits is not None else None
         if logits is not None and step is not None:
             logits.apply(out, step)
+            full = None  # of the unprocessed logits
         forks = [(row, i) for row, r in enumerate(sampled) for i in range(1, r.width)]
         rows = sampled + [sampled[row] for row, _ in forks]  # one per draw: the requests' own, then forks
         if forks:
-            out = out[list(range(len(sampled))) + [row for row, _ in forks]]
+            order = list(range(len(sampled))) + [row for row, _ in forks]
+            out = out[order]
+            full = full[order] if full is not None else None
         st = SamplingTensors.build(
             [r.sampling for r in rows],
             [r.seed for r in sampled] + [choice_seed(sampled[row].seed, i) for row, i in forks],
             [r.seq_len for r in rows],
             self.device,
         )
-        k = max((r.sampling.top_logprobs for r in sampled), default=0)
-        full = out.log_softmax(-1) if k else None  # shared with sample
+        if full is None and any(r.sampling.top_logprobs for r in sampled):
+            full = out.log_softmax(-1)  # shared with sample
         tokens, lps = sample(out, st, full)
         if logits is not None:
             logits.record(step, tokens)  # the requests' own draws (the first rows)
-        top_rows: list[TopLogprobs] = [()] * len(rows)
-        if full is not None:
-            values, top_ids = full.topk(k, dim=-1)
-            for i, (r, v, t) in enumerate(zip(rows, values.tolist(), top_ids.tolist())):
-                top_rows[i] = tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
+        top_rows = top_logprobs(full, rows) if full is not None else [()] * len(rows)
         draws = [Sampled(t, lp, top) for t, lp, top in zip(tokens.tolist(), lps.tolist(), top_rows)]
         forked: list[list[Sampled]] = [[] for _ in sampled]
         for (row, _), draw in zip(forks, draws[len(sampled) :]):
