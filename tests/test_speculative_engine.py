@@ -125,7 +125,7 @@ def test_the_oracle_accepts_every_draft_and_needs_fewer_forwards(path, prompts):
     assert oracle.spec.stats.emitted_hist[4] > 0
 
 
-def test_processed_and_top_logprob_requests_decode_as_plain_beside_speculating_ones(path, prompts):
+def test_processed_requests_decode_as_plain_beside_speculating_ones(path, prompts):
     params = [
         SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5),
         SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=3),
@@ -137,6 +137,30 @@ def test_processed_and_top_logprob_requests_decode_as_plain_beside_speculating_o
     got = spec.generate(prompts, params)
     for g, w in zip(got, want, strict=True):
         assert g.output_ids == w.output_ids
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, temperature):
+    """A request asking for top logprobs drafts like any other; the alternatives of every emitted token (from
+    the target's logits at its offset of the verify) equal a plain run's."""
+    params = SamplingParams(max_tokens=9, temperature=temperature, seed=3, ignore_eos=True, top_logprobs=4)
+
+    def run(e: Engine) -> list[tuple[list[int], list]]:
+        reqs = [e.add_request(p, params) for p in prompts]
+        while e.has_work():
+            e.step()
+        return [(r.output_ids, r.output_top_logprobs) for r in reqs]
+
+    want = run(engine(path))
+    e = engine(path, 2)
+    plant(e, [ids + [0] * 2 for ids, _ in want], e.model_cfg.vocab_size)  # every draft right
+    got = run(e)
+    assert e.spec.stats.emitted_hist[3] > 0  # steps that emitted three tokens, two of them drafts
+    for (g_ids, g_top), (w_ids, w_top) in zip(got, want, strict=True):
+        assert g_ids == w_ids and len(g_top) == len(w_top) == len(w_ids)
+        for g, w in zip(g_top, w_top):
+            assert [t for t, _ in g] == [t for t, _ in w]
+            assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-4)
 
 
 def test_preemption_and_aborts_free_every_page_once(path, prompts):

@@ -18,8 +18,8 @@ the first ``K``. The MTP layer's KV only shapes drafts, never what is emitted: a
 hit, a forked choice sharing its prompt's pages) can only lower acceptance.
 
 Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; a request
-that asks for logits processing or top logprobs verifies no drafts (its one token is processed and
-sampled as in a plain step). Pages: the scheduler reserves ``2K - 1`` tokens beyond the request's length
+that asks for logits processing verifies no drafts (its one token is processed and sampled as in a plain
+step); top logprobs come from the target's logits at each emitted offset. Pages: the scheduler reserves ``2K - 1`` tokens beyond the request's length
 (``lookahead``): the verify writes up to ``L - 1 + K``, a chain up to ``L + 2K - 2``.
 """
 
@@ -44,6 +44,23 @@ from pd.types import Batch, BatchMode, Req, StepResult, TopLogprobs
 
 if TYPE_CHECKING:
     from pd.engine.engine import TokenOutput
+
+
+def top_logprobs_at(reqs: list[Req], logits3: torch.Tensor) -> list[list[TopLogprobs]]:
+    """Each request's ``top_logprobs`` alternatives at every offset of the verify, ``[B][K + 1]``, from the
+    target's logits there (``logits3 [B, K + 1, V]``, processed where the request asked for processing)."""
+    width = logits3.shape[1]
+    asking = [b for b, r in enumerate(reqs) if r.sampling.top_logprobs]
+    tops: list[list[TopLogprobs]] = [[()] * width for _ in reqs]
+    if not asking:
+        return tops
+    k = max(reqs[b].sampling.top_logprobs for b in asking)
+    rows = torch.tensor(asking, dtype=torch.int64, device=logits3.device)
+    values, ids = logits3[rows].log_softmax(-1).topk(k, dim=-1)  # [P, K + 1, k]
+    for b, v, t in zip(asking, values.tolist(), ids.tolist()):
+        n = reqs[b].sampling.top_logprobs
+        tops[b] = [tuple(zip(tj[:n], vj[:n])) for vj, tj in zip(v, t)]
+    return tops
 
 
 def lookahead(spec: SpeculativeConfig) -> int:
@@ -124,7 +141,7 @@ class MTPSpeculator:
             self.runner.pool.copy_page(src, dst)
         reqs = batch.reqs
         k, dev = self.k, self.runner.device
-        plain = [r.sampling.needs_processing or bool(r.sampling.top_logprobs) for r in reqs]
+        plain = [r.sampling.needs_processing for r in reqs]
         dlens = [0 if p else self._room(r, len(self.drafts.get(r, []))) for r, p in zip(reqs, plain)]
         ids: list[int] = []
         positions: list[int] = []
@@ -151,7 +168,8 @@ class MTPSpeculator:
         for b, (req, d) in enumerate(zip(reqs, dlens)):
             drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
         drafts = drafts.to(dev)
-        tops = self._process(reqs, plain, logits3)
+        self._process(reqs, plain, logits3)
+        tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], dev
         )
@@ -176,34 +194,25 @@ class MTPSpeculator:
         left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len)
         return max(0, min(have, self.k, left - 1))
 
-    def _process(self, reqs: list[Req], plain: list[bool], logits3: torch.Tensor) -> list[TopLogprobs]:
-        """Logits processing and top logprobs of the rows that verify no drafts (offset 0, in place)."""
+    def _process(self, reqs: list[Req], plain: list[bool], logits3: torch.Tensor) -> None:
+        """Logits processing of the rows that verify no drafts (offset 0, in place)."""
         self._proc_rows = [b for b, p in enumerate(plain) if p]
         self._step_logits = None
-        tops: list[TopLogprobs] = [()] * len(reqs)
         if not self._proc_rows:
-            return tops
+            return
         rows = self._tensor(self._proc_rows)
         first = logits3[rows, 0]
-        proc = [reqs[b] for b in self._proc_rows]
-        self._step_logits = self.logits.prepare(proc)
+        self._step_logits = self.logits.prepare([reqs[b] for b in self._proc_rows])
         if self._step_logits is not None:
             self.logits.apply(first, self._step_logits)
             logits3[rows, 0] = first
-        k = max((r.sampling.top_logprobs for r in proc), default=0)
-        if k:
-            values, top_ids = first.log_softmax(-1).topk(k, dim=-1)
-            for b, r, v, t in zip(self._proc_rows, proc, values.tolist(), top_ids.tolist()):
-                n = r.sampling.top_logprobs
-                tops[b] = tuple(zip(t[:n], v[:n]))
-        return tops
 
     def _emit(
         self,
         batch: Batch,
         verdict: Verdict,
         counts: list[int],
-        tops: list[TopLogprobs],
+        tops: list[list[TopLogprobs]],
         postprocess: Postprocess,
     ) -> list[TokenOutput]:
         tokens = verdict.tokens.tolist()
@@ -220,7 +229,7 @@ class MTPSpeculator:
             result = StepResult(
                 [tokens[b][j] for b in live],
                 [logprobs[b][j] for b in live],
-                [tops[b] if j == 0 else () for b in live],
+                [tops[b][j] for b in live],
                 [[] for _ in live],
                 [[] for _ in live],
             )
