@@ -63,42 +63,44 @@ class RotaryEmbedding(nn.Module):
     the same for queries and keys, so their dot products are those of the checkpoint's layout.
     """
 
-    cos: torch.Tensor  # buffers [max_positions, dim/2] float32
-    sin: torch.Tensor
+    cos_sin: torch.Tensor  # buffer [max_positions, dim] float32: cos of the dim/2 frequencies, then sin
 
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.dim, self.max_positions = rope, dim, max_positions
         self.interleave = rope.interleave
         self.register_buffer(
-            "cos", torch.empty(max_positions, dim // 2, dtype=torch.float32), persistent=False
+            "cos_sin", torch.empty(max_positions, dim, dtype=torch.float32), persistent=False
         )
-        self.register_buffer(
-            "sin", torch.empty(max_positions, dim // 2, dtype=torch.float32), persistent=False
-        )
-        if self.cos.device.type != "meta":
+        if self.cos_sin.device.type != "meta":
             self.build_tables()
 
     def build_tables(self) -> None:
-        """Fills the cos/sin tables ``[max_positions, dim/2]`` float32 (again after ``to_empty``)."""
+        """Fills the cos/sin table ``[max_positions, dim]`` float32 (again after ``to_empty``)."""
         freqs = (
             torch.arange(self.max_positions, dtype=torch.float32)[:, None]
             * self.rope.inv_freq(self.dim)[None, :]
         )
         scale = self.rope.cos_sin_scale
-        self.cos = (freqs.cos() * scale).to(self.cos.device)
-        self.sin = (freqs.sin() * scale).to(self.sin.device)
+        self.cos_sin = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1).to(self.cos_sin.device)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotates ``x [T, heads, dim]`` at ``positions [T]``; math in float32."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = self.cos_sin[positions][:, None, :].chunk(2, dim=-1)  # one gather
         xf = x.float()
         if self.interleave:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
         else:
             x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    def rotate_pair(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA's rotary parts in one pass: ``q [T, heads, dim]`` and the shared ``k [T, dim]`` at ``positions``
+        (the same values as rotating each: half the launches of two calls)."""
+        both = self(positions, torch.cat([q, k[:, None, :]], dim=1))  # [T, heads + 1, dim]
+        return both[:, :-1], both[:, -1]
 
 
 class MLP(nn.Module):

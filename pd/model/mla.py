@@ -68,8 +68,7 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_rope = self.rotary(positions, q_rope)
-        k_rope = self.rotary(positions, k_rope[:, None, :])[:, 0]
+        q_rope, k_rope = self.rotary.rotate_pair(positions, q_rope, k_rope)
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [T, kv_lora + rope]
         attn = ctx.attn
         attn.store(self.layer, latent)
