@@ -299,3 +299,14 @@ def test_no_rank_gives_503_and_holds_nothing():
     err, _ = run(cluster, read_all)
     assert isinstance(err, APIError) and err.status == 503 and "registered" in err.message
     assert cluster.generates == [] and cluster.aborts == [] and cluster.busy == {}
+
+
+def test_time_per_token_of_several_choices_is_the_longest_choices():
+    """n > 1: the choices decode side by side, one token each per step; the proxy's TPOT divides by the longest
+    choice's tokens after its first, and the completion counter adds every choice's."""
+    registry = Registry()
+    d = Dispatcher(FakeCluster({}), registry, request_timeout_s=10.0, retry_prefill=False)
+    job = make_job()
+    d._finished(job, now=job.arrived + 10.0, first_at=job.arrived + 1.0, tokens={0: 10, 1: 10, 2: 7})
+    assert metric(registry, "pd_proxy_tpot_seconds_sum") == pytest.approx(9.0 / 9)
+    assert metric(registry, "pd_proxy_tokens_total") == len(job.prompt_ids) + 27

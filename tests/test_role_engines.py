@@ -259,3 +259,22 @@ def test_colocated_engine_equals_reference_and_aborts_cleanly(tiny_model_dir, re
             assert aborted.finish_reason == "abort"
     assert [tokens[r] for r in range(len(PROMPTS))] == reference
     assert idle(c) and colocated.rooms_open == 0
+
+
+def test_decode_phases_of_several_choices_count_steps_not_tokens():
+    """n > 1: a room's time per token and first step are its longest choice's, not its tokens summed."""
+    from pd.engine.decode import _phases, _Room
+    from pd.types import Req
+
+    req = Req(1, [5, 6, 7], SamplingParams(max_tokens=8, n=3), 0, 64)
+    room = _Room(req, "prefill:1", arrived=0.0, transfer_started=1.0, kv_arrived=2.0)
+    room.first_emit, room.second_emit, room.last_emit = 3.0, 3.5, 10.0
+    room.emitted = {0: 8, 1: 8, 2: 6}
+    phases = _phases(room)
+    assert phases.tpot_s == pytest.approx(7.0 / 7)  # 8 tokens of the longest choice: 7 steps after the first
+    assert (phases.pages_wait_s, phases.transfer_s, phases.admit_s, phases.first_step_s) == (
+        1.0,
+        1.0,
+        1.0,
+        0.5,
+    )

@@ -77,7 +77,12 @@ class _Room:
     first_emit_unix: float = 0.0
     second_emit: float = 0.0
     last_emit: float = 0.0
-    emitted: int = 0  # tokens emitted
+    emitted: dict[int, int] = dataclasses.field(default_factory=dict)  # tokens emitted, per choice
+
+    @property
+    def steps(self) -> int:
+        """Tokens of its longest choice: its choices emit side by side, one token each per step."""
+        return max(self.emitted.values(), default=0)
 
 
 class DecodeEngine:
@@ -244,17 +249,19 @@ class DecodeEngine:
         room = self.rooms.get(out.req.rid)
         if room is not None and out.token_ids:
             now = time.monotonic()
-            if room.emitted == 0:
+            if room.steps == 0:
                 room.first_emit, room.first_emit_unix = now, time.time()
-            elif room.second_emit == 0.0:
+            index = out.req.index
+            room.emitted[index] = room.emitted.get(index, 0) + len(out.token_ids)
+            if room.second_emit == 0.0 and room.steps > 1:
                 room.second_emit = now
-            room.last_emit, room.emitted = now, room.emitted + len(out.token_ids)
+            room.last_emit = now
         if out.finish_reason is not None and room is not None:
             room.unfinished -= 1
             if room.unfinished == 0:  # its last choice: the room ends
                 del self.rooms[out.req.rid]
                 self.metrics.ended(out.finish_reason.value)
-                if room.emitted:
+                if room.steps:
                     event = dataclasses.replace(event, phases=_phases(room))
         return event
 
@@ -283,7 +290,7 @@ class DecodeEngine:
 
 def _phases(room: _Room) -> DecodePhases:
     """Where a room's time went here, from its recorded times (durations on this rank's clock)."""
-    later = room.emitted - 1
+    later = room.steps - 1
     return DecodePhases(
         pages_wait_s=room.transfer_started - room.arrived,
         transfer_s=room.kv_arrived - room.transfer_started,

@@ -143,7 +143,8 @@ class Dispatcher:
         except NoWorkers as e:
             raise APIError(503, str(e)) from None
         retries = 1 if self.retry_prefill else 0
-        first_at, tokens, sent = None, 0, time.monotonic()
+        first_at, sent = None, time.monotonic()
+        tokens: dict[int, int] = {}  # per choice
         try:
             while True:
                 room = secrets.randbits(63)
@@ -154,7 +155,7 @@ class Dispatcher:
                             if first_at is None and chunk.token_ids:
                                 first_at = now
                                 self.m_ttft.observe(now - job.arrived)
-                            tokens += len(chunk.token_ids)
+                            tokens[chunk.index] = tokens.get(chunk.index, 0) + len(chunk.token_ids)
                             if chunk.done:
                                 self._finished(job, now, first_at, tokens)
                                 if chunk.times is not None and first_at is not None:
@@ -215,12 +216,15 @@ class Dispatcher:
         )
         return {**phases, "ttft": ttft, "kv_bytes": float(p.transfer_bytes)}
 
-    def _finished(self, job: Job, now: float, first_at: float | None, tokens: int) -> None:
+    def _finished(self, job: Job, now: float, first_at: float | None, tokens: dict[int, int]) -> None:
+        """``tokens``: completion tokens per choice; the choices decode side by side, so the time per token
+        is the longest choice's."""
         self.m_e2e.observe(now - job.arrived)
-        if first_at is not None and tokens > 1:
-            self.m_tpot.observe((now - first_at) / (tokens - 1))
+        steps = max(tokens.values(), default=0)
+        if first_at is not None and steps > 1:
+            self.m_tpot.observe((now - first_at) / (steps - 1))
         self.m_tokens.inc(len(job.prompt_ids), kind="prompt")
-        self.m_tokens.inc(tokens, kind="completion")
+        self.m_tokens.inc(sum(tokens.values()), kind="completion")
 
     async def _attempt(self, job: Job, room: int, route: Route) -> AsyncGenerator[Chunk, None]:
         """One try of ``job`` in ``room`` on ``route``. Raises _PrefillFailed if the prefill rank fails
