@@ -4,10 +4,7 @@
 # processing, grammar masks, seeded sampling; tests/test_routing.py: the fused router; tests/test_host_staging.py
 # on cuda pools). Carry: .gpu-pack. Everything comes back as one archive.
 set -u
-tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
-source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+source bench/gpu/setup_pack.sh
 timeout 300 python3 -m pd.bench.sampling_cost --batches 1,64 --out $OUT/sampling_cost.json 2>&1 \
   | tee $OUT/sampling_cost.txt | tail -25
 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_routing.py -rfE 2>&1 | tee $OUT/pytest_gpu.txt | tail -20

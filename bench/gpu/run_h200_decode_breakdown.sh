@@ -3,10 +3,7 @@
 # bf16 weights, context 1K) with the decode step of batch 1 and 64 split into kernel classes and the gap
 # (wall minus the kernels' sum). Carry: .gpu-pack.
 set -u
-tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
-source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+source bench/gpu/setup_pack.sh
 timeout 540 python3 -m pd.bench.decode_step --batches 1,8,32,64,128 --contexts 1024 --breakdown 1,64 --profile $OUT/profile_b64.txt \
   --out $OUT/decode_step.json 2>&1 | tee $OUT/decode_step.txt | tail -60
 tar -C $OUT -cJf /tmp/all.tar.xz . && rm -f $OUT/* && mv /tmp/all.tar.xz $OUT/

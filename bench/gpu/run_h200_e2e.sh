@@ -15,10 +15,7 @@ rates=${2:-"16 inf"}
 prompts=${3:-200}
 extra=${4:-}
 tests=${5:-}
-tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
-source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+source bench/gpu/setup_pack.sh
 python3 -m pd.launch.make_tiny_model /tmp/design --preset moonlight-shape --config-only > /dev/null
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_transfer_engine.py > $OUT/test_tcp_stream.txt 2>&1
 echo "== GPU test of the TCP stream (t=$(elapsed) s): $(tail -1 $OUT/test_tcp_stream.txt)"
@@ -26,17 +23,7 @@ for proto in $protocols; do
   pd-serve --model /tmp/design --device cuda --load-format dummy --dtype bfloat16 --transfer-protocol $proto \
     --port 8000 $extra > $OUT/serve_$proto.log 2>&1 &
   serve=$!
-  python3 - <<'PY'
-import time, httpx
-deadline = time.time() + 300
-while time.time() < deadline:
-    try:
-        if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
-            break
-    except httpx.HTTPError:
-        pass
-    time.sleep(1)
-PY
+  wait_ready 8000
   echo "== $proto ready (t=$(elapsed) s)"; grep -E "transfer|NVLink|nvlink|TCP" $OUT/serve_$proto.log | cut -c1-200 | head -4
   for spec in $rates; do
     rate=${spec%%:*}; n=$prompts; [ "$spec" != "$rate" ] && n=${spec#*:}

@@ -8,10 +8,7 @@
 set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
-source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+source bench/gpu/setup_pack.sh
 timeout 150 python3 -m pytest -q -m gpu tests/test_routing.py tests/test_gpu.py -k "routing or warm_up or graph_replay or agrees" -rfE \
   > $OUT/pytest_gpu.txt 2>&1
 echo "== tests (t=$(elapsed) s): $(tail -1 $OUT/pytest_gpu.txt)"; grep -E "^E|FAILED" $OUT/pytest_gpu.txt | head -6

@@ -10,10 +10,7 @@
 set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-tar -xJf .gpu-pack/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/gsite
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/gsite .gpu-pack/*.whl
-source bench/gpu/setup_host.sh > $OUT/env.txt 2>&1
-export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache TRITON_CACHE_DIR=/tmp/triton-cache
+source bench/gpu/setup_pack.sh
 python3 -m pd.launch.make_tiny_model /tmp/design --preset moonlight-shape --config-only > /dev/null
 timeout 280 python3 -m pd.bench.prefix_cache --device cuda --rates 4,16 --groups 8 --per-group 8 \
   --out $OUT/prefix_cache.json > $OUT/prefix_cache.txt 2>&1
@@ -24,17 +21,7 @@ for line in httpx.get('http://127.0.0.1:8000/metrics').text.splitlines():
     if line.startswith(('pd_decode_batch_size_sum', 'pd_decode_batch_size_count')): print(line)"; }
 pd-serve --model /tmp/design --device cuda --load-format dummy --dtype bfloat16 --port 8000 > $OUT/serve_sat.log 2>&1 &
 serve=$!
-python3 - <<'PY'
-import time, httpx
-deadline = time.time() + 300
-while time.time() < deadline:
-    try:
-        if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
-            break
-    except httpx.HTTPError:
-        pass
-    time.sleep(1)
-PY
+wait_ready 8000
 echo "== ready (t=$(elapsed) s)"
 scrape > $OUT/batch_before.txt
 timeout 120 pd-bench --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 128 \
