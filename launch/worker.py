@@ -241,9 +241,7 @@ def run(role: str, argv: list[str] | None = None) -> None:
     try:
         cfg = worker_config(role, args)
         if cfg.engine.speculative.enabled:  # refused here with its message, not deep in the rank's start
-            check_speculative(
-                cfg.engine, ModelConfig.from_dir(cfg.engine.model_path), role, cfg.parallel.size
-            )
+            check_speculative(cfg.engine, ModelConfig.from_dir(cfg.engine.model_path))
     except ValueError as e:  # a config field out of range: named, without a traceback
         raise SystemExit(f"pd-{role}: error: {e}") from None
     # One rank on its own: it reserves its port before building the engine (the ranks of a multi-rank

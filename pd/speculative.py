@@ -60,6 +60,11 @@ class SpeculativeConfig:
         ``num_hidden_layers``), which prefill ships with the rest."""
         return model.num_hidden_layers + (1 if self.mtp else 0)
 
+    def step_tokens(self, sequences: int) -> int:
+        """The most tokens a decode step of ``sequences`` requests passes through a layer (an EP backend's
+        ``max_tokens_per_rank``): each verifies its last token and up to K drafts."""
+        return sequences * (1 + self.num_tokens)
+
     def check_model(self, model: ModelConfig) -> None:
         """Refuses a checkpoint that cannot draft: MTP needs ``num_nextn_predict_layers >= 1``."""
         if self.mtp:

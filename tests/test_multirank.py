@@ -94,3 +94,32 @@ def test_cache_aware_routing_sends_a_shared_prefix_to_the_rank_that_holds_it(dep
     after = prefix_hits(url)
     grown = sorted(after.get(r, 0.0) - before.get(r, 0.0) for r in ("0", "1"))
     assert grown == [0.0, 3 * 64.0], (before, after)
+
+
+def test_two_rank_instances_with_mtp_give_transformers_tokens(tiny_model, hf_model, tmp_path):
+    """MTP (K = 2) on 2-rank prefill and decode instances: each rank drafts for its own requests and runs the
+    MTP layer's MoE K times a step (with no tokens where it drafted less), so the EP collectives line up
+    while the ranks verify different numbers of drafts; greedy output is transformers'."""
+    path = tiny_model("ci", with_mtp=True)
+    hf = hf_model(path)
+    flags = ["--dp", "2", "--ep", "2", "--chunk-size", "16", "--model-name", "tiny-ci"]
+    flags += ["--speculative-algorithm", "mtp", "--num-speculative-tokens", "2"]
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, rng.choice([3, 20, 45]), 1000) for _ in range(8)]
+    with pd_serve(path, tmp_path / "pd-serve.log", *flags) as url:
+        wait_until(lambda: len(kv_pages_used(url)) >= 4, 30, "4 ranks registered", interval=0.2)
+
+        async def run():
+            c = async_openai_client(url)
+            outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
+            await c.close()
+            return [o.choices[0].model_extra["token_ids"] for o in outs]
+
+        assert asyncio.run(run()) == [hf_greedy(hf, p, 12) for p in prompts]
+        assert all(v == 0 for v in wait_pages_idle(url).values())
+        verified: dict[str, float] = {}  # verify steps of each decode rank (the histogram's count)
+        for (name, labels), value in metric_samples(url).items():
+            d = dict(labels)
+            if name == "pd_spec_tokens_per_step_count" and d.get("role") == "decode":
+                verified[d["rank"]] = verified.get(d["rank"], 0.0) + value
+        assert sorted(verified) == ["0", "1"] and all(v > 0 for v in verified.values())

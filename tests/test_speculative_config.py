@@ -109,19 +109,17 @@ def test_malformed_speculative_fields_are_invalid():
     )
 
 
-def test_the_builder_allows_speculative_decoding_on_single_rank_instances_only(tiny_model):
+def test_the_builder_refuses_speculative_decoding_without_an_mtp_layer(tiny_model):
     spec = SpeculativeConfig("mtp", 1)
-    with_layer = ModelConfig.from_dir(tiny_model("ci", with_mtp=True))
-    for role in ("prefill", "decode", "colocated"):
-        check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 1)
-        with pytest.raises(
-            ValueError, match=f"{role} instance of 2 ranks: MTP runs on single-rank instances only"
-        ):
-            check_speculative(EngineConfig("m", speculative=spec), with_layer, role, 2)
+    check_speculative(
+        EngineConfig("m", speculative=spec), ModelConfig.from_dir(tiny_model("ci", with_mtp=True))
+    )
     without = ModelConfig.from_dir(tiny_model("ci"))
     with pytest.raises(ValueError, match="num_nextn_predict_layers 0"):
-        check_speculative(EngineConfig("m", speculative=spec), without, "colocated", 1)
-    check_speculative(EngineConfig("m"), without, "decode", 1)  # off: nothing to check
+        check_speculative(EngineConfig("m", speculative=spec), without)
+    check_speculative(EngineConfig("m"), without)  # off: nothing to check
+    assert spec.step_tokens(8) == 16 and SpeculativeConfig("mtp", 3).step_tokens(8) == 32
+    assert SpeculativeConfig().step_tokens(8) == 8  # the EP buffers' tokens per rank
 
 
 def test_pd_decode_exits_naming_the_missing_mtp_layer(tiny_model):

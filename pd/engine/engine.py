@@ -174,7 +174,7 @@ class Engine:
         """One forward step; returns the outputs of the requests that sampled in it."""
         batch = self.scheduler.schedule()
         if batch is None:
-            self.runner.run_idle()  # other ranks of the instance may be stepping
+            self.idle()
             return []
         self.forwards += 1
         if self.spec is not None and batch.mode is BatchMode.DECODE:
@@ -184,6 +184,13 @@ class Engine:
         if self.spec is not None:
             self.spec.after_extend(batch, result.tokens)
         return outputs
+
+    def idle(self) -> None:
+        """A step with nothing to run here, which other ranks of the instance may be running: joins their EP
+        collectives (the model's and, with MTP, the draft layer's)."""
+        self.runner.run_idle()
+        if self.spec is not None:
+            self.spec.join_collectives()
 
     def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
         # Forks are made before choice 0's token is recorded: a token that ends choice 0 frees its pages.

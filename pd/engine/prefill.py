@@ -99,7 +99,7 @@ class PrefillEngine:
     def step(self) -> list[Event]:
         batch = self.scheduler.schedule()
         if batch is None:
-            self.runner.run_idle()  # other ranks of the instance may be stepping
+            self.engine.idle()  # other ranks of the instance may be stepping
             return []
         self._announce(batch)
         result = self.runner.run(batch, self.engine.logits)

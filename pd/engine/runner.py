@@ -159,7 +159,7 @@ class ModelRunner:
             EPConfig(
                 model_cfg.n_routed_experts,
                 model_cfg.hidden_size,
-                cfg.max_running,
+                cfg.speculative.step_tokens(cfg.max_running),
                 self.dtype,
                 device=self.device,
             ),

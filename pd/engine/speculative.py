@@ -1,4 +1,4 @@
-"""Speculative decoding with the checkpoint's MTP layer, colocated and eager (DESIGN.md §11, issue 20).
+"""Speculative decoding with the checkpoint's MTP layer, eager (DESIGN.md §11, issue 20).
 
 A decode step of a request whose last token sits at position ``L - 1`` (``L`` = its length) and which holds
 ``d`` drafts (``0 <= d <= K``) runs the target over ``[last, draft_1 .. draft_d]`` at positions
@@ -83,8 +83,9 @@ Postprocess = Callable[[Batch, StepResult], list["TokenOutput"]]
 
 
 class MTPSpeculator:
-    """Drafts with the MTP layer and verifies with the target for one colocated engine. ``drafts`` holds
-    each running request's next drafts (host ints); an entry is dropped when its request leaves."""
+    """Drafts with the MTP layer and verifies with the target for one engine (any role; each rank of an EP
+    group for its own requests). ``drafts`` holds each running request's next drafts (host ints); an entry
+    is dropped when its request leaves."""
 
     def __init__(self, runner: ModelRunner, logits: LogitsProcessor, spec: SpeculativeConfig) -> None:
         if not isinstance(runner.model, DeepseekV3WithMTP):
@@ -97,10 +98,20 @@ class MTPSpeculator:
         self.stats = SpecStats(accepted_at=[0] * self.k, emitted_hist=[0] * (self.k + 2))
         self._step_logits: StepLogits | None = None  # this step's processing of its plain rows
         self._proc_rows: list[int] = []  # those rows (batch indices)
+        self._rounds = 0  # MTP layer forwards this step (join_collectives pads them to K)
         runner.keep_hidden = True  # extend steps keep every row's hidden state for the MTP layer
 
     def release(self, req: Req) -> None:
         self.drafts.pop(req, None)
+
+    def join_collectives(self) -> None:
+        """Ends a step (a verify, a prompt chunk, or none here): the ranks of an EP group run the MTP layer's
+        MoE the same number of times each step, K, so a rank that drafted fewer times (or not at all) joins
+        the rest with no tokens. Single-rank engines do nothing."""
+        if self.runner.lockstep:
+            for _ in range(self.k - self._rounds):
+                self.model.mtp.idle(self.runner.low_latency_moe)
+        self._rounds = 0
 
     # ---- after a prompt chunk ----
 
@@ -131,6 +142,7 @@ class MTPSpeculator:
             drafting.append(token is not None)
         if segs:
             self._draft(segs, hidden[self._tensor(rows)], drafting)
+        self.join_collectives()
 
     # ---- a decode step ----
 
@@ -187,6 +199,7 @@ class MTPSpeculator:
         if self.on_verify is not None:
             self.on_verify(dlens, emitted)
         self._after_verify(reqs, hidden, bases, counts.tolist(), dlens)
+        self.join_collectives()
         return outputs
 
     def _room(self, req: Req, have: int) -> int:
@@ -270,6 +283,7 @@ class MTPSpeculator:
         next_ids = self._tensor([t for _, _, n in segs for t in n])
         positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
         logits, head = self.model.draft(hidden, next_ids, positions, ctx)
+        self._rounds += 1
         chain = [b for b, d in enumerate(drafting) if d]
         if not chain:
             return
@@ -293,6 +307,7 @@ class MTPSpeculator:
             attn.prepare(AttnInputs(BatchMode.DECODE, at, [p + 1 for p in at], tables))
             ctx = ForwardContext(BatchMode.DECODE, attn, self._tensor(list(range(len(chain)))), low_latency)
             logits, head = self.model.draft(head, token, self._tensor(at), ctx)
+            self._rounds += 1
             token = logits.argmax(-1)
             at = [p + 1 for p in at]
 

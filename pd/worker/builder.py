@@ -106,18 +106,10 @@ class Rank:
     transfer: KVSender | KVReceiver | None
 
 
-def check_speculative(engine: EngineConfig, model: ModelConfig, role: str, ranks: int) -> None:
+def check_speculative(engine: EngineConfig, model: ModelConfig) -> None:
     """Refuses speculative settings this build cannot serve, before anything is built: a checkpoint without
-    the MTP layer (named by ``num_nextn_predict_layers``), and speculative decoding on an instance of more
-    than one rank (an EP group's ranks do not step the MTP layer in lockstep yet). ``role`` is the rank's
-    (every role drafts and verifies: pd.engine.speculative)."""
-    spec = engine.speculative
-    spec.check_model(model)
-    if spec.enabled and ranks > 1:
-        raise ValueError(
-            f"speculative decoding (--speculative-algorithm {spec.algorithm}) on a {role} instance of {ranks} "
-            "ranks: MTP runs on single-rank instances only so far"
-        )
+    the MTP layer (named by ``num_nextn_predict_layers``)."""
+    engine.speculative.check_model(model)
 
 
 def build_rank(cfg: WorkerConfig) -> Rank:
@@ -125,7 +117,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
     files = TokenizerFiles.read(cfg.engine.model_path)
     hf_config = load_hf_config(cfg.engine.model_path)
     model_cfg = ModelConfig.from_hf(hf_config)
-    check_speculative(cfg.engine, model_cfg, role, par.size)
+    check_speculative(cfg.engine, model_cfg)
     engine_cfg = rank_engine_config(role, cfg.engine, par)
     low_latency = uses_low_latency_moe(role, par)
     lockstep, ep_group = None, None
@@ -140,7 +132,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
     ep_cfg = EPConfig(
         model_cfg.n_routed_experts,
         model_cfg.hidden_size,
-        engine_cfg.max_running,
+        engine_cfg.speculative.step_tokens(engine_cfg.max_running),
         engine_cfg.torch_dtype,
         par.rank,
         par.size,
