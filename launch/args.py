@@ -1,5 +1,6 @@
 """What every launcher shares: logging, the common flags, flags whose defaults come from a config
-dataclass, forwarding flags to child processes, and reserving a port before a child may bind it.
+dataclass, forwarding flags to child processes, children that end with their parent, and reserving a port
+before a child may bind it.
 
 Nothing here imports torch (``pd-bootstrap`` and ``pd-proxy`` need none); the engine and worker
 flags are in ``pd.launch.engine_args`` and ``pd.launch.worker``.
@@ -12,8 +13,11 @@ field as ``config_field`` (the tests check every such flag against its dataclass
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -22,6 +26,13 @@ from pd.rpc.auth import read_token_file
 from pd.rpc.tls import TLSConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def end_with_parent(sig: signal.Signals) -> None:
+    """In a child before exec (``preexec_fn``): the kernel sends it ``sig`` when its parent dies, however the
+    parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing), so no child outlives its launcher."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1: PR_SET_PDEATHSIG
 
 
 def setup_logging(level: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from pd.launch.args import (
     PortInUse,
     add_common_args,
     add_field_arg,
+    end_with_parent,
     forwarded,
     reserve_port,
     setup_logging,
@@ -55,9 +55,7 @@ def _child_setup() -> None:
     pd-serve, which stops the children in order; and SIGTERM if pd-serve dies, even by SIGKILL
     (Linux), so none is left behind."""
     os.setpgid(0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    end_with_parent(signal.SIGTERM)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list[argparse.Action]]:

@@ -23,6 +23,7 @@ from pd.launch.args import (
     add_common_args,
     add_field_arg,
     cluster_token,
+    end_with_parent,
     reserve_port,
     setup_logging,
     tls_config,
@@ -285,8 +286,12 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
     par = parallel_config(args)  # validates the flags before anything starts
     tls_config(args)
     reserved = reserve_rank_ports(role, args, par)  # held until the ranks are gone
+    # A rank stuck in a collective may not stop on SIGTERM; if this launcher is killed for it, its ranks go too.
     children = [
-        subprocess.Popen([sys.executable, "-m", f"pd.launch.{role}", *argv, *extra, "--rank-in-node", str(i)])
+        subprocess.Popen(
+            [sys.executable, "-m", f"pd.launch.{role}", *argv, *extra, "--rank-in-node", str(i)],
+            preexec_fn=lambda: end_with_parent(signal.SIGKILL),
+        )
         for i in range(par.local_size)
     ]
     stopping = False

@@ -8,11 +8,14 @@ import contextlib
 import dataclasses
 import http.server
 import importlib
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from pd.speculative import SpeculativeConfig
 from pd.transfer.engine import PROTOCOLS, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig
+from tests.support.polling import wait_until
 
 # pd-proxy and pd-serve run on uvicorn and starlette: pd's dependencies, but missing from a bare GPU image
 # that runs `pytest -m gpu` with a few wheels added.
@@ -423,3 +427,40 @@ def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected)
 def test_launchers_refuse_bad_settings_by_name_before_starting(launcher, flags, message):
     p = subprocess.run([sys.executable, "-m", launcher, *flags], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_ranks_of_a_killed_multi_rank_launcher_end_with_it(tiny_model_dir):
+    """pd-serve kills a rank launcher that does not stop in time (a rank stuck in a collective ignores
+    SIGTERM): its ranks must not outlive it. Here the launcher of a 2-rank prefill instance is SIGKILLed once
+    both ranks run; both are gone within seconds (the bootstrap address is never served: they would
+    otherwise keep trying to register)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "pd.launch.prefill", "--model", str(tiny_model_dir), "--device", "cpu"]
+    cmd += ["--dp", "2", "--ep", "2", "--host", "127.0.0.1", "--bootstrap", nowhere]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    try:
+        wait_until(lambda: len(children.read_text().split()) == 2, 30, "two ranks started", interval=0.1)
+        ranks = [int(pid) for pid in children.read_text().split()]
+        time.sleep(1.0)  # past their exec: they run pd's rank code
+        launcher.kill()
+        launcher.wait(10)
+        wait_until(lambda: not any(running(pid) for pid in ranks), 15, "ranks gone")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+        for pid in ranks if "ranks" in locals() else []:  # a failed run leaves nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's reaper may be slow to collect it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
