@@ -162,7 +162,9 @@ def main() -> None:
 
         model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "ci"))
     else:
-        model = shape_model(args.system_len + args.question_len + args.output_len + 64)
+        model = shape_model(
+            max(args.system_len + args.question_len + args.output_len + 64, 8192)
+        )  # turns grow
     log_dir = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
     rows = []
     for rate in (float(r) for r in args.rates.split(",") if r):  # --rates "": the multi-turn replay only
