@@ -19,8 +19,9 @@ hit, a forked choice sharing its prompt's pages) can only lower acceptance.
 
 Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; a request
 that asks for logits processing verifies no drafts (its one token is processed and sampled as in a plain
-step); top logprobs come from the target's logits at each emitted offset. Pages: the scheduler reserves ``2K - 1`` tokens beyond the request's length
-(``lookahead``): the verify writes up to ``L - 1 + K``, a chain up to ``L + 2K - 2``.
+step); top logprobs come from the target's logits at each emitted offset. Pages: the scheduler reserves
+``2K - 1`` tokens beyond the request's length (``lookahead``): the verify writes up to ``L - 1 + K``, a
+chain up to ``L + 2K - 2``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from pd.attention.base import AttnInputs
 from pd.engine.logits import LogitsProcessor, StepLogits
-from pd.engine.runner import ModelRunner
+from pd.engine.runner import ModelRunner, top_logprobs
 from pd.engine.spec import PAD_TOKEN, Verdict, accept_all, sample_accept
 from pd.model.context import ForwardContext
 from pd.model.mtp import DeepseekV3WithMTP
@@ -52,14 +53,12 @@ def top_logprobs_at(reqs: list[Req], logits3: torch.Tensor) -> list[list[TopLogp
     width = logits3.shape[1]
     asking = [b for b, r in enumerate(reqs) if r.sampling.top_logprobs]
     tops: list[list[TopLogprobs]] = [[()] * width for _ in reqs]
-    if not asking:
-        return tops
-    k = max(reqs[b].sampling.top_logprobs for b in asking)
-    rows = torch.tensor(asking, dtype=torch.int64, device=logits3.device)
-    values, ids = logits3[rows].log_softmax(-1).topk(k, dim=-1)  # [P, K + 1, k]
-    for b, v, t in zip(asking, values.tolist(), ids.tolist()):
-        n = reqs[b].sampling.top_logprobs
-        tops[b] = [tuple(zip(tj[:n], vj[:n])) for vj, tj in zip(v, t)]
+    if asking:
+        rows = torch.tensor(asking, dtype=torch.int64, device=logits3.device)
+        full = logits3[rows].log_softmax(-1).flatten(0, 1)  # [P * (K + 1), V]
+        flat = top_logprobs(full, [reqs[b] for b in asking for _ in range(width)])
+        for i, b in enumerate(asking):
+            tops[b] = flat[i * width : (i + 1) * width]
     return tops
 
 
