@@ -177,7 +177,8 @@ def expert_balance(base_url: str) -> str:
 
 
 def prefix_cache_tokens(base_url: str) -> tuple[float, float] | None:
-    """(prompt tokens looked up, tokens found) in the prefix caches of a pd deployment's ranks so far, from
+    """(prompt tokens looked up, tokens found) in the prefix caches of a pd deployment's prefill and colocated
+    ranks so far (what was not computed; decode ranks' hits, transfers skipped, are not counted here), from
     its proxy's /metrics; None for other servers."""
     from pd.metrics import parse_samples
     from pd.worker.metrics import PREFIX_HIT_TOKENS, PREFIX_QUERY_TOKENS
@@ -190,7 +191,9 @@ def prefix_cache_tokens(base_url: str) -> tuple[float, float] | None:
         return None
     query = hit = 0.0
     found = False
-    for (name, _), value in parse_samples(response.text).items():
+    for (name, labels), value in parse_samples(response.text).items():
+        if ("role", "decode") in labels:
+            continue
         if name == PREFIX_QUERY_TOKENS:
             query, found = query + value, True
         elif name == PREFIX_HIT_TOKENS:

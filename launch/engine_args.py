@@ -99,8 +99,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             "--prefix-cache",
             E,
             "prefix_cache",
-            help="reuse the KV pages of cached prompt prefixes on prefill and colocated ranks "
-            "(--no-prefix-cache: compute every prompt in full; decode ranks never cache)",
+            help="reuse the KV pages of cached prefixes: prefill and colocated ranks skip computing them, "
+            "decode ranks receiving them (--no-prefix-cache: compute and transfer every prompt in full)",
         ),
         *add_speculative_args(p),
     ]

@@ -339,8 +339,8 @@ class EngineConfig:
     cuda_graph: bool = (
         True  # decode in full-model CUDA graphs on CUDA (needs a graph-capable attention backend)
     )
-    # Keep full KV pages of computed prompts and reuse them for later prompts with the same prefix (prefill
-    # and colocated ranks; decode ranks never cache).
+    # Keep full KV pages of computed prompts (prefill, colocated ranks) or of finished requests (decode ranks)
+    # and reuse them for later prompts with the same prefix (decode: not transferred again).
     prefix_cache: bool = True
     seed: int = 0
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -53,14 +53,16 @@ class Loopback:
     sent: dict[int, list[int]] = field(default_factory=dict)
     aux: dict[int, AuxRecord] = field(default_factory=dict)
     aborted: list[int] = field(default_factory=list)
+    skip: dict[int, int] = field(default_factory=dict)  # leading pages decode holds: never copied
+    written: dict[int, list[int]] = field(default_factory=dict)  # destination pages copied, per room
 
     def can_add(self, num_pages: int) -> bool:  # PageReceiver
         return True
 
     # PageSender
     def add_room(self, room: int, pages: Sequence[int], *rest) -> None:
-        if rest:  # PageReceiver.add_room(room, endpoint, dst_pages, slot)
-            self.dst[room] = list(rest[0])
+        if rest:  # PageReceiver.add_room(room, endpoint, dst_pages, slot, skip_pages)
+            self.dst[room], self.skip[room] = list(rest[0]), rest[2]
         else:
             self.src[room], self.sent[room] = list(pages), []
 
@@ -76,8 +78,11 @@ class Loopback:
 
     def copy(self, room: int) -> None:
         src, dst = self.prefill.runner.pool, self.decode.runner.pool
+        skip = self.skip[room]
+        pairs = list(zip(self.src[room][skip:], self.dst[room][skip:]))
+        self.written[room] = [d for _, d in pairs]
         for layer in range(src.layout.num_layers):
-            for s, d in zip(self.src[room], self.dst[room]):
+            for s, d in pairs:
                 dst.layer(layer)[d].copy_(src.layer(layer)[s])
 
 

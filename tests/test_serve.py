@@ -223,20 +223,48 @@ def test_repeated_prompt_hits_the_prefix_cache_with_the_same_tokens(
     ids = random_prompt(random.Random(19), 41, tok.vocab_size - 2)
     expected = hf_greedy(hf, ids, MAX_TOKENS)
 
-    def counters() -> tuple[float, float]:
-        return (
-            proxy_metric(deployment, "pd_prefix_cache_query_tokens_total"),
-            proxy_metric(deployment, "pd_prefix_cache_hit_tokens_total"),
-        )
-
-    readings = [counters()]
+    readings = [_prefix_counters(deployment)]
     for _ in range(2):
         assert greedy_tokens(c, ids, MAX_TOKENS) == expected
-        readings.append(counters())
-    (q0, h0), (q1, h1), (q2, h2) = readings
+        readings.append(_prefix_counters(deployment))
+    (q0, h0), (q1, h1), (q2, h2) = (r["prefill"] for r in readings)
     assert (q1 - q0, h1 - h0) == (41, 0), "the first time, nothing is cached"
     assert (q2 - q1, h2 - h1) == (41, 40), "then every full page before the last token"
+    # Decode cached the first answer's pages too: the repeat's transfer skipped the same 10 pages.
+    assert readings[2]["decode"][1] - readings[1]["decode"][1] == 40
     assert proxy_metric(deployment, "pd_kv_pages_cached") >= 10
+    assert all(v == 0 for v in wait_pages_idle(deployment).values())
+
+
+def _prefix_counters(url: str) -> dict[str, tuple[float, float]]:
+    """Prefix-cache tokens (looked up, found) per role, summed over the ranks, from one scrape."""
+    samples = parse_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+
+    def total(name: str, role: str) -> float:
+        return sum(v for (n, labels), v in samples.items() if n == name and ("role", role) in labels)
+
+    query, hit = "pd_prefix_cache_query_tokens_total", "pd_prefix_cache_hit_tokens_total"
+    return {role: (total(query, role), total(hit, role)) for role in ("prefill", "decode")}
+
+
+def test_second_turn_of_a_conversation_skips_the_pages_decode_holds(
+    deployment, tiny_model_dir, hf_model, tok
+):
+    """Turn 2's prompt is turn 1's prompt and answer and 7 new tokens: the decode rank finds the 11 full pages
+    turn 1 computed there (30 + 15 tokens with KV, page size 4) in its cache, the prefill rank writes only
+    the rest (through host staging and Mooncake TCP), and the tokens are transformers'; no page is held
+    at the end."""
+    hf = hf_model(tiny_model_dir)
+    c = openai_client(deployment)
+    rng = random.Random(23)
+    turn1 = random_prompt(rng, 30, tok.vocab_size - 2)
+    out1 = greedy_tokens(c, turn1, MAX_TOKENS)
+    assert out1 == hf_greedy(hf, turn1, MAX_TOKENS)
+    before = _prefix_counters(deployment)["decode"]
+    turn2 = turn1 + out1 + random_prompt(rng, 7, tok.vocab_size - 2)
+    assert greedy_tokens(c, turn2, MAX_TOKENS) == hf_greedy(hf, turn2, MAX_TOKENS)
+    after = _prefix_counters(deployment)["decode"]
+    assert (after[0] - before[0], after[1] - before[1]) == (len(turn2), 44)
     assert all(v == 0 for v in wait_pages_idle(deployment).values())
 
 

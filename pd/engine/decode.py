@@ -4,15 +4,19 @@ A room's life here (every step on the engine thread):
 
 1. ``DecodeRoom`` -> PENDING, FIFO, until pages for the prompt plus headroom and an aux slot are free,
    and the rooms running or in transfer stay within ``max_running`` (bounded: BUSY beyond ``max_pending``).
-2. TRANSFER: the receiver is given the prompt's pages and the slot; it hand-shakes with the prefill rank,
-   which writes the KV and the first token there.
+2. TRANSFER: the prompt is matched against this rank's prefix cache (full pages of earlier requests'
+   prompts and outputs, cached as they ended; never the prompt's last page), one reference per page found;
+   the receiver is given the prompt's pages (those found first) and the slot, and how many leading pages
+   it must not have written; it hand-shakes with the prefill rank, which writes the rest of the KV and
+   the first token there.
 3. ``TransferEnded`` DONE -> RUNNING: the scheduler admits the request with its pages
    (``Engine.add_prefilled``) and the first token is emitted; a request of n choices forks there into n
    sequences sharing the prompt's pages (each choice's first token came in the aux record). Each ``step``
    then decodes one token per running sequence. Any other end frees the pages at once (the receiver
    reports only once no write can land).
-4. Finished (stop, length) or aborted: the scheduler frees each sequence's page references exactly once;
-   the room ends with its last choice.
+4. Finished (stop, length) or aborted: the scheduler offers each sequence's full pages of computed tokens
+   to the prefix cache (with it on) and frees its page references exactly once; the room ends with its
+   last choice. A room that ends before RUNNING caches nothing (its pages may hold partial writes).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class PageReceiver(Protocol):
 
     def can_add(self, num_pages: int) -> bool: ...
 
-    def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None: ...
+    def add_room(
+        self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int, skip_pages: int
+    ) -> None: ...
 
     def abort(self, room: int, reason: str) -> None: ...
 
@@ -108,6 +114,7 @@ class DecodeEngine:
         self.in_transfer = 0
         if engine.spec is not None:
             engine.spec.on_verify = self.metrics.speculated
+        engine.scheduler.cache_finished = True  # a no-op without a prefix cache
 
     # ---- the loop ----
 
@@ -185,25 +192,32 @@ class DecodeEngine:
         pages last, and while the sequences running or in transfer (n per room) stay within ``max_running``:
         a decode batch never grows past it (the low-latency MoE buffers of a multi-rank instance hold that
         many tokens per rank)."""
-        allocator = self.engine.allocator
+        scheduler = self.engine.scheduler
         while self.pending:
             room = self.rooms[self.pending[0]]
-            n = room.req.sampling.n
-            if len(self.engine.scheduler.running) + self.in_transfer + n > self.engine.cfg.max_running:
+            n, prompt = room.req.sampling.n, room.req.prompt_ids
+            if len(scheduler.running) + self.in_transfer + n > self.engine.cfg.max_running:
                 return
-            prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
-            if self.slots.num_free == 0 or not self.receiver.can_add(prompt_pages):
+            if self.slots.num_free == 0:
                 return
-            pages = allocator.alloc(self._pages_wanted(room.req))
-            if pages is None:
+            hit = scheduler.cache.match(prompt) if scheduler.cache is not None else []
+            prompt_pages = self.layout.pages_for(len(prompt))
+            fresh = None
+            if self.receiver.can_add(prompt_pages - len(hit)):
+                fresh = scheduler.alloc(self._pages_wanted(room.req) - len(hit))  # evicts idle cached pages
+            if fresh is None:
+                self.engine.allocator.free(hit)  # back to the cache alone; matched again next time
                 return
             slot = self.slots.alloc()
             assert slot is not None  # checked above
             self.pending.popleft()
+            pages = hit + fresh
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
             room.transfer_started = time.monotonic()
             self.in_transfer += n
-            self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot)
+            if scheduler.cache is not None:
+                self.metrics.prefix_matched(len(prompt), len(hit) * self.layout.page_size)
+            self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot, len(hit))
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
         room = self.rooms.get(cmd.room)

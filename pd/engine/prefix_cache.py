@@ -1,4 +1,5 @@
-"""Page-granular prefix cache: a radix tree over the full KV pages of prompts computed on this rank.
+"""Page-granular prefix cache: a radix tree over full KV pages computed on this rank (prompts on prefill and
+colocated ranks; a finished request's prompt and output on decode ranks).
 
 Each node of the tree is one full page: its edge from the parent is the ``page_size`` token ids the page
 holds, and its page id holds their KV given every token on the path from the root (the page's whole prefix).
@@ -15,7 +16,8 @@ its end, and the pages every longer prompt shares go last.
 
 Writes: a cached page is never written again. ``match`` returns full pages that end before the prompt's last
 token (that token is computed: its logits sample the first output), so the caller computes from a page
-boundary into pages of its own; ``insert`` is called once a request's pages hold its prompt's final KV.
+boundary into pages of its own (a decode rank has the prefill rank write them); ``insert`` is called once a
+request's pages hold the final KV of the tokens it is given.
 
 Threads: every method runs on the engine thread, except ``num_idle_pages`` (a metrics scrape reads it).
 """

@@ -45,6 +45,10 @@ class Scheduler:
         self.on_end: Callable[[Req], None] | None = None  # called once a request ends or leaves (release)
         # Called on each admission with a cache: (tokens looked up, tokens found cached).
         self.on_prefix_match: Callable[[int, int], None] | None = None
+        # With a cache: a request that ends offers the full pages of its computed tokens (prompt and output)
+        # to it before they are freed (a decode rank, whose requests' KV the next turn of a conversation
+        # reuses; set by ``DecodeEngine``).
+        self.cache_finished = False
 
     @property
     def num_unfinished(self) -> int:
@@ -80,7 +84,7 @@ class Scheduler:
             if self.num_sequences + req.width > self.cfg.max_running:
                 break
             hit = self._match(req)
-            pages = self._alloc(self._pages_for(req.seq_len) - len(hit))
+            pages = self.alloc(self._pages_for(req.seq_len) - len(hit))
             if pages is None:
                 self.allocator.free(hit)  # back to the cache alone
                 break  # the head waits for pages; later requests do not overtake it
@@ -155,6 +159,10 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         if req.pages:
+            if self.cache_finished and self.cache is not None and req.state is ReqState.RUNNING:
+                # Positions before num_computed hold computed KV (a step that ran; the last sampled token
+                # has none yet): correct whatever ended the request.
+                self.cache.insert(req.all_ids[: req.num_computed], req.pages)
             self.allocator.free(req.pages)
             req.pages = []
         req.state, req.finish_reason = ReqState.FINISHED, reason
@@ -198,7 +206,7 @@ class Scheduler:
 
     def _reserve_pages(self, req: Req, copies: list[tuple[int, int]]) -> None:
         """Makes room for the token this step writes, preempting the newest requests if needed (idle cached
-        pages are evicted first, ``_alloc``).
+        pages are evicted first, ``alloc``).
 
         Copy on write: if the page it writes into is shared (the prompt's partial last page, held by every
         choice of a forked request), it gets a page of its own, and ``(shared, own)`` is added to ``copies``
@@ -211,7 +219,7 @@ class Scheduler:
             need = self._pages_for(tokens) - len(req.pages) + shared
             if need <= 0:
                 return
-            pages = self._alloc(need)
+            pages = self.alloc(need)
             if pages is not None:
                 if shared:
                     own = pages.pop()
@@ -238,7 +246,7 @@ class Scheduler:
             return []
         return self.cache.match(req.all_ids)
 
-    def _alloc(self, n: int) -> list[int] | None:
+    def alloc(self, n: int) -> list[int] | None:
         """``n`` fresh pages, evicting pages only the cache holds if too few are free; None if still short."""
         pages = self.allocator.alloc(n)
         if pages is None and self.cache is not None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pd/rpc/transfer.proto\x12\x06pd.rpc\"z\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tnum_pages\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nlatent_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05order\x18\x06 \x01(\t\"\xc6\x01\n\x10HandshakeRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x11\n\tdst_pages\x18\x04 \x03(\r\x12\x10\n\x08\x61ux_slot\x18\x05 \x01(\r\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pd.rpc.KVLayoutSpec\x12\x0f\n\x07kv_base\x18\x07 \x01(\x04\x12\x10\n\x08\x61ux_base\x18\x08 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\r\"\x10\n\x0eHandshakeReply\",\n\x0c\x41\x62ortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\nAbortReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\"9\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x14\n\x0ckv_checksums\x18\x02 \x01(\x0c\"5\n\x15TransferFailedRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x0bNoticeReply\x12\r\n\x05known\x18\x01 \x01(\x08\x32\x83\x01\n\x0fPrefillTransfer\x12=\n\tHandshake\x12\x18.pd.rpc.HandshakeRequest\x1a\x16.pd.rpc.HandshakeReply\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReply2\xcb\x01\n\x0e\x44\x65\x63odeTransfer\x12@\n\x0cTransferDone\x12\x1b.pd.rpc.TransferDoneRequest\x1a\x13.pd.rpc.NoticeReply\x12\x44\n\x0eTransferFailed\x12\x1d.pd.rpc.TransferFailedRequest\x1a\x13.pd.rpc.NoticeReply\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pd/rpc/transfer.proto\x12\x06pd.rpc\"z\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tnum_pages\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nlatent_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05order\x18\x06 \x01(\t\"\xda\x01\n\x10HandshakeRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x11\n\tdst_pages\x18\x04 \x03(\r\x12\x10\n\x08\x61ux_slot\x18\x05 \x01(\r\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pd.rpc.KVLayoutSpec\x12\x0f\n\x07kv_base\x18\x07 \x01(\x04\x12\x10\n\x08\x61ux_base\x18\x08 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\r\x12\x12\n\nskip_pages\x18\n \x01(\r\"\x10\n\x0eHandshakeReply\",\n\x0c\x41\x62ortRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\nAbortReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\"9\n\x13TransferDoneRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x14\n\x0ckv_checksums\x18\x02 \x01(\x0c\"5\n\x15TransferFailedRequest\x12\x0c\n\x04room\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x0bNoticeReply\x12\r\n\x05known\x18\x01 \x01(\x08\x32\x83\x01\n\x0fPrefillTransfer\x12=\n\tHandshake\x12\x18.pd.rpc.HandshakeRequest\x1a\x16.pd.rpc.HandshakeReply\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReply2\xcb\x01\n\x0e\x44\x65\x63odeTransfer\x12@\n\x0cTransferDone\x12\x1b.pd.rpc.TransferDoneRequest\x1a\x13.pd.rpc.NoticeReply\x12\x44\n\x0eTransferFailed\x12\x1d.pd.rpc.TransferFailedRequest\x1a\x13.pd.rpc.NoticeReply\x12\x31\n\x05\x41\x62ort\x12\x14.pd.rpc.AbortRequest\x1a\x12.pd.rpc.AbortReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUTSPEC']._serialized_start=33
   _globals['_KVLAYOUTSPEC']._serialized_end=155
   _globals['_HANDSHAKEREQUEST']._serialized_start=158
-  _globals['_HANDSHAKEREQUEST']._serialized_end=356
-  _globals['_HANDSHAKEREPLY']._serialized_start=358
-  _globals['_HANDSHAKEREPLY']._serialized_end=374
-  _globals['_ABORTREQUEST']._serialized_start=376
-  _globals['_ABORTREQUEST']._serialized_end=420
-  _globals['_ABORTREPLY']._serialized_start=422
-  _globals['_ABORTREPLY']._serialized_end=466
-  _globals['_TRANSFERDONEREQUEST']._serialized_start=468
-  _globals['_TRANSFERDONEREQUEST']._serialized_end=525
-  _globals['_TRANSFERFAILEDREQUEST']._serialized_start=527
-  _globals['_TRANSFERFAILEDREQUEST']._serialized_end=580
-  _globals['_NOTICEREPLY']._serialized_start=582
-  _globals['_NOTICEREPLY']._serialized_end=610
-  _globals['_PREFILLTRANSFER']._serialized_start=613
-  _globals['_PREFILLTRANSFER']._serialized_end=744
-  _globals['_DECODETRANSFER']._serialized_start=747
-  _globals['_DECODETRANSFER']._serialized_end=950
+  _globals['_HANDSHAKEREQUEST']._serialized_end=376
+  _globals['_HANDSHAKEREPLY']._serialized_start=378
+  _globals['_HANDSHAKEREPLY']._serialized_end=394
+  _globals['_ABORTREQUEST']._serialized_start=396
+  _globals['_ABORTREQUEST']._serialized_end=440
+  _globals['_ABORTREPLY']._serialized_start=442
+  _globals['_ABORTREPLY']._serialized_end=486
+  _globals['_TRANSFERDONEREQUEST']._serialized_start=488
+  _globals['_TRANSFERDONEREQUEST']._serialized_end=545
+  _globals['_TRANSFERFAILEDREQUEST']._serialized_start=547
+  _globals['_TRANSFERFAILEDREQUEST']._serialized_end=600
+  _globals['_NOTICEREPLY']._serialized_start=602
+  _globals['_NOTICEREPLY']._serialized_end=630
+  _globals['_PREFILLTRANSFER']._serialized_start=633
+  _globals['_PREFILLTRANSFER']._serialized_end=764
+  _globals['_DECODETRANSFER']._serialized_start=767
+  _globals['_DECODETRANSFER']._serialized_end=970
 # @@protoc_insertion_point(module_scope)

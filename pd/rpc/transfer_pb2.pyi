@@ -23,7 +23,7 @@ class KVLayoutSpec(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., order: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("room", "session", "endpoint", "dst_pages", "aux_slot", "layout", "kv_base", "aux_base", "deadline_ms")
+    __slots__ = ("room", "session", "endpoint", "dst_pages", "aux_slot", "layout", "kv_base", "aux_base", "deadline_ms", "skip_pages")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class HandshakeRequest(_message.Message):
     KV_BASE_FIELD_NUMBER: _ClassVar[int]
     AUX_BASE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PAGES_FIELD_NUMBER: _ClassVar[int]
     room: int
     session: str
     endpoint: str
@@ -42,7 +43,8 @@ class HandshakeRequest(_message.Message):
     kv_base: int
     aux_base: int
     deadline_ms: int
-    def __init__(self, room: _Optional[int] = ..., session: _Optional[str] = ..., endpoint: _Optional[str] = ..., dst_pages: _Optional[_Iterable[int]] = ..., aux_slot: _Optional[int] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., kv_base: _Optional[int] = ..., aux_base: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    skip_pages: int
+    def __init__(self, room: _Optional[int] = ..., session: _Optional[str] = ..., endpoint: _Optional[str] = ..., dst_pages: _Optional[_Iterable[int]] = ..., aux_slot: _Optional[int] = ..., layout: _Optional[_Union[KVLayoutSpec, _Mapping]] = ..., kv_base: _Optional[int] = ..., aux_base: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., skip_pages: _Optional[int] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
     __slots__ = ()

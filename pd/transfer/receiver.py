@@ -66,8 +66,9 @@ _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class _Room:
     machine: RoomStateMachine
     prefill: str  # the prefill rank's gRPC endpoint
-    dst_pages: tuple[int, ...]
+    dst_pages: tuple[int, ...]  # every page of the prompt, the skipped ones first
     aux_slot: int
+    skip_pages: int = 0  # leading pages decode holds already: the prefill rank does not write them
     call: grpc.Future | None = None  # the hand-shake in flight
     next_try: float = float("inf")  # when to retry the hand-shake
     attempted: bool = False  # a hand-shake may have reached the prefill rank
@@ -78,6 +79,11 @@ class _Room:
     released: bool = False
     host_pages: tuple[int, ...] | None = None  # host staging pages the prefill rank writes into
     landing: bool = False  # staged pages are being copied to the device, or checksums verified
+
+    @property
+    def written(self) -> tuple[int, ...]:
+        """The destination pages the prefill rank writes (those after the skipped ones)."""
+        return self.dst_pages[self.skip_pages :]
 
 
 class KVReceiver:
@@ -142,21 +148,31 @@ class KVReceiver:
         s = self.staging
         return s is None or num_pages > s.capacity or s.num_free >= num_pages
 
-    def add_room(self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int) -> None:
-        """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order).
-        Call ``can_add`` first: with host staging this raises RuntimeError if its pages are not free."""
+    def add_room(
+        self, room: int, prefill_endpoint: str, dst_pages: Sequence[int], aux_slot: int, skip_pages: int = 0
+    ) -> None:
+        """Starts receiving ``room`` from the prefill rank at ``prefill_endpoint`` into ``dst_pages`` (token order,
+        one per prompt page). ``skip_pages``: how many leading pages already hold the prompt's KV (decode's
+        prefix cache): the prefill rank writes only the rest (at least the last page). Call ``can_add`` with the
+        number of pages written first: with host staging this raises RuntimeError if its pages are not free."""
         if self.endpoint is None:
             raise RuntimeError("KVReceiver.endpoint must be set before add_room")
         pages = self.pool.layout.check_pages(dst_pages, f"room {room}: destination")
         self.aux.slot_offset(aux_slot)  # range check
+        if not 0 <= skip_pages < len(pages):
+            raise ValueError(
+                f"room {room}: skip_pages {skip_pages} of {len(pages)} pages (the last is written)"
+            )
         with self._lock:
             if room in self._rooms:
                 raise ValueError(f"room {room} was already added")
-            r = _Room(RoomStateMachine(room, "decode", self.timeouts), prefill_endpoint, pages, aux_slot)
-            if self.staging is not None and len(pages) <= self.staging.capacity:
-                host = self.staging.try_alloc(len(pages))
+            machine = RoomStateMachine(room, "decode", self.timeouts)
+            r = _Room(machine, prefill_endpoint, pages, aux_slot, skip_pages)
+            n = len(r.written)
+            if self.staging is not None and n <= self.staging.capacity:
+                host = self.staging.try_alloc(n)
                 if host is None:
-                    raise RuntimeError(f"room {room}: no {len(pages)} host staging pages free (see can_add)")
+                    raise RuntimeError(f"room {room}: no {n} host staging pages free (see can_add)")
                 r.host_pages = tuple(host)
             self._rooms[room] = r
             self._handshake(r)
@@ -200,12 +216,13 @@ class KVReceiver:
             room=r.machine.room,
             session=self.engine.session_id,
             endpoint=self.endpoint,
-            dst_pages=r.dst_pages if r.host_pages is None else r.host_pages,
+            dst_pages=r.written if r.host_pages is None else r.host_pages,
             aux_slot=r.aux_slot,
             layout=layout_to_proto(pool.layout),
             kv_base=pool.data_ptr,
             aux_base=self.aux.data_ptr,
             deadline_ms=int(patience * 1000),
+            skip_pages=r.skip_pages,
         )
         r.attempted, r.next_try = True, float("inf")
         call = self._channels.prefill(r.prefill).Handshake.future(request, timeout=self.rpc_timeout_s)
@@ -329,7 +346,7 @@ class KVReceiver:
         if r.host_pages is not None:
             assert self.staging is not None
             try:
-                self.staging.to_device(r.host_pages, r.dst_pages)
+                self.staging.to_device(r.host_pages, r.written)
             except Exception as e:  # e.g. a CUDA error: the room fails, the receiver goes on
                 logger.exception("decode room %d: copying the staged KV to the device failed", r.machine.room)
                 return f"copying the staged KV to the device failed: {e!r}"
@@ -342,8 +359,8 @@ class KVReceiver:
             return "prefill sent no KV checksums (--kv-checksum must be on for prefill and decode alike)"
         try:
             if self.before_verify is not None:
-                self.before_verify(r.machine.room, self.pool, r.dst_pages)
-            self._checksums.verify(r.dst_pages, kv_checksums)
+                self.before_verify(r.machine.room, self.pool, r.written)
+            self._checksums.verify(r.written, kv_checksums)
         except ChecksumMismatch as e:
             return str(e)
         except Exception as e:  # e.g. a CUDA error: the room fails, the receiver goes on

@@ -36,17 +36,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pd.kv_cache import TRANSFER_FIELDS, KVPool
+from pd.kv_cache import KVPool
 from pd.rpc import transfer_pb2 as pb
 from pd.rpc import transfer_pb2_grpc as pb_grpc
 from pd.rpc.tls import TLSConfig
-from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord
+from pd.transfer.aux import AuxBuffer, AuxRecord
 from pd.transfer.checksum import PageChecksums, pack
 from pd.transfer.engine import TransferEngine, TransferError
-from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
+from pd.transfer.rpc import Channels, rpc_error
 from pd.transfer.staging import HostStaging
 from pd.transfer.state import RoomStateMachine, TransferState, TransferTimeouts, drain_queue
-from pd.transfer.writes import Peer, PeerWrites
+from pd.transfer.writes import Peer, PeerWrites, peer_from_handshake
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +249,10 @@ class KVSender:
     def _pair(self, r: _Room) -> None:
         if r.machine.state is not TransferState.BOOTSTRAPPING or r.src_pages is None or r.peer is None:
             return
-        if len(r.peer.dst_pages) != len(r.src_pages):
+        skip, dst = r.peer.skip_pages, len(r.peer.dst_pages)
+        if skip + dst != len(r.src_pages) or skip >= len(r.src_pages):
             self._fail(
-                r,
-                f"decode gave {len(r.peer.dst_pages)} destination pages for {len(r.src_pages)} source pages",
+                r, f"decode skips {skip} and gives {dst} destination pages for {len(r.src_pages)} pages"
             )
             return
         r.machine.to(TransferState.WAITING_FOR_INPUT)
@@ -262,15 +262,17 @@ class KVSender:
         """Queues what is ready once the room is paired."""
         if r.machine.state not in (TransferState.WAITING_FOR_INPUT, TransferState.TRANSFERRING):
             return
+        assert r.src_pages is not None and r.peer is not None
+        skip = r.peer.skip_pages  # pages decode holds already: never written
+        r.ready = [i for i in r.ready if i >= skip]
         if not r.ready and not (r.last and not r.done_queued):
             return
         if r.machine.state is TransferState.WAITING_FOR_INPUT:
             r.machine.to(TransferState.TRANSFERRING)
-        assert r.src_pages is not None and r.peer is not None
         writer = self._writer(r.peer.session, r.machine.room)
         if r.ready:
             src = tuple(r.src_pages[i] for i in r.ready)
-            dst = tuple(r.peer.dst_pages[i] for i in r.ready)
+            dst = tuple(r.peer.dst_pages[i - skip] for i in r.ready)
             writer.put(_Job(r.machine.room, "kv", r.peer, src, dst, r.event))
             r.ready, r.inflight = [], r.inflight + 1
         if r.last and not r.done_queued:
@@ -329,27 +331,9 @@ class KVSender:
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"hand-shake of room {req.room} arrived after its deadline"
             )
         try:
-            layout = layout_from_proto(req.layout)
-            for name in TRANSFER_FIELDS:
-                if getattr(layout, name) != getattr(self.pool.layout, name):
-                    raise ValueError(
-                        f"decode KV layout {name} {getattr(layout, name)} differs from prefill's "
-                        f"{getattr(self.pool.layout, name)}"
-                    )
-            dst = layout.check_pages(req.dst_pages, "destination")
-            if not req.session or not req.endpoint:
-                raise ValueError("hand-shake without a transfer session or gRPC endpoint")
+            peer = peer_from_handshake(req, self.pool.layout)
         except ValueError as e:
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"room {req.room}: {e}") from None
-        peer = Peer(
-            session=req.session,
-            endpoint=req.endpoint,
-            dst_pages=dst,
-            layout=layout,
-            kv_base=req.kv_base,
-            aux_addr=req.aux_base + req.aux_slot * AUX_RECORD_NBYTES,
-            write_deadline=time.monotonic() + req.deadline_ms / 1000,
-        )
         with self._lock:
             if req.room in self._tombstones:
                 state = self._tombstones[req.room][1]
@@ -449,14 +433,15 @@ class KVSender:
             self._settle(r)
 
     def _keep_sums(self, r: _Room, job: _Job, sums: np.ndarray | None) -> None:
-        """Files a written job's checksums at its pages' positions in the room (token order)."""
+        """Files a written job's checksums at its pages' positions among the pages written (token order)."""
         if sums is None:
             return
         with self._lock:
             assert r.src_pages is not None
+            skip = job.peer.skip_pages
             if r.sums is None:
-                r.sums = np.zeros((sums.shape[0], len(r.src_pages), sums.shape[2]), dtype=np.int64)
-            r.sums[:, [r.index[p] for p in job.src_pages]] = sums
+                r.sums = np.zeros((sums.shape[0], len(r.src_pages) - skip, sums.shape[2]), dtype=np.int64)
+            r.sums[:, [r.index[p] - skip for p in job.src_pages]] = sums
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pd.kv_cache import KVLayout, KVPool, transfer_pieces
+from pd.kv_cache import TRANSFER_FIELDS, KVLayout, KVPool, transfer_pieces
 from pd.rpc import transfer_pb2 as pb
 from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
 from pd.transfer.checksum import PageChecksums
 from pd.transfer.engine import TransferEngine, TransferError
-from pd.transfer.rpc import Channels, rpc_error
+from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
 from pd.transfer.staging import HostStaging
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,35 @@ class Peer:
     kv_base: int
     aux_addr: int
     write_deadline: float  # time.monotonic(); no write starts after it
+    skip_pages: int = 0  # leading source pages not written (decode holds them); dst_pages follow them
 
     def same_target(self, other: Peer) -> bool:
         """The same destination (a repeated hand-shake), whatever its deadline."""
         return dataclasses.replace(other, write_deadline=self.write_deadline) == self
+
+
+def peer_from_handshake(req: pb.HandshakeRequest, layout: KVLayout) -> Peer:
+    """The destination a hand-shake names, checked against this rank's pool ``layout`` (the fields a
+    transfer needs alike); raises ValueError for a hand-shake that cannot be served."""
+    dst_layout = layout_from_proto(req.layout)
+    for name in TRANSFER_FIELDS:
+        if getattr(dst_layout, name) != getattr(layout, name):
+            raise ValueError(
+                f"decode KV layout {name} {getattr(dst_layout, name)} differs from prefill's {getattr(layout, name)}"
+            )
+    dst = dst_layout.check_pages(req.dst_pages, "destination")
+    if not req.session or not req.endpoint:
+        raise ValueError("hand-shake without a transfer session or gRPC endpoint")
+    return Peer(
+        session=req.session,
+        endpoint=req.endpoint,
+        dst_pages=dst,
+        layout=dst_layout,
+        kv_base=req.kv_base,
+        aux_addr=req.aux_base + req.aux_slot * AUX_RECORD_NBYTES,
+        write_deadline=time.monotonic() + req.deadline_ms / 1000,
+        skip_pages=req.skip_pages,
+    )
 
 
 class PeerWrites:

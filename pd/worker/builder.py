@@ -76,13 +76,10 @@ def uses_low_latency_moe(role: str, par: ParallelConfig) -> bool:
 def rank_engine_config(role: str, engine: EngineConfig, par: ParallelConfig) -> EngineConfig:
     """The engine config of one rank of a ``role`` instance: its own device; no decode graphs on prefill
     (it never decodes, and normal EP dispatch synchronises with the host, so it cannot be captured);
-    no prefix cache on decode (its prompts' KV arrives from prefill ranks); on low-latency decode ranks,
-    steps no larger than the low-latency buffers (M = max_running)."""
+    on low-latency decode ranks, steps no larger than the low-latency buffers (M = max_running)."""
     cfg = dataclasses.replace(engine, device=par.rank_device(engine.device))
     if role == "prefill":
         cfg = dataclasses.replace(cfg, cuda_graph=False)
-    if role == "decode":
-        cfg = dataclasses.replace(cfg, prefix_cache=False)
     if uses_low_latency_moe(role, par):
         cfg = dataclasses.replace(cfg, chunk_size=min(cfg.chunk_size, cfg.max_running))
     return cfg
