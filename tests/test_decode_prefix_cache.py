@@ -12,18 +12,16 @@ import random
 import pytest
 
 from pd.engine.decode import DecodeEngine
-from pd.engine.messages import AbortRoom, DecodeRoom, PrefillRoom, Tokens, TransferEnded
+from pd.engine.messages import AbortRoom, DecodeRoom, PrefillRoom, TransferEnded
 from pd.engine.prefill import PrefillEngine
 from pd.transfer.aux import SlotAllocator
 from pd.transfer.state import TransferState
 from pd.types import SamplingParams
 from tests.support.oracle import hf_greedy
-from tests.test_prefix_cache_engines import drop_cache
+from tests.test_prefix_cache_engines import N, drop_cache, finish, start
 from tests.test_role_engines import Loopback, idle, make_engine
 
 PS = 4  # make_engine's page size
-N = 6
-GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
 _rng = random.Random(11)
 TURN1 = [_rng.randrange(3, 1000) for _ in range(10)]
 NEW = [_rng.randrange(3, 1000) for _ in range(5)]
@@ -33,29 +31,6 @@ def make_pair(model: str, decode_cache: bool = True):
     p, d = make_engine(model), make_engine(model, prefix_cache=decode_cache)
     link = Loopback(p, d)
     return PrefillEngine(p, link), DecodeEngine(d, link, SlotAllocator(8), 8, 16), link
-
-
-def start(pair, room: int, prompt: list[int]) -> None:
-    """The room reaches both engines and is prefilled; decode's transfer has started."""
-    prefill, decode, _ = pair
-    assert prefill.handle(PrefillRoom(room, tuple(prompt), GREEDY)) == []
-    assert decode.handle(DecodeRoom(room, tuple(prompt), GREEDY, "prefill:1")) == []
-    while prefill.has_work():
-        prefill.step()
-
-
-def finish(pair, room: int) -> list[int]:
-    """The transfer of a started room ends DONE; decode runs it to the end. Its tokens."""
-    prefill, decode, link = pair
-    link.copy(room)
-    prefill.handle(TransferEnded(room, TransferState.DONE))
-    [first] = decode.handle(TransferEnded(room, TransferState.DONE, aux=link.aux[room]))
-    tokens = list(first.token_ids)
-    while decode.has_work():
-        for event in decode.step():
-            assert isinstance(event, Tokens)
-            tokens += event.token_ids
-    return tokens
 
 
 def drop_caches(pair) -> None:

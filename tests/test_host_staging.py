@@ -22,12 +22,10 @@ import torch
 from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.transfer.aux import AuxBuffer, AuxRecord
 from pd.transfer.receiver import KVReceiver
-from pd.transfer.rpc import start_server
-from pd.transfer.sender import KVSender
 from pd.transfer.staging import HostStaging
 from pd.transfer.state import TransferState, TransferTimeouts
 from tests.support.polling import wait_until
-from tests.test_transfer_managers import CopyEngine
+from tests.test_transfer_managers import CopyEngine, linked
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -106,30 +104,14 @@ def test_rooms_move_through_host_staging(sender_pages, receiver_pages):
     src_pool, dst_pool = random_pool(LAYOUT, seed=2), KVPool(LAYOUT, "cpu")
     s_staging = HostStaging(src_pool, sender_pages * page_unit(LAYOUT)) if sender_pages else None
     r_staging = HostStaging(dst_pool, receiver_pages * page_unit(LAYOUT)) if receiver_pages else None
-    finals: dict[str, list] = {"prefill": [], "decode": []}
-    engine = CopyEngine("fake-decode:1", 0)
-    sender = KVSender(
-        engine,
-        src_pool,
-        AuxBuffer(2),
-        lambda r, s, why: finals["prefill"].append((r, s)),
-        staging=s_staging,
-    )
-    receiver = KVReceiver(
-        engine,
-        dst_pool,
-        AuxBuffer(4),
-        lambda r, s, a, why: finals["decode"].append((r, s, why)),
-        staging=r_staging,
-    )
-    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
-    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
-    try:
+    kw = dict(sender_staging=s_staging, receiver_staging=r_staging)
+    with linked(src_pool, dst_pool, aux_slots=(2, 4), **kw) as link:
+        sender, receiver, finals = link.sender, link.receiver, link.finals
         rooms = {1: (list(range(1, 6)), [20, 21, 22, 30, 31]), 2: (list(range(8, 13)), [3, 4, 5, 6, 7])}
         for room, (src, dst) in rooms.items():
             assert receiver.can_add(len(dst))
             sender.add_room(room, src)
-            receiver.add_room(room, f"127.0.0.1:{servers[0][1]}", dst, room - 1)
+            receiver.add_room(room, link.prefill, dst, room - 1)
             if room == 1 and r_staging is not None:  # staged when it fits, else written straight
                 staged = ROOM_PAGES if r_staging.capacity >= ROOM_PAGES else 0
                 assert r_staging.num_free == r_staging.capacity - staged
@@ -141,11 +123,6 @@ def test_rooms_move_through_host_staging(sender_pages, receiver_pages):
             assert all(same_page(src_pool, s, dst_pool, d) for s, d in zip(src, dst))
         for staging in (s_staging, r_staging):
             assert staging is None or staging.num_free == staging.capacity
-    finally:
-        sender.close()
-        receiver.close()
-        for server, _ in servers:
-            server.stop(0)
 
 
 def test_an_aborted_room_gives_its_staging_pages_back_once():

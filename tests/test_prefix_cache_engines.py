@@ -127,15 +127,18 @@ def pair(tiny_model_dir):
     return prefill, decode, link
 
 
-def serve(pair, room: int, prompt: list[int]) -> list[int]:
-    """One room through prefill, the loopback transfer and decode; its tokens."""
-    prefill, decode, link = pair
+def start(pair, room: int, prompt: list[int]) -> None:
+    """The room reaches both engines and is prefilled; decode's transfer has started."""
+    prefill, decode, _ = pair
     assert prefill.handle(PrefillRoom(room, tuple(prompt), GREEDY)) == []
     assert decode.handle(DecodeRoom(room, tuple(prompt), GREEDY, "prefill:1")) == []
     while prefill.has_work():
         prefill.step()
-    assert link.sent[room] == link.src[room], "every page decode needs was sent, cached ones included"
-    assert len(link.src[room]) == prefill.layout.pages_for(len(prompt))
+
+
+def finish(pair, room: int) -> list[int]:
+    """The transfer of a started room ends DONE; decode runs it to the end. Its tokens."""
+    prefill, decode, link = pair
     link.copy(room)
     [done] = prefill.handle(TransferEnded(room, TransferState.DONE))
     assert isinstance(done, Prefilled)
@@ -146,6 +149,15 @@ def serve(pair, room: int, prompt: list[int]) -> list[int]:
             assert isinstance(event, Tokens)
             tokens += event.token_ids
     return tokens
+
+
+def serve(pair, room: int, prompt: list[int]) -> list[int]:
+    """One room through prefill, the loopback transfer and decode; its tokens."""
+    prefill, _, link = pair
+    start(pair, room, prompt)
+    assert link.sent[room] == link.src[room], "every page decode needs was sent, cached ones included"
+    assert len(link.src[room]) == prefill.layout.pages_for(len(prompt))
+    return finish(pair, room)
 
 
 def test_disaggregated_greedy_equals_transformers_over_cached_prefixes(pair, expected):

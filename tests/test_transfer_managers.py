@@ -15,10 +15,12 @@ The tests with real processes and the real Mooncake engine are in test_transfer.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -192,25 +194,67 @@ class GateEvent:
         assert self.gate.wait(timeout=30)
 
 
+@dataclass
+class Linked:
+    """A KVSender and a KVReceiver over real gRPC sharing one CopyEngine (``linked``); ``finals`` holds each
+    side's final reports, ``prefill`` is the sender's endpoint (what ``add_room`` on the receiver takes)."""
+
+    sender: KVSender
+    receiver: KVReceiver
+    prefill: str
+    engine: CopyEngine
+    finals: dict[str, list]
+
+
+@contextlib.contextmanager
+def linked(
+    src_pool: KVPool,
+    dst_pool: KVPool,
+    decode_entry=lambda r, s, a, why: (r, s, why),
+    aux_slots: tuple[int, int] = (2, 2),
+    **kw,
+):
+    """Starts a linked pair; ``decode_entry(room, state, aux, reason)`` is what the receiver's final report
+    files; ``kw``: ``kv_checksum`` (both sides), ``sender_staging``, ``receiver_staging``. Closes both and
+    stops their servers on exit."""
+    finals: dict[str, list] = {"prefill": [], "decode": []}
+    engine = CopyEngine("fake-decode:1", 0)
+    checksum = kw.get("kv_checksum", False)
+    sender = KVSender(
+        engine,
+        src_pool,
+        AuxBuffer(aux_slots[0]),
+        lambda r, s, why: finals["prefill"].append((r, s)),
+        kv_checksum=checksum,
+        staging=kw.get("sender_staging"),
+    )
+    receiver = KVReceiver(
+        engine,
+        dst_pool,
+        AuxBuffer(aux_slots[1]),
+        lambda r, s, a, why: finals["decode"].append(decode_entry(r, s, a, why)),
+        kv_checksum=checksum,
+        staging=kw.get("receiver_staging"),
+    )
+    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
+    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
+    try:
+        yield Linked(sender, receiver, f"127.0.0.1:{servers[0][1]}", engine, finals)
+    finally:
+        sender.close()
+        receiver.close()
+        for server, _ in servers:
+            server.stop(0)
+
+
 @pytest.fixture
 def pair():
     """A sender and a receiver over real gRPC, sharing a CopyEngine; yields them and the finals."""
     layout = KVLayout(2, 9, 4, 16, torch.bfloat16, KVOrder.LAYER_MAJOR)
     src_pool, dst_pool = KVPool(layout, "cpu"), KVPool(layout, "cpu")
     src_pool.buffer.view(torch.int16).copy_(torch.randint(-(2**15), 2**15, layout.shape, dtype=torch.int16))
-    finals: dict[str, list] = {"prefill": [], "decode": []}
-    engine = CopyEngine("fake-decode:1", 0)
-    sender = KVSender(engine, src_pool, AuxBuffer(2), lambda r, s, why: finals["prefill"].append((r, s)))
-    receiver = KVReceiver(
-        engine, dst_pool, AuxBuffer(2), lambda r, s, a, why: finals["decode"].append((r, s, a))
-    )
-    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
-    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
-    yield sender, receiver, f"127.0.0.1:{servers[0][1]}", engine, finals
-    sender.close()
-    receiver.close()
-    for server, _ in servers:
-        server.stop(0)
+    with linked(src_pool, dst_pool, decode_entry=lambda r, s, a, why: (r, s, a)) as p:
+        yield p.sender, p.receiver, p.prefill, p.engine, p.finals
 
 
 def test_writes_wait_for_the_ready_event_and_send_does_not_block(pair):

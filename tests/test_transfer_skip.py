@@ -11,13 +11,11 @@ import pytest
 from pd.kv_cache import KVPool
 from pd.transfer.aux import AuxBuffer, AuxRecord
 from pd.transfer.receiver import KVReceiver
-from pd.transfer.rpc import start_server
-from pd.transfer.sender import KVSender
 from pd.transfer.staging import HostStaging
 from pd.transfer.state import TransferState
 from tests.support.polling import wait_until
 from tests.test_host_staging import LAYOUT, page_unit, random_pool, same_page
-from tests.test_transfer_managers import CopyEngine, pages_touched
+from tests.test_transfer_managers import CopyEngine, linked, pages_touched
 
 SRC = [1, 2, 3, 4, 5]
 DST = [20, 21, 22, 30, 31]
@@ -31,29 +29,11 @@ def test_skipped_pages_are_not_written(skip, staging):
     before.buffer.copy_(dst_pool.buffer)
     r_staging = HostStaging(dst_pool, 8 * page_unit(LAYOUT)) if staging != "none" else None
     s_staging = HostStaging(src_pool, 3 * page_unit(LAYOUT)) if staging == "both" else None
-    finals: dict[str, list] = {"prefill": [], "decode": []}
-    engine = CopyEngine("fake-decode:1", 0)
-    sender = KVSender(
-        engine,
-        src_pool,
-        AuxBuffer(2),
-        lambda r, s, why: finals["prefill"].append((r, s)),
-        kv_checksum=True,
-        staging=s_staging,
-    )
-    receiver = KVReceiver(
-        engine,
-        dst_pool,
-        AuxBuffer(4),
-        lambda r, s, a, why: finals["decode"].append((r, s, why)),
-        kv_checksum=True,
-        staging=r_staging,
-    )
-    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
-    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
-    try:
+    kw = dict(kv_checksum=True, receiver_staging=r_staging, sender_staging=s_staging)
+    with linked(src_pool, dst_pool, aux_slots=(2, 4), **kw) as link:
+        sender, receiver, engine, finals = link.sender, link.receiver, link.engine, link.finals
         sender.add_room(1, SRC)
-        receiver.add_room(1, f"127.0.0.1:{servers[0][1]}", DST, 0, skip)
+        receiver.add_room(1, link.prefill, DST, 0, skip)
         if r_staging is not None:
             assert r_staging.num_free == r_staging.capacity - (len(DST) - skip), "only written pages staged"
         sender.send(1, SRC[:3])  # a first chunk (all of it skipped when skip >= 3), then the rest
@@ -73,11 +53,6 @@ def test_skipped_pages_are_not_written(skip, staging):
             assert written == set(DST[skip:])
         for s in (s_staging, r_staging):
             assert s is None or s.num_free == s.capacity
-    finally:
-        sender.close()
-        receiver.close()
-        for server, _ in servers:
-            server.stop(0)
 
 
 def test_a_room_cannot_skip_its_last_page():
@@ -94,22 +69,10 @@ def test_source_count_mismatch_fails_the_room():
     """A hand-shake whose skipped and destination pages do not add up to the room's pages fails it (an
     older prefill rank, which ignores skip_pages, fails such a room the same way instead of writing)."""
     src_pool, dst_pool = random_pool(LAYOUT, seed=2), KVPool(LAYOUT, "cpu")
-    finals: dict[str, list] = {"prefill": [], "decode": []}
-    engine = CopyEngine("fake-decode:1", 0)
-    sender = KVSender(engine, src_pool, AuxBuffer(2), lambda r, s, why: finals["prefill"].append((r, s)))
-    receiver = KVReceiver(
-        engine, dst_pool, AuxBuffer(2), lambda r, s, a, why: finals["decode"].append((r, s, why))
-    )
-    servers = [start_server([sender.add_to_server]), start_server([receiver.add_to_server])]
-    receiver.endpoint = f"127.0.0.1:{servers[1][1]}"
-    try:
+    with linked(src_pool, dst_pool) as link:
+        sender, receiver, engine, finals = link.sender, link.receiver, link.engine, link.finals
         sender.add_room(1, SRC[:3])  # prefill holds 3 pages; decode asks for 5 with 2 skipped
-        receiver.add_room(1, f"127.0.0.1:{servers[0][1]}", DST, 0, 2)
+        receiver.add_room(1, link.prefill, DST, 0, 2)
         wait_until(lambda: finals["decode"] and finals["prefill"], interval=0.01)
         assert finals["prefill"] == [(1, TransferState.FAILED)]
         assert finals["decode"][0][:2] == (1, TransferState.FAILED) and engine.log == []
-    finally:
-        sender.close()
-        receiver.close()
-        for server, _ in servers:
-            server.stop(0)

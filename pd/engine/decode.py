@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ class DecodeEngine:
         if engine.spec is not None:
             engine.spec.on_verify = self.metrics.speculated
         engine.scheduler.cache_finished = True  # a no-op without a prefix cache
+        engine.scheduler.on_prefix_match = self.metrics.prefix_matched
 
     # ---- the loop ----
 
@@ -195,29 +197,28 @@ class DecodeEngine:
         scheduler = self.engine.scheduler
         while self.pending:
             room = self.rooms[self.pending[0]]
-            n, prompt = room.req.sampling.n, room.req.prompt_ids
+            n = room.req.sampling.n
             if len(scheduler.running) + self.in_transfer + n > self.engine.cfg.max_running:
                 return
             if self.slots.num_free == 0:
                 return
-            hit = scheduler.cache.match(prompt) if scheduler.cache is not None else []
-            prompt_pages = self.layout.pages_for(len(prompt))
-            fresh = None
-            if self.receiver.can_add(prompt_pages - len(hit)):
-                fresh = scheduler.alloc(self._pages_wanted(room.req) - len(hit))  # evicts idle cached pages
-            if fresh is None:
-                self.engine.allocator.free(hit)  # back to the cache alone; matched again next time
+            prompt_pages = self.layout.pages_for(len(room.req.prompt_ids))
+            # Its prefix's cached pages come first: the prefill rank skips them, the rest must fit the staging.
+            fits = functools.partial(self._can_receive, prompt_pages)
+            taken = scheduler.take_pages(room.req, self._pages_wanted(room.req), fits)
+            if taken is None:
                 return
+            pages, hit = taken
             slot = self.slots.alloc()
             assert slot is not None  # checked above
             self.pending.popleft()
-            pages = hit + fresh
             room.pages, room.aux_slot, room.stage = pages, slot, Stage.TRANSFER
             room.transfer_started = time.monotonic()
             self.in_transfer += n
-            if scheduler.cache is not None:
-                self.metrics.prefix_matched(len(prompt), len(hit) * self.layout.page_size)
-            self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot, len(hit))
+            self.receiver.add_room(room.req.rid, room.prefill_endpoint, pages[:prompt_pages], slot, hit)
+
+    def _can_receive(self, prompt_pages: int, cached_pages: int) -> bool:
+        return self.receiver.can_add(prompt_pages - cached_pages)  # the pages the prefill rank writes
 
     def _transfer_ended(self, cmd: TransferEnded) -> list[Event]:
         room = self.rooms.get(cmd.room)

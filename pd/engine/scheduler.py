@@ -83,16 +83,12 @@ class Scheduler:
             req = self.waiting[0]
             if self.num_sequences + req.width > self.cfg.max_running:
                 break
-            hit = self._match(req)
-            pages = self.alloc(self._pages_for(req.seq_len) - len(hit))
-            if pages is None:
-                self.allocator.free(hit)  # back to the cache alone
+            taken = self.take_pages(req, self._pages_for(req.seq_len))
+            if taken is None:
                 break  # the head waits for pages; later requests do not overtake it
             self.waiting.popleft()
-            req.pages, req.state = hit + pages, ReqState.RUNNING
-            req.num_computed = len(hit) * self.cfg.page_size
-            if self.cache is not None and self.on_prefix_match is not None:
-                self.on_prefix_match(req.seq_len, req.num_computed)
+            req.pages, hit = taken
+            req.state, req.num_computed = ReqState.RUNNING, hit * self.cfg.page_size
             self.prefilling.append(req)
             n = min(budget, req.seq_len - req.num_computed)
             reqs.append(req)
@@ -238,6 +234,22 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages, req.num_computed, req.state = [], 0, ReqState.WAITING
         self.waiting.appendleft(req)
+
+    def take_pages(
+        self, req: Req, num_pages: int, room_for: Callable[[int], bool] | None = None
+    ) -> tuple[list[int], int] | None:
+        """``num_pages`` pages for ``req``'s tokens from its first: its prefix's cached pages (one reference
+        each), then fresh ones (idle cached pages evicted if too few are free). Returns the pages and how many
+        were cached, and counts the lookup (``on_prefix_match``); None, holding nothing, when too few are
+        free or ``room_for(cached pages)`` (the caller's own limit) says no."""
+        hit = self._match(req)
+        fresh = self.alloc(num_pages - len(hit)) if room_for is None or room_for(len(hit)) else None
+        if fresh is None:
+            self.allocator.free(hit)  # back to the cache alone
+            return None
+        if self.cache is not None and self.on_prefix_match is not None:
+            self.on_prefix_match(req.seq_len, len(hit) * self.cfg.page_size)
+        return hit + fresh, len(hit)
 
     def _match(self, req: Req) -> list[int]:
         """Cached pages of the request's leading tokens, one reference each taken for it (none without a
