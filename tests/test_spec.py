@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pd.engine import spec
-from pd.engine.spec import PAD_TOKEN, accept_all, greedy_accept, rejection_sample, sample_accept
+from pd.engine.spec import PAD_TOKEN, accept_all, rejection_sample, sample_accept
 from pd.sampling import SamplingTensors, sample
 from pd.types import SamplingParams
 
@@ -28,7 +28,8 @@ def test_greedy_acceptance_keeps_the_matching_prefix_and_the_targets_next_token(
     target = torch.tensor([[1, 2, 3, 7], [1, 2, 3, 7], [1, 2, 3, 7], [5, 2, 3, 7]])
     drafts = torch.tensor([[1, 2, 3], [1, 9, 3], [1, 2, 9], [4, 2, 3]])
     logits = torch.full((4, 4, 10), -5.0).scatter(-1, target[..., None], 5.0)
-    v = greedy_accept(drafts, logits)
+    greedy = SamplingTensors.build([SamplingParams(temperature=0)] * 4, [0] * 4, [START] * 4, "cpu")
+    v = sample_accept(drafts, logits, greedy)
     assert v.counts.tolist() == [4, 2, 3, 1]
     assert v.accepted.tolist() == [3, 1, 2, 0]
     assert v.tokens.tolist() == [[1, 2, 3, 7], [1, 2, -1, -1], [1, 2, 3, -1], [5, -1, -1, -1]]

@@ -5,9 +5,8 @@ target's logits for ``K + 1`` positions per row: position ``j`` scores the token
 A row keeps the longest prefix of drafts the target accepts, then one more token from the target (the
 correction at the first rejected draft, or the bonus token after all ``K``): ``1 .. K + 1`` tokens.
 
-- ``greedy_accept``: a draft is accepted when it equals the target's argmax.
-- ``sample_accept``: temperature > 0 with a deterministic draft (MTP drafts greedily, so ``q`` is one-hot):
-  the target samples each position with pd's own sampler (``pd.sampling.sample``, the stream keyed by
+- ``sample_accept``: greedy rows keep a draft equal to the target's argmax; temperature > 0 with a
+  deterministic draft (MTP drafts greedily, so ``q`` is one-hot): the target samples each position with pd's own sampler (``pd.sampling.sample``, the stream keyed by
   (seed, position)) and a draft is accepted when it equals the sample. With one-hot ``q`` that *is*
   rejection sampling: draft ``x`` is kept with probability ``p(x) = min(1, p(x) / q(x))``, and on rejection
   the sample is ``p`` restricted to tokens other than ``x``, which is ``normalize(max(0, p - q))``. So the
@@ -77,14 +76,6 @@ def accept_prefix(
     if logprobs is not None:
         logprobs = torch.where(emitted, logprobs, torch.zeros_like(logprobs))
     return Verdict(tokens, counts, logprobs)
-
-
-def greedy_accept(drafts: torch.Tensor, logits: torch.Tensor) -> Verdict:
-    """Greedy verification: ``drafts [B, K]`` int64 against the argmax of the target's ``logits [B, K + 1, V]``
-    float32."""
-    logprobs = logits.log_softmax(-1)
-    target = logits.argmax(-1)
-    return accept_prefix(drafts, target, logprobs.gather(-1, target[..., None])[..., 0])
 
 
 def per_position(st: SamplingTensors, n: int) -> SamplingTensors:
