@@ -63,6 +63,19 @@ def test_flashinfer_mla_matches_torch_reference():
         backend.prepare(dec)
         outs.append(backend.decode(1, q_lat, q_pe))
     assert rel_err(*outs) < 1e-2
+    # A speculative verify: 3 causal queries per sequence (its last token and two drafts), eager and planned
+    # into a graph bucket of 4 rows (one padding row on the dummy page).
+    ver = AttnInputs(BatchMode.DECODE, [e - 3 for e in ends], ends, tables)
+    q_lat = torch.randn(9, heads, lora, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(9, heads, rope, device="cuda", dtype=torch.bfloat16)
+    ref.prepare(ver)
+    want = ref.decode(1, q_lat, q_pe)
+    fi.prepare(ver)
+    assert rel_err(fi.decode(1, q_lat, q_pe), want) < 1e-2
+    fi.prepare_graph(fi.graph_state(4, 64, queries=3), ver)
+    pad = torch.zeros(3, heads, lora, device="cuda", dtype=torch.bfloat16)
+    got = fi.decode(1, torch.cat([q_lat, pad]), torch.cat([q_pe, pad[..., :rope]]))
+    assert rel_err(got[:9], want) < 1e-2
 
 
 def _decode_runner(path, **kw) -> ModelRunner:
@@ -369,3 +382,28 @@ def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     warm_up(engine, extend=True, decode=True)
     assert replayed == [-3, *engine.runner.graphs.buckets]  # greedy, sampled and processed requests
     assert engine.pages_held == 0
+
+
+@pytest.mark.parametrize("oracle", [False, True], ids=["greedy", "oracle"])
+def test_mtp_graph_replay_equals_eager(tiny_model, oracle):
+    """Speculative decoding through the verify and draft graphs emits what eager speculative decoding emits:
+    greedy (the verify), and under the oracle, where every draft is emitted (the draft graph's drafts)."""
+    from pd.engine.engine import Engine
+    from pd.speculative import SpeculativeConfig
+
+    path = tiny_model("gpu-tiny", with_mtp=True)
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    out = []
+    for graph in (True, False):
+        cfg = EngineConfig(
+            str(path), device="cuda", dtype="bfloat16", page_size=16, num_pages=256, max_running=8,
+            cuda_graph=graph, speculative=SpeculativeConfig("mtp", 2, oracle),
+        )  # fmt: skip
+        engine = Engine(cfg)
+        assert (engine.runner.verify_graphs is not None) == graph
+        out.append([c.output_ids for c in engine.generate(prompts, params)])
+        assert engine.pages_held == 0
+        engine.runner.close()
+    assert out[0] == out[1]

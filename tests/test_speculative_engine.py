@@ -8,13 +8,18 @@ MTP layer's drafts themselves are checked against the dense reference of tests/t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from pd.config import EngineConfig
 from pd.engine.engine import Engine
+from pd.model.mtp import DeepseekV3WithMTP
 from pd.speculative import SpeculativeConfig
 from pd.types import FinishReason, SamplingParams
 from tests.support.clients import random_prompt
@@ -275,3 +280,58 @@ def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocate
             got.append(list(d.spec.drafts[running]))
     assert got == want and tokens == req.output_ids
     assert p.pages_held == 0 and d.pages_held == 0
+
+
+def with_verify_graphs(e: Engine, buckets: list[int]) -> list[int]:
+    """Gives ``e`` the verify and draft graphs' steps, run uncaptured on their static buffers (CPU); returns
+    the list each verify appends its batch size to."""
+    from pd.engine.verify_graph import VerifyGraphs
+
+    r, spec = e.runner, e.spec
+    assert spec is not None and isinstance(r.model, DeepseekV3WithMTP)
+    graphs = VerifyGraphs(r.model, r.attn, r.pool, buckets, r.context_len, spec.k, capture=False)
+    sizes: list[int] = []
+    verify = graphs.verify
+
+    def counted(tokens, lengths, pages):
+        sizes.append(len(tokens))
+        return verify(tokens, lengths, pages)
+
+    graphs.verify = counted  # type: ignore[method-assign]
+    r.verify_graphs = graphs
+    return sizes
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k):
+    """The graphs' static-buffer steps (pd.engine.verify_graph; uncaptured here): rows padded to K + 1 tokens
+    and buckets padded with dummy rows, drafts planted right and wrong, give the plain run's tokens."""
+    want = generate(engine(path), prompts, params)
+    e = engine(path, k)
+    sizes = with_verify_graphs(e, [1, 2, 8])
+    plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=3)
+    same(generate(e, prompts, params), want)
+    assert 4 in sizes and e.spec is not None and sum(e.spec.stats.accepted_at) > 0
+
+
+def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts):
+    """Under the oracle every draft is emitted, so the output is the MTP layer's drafts: the draft graph's
+    (the MTP layer over all K + 1 offsets, the row picked by the count on the device) equal eager drafting's."""
+    params = dataclasses.replace(GREEDY, max_tokens=20)
+    want = generate(engine(path, 2, oracle=True), prompts, params)
+    e = engine(path, 2, oracle=True)
+    sizes = with_verify_graphs(e, [2, 4])
+    same(generate(e, prompts, params), want)
+    assert sizes
+
+
+def test_spec_step_bench_emits_k_plus_one_tokens_per_step_under_the_oracle(tmp_path):
+    """pd.bench.spec_step's CPU smoke run (graph steps uncaptured): every step emits K + 1 tokens a request."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "pd.bench.spec_step", "--device", "cpu", "--preset", "ci", "--batches", "1,3",
+           "--ks", "1,3", "--context", "12", "--iters", "2", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text())
+    got = [(r["batch"], r["k"], r["tokens_per_step"]) for r in rows]
+    assert got == [(1, 0, 1.0), (3, 0, 1.0), (1, 1, 2.0), (3, 1, 2.0), (1, 3, 4.0), (3, 3, 4.0)]

@@ -4,13 +4,16 @@ A backend owns the per-step attention metadata. The runner calls ``prepare`` onc
 (outside any CUDA graph) with the batch's sequence ranges and page tables; the model's MLA
 layers then call ``store``/``extend``/``decode`` for each layer.
 
-CUDA-graph hooks (``pd.engine.graph``): a backend with ``supports_graphs`` makes one persistent
-decode state per batch bucket (``graph_state``, before capture), and plans it before each capture and
-replay (``prepare_graph``), outside the graph; the captured kernels read only that state's buffers.
+CUDA-graph hooks (``pd.engine.graph``, ``pd.engine.verify_graph``): a backend with ``supports_graphs`` makes
+one persistent decode state per batch bucket (``graph_state``, before capture), and plans it before each
+capture and replay (``prepare_graph``), outside the graph; the captured kernels read only that state's
+buffers.
 
 MLA forms (DESIGN.md §4): extend (prefill, chunked prefill) uses the non-absorbed form, where the
 latent of every context token is expanded into per-head keys and values; decode uses the absorbed
-form, attending with a latent-space query directly over the cached latent.
+form, attending with a latent-space query directly over the cached latent. A decode step may compute
+several consecutive positions of a sequence (a speculative verify: its last token and the drafts after it),
+each query seeing the cache up to its own position.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pd.kv_cache import DUMMY_PAGE
 from pd.types import BatchMode
 
 
@@ -42,6 +46,25 @@ class AttnInputs:
         return any(s > 0 for s in self.starts)
 
 
+def pad_for_graph(inputs: AttnInputs, batch: int, queries: int, page_size: int) -> AttnInputs:
+    """A graph bucket's decode inputs: ``batch`` sequences of ``queries`` positions each. The real rows of
+    ``inputs`` keep their starts (each must compute ``queries`` positions); a table that ends before its
+    row's last position goes on with the dummy page (only a row's padding queries reach those positions);
+    the remaining rows compute positions ``[0, queries)`` on the dummy page alone."""
+    assert all(e - s == queries for s, e in zip(inputs.starts, inputs.ends)), "rows of other widths"
+    tables = [
+        list(t) + [DUMMY_PAGE] * max(0, -(-e // page_size) - len(t))
+        for t, e in zip(inputs.page_tables, inputs.ends)
+    ]
+    pad = batch - len(inputs.ends)
+    return AttnInputs(
+        BatchMode.DECODE,
+        list(inputs.starts) + [0] * pad,
+        list(inputs.ends) + [queries] * pad,
+        tables + [[DUMMY_PAGE] * -(-queries // page_size)] * pad,
+    )
+
+
 class AttentionBackend(ABC):
     """MLA attention for one rank over its ``KVPool``.
 
@@ -51,15 +74,15 @@ class AttentionBackend(ABC):
 
     supports_graphs = False  # whether decode can be captured in CUDA graphs (the graph hooks below)
 
-    def graph_state(self, batch: int, max_pages: int) -> object:
-        """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows
-        and ``max_pages`` page ids. Lifetime: the backend's."""
+    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> object:
+        """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows of
+        ``queries`` positions each and ``max_pages`` page ids. Lifetime: the backend's."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans ``state`` for one capture or replay of a decode step (outside the graph): the real rows
-        of ``inputs`` first, the bucket's remaining rows padded onto the dummy page. Until the next
-        ``prepare``, the per-layer calls use ``state``."""
+        of ``inputs`` first, the bucket's remaining rows padded onto the dummy page (``pad_for_graph``).
+        Until the next ``prepare``, the per-layer calls use ``state``."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     @abstractmethod
@@ -87,5 +110,6 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def decode(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
-        """Absorbed MLA decode: ``q_latent [B, Hh, kv_lora_rank]``, ``q_rope [B, Hh, rope_dim]``
-        attend over each sequence's cached latent. Returns ``[B, Hh, kv_lora_rank]``."""
+        """Absorbed MLA decode: ``q_latent [T, Hh, kv_lora_rank]``, ``q_rope [T, Hh, rope_dim]`` (``T``: the
+        step's positions, sequences in order, ``q_lens`` each) attend over their sequence's cached latent up to
+        their own position. Returns ``[T, Hh, kv_lora_rank]``."""

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from pd.attention.base import AttentionBackend, AttnInputs
-from pd.kv_cache import DUMMY_PAGE, KVPool
+from pd.attention.base import AttentionBackend, AttnInputs, pad_for_graph
+from pd.kv_cache import KVPool
 from pd.types import BatchMode
 
 WORKSPACE_BYTES = 128 << 20
@@ -88,8 +88,11 @@ class _GraphState:
     """One bucket's decode wrapper and the static buffers its captured kernels read."""
 
     batch: int
+    queries: int  # positions each row computes (1: plain decode; K + 1: a speculative verify, causal)
     wrapper: Any  # flashinfer.mla.BatchMLAPagedAttentionWrapper
-    out_slots: torch.Tensor  # [batch] int64: where each row's new latent goes (padded rows: the dummy page)
+    out_slots: (
+        torch.Tensor
+    )  # [batch * queries] int64: where each new latent goes (padded rows: the dummy page)
 
 
 class FlashInferMLABackend(AttentionBackend):
@@ -128,7 +131,7 @@ class FlashInferMLABackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = BatchMLAPagedAttentionWrapper(self.workspace)
         self.graph_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.graphs: dict[int, _GraphState] = {}
+        self.graphs: dict[tuple[int, int], _GraphState] = {}  # (batch, queries) -> state
         self.active: _GraphState | None = None  # set while capturing or replaying a bucket
         self.inputs: AttnInputs | None = None
 
@@ -137,11 +140,12 @@ class FlashInferMLABackend(AttentionBackend):
     def _to_device(self, a: npt.ArrayLike, dtype: npt.DTypeLike = np.int32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
 
-    def _plan_decode(self, wrapper: Any, meta: _StepMeta) -> None:
+    def _plan_decode(self, wrapper: Any, meta: _StepMeta, causal: bool) -> None:
         # Host tensors: the planner reads the lengths on the host (a device tensor costs a blocking copy back
         # each, which waits for whatever the stream still runs) and copies them into its buffers itself.
+        # Causal: a sequence's query i sees the cache up to kv_len - q_len + i (its own position).
         metadata = self._MLAPlanMetadata.csr(
-            _host(np.arange(len(meta.ends) + 1)),  # one query per sequence
+            _host(np.concatenate([[0], np.cumsum(meta.ends - meta.starts)])),
             _host(np.concatenate([[0], np.cumsum(meta.pages_used)])),
             _host(meta.flat_pages),
             _host(meta.ends),
@@ -152,7 +156,7 @@ class FlashInferMLABackend(AttentionBackend):
             head_dim_ckv=self.kv_lora_rank,
             head_dim_kpe=self.rope_dim,
             page_size=self.pool.layout.page_size,
-            causal=False,
+            causal=causal,
             sm_scale=self.scale,
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
@@ -166,7 +170,7 @@ class FlashInferMLABackend(AttentionBackend):
         meta = _StepMeta.of(inputs, self.pool.layout.page_size)
         self.out_slots = self._to_device(meta.out_slots, np.int64)
         if inputs.mode is BatchMode.DECODE:
-            self._plan_decode(self.decode_wrapper, meta)
+            self._plan_decode(self.decode_wrapper, meta, causal=max(inputs.q_lens) > 1)
             return
         if inputs.has_prefix:
             self.ctx_slots = self._to_device(meta.context_slots(self.pool.layout.page_size), np.int64)
@@ -185,9 +189,9 @@ class FlashInferMLABackend(AttentionBackend):
 
     # ---- CUDA graphs ----
 
-    def graph_state(self, batch: int, max_pages: int) -> _GraphState:
-        """The bucket's decode wrapper with static metadata buffers (made once per bucket)."""
-        state = self.graphs.get(batch)
+    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> _GraphState:
+        """The bucket's decode wrapper with static metadata buffers (made once per bucket and width)."""
+        state = self.graphs.get((batch, queries))
         if state is None:
             i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
             wrapper = self._Wrapper(
@@ -198,22 +202,17 @@ class FlashInferMLABackend(AttentionBackend):
                 kv_indices=torch.zeros(max_pages, **i32),
                 kv_len_arr=torch.zeros(batch, **i32),
             )
-            state = _GraphState(batch, wrapper, torch.zeros(batch, dtype=torch.int64, device=self.device))
-            self.graphs[batch] = state
+            slots = torch.zeros(batch * queries, dtype=torch.int64, device=self.device)
+            state = _GraphState(batch, queries, wrapper, slots)
+            self.graphs[(batch, queries)] = state
         return state
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""
         assert isinstance(state, _GraphState)
-        pad = state.batch - len(inputs.ends)
-        padded = AttnInputs(
-            BatchMode.DECODE,
-            list(inputs.starts) + [0] * pad,
-            list(inputs.ends) + [1] * pad,
-            list(inputs.page_tables) + [[DUMMY_PAGE]] * pad,
-        )
+        padded = pad_for_graph(inputs, state.batch, state.queries, self.pool.layout.page_size)
         meta = _StepMeta.of(padded, self.pool.layout.page_size)
-        self._plan_decode(state.wrapper, meta)
+        self._plan_decode(state.wrapper, meta, causal=state.queries > 1)
         state.out_slots.copy_(torch.from_numpy(meta.out_slots), non_blocking=True)
         self.inputs = padded
         self.active = state

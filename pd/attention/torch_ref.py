@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pd.attention.base import AttentionBackend, AttnInputs
+from pd.attention.base import AttentionBackend, AttnInputs, pad_for_graph
 from pd.kv_cache import KVPool
+from pd.types import BatchMode
 
 
 def token_slots(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
@@ -18,7 +19,9 @@ def token_slots(page_table: torch.Tensor, start: int, end: int, page_size: int) 
 
 
 class TorchMLABackend(AttentionBackend):
-    """Loops over sequences for extend; pads to the longest context for decode. Math in float32."""
+    """Loops over sequences for extend; pads to the longest context for decode. Math in float32.
+
+    Its graph hooks plan a padded bucket as FlashInfer's do, so the graph classes run (uncaptured) on CPU."""
 
     def __init__(self, pool: KVPool, softmax_scale: float, kv_lora_rank: int) -> None:
         self.pool = pool
@@ -35,6 +38,19 @@ class TorchMLABackend(AttentionBackend):
             [token_slots(t, s, e, ps) for t, s, e in zip(tables, inputs.starts, inputs.ends)]
         )
         self.ctx_slots = [token_slots(t, 0, e, ps) for t, e in zip(tables, inputs.ends)]
+        if inputs.mode is BatchMode.DECODE:  # each query's sequence and position
+            q_lens = torch.tensor(inputs.q_lens, device=device)
+            self.q_seq = torch.repeat_interleave(torch.arange(len(q_lens), device=device), q_lens)
+            self.q_pos = torch.cat(
+                [torch.arange(s, e, device=device) for s, e in zip(inputs.starts, inputs.ends)]
+            )
+
+    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> object:
+        return (batch, queries)
+
+    def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
+        assert isinstance(state, tuple)
+        self.prepare(pad_for_graph(inputs, state[0], state[1], self.pool.layout.page_size))
 
     def _flat_cache(self, layer: int) -> torch.Tensor:
         return self.pool.layer(layer).reshape(-1, self.pool.layout.latent_dim)
@@ -68,19 +84,15 @@ class TorchMLABackend(AttentionBackend):
 
     def decode(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"
-        lens = self.inputs.ends
-        max_len = max(lens)
-        slots = torch.zeros(len(lens), max_len, dtype=torch.int64, device=q_latent.device)
+        max_len = max(self.inputs.ends)
+        slots = torch.zeros(len(self.ctx_slots), max_len, dtype=torch.int64, device=q_latent.device)
         for i, s in enumerate(self.ctx_slots):
             slots[i, : s.numel()] = s
-        latent = self._flat_cache(layer)[slots].float()  # [B, L, D]
+        latent = self._flat_cache(layer)[slots[self.q_seq]].float()  # [T, L, D]: each query's sequence
         c_kv, k_rope = latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
-        scores = torch.einsum("bhc,blc->bhl", q_latent.float(), c_kv)
-        scores += torch.einsum("bhr,blr->bhl", q_rope.float(), k_rope)
+        scores = torch.einsum("thc,tlc->thl", q_latent.float(), c_kv)
+        scores += torch.einsum("thr,tlr->thl", q_rope.float(), k_rope)
         scores *= self.scale
-        valid = (
-            torch.arange(max_len, device=q_latent.device)[None, :]
-            < torch.tensor(lens, device=q_latent.device)[:, None]
-        )
-        scores.masked_fill_(~valid[:, None, :], float("-inf"))
-        return torch.einsum("bhl,blc->bhc", scores.softmax(-1), c_kv).to(q_latent.dtype)
+        visible = torch.arange(max_len, device=q_latent.device)[None, :] <= self.q_pos[:, None]
+        scores.masked_fill_(~visible[:, None, :], float("-inf"))
+        return torch.einsum("thl,tlc->thc", scores.softmax(-1), c_kv).to(q_latent.dtype)

@@ -13,6 +13,7 @@ from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.engine.logits import LogitsProcessor
 from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
+from pd.engine.verify_graph import VerifyGraphs
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
 from pd.kv_cache import KVLayout, KVPool
@@ -208,10 +209,16 @@ class ModelRunner:
         self.keep_hidden = False
         self.last_hidden: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
-        if cfg.speculative.enabled and cfg.cuda_graph and self.device.type == "cuda":
-            log.info("speculative decoding: decode runs eager (no CUDA graphs for verify steps yet)")
-        elif cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
-            buckets = default_buckets(cfg.max_running)
+        self.verify_graphs: VerifyGraphs | None = None  # speculative decoding's (its decode steps verify)
+        buckets = default_buckets(cfg.max_running)
+        graphs = cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs
+        if graphs and cfg.speculative.enabled and self.lockstep:
+            log.info("speculative decoding on %d ranks: decode runs eager", self.ep.config.world_size)
+        elif graphs and cfg.speculative.enabled:
+            assert isinstance(self.model, DeepseekV3WithMTP)
+            k = cfg.speculative.num_tokens
+            self.verify_graphs = VerifyGraphs(self.model, self.attn, self.pool, buckets, self.context_len, k)
+        elif graphs:
             self.graphs = DecodeGraphs(
                 self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
             )
@@ -415,6 +422,9 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.verify_graphs is not None:
+            self.verify_graphs.close()
+            self.verify_graphs = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -151,45 +151,41 @@ class MTPSpeculator:
         for src, dst in batch.copies:  # copy on write (a forked request's shared page), before any write
             self.runner.pool.copy_page(src, dst)
         reqs = batch.reqs
-        k, dev = self.k, self.runner.device
+        k = self.k
         plain = [r.sampling.needs_processing for r in reqs]
         dlens = [0 if p else self._room(r, len(self.drafts.get(r, []))) for r, p in zip(reqs, plain)]
-        ids: list[int] = []
-        positions: list[int] = []
-        bases: list[int] = []
-        for req, d in zip(reqs, dlens):
-            bases.append(len(ids))
-            start = req.seq_len - 1
-            ids += [req.all_ids[-1], *self.drafts.get(req, [])[:d]]
-            positions += range(start, start + d + 1)
-        starts = [r.seq_len - 1 for r in reqs]
-        ends = [s + d + 1 for s, d in zip(starts, dlens)]
-        attn = self.runner.attn
-        attn.prepare(AttnInputs(BatchMode.EXTEND, starts, ends, [r.pages for r in reqs]))
-        every = self._tensor(list(range(len(ids))))
-        ctx = ForwardContext(BatchMode.EXTEND, attn, every, self.runner.low_latency_moe)
-        hidden = self.model.hidden(self._tensor(ids), self._tensor(positions), ctx, every)
-        out = self.model.logits(hidden)  # [T, V]
+        rows = [[r.all_ids[-1], *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
+        lengths = [r.seq_len for r in reqs]
+        graphs = self.runner.verify_graphs
+        if graphs is not None and graphs.bucket(len(reqs)) is None:
+            graphs = None  # more requests than the largest bucket: eager
+        if graphs is not None:
+            bucket, out, hidden = graphs.verify(rows, lengths, [r.pages for r in reqs])
+            bases = [b * (k + 1) for b in range(len(reqs))]
+        else:
+            out, hidden, bases = self._verify_eager(reqs, rows, lengths)
         self.stats.verify_forwards += 1
-        offsets = torch.arange(k + 1, device=dev)
+        offsets = torch.arange(k + 1, device=self.runner.device)
         dl = self._tensor(dlens)
         index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
         drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
         for b, (req, d) in enumerate(zip(reqs, dlens)):
             drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
-        drafts = drafts.to(dev)
+        drafts = drafts.to(self.runner.device)
         self._process(reqs, plain, logits3)
         tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
-            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], dev
+            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
         )
         verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
         counts = torch.minimum(verdict.counts, dl + 1)
         if self._step_logits is not None:
             self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
-        outputs = self._emit(batch, verdict, counts.tolist(), tops, postprocess)
+        # The draft graph runs before the host reads the counts: done before postprocessing frees any page.
+        graphed = graphs.draft(bucket, verdict.tokens, counts) if graphs is not None else None
         emitted = counts.tolist()
+        outputs = self._emit(batch, verdict, emitted, tops, postprocess)
         for c, d in zip(emitted, dlens):
             self.stats.emitted_hist[c] += 1
             self.stats.drafted += d
@@ -197,9 +193,36 @@ class MTPSpeculator:
                 self.stats.accepted_at[j] += 1
         if self.on_verify is not None:
             self.on_verify(dlens, emitted)
-        self._after_verify(reqs, hidden, bases, counts.tolist(), dlens)
+        for req in reqs:
+            self.drafts.pop(req, None)
+        if graphed is not None:
+            self._rounds += 1
+            live = [b for b, r in enumerate(reqs) if not r.finished and r.pages]
+            if live:
+                pick = self._tensor(live)
+                token, head = graphed[0][pick], graphed[1][pick]
+                self._chain([reqs[b] for b in live], head, token, [reqs[b].seq_len - 1 for b in live])
+        else:
+            self._after_verify(reqs, hidden, bases, emitted)
         self.join_collectives()
         return outputs
+
+    def _verify_eager(
+        self, reqs: list[Req], rows: list[list[int]], lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The target over each request's ``rows[b]`` at positions ``L_b - 1 ..`` (absorbed attention, causal
+        over the paged cache, as the verify graph): logits ``[T, V]`` float32, hidden ``[T, H]``, row bases."""
+        starts = [n - 1 for n in lengths]
+        ends = [s + len(r) for s, r in zip(starts, rows)]
+        attn = self.runner.attn
+        attn.prepare(AttnInputs(BatchMode.DECODE, starts, ends, [r.pages for r in reqs]))
+        every = self._tensor(list(range(sum(len(r) for r in rows))))
+        ctx = ForwardContext(BatchMode.DECODE, attn, every, self.runner.low_latency_moe)
+        ids = self._tensor([t for r in rows for t in r])
+        positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
+        hidden = self.model.hidden(ids, positions, ctx, every)
+        bases = [0, *itertools.accumulate(len(r) for r in rows[:-1])]
+        return self.model.logits(hidden), hidden, bases
 
     def _room(self, req: Req, have: int) -> int:
         """Drafts ``req`` may verify this step: never past max_tokens or the context length."""
@@ -249,13 +272,12 @@ class MTPSpeculator:
         return outputs
 
     def _after_verify(
-        self, reqs: list[Req], hidden: torch.Tensor, bases: list[int], counts: list[int], dlens: list[int]
+        self, reqs: list[Req], hidden: torch.Tensor, bases: list[int], counts: list[int]
     ) -> None:
         """The MTP layer over the verified positions of each request still running, and its next drafts."""
         rows: list[int] = []
         segs: list[tuple[Req, int, list[int]]] = []
         for req, base, c in zip(reqs, bases, counts):
-            self.drafts.pop(req, None)
             if req.finished or not req.pages:
                 continue
             start = req.seq_len - 1 - c  # the position of the step's first input
@@ -284,27 +306,32 @@ class MTPSpeculator:
         logits, head = self.model.draft(hidden, next_ids, positions, ctx)
         self._rounds += 1
         chain = [b for b, d in enumerate(drafting) if d]
-        if not chain:
-            return
-        pick = self._tensor(chain)
-        head, token = head[pick], logits[pick].argmax(-1)
-        at = [ends[b] for b in chain]  # a chained draft's position: one after the row it follows
-        for b in chain:
-            self.drafts[reqs[b]] = []
+        if chain:
+            pick = self._tensor(chain)
+            self._chain(
+                [reqs[b] for b in chain], head[pick], logits[pick].argmax(-1), [ends[b] for b in chain]
+            )
+
+    def _chain(self, reqs: list[Req], head: torch.Tensor, token: torch.Tensor, at: list[int]) -> None:
+        """Each of ``reqs`` drafted ``token [R]`` with the MTP head state ``head [R, H]`` at the position
+        before ``at`` (a chained draft's position: one after the row it follows). Stores the drafts and
+        chains the MTP layer up to ``K`` of them while the next position has a reserved page."""
+        attn, low_latency = self.runner.attn, self.runner.low_latency_moe
+        for req in reqs:
+            self.drafts[req] = []
         for step in range(self.k):
-            for b, t in zip(chain, token.tolist()):
-                self.drafts[reqs[b]].append(t)
+            for req, t in zip(reqs, token.tolist()):
+                self.drafts[req].append(t)
             if step == self.k - 1:
                 break
-            keep = [i for i, (b, p) in enumerate(zip(chain, at)) if p < self._limit(reqs[b])]
+            keep = [i for i, (req, p) in enumerate(zip(reqs, at)) if p < self._limit(req)]
             if not keep:
                 break
-            chain, at = [chain[i] for i in keep], [at[i] for i in keep]
+            reqs, at = [reqs[i] for i in keep], [at[i] for i in keep]
             pick = self._tensor(keep)
             head, token = head[pick], token[pick]
-            tables = [reqs[b].pages for b in chain]
-            attn.prepare(AttnInputs(BatchMode.DECODE, at, [p + 1 for p in at], tables))
-            ctx = ForwardContext(BatchMode.DECODE, attn, self._tensor(list(range(len(chain)))), low_latency)
+            attn.prepare(AttnInputs(BatchMode.DECODE, at, [p + 1 for p in at], [r.pages for r in reqs]))
+            ctx = ForwardContext(BatchMode.DECODE, attn, self._tensor(list(range(len(reqs)))), low_latency)
             logits, head = self.model.draft(head, token, self._tensor(at), ctx)
             self._rounds += 1
             token = logits.argmax(-1)

@@ -1,0 +1,163 @@
+"""Speculative decoding with MTP, step by step (issue 20's figures): the draft + verify step for K = 1..3 at each
+batch size against the plain decode step, on one GPU at the DESIGN.md §8 shape with an MTP layer (dummy weights).
+
+    python -m pd.bench.spec_step [--batches 1,8,32,64] [--ks 1,2,3] [--context 1024] [--iters 20] [--out FILE]
+
+Plain: ``ModelRunner.run`` of a decode batch (the decode CUDA graph). Speculative: ``MTPSpeculator.decode``
+(the verify and draft graphs, acceptance between them, the chained drafts for K > 1, emission) under the
+oracle (``--speculative-oracle``: every draft accepted, so each step emits K + 1 tokens and pays the accepted
+path's full cost: random weights would accept nothing). Median wall ms, host work included; each iteration
+rewinds the batch to the same context. Effective TPOT at acceptance ``a`` (each draft kept with probability
+``a`` once the ones before it were): step ms / (1 + a + ... + a^K). The plain step's floor is
+``pd.bench.decode_step``'s. Target: at a = 0.8 and K = 1, TPOT <= 0.65x the plain TPOT at batch 1-32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pd.bench.decode_step import wall
+from pd.config import EngineConfig
+from pd.engine.engine import Engine
+from pd.engine.graph import DecodeGraphs, default_buckets
+from pd.engine.speculative import MTPSpeculator
+from pd.engine.verify_graph import VerifyGraphs
+from pd.model.mtp import DeepseekV3WithMTP
+from pd.speculative import SpeculativeConfig
+from pd.types import Batch, BatchMode, Req, SamplingParams, StepResult
+
+ACCEPTANCE = (0.6, 0.7, 0.8, 0.9)
+
+
+def make_reqs(engine: Engine, batch: int, context: int, k: int) -> list[Req]:
+    """``batch`` requests of ``context`` computed tokens on their own pages, room for a step's drafts."""
+    layout = engine.runner.pool.layout
+    per = layout.pages_for(context + 2 * k + 1)
+    reqs = []
+    for i in range(batch):
+        r = Req(i, [(7 * i + j) % 1000 + 3 for j in range(context)], SamplingParams(temperature=0, max_tokens=1 << 20),
+                i, context + 64)  # fmt: skip
+        r.pages = list(range(1 + i * per, 1 + (i + 1) * per))
+        r.num_computed = context - 1
+        reqs.append(r)
+    return reqs
+
+
+def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
+    """One speculative step over ``reqs`` rewound to ``context`` tokens; returns the tokens it emitted."""
+    emitted = 0
+
+    def postprocess(step: Batch, result: StepResult) -> list:
+        nonlocal emitted
+        for r, t in zip(step.reqs, result.tokens):
+            assert t is not None
+            r.output_ids.append(t)
+            r.num_computed = r.seq_len - 1
+            emitted += 1
+        return []
+
+    for r in reqs:
+        del r.output_ids[:]
+        r.num_computed = context - 1
+        spec.drafts.setdefault(r, [3] * spec.k)
+    spec.decode(Batch(BatchMode.DECODE, reqs, [context - 1] * len(reqs), [context] * len(reqs)), postprocess)
+    return emitted
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--ks", default="1,2,3")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the same steps (graphs uncaptured)")
+    p.add_argument(
+        "--preset", default="moonlight-shape", help="pd-make-tiny-model preset (ci: a CPU smoke run)"
+    )
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    from pd.tiny_model import make_tiny_model
+
+    model = make_tiny_model(
+        Path(tempfile.mkdtemp()) / args.preset, args.preset, config_only=True, with_mtp=True
+    )
+    gpu = args.device != "cpu"
+    batches, ks = [int(b) for b in args.batches.split(",")], [int(k) for k in args.ks.split(",")]
+    page_size, max_k = 64, max(ks)
+    per = -(-(args.context + 2 * max_k + 1) // page_size)
+    cfg = EngineConfig(
+        str(model), device=args.device, dtype="bfloat16" if gpu else "float32", load_format="dummy", page_size=page_size,
+        num_pages=max(batches) * per + 2, max_running=max(batches), max_context_len=args.context + 64,
+        speculative=SpeculativeConfig("mtp", max_k, oracle=True),
+    )  # fmt: skip
+    engine = Engine(cfg)
+    runner = engine.runner
+    assert isinstance(runner.model, DeepseekV3WithMTP)
+    if gpu and runner.verify_graphs is None:
+        raise SystemExit("spec_step: no CUDA graphs were captured (see the attention backend warning above)")
+    runner.close()  # the engine's verify graphs (K = max): each K gets its own below
+    runner.pool.buffer.normal_()  # never time on zeros
+    buckets = default_buckets(max(batches))
+    rows = []
+    if gpu:
+        runner.graphs = DecodeGraphs(runner.model, runner.attn, runner.pool, buckets, runner.context_len)
+    plain = {}
+    for b in batches:
+        reqs = make_reqs(engine, b, args.context, 0)
+        batch = Batch(BatchMode.DECODE, reqs, [args.context - 1] * b, [args.context] * b)
+        plain[b] = wall(lambda batch=batch: runner.run(batch), args.iters) * 1e3
+        rows.append({"batch": b, "k": 0, "step_ms": plain[b], "tokens_per_step": 1.0})
+        print(json.dumps(rows[-1]), flush=True)
+    runner.close()
+    for k in ks:
+        runner.verify_graphs = VerifyGraphs(
+            runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, capture=gpu
+        )
+        spec = MTPSpeculator(runner, engine.logits, SpeculativeConfig("mtp", k, oracle=True))
+        for b in batches:
+            reqs = make_reqs(engine, b, args.context, k)
+            tokens: list[int] = []
+            ms = (
+                wall(lambda r=reqs, t=tokens, s=spec: t.append(spec_step(s, r, args.context)), args.iters)
+                * 1e3
+            )
+            per_step = tokens[-1] / b
+            row = {
+                "batch": b,
+                "k": k,
+                "step_ms": ms,
+                "tokens_per_step": per_step,
+                "oracle_tpot_ms": ms / per_step,
+            }
+            for a in ACCEPTANCE:
+                row[f"tpot_at_{a}"] = ms / sum(a**i for i in range(k + 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        runner.close()
+        if gpu:
+            torch.cuda.empty_cache()
+    print(
+        f"\nMTP draft + verify step (ms, median wall), context {args.context}; TPOT ratio = TPOT / plain step\n"
+    )
+    head = " | ".join(f"TPOT at {a} (ratio)" for a in ACCEPTANCE)
+    print(f"| batch | K | step ms | plain ms | oracle tokens/step | oracle TPOT ms | {head} |")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
+    for r in rows:
+        if r["k"] == 0:
+            continue
+        base = plain[r["batch"]]
+        cells = " | ".join(f"{r[f'tpot_at_{a}']:.2f} ({r[f'tpot_at_{a}'] / base:.2f}x)" for a in ACCEPTANCE)
+        print(f"| {r['batch']} | {r['k']} | {r['step_ms']:.2f} | {base:.2f} | {r['tokens_per_step']:.2f} | "
+              f"{r['oracle_tpot_ms']:.2f} | {cells} |")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    runner.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""CUDA graphs of a speculative decode step (issue 20): per batch bucket, a verify graph and a draft graph.
+
+A bucket of ``bs`` requests computes ``q = K + 1`` positions per request, ``T = bs * q`` query tokens: request
+``b``'s last token and its drafts at positions ``L_b - 1 .. L_b - 1 + K`` (fewer drafts: the rest of its row
+is padding tokens that route to no expert and whose KV only padding queries read), padding requests on
+the dummy page. One attention plan (causal, ``q`` queries per row) serves both graphs, planned once per step
+outside them (``AttentionBackend.prepare_graph``):
+
+- **verify**: the target over the ``T`` tokens -> float32 logits ``[T, V]`` and final hidden states ``[T, H]``.
+- acceptance runs between the two replays on the verify's logits (eager: the sampler's per-row tensors),
+  and writes the tokens it emits and their count per row into the draft graph's inputs on the device;
+- **draft**: the MTP layer over the same ``T`` positions with the target's hidden states and the tokens after
+  them (the accepted ones; past a row's count they are rewritten by the next step), drafting each row's next
+  token from the offset its acceptance ended at -> draft tokens ``[bs]`` and the MTP head's hidden ``[bs, H]``
+  (the input of a chained draft for K > 1, which runs after the host has the counts).
+
+No host sync between the two replays. ``capture=False`` runs the same steps on the same static buffers
+without capturing (CPU, tests). Single-rank engines only: multi-rank speculation runs eager.
+Lifetime: ``close`` before the process group is destroyed, as ``DecodeGraphs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pd.attention.base import AttentionBackend, AttnInputs
+from pd.kv_cache import KVPool
+from pd.model.context import ForwardContext
+from pd.model.mtp import DeepseekV3WithMTP
+from pd.types import BatchMode
+
+log = logging.getLogger(__name__)
+
+
+class VerifyGraphs:
+    """The verify and draft graphs of ``model`` for each of ``buckets`` (requests per step) with ``k`` drafts
+    per request; ``context_len`` (the longest sequence) sizes the page tables."""
+
+    def __init__(
+        self,
+        model: DeepseekV3WithMTP,
+        attn: AttentionBackend,
+        pool: KVPool,
+        buckets: Sequence[int],
+        context_len: int,
+        k: int,
+        capture: bool = True,
+    ) -> None:
+        if capture and not attn.supports_graphs:
+            raise ValueError(
+                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
+            )
+        self.model, self.attn, self.q, self.capture = model, attn, k + 1, capture
+        self.buckets = sorted(set(buckets))
+        max_bs = self.buckets[-1]
+        max_t = max_bs * self.q
+        dev = pool.buffer.device
+        # Inputs, one host-to-device copy per step: token ids, positions, real-token flags [T] each.
+        self.inputs = torch.zeros(3, max_t, dtype=torch.int64, device=dev)
+        self.ids, self.positions, self.real = self.inputs
+        # Inputs the acceptance writes on the device: the tokens after each position [T], the count per row.
+        self.next_ids = torch.zeros(max_t, dtype=torch.int64, device=dev)
+        self.counts = torch.ones(max_bs, dtype=torch.int64, device=dev)
+        self.rows = torch.arange(max_t, dtype=torch.int64, device=dev)
+        self.verify_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.draft_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.states: dict[int, object] = {}
+        max_pages = max_bs * pool.layout.pages_for(context_len + k)
+        mempool = torch.cuda.graph_pool_handle() if capture else None
+        for bs in reversed(self.buckets):
+            self.states[bs] = attn.graph_state(bs, max_pages, self.q)
+            self._load(bs, [], [], [])
+            self.verify_out[bs] = self._record(bs, "verify", mempool)
+            self.draft_out[bs] = self._record(bs, "draft", mempool)
+        if capture:
+            log.info("captured verify and draft CUDA graphs (K = %d) for batch buckets %s", k, self.buckets)
+
+    # ---- the two steps (captured as they are) ----
+
+    def _ctx(self, bs: int, logits_rows: torch.Tensor) -> ForwardContext:
+        t = bs * self.q
+        return ForwardContext(BatchMode.DECODE, self.attn, logits_rows, False, self.real[:t] != 0)
+
+    def _verify(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = bs * self.q
+        rows = self.rows[:t]
+        hidden = self.model.hidden(self.ids[:t], self.positions[:t], self._ctx(bs, rows), rows)
+        return self.model.logits(hidden), hidden  # [T, V] float32, [T, H]
+
+    def _draft(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = bs * self.q
+        hidden = self.verify_out[bs][1]  # the verify graph's output buffer
+        pick = self.rows[:bs] * self.q + self.counts[:bs] - 1  # each row's last emitted offset
+        logits, head = self.model.draft(hidden, self.next_ids[:t], self.positions[:t], self._ctx(bs, pick))
+        return logits.argmax(-1), head  # [bs] int64, [bs, H]
+
+    @torch.inference_mode()
+    def _record(
+        self, bs: int, name: str, pool: torch.cuda._POOL_HANDLE | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self._verify if name == "verify" else self._draft
+        if not self.capture:
+            return step(bs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernels)
+            for _ in range(2):
+                step(bs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step(bs)
+        self.graphs[(bs, name)] = graph
+        return out
+
+    def _replay(self, bs: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.verify_out if name == "verify" else self.draft_out
+        if not self.capture:  # the same step on the same buffers; outputs copied into the recorded ones
+            for mine, fresh in zip(outputs[bs], (self._verify if name == "verify" else self._draft)(bs)):
+                mine.copy_(fresh)
+        else:
+            self.graphs[(bs, name)].replay()
+        return outputs[bs]
+
+    # ---- per step ----
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _load(self, bs: int, tokens: list[list[int]], lengths: list[int], pages: list[list[int]]) -> None:
+        q = self.q
+        host = np.zeros((3, self.inputs.shape[1]), dtype=np.int64)  # padding: token 0 at position 0
+        for b, (row, n) in enumerate(zip(tokens, lengths)):
+            real = len(row)
+            host[0, b * q : b * q + real] = row
+            # A padding token sits at its row's last real position: a valid rotary entry; its KV slot is
+            # the planned one (the attention plan's, not this position).
+            host[1, b * q : (b + 1) * q] = np.minimum(np.arange(n - 1, n - 1 + q), n - 2 + real)
+            host[2, b * q : b * q + real] = 1
+        self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
+        starts = [n - 1 for n in lengths]
+        self.attn.prepare_graph(
+            self.states[bs], AttnInputs(BatchMode.DECODE, starts, [s + q for s in starts], pages)
+        )
+
+    @torch.inference_mode()
+    def verify(
+        self, tokens: list[list[int]], lengths: list[int], pages: list[list[int]]
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Replays the verify graph for requests of lengths ``L_b`` (``lengths``), each computing ``tokens[b]``
+        (its last token, then its 0..K drafts) at positions ``L_b - 1 ..``, on ``pages[b]`` (reserved up to
+        the last draft's position). Returns the bucket and views of the graph's outputs, valid until the next
+        verify: logits ``[bs * q, V]`` float32 and hidden states ``[bs * q, H]`` (request ``b``'s offsets at rows
+        ``b * q ..``)."""
+        bs = self.bucket(len(tokens))
+        assert bs is not None, f"no bucket holds {len(tokens)} requests"
+        self._load(bs, tokens, lengths, pages)
+        logits, hidden = self._replay(bs, "verify")
+        return bs, logits, hidden
+
+    @torch.inference_mode()
+    def draft(
+        self, bs: int, emitted: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After ``verify`` of bucket ``bs``: ``emitted [n, q]`` int64 (the tokens acceptance emits at each
+        offset; those past a row's count are not read for its draft) and ``counts [n]`` int64 (1..q), on the
+        device. Replays the draft graph: the next draft ``[n]`` int64 and its MTP hidden state ``[n, H]``."""
+        n = emitted.shape[0]
+        self.next_ids[: n * self.q].copy_(emitted.reshape(-1).clamp(min=0))  # offsets past a count: PAD_TOKEN
+        self.counts[:n].copy_(counts)
+        self.counts[n:bs].fill_(1)
+        token, head = self._replay(bs, "draft")
+        return token[:n], head[:n]
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.verify_out.clear()
+        self.draft_out.clear()
