@@ -72,7 +72,7 @@ def test_flashinfer_mla_matches_torch_reference():
     want = ref.decode(1, q_lat, q_pe)
     fi.prepare(ver)
     assert rel_err(fi.decode(1, q_lat, q_pe), want) < 1e-2
-    fi.prepare_graph(fi.graph_state(4, 64, queries=3), ver)
+    fi.prepare_graph(fi.graph_state(4, 64, tokens=12), ver)
     pad = torch.zeros(3, heads, lora, device="cuda", dtype=torch.bfloat16)
     got = fi.decode(1, torch.cat([q_lat, pad]), torch.cat([q_pe, pad[..., :rope]]))
     assert rel_err(got[:9], want) < 1e-2

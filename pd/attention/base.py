@@ -46,22 +46,26 @@ class AttnInputs:
         return any(s > 0 for s in self.starts)
 
 
-def pad_for_graph(inputs: AttnInputs, batch: int, queries: int, page_size: int) -> AttnInputs:
-    """A graph bucket's decode inputs: ``batch`` sequences of ``queries`` positions each. The real rows of
-    ``inputs`` keep their starts (each must compute ``queries`` positions); a table that ends before its
-    row's last position goes on with the dummy page (only a row's padding queries reach those positions);
-    the remaining rows compute positions ``[0, queries)`` on the dummy page alone."""
-    assert all(e - s == queries for s, e in zip(inputs.starts, inputs.ends)), "rows of other widths"
+def pad_for_graph(inputs: AttnInputs, batch: int, tokens: int, page_size: int) -> AttnInputs:
+    """A graph bucket's decode inputs: ``batch`` sequences computing ``tokens`` positions in all. The real rows
+    of ``inputs`` keep their ranges; a table that ends before its row's last position goes on with the dummy
+    page (only padding queries reach those positions, e.g. a verify row's tokens past its drafts); the
+    remaining rows compute positions on the dummy page alone, one each and the last one the rest."""
+    widths = inputs.q_lens
+    pad, rest = batch - len(widths), tokens - sum(widths)
+    assert (pad > 0 and rest >= pad) or (pad == 0 and rest == 0), (
+        f"{widths} do not pad to {batch} rows, {tokens}"
+    )
+    pads = [1] * (pad - 1) + [rest - pad + 1] if pad else []
     tables = [
         list(t) + [DUMMY_PAGE] * max(0, -(-e // page_size) - len(t))
         for t, e in zip(inputs.page_tables, inputs.ends)
     ]
-    pad = batch - len(inputs.ends)
     return AttnInputs(
         BatchMode.DECODE,
         list(inputs.starts) + [0] * pad,
-        list(inputs.ends) + [queries] * pad,
-        tables + [[DUMMY_PAGE] * -(-queries // page_size)] * pad,
+        list(inputs.ends) + pads,
+        tables + [[DUMMY_PAGE] * -(-w // page_size) for w in pads],
     )
 
 
@@ -74,9 +78,10 @@ class AttentionBackend(ABC):
 
     supports_graphs = False  # whether decode can be captured in CUDA graphs (the graph hooks below)
 
-    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> object:
-        """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows of
-        ``queries`` positions each and ``max_pages`` page ids. Lifetime: the backend's."""
+    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> object:
+        """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows computing
+        ``tokens`` positions in all (default: one each; more: causal queries) and ``max_pages`` page ids.
+        Lifetime: the backend's."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:

@@ -88,11 +88,9 @@ class _GraphState:
     """One bucket's decode wrapper and the static buffers its captured kernels read."""
 
     batch: int
-    queries: int  # positions each row computes (1: plain decode; K + 1: a speculative verify, causal)
+    tokens: int  # positions the rows compute in all (batch: plain decode; more: causal queries)
     wrapper: Any  # flashinfer.mla.BatchMLAPagedAttentionWrapper
-    out_slots: (
-        torch.Tensor
-    )  # [batch * queries] int64: where each new latent goes (padded rows: the dummy page)
+    out_slots: torch.Tensor  # [tokens] int64: where each new latent goes (padded rows: the dummy page)
 
 
 class FlashInferMLABackend(AttentionBackend):
@@ -131,7 +129,7 @@ class FlashInferMLABackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = BatchMLAPagedAttentionWrapper(self.workspace)
         self.graph_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.graphs: dict[tuple[int, int], _GraphState] = {}  # (batch, queries) -> state
+        self.graphs: dict[tuple[int, int], _GraphState] = {}  # (batch, tokens) -> state
         self.active: _GraphState | None = None  # set while capturing or replaying a bucket
         self.inputs: AttnInputs | None = None
 
@@ -189,9 +187,10 @@ class FlashInferMLABackend(AttentionBackend):
 
     # ---- CUDA graphs ----
 
-    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> _GraphState:
-        """The bucket's decode wrapper with static metadata buffers (made once per bucket and width)."""
-        state = self.graphs.get((batch, queries))
+    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> _GraphState:
+        """The bucket's decode wrapper with static metadata buffers (made once per rows and tokens)."""
+        tokens = batch if tokens is None else tokens
+        state = self.graphs.get((batch, tokens))
         if state is None:
             i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
             wrapper = self._Wrapper(
@@ -202,17 +201,17 @@ class FlashInferMLABackend(AttentionBackend):
                 kv_indices=torch.zeros(max_pages, **i32),
                 kv_len_arr=torch.zeros(batch, **i32),
             )
-            slots = torch.zeros(batch * queries, dtype=torch.int64, device=self.device)
-            state = _GraphState(batch, queries, wrapper, slots)
-            self.graphs[(batch, queries)] = state
+            slots = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+            state = _GraphState(batch, tokens, wrapper, slots)
+            self.graphs[(batch, tokens)] = state
         return state
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""
         assert isinstance(state, _GraphState)
-        padded = pad_for_graph(inputs, state.batch, state.queries, self.pool.layout.page_size)
+        padded = pad_for_graph(inputs, state.batch, state.tokens, self.pool.layout.page_size)
         meta = _StepMeta.of(padded, self.pool.layout.page_size)
-        self._plan_decode(state.wrapper, meta, causal=state.queries > 1)
+        self._plan_decode(state.wrapper, meta, causal=state.tokens > state.batch)
         state.out_slots.copy_(torch.from_numpy(meta.out_slots), non_blocking=True)
         self.inputs = padded
         self.active = state

@@ -45,8 +45,8 @@ class TorchMLABackend(AttentionBackend):
                 [torch.arange(s, e, device=device) for s, e in zip(inputs.starts, inputs.ends)]
             )
 
-    def graph_state(self, batch: int, max_pages: int, queries: int = 1) -> object:
-        return (batch, queries)
+    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> object:
+        return (batch, batch if tokens is None else tokens)
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         assert isinstance(state, tuple)

@@ -73,7 +73,7 @@ class VerifyGraphs:
         max_pages = max_bs * pool.layout.pages_for(context_len + k)
         mempool = torch.cuda.graph_pool_handle() if capture else None
         for bs in reversed(self.buckets):
-            self.states[bs] = attn.graph_state(bs, max_pages, self.q)
+            self.states[bs] = attn.graph_state(bs, max_pages, bs * self.q)
             self._load(bs, [], [], [])
             self.verify_out[bs] = self._record(bs, "verify", mempool)
             self.draft_out[bs] = self._record(bs, "draft", mempool)
