@@ -336,9 +336,11 @@ class EngineConfig:
     max_waiting: int = 4096
     max_context_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto: flashinfer on CUDA when installed, else torch
-    cuda_graph: bool = (
-        True  # decode in full-model CUDA graphs on CUDA (needs a graph-capable attention backend)
-    )
+    # Full-model CUDA graphs on CUDA (needs a graph-capable attention backend): decode steps, and on single-rank
+    # engines prompt steps of at most graph_extend_tokens tokens (pd.engine.extend_graph; 0: those eager).
+    cuda_graph: bool = True
+    graph_extend_tokens: int = 256
+    decodes: bool = True  # runs decode steps (False on prefill ranks: no decode graphs); set by the launcher
     # Keep full KV pages of computed prompts (prefill, colocated ranks) or of finished requests (decode ranks)
     # and reuse them for later prompts with the same prefix (decode: not transferred again).
     prefix_cache: bool = True

@@ -276,3 +276,24 @@ def test_colocated_abort_with_cached_pages_mid_prefill_and_mid_decode(tiny_model
             break
     assert tokens == expected[1] and idle(c) and colocated.rooms_open == 0
     drop_cache(c)
+
+
+def test_extend_graph_steps_equal_transformers_over_cached_prefixes(tiny_model_dir, expected):
+    """Prompt steps through the extend graphs' static buffers (pd.engine.extend_graph, uncaptured on CPU):
+    the absorbed attention's causal queries over cached prefixes, padding rows and tokens, several prompts
+    in one step; hits and misses give transformers' tokens."""
+    from pd.engine.extend_graph import ExtendGraphs
+
+    engine = make_engine(str(tiny_model_dir))
+    r = engine.runner
+    graphs = ExtendGraphs(r.model, r.attn, r.pool, [24, 32], r.context_len, capture=False)
+    steps: list[int] = []
+    run = graphs.run
+    graphs.run = lambda batch, t: (steps.append(len(batch.reqs)), run(batch, t))[1]  # type: ignore[method-assign]
+    r.extend_graphs = graphs
+    for (what, prompt, _), want in zip(CASES, expected):
+        [done] = engine.generate([prompt], GREEDY)
+        assert done.output_ids == want, what
+    done = engine.generate([p for _, p, _ in CASES], GREEDY)
+    assert [d.output_ids for d in done] == expected
+    assert 1 in steps and max(steps) > 1 and idle(engine)

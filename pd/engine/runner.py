@@ -10,6 +10,7 @@ from pd.attention.base import AttentionBackend, AttnInputs
 from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_unusable
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
+from pd.engine.extend_graph import ExtendGraphs, default_extend_buckets
 from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.engine.logits import LogitsProcessor
 from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
@@ -212,6 +213,13 @@ class ModelRunner:
         self.verify_graphs: VerifyGraphs | None = None  # speculative decoding's (its decode steps verify)
         buckets = default_buckets(cfg.max_running)
         graphs = cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs
+        self.extend_graphs: ExtendGraphs | None = None
+        if graphs and cfg.graph_extend_tokens and not self.lockstep:
+            extend_buckets = default_extend_buckets(min(cfg.graph_extend_tokens, cfg.chunk_size))
+            self.extend_graphs = ExtendGraphs(
+                self.model, self.attn, self.pool, extend_buckets, self.context_len
+            )
+        graphs = graphs and cfg.decodes
         if graphs and cfg.speculative.enabled and self.lockstep:
             log.info("speculative decoding on %d ranks: decode runs eager", self.ep.config.world_size)
         elif graphs and cfg.speculative.enabled:
@@ -297,6 +305,12 @@ class ModelRunner:
                 result.top = top_logprobs(full, batch.reqs)  # a decode step samples every request
                 return result
             return self._sample(out, batch, sampled, logits, full)
+        bucket = self._extend_bucket(batch)
+        if bucket is not None:
+            assert self.extend_graphs is not None
+            out = self.extend_graphs.run(batch, bucket)
+            picked = self._tensor([i for i, s in enumerate(batch.samples) if s])
+            return self._sample(out[picked], batch, sampled, logits)
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []  # rows of the step's tokens that sample
@@ -325,6 +339,15 @@ class ModelRunner:
         if scored:
             self._score_prompt(batch, hidden[len(rows) :], targets, result)
         return result
+
+    def _extend_bucket(self, batch: Batch) -> int | None:
+        """The extend graph's token bucket that runs ``batch``, or None: eager (not an extend step, too many
+        tokens or requests, prompt logprobs asked, or every row's hidden state kept)."""
+        if batch.mode is not BatchMode.EXTEND or self.extend_graphs is None or self.keep_hidden:
+            return None
+        if any(r.sampling.prompt_logprobs is not None for r in batch.reqs):
+            return None
+        return self.extend_graphs.bucket(batch)
 
     def _sample(
         self,
@@ -425,6 +448,9 @@ class ModelRunner:
         if self.verify_graphs is not None:
             self.verify_graphs.close()
             self.verify_graphs = None
+        if self.extend_graphs is not None:
+            self.extend_graphs.close()
+            self.extend_graphs = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

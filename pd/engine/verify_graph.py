@@ -177,6 +177,14 @@ class VerifyGraphs:
         token, head = self._replay(bs, "draft")
         return token[:n], head[:n]
 
+    @torch.inference_mode()
+    def run_idle(self, bs: int) -> None:
+        """Replays bucket ``bs``'s verify and draft graphs with padding rows only (warm-up)."""
+        self._load(bs, [], [], [])
+        self.counts[:bs].fill_(1)
+        self._replay(bs, "verify")
+        self._replay(bs, "draft")
+
     def close(self) -> None:
         self.graphs.clear()
         self.verify_out.clear()

@@ -8,7 +8,8 @@ scratch requests whose pages it allocates and frees:
   with every logits processing and logprobs option (penalties, bias, min_tokens, a grammar where the
   engine serves them, top and prompt logprobs);
 - ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), then a replay of
-  every other graph bucket.
+  every other graph bucket (the decode graphs, or speculative decoding's verify and draft graphs);
+- the prompt steps' graph buckets (``pd.engine.extend_graph``) replayed once each.
 
 Ranks of a multi-rank instance run the same sequence, so their EP collectives meet. The model's expert
 counters are reset afterwards: ``pd_expert_tokens`` counts served tokens only.
@@ -83,6 +84,12 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
                     runner.graphs.run_idle(bs)
+            if runner.verify_graphs is not None:
+                for bs in runner.verify_graphs.buckets:
+                    runner.verify_graphs.run_idle(bs)
+        if extend and runner.extend_graphs is not None:
+            for t in runner.extend_graphs.buckets:
+                runner.extend_graphs.run_idle(t)
     finally:
         for req in reqs:
             engine.allocator.free(req.pages)

@@ -74,12 +74,15 @@ def uses_low_latency_moe(role: str, par: ParallelConfig) -> bool:
 
 
 def rank_engine_config(role: str, engine: EngineConfig, par: ParallelConfig) -> EngineConfig:
-    """The engine config of one rank of a ``role`` instance: its own device; no decode graphs on prefill
-    (it never decodes, and normal EP dispatch synchronises with the host, so it cannot be captured);
-    on low-latency decode ranks, steps no larger than the low-latency buffers (M = max_running)."""
+    """The engine config of one rank of a ``role`` instance: its own device; no decode graphs on prefill (it
+    never decodes; its short prompt steps run in graphs on a single rank, normal EP dispatch synchronises with
+    the host), no prompt-step graphs on decode (it never prefills); on low-latency decode ranks, steps no
+    larger than the low-latency buffers (M = max_running)."""
     cfg = dataclasses.replace(engine, device=par.rank_device(engine.device))
     if role == "prefill":
-        cfg = dataclasses.replace(cfg, cuda_graph=False)
+        cfg = dataclasses.replace(cfg, decodes=False)
+    if role == "decode":
+        cfg = dataclasses.replace(cfg, graph_extend_tokens=0)
     if uses_low_latency_moe(role, par):
         cfg = dataclasses.replace(cfg, chunk_size=min(cfg.chunk_size, cfg.max_running))
     return cfg
