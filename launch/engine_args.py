@@ -92,7 +92,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             "--cuda-graph",
             E,
             "cuda_graph",
-            help="decode in full-model CUDA graphs on CUDA (--no-cuda-graph: eagerly)",
+            help="full-model CUDA graphs on CUDA: decode steps and short prompt steps (--no-cuda-graph: eager)",
+        ),
+        add_field_arg(
+            g,
+            "--graph-extend-tokens",
+            E,
+            "graph_extend_tokens",
+            help="prompt steps of at most this many tokens run in CUDA graphs on single-rank engines (0: eager)",
         ),
         add_field_arg(
             g,
@@ -164,6 +171,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         attention_backend=args.attention_backend,
         seed=args.seed,
         cuda_graph=args.cuda_graph,
+        graph_extend_tokens=args.graph_extend_tokens,
         prefix_cache=args.prefix_cache,
         speculative=speculative_config(args),
     )

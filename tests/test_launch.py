@@ -91,6 +91,7 @@ WORKER_FIELDS = {
     "attention_backend": (EngineConfig, "attention_backend"),
     "seed": (EngineConfig, "seed"),
     "cuda_graph": (EngineConfig, "cuda_graph"),
+    "graph_extend_tokens": (EngineConfig, "graph_extend_tokens"),
     "speculative_algorithm": (SpeculativeConfig, "algorithm"),
     "num_speculative_tokens": (SpeculativeConfig, "num_tokens"),
     "speculative_oracle": (SpeculativeConfig, "oracle"),

@@ -65,17 +65,28 @@ def test_runner_on_cpu_binds_no_cuda_state(monkeypatch, tiny_model_dir) -> None:
 
 
 def test_rank_engine_config_per_role() -> None:
-    """Prefill ranks build no decode graphs (normal EP dispatch cannot be captured: it invalidated the
-    capture on two H200s); low-latency decode ranks keep steps within the low-latency buffers."""
+    """Prefill ranks build no decode graphs (their prompt-step graphs are the runner's to skip on several
+    ranks: normal EP dispatch cannot be captured, it invalidated the capture on two H200s); decode ranks no
+    prompt-step graphs; low-latency decode ranks keep steps within the low-latency buffers."""
     from pd.config import EngineConfig, ParallelConfig
     from pd.worker.builder import rank_engine_config
 
     engine = EngineConfig(model_path="m", device="cuda:0", chunk_size=2048, max_running=64)
     two = ParallelConfig(size=2, rank=1, dist_init_addr="127.0.0.1:1")
     prefill = rank_engine_config("prefill", engine, two)
-    assert (prefill.device, prefill.cuda_graph, prefill.chunk_size) == ("cuda:1", False, 2048)
+    assert (prefill.device, prefill.decodes, prefill.graph_extend_tokens, prefill.chunk_size) == (
+        "cuda:1",
+        False,
+        256,
+        2048,
+    )
     decode = rank_engine_config("decode", engine, two)
-    assert (decode.device, decode.cuda_graph, decode.chunk_size) == ("cuda:1", True, 64)
+    assert (decode.device, decode.cuda_graph, decode.graph_extend_tokens, decode.chunk_size) == (
+        "cuda:1",
+        True,
+        0,
+        64,
+    )
     one = rank_engine_config("decode", engine, ParallelConfig())
     assert (one.device, one.cuda_graph, one.chunk_size) == ("cuda:0", True, 2048)
 
