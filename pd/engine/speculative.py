@@ -1,14 +1,15 @@
-"""Speculative decoding with the checkpoint's MTP layer, eager (DESIGN.md §11, issue 20).
+"""Speculative decoding with the checkpoint's MTP layer (DESIGN.md §11, issue 20).
 
 A decode step of a request whose last token sits at position ``L - 1`` (``L`` = its length) and which holds
 ``d`` drafts (``0 <= d <= K``) runs the target over ``[last, draft_1 .. draft_d]`` at positions
-``L - 1 .. L - 1 + d`` in one forward through the extend attention path over the paged cache (every
-request of the batch at once), verifies the drafts (``pd.engine.spec.sample_accept``: greedy rows take the
+``L - 1 .. L - 1 + d`` in one forward (every request of the batch at once; absorbed attention over the paged
+cache with causal queries, as decode), verifies the drafts (``pd.engine.spec.sample_accept``: greedy rows take the
 argmax, sampling rows pd's seeded sampler at each position, so the emitted tokens are the very ones plain
 decoding emits; ``accept_all`` under ``--speculative-oracle``) and emits ``c = accepted + 1`` tokens, one at a
 time through the engine's own postprocessing (stop tokens, stop strings, max_tokens end the request at the
 token that ends it; the rest are dropped). ``num_computed`` becomes ``L + c - 1``: the KV of rejected drafts
-is overwritten by a later step.
+is overwritten by a later step. On single-rank CUDA engines the step runs in the verify and draft graphs of
+``pd.engine.verify_graph`` (K + 1 tokens for every request, fewer drafts padded), eagerly otherwise.
 
 Then the MTP layer (its own KV layer of the pool) runs over positions ``L - 1 .. L + c - 2`` with the target's
 hidden states there and the tokens after them, and drafts the next token from the last row; ``K > 1``
