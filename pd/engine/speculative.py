@@ -285,23 +285,29 @@ class MTPSpeculator:
             rows += range(base, base + c)
             segs.append((req, start, req.all_ids[start + 1 : start + 1 + c]))
         if segs:
-            self._draft(segs, hidden[self._tensor(rows)], drafting=[True] * len(segs))
+            # Decode's attention form (absorbed, causal queries), as the draft graph: the same drafts either way.
+            self._draft(segs, hidden[self._tensor(rows)], [True] * len(segs), BatchMode.DECODE)
 
     # ---- the MTP layer ----
 
     def _draft(
-        self, segs: list[tuple[Req, int, list[int]]], hidden: torch.Tensor, drafting: list[bool]
+        self,
+        segs: list[tuple[Req, int, list[int]]],
+        hidden: torch.Tensor,
+        drafting: list[bool],
+        mode: BatchMode = BatchMode.EXTEND,
     ) -> None:
         """``segs``: (request, first position, the tokens after each position) with ``hidden`` their rows
-        ``[T, H]`` in order. Stores the MTP KV at those positions; for the requests ``drafting``, drafts
-        ``K`` tokens from the last row, chaining while the next position has a reserved page."""
+        ``[T, H]`` in order. Stores the MTP KV at those positions (``mode``: the attention form; a prompt
+        chunk's is extend's); for the requests ``drafting``, drafts ``K`` tokens from the last row, chaining
+        while the next position has a reserved page."""
         starts = [s for _, s, _ in segs]
         ends = [s + len(n) for _, s, n in segs]
         reqs = [r for r, _, _ in segs]
         attn, low_latency = self.runner.attn, self.runner.low_latency_moe
-        attn.prepare(AttnInputs(BatchMode.EXTEND, starts, ends, [r.pages for r in reqs]))
+        attn.prepare(AttnInputs(mode, starts, ends, [r.pages for r in reqs]))
         last = self._tensor(list(itertools.accumulate(e - s for s, e in zip(starts, ends)))) - 1
-        ctx = ForwardContext(BatchMode.EXTEND, attn, last, low_latency)
+        ctx = ForwardContext(mode, attn, last, low_latency)
         next_ids = self._tensor([t for _, _, n in segs for t in n])
         positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
         logits, head = self.model.draft(hidden, next_ids, positions, ctx)
