@@ -26,6 +26,11 @@ from pd.rpc.auth import read_token_file
 from pd.rpc.tls import TLSConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# --transfer-granularity, of pd-prefill and pd-serve alike
+GRANULARITY_HELP = (
+    "prefill: when a chunk's KV pages start moving; layer: each layer's as soon as the forward stored it "
+    "(overlapping the transfer with the rest of the forward), chunk: all after the chunk's forward"
+)
 
 
 def end_with_parent(sig: signal.Signals) -> None:

@@ -19,6 +19,7 @@ import httpx
 
 from pd.config import EngineConfig
 from pd.launch.args import (
+    GRANULARITY_HELP,
     PortInUse,
     add_common_args,
     add_field_arg,
@@ -32,7 +33,7 @@ from pd.launch.args import (
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
 from pd.launch.proxy import add_proxy_args, routing_config
 from pd.proxy.config import ProxyConfig
-from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
+from pd.transfer.engine import GRANULARITIES, PROTOCOLS, STAGING_MODES, TransferConfig
 
 log = logging.getLogger("pd.serve")
 
@@ -110,6 +111,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action], list
         TransferConfig,
         "staging_mb",
         help="pinned host memory for host staging, MB per rank",
+    )
+    add_field_arg(
+        p,
+        "--transfer-granularity",
+        TransferConfig,
+        "granularity",
+        choices=GRANULARITIES,
+        help=GRANULARITY_HELP,
     )
     par = add_parallel_args(p, multinode=False)
     par.add_argument("--prefill-dp", type=int, help="ranks of the prefill instance (default: --dp)")
@@ -189,6 +198,7 @@ def commands(
         worker.append("--kv-checksum")
     worker += ["--transfer-writers", str(args.transfer_writers), "--host-staging", args.host_staging]
     worker += ["--staging-mb", str(args.staging_mb)]
+    worker += ["--transfer-granularity", args.transfer_granularity]
     bootstrap = ("bootstrap", [*py, "pd.launch.bootstrap", "--port", str(bootstrap_port), *common])
     fd = [] if proxy_fd is None else ["--fd", str(proxy_fd)]
     proxy = (

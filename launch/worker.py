@@ -19,6 +19,7 @@ import time
 
 from pd.config import ModelConfig, ParallelConfig
 from pd.launch.args import (
+    GRANULARITY_HELP,
     PortInUse,
     add_common_args,
     add_field_arg,
@@ -29,7 +30,7 @@ from pd.launch.args import (
     tls_config,
 )
 from pd.launch.engine_args import add_engine_args, add_parallel_args, engine_config
-from pd.transfer.engine import PROTOCOLS, STAGING_MODES, TransferConfig
+from pd.transfer.engine import GRANULARITIES, PROTOCOLS, STAGING_MODES, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig, build_rank, check_speculative
 
@@ -101,6 +102,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_field_arg(t, "--staging-mb", T, "staging_mb", help="pinned host memory for host staging, MB per rank")
     add_field_arg(
         t,
+        "--transfer-granularity",
+        T,
+        "granularity",
+        choices=GRANULARITIES,
+        help=GRANULARITY_HELP,
+    )
+    add_field_arg(
+        t,
         "--kv-checksum",
         T,
         "kv_checksum",
@@ -148,6 +157,7 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
         writers_per_peer=args.transfer_writers,
         host_staging=args.host_staging,
         staging_mb=args.staging_mb,
+        granularity=args.transfer_granularity,
     )
 
 

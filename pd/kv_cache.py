@@ -126,14 +126,19 @@ def merge_page_runs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[
 
 
 def transfer_pieces(
-    src: KVLayout, dst: KVLayout, src_pages: Sequence[int], dst_pages: Sequence[int]
+    src: KVLayout,
+    dst: KVLayout,
+    src_pages: Sequence[int],
+    dst_pages: Sequence[int],
+    layers: range | None = None,
 ) -> list[tuple[int, int, int]]:
     """Byte pieces that copy ``src_pages`` of pool ``src`` into ``dst_pages`` of pool ``dst``.
 
     Returns ``(src_offset, dst_offset, nbytes)`` triples, offsets relative to each pool's base.
     Both pools must agree on layer count, page size, latent width, dtype and axis order (the
     bootstrap registry refuses to pair peers that do not). Page-major pools move a run of pages
-    of all layers as one piece; layer-major pools move one piece per layer per run.
+    of all layers as one piece; layer-major pools move one piece per layer per run. ``layers``: only
+    those layers (a layer-by-layer send; page-major pools then move one piece per page), default all.
     """
     for field in TRANSFER_FIELDS:
         if getattr(src, field) != getattr(dst, field):
@@ -142,17 +147,33 @@ def transfer_pieces(
             )
     src.check_pages(src_pages, "source")
     dst.check_pages(dst_pages, "destination")
+    layers = check_layers(src, layers)
     pieces: list[tuple[int, int, int]] = []
     runs = merge_page_runs(src_pages, dst_pages)
+    unit = src.page_nbytes_per_layer
     if src.order is KVOrder.PAGE_MAJOR:
-        unit = src.num_layers * src.page_nbytes_per_layer
+        if len(layers) == src.num_layers:
+            pieces += [(src.offset(0, s), dst.offset(0, d), n * src.num_layers * unit) for s, d, n in runs]
+            return pieces
         for s, d, n in runs:
-            pieces.append((src.offset(0, s), dst.offset(0, d), n * unit))
+            for i in range(n):
+                pieces.append(
+                    (src.offset(layers.start, s + i), dst.offset(layers.start, d + i), len(layers) * unit)
+                )
         return pieces
-    for layer in range(src.num_layers):
+    for layer in layers:
         for s, d, n in runs:
-            pieces.append((src.offset(layer, s), dst.offset(layer, d), n * src.page_nbytes_per_layer))
+            pieces.append((src.offset(layer, s), dst.offset(layer, d), n * unit))
     return pieces
+
+
+def check_layers(layout: KVLayout, layers: range | None) -> range:
+    """``layers`` (a step-1 range inside ``layout``'s layers) or, for None, all of them; raises ValueError."""
+    if layers is None:
+        return range(layout.num_layers)
+    if layers.step != 1 or not 0 <= layers.start < layers.stop <= layout.num_layers:
+        raise ValueError(f"layers {layers} are not a run of the pool's {layout.num_layers} layers")
+    return layers
 
 
 class KVPool:

@@ -44,9 +44,9 @@ def record_copies(engine: Engine) -> list[tuple[int, int]]:
     copies: list[tuple[int, int]] = []
     run = engine.runner.run
 
-    def recording(batch, logits=None):
+    def recording(batch, logits=None, kv_stored=None):
         copies.extend(batch.copies)
-        return run(batch, logits)
+        return run(batch, logits, kv_stored)
 
     engine.runner.run = recording  # type: ignore[method-assign]
     return copies

@@ -71,6 +71,28 @@ def test_transfer_pieces_copy_exactly_the_pages(order):
     assert len(pieces) == (3 if order is KVOrder.PAGE_MAJOR else 9)
 
 
+@pytest.mark.parametrize("order", list(KVOrder))
+def test_transfer_pieces_of_layer_runs_copy_exactly_those_layers(order):
+    """A layer-by-layer send moves runs of layers: each run's pieces copy those layers of the pages, no other."""
+    src_l, dst_l = KVLayout(3, 10, 4, 6, torch.float32, order), KVLayout(3, 12, 4, 6, torch.float32, order)
+    src, dst = KVPool(src_l, "cpu"), KVPool(dst_l, "cpu")
+    src.buffer.copy_(torch.randn(src_l.shape))
+    src_pages, dst_pages = [2, 3, 4, 9], [5, 6, 1, 2]
+    s_bytes, d_bytes = src.buffer.view(-1).view(torch.uint8), dst.buffer.view(-1).view(torch.uint8)
+    for span in (range(1, 3), range(0, 1)):
+        for s_off, d_off, n in transfer_pieces(src_l, dst_l, src_pages, dst_pages, span):
+            d_bytes[d_off : d_off + n] = s_bytes[s_off : s_off + n]
+        for layer in range(3):
+            copied = layer >= span.start
+            for sp, dp in zip(src_pages, dst_pages):
+                assert torch.equal(src.layer(layer)[sp], dst.layer(layer)[dp]) == copied, (span, layer)
+    untouched = [p for p in range(12) if p not in dst_pages]
+    assert all(dst.layer(layer)[p].abs().sum() == 0 for layer in range(3) for p in untouched)
+    for bad in (range(0, 4), range(2, 2), range(0, 3, 2)):
+        with pytest.raises(ValueError, match="not a run of the pool's 3 layers"):
+            transfer_pieces(src_l, dst_l, src_pages, dst_pages, bad)
+
+
 def test_transfer_pieces_refuse_mismatched_layouts():
     a = KVLayout(3, 10, 4, 6, torch.float32)
     with pytest.raises(ValueError, match="page_size"):

@@ -30,7 +30,7 @@ from pd.ep.placement import PLACEMENTS
 from pd.launch import bootstrap, worker
 from pd.launch.args import PortInUse, field_default, reserve_port
 from pd.speculative import SpeculativeConfig
-from pd.transfer.engine import PROTOCOLS, TransferConfig
+from pd.transfer.engine import GRANULARITIES, PROTOCOLS, TransferConfig
 from pd.transfer.state import TransferTimeouts
 from pd.worker.builder import WorkerConfig
 from tests.support.polling import wait_until
@@ -111,6 +111,7 @@ WORKER_FIELDS = {
     "transfer_device_names": (TransferConfig, "device_names"),
     "transfer_timeout": (TransferConfig, "transfer_timeout_s"),
     "transfer_writers": (TransferConfig, "writers_per_peer"),
+    "transfer_granularity": (TransferConfig, "granularity"),
     "bootstrapping_timeout": (TransferTimeouts, "bootstrapping_s"),
     "waiting_timeout": (TransferTimeouts, "waiting_for_input_s"),
     "transferring_timeout": (TransferTimeouts, "transferring_s"),
@@ -140,6 +141,7 @@ SERVE_FIELDS = {
     "dp": (ParallelConfig, "size"),
     "ep_backend": (ParallelConfig, "ep_backend"),
     "expert_placement": (ParallelConfig, "expert_placement"),
+    "transfer_granularity": (TransferConfig, "granularity"),
 }
 
 
@@ -192,6 +194,18 @@ def test_choices_come_from_the_registries():
             assert tuple(actions["attention_backend"].choices) == ATTENTION_BACKENDS, name
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(model_path="/m", attention_backend="nope")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_transfer_granularity_reaches_the_prefill_config(granularity):
+    """--transfer-granularity: pd-serve hands it to its workers, whose TransferConfig carries it."""
+    args = serve.parse(["--transfer-granularity", granularity])
+    [(_, prefill_argv)] = [c for c in serve.commands(args, "/m", 1) if c[0] == "prefill"]
+    flags = prefill_argv[prefill_argv.index("pd.launch.prefill") + 1 :]
+    parsed = worker.parse("prefill", [*flags, "--model", "/m"])
+    assert worker.transfer_config(parsed).granularity == granularity
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        TransferConfig(granularity="token")
 
 
 def test_pd_serve_picks_nvlink_between_gpus_of_its_host():

@@ -57,11 +57,11 @@ def count_computed(engine: Engine) -> Counter:
     counts: Counter = Counter()
     run = engine.runner.run
 
-    def counting(batch, logits=None):
+    def counting(batch, logits=None, kv_stored=None):
         if batch.mode is BatchMode.EXTEND:
             for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
                 counts[req.rid] += end - start
-        return run(batch, logits)
+        return run(batch, logits, kv_stored)
 
     engine.runner.run = counting  # type: ignore[method-assign]
     return counts

@@ -27,6 +27,8 @@ from pd.engine.messages import (
 )
 from pd.engine.prefill import PrefillEngine
 from pd.transfer.aux import AuxRecord, SlotAllocator
+from pd.transfer.engine import GRANULARITIES
+from pd.transfer.layers import LayerReady
 from pd.transfer.state import TransferState
 from pd.types import SamplingParams
 
@@ -55,6 +57,7 @@ class Loopback:
     aborted: list[int] = field(default_factory=list)
     skip: dict[int, int] = field(default_factory=dict)  # leading pages decode holds: never copied
     written: dict[int, list[int]] = field(default_factory=dict)  # destination pages copied, per room
+    layer_steps: list[LayerReady] = field(default_factory=list)  # granularity layer: each step's marks
 
     def can_add(self, num_pages: int) -> bool:  # PageReceiver
         return True
@@ -68,6 +71,9 @@ class Loopback:
 
     def send(self, room: int, pages: Sequence[int], last: bool = False, aux=None, ready_event=None) -> None:
         assert all(p in self.src[room] and p not in self.sent[room] for p in pages)
+        if isinstance(ready_event, LayerReady) and pages:
+            assert ready_event.order == [], "with layer granularity pages go to the sender before the forward"
+            self.layer_steps.append(ready_event)
         self.sent[room] += list(pages)
         if last:
             assert self.sent[room] == self.src[room], "every page sent once, in order"
@@ -78,6 +84,8 @@ class Loopback:
 
     def copy(self, room: int) -> None:
         src, dst = self.prefill.runner.pool, self.decode.runner.pool
+        for ready in self.layer_steps:  # every layer marked once, in order, by the forward (or after it)
+            assert ready.order == list(range(src.layout.num_layers))
         skip = self.skip[room]
         pairs = list(zip(self.src[room][skip:], self.dst[room][skip:]))
         self.written[room] = [d for _, d in pairs]
@@ -96,11 +104,13 @@ def reference(tiny_model_dir) -> list[list[int]]:
     return [c.output_ids for c in ref.generate(PROMPTS, GREEDY)]
 
 
-@pytest.fixture()
-def pair(tiny_model_dir):
+@pytest.fixture(params=GRANULARITIES)
+def pair(tiny_model_dir, request):
+    """A prefill and a decode engine joined by a Loopback; the prefill engine ships pages per chunk or, with
+    ``layer``, hands them over before each forward that marks its layers (``pd.transfer.layers``)."""
     p, d = make_engine(str(tiny_model_dir)), make_engine(str(tiny_model_dir))
     link = Loopback(p, d)
-    prefill = PrefillEngine(p, link)
+    prefill = PrefillEngine(p, link, granularity=request.param)
     decode = DecodeEngine(d, link, SlotAllocator(8), headroom_tokens=8, max_pending=16)
     return prefill, decode, link
 
@@ -142,6 +152,7 @@ def test_disaggregated_greedy_equals_the_colocated_engine(pair, reference) -> No
                 assert event.phases.first_step_s > 0 and event.phases.tpot_s > 0
     assert [tokens[r] for r in range(len(PROMPTS))] == reference
     assert idle(prefill.engine, decode.engine) and decode.rooms_open == 0 and prefill.rooms_open == 0
+    assert bool(link.layer_steps) == prefill.layer_sends
 
 
 @pytest.mark.parametrize("stage", ["queued", "mid_prefill", "transferring", "transfer_failed", "done"])

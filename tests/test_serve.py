@@ -662,16 +662,29 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
         assert {role for role, _, _ in pages} == {"colocated"} and all(v == 0 for v in pages.values())
 
 
-@pytest.mark.parametrize("colocated", [True, False], ids=["colocated", "disaggregated"])
-def test_mtp_speculative_decoding_gives_transformers_tokens(colocated, tiny_model, hf_model, tmp_path, tok):
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated", "layer_sends"])
+def test_mtp_speculative_decoding_gives_transformers_tokens(mode, tiny_model, hf_model, tmp_path, tok):
     """--speculative-algorithm mtp, colocated and prefill/decode (the prefill rank ships the MTP layer's KV
     with the pages and the first drafts in the aux record): the verified tokens are transformers' greedy
-    tokens (one prompt of several chunks), and the rank that decodes counts the drafts it verified."""
+    tokens (one prompt of several chunks), and the rank that decodes counts the drafts it verified.
+    ``layer_sends``: --transfer-granularity layer (each layer's pages leave as the forward stores them; the
+    MTP layer's after the forward) through host staging, with --kv-checksum verifying every page."""
     path = tiny_model("ci", with_mtp=True)
     hf = hf_model(path)
     flags = ["--model-name", "tiny-ci", "--speculative-algorithm", "mtp", "--num-speculative-tokens", "2"]
-    if colocated:
+    if mode == "colocated":
         flags += ["--colocated", "1"]
+    if mode == "layer_sends":
+        flags += [
+            "--transfer-granularity",
+            "layer",
+            "--host-staging",
+            "on",
+            "--staging-mb",
+            "1",
+            "--kv-checksum",
+        ]
+        flags += ["--chunk-size", "16"]
     with pd_serve(path, tmp_path / "mtp.log", *flags) as url:
         for ids in prompts(tok.vocab_size, 4)[1:]:
             assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)

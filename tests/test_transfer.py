@@ -198,6 +198,39 @@ def test_abort_from_prefill_before_during_after(peers):
     decode.check_released_once()
 
 
+@pytest.mark.parametrize("staging", [0, 16], ids=["direct", "host_staged"])
+def test_layer_sends_arrive_byte_exact_and_an_abort_mid_forward_releases_once(peers, staging):
+    """``--transfer-granularity layer`` over Mooncake TCP: each chunk's pages go to the sender before its
+    (simulated) forward stores them layer by layer; decode must get the stored bytes, not the old ones. A room
+    aborted while its writer waits for a layer is released once on both sides, staging pages included."""
+    prefill = peers("prefill", seed=7, timeouts="3,3,3,1", staging_pages=staging)
+    decode = peers("decode", timeouts="3,3,3,1", staging_pages=staging)
+    src, dst = [2, 3, 4, 5, 6, 7], [9, 3, 4, 12, 7, 8]
+    old = prefill.call("digests", pages=src)
+    prefill.call("add_room", room=1, pages=src)
+    decode.call("add_room", room=1, prefill=prefill.endpoint, pages=dst, aux_slot=3)
+    wait_until(lambda: prefill.call("state", room=1) == "waiting_for_input", WAIT_S, interval=0.02)
+    prefill.call("forward", room=1, pages=src[:2], seed=1)
+    prefill.call("forward", room=1, pages=src[2:5], seed=2)
+    prefill.call("forward", room=1, pages=src[5:], seed=3, aux=[4242, -0.5, 23])
+    assert prefill.wait_final(1)["state"] == "done"
+    assert decode.wait_final(1) == {"event": "final", "room": 1, "state": "done", "aux": [4242, -0.5, 23]}
+    new = prefill.call("digests", pages=src)
+    assert all(a != b for a, b in zip(old, new))  # the forwards rewrote every page
+    assert_pages_equal(prefill, decode, src, dst)
+
+    prefill.call("add_room", room=2, pages=[10, 11])
+    decode.call("add_room", room=2, prefill=prefill.endpoint, pages=[20, 21], aux_slot=4)
+    wait_until(lambda: prefill.call("state", room=2) == "waiting_for_input", WAIT_S, interval=0.02)
+    prefill.call("forward", room=2, pages=[10, 11], seed=4, layers=1)  # layer 0 of 3 stored: mid-forward
+    prefill.call("abort", room=2)
+    assert prefill.wait_final(2)["state"] == "aborted"
+    assert decode.wait_final(2)["state"] == "aborted"
+    prefill.check_released_once()
+    decode.check_released_once()
+    assert prefill.call("staging_free") is decode.call("staging_free") is (True if staging else None)
+
+
 def test_orphan_handshake_expires(peers):
     prefill, decode = start_pair(peers, decode_timeouts="3,60,3,1")  # only prefill's expiry can end it
     decode.call("add_room", room=1, prefill=prefill.endpoint, pages=[1, 2], aux_slot=0)

@@ -215,10 +215,10 @@ def linked(
     **kw,
 ):
     """Starts a linked pair; ``decode_entry(room, state, aux, reason)`` is what the receiver's final report
-    files; ``kw``: ``kv_checksum`` (both sides), ``sender_staging``, ``receiver_staging``. Closes both and
-    stops their servers on exit."""
+    files; ``kw``: ``kv_checksum`` (both sides), ``sender_staging``, ``receiver_staging``, ``engine`` (a
+    CopyEngine of the test's own). Closes both and stops their servers on exit."""
     finals: dict[str, list] = {"prefill": [], "decode": []}
-    engine = CopyEngine("fake-decode:1", 0)
+    engine = kw.get("engine") or CopyEngine("fake-decode:1", 0)
     checksum = kw.get("kv_checksum", False)
     sender = KVSender(
         engine,

@@ -102,13 +102,13 @@ def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tin
     seen: list[tuple[str, bool, list[bool], list[bool], list[bool]]] = []
     run = engine.runner.run
 
-    def spy(batch, logits=None):
+    def spy(batch, logits=None, kv_stored=None):
         greedy = [r.sampling.greedy for r in batch.reqs]
         processed = [r.sampling.needs_processing and r.sampling.top_logprobs > 0 for r in batch.reqs]
         starts = any(s > 0 for s in batch.starts)
         seen.append((batch.mode.value, starts, list(batch.samples), greedy, processed))
         assert logits is engine.logits
-        return run(batch, logits)
+        return run(batch, logits, kv_stored)
 
     engine.runner.run = spy
     for extend, decode in ((True, False), (False, True), (True, True)):

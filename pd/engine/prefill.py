@@ -6,10 +6,12 @@ A room's life here (every step on the engine thread):
 2. ``step``: the scheduler admits it with pages for the whole prompt (the leading ones from the prefix
    cache on a hit: their tokens are not computed again); the room's page list, cached pages included, is
    announced to the sender before its first chunk runs. After each chunk the pages it completed are sent
-   (a hit's cached pages with the first chunk); the last chunk samples the first token (n of them for a
-   request of n choices, from the same logits), which goes out as the aux record with the remaining pages,
-   the prompt's full pages join the prefix cache, and the request leaves the scheduler (its pages stay with
-   this engine: the transfer still reads them). The prompt's KV is shipped once, whatever n.
+   (a hit's cached pages with the first chunk; with ``layer`` granularity they are handed over before
+   the chunk's forward, which marks each layer as it stores it: ``pd.transfer.layers``); the last chunk
+   samples the first token (n of them for a request of n choices, from the same logits), which goes out as
+   the aux record with the remaining pages, the prompt's full pages join the prefix cache, and the request
+   leaves the scheduler (its pages stay with this engine: the transfer still reads them). The prompt's KV
+   is shipped once, whatever n.
 3. ``TransferEnded`` (the sender released the room: no write reads its pages any more) -> the room's
    references to its pages are freed, exactly once (cached pages stay with the cache), and the RPC gets
    ``Prefilled`` or ``RoomFailed``.
@@ -43,6 +45,8 @@ from pd.engine.messages import (
 from pd.engine.role import Load, refused
 from pd.engine.scheduler import QueueFull
 from pd.transfer.aux import AuxRecord
+from pd.transfer.engine import GRANULARITIES
+from pd.transfer.layers import LayerReady
 from pd.transfer.state import TransferState
 from pd.types import Batch, FinishReason, Req, StepResult, TopLogprobs
 from pd.worker.metrics import WorkerMetrics
@@ -83,7 +87,17 @@ class _Room:
 
 
 class PrefillEngine:
-    def __init__(self, engine: Engine, sender: PageSender, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sender: PageSender,
+        metrics: WorkerMetrics | None = None,
+        granularity: str = "chunk",
+    ) -> None:
+        """``granularity``: ``TransferConfig.granularity`` (``chunk`` or ``layer``: when pages go to the sender)."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.layer_sends = granularity == "layer"
         self.engine, self.sender = engine, sender
         self.metrics = metrics or WorkerMetrics("prefill")
         self.scheduler, self.runner = engine.scheduler, engine.runner
@@ -102,10 +116,18 @@ class PrefillEngine:
             self.engine.idle()  # other ranks of the instance may be stepping
             return []
         self._announce(batch)
-        result = self.runner.run(batch, self.engine.logits)
-        if self.engine.spec is not None:  # the MTP layer's KV, and the first drafts, before the pages go
-            self.engine.spec.after_extend(batch, result.tokens)
-        self._ship(batch, result)
+        layers = self._send_ahead(batch) if self.layer_sends else None
+        try:
+            result = self.runner.run(batch, self.engine.logits, layers.mark if layers is not None else None)
+            if self.engine.spec is not None:  # the MTP layer's KV, and the first drafts, before the pages go
+                self.engine.spec.after_extend(batch, result.tokens)
+        except BaseException as e:
+            if layers is not None:  # the writers waiting for this step's layers give up at once
+                layers.fail(f"the forward step failed: {e!r}")
+            raise
+        if layers is not None:
+            layers.finish()  # the layers the forward did not mark (the MTP layer's)
+        self._ship(batch, result, layers)
         return []
 
     def handle(self, cmd: Command) -> list[Event]:
@@ -164,10 +186,23 @@ class PrefillEngine:
                 self.sender.add_room(req.rid, req.pages)
                 room.announced, room.started = True, now
 
-    def _ship(self, batch: Batch, result: StepResult) -> None:
-        """Hands the pages this step completed to the sender; the last chunk also sends the first token."""
-        ready = None
-        if self.runner.pool.buffer.is_cuda:  # the sender waits for the forward before reading the pages
+    def _send_ahead(self, batch: Batch) -> LayerReady:
+        """Layer-by-layer sends: hands the sender the pages this step will complete (all the rest on a room's
+        last chunk) before the forward runs, with the step's ``LayerReady`` that the forward marks."""
+        layers = LayerReady(self.layout.num_layers, self.runner.pool.buffer.device)
+        for req, end, last in zip(batch.reqs, batch.ends, batch.samples):
+            room = self.rooms[req.rid]
+            upto = len(req.pages) if last else end // self.layout.page_size
+            if upto > room.pages_sent:
+                self.sender.send(req.rid, req.pages[room.pages_sent : upto], ready_event=layers)
+                room.pages_sent = upto
+        return layers
+
+    def _ship(self, batch: Batch, result: StepResult, layers: LayerReady | None) -> None:
+        """Hands the pages this step completed to the sender (with chunk granularity; with ``layers`` they went
+        before the forward); the last chunk also sends the first token."""
+        ready: Any = layers
+        if layers is None and self.runner.pool.buffer.is_cuda:  # the sender waits for the forward
             ready = torch.cuda.Event()
             ready.record()
         now = time.monotonic()

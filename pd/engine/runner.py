@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -289,11 +290,18 @@ class ModelRunner:
         return num_pages
 
     @torch.inference_mode()
-    def run(self, batch: Batch, logits: LogitsProcessor | None = None) -> StepResult:
+    def run(
+        self,
+        batch: Batch,
+        logits: LogitsProcessor | None = None,
+        kv_stored: Callable[[int], None] | None = None,
+    ) -> StepResult:
         """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens,
         grammar matchers); None: no request of the batch asks for processing. Requests that ask for any
         never take the CUDA graph's greedy tokens: their logits are processed (and masked) first. Greedy
-        requests that ask for none take the graph's tokens, logprobs and (top logprobs) log-softmax."""
+        requests that ask for none take the graph's tokens, logprobs and (top logprobs) log-softmax.
+        ``kv_stored(layer)``: called as each layer's KV store is issued (``ForwardContext.kv_stored``; eager
+        extend steps only: a step in an extend graph calls it for no layer, the caller marks them after it)."""
         for src, dst in batch.copies:  # copy on write, before any write of this step
             self.pool.copy_page(src, dst)
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
@@ -327,7 +335,9 @@ class ModelRunner:
                 scored += range(base + start, base + last)
                 targets += req.prompt_ids[start + 1 : last + 1]
         self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
-        ctx = ForwardContext(batch.mode, self.attn, self._tensor(rows), self.low_latency_moe)
+        ctx = ForwardContext(
+            batch.mode, self.attn, self._tensor(rows), self.low_latency_moe, kv_stored=kv_stored
+        )
         every = list(range(len(ids))) if self.keep_hidden else []
         hidden = self.model.hidden(
             self._tensor(ids), self._tensor(positions), ctx, self._tensor(rows + scored + every)

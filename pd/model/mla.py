@@ -72,6 +72,8 @@ class MLAttention(nn.Module):
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [T, kv_lora + rope]
         attn = ctx.attn
         attn.store(self.layer, latent)
+        if ctx.kv_stored is not None:
+            ctx.kv_stored(self.layer)
 
         if ctx.mode is BatchMode.EXTEND:
             context = attn.context_latent(self.layer, latent).to(x.dtype)  # [S, D]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pd.kv_cache import KVOrder, KVPool
+from pd.kv_cache import KVOrder, KVPool, check_layers
 
 MAX_UNIT_WORDS = 1 << 30  # 2 GiB: rows and columns then stay <= 2**16, so no int32 partial sum overflows
 SUMS_PER_UNIT = 3  # S0, S1, S2
@@ -90,20 +90,21 @@ class PageChecksums:
         device = pool.buffer.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def compute(self, pages: Sequence[int]) -> np.ndarray:
-        """Checksums of ``pages`` (ids into the pool, any order) for every layer: int64 ``[layers, len(pages), 3]``
-        on the host. The pages' bytes must not change meanwhile."""
+    def compute(self, pages: Sequence[int], layers: range | None = None) -> np.ndarray:
+        """Checksums of ``pages`` (ids into the pool, any order) for ``layers`` (a run, default every layer):
+        int64 ``[len(layers), len(pages), 3]`` on the host. The pages' bytes must not change meanwhile."""
         layout, buffer = self.pool.layout, self.pool.buffer
+        span = check_layers(layout, layers)
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
             idx = torch.tensor(list(pages), dtype=torch.long, device=buffer.device)
             if layout.order is KVOrder.LAYER_MAJOR:
-                units = buffer.index_select(1, idx)  # [L, P, page_size, latent]
-            else:
-                units = buffer.index_select(0, idx).transpose(0, 1)  # [P, L, ...] -> [L, P, ...]
-            units = units.contiguous().view(torch.uint8).reshape(layout.num_layers * len(idx), -1)
+                units = buffer[span.start : span.stop].index_select(1, idx)  # [L, P, page_size, latent]
+            else:  # [P, L, ...] -> [L, P, ...]
+                units = buffer.index_select(0, idx)[:, span.start : span.stop].transpose(0, 1)
+            units = units.contiguous().view(torch.uint8).reshape(len(span) * len(idx), -1)
             sums = unit_checksums(units).cpu()
-        return sums.numpy().reshape(layout.num_layers, len(idx), SUMS_PER_UNIT)
+        return sums.numpy().reshape(len(span), len(idx), SUMS_PER_UNIT)
 
     def verify(self, pages: Sequence[int], expected: bytes) -> None:
         """Raises ``ChecksumMismatch`` unless ``pages`` (a room's destination pages, in token order) match

@@ -62,6 +62,7 @@ _TRANSPORT_LINES: tuple[tuple[str, str], ...] = (
 
 
 STAGING_MODES = ("auto", "on", "off")  # TransferConfig.host_staging
+GRANULARITIES = ("chunk", "layer")  # TransferConfig.granularity
 
 
 class TransferError(RuntimeError):
@@ -88,6 +89,9 @@ class TransferConfig:
     ``kv_checksum``: the KV sender checksums every page it writes and the receiver verifies them
     before a room is DONE (``pd.transfer.checksum``); prefill and decode must agree (the registry
     refuses a pair that does not).
+    ``granularity`` (prefill ranks): ``chunk`` ships a chunk's pages once its forward completed; ``layer``
+    ships each layer's pages of a chunk as soon as the forward stored that layer, overlapping the transfer
+    with the rest of the forward (``pd.transfer.layers``), direct and host-staged alike.
     """
 
     hostname: str = "127.0.0.1"
@@ -100,8 +104,13 @@ class TransferConfig:
     writers_per_peer: int = 1
     host_staging: str = "auto"
     staging_mb: int = 1024
+    granularity: str = "chunk"
 
     def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"TransferConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
         if self.host_staging not in STAGING_MODES:
             raise ValueError(
                 f"TransferConfig.host_staging must be one of {STAGING_MODES}, got {self.host_staging!r}"

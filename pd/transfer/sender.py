@@ -4,9 +4,10 @@ Flow of a room (DESIGN.md §2): the scheduler calls ``add_room`` when the reques
 decode rank's ``Handshake`` says where to write (either may come first; a hand-shake whose
 request never arrives expires in BOOTSTRAPPING). After each prefill chunk the scheduler calls
 ``send`` with the pages that chunk completed; on the last chunk also the remaining pages
-(including a partial last page) and the aux record. Writes merge page runs that are contiguous
-on both sides (``pd.kv_cache.transfer_pieces``). After the last pages the aux record is written,
-then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the writer thread checksums each
+(including a partial last page) and the aux record; with layer granularity it hands a chunk's pages over
+before the forward, with a ``LayerReady``, and each layer is written as it is stored (``pd.transfer.layers``).
+Writes merge page runs that are contiguous on both sides (``pd.kv_cache.transfer_pieces``). After the last
+pages the aux record is written, then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the writer thread checksums each
 job's pages just before writing them (``pd.transfer.checksum``) and ``TransferDone`` carries the
 room's checksums.
 
@@ -175,7 +176,9 @@ class KVSender:
 
         On the last chunk (``last=True``) ``pages`` must complete the room and ``aux`` is its
         record. ``ready_event``: a ``torch.cuda.Event`` recorded after the forward that filled
-        the pages; the writer synchronises on it before reading them. The pages' bytes must stay
+        the pages (the writer synchronises on it before reading them), or a ``LayerReady`` handed
+        over before that forward (each layer is written once it is stored: ``pd.transfer.layers``;
+        pages of earlier sends not written yet go with it). The pages' bytes must stay
         as they are until ``on_final`` (a write may read them any time before). A room that is
         already final (aborted, failed) or released ignores the call.
         """
@@ -408,9 +411,10 @@ class KVSender:
         if not skip:
             try:
                 if job.kind == "kv":
-                    self._keep_sums(
-                        r, job, self._writes.pages(job.peer, job.src_pages, job.dst_pages, job.event)
-                    )
+                    job_sums = self._writes.pages(
+                        job.peer, job.src_pages, job.dst_pages, job.event, lambda: r.machine.is_final
+                    )  # cancelled: a layer-wise job waiting for its forward stops when the room ends
+                    self._keep_sums(r, job, job_sums)
                 else:
                     assert aux_record is not None
                     self._writes.finish(job.peer, job.room, aux_record, sums)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pd.kv_cache import KVOrder, KVPool, PageAllocator, merge_page_runs
+from pd.kv_cache import KVOrder, KVPool, PageAllocator, check_layers, merge_page_runs
 from pd.transfer.engine import TransferConfig
 
 logger = logging.getLogger(__name__)
@@ -79,31 +79,50 @@ class HostStaging:
             self._pages.free(pages)
             self._cond.notify_all()
 
-    def to_host(self, device_pages: Sequence[int], host_pages: Sequence[int]) -> None:
-        """Copies ``device_pages`` of the device pool into ``host_pages``; returns once the bytes are there."""
-        self._copy(self.device_pool, device_pages, self.pool, host_pages)
+    def to_host(
+        self, device_pages: Sequence[int], host_pages: Sequence[int], layers: range | None = None
+    ) -> None:
+        """Copies ``device_pages`` of the device pool into ``host_pages`` (``layers`` of them, default all);
+        returns once the bytes are there."""
+        self._copy(self.device_pool, device_pages, self.pool, host_pages, layers)
 
     def to_device(self, host_pages: Sequence[int], device_pages: Sequence[int]) -> None:
         """Copies ``host_pages`` into ``device_pages`` of the device pool; returns once the bytes are there."""
         self._copy(self.pool, host_pages, self.device_pool, device_pages)
 
-    def _copy(self, src: KVPool, src_pages: Sequence[int], dst: KVPool, dst_pages: Sequence[int]) -> None:
+    def _copy(
+        self,
+        src: KVPool,
+        src_pages: Sequence[int],
+        dst: KVPool,
+        dst_pages: Sequence[int],
+        layers: range | None = None,
+    ) -> None:
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            copy_pages(src, src_pages, dst, dst_pages)
+            copy_pages(src, src_pages, dst, dst_pages, layers)
         if self._stream is not None:
             self._stream.synchronize()
 
 
-def copy_pages(src: KVPool, src_pages: Sequence[int], dst: KVPool, dst_pages: Sequence[int]) -> None:
-    """Copies pages between two pools of one layout but for the page count, one copy per run of pages
-    contiguous on both sides (page-major) or per run and layer (layer-major); asynchronous on the current
-    stream where a device is involved."""
+def copy_pages(
+    src: KVPool,
+    src_pages: Sequence[int],
+    dst: KVPool,
+    dst_pages: Sequence[int],
+    layers: range | None = None,
+) -> None:
+    """Copies pages (``layers`` of them, default all) between two pools of one layout but for the page count,
+    one copy per run of pages contiguous on both sides (page-major) or per run and layer (layer-major);
+    asynchronous on the current stream where a device is involved."""
     a, b = src.buffer, dst.buffer
+    span = check_layers(src.layout, layers)
     for s, d, n in merge_page_runs(src_pages, dst_pages):
         if src.layout.order is KVOrder.PAGE_MAJOR:
-            b[d : d + n].copy_(a[s : s + n], non_blocking=True)
+            b[d : d + n, span.start : span.stop].copy_(
+                a[s : s + n, span.start : span.stop], non_blocking=True
+            )
         else:
-            for layer in range(src.layout.num_layers):
+            for layer in span:
                 b[layer, d : d + n].copy_(a[layer, s : s + n], non_blocking=True)
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,9 @@ import numpy as np
 from pd.kv_cache import TRANSFER_FIELDS, KVLayout, KVPool, transfer_pieces
 from pd.rpc import transfer_pb2 as pb
 from pd.transfer.aux import AUX_RECORD_NBYTES, AuxBuffer, AuxRecord, SlotAllocator
-from pd.transfer.checksum import PageChecksums
+from pd.transfer.checksum import SUMS_PER_UNIT, PageChecksums
 from pd.transfer.engine import TransferEngine, TransferError
+from pd.transfer.layers import LayerReady, layer_groups
 from pd.transfer.rpc import Channels, layout_from_proto, rpc_error
 from pd.transfer.staging import HostStaging
 
@@ -95,35 +96,55 @@ class PeerWrites:
         self._lock = threading.Lock()
 
     def pages(
-        self, peer: Peer, src_pages: Sequence[int], dst_pages: Sequence[int], ready_event: Any
+        self,
+        peer: Peer,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+        ready_event: Any,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> np.ndarray | None:
-        """Writes ``src_pages`` to ``dst_pages`` of ``peer`` once ``ready_event`` (the forward that filled them)
-        has passed; with checksums on, returns theirs (int64 ``[layers, pages, 3]``, taken just before)."""
-        if ready_event is not None:
+        """Writes ``src_pages`` to ``dst_pages`` of ``peer`` once the forward that filled them has stored them;
+        with checksums on, returns theirs (int64 ``[layers, pages, 3]``, each taken just before its write).
+
+        ``ready_event``: a ``torch.cuda.Event`` recorded after that forward (waited for first), a
+        ``LayerReady`` (each layer written as soon as it is stored, ``pd.transfer.layers``; ``cancelled()``
+        true ends such a wait with ``TransferError``), or None (the bytes are there)."""
+        layers = ready_event if isinstance(ready_event, LayerReady) else None
+        if ready_event is not None and layers is None:
             ready_event.synchronize()
-        sums = self.checksums.compute(src_pages) if self.checksums is not None else None
-        if self.staging is None:
-            self._write(peer, self.pool, src_pages, dst_pages)
-            return sums
-        step = self.staging.capacity
+        num_layers = self.pool.layout.num_layers
+        sums = None
+        if self.checksums is not None:
+            sums = np.zeros((num_layers, len(src_pages), SUMS_PER_UNIT), dtype=np.int64)
+        staging = self.staging
+        step = len(src_pages) if staging is None else staging.capacity
         for i in range(0, len(src_pages), step):
-            part, host = src_pages[i : i + step], None
+            part, dst, host = src_pages[i : i + step], dst_pages[i : i + step], None
             try:
-                host = self.staging.alloc(len(part), peer.write_deadline)
-                if host is None:
-                    raise TransferError("no host staging pages came free before the write deadline")
-                self.staging.to_host(part, host)
-                self._write(peer, self.staging.pool, host, dst_pages[i : i + step])
+                if staging is not None:
+                    host = staging.alloc(len(part), peer.write_deadline)
+                    if host is None:
+                        raise TransferError("no host staging pages came free before the write deadline")
+                for span in layer_groups(layers, num_layers, peer.write_deadline, cancelled):
+                    if self.checksums is not None and sums is not None:
+                        sums[span.start : span.stop, i : i + len(part)] = self.checksums.compute(part, span)
+                    if staging is None or host is None:  # host is None only without staging
+                        self._write(peer, self.pool, part, dst, span)
+                    else:
+                        staging.to_host(part, host, span)
+                        self._write(peer, staging.pool, host, dst, span)
             finally:
-                if host is not None:
-                    self.staging.free(host)
+                if staging is not None and host is not None:
+                    staging.free(host)
         return sums
 
-    def _write(self, peer: Peer, pool: KVPool, src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
+    def _write(
+        self, peer: Peer, pool: KVPool, src_pages: Sequence[int], dst_pages: Sequence[int], layers: range
+    ) -> None:
         src_base, dst_base = pool.data_ptr, peer.kv_base
         pieces = [
             (src_base + s, dst_base + d, n)
-            for s, d, n in transfer_pieces(pool.layout, peer.layout, src_pages, dst_pages)
+            for s, d, n in transfer_pieces(pool.layout, peer.layout, src_pages, dst_pages, layers)
         ]
         self.engine.write(peer.session, pieces, deadline=peer.write_deadline)
 

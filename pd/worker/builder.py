@@ -187,7 +187,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
             writers_per_peer=cfg.transfer.writers_per_peer,
             staging=make_staging(cfg.transfer, transfer_engine.transport, pool),
         )
-        role_engine = PrefillEngine(engine, transfer, metrics)
+        role_engine = PrefillEngine(engine, transfer, metrics, cfg.transfer.granularity)
     else:
         transfer = KVReceiver(
             transfer_engine,

@@ -28,9 +28,11 @@ import torch
 from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.transfer.aux import AuxBuffer, AuxRecord
 from pd.transfer.engine import TransferConfig, TransferEngine
+from pd.transfer.layers import LayerReady
 from pd.transfer.receiver import KVReceiver
 from pd.transfer.rpc import start_server
 from pd.transfer.sender import KVSender
+from pd.transfer.staging import HostStaging
 from pd.transfer.state import TransferTimeouts
 
 WAIT_S = 15.0  # bound on any single wait for a reply or for a room to end
@@ -55,6 +57,27 @@ def page_digests(pool: KVPool, pages: list[int]) -> list[str]:
     return out
 
 
+def forward(sender: KVSender, pool: KVPool, cmd: dict) -> None:
+    """What a prefill engine does with ``--transfer-granularity layer``: hands the chunk's pages to the sender
+    with a ``LayerReady`` first, then stores fresh bytes (seeded by ``cmd["seed"]``) into them layer by layer
+    (the first ``cmd["layers"]``, default all), marking each after a pause (``cmd["pause_s"]``): a sender that
+    did not wait for the marks would write the pages' old bytes."""
+    pages, layout = cmd["pages"], pool.layout
+    ready = LayerReady(layout.num_layers, torch.device("cpu"))
+    sender.send(cmd["room"], pages, ready_event=ready)
+    g = torch.Generator().manual_seed(cmd["seed"])
+    for layer in range(cmd.get("layers", layout.num_layers)):
+        time.sleep(cmd.get("pause_s", 0.05))
+        shape = (len(pages), layout.page_size, layout.latent_dim)
+        bits = torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=g)
+        pool.layer(layer)[pages] = bits.view(layout.dtype)
+        ready.mark(layer)
+    if "layers" not in cmd:
+        ready.finish()
+    if cmd.get("aux"):
+        sender.send(cmd["room"], [], last=True, aux=AuxRecord(cmd["room"], *cmd["aux"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--role", choices=("prefill", "decode"), required=True)
@@ -66,6 +89,9 @@ def main() -> None:
     )
     parser.add_argument("--transfer-timeout", type=float, default=2.0)
     parser.add_argument("--rpc-timeout", type=float, default=1.0)
+    parser.add_argument(
+        "--staging-pages", type=int, default=0, help="host staging of this many pages (0: none)"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"[{args.role} %(threadName)s] %(message)s"
@@ -120,9 +146,17 @@ def main() -> None:
             }
         )
 
+    unit = layout.num_layers * layout.page_nbytes_per_layer
+    staging = HostStaging(pool, args.staging_pages * unit) if args.staging_pages else None
     if args.role == "prefill":
         manager = KVSender(
-            engine, pool, aux, lambda room, state, reason: release(room, state), timeouts, args.rpc_timeout
+            engine,
+            pool,
+            aux,
+            lambda room, state, reason: release(room, state),
+            timeouts,
+            args.rpc_timeout,
+            staging=staging,
         )
     else:
         manager = KVReceiver(
@@ -133,6 +167,7 @@ def main() -> None:
             None,
             timeouts,
             args.rpc_timeout,
+            staging=staging,
         )
     server, port = start_server([manager.add_to_server])
     endpoint = f"127.0.0.1:{port}"
@@ -156,6 +191,11 @@ def main() -> None:
                 record = AuxRecord(cmd["room"], *cmd["aux"]) if cmd.get("aux") else None
                 manager.send(cmd["room"], cmd["pages"], last=cmd.get("last", False), aux=record)
                 reply = None
+            elif op == "forward":  # a chunk's forward with layer-by-layer sends (prefill)
+                forward(manager, pool, cmd)
+                reply = None
+            elif op == "staging_free":
+                reply = None if staging is None else staging.num_free == staging.capacity
             elif op == "abort":
                 manager.abort(cmd["room"], cmd.get("reason", "test abort"))
                 reply = None
