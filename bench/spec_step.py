@@ -116,7 +116,7 @@ def main() -> None:
     runner.close()
     for k in ks:
         runner.verify_graphs = VerifyGraphs(
-            runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, capture=gpu
+            runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, oracle=True, capture=gpu
         )
         spec = MTPSpeculator(runner, engine.logits, SpeculativeConfig("mtp", k, oracle=True))
         for b in batches:

@@ -282,48 +282,54 @@ def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocate
     assert p.pages_held == 0 and d.pages_held == 0
 
 
-def with_verify_graphs(e: Engine, buckets: list[int]) -> list[int]:
-    """Gives ``e`` the verify and draft graphs' steps, run uncaptured on their static buffers (CPU); returns
-    the list each verify appends its batch size to."""
+def with_verify_graphs(e: Engine, buckets: list[int]) -> list[tuple[str, int]]:
+    """Gives ``e`` the verify graphs' steps, run uncaptured on their static buffers (CPU); returns the list
+    each step appends (which graph: ``verify``, then ``draft``, or ``greedy`` alone; its batch size) to."""
     from pd.engine.verify_graph import VerifyGraphs
 
     r, spec = e.runner, e.spec
     assert spec is not None and isinstance(r.model, DeepseekV3WithMTP)
-    graphs = VerifyGraphs(r.model, r.attn, r.pool, buckets, r.context_len, spec.k, capture=False)
-    sizes: list[int] = []
-    verify = graphs.verify
-
-    def counted(tokens, lengths, pages):
-        sizes.append(len(tokens))
-        return verify(tokens, lengths, pages)
-
-    graphs.verify = counted  # type: ignore[method-assign]
+    graphs = VerifyGraphs(r.model, r.attn, r.pool, buckets, r.context_len, spec.k, spec.oracle, capture=False)
+    steps: list[tuple[str, int]] = []
+    for name in ("verify", "greedy"):
+        step = getattr(graphs, name)
+        setattr(
+            graphs,
+            name,
+            lambda t, n, p, step=step, name=name: (steps.append((name, len(t))), step(t, n, p))[1],
+        )
     r.verify_graphs = graphs
-    return sizes
+    return steps
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k):
     """The graphs' static-buffer steps (pd.engine.verify_graph; uncaptured here): rows padded to K + 1 tokens
-    and buckets padded with dummy rows, drafts planted right and wrong, give the plain run's tokens."""
+    and buckets padded with dummy rows, drafts planted right and wrong, give the plain run's tokens (greedy
+    requests through the greedy graph's own acceptance, seeded ones through the verify and draft graphs)."""
     want = generate(engine(path), prompts, params)
     e = engine(path, k)
-    sizes = with_verify_graphs(e, [1, 2, 8])
+    steps = with_verify_graphs(e, [1, 2, 8])
     plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=3)
     same(generate(e, prompts, params), want)
-    assert 4 in sizes and e.spec is not None and sum(e.spec.stats.accepted_at) > 0
+    assert (
+        (("greedy" if params is GREEDY else "verify"), 4) in steps
+        and e.spec is not None
+        and sum(e.spec.stats.accepted_at) > 0
+    )
 
 
 def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts):
-    """Under the oracle every draft is emitted, so the output is the MTP layer's drafts: the draft graph's
-    (the MTP layer over all K + 1 offsets, the row picked by the count on the device) equal eager drafting's."""
+    """Under the oracle every draft is accepted and fed to the target, so the output depends on every draft
+    the MTP layer makes: the graph's (the MTP layer over all K + 1 offsets, the row picked by the count on the
+    device) must equal eager drafting's."""
     params = dataclasses.replace(GREEDY, max_tokens=20)
     want = generate(engine(path, 2, oracle=True), prompts, params)
     e = engine(path, 2, oracle=True)
-    sizes = with_verify_graphs(e, [2, 4])
+    steps = with_verify_graphs(e, [2, 4])
     same(generate(e, prompts, params), want)
-    assert sizes
+    assert ("greedy", 4) in steps
 
 
 def test_spec_step_bench_emits_k_plus_one_tokens_per_step_under_the_oracle(tmp_path):

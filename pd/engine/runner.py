@@ -226,7 +226,9 @@ class ModelRunner:
         elif graphs and cfg.speculative.enabled:
             assert isinstance(self.model, DeepseekV3WithMTP)
             k = cfg.speculative.num_tokens
-            self.verify_graphs = VerifyGraphs(self.model, self.attn, self.pool, buckets, self.context_len, k)
+            self.verify_graphs = VerifyGraphs(
+                self.model, self.attn, self.pool, buckets, self.context_len, k, cfg.speculative.oracle
+            )
         elif graphs:
             self.graphs = DecodeGraphs(
                 self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe

@@ -160,31 +160,26 @@ class MTPSpeculator:
         graphs = self.runner.verify_graphs
         if graphs is not None and graphs.bucket(len(reqs)) is None:
             graphs = None  # more requests than the largest bucket: eager
-        if graphs is not None:
-            bucket, out, hidden = graphs.verify(rows, lengths, [r.pages for r in reqs])
-            bases = [b * (k + 1) for b in range(len(reqs))]
+        hidden: torch.Tensor | None = None
+        bases: list[int] = []
+        graphed: tuple[torch.Tensor, torch.Tensor] | None = None  # the draft graph's next drafts and heads
+        pages = [r.pages for r in reqs]
+        if graphs is not None and all(r.sampling.greedy and not r.sampling.top_logprobs for r in reqs):
+            tokens, logprobs, counts, token, head = graphs.greedy(rows, lengths, pages)  # nothing to process
+            verdict = Verdict(tokens, counts, logprobs)
+            tops: list[list[TopLogprobs]] = [[()] * (k + 1) for _ in reqs]
+            graphed = (token, head)
         else:
-            out, hidden, bases = self._verify_eager(reqs, rows, lengths)
+            if graphs is not None:
+                bucket, out, hidden = graphs.verify(rows, lengths, pages)
+                bases = [b * (k + 1) for b in range(len(reqs))]
+            else:
+                out, hidden, bases = self._verify_eager(reqs, rows, lengths)
+            verdict, tops = self._accept(reqs, out, bases, dlens, plain)
+            counts = verdict.counts  # clipped to each row's drafts + 1
+            # The draft graph runs before the host reads the counts: done before postprocessing frees a page.
+            graphed = graphs.draft(bucket, verdict.tokens, counts) if graphs is not None else None
         self.stats.verify_forwards += 1
-        offsets = torch.arange(k + 1, device=self.runner.device)
-        dl = self._tensor(dlens)
-        index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
-        logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
-        drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
-        for b, (req, d) in enumerate(zip(reqs, dlens)):
-            drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
-        drafts = drafts.to(self.runner.device)
-        self._process(reqs, plain, logits3)
-        tops = top_logprobs_at(reqs, logits3)
-        st = SamplingTensors.build(
-            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
-        )
-        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
-        counts = torch.minimum(verdict.counts, dl + 1)
-        if self._step_logits is not None:
-            self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
-        # The draft graph runs before the host reads the counts: done before postprocessing frees any page.
-        graphed = graphs.draft(bucket, verdict.tokens, counts) if graphs is not None else None
         emitted = counts.tolist()
         outputs = self._emit(batch, verdict, emitted, tops, postprocess)
         for c, d in zip(emitted, dlens):
@@ -204,9 +199,35 @@ class MTPSpeculator:
                 token, head = graphed[0][pick], graphed[1][pick]
                 self._chain([reqs[b] for b in live], head, token, [reqs[b].seq_len - 1 for b in live])
         else:
+            assert hidden is not None  # the verify graph's or the eager forward's
             self._after_verify(reqs, hidden, bases, emitted)
         self.join_collectives()
         return outputs
+
+    def _accept(
+        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], plain: list[bool]
+    ) -> tuple[Verdict, list[list[TopLogprobs]]]:
+        """Acceptance of the verify's logits ``out [T, V]`` (request ``b``'s offsets from row ``bases[b]``, its
+        ``dlens[b]`` drafts): processing of the ``plain`` rows, top logprobs, then ``sample_accept`` (or the
+        oracle's ``accept_all``); the verdict's counts clipped to each row's drafts + 1."""
+        k = self.k
+        offsets = torch.arange(k + 1, device=self.runner.device)
+        dl = self._tensor(dlens)
+        index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
+        logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
+        drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
+        for b, (req, d) in enumerate(zip(reqs, dlens)):
+            drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
+        self._process(reqs, plain, logits3)
+        tops = top_logprobs_at(reqs, logits3)
+        st = SamplingTensors.build(
+            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
+        )
+        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts.to(dl.device), logits3, st)
+        verdict.counts = torch.minimum(verdict.counts, dl + 1)
+        if self._step_logits is not None:
+            self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
+        return verdict, tops
 
     def _verify_eager(
         self, reqs: list[Req], rows: list[list[int]], lengths: list[int]

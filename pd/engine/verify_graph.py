@@ -14,7 +14,10 @@ outside them (``AttentionBackend.prepare_graph``):
   token from the offset its acceptance ended at -> draft tokens ``[bs]`` and the MTP head's hidden ``[bs, H]``
   (the input of a chained draft for K > 1, which runs after the host has the counts).
 
-No host sync between the two replays. ``capture=False`` runs the same steps on the same static buffers
+No host sync between the two replays. When every request of a step is greedy with nothing to process
+(no penalties, grammar or top logprobs), one **greedy** graph runs all three: the verify, the greedy
+acceptance (drafts kept while they equal the target's argmax; under the oracle every real draft) and the
+draft, so the host launches once and reads once. ``capture=False`` runs the same steps on the same static buffers
 without capturing (CPU, tests). Single-rank engines only: multi-rank speculation runs eager.
 Lifetime: ``close`` before the process group is destroyed, as ``DecodeGraphs``.
 """
@@ -48,13 +51,14 @@ class VerifyGraphs:
         buckets: Sequence[int],
         context_len: int,
         k: int,
+        oracle: bool = False,
         capture: bool = True,
     ) -> None:
         if capture and not attn.supports_graphs:
             raise ValueError(
                 f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
             )
-        self.model, self.attn, self.q, self.capture = model, attn, k + 1, capture
+        self.model, self.attn, self.q, self.oracle, self.capture = model, attn, k + 1, oracle, capture
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
         max_t = max_bs * self.q
@@ -66,8 +70,8 @@ class VerifyGraphs:
         self.next_ids = torch.zeros(max_t, dtype=torch.int64, device=dev)
         self.counts = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.rows = torch.arange(max_t, dtype=torch.int64, device=dev)
-        self.verify_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.draft_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps = {"verify": self._verify, "draft": self._draft, "greedy": self._greedy}
+        self.out: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}  # (bucket, step) -> its outputs
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.states: dict[int, object] = {}
         max_pages = max_bs * pool.layout.pages_for(context_len + k)
@@ -75,8 +79,8 @@ class VerifyGraphs:
         for bs in reversed(self.buckets):
             self.states[bs] = attn.graph_state(bs, max_pages, bs * self.q)
             self._load(bs, [], [], [])
-            self.verify_out[bs] = self._record(bs, "verify", mempool)
-            self.draft_out[bs] = self._record(bs, "draft", mempool)
+            for name in self.steps:  # the draft graph reads the verify graph's hidden states
+                self.out[(bs, name)] = self._record(bs, name, mempool)
         if capture:
             log.info("captured verify and draft CUDA graphs (K = %d) for batch buckets %s", k, self.buckets)
 
@@ -92,18 +96,34 @@ class VerifyGraphs:
         hidden = self.model.hidden(self.ids[:t], self.positions[:t], self._ctx(bs, rows), rows)
         return self.model.logits(hidden), hidden  # [T, V] float32, [T, H]
 
-    def _draft(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft_from(
+        self, bs: int, hidden: torch.Tensor, next_ids: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         t = bs * self.q
-        hidden = self.verify_out[bs][1]  # the verify graph's output buffer
-        pick = self.rows[:bs] * self.q + self.counts[:bs] - 1  # each row's last emitted offset
-        logits, head = self.model.draft(hidden, self.next_ids[:t], self.positions[:t], self._ctx(bs, pick))
+        pick = self.rows[:bs] * self.q + counts - 1  # each row's last emitted offset
+        logits, head = self.model.draft(hidden, next_ids, self.positions[:t], self._ctx(bs, pick))
         return logits.argmax(-1), head  # [bs] int64, [bs, H]
 
+    def _draft(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.out[(bs, "verify")][1]  # the verify graph's output buffer
+        return self._draft_from(bs, hidden, self.next_ids[: bs * self.q], self.counts[:bs])
+
+    def _greedy(self, bs: int) -> tuple[torch.Tensor, ...]:
+        """Verify, greedy acceptance, draft: tokens ``[bs, q]`` (the target's argmax at each offset: a row emits
+        its first ``count``), their logprobs ``[bs, q]``, counts ``[bs]``, the next draft ``[bs]``, its head."""
+        t, q = bs * self.q, self.q
+        logits, hidden = self._verify(bs)
+        target = logits.argmax(-1)  # [T]
+        logprobs = logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        real = (self.real[:t] != 0).view(bs, q)[:, 1:]  # [bs, K]: the row's drafts (padding is not)
+        kept = real if self.oracle else real & (self.ids[:t].view(bs, q)[:, 1:] == target.view(bs, q)[:, :-1])
+        counts = kept.long().cumprod(1).sum(1) + 1
+        token, head = self._draft_from(bs, hidden, target, counts)
+        return target.view(bs, q), logprobs.view(bs, q), counts, token, head
+
     @torch.inference_mode()
-    def _record(
-        self, bs: int, name: str, pool: torch.cuda._POOL_HANDLE | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self._verify if name == "verify" else self._draft
+    def _record(self, bs: int, name: str, pool: torch.cuda._POOL_HANDLE | None) -> tuple[torch.Tensor, ...]:
+        step = self.steps[name]
         if not self.capture:
             return step(bs)
         side = torch.cuda.Stream()
@@ -118,14 +138,14 @@ class VerifyGraphs:
         self.graphs[(bs, name)] = graph
         return out
 
-    def _replay(self, bs: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.verify_out if name == "verify" else self.draft_out
+    def _replay(self, bs: int, name: str) -> tuple[torch.Tensor, ...]:
+        out = self.out[(bs, name)]
         if not self.capture:  # the same step on the same buffers; outputs copied into the recorded ones
-            for mine, fresh in zip(outputs[bs], (self._verify if name == "verify" else self._draft)(bs)):
+            for mine, fresh in zip(out, self.steps[name](bs)):
                 mine.copy_(fresh)
         else:
             self.graphs[(bs, name)].replay()
-        return outputs[bs]
+        return out
 
     # ---- per step ----
 
@@ -164,6 +184,19 @@ class VerifyGraphs:
         return bs, logits, hidden
 
     @torch.inference_mode()
+    def greedy(
+        self, tokens: list[list[int]], lengths: list[int], pages: list[list[int]]
+    ) -> tuple[torch.Tensor, ...]:
+        """The whole step of greedy requests (arguments as ``verify``) in one replay: views, valid until the next
+        step, of the emitted tokens ``[n, q]`` and logprobs ``[n, q]`` (a row's first ``count`` are emitted), the
+        counts ``[n]``, the next drafts ``[n]`` and their MTP hidden states ``[n, H]``."""
+        n = len(tokens)
+        bs = self.bucket(n)
+        assert bs is not None, f"no bucket holds {n} requests"
+        self._load(bs, tokens, lengths, pages)
+        return tuple(x[:n] for x in self._replay(bs, "greedy"))
+
+    @torch.inference_mode()
     def draft(
         self, bs: int, emitted: torch.Tensor, counts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,13 +212,12 @@ class VerifyGraphs:
 
     @torch.inference_mode()
     def run_idle(self, bs: int) -> None:
-        """Replays bucket ``bs``'s verify and draft graphs with padding rows only (warm-up)."""
+        """Replays bucket ``bs``'s graphs with padding rows only (warm-up)."""
         self._load(bs, [], [], [])
         self.counts[:bs].fill_(1)
-        self._replay(bs, "verify")
-        self._replay(bs, "draft")
+        for name in self.steps:
+            self._replay(bs, name)
 
     def close(self) -> None:
         self.graphs.clear()
-        self.verify_out.clear()
-        self.draft_out.clear()
+        self.out.clear()
