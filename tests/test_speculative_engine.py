@@ -320,13 +320,14 @@ def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k):
     )
 
 
-def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts):
+@pytest.mark.parametrize("k", [2, 3])
+def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts, k):
     """Under the oracle every draft is accepted and fed to the target, so the output depends on every draft
-    the MTP layer makes: the graph's (the MTP layer over all K + 1 offsets, the row picked by the count on the
-    device) must equal eager drafting's."""
+    the MTP layer makes: the graphs' (the MTP layer over all K + 1 offsets, the row picked by the count on the
+    device, then the chain graphs) must equal eager drafting's."""
     params = dataclasses.replace(GREEDY, max_tokens=20)
-    want = generate(engine(path, 2, oracle=True), prompts, params)
-    e = engine(path, 2, oracle=True)
+    want = generate(engine(path, k, oracle=True), prompts, params)
+    e = engine(path, k, oracle=True)
     steps = with_verify_graphs(e, [2, 4])
     same(generate(e, prompts, params), want)
     assert ("greedy", 4) in steps

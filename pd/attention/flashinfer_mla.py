@@ -129,7 +129,6 @@ class FlashInferMLABackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = BatchMLAPagedAttentionWrapper(self.workspace)
         self.graph_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.graphs: dict[tuple[int, int], _GraphState] = {}  # (batch, tokens) -> state
         self.active: _GraphState | None = None  # set while capturing or replaying a bucket
         self.inputs: AttnInputs | None = None
 
@@ -188,23 +187,19 @@ class FlashInferMLABackend(AttentionBackend):
     # ---- CUDA graphs ----
 
     def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> _GraphState:
-        """The bucket's decode wrapper with static metadata buffers (made once per rows and tokens)."""
+        """A new decode wrapper with static metadata buffers (its own planner buffers: states planned one after
+        another before their replays do not overwrite each other's plan)."""
         tokens = batch if tokens is None else tokens
-        state = self.graphs.get((batch, tokens))
-        if state is None:
-            i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
-            wrapper = self._Wrapper(
-                self.graph_workspace,
-                use_cuda_graph=True,
-                qo_indptr=torch.zeros(batch + 1, **i32),
-                kv_indptr=torch.zeros(batch + 1, **i32),
-                kv_indices=torch.zeros(max_pages, **i32),
-                kv_len_arr=torch.zeros(batch, **i32),
-            )
-            slots = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-            state = _GraphState(batch, tokens, wrapper, slots)
-            self.graphs[(batch, tokens)] = state
-        return state
+        i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
+        wrapper = self._Wrapper(
+            self.graph_workspace,
+            use_cuda_graph=True,
+            qo_indptr=torch.zeros(batch + 1, **i32),
+            kv_indptr=torch.zeros(batch + 1, **i32),
+            kv_indices=torch.zeros(max_pages, **i32),
+            kv_len_arr=torch.zeros(batch, **i32),
+        )
+        return _GraphState(batch, tokens, wrapper, torch.zeros(tokens, dtype=torch.int64, device=self.device))
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""

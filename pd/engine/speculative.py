@@ -38,6 +38,7 @@ from pd.attention.base import AttnInputs
 from pd.engine.logits import LogitsProcessor, StepLogits
 from pd.engine.runner import ModelRunner, top_logprobs
 from pd.engine.spec import PAD_TOKEN, Verdict, accept_all, sample_accept
+from pd.engine.verify_graph import VerifyGraphs
 from pd.model.context import ForwardContext
 from pd.model.mtp import DeepseekV3WithMTP
 from pd.sampling import SamplingTensors
@@ -158,27 +159,29 @@ class MTPSpeculator:
         rows = [[r.all_ids[-1], *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
         lengths = [r.seq_len for r in reqs]
         graphs = self.runner.verify_graphs
-        if graphs is not None and graphs.bucket(len(reqs)) is None:
-            graphs = None  # more requests than the largest bucket: eager
+        bucket = (graphs.bucket(len(reqs)) if graphs is not None else None) or 0
+        if not bucket:
+            graphs = None  # no graphs, or more requests than the largest bucket: eager
         hidden: torch.Tensor | None = None
         bases: list[int] = []
-        graphed: tuple[torch.Tensor, torch.Tensor] | None = None  # the draft graph's next drafts and heads
+        first: torch.Tensor | None = None  # the draft graph's next drafts
         pages = [r.pages for r in reqs]
         if graphs is not None and all(r.sampling.greedy and not r.sampling.top_logprobs for r in reqs):
-            tokens, logprobs, counts, token, head = graphs.greedy(rows, lengths, pages)  # nothing to process
+            tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
             verdict = Verdict(tokens, counts, logprobs)
             tops: list[list[TopLogprobs]] = [[()] * (k + 1) for _ in reqs]
-            graphed = (token, head)
         else:
             if graphs is not None:
-                bucket, out, hidden = graphs.verify(rows, lengths, pages)
+                _, out, hidden = graphs.verify(rows, lengths, pages)
                 bases = [b * (k + 1) for b in range(len(reqs))]
             else:
                 out, hidden, bases = self._verify_eager(reqs, rows, lengths)
             verdict, tops = self._accept(reqs, out, bases, dlens, plain)
             counts = verdict.counts  # clipped to each row's drafts + 1
-            # The draft graph runs before the host reads the counts: done before postprocessing frees a page.
-            graphed = graphs.draft(bucket, verdict.tokens, counts) if graphs is not None else None
+            if (
+                graphs is not None
+            ):  # before the host reads the counts: done before postprocessing frees a page
+                first, _ = graphs.draft(bucket, verdict.tokens, counts)
         self.stats.verify_forwards += 1
         emitted = counts.tolist()
         outputs = self._emit(batch, verdict, emitted, tops, postprocess)
@@ -191,18 +194,28 @@ class MTPSpeculator:
             self.on_verify(dlens, emitted)
         for req in reqs:
             self.drafts.pop(req, None)
-        if graphed is not None:
-            self._rounds += 1
-            live = [b for b, r in enumerate(reqs) if not r.finished and r.pages]
-            if live:
-                pick = self._tensor(live)
-                token, head = graphed[0][pick], graphed[1][pick]
-                self._chain([reqs[b] for b in live], head, token, [reqs[b].seq_len - 1 for b in live])
+        if graphs is not None:
+            assert first is not None
+            self._draft_graphed(graphs, bucket, reqs, first)
         else:
             assert hidden is not None  # the verify graph's or the eager forward's
             self._after_verify(reqs, hidden, bases, emitted)
         self.join_collectives()
         return outputs
+
+    def _draft_graphed(self, graphs: VerifyGraphs, bucket: int, reqs: list[Req], first: torch.Tensor) -> None:
+        """Each request still running takes the draft graph's draft (``first [n]``) and the ``K - 1`` chained
+        drafts of the bucket's chain graphs, the first at its new last position."""
+        live = [not r.finished and bool(r.pages) for r in reqs]
+        at = [r.seq_len - 1 if ok else None for r, ok in zip(reqs, live)]
+        limits = [self._limit(r) for r in reqs]
+        chained = (
+            graphs.chain(bucket, at, limits, [r.pages for r in reqs]) if self.k > 1 else [[]] * len(reqs)
+        )
+        self._rounds += self.k
+        for req, ok, token, more in zip(reqs, live, first.tolist(), chained):
+            if ok:
+                self.drafts[req] = [token, *more]
 
     def _accept(
         self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], plain: list[bool]

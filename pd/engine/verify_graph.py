@@ -24,8 +24,9 @@ Lifetime: ``close`` before the process group is destroyed, as ``DecodeGraphs``.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,17 +71,37 @@ class VerifyGraphs:
         self.next_ids = torch.zeros(max_t, dtype=torch.int64, device=dev)
         self.counts = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.rows = torch.arange(max_t, dtype=torch.int64, device=dev)
-        self.steps = {"verify": self._verify, "draft": self._draft, "greedy": self._greedy}
+        # The last draft of each row and its MTP hidden state (the draft and greedy graphs write them, each
+        # chained draft reads and rewrites them), and each chain step's positions and real-row flags.
+        embed = model.model.embed_tokens.weight
+        self.token = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.head = torch.zeros(max_bs, embed.shape[1], dtype=embed.dtype, device=dev)
+        self.chain_in = torch.zeros(max(k - 1, 1), 2, max_bs, dtype=torch.int64, device=dev)
+        self.steps: dict[str, Callable[[int], tuple[torch.Tensor, ...]]] = {
+            "verify": self._verify,
+            "draft": self._draft,
+            "greedy": self._greedy,
+        }
+        for j in range(1, k):
+            self.steps[f"chain{j}"] = functools.partial(self._chain, j=j)
         self.out: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}  # (bucket, step) -> its outputs
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
-        self.states: dict[int, object] = {}
-        max_pages = max_bs * pool.layout.pages_for(context_len + k)
+        self.states: dict[tuple[int, int], object] = {}  # (bucket, 0: the step's; j: chain step j's)
+        max_pages = max_bs * pool.layout.pages_for(context_len + 2 * k)
         mempool = torch.cuda.graph_pool_handle() if capture else None
         for bs in reversed(self.buckets):
-            self.states[bs] = attn.graph_state(bs, max_pages, bs * self.q)
+            self.states[(bs, 0)] = attn.graph_state(bs, max_pages, bs * self.q)
             self._load(bs, [], [], [])
-            for name in self.steps:  # the draft graph reads the verify graph's hidden states
+            for name in (
+                "verify",
+                "draft",
+                "greedy",
+            ):  # the draft graph reads the verify graph's hidden states
                 self.out[(bs, name)] = self._record(bs, name, mempool)
+            for j in range(1, k):
+                self.states[(bs, j)] = attn.graph_state(bs, max_pages)
+                self._load_chain(bs, j, [None] * bs, [[]] * bs)
+                self.out[(bs, f"chain{j}")] = self._record(bs, f"chain{j}", mempool)
         if capture:
             log.info("captured verify and draft CUDA graphs (K = %d) for batch buckets %s", k, self.buckets)
 
@@ -102,7 +123,20 @@ class VerifyGraphs:
         t = bs * self.q
         pick = self.rows[:bs] * self.q + counts - 1  # each row's last emitted offset
         logits, head = self.model.draft(hidden, next_ids, self.positions[:t], self._ctx(bs, pick))
-        return logits.argmax(-1), head  # [bs] int64, [bs, H]
+        token = logits.argmax(-1)
+        self.token[:bs].copy_(token)
+        self.head[:bs].copy_(head)
+        return token, head  # [bs] int64, [bs, H]
+
+    def _chain(self, bs: int, j: int) -> tuple[torch.Tensor]:
+        """Chained draft ``j``: the MTP layer over each row's last draft and its head state, one position on."""
+        positions, real = self.chain_in[j - 1, :, :bs]
+        ctx = ForwardContext(BatchMode.DECODE, self.attn, self.rows[:bs], False, real != 0)
+        logits, head = self.model.draft(self.head[:bs], self.token[:bs], positions, ctx)
+        token = logits.argmax(-1)
+        self.token[:bs].copy_(token)
+        self.head[:bs].copy_(head)
+        return (token,)
 
     def _draft(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.out[(bs, "verify")][1]  # the verify graph's output buffer
@@ -164,9 +198,21 @@ class VerifyGraphs:
             host[2, b * q : b * q + real] = 1
         self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
         starts = [n - 1 for n in lengths]
-        self.attn.prepare_graph(
-            self.states[bs], AttnInputs(BatchMode.DECODE, starts, [s + q for s in starts], pages)
-        )
+        inputs = AttnInputs(BatchMode.DECODE, starts, [s + q for s in starts], pages)
+        self.attn.prepare_graph(self.states[(bs, 0)], inputs)
+
+    def _load_chain(self, bs: int, j: int, at: list[int | None], pages: list[list[int]]) -> None:
+        """Chain step ``j``'s inputs for the ``bs`` rows: row ``b`` drafts at position ``at[b]`` on ``pages[b]``
+        (None: a padding row, on the dummy page)."""
+        host = np.zeros((2, self.chain_in.shape[2]), dtype=np.int64)
+        for b, p in enumerate(at):
+            if p is not None:
+                host[:, b] = (p, 1)
+        self.chain_in[j - 1].copy_(torch.from_numpy(host), non_blocking=True)
+        starts = [p if p is not None else 0 for p in at]
+        tables = [t if p is not None else [] for p, t in zip(at, pages)]  # [] goes on with the dummy page
+        inputs = AttnInputs(BatchMode.DECODE, starts, [s + 1 for s in starts], tables)
+        self.attn.prepare_graph(self.states[(bs, j)], inputs)
 
     @torch.inference_mode()
     def verify(
@@ -215,8 +261,32 @@ class VerifyGraphs:
         """Replays bucket ``bs``'s graphs with padding rows only (warm-up)."""
         self._load(bs, [], [], [])
         self.counts[:bs].fill_(1)
-        for name in self.steps:
+        for name in ("verify", "draft", "greedy"):
             self._replay(bs, name)
+        for j in range(1, self.q - 1):
+            self._load_chain(bs, j, [None] * bs, [[]] * bs)
+            self._replay(bs, f"chain{j}")
+
+    @torch.inference_mode()
+    def chain(
+        self, bs: int, at: list[int | None], limits: list[int], pages: list[list[int]]
+    ) -> list[list[int]]:
+        """After a step of bucket ``bs`` (its drafts and heads in ``token`` and ``head``): the ``K - 1`` chained
+        drafts of its ``n`` requests, request ``b``'s at positions ``at[b]``, ``at[b] + 1`` .. while below
+        ``limits[b]`` (a reserved page and a rotary entry); ``at[b]`` None: it drafts no more (it ended).
+        Each chain step is planned just before its replay (its own attention state). Returns ``[n][<= K - 1]``."""
+        n = len(at)
+        steps = []
+        for j in range(1, self.q - 1):
+            pos = [a + j - 1 if a is not None and a + j - 1 < lim else None for a, lim in zip(at, limits)]
+            self._load_chain(bs, j, pos + [None] * (bs - n), pages + [[]] * (bs - n))
+            steps.append((pos, self._replay(bs, f"chain{j}")[0][:n]))
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        for pos, tokens in steps:  # a row whose position ran past its limit drafts no further
+            for b, (p, t) in enumerate(zip(pos, tokens.tolist())):
+                if p is not None:
+                    drafts[b].append(t)
+        return drafts
 
     def close(self) -> None:
         self.graphs.clear()
