@@ -389,17 +389,22 @@ def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     assert engine.pages_held == 0
 
 
-@pytest.mark.parametrize("oracle", [False, True], ids=["greedy", "oracle"])
-def test_mtp_graph_replay_equals_eager(tiny_model, oracle):
-    """Speculative decoding through the verify and draft graphs emits what eager speculative decoding emits:
-    greedy (the verify), and under the oracle, where every draft is emitted (the draft graph's drafts)."""
+@pytest.mark.parametrize("mode", ["greedy", "seeded", "oracle"])
+def test_mtp_graph_replay_equals_eager(tiny_model, mode):
+    """Speculative decoding through the graphs (pd.engine.verify_graph) emits what eager speculative decoding
+    emits: greedy requests (the greedy graph: verify, acceptance and draft in one replay, then the chain
+    graph), seeded ones (the verify graph, acceptance, the draft graph) and under the oracle, where every draft
+    is accepted and fed to the target (so the output depends on every draft)."""
     from pd.engine.engine import Engine
     from pd.speculative import SpeculativeConfig
 
     path = tiny_model("gpu-tiny", with_mtp=True)
     rng = random.Random(7)
     prompts = [random_prompt(rng, rng.randint(4, 60), 1000) for _ in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.8 if mode == "seeded" else 0, seed=5, max_tokens=24, ignore_eos=True
+    )
+    oracle = mode == "oracle"
     out = []
     for graph in (True, False):
         cfg = EngineConfig(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
+from pd.engine.graph import capture_graph
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -84,18 +85,9 @@ class ExtendGraphs:
 
     @torch.inference_mode()
     def _record(self, t: int, pool: torch.cuda._POOL_HANDLE | None) -> torch.Tensor:
-        if not self.capture:
+        if pool is None:  # uncaptured
             return self._step(t)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernels)
-            for _ in range(2):
-                self._step(t)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = self._step(t)
-        self.graphs[t] = graph
+        self.graphs[t], out = capture_graph(lambda: self._step(t), pool)
         return out
 
     def bucket(self, batch: Batch) -> int | None:

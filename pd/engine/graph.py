@@ -15,7 +15,8 @@ exit in destroy_process_group otherwise (gpu/NOTES.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,24 @@ from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.types import Batch, BatchMode
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def capture_graph(step: Callable[[], T], pool: torch.cuda._POOL_HANDLE) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Captures ``step`` into a CUDA graph allocating from ``pool``, after two runs on a side stream (the
+    allocator and lazily built kernels warm up outside the graph). Returns the graph and ``step``'s outputs,
+    the tensors each replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -88,16 +107,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self, bs: int, pool: torch.cuda._POOL_HANDLE) -> None:
         self._load(bs, [], [], [], [])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernels)
-            for _ in range(2):
-                self._forward(bs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.outputs[bs] = self._forward(bs)
-        self.graphs[bs] = graph
+        self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._forward(bs), pool)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
+from pd.engine.graph import capture_graph
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.mtp import DeepseekV3WithMTP
@@ -158,18 +159,9 @@ class VerifyGraphs:
     @torch.inference_mode()
     def _record(self, bs: int, name: str, pool: torch.cuda._POOL_HANDLE | None) -> tuple[torch.Tensor, ...]:
         step = self.steps[name]
-        if not self.capture:
+        if pool is None:  # uncaptured
             return step(bs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy kernels)
-            for _ in range(2):
-                step(bs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = step(bs)
-        self.graphs[(bs, name)] = graph
+        self.graphs[(bs, name)], out = capture_graph(lambda: step(bs), pool)
         return out
 
     def _replay(self, bs: int, name: str) -> tuple[torch.Tensor, ...]:
