@@ -130,18 +130,46 @@ def test_the_oracle_accepts_every_draft_and_needs_fewer_forwards(path, prompts):
     assert oracle.spec.stats.emitted_hist[4] > 0
 
 
-def test_processed_requests_decode_as_plain_beside_speculating_ones(path, prompts):
-    params = [
-        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5),
-        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, top_logprobs=3),
-        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logit_bias=((5, 3.0),)),
-        GREEDY,
-    ]
-    plain, spec = engine(path), engine(path, 2)
-    want = plain.generate(prompts, params)
-    got = spec.generate(prompts, params)
-    for g, w in zip(got, want, strict=True):
-        assert g.output_ids == w.output_ids
+PROCESSED = [
+    SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5
+    ),
+    SamplingParams(
+        max_tokens=12,
+        temperature=0.9,
+        seed=3,
+        ignore_eos=True,
+        repetition_penalty=1.3,
+        logit_bias=((5, 3.0),),
+    ),
+    # min_tokens holds back a stop token the bias makes the argmax: it must come as the 7th token exactly.
+    SamplingParams(
+        max_tokens=12, temperature=0.0, min_tokens=6, stop_token_ids=(7,), logit_bias=((7, 30.0),)
+    ),
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=0.7, top_logprobs=2),
+]
+
+
+# Greedy alone: a batch the greedy graph would take if processing did not keep it out.
+GREEDY_PROCESSED = [PROCESSED[0], PROCESSED[2], PROCESSED[0], PROCESSED[2]]
+
+
+@pytest.mark.parametrize("params", [PROCESSED, GREEDY_PROCESSED], ids=["mixed", "greedy"])
+@pytest.mark.parametrize("wrong", [0, 3], ids=["right", "some-wrong"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_processed_requests_speculate_and_decode_as_plain(path, prompts, graphs, wrong, params):
+    """Penalties, bias and min_tokens apply at every offset of a verify, the drafts before it counted as
+    generated: with drafts planted from the plain run (all right, or every third wrong), requests that ask for
+    processing accept drafts and emit the plain run's tokens and logprobs, eagerly and through the graphs'
+    steps (all right: the stop token min_tokens holds back arrives at a step's last offset)."""
+    want = generate(engine(path), prompts, params)
+    assert all(len(t) == 7 and t[-1] == 7 for (t, _, _), sp in zip(want, params) if sp.min_tokens)
+    e = engine(path, 2)
+    if graphs:
+        with_verify_graphs(e, [1, 2, 8])
+    plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=wrong)
+    same(generate(e, prompts, params), want)
+    assert e.spec is not None and sum(e.spec.stats.accepted_at) > 0  # every request here asks for processing
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -83,14 +83,17 @@ class LogitsProcessor:
         if slot is not None:
             self._free.append(slot)
 
-    def prepare(self, reqs: Sequence[Req]) -> StepLogits | None:
+    def prepare(self, reqs: Sequence[Req], offset: int = 0) -> StepLogits | None:
         """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks.
         Called after the step's forward was launched: the grammars' bitmask is filled on the host while the
-        device runs it."""
+        device runs it. ``offset``: the rows score the token ``offset`` places after the request's next one (a
+        speculative verify's later positions; min_tokens counts the drafts before it; no grammar then)."""
         if not any(r.sampling.needs_processing for r in reqs):
             return None
         bitmask = None
         if any(r.sampling.grammar is not None for r in reqs):
+            if offset:
+                raise ValueError("a grammar's token mask is for the request's next token only")
             if self.grammar is None:
                 raise ValueError("a request with a grammar reached an engine without grammar matchers")
             bitmask = self.grammar.fill(reqs)
@@ -109,7 +112,7 @@ class LogitsProcessor:
                     brows.append(row)
                     bids.append(token)
                     bvals.append(max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias)))
-            if len(req.output_ids) < sp.min_tokens:
+            if len(req.output_ids) + offset < sp.min_tokens:
                 ends = {t for t in sp.stop_token_ids if t < self.vocab}
                 if not sp.ignore_eos:
                     ends.update(t for t in self.eos if t < self.vocab)
@@ -132,14 +135,24 @@ class LogitsProcessor:
             bitmask,
         )
 
-    def apply(self, logits: torch.Tensor, step: StepLogits) -> torch.Tensor:
-        """Processes ``logits [B, V']`` float32 (V' >= vocab; columns past the vocabulary untouched) in place."""
+    def apply(
+        self, logits: torch.Tensor, step: StepLogits, drafted: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Processes ``logits [B, V']`` float32 (V' >= vocab; columns past the vocabulary untouched) in place.
+        ``drafted [B, j]`` int64: tokens each row generated after its recorded ones (a verify's drafts before
+        this offset), counted and seen by the penalties as if recorded."""
         p = step.penalties
         if p is not None:
             rows = logits[p.rows, : self.vocab]  # a copy [P, vocab]
             counts = self.counts[p.slots].float()
+            seen = self.seen[p.slots]
+            if drafted is not None and drafted.shape[1]:
+                extra = torch.zeros_like(counts).scatter_add_(
+                    1, drafted[p.rows], torch.ones_like(drafted[p.rows], dtype=counts.dtype)
+                )
+                counts, seen = counts + extra, seen | (extra > 0)
             rep = p.repetition[:, None]
-            rows = torch.where(self.seen[p.slots], torch.where(rows > 0, rows / rep, rows * rep), rows)
+            rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
             rows -= p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0).float()
             logits[p.rows, : self.vocab] = rows
         if step.bias is not None:
@@ -151,14 +164,23 @@ class LogitsProcessor:
             apply_bitmask(logits, step.bitmask)
         return logits
 
-    def record(self, step: StepLogits | None, tokens: torch.Tensor) -> None:
-        """Counts the tokens just sampled (``tokens [B]`` int64, the rows of ``prepare``) for penalty rows."""
+    def record(
+        self, step: StepLogits | None, tokens: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> None:
+        """Counts the tokens just sampled for penalty rows: ``tokens [B]`` int64 (the rows of ``prepare``), or
+        ``[B, n]`` with ``counts [B]``: row ``b`` emitted its first ``counts[b]`` (a speculative step's)."""
         if step is None or step.penalties is None:
             return
         p = step.penalties
         picked = tokens[p.rows]
-        self.counts.index_put_((p.slots, picked), torch.ones_like(picked, dtype=torch.int32), accumulate=True)
-        self.seen[p.slots, picked] = True
+        if picked.dim() == 1:
+            picked, emitted = picked[:, None], torch.ones_like(picked[:, None], dtype=torch.bool)
+        else:
+            assert counts is not None, "several tokens a row need their counts"
+            emitted = torch.arange(picked.shape[1], device=picked.device)[None, :] < counts[p.rows][:, None]
+        slots = p.slots[:, None].expand_as(picked)
+        self.counts.index_put_((slots, picked.clamp(min=0)), emitted.to(torch.int32), accumulate=True)
+        self.seen[slots[emitted], picked[emitted]] = True
 
     def _slot_of(self, req: Req) -> int:
         slot = self._slot.get(req)

@@ -18,9 +18,10 @@ layer runs over the chunk the same way (the last chunk's last row takes the toke
 the first ``K``. The MTP layer's KV only shapes drafts, never what is emitted: a stale entry (a prefix-cache
 hit, a forked choice sharing its prompt's pages) can only lower acceptance.
 
-Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; a request
-that asks for logits processing verifies no drafts (its one token is processed and sampled as in a plain
-step); top logprobs come from the target's logits at each emitted offset. Pages: the scheduler reserves
+Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; logits
+processing (penalties, bias, min_tokens) applies at every offset, counting the drafts before it as generated,
+and a request with a grammar verifies no drafts (its mask is for its next token only); top logprobs come
+from the target's logits at each emitted offset. Pages: the scheduler reserves
 ``2K - 1`` tokens beyond the request's length (``lookahead``): the verify writes up to ``L - 1 + K``, a
 chain up to ``L + 2K - 2``.
 """
@@ -97,8 +98,6 @@ class MTPSpeculator:
         # Called after each verify step with, per request, the drafts verified and the tokens emitted.
         self.on_verify: Callable[[list[int], list[int]], None] | None = None
         self.stats = SpecStats(accepted_at=[0] * self.k, emitted_hist=[0] * (self.k + 2))
-        self._step_logits: StepLogits | None = None  # this step's processing of its plain rows
-        self._proc_rows: list[int] = []  # those rows (batch indices)
         self._rounds = 0  # MTP layer forwards this step (join_collectives pads them to K)
         runner.keep_hidden = True  # extend steps keep every row's hidden state for the MTP layer
 
@@ -154,8 +153,8 @@ class MTPSpeculator:
             self.runner.pool.copy_page(src, dst)
         reqs = batch.reqs
         k = self.k
-        plain = [r.sampling.needs_processing for r in reqs]
-        dlens = [0 if p else self._room(r, len(self.drafts.get(r, []))) for r, p in zip(reqs, plain)]
+        # A grammar's mask is for the next token only: a request with one verifies no drafts.
+        dlens = [0 if r.sampling.grammar else self._room(r, len(self.drafts.get(r, []))) for r in reqs]
         rows = [[r.all_ids[-1], *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
         lengths = [r.seq_len for r in reqs]
         graphs = self.runner.verify_graphs
@@ -166,7 +165,7 @@ class MTPSpeculator:
         bases: list[int] = []
         first: torch.Tensor | None = None  # the draft graph's next drafts
         pages = [r.pages for r in reqs]
-        if graphs is not None and all(r.sampling.greedy and not r.sampling.top_logprobs for r in reqs):
+        if graphs is not None and all(r.sampling.greedy and not self._asks(r) for r in reqs):
             tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
             verdict = Verdict(tokens, counts, logprobs)
             tops: list[list[TopLogprobs]] = [[()] * (k + 1) for _ in reqs]
@@ -176,7 +175,7 @@ class MTPSpeculator:
                 bases = [b * (k + 1) for b in range(len(reqs))]
             else:
                 out, hidden, bases = self._verify_eager(reqs, rows, lengths)
-            verdict, tops = self._accept(reqs, out, bases, dlens, plain)
+            verdict, tops = self._accept(reqs, out, bases, dlens)
             counts = verdict.counts  # clipped to each row's drafts + 1
             if (
                 graphs is not None
@@ -217,11 +216,16 @@ class MTPSpeculator:
             if ok:
                 self.drafts[req] = [token, *more]
 
+    @staticmethod
+    def _asks(req: Req) -> bool:
+        """Whether ``req`` needs more than the greedy graph gives: logits processing or top logprobs."""
+        return req.sampling.needs_processing or bool(req.sampling.top_logprobs)
+
     def _accept(
-        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], plain: list[bool]
+        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int]
     ) -> tuple[Verdict, list[list[TopLogprobs]]]:
         """Acceptance of the verify's logits ``out [T, V]`` (request ``b``'s offsets from row ``bases[b]``, its
-        ``dlens[b]`` drafts): processing of the ``plain`` rows, top logprobs, then ``sample_accept`` (or the
+        ``dlens[b]`` drafts): logits processing at each offset, top logprobs, then ``sample_accept`` (or the
         oracle's ``accept_all``); the verdict's counts clipped to each row's drafts + 1."""
         k = self.k
         offsets = torch.arange(k + 1, device=self.runner.device)
@@ -231,15 +235,17 @@ class MTPSpeculator:
         drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
         for b, (req, d) in enumerate(zip(reqs, dlens)):
             drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
-        self._process(reqs, plain, logits3)
+        drafts = drafts.to(dl.device)
+        step = self._process(reqs, logits3, drafts)
         tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
         )
-        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts.to(dl.device), logits3, st)
+        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
         verdict.counts = torch.minimum(verdict.counts, dl + 1)
-        if self._step_logits is not None:
-            self.logits.record(self._step_logits, verdict.tokens[self._tensor(self._proc_rows), 0])
+        if step is not None:  # every token the processed rows emit counts for their penalties
+            rows = self._tensor([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
+            self.logits.record(step, verdict.tokens[rows], verdict.counts[rows])
         return verdict, tops
 
     def _verify_eager(
@@ -264,18 +270,24 @@ class MTPSpeculator:
         left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len)
         return max(0, min(have, self.k, left - 1))
 
-    def _process(self, reqs: list[Req], plain: list[bool], logits3: torch.Tensor) -> None:
-        """Logits processing of the rows that verify no drafts (offset 0, in place)."""
-        self._proc_rows = [b for b, p in enumerate(plain) if p]
-        self._step_logits = None
-        if not self._proc_rows:
-            return
-        rows = self._tensor(self._proc_rows)
-        first = logits3[rows, 0]
-        self._step_logits = self.logits.prepare([reqs[b] for b in self._proc_rows])
-        if self._step_logits is not None:
-            self.logits.apply(first, self._step_logits)
-            logits3[rows, 0] = first
+    def _process(self, reqs: list[Req], logits3: torch.Tensor, drafts: torch.Tensor) -> StepLogits | None:
+        """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify: the
+        penalties count the drafts before it as generated, min_tokens too (the drafts were accepted if offset
+        ``j`` is emitted at all); grammar rows have no drafts, so only their first offset counts. Returns the
+        first offset's inputs (whose penalty rows record what the step emits)."""
+        proc = [b for b, r in enumerate(reqs) if r.sampling.needs_processing]
+        first: StepLogits | None = None
+        for j in range(self.k + 1):
+            rows = proc if j == 0 else [b for b in proc if reqs[b].sampling.grammar is None]
+            step = self.logits.prepare([reqs[b] for b in rows], offset=j) if rows else None
+            if step is None:
+                continue
+            index = self._tensor(rows)
+            at = logits3[index, j]
+            self.logits.apply(at, step, drafts[index, :j].clamp(min=0))  # past a row's drafts: never emitted
+            logits3[index, j] = at
+            first = step if j == 0 else first
+        return first
 
     def _emit(
         self,
