@@ -58,7 +58,7 @@ def pad_for_graph(inputs: AttnInputs, batch: int, tokens: int, page_size: int) -
     )
     pads = [1] * (pad - 1) + [rest - pad + 1] if pad else []
     tables = [
-        list(t) + [DUMMY_PAGE] * max(0, -(-e // page_size) - len(t))
+        t if len(t) * page_size >= e else [*t, *[DUMMY_PAGE] * (-(-e // page_size) - len(t))]
         for t, e in zip(inputs.page_tables, inputs.ends)
     ]
     return AttnInputs(

@@ -8,6 +8,7 @@ before each replay.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,12 +61,17 @@ class _StepMeta:
         starts = np.asarray(inputs.starts, dtype=np.int64)
         ends = np.asarray(inputs.ends, dtype=np.int64)
         pages_used = -(-ends // page_size)
-        flat_pages = np.concatenate(
-            [np.asarray(t[:n], dtype=np.int64) for t, n in zip(inputs.page_tables, pages_used)]
+        used = pages_used.tolist()
+        flat_pages = np.fromiter(
+            itertools.chain.from_iterable(t[:n] for t, n in zip(inputs.page_tables, used)),
+            dtype=np.int64,
+            count=sum(used),
         )
         page_starts = np.concatenate([[0], np.cumsum(pages_used)[:-1]])
-        positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
-        seq_of = np.repeat(np.arange(len(starts)), ends - starts)
+        q_lens = ends - starts
+        seq_of = np.repeat(np.arange(len(starts)), q_lens)
+        q_starts = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+        positions = starts[seq_of] + np.arange(len(seq_of)) - q_starts[seq_of]
         out_slots = (
             flat_pages[page_starts[seq_of] + positions // page_size] * page_size + positions % page_size
         )
