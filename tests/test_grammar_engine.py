@@ -200,3 +200,27 @@ def test_grammar_needs_a_tokenizer_and_a_valid_spec(tiny_model_dir, engine) -> N
         bare.make_request([1, 2], SamplingParams(grammar=GrammarSpec.json_object()))
     with pytest.raises(GrammarError, match="nonsense"):
         engine.make_request([1, 2], SamplingParams(grammar=GrammarSpec.json_schema({"type": "nonsense"})))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grammar_requests_speculate_and_emit_the_plain_tokens(tiny_model, temperature) -> None:
+    """With MTP, a request's grammar masks every offset of a verify after consuming the drafts before it
+    (rolled back after the fill): with drafts planted from the plain run (every third wrong), grammar
+    requests accept drafts and emit exactly the plain run's tokens and logprobs."""
+    from pd.speculative import SpeculativeConfig
+    from tests.test_speculative_engine import plant
+
+    path = tiny_model("ci", with_mtp=True)
+    tok = Tokenizer.from_dir(path)
+    params = [
+        SamplingParams(temperature=temperature, seed=i, max_tokens=MAX_TOKENS, grammar=spec)
+        for i, spec in enumerate(list(SPECS.values())[: len(PROMPTS)])
+    ]
+    want = run(make_engine(str(path), tok), PROMPTS, params)
+    e = make_engine(str(path), tok, speculative=SpeculativeConfig("mtp", 2))
+    plant(e, [r.output_ids for r in want], e.model_cfg.vocab_size, wrong=3)
+    got = run(e, PROMPTS, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.output_ids == w.output_ids and g.finish_reason == w.finish_reason
+        assert g.output_logprobs == pytest.approx(w.output_logprobs, abs=1e-4)
+    assert e.spec is not None and sum(e.spec.stats.accepted_at) > 0 and idle(e)

@@ -59,10 +59,17 @@ class GrammarMatchers:
         """The request ended: its matcher goes. Idempotent."""
         self._entries.pop(req, None)
 
-    def fill(self, reqs: Sequence[Req]) -> torch.Tensor | None:
+    def fill(
+        self, reqs: Sequence[Req], drafted: Sequence[Sequence[int]] | None = None
+    ) -> torch.Tensor | None:
         """The bitmask of a step's sampled rows ``reqs`` on the device, int32 ``[len(reqs), words]`` (rows
         without a grammar all ones); None when no row has a grammar. The copy to the device is queued, not
-        waited for; the host buffer is reused next step (the step's results are read back before that)."""
+        waited for; the host buffer is reused next step (the step's results are read back before that).
+
+        ``drafted[i]``: tokens row ``i`` is to be taken as having generated after its output (a speculative
+        verify's drafts before this offset): the mask is the one after them, and the matcher is rolled back
+        afterwards. A row whose grammar refuses one of them gets all ones: that offset is never emitted
+        (acceptance stops at the refused draft, which the masked target cannot sample)."""
         rows = [(i, r) for i, r in enumerate(reqs) if r.sampling.grammar is not None]
         if not rows:
             return None
@@ -70,15 +77,25 @@ class GrammarMatchers:
         host = self._buffer(len(reqs), backend.bitmask_words)
         host.fill_(ALL_ALLOWED)
         live: list[tuple[int, Matcher]] = []
+        taken: list[tuple[Matcher, int]] = []  # drafts each matcher consumed, rolled back after the fill
         for i, req in rows:
             entry = self._sync(req)
-            if entry.error is None:
-                live.append((i, entry.matcher))
-            else:  # only EOS: the request fails after this step (``advance``)
+            if entry.error is not None:  # only EOS: the request fails after this step (``advance``)
                 host[i].zero_()
                 for t in backend.eos_token_ids:
                     host[i, t // 32] |= _bit(t % 32)
+                continue
+            m, ahead = entry.matcher, drafted[i] if drafted is not None else ()
+            n = 0
+            while n < len(ahead) and m.accept(ahead[n]):
+                n += 1
+            if n:
+                taken.append((m, n))
+            if n == len(ahead):
+                live.append((i, m))
         backend.fill_bitmasks(host, live)
+        for m, n in taken:
+            m.rollback(n)
         return host.to(self.device, non_blocking=True)
 
     def advance(self, req: Req) -> tuple[bool, str | None]:

@@ -83,20 +83,20 @@ class LogitsProcessor:
         if slot is not None:
             self._free.append(slot)
 
-    def prepare(self, reqs: Sequence[Req], offset: int = 0) -> StepLogits | None:
+    def prepare(
+        self, reqs: Sequence[Req], drafted: Sequence[Sequence[int]] | None = None
+    ) -> StepLogits | None:
         """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks.
         Called after the step's forward was launched: the grammars' bitmask is filled on the host while the
-        device runs it. ``offset``: the rows score the token ``offset`` places after the request's next one (a
-        speculative verify's later positions; min_tokens counts the drafts before it; no grammar then)."""
+        device runs it. ``drafted[i]``: tokens row ``i`` counts as generated before the token it scores (a
+        speculative verify's drafts before an offset): min_tokens counts them, grammars consume them."""
         if not any(r.sampling.needs_processing for r in reqs):
             return None
         bitmask = None
         if any(r.sampling.grammar is not None for r in reqs):
-            if offset:
-                raise ValueError("a grammar's token mask is for the request's next token only")
             if self.grammar is None:
                 raise ValueError("a request with a grammar reached an engine without grammar matchers")
-            bitmask = self.grammar.fill(reqs)
+            bitmask = self.grammar.fill(reqs, drafted)
         prows, pslots, rep, freq, pres = [], [], [], [], []
         brows, bids, bvals, mrows, mids = [], [], [], [], []
         for row, req in enumerate(reqs):
@@ -112,7 +112,7 @@ class LogitsProcessor:
                     brows.append(row)
                     bids.append(token)
                     bvals.append(max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias)))
-            if len(req.output_ids) + offset < sp.min_tokens:
+            if len(req.output_ids) + (len(drafted[row]) if drafted is not None else 0) < sp.min_tokens:
                 ends = {t for t in sp.stop_token_ids if t < self.vocab}
                 if not sp.ignore_eos:
                     ends.update(t for t in self.eos if t < self.vocab)

@@ -19,9 +19,9 @@ the first ``K``. The MTP layer's KV only shapes drafts, never what is emitted: a
 hit, a forked choice sharing its prompt's pages) can only lower acceptance.
 
 Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; logits
-processing (penalties, bias, min_tokens) applies at every offset, counting the drafts before it as generated,
-and a request with a grammar verifies no drafts (its mask is for its next token only); top logprobs come
-from the target's logits at each emitted offset. Pages: the scheduler reserves
+processing (penalties, bias, min_tokens, a grammar's mask) applies at every offset, the drafts before it
+counted as generated (and consumed by the grammar, then rolled back); top logprobs come from the target's
+logits at each emitted offset. Pages: the scheduler reserves
 ``2K - 1`` tokens beyond the request's length (``lookahead``): the verify writes up to ``L - 1 + K``, a
 chain up to ``L + 2K - 2``.
 """
@@ -115,6 +115,7 @@ class MTPSpeculator:
 
     # ---- after a prompt chunk ----
 
+    @torch.inference_mode()
     def after_extend(self, batch: Batch, tokens: Sequence[int | None]) -> None:
         """Runs the MTP layer over each live request's chunk just computed (``runner.last_hidden``, the
         chunk rows in batch order) and drafts for those that sampled their first token (``tokens[i]``; on a
@@ -146,6 +147,7 @@ class MTPSpeculator:
 
     # ---- a decode step ----
 
+    @torch.inference_mode()
     def decode(self, batch: Batch, postprocess: Postprocess) -> list[TokenOutput]:
         """Verifies every running request's drafts in one target forward, emits what is accepted through
         ``postprocess`` (the engine's, one token offset at a time) and drafts again."""
@@ -153,8 +155,7 @@ class MTPSpeculator:
             self.runner.pool.copy_page(src, dst)
         reqs = batch.reqs
         k = self.k
-        # A grammar's mask is for the next token only: a request with one verifies no drafts.
-        dlens = [0 if r.sampling.grammar else self._room(r, len(self.drafts.get(r, []))) for r in reqs]
+        dlens = [self._room(r, len(self.drafts.get(r, []))) for r in reqs]
         rows = [[r.all_ids[-1], *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
         lengths = [r.seq_len for r in reqs]
         graphs = self.runner.verify_graphs
@@ -236,7 +237,7 @@ class MTPSpeculator:
         for b, (req, d) in enumerate(zip(reqs, dlens)):
             drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
         drafts = drafts.to(dl.device)
-        step = self._process(reqs, logits3, drafts)
+        step = self._process(reqs, logits3, drafts, dlens)
         tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
@@ -270,16 +271,19 @@ class MTPSpeculator:
         left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len)
         return max(0, min(have, self.k, left - 1))
 
-    def _process(self, reqs: list[Req], logits3: torch.Tensor, drafts: torch.Tensor) -> StepLogits | None:
-        """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify: the
-        penalties count the drafts before it as generated, min_tokens too (the drafts were accepted if offset
-        ``j`` is emitted at all); grammar rows have no drafts, so only their first offset counts. Returns the
+    def _process(
+        self, reqs: list[Req], logits3: torch.Tensor, drafts: torch.Tensor, dlens: list[int]
+    ) -> StepLogits | None:
+        """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify up to
+        their drafts: the drafts before it count as generated (penalties, min_tokens) and are consumed by the
+        grammar (its mask after them): if offset ``j`` is emitted at all, they were accepted. Returns the
         first offset's inputs (whose penalty rows record what the step emits)."""
         proc = [b for b, r in enumerate(reqs) if r.sampling.needs_processing]
         first: StepLogits | None = None
         for j in range(self.k + 1):
-            rows = proc if j == 0 else [b for b in proc if reqs[b].sampling.grammar is None]
-            step = self.logits.prepare([reqs[b] for b in rows], offset=j) if rows else None
+            rows = [b for b in proc if j <= dlens[b]]  # past a row's drafts its offsets repeat its last
+            before = [self.drafts[reqs[b]][:j] if j else [] for b in rows]
+            step = self.logits.prepare([reqs[b] for b in rows], before) if rows else None
             if step is None:
                 continue
             index = self._tensor(rows)
