@@ -131,3 +131,22 @@ def test_bad_routing_flags_stop_pd_serve_and_pd_proxy_with_the_value_named(flags
         serve.main(flags)
     with pytest.raises(SystemExit, match=f"pd-proxy: error: .*{words}"):
         proxy.main(["--bootstrap", "127.0.0.1:1", *flags])
+
+
+def test_a_conversation_goes_back_to_the_decode_rank_holding_its_earlier_turns():
+    """Decode ranks keep the pages of requests that ended there (decode-side reuse): the decode rank is
+    chosen by the same policy, so a next turn (earlier turns + a new question) goes back while both decode
+    ranks are equally idle, and an unrelated prompt goes to the other."""
+    r = Router("127.0.0.1:1", routing=RoutingConfig(balance_abs=2, balance_rel=1.5))
+    for x in (rank(bpb.ROLE_PREFILL, "p1"), rank(bpb.ROLE_DECODE, "d1"), rank(bpb.ROLE_DECODE, "d2")):
+        r.ranks[x.key] = x
+    turn = prompt(8, 10 * BLOCK_TOKENS)
+    firsts = []
+    for t in range(4):
+        route = r.pick(MODEL, turn)
+        firsts.append(route.decode.instance_id)
+        r.release(*route.ranks)
+        turn = turn + prompt(400 + t, 3 * BLOCK_TOKENS)  # the answer and the next question
+    assert len(set(firsts)) == 1 and r.decode_decisions["cache"] == 3, (firsts, r.decode_decisions)
+    other = r.pick(MODEL, prompt(9, 10 * BLOCK_TOKENS))
+    assert other.decode.instance_id != firsts[0]

@@ -84,7 +84,9 @@ class NoWorkers(Exception):
 class Router:
     """``keepalive_s``: HTTP/2 ping interval on the worker channels (``pd.rpc.channel``): a call to a
     rank that stops answering fails within about twice that. ``routing``: how the rank that computes a
-    prompt (prefill or colocated) is chosen; ``decisions`` counts why each was."""
+    prompt (prefill or colocated) is chosen, and the decode rank too (a conversation's next turn goes back
+    to the decode rank whose prefix cache holds its earlier turns, balanced against load);
+    ``decisions`` and ``decode_decisions`` count why each was."""
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class Router:
         self.routing = routing = routing or RoutingConfig()
         self.prefixes = PrefixRecord(routing.max_blocks)
         self.decisions: dict[str, int] = {"cache": 0, "load": 0, "imbalance": 0}
+        self.decode_decisions: dict[str, int] = dict.fromkeys(self.decisions, 0)
         self.client = BootstrapClient(
             bootstrap, cluster_token=cluster_token, timeout=2.0, retry_for=0.0, tls=tls
         )
@@ -216,15 +219,15 @@ class Router:
     # ---- choosing ranks ----
 
     def pick(self, model: str, prompt_ids: Sequence[int] = ()) -> Route:
-        """A colocated rank serving ``model``, else a prefill and a decode rank: the prefill (or colocated)
-        one by the routing policy for ``prompt_ids``, the decode one the least busy (ties: the fewest
-        requests so far); counts them busy until ``release``."""
+        """A colocated rank serving ``model``, else a prefill and a decode rank, each by the routing policy
+        for ``prompt_ids`` (decode ranks keep a prefix cache of the requests that ended there); counts them
+        busy until ``release``."""
         prompt = self._prompt(prompt_ids)
         if self.ranks_of(bpb.ROLE_COLOCATED, model):
             route = Route(self._choose(bpb.ROLE_COLOCATED, model, (), prompt), None)
         else:
             prefill = self._choose(bpb.ROLE_PREFILL, model, (), prompt)
-            route = Route(self._choose(bpb.ROLE_DECODE, model, ()), prefill)
+            route = Route(self._choose(bpb.ROLE_DECODE, model, (), prompt, self.decode_decisions), prefill)
         for r in route.ranks:
             self._take(r)
         return route
@@ -248,6 +251,7 @@ class Router:
         model: str,
         exclude_instances: Iterable[str],
         prompt: tuple[list[bytes], int] | None = None,
+        tally: dict[str, int] | None = None,
     ) -> Rank:
         name = bpb.Role.Name(role).removeprefix("ROLE_").lower()
         registered = self.ranks_of(role, model)
@@ -266,7 +270,7 @@ class Router:
         load = {r: (self.outstanding.get(r.key, 0), self.assigned.get(r.key, 0)) for r in candidates}
         rank, why = choose(self.routing, candidates, load, self.prefixes, digests, length)
         self.prefixes.add(rank, digests)
-        self.decisions[why] += 1
+        (self.decisions if tally is None else tally)[why] += 1
         return rank
 
     def _take(self, rank: Rank) -> None:
