@@ -1,25 +1,27 @@
-"""CUDA graphs of a speculative decode step (issue 20): per batch bucket, a verify graph and a draft graph.
+"""CUDA graphs of a speculative decode step (issue 20), per batch bucket.
 
 A bucket of ``bs`` requests computes ``q = K + 1`` positions per request, ``T = bs * q`` query tokens: request
 ``b``'s last token and its drafts at positions ``L_b - 1 .. L_b - 1 + K`` (fewer drafts: the rest of its row
 is padding tokens that route to no expert and whose KV only padding queries read), padding requests on
-the dummy page. One attention plan (causal, ``q`` queries per row) serves both graphs, planned once per step
-outside them (``AttentionBackend.prepare_graph``):
+the dummy page. One attention plan (causal, ``q`` queries per row) serves the first three graphs, planned
+once per step outside them (``AttentionBackend.prepare_graph``):
 
-- **verify**: the target over the ``T`` tokens -> float32 logits ``[T, V]`` and final hidden states ``[T, H]``.
-- acceptance runs between the two replays on the verify's logits (eager: the sampler's per-row tensors),
-  and writes the tokens it emits and their count per row into the draft graph's inputs on the device;
+- **verify**: the target over the ``T`` tokens -> float32 logits ``[T, V]`` and final hidden states ``[T, H]``;
+  acceptance then runs on the verify's logits (eager: the sampler's per-row tensors, logits processing) and
+  writes the tokens it emits and their count per row into the draft graph's inputs on the device;
 - **draft**: the MTP layer over the same ``T`` positions with the target's hidden states and the tokens after
   them (the accepted ones; past a row's count they are rewritten by the next step), drafting each row's next
-  token from the offset its acceptance ended at -> draft tokens ``[bs]`` and the MTP head's hidden ``[bs, H]``
-  (the input of a chained draft for K > 1, which runs after the host has the counts).
+  token from the offset its acceptance ended at -> draft tokens ``[bs]`` and the MTP head's hidden ``[bs, H]``;
+- **greedy**: when every request is greedy with nothing to process (no penalties, grammar or top logprobs),
+  verify, greedy acceptance (drafts kept while they equal the target's argmax; under the oracle every real
+  draft) and draft in one replay;
+- **chain j** (``j = 1 .. K - 1``): the MTP layer once more over each row's last draft and head state, one
+  position further; each has its own attention state, planned once the host has the counts.
 
-No host sync between the two replays. When every request of a step is greedy with nothing to process
-(no penalties, grammar or top logprobs), one **greedy** graph runs all three: the verify, the greedy
-acceptance (drafts kept while they equal the target's argmax; under the oracle every real draft) and the
-draft, so the host launches once and reads once. ``capture=False`` runs the same steps on the same static buffers
-without capturing (CPU, tests). Single-rank engines only: multi-rank speculation runs eager.
-Lifetime: ``close`` before the process group is destroyed, as ``DecodeGraphs``.
+No host sync between verify and draft; the host reads the step once, before any chain. ``capture=False``
+runs the same steps on the same static buffers without capturing (CPU, tests). Single-rank engines only:
+multi-rank speculation runs eager. Lifetime: ``close`` before the process group is destroyed, as
+``DecodeGraphs``.
 """
 
 from __future__ import annotations
@@ -93,11 +95,8 @@ class VerifyGraphs:
         for bs in reversed(self.buckets):
             self.states[(bs, 0)] = attn.graph_state(bs, max_pages, bs * self.q)
             self._load(bs, [], [], [])
-            for name in (
-                "verify",
-                "draft",
-                "greedy",
-            ):  # the draft graph reads the verify graph's hidden states
+            # In this order: the draft graph reads the verify graph's hidden states.
+            for name in ("verify", "draft", "greedy"):
                 self.out[(bs, name)] = self._record(bs, name, mempool)
             for j in range(1, k):
                 self.states[(bs, j)] = attn.graph_state(bs, max_pages)
@@ -106,7 +105,7 @@ class VerifyGraphs:
         if capture:
             log.info("captured verify and draft CUDA graphs (K = %d) for batch buckets %s", k, self.buckets)
 
-    # ---- the two steps (captured as they are) ----
+    # ---- the steps (captured as they are) ----
 
     def _ctx(self, bs: int, logits_rows: torch.Tensor) -> ForwardContext:
         t = bs * self.q
