@@ -148,7 +148,7 @@ class VerifyGraphs:
         t, q = bs * self.q, self.q
         logits, hidden = self._verify(bs)
         target = logits.argmax(-1)  # [T]
-        logprobs = logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        logprobs = logits.gather(1, target[:, None])[:, 0] - logits.logsumexp(-1)  # no [T, V] log_softmax
         real = (self.real[:t] != 0).view(bs, q)[:, 1:]  # [bs, K]: the row's drafts (padding is not)
         kept = real if self.oracle else real & (self.ids[:t].view(bs, q)[:, 1:] == target.view(bs, q)[:, :-1])
         counts = kept.long().cumprod(1).sum(1) + 1
