@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pd.attention import ATTENTION_BACKENDS
-from pd.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, EngineConfig, ParallelConfig
+from pd.config import DTYPES, KV_LAYOUTS, LOAD_FORMATS, QUANTIZATIONS, EngineConfig, ParallelConfig
 from pd.ep import BACKENDS as EP_BACKENDS
 from pd.ep.placement import PLACEMENTS
 from pd.launch.args import add_field_arg
@@ -96,6 +96,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
         ),
         add_field_arg(
             g,
+            "--kv-layout",
+            E,
+            "kv_layout",
+            choices=KV_LAYOUTS,
+            help="KV pool axis order: layer_major, or page_major (one transfer piece per page run of all layers); "
+            "prefill and decode must agree",
+        ),
+        add_field_arg(
+            g,
             "--graph-extend-tokens",
             E,
             "graph_extend_tokens",
@@ -172,6 +181,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed,
         cuda_graph=args.cuda_graph,
         graph_extend_tokens=args.graph_extend_tokens,
+        kv_layout=args.kv_layout,
         prefix_cache=args.prefix_cache,
         speculative=speculative_config(args),
     )

@@ -21,6 +21,7 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
 # How weights are loaded: "auto" reads the checkpoint's safetensors, "dummy" makes random weights.
 LOAD_FORMATS = ("auto", "dummy")
+KV_LAYOUTS = ("layer_major", "page_major")  # pd.kv_cache.KVOrder's values
 
 # How linear weights are held on the device: "auto" follows the checkpoint's quantization_config,
 # "fp8" keeps (or makes) block-FP8 weights, "none" holds them in the activation dtype.
@@ -341,6 +342,9 @@ class EngineConfig:
     cuda_graph: bool = True
     graph_extend_tokens: int = 256
     decodes: bool = True  # runs decode steps (False on prefill ranks: no decode graphs); set by the launcher
+    # The KV pool's axis order (pd.kv_cache.KVOrder): layer_major, or page_major (all layers of a page contiguous:
+    # a transfer moves one piece per page run); prefill and decode must agree.
+    kv_layout: str = "layer_major"
     # Keep full KV pages of computed prompts (prefill, colocated ranks) or of finished requests (decode ranks)
     # and reuse them for later prompts with the same prefix (decode: not transferred again).
     prefix_cache: bool = True
@@ -348,6 +352,8 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.quantization not in QUANTIZATIONS:

@@ -208,6 +208,20 @@ class KVPool:
             return self.buffer[layer]
         return self.buffer[:, layer]
 
+    def write_slots(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        """Writes ``latent [T, latent_dim]`` (pool dtype) into cache slots ``slots [T]`` int64 (``page *
+        page_size + offset``) of ``layer``, in place whatever the axis order."""
+        if self.layout.order is KVOrder.LAYER_MAJOR:  # one flat index copy
+            self.buffer[layer].view(-1, self.layout.latent_dim).index_copy_(0, slots, latent)
+        else:  # a strided layer: index its pages and offsets (a flat reshape would copy)
+            self.layer(layer)[slots // self.layout.page_size, slots % self.layout.page_size] = latent
+
+    def read_slots(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The latent in cache slots ``slots`` (any shape, int64) of ``layer``: ``[*slots.shape, latent_dim]``."""
+        if self.layout.order is KVOrder.LAYER_MAJOR:
+            return self.buffer[layer].view(-1, self.layout.latent_dim)[slots]
+        return self.layer(layer)[slots // self.layout.page_size, slots % self.layout.page_size]
+
 
 class PageAllocator:
     """Reference-counted allocator of page ids ``1 .. num_pages-1``; pure Python, no tensors.

@@ -14,7 +14,7 @@ from pd.attention.base import AttnInputs
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.runner import ModelRunner
-from pd.kv_cache import KVLayout, KVPool
+from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.types import Batch, BatchMode, Req, SamplingParams
 from tests.support.clients import random_prompt
 from tests.support.oracle import load_hf, rel_err
@@ -25,12 +25,15 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 
-def test_flashinfer_mla_matches_torch_reference():
+@pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
+def test_flashinfer_mla_matches_torch_reference(order):
+    """Extend, decode and a causal verify (eager and in a graph bucket) against the torch reference, on a
+    layer-major pool and a page-major one (each layer a strided view)."""
     from pd.attention.flashinfer_mla import FlashInferMLABackend
 
     torch.manual_seed(0)
     heads, lora, rope, nope, v_dim, ps = 16, 512, 64, 128, 128, 16
-    layout = KVLayout(2, 256, ps, lora + rope, torch.bfloat16)
+    layout = KVLayout(2, 256, ps, lora + rope, torch.bfloat16, order)
     pool = KVPool(layout, "cuda")
     pool.buffer.copy_(torch.randn(layout.shape, device="cuda"))
     scale = (nope + rope) ** -0.5

@@ -92,6 +92,7 @@ WORKER_FIELDS = {
     "seed": (EngineConfig, "seed"),
     "cuda_graph": (EngineConfig, "cuda_graph"),
     "graph_extend_tokens": (EngineConfig, "graph_extend_tokens"),
+    "kv_layout": (EngineConfig, "kv_layout"),
     "speculative_algorithm": (SpeculativeConfig, "algorithm"),
     "num_speculative_tokens": (SpeculativeConfig, "num_tokens"),
     "speculative_oracle": (SpeculativeConfig, "oracle"),

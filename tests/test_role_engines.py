@@ -104,13 +104,17 @@ def reference(tiny_model_dir) -> list[list[int]]:
     return [c.output_ids for c in ref.generate(PROMPTS, GREEDY)]
 
 
-@pytest.fixture(params=GRANULARITIES)
+@pytest.fixture(params=[(g, "layer_major") for g in GRANULARITIES] + [("chunk", "page_major")], ids=str)
 def pair(tiny_model_dir, request):
     """A prefill and a decode engine joined by a Loopback; the prefill engine ships pages per chunk or, with
-    ``layer``, hands them over before each forward that marks its layers (``pd.transfer.layers``)."""
-    p, d = make_engine(str(tiny_model_dir)), make_engine(str(tiny_model_dir))
+    ``layer``, hands them over before each forward that marks its layers (``pd.transfer.layers``); both
+    pools layer-major, or page-major (every layer of a page contiguous: the attention reads and writes strided
+    layer views)."""
+    granularity, kv_layout = request.param
+    p, d = (make_engine(str(tiny_model_dir), kv_layout=kv_layout) for _ in range(2))
+    assert p.runner.pool.layout.order.value == kv_layout
     link = Loopback(p, d)
-    prefill = PrefillEngine(p, link, granularity=request.param)
+    prefill = PrefillEngine(p, link, granularity=granularity)
     decode = DecodeEngine(d, link, SlotAllocator(8), headroom_tokens=8, max_pending=16)
     return prefill, decode, link
 

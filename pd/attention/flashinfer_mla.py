@@ -219,18 +219,15 @@ class FlashInferMLABackend(AttentionBackend):
 
     # ---- per layer ----
 
-    def _flat_cache(self, layer: int) -> torch.Tensor:
-        return self.pool.layer(layer).reshape(-1, self.pool.layout.latent_dim)
-
     def store(self, layer: int, latent: torch.Tensor) -> None:
         slots = self.active.out_slots if self.active is not None else self.out_slots
-        self._flat_cache(layer).index_copy_(0, slots, latent.to(self.dtype))
+        self.pool.write_slots(layer, slots, latent.to(self.dtype))
 
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"
         if not self.inputs.has_prefix:
             return latent
-        return self._flat_cache(layer).index_select(0, self.ctx_slots)
+        return self.pool.read_slots(layer, self.ctx_slots)
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.prefill.run(q.contiguous(), k.contiguous(), v.contiguous())

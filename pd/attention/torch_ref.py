@@ -52,17 +52,14 @@ class TorchMLABackend(AttentionBackend):
         assert isinstance(state, tuple)
         self.prepare(pad_for_graph(inputs, state[0], state[1], self.pool.layout.page_size))
 
-    def _flat_cache(self, layer: int) -> torch.Tensor:
-        return self.pool.layer(layer).reshape(-1, self.pool.layout.latent_dim)
-
     def store(self, layer: int, latent: torch.Tensor) -> None:
-        self._flat_cache(layer)[self.out_slots] = latent.to(self.pool.layout.dtype)
+        self.pool.write_slots(layer, self.out_slots, latent.to(self.pool.layout.dtype))
 
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"
         if not self.inputs.has_prefix:
             return latent
-        return self._flat_cache(layer)[torch.cat(self.ctx_slots)]
+        return self.pool.read_slots(layer, torch.cat(self.ctx_slots))
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"
@@ -88,7 +85,7 @@ class TorchMLABackend(AttentionBackend):
         slots = torch.zeros(len(self.ctx_slots), max_len, dtype=torch.int64, device=q_latent.device)
         for i, s in enumerate(self.ctx_slots):
             slots[i, : s.numel()] = s
-        latent = self._flat_cache(layer)[slots[self.q_seq]].float()  # [T, L, D]: each query's sequence
+        latent = self.pool.read_slots(layer, slots[self.q_seq]).float()  # [T, L, D]: each query's sequence
         c_kv, k_rope = latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
         scores = torch.einsum("thc,tlc->thl", q_latent.float(), c_kv)
         scores += torch.einsum("thr,tlr->thl", q_rope.float(), k_rope)

@@ -18,7 +18,7 @@ from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
 from pd.engine.verify_graph import VerifyGraphs
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
-from pd.kv_cache import KVLayout, KVPool
+from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
 from pd.model.moe import MoE
@@ -255,7 +255,8 @@ class ModelRunner:
                 num_pages = self._pages_in_share(layout.page_nbytes_per_layer * layers)
             else:
                 num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
-        return KVLayout(layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype)
+        order = KVOrder(self.cfg.kv_layout)
+        return KVLayout(layers, num_pages, self.cfg.page_size, mc.latent_dim, self.dtype, order)
 
     def memory_report(self) -> str:
         """Where this rank's memory went: weights by kind, the KV pool, and (on CUDA) what the device has left."""
