@@ -178,9 +178,8 @@ class MTPSpeculator:
                 out, hidden, bases = self._verify_eager(reqs, rows, lengths)
             verdict, tops = self._accept(reqs, out, bases, dlens)
             counts = verdict.counts  # clipped to each row's drafts + 1
-            if (
-                graphs is not None
-            ):  # before the host reads the counts: done before postprocessing frees a page
+            # The draft graph runs before the host reads the counts: done before postprocessing frees a page.
+            if graphs is not None:
                 first, _ = graphs.draft(bucket, verdict.tokens, counts)
         self.stats.verify_forwards += 1
         emitted = counts.tolist()
