@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pd.bench.decode_step import wall
+from pd.bench.decode_step import kernel_times, wall
+from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
 from pd.engine.engine import Engine
 from pd.engine.graph import DecodeGraphs, default_buckets
@@ -69,12 +70,24 @@ def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
     return emitted
 
 
+def print_classes(what: str, step, iters: int) -> None:
+    """``step``'s wall time split into kernel classes and the gap (``pd.bench.kernel_classes``)."""
+    wall_us = wall(step, iters) * 1e6
+    print(f"\n{what}, by kernel class: wall {wall_us:.0f} us\n")
+    print(format_breakdown(breakdown(kernel_times(step, 3), wall_us), wall_us), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--ks", default="1,2,3")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--breakdown",
+        default="",
+        help="batches (e.g. 1,32) whose plain and K = 1 steps are split into kernel classes and the gap",
+    )
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the same steps (graphs uncaptured)")
     p.add_argument(
         "--preset", default="moonlight-shape", help="pd-make-tiny-model preset (ci: a CPU smoke run)"
@@ -114,6 +127,13 @@ def main() -> None:
         rows.append({"batch": b, "k": 0, "step_ms": plain[b], "tokens_per_step": 1.0})
         print(json.dumps(rows[-1]), flush=True)
     runner.close()
+    splits = [int(b) for b in args.breakdown.split(",") if b] if gpu else []
+    for b in splits:  # the plain step's classes, for the K = 1 ones below
+        runner.graphs = DecodeGraphs(runner.model, runner.attn, runner.pool, buckets, runner.context_len)
+        reqs = make_reqs(engine, b, args.context, 0)
+        batch = Batch(BatchMode.DECODE, reqs, [args.context - 1] * b, [args.context] * b)
+        print_classes(f"plain decode step, batch {b}", lambda batch=batch: runner.run(batch), args.iters)
+        runner.close()
     for k in ks:
         runner.verify_graphs = VerifyGraphs(
             runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, oracle=True, capture=gpu
@@ -138,6 +158,9 @@ def main() -> None:
                 row[f"tpot_at_{a}"] = ms / sum(a**i for i in range(k + 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if k == 1 and b in splits:
+                what = f"MTP step (K = 1, oracle), batch {b}"
+                print_classes(what, lambda r=reqs, s=spec: spec_step(s, r, args.context), args.iters)
         runner.close()
         if gpu:
             torch.cuda.empty_cache()
