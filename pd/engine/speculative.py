@@ -232,10 +232,8 @@ class MTPSpeculator:
         dl = self._tensor(dlens)
         index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
-        drafts = torch.full((len(reqs), k), PAD_TOKEN, dtype=torch.int64)
-        for b, (req, d) in enumerate(zip(reqs, dlens)):
-            drafts[b, :d] = torch.tensor(self.drafts.get(req, [])[:d], dtype=torch.int64)
-        drafts = drafts.to(dl.device)
+        padded = [[*self.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
+        drafts = torch.tensor(padded, dtype=torch.int64).view(len(reqs), k).to(dl.device)  # one copy
         step = self._process(reqs, logits3, drafts, dlens)
         tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
