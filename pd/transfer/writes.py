@@ -117,7 +117,7 @@ class PeerWrites:
         if self.checksums is not None:
             sums = np.zeros((num_layers, len(src_pages), SUMS_PER_UNIT), dtype=np.int64)
         staging = self.staging
-        step = len(src_pages) if staging is None else staging.capacity
+        step = max(1, len(src_pages) if staging is None else staging.capacity)  # no pages: no write
         for i in range(0, len(src_pages), step):
             part, dst, host = src_pages[i : i + step], dst_pages[i : i + step], None
             try:
