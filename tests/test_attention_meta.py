@@ -43,3 +43,12 @@ def test_pad_for_graph_keeps_real_rows_and_pads_onto_the_dummy_page():
     assert sum(padded.q_lens) == 12
     with pytest.raises(AssertionError):  # no padding row left for the spare tokens
         pad_for_graph(inputs, batch=2, tokens=7, page_size=4)
+
+
+def test_extend_buckets_hold_their_padding_rows():
+    """Each extend graph bucket keeps a row for padding and a token for each padding row: none below 32."""
+    from pd.engine.extend_graph import ROWS, default_extend_buckets
+
+    assert default_extend_buckets(0) == default_extend_buckets(16) == []
+    assert default_extend_buckets(256) == [32, 64, 128, 256] and default_extend_buckets(100) == [32, 64, 100]
+    assert all(t > ROWS for t in default_extend_buckets(4096))

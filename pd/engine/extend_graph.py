@@ -34,12 +34,15 @@ ROWS = 16  # requests one graphed extend step holds at most (one more row is kep
 
 
 def default_extend_buckets(max_tokens: int) -> list[int]:
-    """32, 64, 128, ... up to and including ``max_tokens`` (none when it is 0)."""
+    """32, 64, 128, ... up to and including ``max_tokens``; none below 32 (a bucket's padding rows take a
+    token each, so it must hold more than ``ROWS``)."""
+    if max_tokens < 32:
+        return []
     buckets, t = [], 32
     while t < max_tokens:
         buckets.append(t)
         t *= 2
-    return [*buckets, max_tokens] if max_tokens else []
+    return [*buckets, max_tokens]
 
 
 class ExtendGraphs:

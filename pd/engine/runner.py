@@ -216,8 +216,8 @@ class ModelRunner:
         graphs = cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs
         self.extend_graphs: ExtendGraphs | None = None
         # Not with MTP: its prompt steps keep every row's hidden state for the draft layer (eager).
-        if graphs and cfg.graph_extend_tokens and not self.lockstep and not cfg.speculative.enabled:
-            extend_buckets = default_extend_buckets(min(cfg.graph_extend_tokens, cfg.chunk_size))
+        extend_buckets = default_extend_buckets(min(cfg.graph_extend_tokens, cfg.chunk_size))
+        if graphs and extend_buckets and not self.lockstep and not cfg.speculative.enabled:
             self.extend_graphs = ExtendGraphs(
                 self.model, self.attn, self.pool, extend_buckets, self.context_len
             )
