@@ -168,7 +168,22 @@ class Req:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt and output in one new list (O(length): per-step code uses ``token_at`` and ``ids``)."""
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, pos: int) -> int:
+        """``all_ids[pos]`` (``pos >= 0``) without building ``all_ids``."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` (``0 <= start <= end``) without building ``all_ids``."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def seq_len(self) -> int:

@@ -135,3 +135,16 @@ def test_random_workload_invariants():
         assert used == alloc.num_used  # every used page belongs to exactly one live request
     assert all(r.finished for r in reqs)
     assert alloc.num_used == 0
+
+
+def test_req_token_at_and_ids_equal_slices_of_all_ids():
+    """The per-step accessors read the prompt and output lists in place: the same tokens as ``all_ids``."""
+    from pd.types import Req, SamplingParams
+
+    req = Req(0, [5, 6, 7, 8], SamplingParams(), 0, 64)
+    req.output_ids += [9, 10, 11]
+    every = req.all_ids
+    assert [req.token_at(p) for p in range(len(every))] == every
+    for start in range(len(every) + 1):
+        for end in range(start, len(every) + 1):
+            assert req.ids(start, end) == every[start:end], (start, end)

@@ -117,7 +117,7 @@ class ExtendGraphs:
     def run(self, batch: Batch, t: int) -> torch.Tensor:
         """Replays bucket ``t`` (``bucket(batch)``) for an extend ``batch``: float32 logits ``[n, V]`` of each
         request's last position of the step, a view of the graph's output valid until the next replay."""
-        ids = [i for r, s, e in zip(batch.reqs, batch.starts, batch.ends) for i in r.all_ids[s:e]]
+        ids = [i for r, s, e in zip(batch.reqs, batch.starts, batch.ends) for i in r.ids(s, e)]
         self._load(t, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
         if self.capture:
             self.graphs[t].replay()

@@ -130,7 +130,7 @@ class DecodeGraphs:
         n = len(batch.reqs)
         bs = self.bucket(n)
         assert bs is not None, f"no bucket holds {n} requests"
-        ids = [r.all_ids[s] for r, s in zip(batch.reqs, batch.starts)]
+        ids = [r.token_at(s) for r, s in zip(batch.reqs, batch.starts)]
         self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
         self.graphs[bs].replay()
         logits, tokens, logprobs, full = self.outputs[bs]

@@ -330,7 +330,7 @@ class ModelRunner:
         targets: list[int] = []
         for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
             base = len(ids) - start
-            ids += req.all_ids[start:end]
+            ids += req.ids(start, end)
             positions += range(start, end)
             if end == req.seq_len:
                 rows.append(base + end - 1)

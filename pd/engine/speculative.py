@@ -156,7 +156,7 @@ class MTPSpeculator:
         reqs = batch.reqs
         k = self.k
         dlens = [self._room(r, len(self.drafts.get(r, []))) for r in reqs]
-        rows = [[r.all_ids[-1], *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
+        rows = [[r.token_at(r.seq_len - 1), *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
         lengths = [r.seq_len for r in reqs]
         graphs = self.runner.verify_graphs
         bucket = (graphs.bucket(len(reqs)) if graphs is not None else None) or 0
@@ -330,7 +330,7 @@ class MTPSpeculator:
                 continue
             start = req.seq_len - 1 - c  # the position of the step's first input
             rows += range(base, base + c)
-            segs.append((req, start, req.all_ids[start + 1 : start + 1 + c]))
+            segs.append((req, start, req.ids(start + 1, start + 1 + c)))
         if segs:
             # Decode's attention form (absorbed, causal queries), as the draft graph: the same drafts either way.
             self._draft(segs, hidden[self._tensor(rows)], [True] * len(segs), BatchMode.DECODE)
