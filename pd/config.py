@@ -366,6 +366,10 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if not 0 < self.gpu_memory_fraction < 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}")
+        if self.graph_extend_tokens < 0:
+            raise ValueError(
+                f"graph_extend_tokens must be >= 0 (0: prompt steps eager), got {self.graph_extend_tokens}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

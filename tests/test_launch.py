@@ -436,6 +436,8 @@ def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected)
     [
         ("pd.launch.serve", ["--transfer-writers", "0"], "writers_per_peer must be >= 1"),
         ("pd.launch.serve", ["--gpu-memory-fraction", "2"], "gpu_memory_fraction must be in (0, 1)"),
+        ("pd.launch.serve", ["--graph-extend-tokens", "-1"], "graph_extend_tokens must be >= 0"),
+        ("pd.launch.serve", ["--kv-layout", "rows"], "invalid choice: 'rows'"),
         ("pd.launch.decode", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--transfer-writers", "0"],
          "writers_per_peer must be >= 1"),
     ],

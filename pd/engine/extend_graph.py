@@ -15,6 +15,7 @@ same steps uncaptured on the same buffers (CPU, tests). Lifetime: ``close`` befo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
-from pd.engine.graph import capture_graph
+from pd.engine.graph import StepGraphs
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -58,11 +59,8 @@ class ExtendGraphs:
         context_len: int,
         capture: bool = True,
     ) -> None:
-        if capture and not attn.supports_graphs:
-            raise ValueError(
-                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
-            )
-        self.model, self.attn, self.capture = model, attn, capture
+        self.graphs = StepGraphs(attn, capture)
+        self.model, self.attn = model, attn
         self.buckets = sorted(set(buckets))
         rows = ROWS + 1
         dev = pool.buffer.device
@@ -70,28 +68,18 @@ class ExtendGraphs:
         self.inputs = torch.zeros(3, self.buckets[-1], dtype=torch.int64, device=dev)
         self.ids, self.positions, self.real = self.inputs
         self.last = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.states: dict[int, object] = {}
         max_pages = rows * pool.layout.pages_for(context_len) + self.buckets[-1]
-        mempool = torch.cuda.graph_pool_handle() if capture else None
         for t in reversed(self.buckets):
             self.states[t] = attn.graph_state(rows, max_pages, t)
             self._load(t, [], [], [], [])
-            self.outputs[t] = self._record(t, mempool)
+            self.graphs.record(t, functools.partial(self._step, t))
         if capture:
             log.info("captured extend CUDA graphs for token buckets %s", self.buckets)
 
-    def _step(self, t: int) -> torch.Tensor:
+    def _step(self, t: int) -> tuple[torch.Tensor]:
         ctx = ForwardContext(BatchMode.DECODE, self.attn, self.last, False, self.real[:t] != 0)
-        return self.model.logits(self.model.hidden(self.ids[:t], self.positions[:t], ctx, self.last))
-
-    @torch.inference_mode()
-    def _record(self, t: int, pool: torch.cuda._POOL_HANDLE | None) -> torch.Tensor:
-        if pool is None:  # uncaptured
-            return self._step(t)
-        self.graphs[t], out = capture_graph(lambda: self._step(t), pool)
-        return out
+        return (self.model.logits(self.model.hidden(self.ids[:t], self.positions[:t], ctx, self.last)),)
 
     def bucket(self, batch: Batch) -> int | None:
         """The bucket that runs ``batch`` (an extend step), or None: too many tokens or requests."""
@@ -113,25 +101,17 @@ class ExtendGraphs:
         self.last.copy_(torch.from_numpy(last), non_blocking=True)
         self.attn.prepare_graph(self.states[t], AttnInputs(BatchMode.DECODE, starts, ends, pages))
 
-    @torch.inference_mode()
     def run(self, batch: Batch, t: int) -> torch.Tensor:
         """Replays bucket ``t`` (``bucket(batch)``) for an extend ``batch``: float32 logits ``[n, V]`` of each
         request's last position of the step, a view of the graph's output valid until the next replay."""
         ids = [i for r, s, e in zip(batch.reqs, batch.starts, batch.ends) for i in r.ids(s, e)]
         self._load(t, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
-        if self.capture:
-            self.graphs[t].replay()
-        else:
-            self.outputs[t].copy_(self._step(t))
-        return self.outputs[t][: len(batch.reqs)]
+        return self.graphs.replay(t)[0][: len(batch.reqs)]
 
-    @torch.inference_mode()
     def run_idle(self, t: int) -> None:
         """Replays bucket ``t`` with padding rows only (warm-up)."""
         self._load(t, [], [], [], [])
-        if self.capture:
-            self.graphs[t].replay()
+        self.graphs.replay(t)
 
     def close(self) -> None:
-        self.graphs.clear()
-        self.outputs.clear()
+        self.graphs.close()

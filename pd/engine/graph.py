@@ -14,9 +14,9 @@ exit in destroy_process_group otherwise (gpu/NOTES.md).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +29,12 @@ from pd.types import Batch, BatchMode
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+Outputs = tuple[torch.Tensor, ...]
 
 
-def capture_graph(step: Callable[[], T], pool: torch.cuda._POOL_HANDLE) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture_graph(
+    step: Callable[[], Outputs], pool: torch.cuda._POOL_HANDLE
+) -> tuple[torch.cuda.CUDAGraph, Outputs]:
     """Captures ``step`` into a CUDA graph allocating from ``pool``, after two runs on a side stream (the
     allocator and lazily built kernels warm up outside the graph). Returns the graph and ``step``'s outputs,
     the tensors each replay rewrites."""
@@ -46,6 +48,50 @@ def capture_graph(step: Callable[[], T], pool: torch.cuda._POOL_HANDLE) -> tuple
     with torch.cuda.graph(graph, pool=pool):
         out = step()
     return graph, out
+
+
+class StepGraphs:
+    """Steps on static buffers by key, each captured into a CUDA graph (all in one memory pool, in the order
+    recorded); ``capture=False`` runs them as they are on the same buffers (CPU, tests). A step reads only
+    buffers its owner fills before ``replay`` (inputs, an attention state planned by ``prepare_graph``) and
+    returns its outputs, which every replay rewrites in place. ``attn`` must support graphs to capture.
+    Lifetime: ``close`` before the process group is destroyed (a captured NCCL graph hung at exit)."""
+
+    def __init__(self, attn: AttentionBackend, capture: bool = True) -> None:
+        if capture and not attn.supports_graphs:
+            raise ValueError(
+                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
+            )
+        self.capture = capture
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._steps: dict[Hashable, Callable[[], Outputs]] = {}
+        self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.out: dict[Hashable, Outputs] = {}
+
+    @torch.inference_mode()
+    def record(self, key: Hashable, step: Callable[[], Outputs]) -> Outputs:
+        """Captures (or runs once) ``step`` under ``key``; returns its outputs."""
+        self._steps[key] = step
+        if self._pool is None:
+            self.out[key] = step()
+        else:
+            self._graphs[key], self.out[key] = capture_graph(step, self._pool)
+        return self.out[key]
+
+    @torch.inference_mode()
+    def replay(self, key: Hashable) -> Outputs:
+        """Runs ``key``'s step again; returns its outputs (the recorded tensors, rewritten)."""
+        if self._pool is not None:
+            self._graphs[key].replay()
+        else:
+            for mine, fresh in zip(self.out[key], self._steps[key]()):
+                mine.copy_(fresh)
+        return self.out[key]
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._steps.clear()
+        self.out.clear()
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -74,10 +120,7 @@ class DecodeGraphs:
         context_len: int,
         low_latency_moe: bool = False,
     ) -> None:
-        if not attn.supports_graphs:
-            raise ValueError(
-                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
-            )
+        self.graphs = StepGraphs(attn)
         self.model, self.attn, self.low_latency_moe = model, attn, low_latency_moe
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
@@ -86,28 +129,21 @@ class DecodeGraphs:
         self.inputs = torch.zeros(3, max_bs, dtype=torch.int64, device=dev)
         self.ids, self.positions, self.real = self.inputs
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.states: dict[int, object] = {}
         max_pages = max_bs * pool.layout.pages_for(context_len)
-        mempool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
             self.states[bs] = attn.graph_state(bs, max_pages)
-            self._capture(bs, mempool)
+            self._load(bs, [], [], [], [])
+            self.graphs.record(bs, functools.partial(self._forward, bs))
         log.info("captured decode CUDA graphs for batch buckets %s", self.buckets)
 
-    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, bs: int) -> Outputs:
         row_mask = self.real[:bs] != 0
         ctx = ForwardContext(BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, row_mask)
         logits = self.model(self.ids[:bs], self.positions[:bs], ctx)  # [bs, V] float32
         tokens = logits.argmax(-1)
         full = logits.log_softmax(-1)  # kept: top logprobs of greedy rows, the sampler's logprobs
         return logits, tokens, full.gather(1, tokens[:, None])[:, 0], full
-
-    @torch.inference_mode()
-    def _capture(self, bs: int, pool: torch.cuda._POOL_HANDLE) -> None:
-        self._load(bs, [], [], [], [])
-        self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._forward(bs), pool)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -132,8 +168,7 @@ class DecodeGraphs:
         assert bs is not None, f"no bucket holds {n} requests"
         ids = [r.token_at(s) for r, s in zip(batch.reqs, batch.starts)]
         self._load(bs, ids, list(batch.starts), list(batch.ends), [r.pages for r in batch.reqs])
-        self.graphs[bs].replay()
-        logits, tokens, logprobs, full = self.outputs[bs]
+        logits, tokens, logprobs, full = self.graphs.replay(bs)
         return logits[:n], tokens[:n], logprobs[:n], full[:n]
 
     @torch.inference_mode()
@@ -142,8 +177,7 @@ class DecodeGraphs:
         padding. Warm-up replays each bucket this way."""
         bs = self.buckets[0] if bs is None else bs
         self._load(bs, [], [], [], [])
-        self.graphs[bs].replay()
+        self.graphs.replay(bs)
 
     def close(self) -> None:
-        self.graphs.clear()
-        self.outputs.clear()
+        self.graphs.close()

@@ -191,12 +191,15 @@ class PrefillEngine:
         last chunk) before the forward runs, with the step's ``LayerReady`` that the forward marks."""
         layers = LayerReady(self.layout.num_layers, self.runner.pool.buffer.device)
         for req, end, last in zip(batch.reqs, batch.ends, batch.samples):
-            room = self.rooms[req.rid]
-            upto = len(req.pages) if last else end // self.layout.page_size
-            if upto > room.pages_sent:
-                self.sender.send(req.rid, req.pages[room.pages_sent : upto], ready_event=layers)
-                room.pages_sent = upto
+            self._send_upto(req, len(req.pages) if last else end // self.layout.page_size, layers)
         return layers
+
+    def _send_upto(self, req: Req, upto: int, ready: Any) -> None:
+        """Hands the sender ``req``'s pages not sent yet before page ``upto``."""
+        room = self.rooms[req.rid]
+        if upto > room.pages_sent:
+            self.sender.send(req.rid, req.pages[room.pages_sent : upto], ready_event=ready)
+            room.pages_sent = upto
 
     def _ship(self, batch: Batch, result: StepResult, layers: LayerReady | None) -> None:
         """Hands the pages this step completed to the sender (with chunk granularity; with ``layers`` they went
@@ -213,10 +216,9 @@ class PrefillEngine:
             req.num_computed = end
             req.prompt_logprobs += result.prompt[i]
             if token is None:
-                full = end // self.layout.page_size  # pages whose every slot is computed
-                if full > room.pages_sent:
-                    self.sender.send(req.rid, req.pages[room.pages_sent : full], ready_event=ready)
-                    room.pages_sent = full
+                self._send_upto(
+                    req, end // self.layout.page_size, ready
+                )  # pages whose every slot is computed
                 continue
             forks = result.forks[i]
             self.scheduler.cache_prompt(req)  # the cache takes its own references to the full pages

@@ -212,27 +212,33 @@ class ModelRunner:
         self.last_hidden: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.verify_graphs: VerifyGraphs | None = None  # speculative decoding's (its decode steps verify)
-        buckets = default_buckets(cfg.max_running)
-        graphs = cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs
         self.extend_graphs: ExtendGraphs | None = None
-        # Not with MTP: its prompt steps keep every row's hidden state for the draft layer (eager).
+        if cfg.cuda_graph and self.device.type == "cuda" and self.attn.supports_graphs:
+            self._capture_graphs(cfg, low_latency_moe)
+
+    def _capture_graphs(self, cfg: EngineConfig, low_latency_moe: bool) -> None:
+        """The CUDA graphs this rank replays: short prompt steps on a single rank without MTP (whose prompt steps
+        keep every row's hidden state for the draft layer), and, if it decodes, decode steps (MTP's verify
+        steps on a single rank; multi-rank speculation runs eager)."""
         extend_buckets = default_extend_buckets(min(cfg.graph_extend_tokens, cfg.chunk_size))
-        if graphs and extend_buckets and not self.lockstep and not cfg.speculative.enabled:
+        if extend_buckets and not self.lockstep and not cfg.speculative.enabled:
             self.extend_graphs = ExtendGraphs(
                 self.model, self.attn, self.pool, extend_buckets, self.context_len
             )
-        graphs = graphs and cfg.decodes
-        if graphs and cfg.speculative.enabled and self.lockstep:
-            log.info("speculative decoding on %d ranks: decode runs eager", self.ep.config.world_size)
-        elif graphs and cfg.speculative.enabled:
-            assert isinstance(self.model, DeepseekV3WithMTP)
-            k = cfg.speculative.num_tokens
-            self.verify_graphs = VerifyGraphs(
-                self.model, self.attn, self.pool, buckets, self.context_len, k, cfg.speculative.oracle
-            )
-        elif graphs:
+        if not cfg.decodes:
+            return
+        buckets = default_buckets(cfg.max_running)
+        if not cfg.speculative.enabled:
             self.graphs = DecodeGraphs(
                 self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
+            )
+        elif self.lockstep:
+            log.info("speculative decoding on %d ranks: decode runs eager", self.ep.config.world_size)
+        else:
+            assert isinstance(self.model, DeepseekV3WithMTP)
+            k, oracle = cfg.speculative.num_tokens, cfg.speculative.oracle
+            self.verify_graphs = VerifyGraphs(
+                self.model, self.attn, self.pool, buckets, self.context_len, k, oracle
             )
 
     def bind_thread(self) -> None:

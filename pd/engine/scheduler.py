@@ -158,7 +158,7 @@ class Scheduler:
             if self.cache_finished and self.cache is not None and req.state is ReqState.RUNNING:
                 # Positions before num_computed hold computed KV (a step that ran; the last sampled token
                 # has none yet): correct whatever ended the request.
-                self.cache.insert(req.all_ids[: req.num_computed], req.pages)
+                self.cache.insert(req.ids(0, req.num_computed), req.pages)
             self.allocator.free(req.pages)
             req.pages = []
         req.state, req.finish_reason = ReqState.FINISHED, reason

@@ -6,8 +6,9 @@ A row keeps the longest prefix of drafts the target accepts, then one more token
 correction at the first rejected draft, or the bonus token after all ``K``): ``1 .. K + 1`` tokens.
 
 - ``sample_accept``: greedy rows keep a draft equal to the target's argmax; temperature > 0 with a
-  deterministic draft (MTP drafts greedily, so ``q`` is one-hot): the target samples each position with pd's own sampler (``pd.sampling.sample``, the stream keyed by
-  (seed, position)) and a draft is accepted when it equals the sample. With one-hot ``q`` that *is*
+  deterministic draft (MTP drafts greedily, so ``q`` is one-hot): the target samples each position with
+  pd's own sampler (``pd.sampling.sample``, the stream keyed by (seed, position)) and a draft is
+  accepted when it equals the sample. With one-hot ``q`` that *is*
   rejection sampling: draft ``x`` is kept with probability ``p(x) = min(1, p(x) / q(x))``, and on rejection
   the sample is ``p`` restricted to tokens other than ``x``, which is ``normalize(max(0, p - q))``. So the
   output distribution is the target's, and a seeded request emits the very tokens it would without

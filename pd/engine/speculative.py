@@ -172,7 +172,7 @@ class MTPSpeculator:
             tops: list[list[TopLogprobs]] = [[()] * (k + 1) for _ in reqs]
         else:
             if graphs is not None:
-                _, out, hidden = graphs.verify(rows, lengths, pages)
+                out, hidden = graphs.verify(rows, lengths, pages)
                 bases = [b * (k + 1) for b in range(len(reqs))]
             else:
                 out, hidden, bases = self._verify_eager(reqs, rows, lengths)

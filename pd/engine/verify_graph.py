@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
-from pd.engine.graph import capture_graph
+from pd.engine.graph import StepGraphs
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.mtp import DeepseekV3WithMTP
@@ -58,11 +58,8 @@ class VerifyGraphs:
         oracle: bool = False,
         capture: bool = True,
     ) -> None:
-        if capture and not attn.supports_graphs:
-            raise ValueError(
-                f"CUDA graphs need an attention backend with graph support, not {type(attn).__name__}"
-            )
-        self.model, self.attn, self.q, self.oracle, self.capture = model, attn, k + 1, oracle, capture
+        self.graphs = StepGraphs(attn, capture)
+        self.model, self.attn, self.q, self.oracle = model, attn, k + 1, oracle
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
         max_t = max_bs * self.q
@@ -80,28 +77,18 @@ class VerifyGraphs:
         self.token = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.head = torch.zeros(max_bs, embed.shape[1], dtype=embed.dtype, device=dev)
         self.chain_in = torch.zeros(max(k - 1, 1), 2, max_bs, dtype=torch.int64, device=dev)
-        self.steps: dict[str, Callable[[int], tuple[torch.Tensor, ...]]] = {
-            "verify": self._verify,
-            "draft": self._draft,
-            "greedy": self._greedy,
-        }
-        for j in range(1, k):
-            self.steps[f"chain{j}"] = functools.partial(self._chain, j=j)
-        self.out: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}  # (bucket, step) -> its outputs
-        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.states: dict[tuple[int, int], object] = {}  # (bucket, 0: the step's; j: chain step j's)
         max_pages = max_bs * pool.layout.pages_for(context_len + 2 * k)
-        mempool = torch.cuda.graph_pool_handle() if capture else None
-        for bs in reversed(self.buckets):
+        for bs in reversed(self.buckets):  # graphs keyed (bucket, step name)
             self.states[(bs, 0)] = attn.graph_state(bs, max_pages, bs * self.q)
             self._load(bs, [], [], [])
             # In this order: the draft graph reads the verify graph's hidden states.
-            for name in ("verify", "draft", "greedy"):
-                self.out[(bs, name)] = self._record(bs, name, mempool)
+            for name, step in (("verify", self._verify), ("draft", self._draft), ("greedy", self._greedy)):
+                self.graphs.record((bs, name), functools.partial(step, bs))
             for j in range(1, k):
                 self.states[(bs, j)] = attn.graph_state(bs, max_pages)
                 self._load_chain(bs, j, [None] * bs, [[]] * bs)
-                self.out[(bs, f"chain{j}")] = self._record(bs, f"chain{j}", mempool)
+                self.graphs.record((bs, f"chain{j}"), functools.partial(self._chain, bs, j))
         if capture:
             log.info("captured verify and draft CUDA graphs (K = %d) for batch buckets %s", k, self.buckets)
 
@@ -139,7 +126,7 @@ class VerifyGraphs:
         return (token,)
 
     def _draft(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.out[(bs, "verify")][1]  # the verify graph's output buffer
+        hidden = self.graphs.out[(bs, "verify")][1]  # the verify graph's output buffer
         return self._draft_from(bs, hidden, self.next_ids[: bs * self.q], self.counts[:bs])
 
     def _greedy(self, bs: int) -> tuple[torch.Tensor, ...]:
@@ -154,23 +141,6 @@ class VerifyGraphs:
         counts = kept.long().cumprod(1).sum(1) + 1
         token, head = self._draft_from(bs, hidden, target, counts)
         return target.view(bs, q), logprobs.view(bs, q), counts, token, head
-
-    @torch.inference_mode()
-    def _record(self, bs: int, name: str, pool: torch.cuda._POOL_HANDLE | None) -> tuple[torch.Tensor, ...]:
-        step = self.steps[name]
-        if pool is None:  # uncaptured
-            return step(bs)
-        self.graphs[(bs, name)], out = capture_graph(lambda: step(bs), pool)
-        return out
-
-    def _replay(self, bs: int, name: str) -> tuple[torch.Tensor, ...]:
-        out = self.out[(bs, name)]
-        if not self.capture:  # the same step on the same buffers; outputs copied into the recorded ones
-            for mine, fresh in zip(out, self.steps[name](bs)):
-                mine.copy_(fresh)
-        else:
-            self.graphs[(bs, name)].replay()
-        return out
 
     # ---- per step ----
 
@@ -205,22 +175,20 @@ class VerifyGraphs:
         inputs = AttnInputs(BatchMode.DECODE, starts, [s + 1 for s in starts], tables)
         self.attn.prepare_graph(self.states[(bs, j)], inputs)
 
-    @torch.inference_mode()
     def verify(
         self, tokens: list[list[int]], lengths: list[int], pages: list[list[int]]
-    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replays the verify graph for requests of lengths ``L_b`` (``lengths``), each computing ``tokens[b]``
         (its last token, then its 0..K drafts) at positions ``L_b - 1 ..``, on ``pages[b]`` (reserved up to
-        the last draft's position). Returns the bucket and views of the graph's outputs, valid until the next
+        the last draft's position). Returns views of the graph's outputs, valid until the next
         verify: logits ``[bs * q, V]`` float32 and hidden states ``[bs * q, H]`` (request ``b``'s offsets at rows
         ``b * q ..``)."""
         bs = self.bucket(len(tokens))
         assert bs is not None, f"no bucket holds {len(tokens)} requests"
         self._load(bs, tokens, lengths, pages)
-        logits, hidden = self._replay(bs, "verify")
-        return bs, logits, hidden
+        logits, hidden = self.graphs.replay((bs, "verify"))
+        return logits, hidden
 
-    @torch.inference_mode()
     def greedy(
         self, tokens: list[list[int]], lengths: list[int], pages: list[list[int]]
     ) -> tuple[torch.Tensor, ...]:
@@ -231,9 +199,8 @@ class VerifyGraphs:
         bs = self.bucket(n)
         assert bs is not None, f"no bucket holds {n} requests"
         self._load(bs, tokens, lengths, pages)
-        return tuple(x[:n] for x in self._replay(bs, "greedy"))
+        return tuple(x[:n] for x in self.graphs.replay((bs, "greedy")))
 
-    @torch.inference_mode()
     def draft(
         self, bs: int, emitted: torch.Tensor, counts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,21 +211,19 @@ class VerifyGraphs:
         self.next_ids[: n * self.q].copy_(emitted.reshape(-1).clamp(min=0))  # offsets past a count: PAD_TOKEN
         self.counts[:n].copy_(counts)
         self.counts[n:bs].fill_(1)
-        token, head = self._replay(bs, "draft")
+        token, head = self.graphs.replay((bs, "draft"))
         return token[:n], head[:n]
 
-    @torch.inference_mode()
     def run_idle(self, bs: int) -> None:
         """Replays bucket ``bs``'s graphs with padding rows only (warm-up)."""
         self._load(bs, [], [], [])
         self.counts[:bs].fill_(1)
         for name in ("verify", "draft", "greedy"):
-            self._replay(bs, name)
+            self.graphs.replay((bs, name))
         for j in range(1, self.q - 1):
             self._load_chain(bs, j, [None] * bs, [[]] * bs)
-            self._replay(bs, f"chain{j}")
+            self.graphs.replay((bs, f"chain{j}"))
 
-    @torch.inference_mode()
     def chain(
         self, bs: int, at: list[int | None], limits: list[int], pages: list[list[int]]
     ) -> list[list[int]]:
@@ -271,7 +236,7 @@ class VerifyGraphs:
         for j in range(1, self.q - 1):
             pos = [a + j - 1 if a is not None and a + j - 1 < lim else None for a, lim in zip(at, limits)]
             self._load_chain(bs, j, pos + [None] * (bs - n), pages + [[]] * (bs - n))
-            steps.append((pos, self._replay(bs, f"chain{j}")[0][:n]))
+            steps.append((pos, self.graphs.replay((bs, f"chain{j}"))[0][:n]))
         drafts: list[list[int]] = [[] for _ in range(n)]
         for pos, tokens in steps:  # a row whose position ran past its limit drafts no further
             for b, (p, t) in enumerate(zip(pos, tokens.tolist())):
@@ -280,5 +245,4 @@ class VerifyGraphs:
         return drafts
 
     def close(self) -> None:
-        self.graphs.clear()
-        self.out.clear()
+        self.graphs.close()

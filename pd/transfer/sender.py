@@ -7,9 +7,9 @@ request never arrives expires in BOOTSTRAPPING). After each prefill chunk the sc
 (including a partial last page) and the aux record; with layer granularity it hands a chunk's pages over
 before the forward, with a ``LayerReady``, and each layer is written as it is stored (``pd.transfer.layers``).
 Writes merge page runs that are contiguous on both sides (``pd.kv_cache.transfer_pieces``). After the last
-pages the aux record is written, then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the writer thread checksums each
-job's pages just before writing them (``pd.transfer.checksum``) and ``TransferDone`` carries the
-room's checksums.
+pages the aux record is written, then ``TransferDone`` tells the decode rank. With ``kv_checksum`` the
+writer thread checksums each job's pages just before writing them (``pd.transfer.checksum``) and
+``TransferDone`` carries the room's checksums.
 
 Threads: the scheduler's calls only validate and enqueue; they never block on the network. Writer
 threads per decode peer do that peer's writes and notices (``pd.transfer.writes``), each room's in order
