@@ -29,8 +29,9 @@ import torch
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.bench.moe_kernels import measure_ceilings
 from pd.config import EngineConfig, ModelConfig
+from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner
-from pd.types import Batch, BatchMode, Req, SamplingParams
+from pd.types import Batch, BatchMode, Req, Sampled, SamplingParams
 
 
 def measure_fp8_peak() -> float:
@@ -156,6 +157,39 @@ def graph_breakdown(runner: ModelRunner, batch: Batch, iters: int) -> tuple[floa
     return wall(load, iters) * 1e3, timed(lambda: g.graphs.replay(bs), iters) * 1e3
 
 
+def engine_loop(runner: ModelRunner, batch: int, context: int, iters: int) -> dict[str, float]:
+    """Mean ms per step of the engine's decode loop (``Engine.step``: schedule, run, postprocess; no tokenizer,
+    so no detokenizing) over ``batch`` requests at ``context`` tokens, one step at a time (``serial_ms``) and
+    overlapped (``overlapped_ms``). The requests' prompt KV is whatever the pool holds."""
+    engine = Engine(runner.cfg, runner=runner)
+    engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
+    layout = runner.pool.layout
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
+    out = {}
+    for overlap in (False, True):
+        engine.overlap = overlap
+        sp = SamplingParams(temperature=0, max_tokens=iters + 8, ignore_eos=True)
+        reqs = []
+        for i in range(batch):
+            req = engine.make_request([(7 * i + j) % 1000 + 3 for j in range(context)], sp)
+            req.pages = engine.allocator.alloc(layout.pages_for(context + 1)) or []
+            engine.add_prefilled(req, Sampled(5, 0.0))
+            reqs.append(req)
+        for _ in range(3):
+            engine.step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            engine.step()
+        sync()
+        out["overlapped_ms" if overlap else "serial_ms"] = (time.perf_counter() - t0) / iters * 1e3
+        for req in reqs:
+            engine.abort(req)
+        while engine.has_work():  # lands the step in flight
+            engine.step()
+    return out
+
+
 def make_batch(runner: ModelRunner, batch: int, context: int, page_base: int = 1) -> Batch:
     ps = runner.pool.layout.page_size
     pages_per = -(-(context + 1) // ps)
@@ -216,7 +250,7 @@ def main() -> None:
     )
     max_b, max_ctx = max(batches), max(contexts)
     page_size = 64
-    pages = max_b * (-(-(max_ctx + 1) // page_size)) + 2
+    pages = max_b * (-(-(max_ctx + 1) // page_size) + 1) + 2  # a page more each: the engine loop's growth
     cfg = EngineConfig(
         args.model, device="cuda", dtype="bfloat16", load_format="dummy", quantization=args.quantization,
         page_size=page_size, num_pages=pages,
@@ -243,8 +277,10 @@ def main() -> None:
             runner.graphs = graphs
             floor = decode_floor_bytes(pb, mc, b, ctx, kv_per_token) / bw
             prepare_ms, replay_ms = graph_breakdown(runner, batch, args.iters)
+            loop = engine_loop(runner, b, ctx, args.iters)
             rows.append(
                 {
+                    **loop,
                     "prepare_ms": prepare_ms,
                     "replay_gpu_ms": replay_ms,
                     "context": ctx,
@@ -313,6 +349,13 @@ def print_table(rows: list[dict], prefill: dict, bw: float, peak: float) -> None
         print(f"| {r['context']} | {r['batch']} | {r['graph_ms']:.2f} | {r['prepare_ms']:.2f} | {r['replay_gpu_ms']:.2f} | "
               f"{r['eager_ms']:.2f} | {r['floor_ms']:.2f} | {r['graph_over_floor']:.2f} | "
               f"{r['replay_gpu_ms'] / r['floor_ms']:.2f} | {r['eager_ms'] / r['graph_ms']:.2f} |")  # fmt: skip
+    print("\nThe engine's decode loop (ms per step, mean; Engine.step without a tokenizer): one step at a time "
+          "and overlapped (step N + 1 launched before step N is read)\n")  # fmt: skip
+    print("| context | batch | serial ms | overlapped ms | overlapped / floor | serial / overlapped |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['context']} | {r['batch']} | {r['serial_ms']:.2f} | {r['overlapped_ms']:.2f} | "
+              f"{r['overlapped_ms'] / r['floor_ms']:.2f} | {r['serial_ms'] / r['overlapped_ms']:.2f} |")  # fmt: skip
     print(f"\nPrefill {prefill['tokens']} tokens ({prefill['seq_len']}-token prompts): {prefill['ms']:.1f} ms, "
           f"{prefill['tokens_per_s']:.0f} tok/s, {prefill['tflops']:.0f} TFLOP/s = {prefill['fraction_of_peak']:.0%} "
           f"of the measured {peak / 1e12:.0f} TFLOP/s (floor {prefill['floor_ms']:.1f} ms)")  # fmt: skip

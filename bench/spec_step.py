@@ -24,8 +24,8 @@ import torch
 from pd.bench.decode_step import kernel_times, wall
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
+from pd.engine.decode_graph import DecodeGraphs, default_buckets
 from pd.engine.engine import Engine
-from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.engine.speculative import MTPSpeculator
 from pd.engine.verify_graph import VerifyGraphs
 from pd.model.mtp import DeepseekV3WithMTP

@@ -112,6 +112,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
         ),
         add_field_arg(
             g,
+            "--overlap",
+            E,
+            "overlap",
+            help="launch each decode step before reading the one in flight, so the host's work of a step runs "
+            "while the GPU computes the next (single-rank decode graphs without MTP; --no-overlap: one at a time)",
+        ),
+        add_field_arg(
+            g,
             "--prefix-cache",
             E,
             "prefix_cache",
@@ -181,6 +189,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed,
         cuda_graph=args.cuda_graph,
         graph_extend_tokens=args.graph_extend_tokens,
+        overlap=args.overlap,
         kv_layout=args.kv_layout,
         prefix_cache=args.prefix_cache,
         speculative=speculative_config(args),

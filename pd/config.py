@@ -341,6 +341,9 @@ class EngineConfig:
     # engines prompt steps of at most graph_extend_tokens tokens (pd.engine.extend_graph; 0: those eager).
     cuda_graph: bool = True
     graph_extend_tokens: int = 256
+    # Decode steps launched before the host reads the step in flight (pd.engine.engine.Engine.step): the host's
+    # work of a step runs while the GPU computes the next. Single-rank decode graphs without MTP.
+    overlap: bool = True
     decodes: bool = True  # runs decode steps (False on prefill ranks: no decode graphs); set by the launcher
     # The KV pool's axis order (pd.kv_cache.KVOrder): layer_major, or page_major (all layers of a page contiguous:
     # a transfer moves one piece per page run); prefill and decode must agree.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pd.types import SamplingParams
@@ -70,16 +71,23 @@ class SamplingTensors:
         positions: Sequence[int],
         device: torch.device | str,
     ) -> SamplingTensors:
-        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
+        # Two copies without waiting for the device (a blocking copy would wait for every step still queued
+        # on the stream, the one in flight of an overlapped decode loop too): float and integer fields.
+        floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], dtype=np.float32).reshape(
+            -1, 3
+        )
+        ints = np.array([[p.top_k for p in params], list(seeds), list(positions)], dtype=np.int64).reshape(
+            3, -1
+        )
+        f = torch.from_numpy(floats.T.copy()).to(device, non_blocking=True)
+        i = torch.from_numpy(ints).to(device, non_blocking=True)
         return cls(
-            temperature=t([p.temperature for p in params], torch.float32),
-            top_k=t([p.top_k for p in params], torch.int64),
-            top_p=t([p.top_p for p in params], torch.float32),
-            min_p=t([p.min_p for p in params], torch.float32),
-            seeds=t(list(seeds), torch.int64),
-            positions=t(list(positions), torch.int64),
+            temperature=f[0],
+            top_k=i[0],
+            top_p=f[1],
+            min_p=f[2],
+            seeds=i[1],
+            positions=i[2],
             all_greedy=all(p.greedy for p in params),
             needs_sorting=any(p.needs_sorting for p in params),
             needs_min_p=any(p.min_p > 0 and not p.greedy for p in params),

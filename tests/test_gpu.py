@@ -325,6 +325,43 @@ def test_logits_processing_and_logprobs_in_graph_equal_eager(gpu_tiny):
         ]
 
 
+def test_overlapped_decode_loop_equals_the_serial_one(gpu_tiny):
+    """The overlapped loop (step N + 1 launched on the graphs before step N's tokens are read; input ids taken
+    on the device, results through pinned buffers and an event) emits what the serial loop emits: greedy,
+    seeded and with top logprobs, requests ending at different steps and one arriving mid-run."""
+    from pd.engine.engine import Engine
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True, top_logprobs=2),
+    ]
+    rng = random.Random(6)
+    prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in params]
+    out = []
+    for overlap in (True, False):
+        cfg = EngineConfig(
+            str(gpu_tiny), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8,
+            graph_extend_tokens=0, overlap=overlap,
+        )  # fmt: skip
+        engine = Engine(cfg)
+        assert engine.overlap == overlap
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params)]
+        while engine.has_work():
+            engine.step()
+            if len(reqs) == 3 and len(reqs[0].output_ids) >= 3:
+                reqs.append(engine.add_request(prompts[3], params[3]))
+        assert engine.pages_held == 0
+        out.append(reqs)
+    for o, s in zip(*out):
+        assert o.output_ids == s.output_ids
+        assert o.output_logprobs == pytest.approx(s.output_logprobs, abs=2e-2)
+        assert [[t for t, _ in top] for top in o.output_top_logprobs] == [
+            [t for t, _ in top] for top in s.output_top_logprobs
+        ]
+
+
 def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny):
     """Constrained requests never take the graph's greedy tokens: masked on the graph's logits they sample
     what eager decoding samples, and every output is complete and valid."""
@@ -374,8 +411,8 @@ def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny):
 
 def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     """Readiness: a rank registers after warm-up, which must have run every graph bucket once."""
+    from pd.engine.decode_graph import DecodeGraphs
     from pd.engine.engine import Engine
-    from pd.engine.graph import DecodeGraphs
     from pd.engine.warmup import warm_up
 
     engine = Engine(EngineConfig(model_path=str(gpu_tiny), device="cuda", max_running=24, num_pages=64))

@@ -43,6 +43,30 @@ def test_allocator_rejects_double_free_and_foreign_pages():
     assert alloc.refcount(q[0]) == 1
 
 
+def test_allocator_holds_fenced_pages_until_their_step_is_released():
+    """A page of the step in flight (``fence``) whose last reference goes waits for ``release`` of that step's
+    tag; other pages free at once; a later fence does not release pages held under an earlier one."""
+    a = PageAllocator(10)
+    pages = a.alloc(6)
+    assert pages is not None
+    a.fence(pages[:3], tag=1)
+    a.free(pages[:2] + pages[4:5])
+    assert a.num_free == 3 + 1  # the unfenced page only
+    with pytest.raises(ValueError, match="double free"):
+        a.free(pages[:1])  # held is free as far as references go
+    a.fence(pages[2:4], tag=2)
+    a.free(pages[2:3])
+    a.release(0)
+    assert a.num_free == 4
+    a.release(1)
+    assert a.num_free == 6  # tag 1's two; pages[2] waits for tag 2
+    a.release(2)
+    a.fence((), tag=2)
+    a.free(pages[3:4] + pages[5:6])
+    assert a.num_free == 9 and a.num_used == 0
+    assert sorted(a.alloc(9) or []) == list(range(1, 10))
+
+
 def test_merge_page_runs():
     assert merge_page_runs([1, 2, 3, 7, 8], [4, 5, 6, 9, 11]) == [(1, 4, 3), (7, 9, 1), (8, 11, 1)]
     assert merge_page_runs([], []) == []

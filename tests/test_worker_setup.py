@@ -118,8 +118,33 @@ def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tin
         kinds = [True, False, False], [False, False, True]  # greedy; sampled; processed with logprobs
         if extend:  # a first chunk, then a chunk over a cached prefix that samples
             expected += [("extend", False, [False] * 3, *kinds), ("extend", True, [True] * 3, *kinds)]
-        if decode:
-            expected += [("decode", True, [True] * 3, *kinds)]
+        if decode:  # then the two without processing alone (the launched step)
+            expected += [
+                ("decode", True, [True] * 3, *kinds),
+                ("decode", True, [True] * 2, [True, False], [False] * 2),
+            ]
         assert seen == expected
         assert engine.pages_held == 0 and engine.logits.slots_in_use == 0
     assert int(engine.runner.model.expert_token_counts().sum()) == 0, "served tokens only in pd_expert_tokens"
+
+
+def test_warm_up_compiles_each_moe_block_config_a_prompt_step_can_pick(tiny_model_dir) -> None:
+    """Each block config of the sorted-layout MoE kernels is a kernel compiled on first use (1.1 s of the first
+    long prompt's TTFT on an H200): warm-up runs the experts once per config that 1..max_rows rows pick."""
+    from pd.config import EngineConfig
+    from pd.engine.engine import Engine
+    from pd.engine.warmup import compile_moe_configs
+    from pd.model.moe import MoE
+
+    engine = Engine(EngineConfig(model_path=str(tiny_model_dir), page_size=4, num_pages=8))
+    model = engine.runner.model
+    experts = next(m.experts for m in model.modules() if isinstance(m, MoE))
+    ran: list[int] = []
+    sorted_ = experts.sorted
+    experts.sorted = lambda x, ids, w: (ran.append(len(x)), sorted_(x, ids, w))[1]  # type: ignore[method-assign]
+    rows = 300
+    assert compile_moe_configs(model, rows, torch.float32) == len(ran) >= 2
+    x = torch.zeros(rows, experts.w13.shape[-1])
+    ids = torch.zeros(rows, engine.model_cfg.num_experts_per_tok, dtype=torch.int64)
+    every = {experts.sorted_config(x[:n], ids[:n]) for n in range(1, rows + 1)}
+    assert {experts.sorted_config(x[:n], ids[:n]) for n in ran} == every and len(ran) == len(every)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from pd.config import EngineConfig, ModelConfig
 from pd.detokenizer import IncrementalDetokenizer
+from pd.engine.decode_graph import Launched
 from pd.engine.grammar import GrammarMatchers
 from pd.engine.logits import LogitsProcessor
 from pd.engine.prefix_cache import PrefixCache
@@ -32,7 +33,17 @@ from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
 from pd.sampling import choice_seed
 from pd.tokenizer import Tokenizer
-from pd.types import Batch, BatchMode, FinishReason, Req, Sampled, SamplingParams, StepResult, TopLogprobs
+from pd.types import (
+    Batch,
+    BatchMode,
+    FinishReason,
+    Req,
+    ReqState,
+    Sampled,
+    SamplingParams,
+    StepResult,
+    TopLogprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +84,16 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
-        self.scheduler = Scheduler(
-            cfg.scheduler, self.allocator, frozenset(eos), cache, lookahead(cfg.speculative)
+        # Decode steps overlap the host's work (``step``) on a single rank with decode graphs, without MTP.
+        self.overlap = (
+            cfg.overlap
+            and self.runner.graphs is not None
+            and not self.runner.lockstep
+            and not cfg.speculative.enabled
         )
+        # A step in flight computes one token past what the host knows of: its pages are reserved a token ahead.
+        ahead = max(lookahead(cfg.speculative), int(self.overlap))
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache, ahead)
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
         self.logits = LogitsProcessor(
@@ -86,6 +104,7 @@ class Engine:
         )
         self.scheduler.on_end = self._released
         self.forwards = 0  # target forwards run (extend, decode or verify steps)
+        self._inflight: Launched | None = None  # the decode step on the device whose tokens are not read yet
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
@@ -168,15 +187,41 @@ class Engine:
         return self.allocator.num_used - (cache.num_idle_pages() if cache is not None else 0)
 
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def step(self) -> list[TokenOutput]:
-        """One forward step; returns the outputs of the requests that sampled in it."""
+        """One forward step; returns the outputs of the requests that sampled in it or, overlapped (below), in
+        the step before it.
+
+        Overlapped: a decode step is launched before the host reads the step in flight (``_land``), so the
+        host's work (reading and postprocessing one step, scheduling and planning the next) runs while the GPU
+        computes. A request that the landed step ends ran one token too many in the new one: that token is
+        dropped. A step that is not a plain decode step (a prompt, logits processing) first lands the one in
+        flight and runs as before."""
+        if not self.overlap:
+            return self._step()
+        outputs = self._land() if self._inflight is not None and not self._keeps_overlapping() else []
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs + self._land()
+        if not self.runner.launches(batch.mode, batch.reqs):
+            assert self._inflight is None, "a step in flight is followed by a decode step it can launch"
+            self.forwards += 1
+            return outputs + self._run(batch)
+        self.forwards += 1
+        landing, self._inflight = self._inflight, self.runner.launch(batch, self._inflight)
+        self.allocator.fence(_pages_of(batch), self.forwards)  # a freed page of the step waits for it
+        return outputs + (self._land(landing, self.forwards - 1) if landing is not None else [])
+
+    def _step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()
         if batch is None:
             self.idle()
             return []
         self.forwards += 1
+        return self._run(batch)
+
+    def _run(self, batch: Batch) -> list[TokenOutput]:
         if self.spec is not None and batch.mode is BatchMode.DECODE:
             return self.spec.decode(batch, self._postprocess)
         result = self.runner.run(batch, self.logits)
@@ -184,6 +229,34 @@ class Engine:
         if self.spec is not None:
             self.spec.after_extend(batch, result.tokens)
         return outputs
+
+    def _keeps_overlapping(self) -> bool:
+        """Whether the next step is a decode step the step in flight can be followed by (no prompt to
+        compute, no request asking for logits processing)."""
+        sch = self.scheduler
+        return not sch.waiting and not sch.prefilling and self.runner.launches(BatchMode.DECODE, sch.running)
+
+    def _land(self, launched: Launched | None = None, tag: int | None = None) -> list[TokenOutput]:
+        """Reads and postprocesses a launched step (default: the one in flight; ``tag``: its fence tag, default
+        the last). Its rows of requests that ended or were preempted since its launch are dropped; the pages
+        freed while it ran are free from here on."""
+        if launched is None:
+            launched, self._inflight = self._inflight, None
+        if launched is None:
+            return []
+        result = launched.result()
+        self.allocator.release(self.forwards if tag is None else tag)
+        if self._inflight is None:
+            self.allocator.fence((), self.forwards)
+        step = launched.batch
+        keep = [i for i, r in enumerate(step.reqs) if r.state is ReqState.RUNNING]
+        if len(keep) < len(step.reqs):
+            reqs = [step.reqs[i] for i in keep]
+            step = Batch(BatchMode.DECODE, reqs, [step.starts[i] for i in keep], [step.ends[i] for i in keep])
+            top = [result.top[i] for i in keep]
+            result = StepResult.of([result.tokens[i] for i in keep], [result.logprobs[i] for i in keep])
+            result.top = top
+        return self._postprocess(step, result)
 
     def idle(self) -> None:
         """A step with nothing to run here, which other ranks of the instance may be running: joins their EP
@@ -285,3 +358,8 @@ class Engine:
                 raise ValueError("text prompts need a tokenizer; pass token ids or give the engine one")
             return self.tokenizer.encode(prompt)
         return list(prompt)
+
+
+def _pages_of(batch: Batch) -> set[int]:
+    """The pages a step reads or writes: its requests' and the sources of its copies on write."""
+    return {p for r in batch.reqs for p in r.pages} | {src for src, _ in batch.copies}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,8 +11,8 @@ from pd.attention.base import AttentionBackend, AttnInputs
 from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_unusable
 from pd.attention.torch_ref import TorchMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
+from pd.engine.decode_graph import DecodeGraphs, Launched, default_buckets
 from pd.engine.extend_graph import ExtendGraphs, default_extend_buckets
-from pd.engine.graph import DecodeGraphs, default_buckets
 from pd.engine.logits import LogitsProcessor
 from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
 from pd.engine.verify_graph import VerifyGraphs
@@ -312,16 +312,13 @@ class ModelRunner:
         requests that ask for none take the graph's tokens, logprobs and (top logprobs) log-softmax.
         ``kv_stored(layer)``: called as each layer's KV store is issued (``ForwardContext.kv_stored``; eager
         extend steps only: a step in an extend graph calls it for no layer, the caller marks them after it)."""
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        if self.launches(batch.mode, batch.reqs):
+            return self.launch(batch).result()
         for src, dst in batch.copies:  # copy on write, before any write of this step
             self.pool.copy_page(src, dst)
-        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-        unprocessed = not any(r.sampling.needs_processing for r in sampled)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
-            out, tokens, lps, full = self.graphs.run(batch)
-            if unprocessed and all(r.sampling.greedy for r in sampled):
-                result = StepResult.of(tokens.tolist(), lps.tolist())
-                result.top = top_logprobs(full, batch.reqs)  # a decode step samples every request
-                return result
+            out, _, _, full = self.graphs.run(batch)
             return self._sample(out, batch, sampled, logits, full)
         bucket = self._extend_bucket(batch)
         if bucket is not None:
@@ -359,6 +356,25 @@ class ModelRunner:
         if scored:
             self._score_prompt(batch, hidden[len(rows) :], targets, result)
         return result
+
+    def launches(self, mode: BatchMode, reqs: Sequence[Req]) -> bool:
+        """Whether a batch of ``reqs`` in ``mode`` runs as a launched decode step (``launch``): a decode step on
+        the graphs whose requests ask for no logits processing."""
+        return (
+            mode is BatchMode.DECODE
+            and self.graphs is not None
+            and self.graphs.bucket(len(reqs)) is not None
+            and not any(r.sampling.needs_processing for r in reqs)
+        )
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, prev: Launched | None = None) -> Launched:
+        """Queues a decode step without waiting for it (``DecodeGraphs.launch``; ``launches(batch)`` must
+        hold), after its copies on write."""
+        assert self.graphs is not None
+        for src, dst in batch.copies:
+            self.pool.copy_page(src, dst)
+        return self.graphs.launch(batch, prev)
 
     def _extend_bucket(self, batch: Batch) -> int | None:
         """The extend graph's token bucket that runs ``batch``, or None: eager (not an extend step, too many

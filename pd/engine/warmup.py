@@ -7,9 +7,12 @@ scratch requests whose pages it allocates and frees:
 - ``extend``: a prompt in two chunks (the second one over a cached prefix), greedy, sampled, and sampled
   with every logits processing and logprobs option (penalties, bias, min_tokens, a grammar where the
   engine serves them, top and prompt logprobs);
-- ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), then a replay of
-  every other graph bucket (the decode graphs, or speculative decoding's verify and draft graphs);
-- the prompt steps' graph buckets (``pd.engine.extend_graph``) replayed once each.
+- ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), one of those without
+  logits processing (the launched step's sampling and top logprobs), then a replay of every other graph
+  bucket (the decode graphs, or speculative decoding's verify and draft graphs);
+- the prompt steps' graph buckets (``pd.engine.extend_graph``) replayed once each;
+- ``extend`` on CUDA: the routed experts' kernels at each block config an eager prompt step can pick
+  (``compile_moe_configs``).
 
 Ranks of a multi-rank instance run the same sequence, so their EP collectives meet. The model's expert
 counters are reset afterwards: ``pd_expert_tokens`` counts served tokens only.
@@ -21,14 +24,19 @@ import dataclasses
 import logging
 import time
 
+import torch
+
 from pd.engine.engine import Engine
 from pd.grammar import GrammarSpec
+from pd.model.moe import MoE
 from pd.types import Batch, BatchMode, Req, SamplingParams
 
 log = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-_SAMPLED = SamplingParams(temperature=0.7, top_p=0.9, top_k=8, min_p=0.01, max_tokens=2, ignore_eos=True)
+_SAMPLED = SamplingParams(
+    temperature=0.7, top_p=0.9, top_k=8, min_p=0.01, max_tokens=2, ignore_eos=True, top_logprobs=2
+)
 _PROCESSED = SamplingParams(
     temperature=0.7,
     max_tokens=2,
@@ -41,6 +49,28 @@ _PROCESSED = SamplingParams(
     prompt_logprobs=5,
 )
 _GRAMMAR = GrammarSpec.json_object()  # the token masks' path, where the engine has a grammar backend
+
+
+def compile_moe_configs(model: torch.nn.Module, max_rows: int, dtype: torch.dtype) -> int:
+    """Runs the routed experts' sorted-layout kernels once per block config that steps of 1..``max_rows``
+    rows pick (the tuned table changes tiles with the row count; each config is a kernel Triton compiles on
+    first use, about half a second per GEMM: the first long prompt after start-up paid 1.1 s for it on
+    2026-12-03). Returns how many configs ran."""
+    moe = next((m for m in model.modules() if isinstance(m, MoE)), None)
+    if moe is None:
+        return 0
+    experts, k = moe.experts, moe.cfg.num_experts_per_tok
+    hidden, device = experts.w13.shape[-1], experts.w13.device
+    x = torch.randn(max_rows, hidden, device=device).to(dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, experts.w13.shape[0], (max_rows, k), generator=gen).to(device)
+    weights = torch.full((max_rows, k), 1.0 / k, device=device)
+    rows: dict[object, int] = {}
+    for n in range(1, max_rows + 1):
+        rows.setdefault(experts.sorted_config(x[:n], ids[:n]), n)
+    for n in rows.values():
+        experts.sorted(x[:n], ids[:n], weights[:n])
+    return len(rows)
 
 
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
@@ -81,6 +111,8 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             for req, token in zip(reqs, tokens):
                 req.output_ids.append(int(token or 0))
             runner.run(Batch(BatchMode.DECODE, reqs, [n] * count, [n + 1] * count), engine.logits)
+            plain = reqs[:2]  # without logits processing: launched on the graphs (sampling, top logprobs)
+            runner.run(Batch(BatchMode.DECODE, plain, [n] * len(plain), [n + 1] * len(plain)), engine.logits)
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
                     runner.graphs.run_idle(bs)
@@ -90,13 +122,15 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
         if extend and runner.extend_graphs is not None:
             for t in runner.extend_graphs.buckets:
                 runner.extend_graphs.run_idle(t)
+        if extend and runner.device.type == "cuda":
+            compile_moe_configs(
+                runner.model, engine.cfg.chunk_size * runner.ep.config.world_size, runner.dtype
+            )
     finally:
         for req in reqs:
             engine.allocator.free(req.pages)
             engine.logits.release(req)
         runner.model.reset_expert_token_counts()
     if runner.device.type == "cuda":
-        import torch
-
         torch.cuda.synchronize(runner.device)
     return time.perf_counter() - t0

@@ -14,7 +14,7 @@ from pd.config import FP8Quant, ModelConfig
 from pd.ep.base import EPBackend
 from pd.ep.placement import PlacementMap, placement_of
 from pd.kernels import fp8 as fp8_kernels  # called through the module: a test swaps in the references
-from pd.kernels.moe import fused_moe, masked_moe
+from pd.kernels.moe import fused_moe, fused_moe_config, masked_moe
 from pd.kernels.routing import fused_routing, fused_routing_unusable
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP
@@ -138,6 +138,12 @@ class Experts(nn.Module):
                 x, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv, topk_idx, topk_weights
             )
         return fused_moe(x, *self.weights(x.dtype), topk_idx, topk_weights)
+
+    def sorted_config(self, x: torch.Tensor, topk_idx: torch.Tensor) -> object:
+        """The block config ``sorted`` runs these shapes with (one compiled kernel per distinct config)."""
+        if self.w8a8:
+            return fp8_kernels.fused_moe_fp8_config(x, self.w13, topk_idx)
+        return fused_moe_config(x, self.w13, self.w2, topk_idx)
 
     def masked(
         self, x: torch.Tensor, count: torch.Tensor, x_scale: torch.Tensor | None, out_dtype: torch.dtype
