@@ -28,6 +28,15 @@ CASES = {
     "greedy, penalties, top logprobs": SamplingParams(
         temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.5, top_logprobs=2
     ),
+    "sampled, penalties, bias": SamplingParams(
+        temperature=0.9,
+        seed=5,
+        max_tokens=6,
+        ignore_eos=True,
+        frequency_penalty=0.8,
+        presence_penalty=0.4,
+        logit_bias=((3, 4.0), (17, -2.0)),
+    ),
 }
 
 
@@ -120,9 +129,9 @@ def test_overlapped_loop_ends_requests_where_the_serial_one_does(tiny_model_dir)
     launch, engine.runner.launch = engine.runner.launch, None  # type: ignore[assignment]
     flying: list[set[int]] = []
 
-    def launched(batch, prev=None):
+    def launched(batch, prev=None, logits=None):
         flying[:] = [{p for r in batch.reqs for p in r.pages}]
-        return launch(batch, prev)
+        return launch(batch, prev, logits)
 
     engine.runner.launch = launched  # type: ignore[method-assign]
     step = engine.step
@@ -147,3 +156,19 @@ def test_overlap_is_off_where_it_cannot_run(tiny_model_dir):
     assert not Engine(cfg).overlap
     assert not graph_engine(dataclasses.replace(cfg, overlap=False))[0].overlap
     assert graph_engine(cfg)[0].overlap
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_min_tokens_counts_the_token_in_flight(tiny_model_dir, overlap):
+    """EOS biased to the top: a request ends on its first token unless min_tokens holds it back. Launched on the
+    graphs, with a step in flight (overlapped) the token not yet recorded on the host counts too: it ends on
+    token min_tokens + 1, as eager decoding does."""
+    cfg = EngineConfig(model_path=str(tiny_model_dir), page_size=16, max_running=4, overlap=overlap)
+    eager = Engine(dataclasses.replace(cfg, overlap=False))
+    [eos] = sorted(eager.scheduler.eos_token_ids)[:1]
+    sp = SamplingParams(temperature=0, max_tokens=20, min_tokens=5, logit_bias=((eos, 100.0),))
+    prompts = [random_prompt(random.Random(2), n) for n in (9, 14)]
+    want = outputs(eager, prompts, [sp, sp])
+    engine, _ = graph_engine(cfg)
+    assert outputs(engine, prompts, [sp, sp]) == want
+    assert [len(ids) for ids, _, _ in want] == [6, 6] and all(ids[-1] == eos for ids, _, _ in want)

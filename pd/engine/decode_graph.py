@@ -6,13 +6,14 @@ first into one memory pool. Before a replay the attention metadata is planned ou
 into the bucket's persistent buffers (the attention backend's graph hooks); a batch is padded to
 its bucket with rows that read and write only the dummy page and route to no expert.
 
-``launch`` queues a step of requests that ask for no logits processing: the graph, sampling on its logits
-where a request is not greedy, top logprobs on its log_softmax, and copies of the tokens, logprobs and top
-logprobs into host buffers of their own behind which an event is recorded. ``Launched.result`` waits for
+``launch`` queues a step: the graph, logits processing on the device where a request asks for penalties, bias
+or min_tokens (``LogitsProcessor``; grammars need the host's token and are not launched), sampling where a
+request is not greedy or was processed, top logprobs, and copies of the tokens, logprobs and top logprobs into
+host buffers of their own behind which an event is recorded. ``Launched.result`` waits for
 that event only, so the host can read one step while the next one runs. A row's input token is read on the
 device from the step before (``src``): the overlapped decode loop (``Engine.step``) launches step N + 1 before
-the host has read step N's tokens. Requests with logits processing take the graph's logits (``run``) and
-are sampled by the runner.
+the host has read step N's tokens. Requests with a grammar take the graph's logits (``run``) and are sampled by
+the runner.
 
 Lifetime: ``close`` before the process group is destroyed (``pd.engine.graph``).
 """
@@ -29,6 +30,7 @@ import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
 from pd.engine.graph import Outputs, StepGraphs
+from pd.engine.logits import LogitsProcessor
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -184,11 +186,14 @@ class DecodeGraphs:
         return logits[:n], tokens[:n], logprobs[:n], full[:n]
 
     @torch.inference_mode()
-    def launch(self, batch: Batch, prev: Launched | None = None) -> Launched:
-        """Queues the decode step of ``batch`` (requests that ask for no logits processing) and returns without
-        waiting for it. Requests of ``prev`` (the step launched before, whose tokens the host may not have
-        recorded yet) compute the position after the one ``batch`` gives them, on the token ``prev`` sampled:
-        their pages must hold it (the scheduler reserves one token ahead)."""
+    def launch(
+        self, batch: Batch, prev: Launched | None = None, logits: LogitsProcessor | None = None
+    ) -> Launched:
+        """Queues the decode step of ``batch`` and returns without waiting for it. Requests of ``prev`` (the step
+        launched before, whose tokens the host may not have recorded yet) compute the position after the one
+        ``batch`` gives them, on the token ``prev`` sampled: their pages must hold it (the scheduler reserves one
+        token ahead). ``logits``: the engine's processor, for requests with penalties, bias or min_tokens (its
+        state is updated on the device from the sampled tokens); requests with a grammar are not launched."""
         reqs = batch.reqs
         n = len(reqs)
         bs = self.bucket(n)
@@ -203,26 +208,36 @@ class DecodeGraphs:
         self._load(bs, ids, starts, ends, [r.pages for r in reqs], src)
         if self._loaded is not None:
             self._loaded.record()
-        logits, tokens, logprobs, full = (t[:n] for t in self.graphs.replay(bs))
+        out, tokens, logprobs, full = (t[:n] for t in self.graphs.replay(bs))
         params = [r.sampling for r in reqs]
-        if not all(p.greedy for p in params):  # positions: the index of the token sampled
+        step = None
+        if logits is not None and any(p.needs_processing for p in params):
+            assert not any(p.grammar is not None for p in params), "a grammar's mask needs the host's token"
+            step = logits.prepare(reqs, ahead=[int(k != NO_SOURCE) for k in src])
+            assert step is not None
+            out = logits.apply(out, step)
+            full = out.log_softmax(-1)  # of the processed logits: sampled from, reported
+        if step is not None or not all(p.greedy for p in params):  # positions: the index of the token sampled
             st = SamplingTensors.build(params, [r.seed for r in reqs], ends, self.device)
-            tokens, logprobs = sample(logits, st, full)
+            tokens, logprobs = sample(out, st, full)
+        if logits is not None:
+            logits.record(step, tokens)
         self.prev[:n].copy_(tokens)
-        out = self._host[self._launches % 2]
+        host = self._host[self._launches % 2]
         self._launches += 1
-        out.tokens[:n].copy_(tokens, non_blocking=True)
-        out.logprobs[:n].copy_(logprobs, non_blocking=True)
+        host.tokens[:n].copy_(tokens, non_blocking=True)
+        host.logprobs[:n].copy_(logprobs, non_blocking=True)
         k = max(p.top_logprobs for p in params)
         if k:
             values, top_ids = full.topk(k, dim=-1)
-            out.top_values[: n * k].view(n, k).copy_(values, non_blocking=True)
-            out.top_ids[: n * k].view(n, k).copy_(top_ids, non_blocking=True)
-        if out.event is not None:
-            out.event.record()
-        step = Batch(BatchMode.DECODE, reqs, starts, ends, copies=batch.copies)
-        step.samples = [True] * n  # every row samples (``ends`` runs one past what the host knows of some)
-        return Launched(step, out, k)
+            host.top_values[: n * k].view(n, k).copy_(values, non_blocking=True)
+            host.top_ids[: n * k].view(n, k).copy_(top_ids, non_blocking=True)
+        if host.event is not None:
+            host.event.record()
+        launched = Batch(BatchMode.DECODE, reqs, starts, ends, copies=batch.copies)
+        # Every row samples (``ends`` runs one past what the host knows of some rows).
+        launched.samples = [True] * n
+        return Launched(launched, host, k)
 
     @torch.inference_mode()
     def run_idle(self, bs: int | None = None) -> None:

@@ -38,7 +38,6 @@ from pd.types import (
     BatchMode,
     FinishReason,
     Req,
-    ReqState,
     Sampled,
     SamplingParams,
     StepResult,
@@ -196,8 +195,8 @@ class Engine:
         Overlapped: a decode step is launched before the host reads the step in flight (``_land``), so the
         host's work (reading and postprocessing one step, scheduling and planning the next) runs while the GPU
         computes. A request that the landed step ends ran one token too many in the new one: that token is
-        dropped. A step that is not a plain decode step (a prompt, logits processing) first lands the one in
-        flight and runs as before."""
+        dropped. A step that is not a launched decode step (a prompt, a request with a grammar) first lands the
+        one in flight and runs as before."""
         if not self.overlap:
             return self._step()
         outputs = self._land() if self._inflight is not None and not self._keeps_overlapping() else []
@@ -209,7 +208,7 @@ class Engine:
             self.forwards += 1
             return outputs + self._run(batch)
         self.forwards += 1
-        landing, self._inflight = self._inflight, self.runner.launch(batch, self._inflight)
+        landing, self._inflight = self._inflight, self.runner.launch(batch, self._inflight, self.logits)
         self.allocator.fence(_pages_of(batch), self.forwards)  # a freed page of the step waits for it
         return outputs + (self._land(landing, self.forwards - 1) if landing is not None else [])
 
@@ -232,14 +231,15 @@ class Engine:
 
     def _keeps_overlapping(self) -> bool:
         """Whether the next step is a decode step the step in flight can be followed by (no prompt to
-        compute, no request asking for logits processing)."""
+        compute, no request with a grammar)."""
         sch = self.scheduler
         return not sch.waiting and not sch.prefilling and self.runner.launches(BatchMode.DECODE, sch.running)
 
     def _land(self, launched: Launched | None = None, tag: int | None = None) -> list[TokenOutput]:
         """Reads and postprocesses a launched step (default: the one in flight; ``tag``: its fence tag, default
-        the last). Its rows of requests that ended or were preempted since its launch are dropped; the pages
-        freed while it ran are free from here on."""
+        the last). Its rows of requests that ended since its launch are dropped; a request preempted meanwhile
+        keeps its token (computed before its pages were freed, and counted by its penalties already) and
+        recomputes its KV when admitted again. The pages freed while the step ran are free from here on."""
         if launched is None:
             launched, self._inflight = self._inflight, None
         if launched is None:
@@ -249,7 +249,7 @@ class Engine:
         if self._inflight is None:
             self.allocator.fence((), self.forwards)
         step = launched.batch
-        keep = [i for i, r in enumerate(step.reqs) if r.state is ReqState.RUNNING]
+        keep = [i for i, r in enumerate(step.reqs) if not r.finished]
         if len(keep) < len(step.reqs):
             reqs = [step.reqs[i] for i in keep]
             step = Batch(BatchMode.DECODE, reqs, [step.starts[i] for i in keep], [step.ends[i] for i in keep])

@@ -84,12 +84,17 @@ class LogitsProcessor:
             self._free.append(slot)
 
     def prepare(
-        self, reqs: Sequence[Req], drafted: Sequence[Sequence[int]] | None = None
+        self,
+        reqs: Sequence[Req],
+        drafted: Sequence[Sequence[int]] | None = None,
+        ahead: Sequence[int] | None = None,
     ) -> StepLogits | None:
         """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks.
         Called after the step's forward was launched: the grammars' bitmask is filled on the host while the
         device runs it. ``drafted[i]``: tokens row ``i`` counts as generated before the token it scores (a
-        speculative verify's drafts before an offset): min_tokens counts them, grammars consume them."""
+        speculative verify's drafts before an offset): min_tokens counts them, grammars consume them.
+        ``ahead[i]``: tokens row ``i`` sampled in a step still in flight (recorded on the device already, not
+        on the host; rows without a grammar): min_tokens counts them."""
         if not any(r.sampling.needs_processing for r in reqs):
             return None
         bitmask = None
@@ -112,7 +117,8 @@ class LogitsProcessor:
                     brows.append(row)
                     bids.append(token)
                     bvals.append(max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias)))
-            if len(req.output_ids) + (len(drafted[row]) if drafted is not None else 0) < sp.min_tokens:
+            generated = len(req.output_ids) + (len(drafted[row]) if drafted is not None else 0)
+            if generated + (ahead[row] if ahead is not None else 0) < sp.min_tokens:
                 ends = {t for t in sp.stop_token_ids if t < self.vocab}
                 if not sp.ignore_eos:
                     ends.update(t for t in self.eos if t < self.vocab)
@@ -179,8 +185,13 @@ class LogitsProcessor:
             assert counts is not None, "several tokens a row need their counts"
             emitted = torch.arange(picked.shape[1], device=picked.device)[None, :] < counts[p.rows][:, None]
         slots = p.slots[:, None].expand_as(picked)
-        self.counts.index_put_((slots, picked.clamp(min=0)), emitted.to(torch.int32), accumulate=True)
-        self.seen[slots[emitted], picked[emitted]] = True
+        picked = picked.clamp(min=0)
+        self.counts.index_put_((slots, picked), emitted.to(torch.int32), accumulate=True)
+        # seen |= emitted at (slot, token), duplicates included, without a boolean-mask index (a host sync).
+        flat = (slots * self.vocab + picked).reshape(-1)
+        self.seen.view(-1).view(torch.uint8).scatter_reduce_(
+            0, flat, emitted.reshape(-1).to(torch.uint8), reduce="amax"
+        )
 
     def _slot_of(self, req: Req) -> int:
         slot = self._slot.get(req)
@@ -190,9 +201,11 @@ class LogitsProcessor:
             raise RuntimeError(f"no free penalty slot ({self.counts.shape[0]} are in use)")
         slot = self._free.pop()
         self._slot[req] = slot
-        out = torch.tensor(req.output_ids, dtype=torch.int64, device=self.device)
+        out = torch.tensor(req.output_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         self.counts[slot].zero_()
         self.counts[slot].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)
         self.seen[slot].zero_()
-        self.seen[slot, torch.tensor(req.all_ids, dtype=torch.int64, device=self.device)] = True
+        self.seen[slot, torch.tensor(req.all_ids, dtype=torch.int64).to(self.device, non_blocking=True)] = (
+            True
+        )
         return slot

@@ -314,7 +314,7 @@ class ModelRunner:
         extend steps only: a step in an extend graph calls it for no layer, the caller marks them after it)."""
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         if self.launches(batch.mode, batch.reqs):
-            return self.launch(batch).result()
+            return self.launch(batch, logits=logits).result()
         for src, dst in batch.copies:  # copy on write, before any write of this step
             self.pool.copy_page(src, dst)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
@@ -359,22 +359,24 @@ class ModelRunner:
 
     def launches(self, mode: BatchMode, reqs: Sequence[Req]) -> bool:
         """Whether a batch of ``reqs`` in ``mode`` runs as a launched decode step (``launch``): a decode step on
-        the graphs whose requests ask for no logits processing."""
+        the graphs without a request whose grammar needs the host to have seen its last token."""
         return (
             mode is BatchMode.DECODE
             and self.graphs is not None
             and self.graphs.bucket(len(reqs)) is not None
-            and not any(r.sampling.needs_processing for r in reqs)
+            and not any(r.sampling.grammar is not None for r in reqs)
         )
 
     @torch.inference_mode()
-    def launch(self, batch: Batch, prev: Launched | None = None) -> Launched:
-        """Queues a decode step without waiting for it (``DecodeGraphs.launch``; ``launches(batch)`` must
-        hold), after its copies on write."""
+    def launch(
+        self, batch: Batch, prev: Launched | None = None, logits: LogitsProcessor | None = None
+    ) -> Launched:
+        """Queues a decode step without waiting for it (``DecodeGraphs.launch``; ``launches`` must hold), after
+        its copies on write. ``logits``: the engine's processor (requests with penalties, bias, min_tokens)."""
         assert self.graphs is not None
         for src, dst in batch.copies:
             self.pool.copy_page(src, dst)
-        return self.graphs.launch(batch, prev)
+        return self.graphs.launch(batch, prev, logits)
 
     def _extend_bucket(self, batch: Batch) -> int | None:
         """The extend graph's token bucket that runs ``batch``, or None: eager (not an extend step, too many

@@ -7,9 +7,9 @@ scratch requests whose pages it allocates and frees:
 - ``extend``: a prompt in two chunks (the second one over a cached prefix), greedy, sampled, and sampled
   with every logits processing and logprobs option (penalties, bias, min_tokens, a grammar where the
   engine serves them, top and prompt logprobs);
-- ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), one of those without
-  logits processing (the launched step's sampling and top logprobs), then a replay of every other graph
-  bucket (the decode graphs, or speculative decoding's verify and draft graphs);
+- ``decode``: a decode step of the same requests (CUDA-graph bucket when graphs are on), one without the
+  grammar (the launched step: processing, sampling and top logprobs behind the replay), then a replay of every
+  other graph bucket (the decode graphs, or speculative decoding's verify and draft graphs);
 - the prompt steps' graph buckets (``pd.engine.extend_graph``) replayed once each;
 - ``extend`` on CUDA: the routed experts' kernels at each block config an eager prompt step can pick
   (``compile_moe_configs``).
@@ -111,8 +111,12 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             for req, token in zip(reqs, tokens):
                 req.output_ids.append(int(token or 0))
             runner.run(Batch(BatchMode.DECODE, reqs, [n] * count, [n + 1] * count), engine.logits)
-            plain = reqs[:2]  # without logits processing: launched on the graphs (sampling, top logprobs)
-            runner.run(Batch(BatchMode.DECODE, plain, [n] * len(plain), [n + 1] * len(plain)), engine.logits)
+            # Without a grammar, the step is launched on the graphs (processing, sampling, top logprobs there).
+            launched = [
+                r if r.sampling.grammar is None else dataclasses.replace(r, sampling=_PROCESSED) for r in reqs
+            ]
+            reqs += [r for r in launched if r not in reqs]  # released below
+            runner.run(Batch(BatchMode.DECODE, launched, [n] * count, [n + 1] * count), engine.logits)
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
                     runner.graphs.run_idle(bs)
@@ -127,8 +131,9 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
                 runner.model, engine.cfg.chunk_size * runner.ep.config.world_size, runner.dtype
             )
     finally:
-        for req in reqs:
+        for req in reqs[:count]:
             engine.allocator.free(req.pages)
+        for req in reqs:
             engine.logits.release(req)
         runner.model.reset_expert_token_counts()
     if runner.device.type == "cuda":
