@@ -172,3 +172,17 @@ def test_min_tokens_counts_the_token_in_flight(tiny_model_dir, overlap):
     engine, _ = graph_engine(cfg)
     assert outputs(engine, prompts, [sp, sp]) == want
     assert [len(ids) for ids, _, _ in want] == [6, 6] and all(ids[-1] == eos for ids, _, _ in want)
+
+
+def test_launched_step_refuses_processing_without_the_engines_processor(tiny_model_dir):
+    """A penalty request's decode step without the engine's LogitsProcessor is refused, not run unprocessed."""
+    engine, _ = graph_engine(EngineConfig(model_path=str(tiny_model_dir), page_size=16, max_running=2))
+    sp = SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.3)
+    req = engine.add_request(random_prompt(random.Random(3), 8), sp)
+    engine.step()  # its prompt
+    batch = engine.scheduler.schedule()
+    assert batch is not None and batch.mode.value == "decode"
+    with pytest.raises(ValueError, match="LogitsProcessor"):
+        engine.runner.run(batch)
+    assert engine.runner.run(batch, engine.logits).tokens[0] is not None
+    engine.abort(req)

@@ -307,9 +307,10 @@ class ModelRunner:
         kv_stored: Callable[[int], None] | None = None,
     ) -> StepResult:
         """Runs one step. ``logits``: the engine's per-request logits state (penalties, bias, min_tokens,
-        grammar matchers); None: no request of the batch asks for processing. Requests that ask for any
-        never take the CUDA graph's greedy tokens: their logits are processed (and masked) first. Greedy
-        requests that ask for none take the graph's tokens, logprobs and (top logprobs) log-softmax.
+        grammar matchers); None: no request of the batch asks for processing. A decode step on the graphs without
+        a grammar is launched and waited for (``launch``: processing, sampling and top logprobs on the device);
+        with a grammar the graph's logits are masked and sampled here. Requests that ask for processing never
+        take the graph's greedy tokens.
         ``kv_stored(layer)``: called as each layer's KV store is issued (``ForwardContext.kv_stored``; eager
         extend steps only: a step in an extend graph calls it for no layer, the caller marks them after it)."""
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
