@@ -179,6 +179,27 @@ def test_proxy_metrics_render_parseable_with_types():
     }
 
 
+def test_proxy_metrics_scrape_survives_a_rank_leaving_mid_scrape():
+    """A rank whose channel was closed as it left (the router prunes it) is skipped by the scrape, which
+    still answers (it raised UsageError into a 500 before; a CI run's wait for a restarted rank failed on it)."""
+    pytest.importorskip("starlette")
+    import asyncio
+
+    from pd.proxy.http import Proxy
+    from pd.proxy.router import Rank
+    from pd.rpc import bootstrap_pb2 as bpb
+
+    proxy = Proxy(ProxyConfig(bootstrap="127.0.0.1:1"))
+    gone = Rank(bpb.ROLE_PREFILL, "p1", 0, "127.0.0.1:9", "m", 512)
+    proxy.router.ranks[gone.key] = gone
+
+    async def scrape() -> str:
+        await proxy.router.channel(gone.endpoint).close()
+        return await proxy._relayed_metrics()
+
+    assert "pd_kv_pages_used" not in asyncio.run(scrape())
+
+
 # One case per rule of `promtool check metrics` the Registry enforces: (kind, name, help, labels, error).
 REFUSED = {
     "gauge ending in _total": ("gauge", "pd_kv_pages_total", "Pages.", (), "only counters end in"),

@@ -265,7 +265,7 @@ class Proxy:
                     wpb.MetricsRequest(), timeout=2.0, metadata=self.router.metadata
                 )
                 return rank, reply.text
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # down, or its channel closed as it left
                 return rank, ""
 
         fetched = await asyncio.gather(*(fetch(r) for r in list(self.router.ranks.values())))
