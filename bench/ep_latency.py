@@ -427,15 +427,9 @@ def _graph_timing(round_trip, eager_out, sweep: Sweep, timed, group) -> tuple[fl
     import torch
     import torch.distributed as dist
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            round_trip()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = round_trip()
+    from pd.engine.graph import capture_graph
+
+    graph, (graph_out,) = capture_graph(lambda: (round_trip(),))
     graph.replay()
     torch.cuda.synchronize()
     diff = float((graph_out.float() - eager_out.float()).abs().max()) if graph_out.numel() else 0.0

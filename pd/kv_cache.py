@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -238,10 +238,7 @@ class PageAllocator:
         self._refs[DUMMY_PAGE] = 1  # never handed out, never freed
         # Pop from the end: the lowest ids come out first, which keeps fresh allocations contiguous.
         self._free = list(range(num_pages - 1, DUMMY_PAGE, -1))
-        # The pages of the step in flight on the device (``fence``), and pages held back, by fence tag.
-        self._fenced: frozenset[int] = frozenset()
-        self._tag = 0
-        self._held: list[tuple[int, int]] = []
+        self._held: list[tuple[int, int]] = []  # (step tag, page): freed, waiting for a step on the device
 
     @property
     def num_free(self) -> int:
@@ -277,8 +274,10 @@ class PageAllocator:
                 raise ValueError(f"incref of free page {p}")
             self._refs[p] += 1
 
-    def free(self, pages: Sequence[int]) -> None:
-        """Drops one reference to each page; pages whose count reaches zero return to the pool."""
+    def free(self, pages: Sequence[int], hold: int | None = None) -> None:
+        """Drops one reference to each page; pages whose count reaches zero return to the pool, or with
+        ``hold`` (the tag of a step in flight on the device that may still write them) wait for
+        ``release(hold)``: a page handed out again at once could take a KV transfer the step then overwrites."""
         counts = Counter(pages)
         for p, n in counts.items():
             self._check(p)
@@ -290,25 +289,16 @@ class PageAllocator:
         for p in reversed(pages):
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                if p in self._fenced:
-                    self._held.append((self._tag, p))
-                else:
+                if hold is None:
                     self._free.append(p)
-
-    def fence(self, pages: Collection[int], tag: int) -> None:
-        """``pages``: those a step launched on the device (``tag``, increasing) reads or writes. Until the
-        next ``fence``, one of them whose last reference is dropped is held, not freed, until ``release(tag)``
-        (the step may still write it: a page handed out again at once could take a KV transfer that the
-        step then overwrites). Other pages free at once."""
-        self._fenced, self._tag = frozenset(pages), tag
+                else:
+                    self._held.append((hold, p))
 
     def release(self, tag: int) -> None:
-        """The step ``tag`` (and every earlier one) has completed: the pages held for them are freed."""
-        keep = [(t, p) for t, p in self._held if t > tag]
-        for t, p in reversed(self._held):
-            if t <= tag:
-                self._free.append(p)
-        self._held = keep
+        """The step ``tag`` (and every earlier one) has completed: the pages held for them are free."""
+        done = [p for t, p in self._held if t <= tag]
+        self._held = [(t, p) for t, p in self._held if t > tag]
+        self._free.extend(reversed(done))
 
     def refcount(self, page: int) -> int:
         self._check(page)

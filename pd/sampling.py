@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pd.types import SamplingParams
+from pd.types import Req, SamplingParams, TopLogprobs
 
 _M32 = 0xFFFFFFFF
 _SEED_MASK = (1 << 63) - 1
@@ -73,14 +73,10 @@ class SamplingTensors:
     ) -> SamplingTensors:
         # Two copies without waiting for the device (a blocking copy would wait for every step still queued
         # on the stream, the one in flight of an overlapped decode loop too): float and integer fields.
-        floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], dtype=np.float32).reshape(
-            -1, 3
-        )
-        ints = np.array([[p.top_k for p in params], list(seeds), list(positions)], dtype=np.int64).reshape(
-            3, -1
-        )
-        f = torch.from_numpy(floats.T.copy()).to(device, non_blocking=True)
-        i = torch.from_numpy(ints).to(device, non_blocking=True)
+        floats = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]]
+        ints = [[p.top_k for p in params], list(seeds), list(positions)]
+        f = torch.from_numpy(np.array(floats, dtype=np.float32).reshape(3, -1)).to(device, non_blocking=True)
+        i = torch.from_numpy(np.array(ints, dtype=np.int64).reshape(3, -1)).to(device, non_blocking=True)
         return cls(
             temperature=f[0],
             top_k=i[0],
@@ -132,3 +128,14 @@ def sample(
         drawn = (apply_filters(logits, st) + gumbel).argmax(-1)
         tokens = torch.where(st.temperature > 0, drawn, greedy)
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+
+
+def pair_top_logprobs(
+    values: list[list[float]], ids: list[list[int]], rows: Sequence[Req]
+) -> list[TopLogprobs]:
+    """Each row's ``top_logprobs`` alternatives as (token id, logprob) pairs, best first, from the rows'
+    top-k ``values`` and ``ids`` (k at least what any row asks for); ``()`` for rows that ask for none."""
+    return [
+        tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
+        for r, v, t in zip(rows, values, ids)
+    ]

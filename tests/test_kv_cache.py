@@ -43,25 +43,23 @@ def test_allocator_rejects_double_free_and_foreign_pages():
     assert alloc.refcount(q[0]) == 1
 
 
-def test_allocator_holds_fenced_pages_until_their_step_is_released():
-    """A page of the step in flight (``fence``) whose last reference goes waits for ``release`` of that step's
-    tag; other pages free at once; a later fence does not release pages held under an earlier one."""
+def test_allocator_holds_pages_freed_for_a_step_until_it_is_released():
+    """A page freed with ``hold`` (the tag of a step in flight) whose last reference goes waits for ``release`` of
+    that tag; other pages free at once; releasing one tag does not release pages held for a later one."""
     a = PageAllocator(10)
     pages = a.alloc(6)
     assert pages is not None
-    a.fence(pages[:3], tag=1)
-    a.free(pages[:2] + pages[4:5])
-    assert a.num_free == 3 + 1  # the unfenced page only
+    a.free(pages[:2], hold=1)
+    a.free(pages[4:5])
+    assert a.num_free == 3 + 1  # the unheld page only
     with pytest.raises(ValueError, match="double free"):
         a.free(pages[:1])  # held is free as far as references go
-    a.fence(pages[2:4], tag=2)
-    a.free(pages[2:3])
+    a.free(pages[2:3], hold=2)
     a.release(0)
     assert a.num_free == 4
     a.release(1)
     assert a.num_free == 6  # tag 1's two; pages[2] waits for tag 2
     a.release(2)
-    a.fence((), tag=2)
     a.free(pages[3:4] + pages[5:6])
     assert a.num_free == 9 and a.num_used == 0
     assert sorted(a.alloc(9) or []) == list(range(1, 10))

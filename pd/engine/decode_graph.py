@@ -34,7 +34,7 @@ from pd.engine.logits import LogitsProcessor
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
-from pd.sampling import SamplingTensors, sample
+from pd.sampling import SamplingTensors, pair_top_logprobs, sample
 from pd.types import MAX_TOP_LOGPROBS, Batch, BatchMode, StepResult
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ class Launched:
         if self.top_k:
             k = self.top_k
             values = self.out.top_values[: n * k].view(n, k).tolist()
-            ids = self.out.top_ids[: n * k].view(n, k).tolist()
-            result.top = [
-                tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
-                for r, v, t in zip(reqs, values, ids)
-            ]
+            result.top = pair_top_logprobs(values, self.out.top_ids[: n * k].view(n, k).tolist(), reqs)
         return result
 
 

@@ -209,7 +209,8 @@ class Engine:
             return outputs + self._run(batch)
         self.forwards += 1
         landing, self._inflight = self._inflight, self.runner.launch(batch, self._inflight, self.logits)
-        self.allocator.fence(_pages_of(batch), self.forwards)  # a freed page of the step waits for it
+        # A request of this step that ends or is preempted holds its pages until the step lands.
+        self.scheduler.in_flight, self.scheduler.flight_tag = frozenset(batch.reqs), self.forwards
         return outputs + (self._land(landing, self.forwards - 1) if landing is not None else [])
 
     def _step(self) -> list[TokenOutput]:
@@ -236,7 +237,7 @@ class Engine:
         return not sch.waiting and not sch.prefilling and self.runner.launches(BatchMode.DECODE, sch.running)
 
     def _land(self, launched: Launched | None = None, tag: int | None = None) -> list[TokenOutput]:
-        """Reads and postprocesses a launched step (default: the one in flight; ``tag``: its fence tag, default
+        """Reads and postprocesses a launched step (default: the one in flight; ``tag``: its step tag, default
         the last). Its rows of requests that ended since its launch are dropped; a request preempted meanwhile
         keeps its token (computed before its pages were freed, and counted by its penalties already) and
         recomputes its KV when admitted again. The pages freed while the step ran are free from here on."""
@@ -247,7 +248,7 @@ class Engine:
         result = launched.result()
         self.allocator.release(self.forwards if tag is None else tag)
         if self._inflight is None:
-            self.allocator.fence((), self.forwards)
+            self.scheduler.in_flight = frozenset()
         step = launched.batch
         keep = [i for i, r in enumerate(step.reqs) if not r.finished]
         if len(keep) < len(step.reqs):
@@ -358,8 +359,3 @@ class Engine:
                 raise ValueError("text prompts need a tokenizer; pass token ids or give the engine one")
             return self.tokenizer.encode(prompt)
         return list(prompt)
-
-
-def _pages_of(batch: Batch) -> set[int]:
-    """The pages a step reads or writes: its requests' and the sources of its copies on write."""
-    return {p for r in batch.reqs for p in r.pages} | {src for src, _ in batch.copies}

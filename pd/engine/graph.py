@@ -20,11 +20,11 @@ Outputs = tuple[torch.Tensor, ...]
 
 
 def capture_graph(
-    step: Callable[[], Outputs], pool: torch.cuda._POOL_HANDLE
+    step: Callable[[], Outputs], pool: torch.cuda._POOL_HANDLE | None = None
 ) -> tuple[torch.cuda.CUDAGraph, Outputs]:
-    """Captures ``step`` into a CUDA graph allocating from ``pool``, after two runs on a side stream (the
-    allocator and lazily built kernels warm up outside the graph). Returns the graph and ``step``'s outputs,
-    the tensors each replay rewrites."""
+    """Captures ``step`` into a CUDA graph allocating from ``pool`` (None: a pool of its own), after two runs on
+    a side stream (the allocator and lazily built kernels warm up outside the graph). Returns the graph and
+    ``step``'s outputs, the tensors each replay rewrites."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -25,7 +25,7 @@ from pd.model.moe import MoE
 from pd.model.mtp import DeepseekV3WithMTP
 from pd.model.quant import prepare_weights
 from pd.model.weights import init_dummy_weights, load_weights
-from pd.sampling import SamplingTensors, choice_seed, sample
+from pd.sampling import SamplingTensors, choice_seed, pair_top_logprobs, sample
 from pd.types import Batch, BatchMode, Req, Sampled, StepResult, TopLogprobs
 
 
@@ -121,10 +121,7 @@ def top_logprobs(full: torch.Tensor, rows: list[Req]) -> list[TopLogprobs]:
     if not k:
         return [()] * len(rows)
     values, ids = full.topk(k, dim=-1)
-    return [
-        tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
-        for r, v, t in zip(rows, values.tolist(), ids.tolist())
-    ]
+    return pair_top_logprobs(values.tolist(), ids.tolist(), rows)
 
 
 log = logging.getLogger(__name__)
@@ -316,8 +313,7 @@ class ModelRunner:
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         if self.launches(batch.mode, batch.reqs):
             return self.launch(batch, logits=logits).result()
-        for src, dst in batch.copies:  # copy on write, before any write of this step
-            self.pool.copy_page(src, dst)
+        self._copy_on_write(batch)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
             out, _, _, full = self.graphs.run(batch)
             return self._sample(out, batch, sampled, logits, full)
@@ -375,9 +371,13 @@ class ModelRunner:
         """Queues a decode step without waiting for it (``DecodeGraphs.launch``; ``launches`` must hold), after
         its copies on write. ``logits``: the engine's processor (requests with penalties, bias, min_tokens)."""
         assert self.graphs is not None
+        self._copy_on_write(batch)
+        return self.graphs.launch(batch, prev, logits)
+
+    def _copy_on_write(self, batch: Batch) -> None:
+        """The step's page copies (``Batch.copies``), queued before any write of the step."""
         for src, dst in batch.copies:
             self.pool.copy_page(src, dst)
-        return self.graphs.launch(batch, prev, logits)
 
     def _extend_bucket(self, batch: Batch) -> int | None:
         """The extend graph's token bucket that runs ``batch``, or None: eager (not an extend step, too many

@@ -49,6 +49,10 @@ class Scheduler:
         # to it before they are freed (a decode rank, whose requests' KV the next turn of a conversation
         # reuses; set by ``DecodeEngine``).
         self.cache_finished = False
+        # The requests of the decode step in flight on the device (an overlapped engine's) and that step's tag:
+        # pages such a request frees (it ended or was preempted) are held until the engine releases the tag.
+        self.in_flight: frozenset[Req] = frozenset()
+        self.flight_tag = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -159,8 +163,7 @@ class Scheduler:
                 # Positions before num_computed hold computed KV (a step that ran; the last sampled token
                 # has none yet): correct whatever ended the request.
                 self.cache.insert(req.ids(0, req.num_computed), req.pages)
-            self.allocator.free(req.pages)
-            req.pages = []
+            self._drop_pages(req)
         req.state, req.finish_reason = ReqState.FINISHED, reason
         if self.on_end is not None:
             self.on_end(req)
@@ -231,9 +234,14 @@ class Scheduler:
 
     def _preempt(self, req: Req) -> None:
         self.running.remove(req)
-        self.allocator.free(req.pages)
-        req.pages, req.num_computed, req.state = [], 0, ReqState.WAITING
+        self._drop_pages(req)
+        req.num_computed, req.state = 0, ReqState.WAITING
         self.waiting.appendleft(req)
+
+    def _drop_pages(self, req: Req) -> None:
+        """Frees a request's page references, held for the step in flight if it is in that step."""
+        self.allocator.free(req.pages, self.flight_tag if req in self.in_flight else None)
+        req.pages = []
 
     def take_pages(
         self, req: Req, num_pages: int, room_for: Callable[[int], bool] | None = None

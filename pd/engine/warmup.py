@@ -82,7 +82,8 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
     chunk = max(1, n - 1)
     count = min(3, engine.cfg.max_running)
     vocab = engine.model_cfg.vocab_size
-    reqs = []
+    reqs: list[Req] = []
+    launched: list[Req] = []  # the decode step launched on the graphs (below)
     processed = _PROCESSED
     if engine.grammar.backend is not None:
         processed = dataclasses.replace(_PROCESSED, grammar=_GRAMMAR)
@@ -115,7 +116,6 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             launched = [
                 r if r.sampling.grammar is None else dataclasses.replace(r, sampling=_PROCESSED) for r in reqs
             ]
-            reqs += [r for r in launched if r not in reqs]  # released below
             runner.run(Batch(BatchMode.DECODE, launched, [n] * count, [n + 1] * count), engine.logits)
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
@@ -131,9 +131,9 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
                 runner.model, engine.cfg.chunk_size * runner.ep.config.world_size, runner.dtype
             )
     finally:
-        for req in reqs[:count]:
-            engine.allocator.free(req.pages)
         for req in reqs:
+            engine.allocator.free(req.pages)
+        for req in reqs + launched:  # a launched copy has a penalty slot of its own
             engine.logits.release(req)
         runner.model.reset_expert_token_counts()
     if runner.device.type == "cuda":
