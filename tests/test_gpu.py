@@ -416,16 +416,26 @@ def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     from pd.engine.warmup import warm_up
 
     engine = Engine(EngineConfig(model_path=str(gpu_tiny), device="cuda", max_running=24, num_pages=64))
-    replayed: list[int] = []
-    run_idle, run = DecodeGraphs.run_idle, DecodeGraphs.run
+    replayed: list[int | str] = []
+    run_idle, run, launch = DecodeGraphs.run_idle, DecodeGraphs.run, DecodeGraphs.launch
     monkeypatch.setattr(
         DecodeGraphs, "run_idle", lambda self, bs=None: (replayed.append(bs), run_idle(self, bs))
     )
     monkeypatch.setattr(
-        DecodeGraphs, "run", lambda self, batch: (replayed.append(-len(batch.reqs)), run(self, batch))[1]
+        DecodeGraphs,
+        "run",
+        lambda self, batch: (replayed.append(f"run {len(batch.reqs)}"), run(self, batch))[1],
+    )
+    monkeypatch.setattr(
+        DecodeGraphs,
+        "launch",
+        lambda self, batch, *a: (replayed.append(f"launch {len(batch.reqs)}"), launch(self, batch, *a))[1],
     )
     warm_up(engine, extend=True, decode=True)
-    assert replayed == [-3, *engine.runner.graphs.buckets]  # greedy, sampled and processed requests
+    # Greedy, sampled and processed requests: launched (processing and sampling on the device); with a grammar
+    # backend the processed one asks for a grammar, and that step runs the graph with host sampling first.
+    host = ["run 3"] if engine.grammar.backend is not None else []
+    assert replayed == [*host, "launch 3", *engine.runner.graphs.buckets]
     assert engine.pages_held == 0
 
 

@@ -16,6 +16,8 @@ get() {
 get "$tmp/site" flashinfer-python==0.7.2.post1 mooncake-transfer-engine-cuda13==0.3.14 starlette uvicorn
 mkdir -p .gpu-pack "$tmp/gsite"
 for w in "$tmp"/site/*.whl; do python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$tmp/gsite"; done
+# Mooncake Store (its client, master and Python module) is not used by pd: left out to keep the carry small.
+rm -f "$tmp"/gsite/mooncake/_store*.so "$tmp"/gsite/mooncake/mooncake_client "$tmp"/gsite/mooncake/mooncake_master
 tar -C "$tmp" -cf - gsite | xz -T0 -6 > .gpu-pack/site.tar.xz
 get .gpu-pack apache-tvm-ffi==0.1.15.post2 cuda-tile==1.7.0 prometheus_client pydantic pydantic-core llguidance \
   annotated-types typing-inspection

@@ -111,12 +111,15 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
         if decode:
             for req, token in zip(reqs, tokens):
                 req.output_ids.append(int(token or 0))
+            # With a grammar the graph's logits are masked and sampled on the host; without, the step is launched
+            # on the graphs (processing, sampling, top logprobs there): with a grammar backend both paths run.
             runner.run(Batch(BatchMode.DECODE, reqs, [n] * count, [n + 1] * count), engine.logits)
-            # Without a grammar, the step is launched on the graphs (processing, sampling, top logprobs there).
-            launched = [
-                r if r.sampling.grammar is None else dataclasses.replace(r, sampling=_PROCESSED) for r in reqs
-            ]
-            runner.run(Batch(BatchMode.DECODE, launched, [n] * count, [n + 1] * count), engine.logits)
+            if any(r.sampling.grammar is not None for r in reqs):
+                launched = [
+                    r if r.sampling.grammar is None else dataclasses.replace(r, sampling=_PROCESSED)
+                    for r in reqs
+                ]
+                runner.run(Batch(BatchMode.DECODE, launched, [n] * count, [n + 1] * count), engine.logits)
             if runner.graphs is not None:
                 for bs in runner.graphs.buckets:
                     runner.graphs.run_idle(bs)
