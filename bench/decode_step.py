@@ -223,8 +223,9 @@ def main() -> None:
         "--quantization", default="none", choices=["none", "fp8"], help="weights: bf16 or block-FP8"
     )
     p.add_argument(
-        "--profile", help="write a kernel profile of the graph step (batch 64, first context) here"
+        "--profile", help="write a kernel profile of the graph step (--profile-batch, first context) here"
     )
+    p.add_argument("--profile-batch", type=int, default=64, help="the batch --profile profiles")
     p.add_argument("--profile-prefill", help="write a kernel profile of the prefill chunk here")
     p.add_argument(
         "--breakdown",
@@ -319,7 +320,7 @@ def main() -> None:
     if args.profile_prefill:
         write_profile(args.profile_prefill, lambda: runner.run(prefill_batch), 1)
     if args.profile:
-        batch = make_batch(runner, 64 if 64 in batches else max_b, contexts[0])
+        batch = make_batch(runner, args.profile_batch, contexts[0])
         write_profile(args.profile, lambda: runner.run(batch), 3)
     print_table(rows, prefill, bw, peak)
     for b in [int(x) for x in args.breakdown.split(",") if x]:

@@ -226,10 +226,10 @@ def small_config(block_m: int, block_n: int, block_k: int, tma: bool = False) ->
 class TestInterpreted:
     @pytest.mark.parametrize(
         "num_pairs,num_experts,block_m",
-        [(1, 4, 16), (37, 6, 16), (200, 64, 32), (600, 64, 16), (5000, 8, 64), (999, 9, 16)],
+        [(1, 4, 16), (37, 6, 16), (200, 64, 32), (384, 64, 16), (600, 64, 16), (5000, 8, 64), (999, 9, 16)],
     )
     def test_moe_align_sorts_and_pads(self, num_pairs, num_experts, block_m):
-        """Both paths (one program; three passes past 16384 / next_pow2(E) pairs) produce every valid
+        """Both paths (one program; three passes past 32768 / next_pow2(E) pairs) produce every valid
         pair once, grouped by expert in pair order, each group padded with the sentinel."""
         from pd.kernels.moe_triton import max_row_blocks, moe_align
 
@@ -267,12 +267,13 @@ class TestInterpreted:
             ]
             for dtype in (torch.float32, torch.float16)
         ]
-        + [(110, "invalid", (16, 32, 16), torch.float32)],  # 330 pairs over 64 experts: three-pass align
+        + [(110, "invalid", (16, 32, 16), torch.float32)]  # 330 pairs over 64 experts: one 16-warp program
+        + [(200, "invalid", (16, 32, 16), torch.float32)],  # 600 pairs over 64 experts: three-pass align
     )
     def test_fused_moe(self, num_tokens, kind, block, dtype):
         seed = fresh_seed()
         gen = torch.Generator().manual_seed(seed)
-        num_experts = 64 if num_tokens == 110 else 6
+        num_experts = 64 if num_tokens in (110, 200) else 6
         w13, w2 = make_weights(num_experts, 40, 24, dtype, gen)
         x = torch.randn(num_tokens, 40, generator=gen).to(dtype)
         ids, weights = make_routing(num_tokens, num_experts, 3, kind, gen)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pd.ep.base import EPBackend, EPConfig, LLDispatch, NormalDispatch
 from pd.ep.fp8 import quant_rows
 from pd.ep.layout import MaskedRows, expert_slots, weighted_gather_sum
+from pd.kernels.expert_counts import count_and_mask
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,10 @@ class LocalEP(EPBackend):
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> NormalDispatch:
         # Shapes only: the value check would sync with the device, and this path runs in decode graphs.
         self._check_routing(x, topk_idx, topk_weights)
-        valid = topk_idx >= 0
-        # No host sync (this path runs inside decode CUDA graphs): count with a scatter-add.
-        counts = torch.zeros(self.config.num_experts, dtype=torch.int64, device=topk_idx.device)
-        counts.scatter_add_(0, topk_idx.clamp(min=0).flatten(), valid.flatten().long())
+        # No host sync (this path runs inside decode CUDA graphs); one launch on CUDA.
+        counts, weights = count_and_mask(topk_idx, topk_weights, self.config.num_experts)
         return NormalDispatch(
-            recv_x=x,
-            recv_topk_idx=topk_idx,
-            recv_topk_weights=torch.where(valid, topk_weights, 0.0),
-            recv_counts=counts,
-            handle=None,
+            recv_x=x, recv_topk_idx=topk_idx, recv_topk_weights=weights, recv_counts=counts, handle=None
         )
 
     def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:

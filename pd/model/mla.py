@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pd.config import FP8Quant, ModelConfig
+from pd.kernels import mla_rope
 from pd.model.context import ForwardContext
 from pd.model.layers import RMSNorm, RotaryEmbedding
 from pd.model.quant import linear
@@ -66,10 +67,16 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_rope, k_rope = self.rotary.rotate_pair(positions, q_rope, k_rope)
-        latent = torch.cat([c_kv, k_rope], dim=-1)  # [T, kv_lora + rope]
+        kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora + rope]
+        if mla_rope.usable(kv):  # one kernel
+            norm = self.kv_a_layernorm
+            q_rope, latent = mla_rope.mla_rope_norm(
+                q_rope, kv, positions, self.rotary.cos_sin, norm.weight, norm.eps, self.rotary.interleave
+            )
+        else:
+            c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            q_rope, k_rope = self.rotary.rotate_pair(positions, q_rope, k_rope)
+            latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [T, kv_lora + rope]
         attn = ctx.attn
         attn.store(self.layer, latent)
         if ctx.kv_stored is not None:

@@ -32,7 +32,7 @@ def select_experts(
     if ``norm_topk_prob`` and scaled by ``routed_scaling_factor``. On CUDA, where the model's routing
     fits it, one fused kernel (``pd.kernels.routing``) does all but the router GEMM; else ``route_ref``.
     """
-    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    logits = router_logits(x, gate_weight)  # [T, E] float32
     if x.is_cuda and _fused_routing_fits(cfg):
         return fused_routing(
             logits,
@@ -43,6 +43,16 @@ def select_experts(
             cfg.routed_scaling_factor,
         )
     return route_ref(logits, correction_bias, cfg)
+
+
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """``x [T, H] @ gate_weight [E, H]^T`` -> ``[T, E]`` float32. On CUDA with 16-bit activations one GEMM on
+    the tensor cores with float32 accumulation and output (the products of 16-bit values are exact in float32,
+    so it differs from the float32 reference only in the order of the sum); elsewhere both are cast to
+    float32 first (transformers' form), three kernels and a float32 SIMT GEMM on CUDA."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype:
+        return torch.mm(x, gate_weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), gate_weight.float())
 
 
 @functools.cache
@@ -200,7 +210,7 @@ class MoE(nn.Module):
             x, gate.weight, gate.e_score_correction_bias, self.cfg
         )  # [T, K]
         if ctx.row_mask is not None:  # CUDA-graph padding rows route nowhere: no expert work, no EP traffic
-            topk_idx = topk_idx.masked_fill(~ctx.row_mask[:, None], -1)
+            topk_idx = torch.where(ctx.row_mask[:, None], topk_idx, -1)
         if self.placement is not None:
             topk_idx = self.placement.to_physical(topk_idx)  # [T, K] physical ids
         out = self.routed(x, topk_idx, topk_weights, ctx.low_latency_moe)
