@@ -45,8 +45,9 @@ def mla_rope_norm(
     norm_weight: torch.Tensor,
     eps: float,
     interleave: bool,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotated query heads and the latent to cache.
+    """The rotated query heads and the latent to cache (and with ``cache``, cached).
 
     - ``q_rope [T, H, rope]``: the rotary channels of the query heads (a view of ``q_b_proj``'s output is
       fine: only the last dim must be contiguous); read only.
@@ -56,6 +57,9 @@ def mla_rope_norm(
     - Returns ``(q_rope [T, H, rope], latent [T, kv_lora + rope])``, fresh and contiguous, in the inputs'
       dtype: the rotated query parts (ready for the attention kernel, which wants them contiguous), and the
       normalised ``c_kv`` times ``norm_weight`` followed by the rotated ``k_rope``.
+    - ``cache``: ``(pages [P, page_size, kv_lora + rope], slots [T] int64)`` (``AttentionBackend.store_target``;
+      the pages in ``kv``'s dtype, last dim contiguous): the latent is also written to each token's slot
+      ``page * page_size + offset``, in the same launch.
 
     Needs Triton (its interpreter for CPU tensors, ``TRITON_INTERPRET=1`` set before import).
     """
@@ -72,11 +76,19 @@ def mla_rope_norm(
         raise ValueError(
             "mla_rope_norm: q_rope and kv need a contiguous last dim, cos_sin float32, rope even"
         )
+    if cache is not None:
+        pages, slots = cache
+        fits = pages.dim() == 3 and pages.shape[2] == lora + rope and pages.stride(2) == 1
+        if not fits or pages.dtype != kv.dtype or slots.shape != (t,):
+            raise ValueError(
+                f"mla_rope_norm: cache pages {pages.dtype} {tuple(pages.shape)} (strides {pages.stride()}) and "
+                f"slots {tuple(slots.shape)} do not fit kv {kv.dtype} {tuple(kv.shape)}"
+            )
     latent = torch.empty(t, lora + rope, dtype=kv.dtype, device=kv.device)
     q_out = torch.empty(t, heads, rope, dtype=q_rope.dtype, device=q_rope.device)
     if t:
         ops = _triton_ops()
         ops.mla_rope_norm(
-            q_rope, kv, positions, cos_sin.contiguous(), norm_weight, eps, interleave, latent, q_out
+            q_rope, kv, positions, cos_sin.contiguous(), norm_weight, eps, interleave, latent, q_out, cache
         )
     return q_out, latent

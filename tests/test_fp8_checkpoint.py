@@ -197,9 +197,15 @@ def test_pd_loader_keeps_fp8_as_the_checkpoint_stores_it(fp8_ci):
     assert not any("kv_b_proj" in n or "gate.weight" in n for n in fp8_names)
     for name in fp8_names:
         assert kept[name + "_scale_inv"].dtype == torch.float32
-    q = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows: a partial last block
-    assert torch.equal(kept[q].view(torch.uint8), ckpt[q].view(torch.uint8))
-    assert torch.equal(kept[q + "_scale_inv"], ckpt[q + "_scale_inv"])
+    # The merged first query projection and kv_a_proj_with_mqa (40 rows: a partial last block): the checkpoint's
+    # two tensors' rows, then their scales, each blocked on its own.
+    a = "model.layers.0.self_attn."
+    first = next(a + n + ".weight" for n in ("q_a_proj", "q_proj") if a + n + ".weight" in ckpt)
+    q, kv = ckpt[first], ckpt[a + "kv_a_proj_with_mqa.weight"]
+    merged = kept[a + "q_kv_a_proj.weight"]
+    assert torch.equal(merged.view(torch.uint8), torch.cat([q, kv]).view(torch.uint8))
+    qs, kvs = ckpt[first + "_scale_inv"], ckpt[a + "kv_a_proj_with_mqa.weight_scale_inv"]
+    assert torch.equal(kept[a + "q_kv_a_proj.weight_scale_inv"], torch.cat([qs, kvs]))
     # The merged gate/up of expert 3 in layer 1: gate rows then up rows, each with its own blocks.
     e = "model.layers.1.mlp.experts.3."
     w13, s13 = kept["model.layers.1.mlp.experts.w13"][3], kept["model.layers.1.mlp.experts.w13_scale_inv"][3]

@@ -41,6 +41,8 @@ def test_w8a8_needs_cuda_and_128_blocks():
     assert w8a8_capable(q, cuda, 7168, (576,))  # a partial last row block is padded at prepare
     assert w8a8_capable(q, cuda, 7168, (2048, 2048))
     assert not w8a8_capable(q, cuda, 7168, (1400, 1400))  # a half ending mid-block
+    assert w8a8_capable(q, cuda, 7168, (1536, 576))  # q_kv_a_proj: only the last part ends mid-block
+    assert not w8a8_capable(q, cuda, 7168, (576, 1536))
     assert not w8a8_capable(q, cuda, 100, (256,))
     assert not w8a8_capable(FP8Quant(64, 64), cuda, 7168, (256,))
     assert not w8a8_capable(q, cpu, 7168, (256,))

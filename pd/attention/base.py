@@ -99,6 +99,12 @@ class AttentionBackend(ABC):
         """Writes the new tokens' latent ``[T, D]`` (pool dtype) into their cache slots."""
 
     @abstractmethod
+    def store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``store`` writes, for a kernel that writes the latent itself: the layer's cache ``[pages,
+        page_size, D]`` (pool dtype; a view, strided when page-major) and the new tokens' slots ``[T]`` int64
+        (``page * page_size + offset``; a graph's padding rows name the dummy page). Valid for this step."""
+
+    @abstractmethod
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         """Latent of every context token ``[S, D]``, sequences in batch order.
 

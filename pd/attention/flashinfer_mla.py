@@ -220,8 +220,11 @@ class FlashInferMLABackend(AttentionBackend):
     # ---- per layer ----
 
     def store(self, layer: int, latent: torch.Tensor) -> None:
-        slots = self.active.out_slots if self.active is not None else self.out_slots
+        _, slots = self.store_target(layer)
         self.pool.write_slots(layer, slots, latent.to(self.dtype))
+
+    def store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.layer(layer), self.active.out_slots if self.active is not None else self.out_slots
 
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"

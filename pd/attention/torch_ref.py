@@ -55,6 +55,9 @@ class TorchMLABackend(AttentionBackend):
     def store(self, layer: int, latent: torch.Tensor) -> None:
         self.pool.write_slots(layer, self.out_slots, latent.to(self.pool.layout.dtype))
 
+    def store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.layer(layer), self.out_slots
+
     def context_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         assert self.inputs is not None, "prepare() comes first"
         if not self.inputs.has_prefix:

@@ -37,13 +37,13 @@ class MLAttention(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         h, qk = cfg.hidden_size, cfg.qk_head_dim
-        if cfg.q_lora_rank is None:
-            self.q_proj = linear(h, self.num_heads * qk, quant)
-        else:
-            self.q_a_proj = linear(h, cfg.q_lora_rank, quant)
+        # The first query projection (q_a_proj, or q_proj without a query LoRA) and kv_a_proj_with_mqa read the
+        # same input: one GEMM over their rows stacked (the checkpoint's two tensors fill its two parts).
+        self.q_kv_a_parts = (cfg.q_lora_rank or self.num_heads * qk, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.q_kv_a_proj = linear(h, sum(self.q_kv_a_parts), quant, parts=self.q_kv_a_parts)
+        if cfg.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = linear(cfg.q_lora_rank, self.num_heads * qk, quant)
-        self.kv_a_proj_with_mqa = linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, quant)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(
             cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
@@ -61,24 +61,27 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv = self.q_kv_a_proj(x).split(self.q_kv_a_parts, dim=-1)  # kv: [T, kv_lora + rope]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora + rope]
-        if mla_rope.usable(kv):  # one kernel
+        attn = ctx.attn
+        if mla_rope.usable(kv):  # one kernel, the cache write included where the pool has kv's dtype
             norm = self.kv_a_layernorm
+            target = attn.store_target(self.layer)
+            cache = target if target[0].dtype == kv.dtype else None
+            rotary = self.rotary
             q_rope, latent = mla_rope.mla_rope_norm(
-                q_rope, kv, positions, self.rotary.cos_sin, norm.weight, norm.eps, self.rotary.interleave
+                q_rope, kv, positions, rotary.cos_sin, norm.weight, norm.eps, rotary.interleave, cache
             )
+            if cache is None:
+                attn.store(self.layer, latent)
         else:
             c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             q_rope, k_rope = self.rotary.rotate_pair(positions, q_rope, k_rope)
             latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [T, kv_lora + rope]
-        attn = ctx.attn
-        attn.store(self.layer, latent)
+            attn.store(self.layer, latent)
         if ctx.kv_stored is not None:
             ctx.kv_stored(self.layer)
 

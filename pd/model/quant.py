@@ -6,9 +6,10 @@ Layout: ``weight [N, K]`` float8_e4m3fn and ``weight_scale_inv [R, ceil(K/bi)]``
 own, so ``R = sum(ceil(N_p / bo))`` and merging two checkpoint tensors never straddles a block.
 
 Two ways to run a projection:
-- W8A8 (CUDA, 128x128 blocks, K and every part a multiple of 128): activations are quantized per token and
-  128 columns, then a block-scaled FP8 GEMM (``pd.kernels.fp8``). A single part whose rows end in a partial
-  block (DeepSeek's ``kv_a_proj_with_mqa``: 576 rows) is padded with zero rows at ``prepare`` time.
+- W8A8 (CUDA, 128x128 blocks, K and every part but the last a multiple of 128): activations are quantized per
+  token and 128 columns, then a block-scaled FP8 GEMM (``pd.kernels.fp8``). Rows that end in a partial block
+  (DeepSeek's ``kv_a_proj_with_mqa``: 576 rows, the last part of ``q_kv_a_proj``) are padded with zero rows
+  at ``prepare`` time.
 - weight-only (CPU, or blocks the kernels do not take): the weight is dequantized in float32 and multiplied in
   the activation dtype, so an FP8 checkpoint gives exactly what its dequantized copy gives.
 """
@@ -86,10 +87,11 @@ def quantize(
 
 def w8a8_capable(quant: FP8Quant, device: torch.device, k: int, parts: tuple[int, ...]) -> bool:
     """Whether a weight with ``k`` columns and row ``parts`` runs on the W8A8 kernels on ``device``: CUDA,
-    128x128 blocks, K a multiple of 128, and (for several parts) every part a multiple of 128."""
+    128x128 blocks, K a multiple of 128, and every part but the last a multiple of 128 (then the parts' own
+    blocks are the whole weight's: scale row ``r // 128`` for weight row ``r``, as the kernels read them)."""
     if device.type != "cuda" or quant.block != (KERNEL_BLOCK, KERNEL_BLOCK) or k % KERNEL_BLOCK:
         return False
-    return len(parts) == 1 or all(p % KERNEL_BLOCK == 0 for p in parts)
+    return all(p % KERNEL_BLOCK == 0 for p in parts[:-1])
 
 
 class Fp8Linear(nn.Module):

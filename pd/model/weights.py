@@ -2,6 +2,8 @@
 
 Checkpoint names map onto parameters one to one, except:
 - ``gate_proj`` / ``up_proj`` (dense MLP, shared experts) fill the two halves of ``gate_up_proj``;
+- ``q_a_proj`` (``q_proj`` without a query LoRA) and ``kv_a_proj_with_mqa`` fill the two parts of
+  ``self_attn.q_kv_a_proj`` (one GEMM: both read the layer's input);
 - routed experts ``mlp.experts.{e}.{gate,up,down}_proj`` fill rows of the stacked ``w13`` / ``w2``
   when expert ``e`` lives on this EP rank (``e // E_local == rank``), and are skipped otherwise;
 - the MTP layer ``model.layers.{num_hidden_layers}.*`` is skipped, unless the model has one
@@ -33,6 +35,7 @@ from pd.model.quant import FP8_DTYPE, dequantize, quantize
 
 _EXPERT = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
+_Q_KV_A = re.compile(r"^(.*\.self_attn)\.(q_a_proj|q_proj|kv_a_proj_with_mqa)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 MTP_PREFIX = (
@@ -47,19 +50,23 @@ class WeightLoadError(ValueError):
 @dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor goes: parameter ``param``, in local expert slot ``expert`` (stacked
-    experts) and row half ``part`` (0 gate, 1 up of a merged gate/up weight); None = all of it."""
+    experts) and row part ``part`` of a merged weight (0 gate, 1 up of a gate/up weight: two halves; or of
+    ``parts``, the merged weight's row counts); None = all of it."""
 
     param: str
     expert: int | None = None
     part: int | None = None
+    parts: tuple[int, ...] | None = None
 
     def rows(self, t: torch.Tensor, block_rows: int = 1) -> torch.Tensor:
-        """The view of ``t`` (the parameter, or with ``block_rows`` its block scales) this target fills."""
+        """The view of ``t`` (the parameter, or with ``block_rows`` its block scales: each part blocked on its
+        own) this target fills."""
         if self.expert is not None:
             t = t[self.expert]
         if self.part is not None:
-            half = t.shape[-2] // 2
-            t = t[..., self.part * half : (self.part + 1) * half, :]
+            sizes = [-(-p // block_rows) for p in self.parts] if self.parts else [t.shape[-2] // 2] * 2
+            start = sum(sizes[: self.part])
+            t = t[..., start : start + sizes[self.part], :]
         return t
 
 
@@ -95,6 +102,11 @@ class WeightMapper:
         placement = placement_of(model.placement, cfg.n_routed_experts, ep_size)
         self.physical = placement.physical
         self.local_experts = placement.local_experts(ep_rank)
+        self.q_query = "q_a_proj" if cfg.q_lora_rank is not None else "q_proj"  # q_kv_a_proj's first part
+        self.q_kv_a_parts = (
+            cfg.q_lora_rank or cfg.num_attention_heads * cfg.qk_head_dim,
+            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        )
 
     def target(self, name: str) -> Target | None:
         """The parameter slot for ``name``; None for tensors serving skips. Raises on unknown names."""
@@ -117,6 +129,10 @@ class WeightMapper:
             if kind == "down":
                 return Target(f"{m.group(1)}.w2", local)
             return Target(f"{m.group(1)}.w13", local, 0 if kind == "gate" else 1)
+        if m := _Q_KV_A.match(name):
+            param = f"{m.group(1)}.q_kv_a_proj.weight"
+            if param in self.params:
+                return Target(param, None, int(m.group(2) == "kv_a_proj_with_mqa"), self.q_kv_a_parts)
         if m := _GATE_UP.match(name):
             param = f"{m.group(1)}.gate_up_proj.weight"
             if param in self.params:
@@ -148,7 +164,10 @@ class WeightMapper:
         for pname in self.params:
             if (pname == "lm_head.weight" and cfg.tie_word_embeddings) or pname.endswith("_scale_inv"):
                 continue  # scales come with their FP8 weight (or are made from it)
-            if pname.endswith("gate_up_proj.weight"):
+            if pname.endswith(".q_kv_a_proj.weight"):
+                base = pname.removesuffix(".q_kv_a_proj.weight")
+                names |= {f"{base}.{self.q_query}.weight", f"{base}.kv_a_proj_with_mqa.weight"}
+            elif pname.endswith("gate_up_proj.weight"):
                 base = pname.removesuffix(".gate_up_proj.weight")
                 names |= {f"{base}.gate_proj.weight", f"{base}.up_proj.weight"}
             elif pname.endswith(".experts.w13") or pname.endswith(".experts.w2"):
@@ -221,9 +240,9 @@ def _fill(
     if not fp8:
         dest.copy_(value)
         return
-    scale_dest = target.rows(params[target.param + "_scale_inv"])
+    assert block is not None, "FP8 parameters belong to a model with a quantization block"
+    scale_dest = target.rows(params[target.param + "_scale_inv"], block[0])
     if scale is None:
-        assert block is not None, "FP8 parameters belong to a model with a quantization block"
         value, scale = quantize(value.to(dest.device), block)
     if tuple(scale_dest.shape) != tuple(scale.shape):
         raise WeightLoadError(
