@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +18,9 @@ import torch.nn.functional as F
 
 from pd.kernels import moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig
+from tests.support.interpreter import HAS_TRITON, INTERPRETING, rerun_interpreted
 from tests.support.oracle import rel_err
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -201,18 +195,7 @@ def test_bad_inputs_are_refused_with_the_offending_value():
 @pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
 def test_triton_interpreter():
     """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestInterpreted"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parent.parent,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    rerun_interpreted(__file__)
 
 
 def small_config(block_m: int, block_n: int, block_k: int, tma: bool = False) -> MoeConfig:

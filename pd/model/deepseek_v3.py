@@ -66,11 +66,10 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    """Parameter names follow the Hugging Face checkpoint, except merged ``gate_up_proj`` and
+    """Parameter names follow the Hugging Face checkpoint, except the merged ``gate_up_proj`` and
     ``self_attn.q_kv_a_proj`` and the stacked routed experts ``mlp.experts.w13`` / ``w2`` (see
-    ``pd.model.weights``). With ``quant`` the
-    linear projections hold block-FP8 weights (``pd.model.quant``); router, norms, embeddings, lm_head
-    and ``kv_b_proj`` stay in the activation dtype."""
+    ``pd.model.weights``). With ``quant`` the linear projections hold block-FP8 weights (``pd.model.quant``);
+    router, norms, embeddings, lm_head and ``kv_b_proj`` stay in the activation dtype."""
 
     def __init__(
         self,

@@ -13,6 +13,15 @@ from pd.model.quant import linear
 from pd.types import BatchMode
 
 
+def q_kv_a_parts(cfg: ModelConfig) -> tuple[int, int]:
+    """Rows of ``q_kv_a_proj``'s two parts: the first query projection's (``q_a_proj``, or ``q_proj`` without a
+    query LoRA), then ``kv_a_proj_with_mqa``'s."""
+    return (
+        cfg.q_lora_rank or cfg.num_attention_heads * cfg.qk_head_dim,
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+    )
+
+
 class MLAttention(nn.Module):
     """MLA with a latent KV cache.
 
@@ -39,7 +48,7 @@ class MLAttention(nn.Module):
         h, qk = cfg.hidden_size, cfg.qk_head_dim
         # The first query projection (q_a_proj, or q_proj without a query LoRA) and kv_a_proj_with_mqa read the
         # same input: one GEMM over their rows stacked (the checkpoint's two tensors fill its two parts).
-        self.q_kv_a_parts = (cfg.q_lora_rank or self.num_heads * qk, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.q_kv_a_parts = q_kv_a_parts(cfg)
         self.q_kv_a_proj = linear(h, sum(self.q_kv_a_parts), quant, parts=self.q_kv_a_parts)
         if cfg.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)

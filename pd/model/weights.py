@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pd.ep.placement import placement_of
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.mla import q_kv_a_parts
 from pd.model.moe import MoE
 from pd.model.mtp import SHARED_COPIES, MTPLayer
 from pd.model.quant import FP8_DTYPE, dequantize, quantize
@@ -102,11 +103,8 @@ class WeightMapper:
         placement = placement_of(model.placement, cfg.n_routed_experts, ep_size)
         self.physical = placement.physical
         self.local_experts = placement.local_experts(ep_rank)
-        self.q_query = "q_a_proj" if cfg.q_lora_rank is not None else "q_proj"  # q_kv_a_proj's first part
-        self.q_kv_a_parts = (
-            cfg.q_lora_rank or cfg.num_attention_heads * cfg.qk_head_dim,
-            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-        )
+        self.q_first = "q_a_proj" if cfg.q_lora_rank is not None else "q_proj"  # q_kv_a_proj's first part
+        self.q_kv_a_parts = q_kv_a_parts(cfg)
 
     def target(self, name: str) -> Target | None:
         """The parameter slot for ``name``; None for tensors serving skips. Raises on unknown names."""
@@ -166,7 +164,7 @@ class WeightMapper:
                 continue  # scales come with their FP8 weight (or are made from it)
             if pname.endswith(".q_kv_a_proj.weight"):
                 base = pname.removesuffix(".q_kv_a_proj.weight")
-                names |= {f"{base}.{self.q_query}.weight", f"{base}.kv_a_proj_with_mqa.weight"}
+                names |= {f"{base}.{self.q_first}.weight", f"{base}.kv_a_proj_with_mqa.weight"}
             elif pname.endswith("gate_up_proj.weight"):
                 base = pname.removesuffix(".gate_up_proj.weight")
                 names |= {f"{base}.gate_proj.weight", f"{base}.up_proj.weight"}
