@@ -1,0 +1,114 @@
+"""FlashInfer's paged MLA decode kernels at decode batch sizes, one per backend it offers on this GPU.
+
+    python -m pd.bench.mla_decode                                   # fa3 and fa2, §8 heads (16), context 1K
+    python -m pd.bench.mla_decode --heads 128 --contexts 1024,4096 --out mla.json
+
+Why: on an H200 the decode step at batch 1 spends ~19 us a layer in the MLA kernel (FlashInfer's "auto" picks
+fa3 on sm90) for a 1.2 MB cache (``bench/results/decode_step_h200_1203.md``): a kernel that does not spread one
+sequence over the SMs. This times each backend the way pd calls it (``pd.attention.flashinfer_mla``: split query
+and cache, one plan per batch, page size 64, random pages) and checks the outputs agree. Each figure is the
+median over 20 replays of a CUDA graph of 27 calls (one per layer of the §8 shape), per call; floor = the
+cache bytes read / the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from pd.bench.decode_step import measure_ceilings, timed
+
+PAGE = 64
+LORA, ROPE = 512, 64
+LAYERS = 27
+
+
+def _host(a) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+
+
+def run_backend(
+    backend: str, batch: int, context: int, heads: int, gen: torch.Generator
+) -> tuple[float, torch.Tensor]:
+    """(seconds per call, output of one call) of ``backend`` for ``batch`` sequences of ``context`` tokens."""
+    from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+
+    pages_per = -(-context // PAGE)
+    num_pages = batch * pages_per + 1
+    cache = torch.randn(num_pages, PAGE, LORA + ROPE, generator=gen, device="cuda").to(torch.bfloat16)
+    q_nope = torch.randn(batch, heads, LORA, generator=gen, device="cuda").to(torch.bfloat16)
+    q_pe = torch.randn(batch, heads, ROPE, generator=gen, device="cuda").to(torch.bfloat16)
+    pages = (
+        torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(batch))[: batch * pages_per] + 1
+    )
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = BatchMLAPagedAttentionWrapper(workspace, backend=backend)
+    metadata = MLAPlanMetadata.csr(
+        _host(np.arange(batch + 1)), _host(np.arange(batch + 1) * pages_per), _host(pages.numpy()),
+        _host(np.full(batch, context)),
+    )  # fmt: skip
+    wrapper.plan(
+        metadata=metadata, num_heads=heads, head_dim_ckv=LORA, head_dim_kpe=ROPE, page_size=PAGE, causal=False,
+        sm_scale=(128 + ROPE) ** -0.5, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+        query_layout="split", kv_cache_layout="split",
+    )  # fmt: skip
+    kv = (cache[..., :LORA], cache[..., LORA:])
+
+    def layers() -> None:
+        for _ in range(LAYERS):
+            wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
+
+    out = wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
+    graph = torch.cuda.CUDAGraph()
+    layers()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        layers()
+    return timed(graph.replay, 20) / LAYERS, out.clone()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="fa3,fa2")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--contexts", default="1024")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    bw, _ = measure_ceilings()
+    backends = args.backends.split(",")
+    rows = []
+    print(f"| context | batch | floor us | {' | '.join(f'{b} us' for b in backends)} | max abs diff |")
+    print(f"|---:|---:|---:|{'---:|' * len(backends)}---:|")
+    for context in (int(c) for c in args.contexts.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            floor = batch * context * (LORA + ROPE) * 2 / bw
+            times, outs = {}, {}
+            for backend in backends:
+                try:
+                    t, out = run_backend(
+                        backend, batch, context, args.heads, torch.Generator("cuda").manual_seed(1)
+                    )
+                    times[backend], outs[backend] = t, out
+                except Exception as e:  # a backend this GPU or build does not offer: say so, time the others
+                    print(f"{backend} at batch {batch}: {type(e).__name__}: {e}")
+            ref = next(iter(outs.values()), None)
+            diff = (
+                max(((o - ref).abs().max().item() for o in outs.values()), default=float("nan"))
+                if ref is not None
+                else float("nan")
+            )
+            cells = " | ".join(f"{times[b] * 1e6:.1f}" if b in times else "-" for b in backends)
+            print(f"| {context} | {batch} | {floor * 1e6:.2f} | {cells} | {diff:.3g} |", flush=True)
+            rows.append({"context": context, "batch": batch, "heads": args.heads, "floor_us": floor * 1e6,
+                         "us": {b: t * 1e6 for b, t in times.items()}, "max_abs_diff": diff})  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
