@@ -2,8 +2,9 @@
 # Builds ./.gpu-pack (git-ignored through .git/info/exclude), the wheels the GPU host lacks, which every
 # bench/gpu/run_h200_*.sh carries and installs into /tmp/gsite: site.tar.xz (flashinfer-python, Mooncake's
 # CUDA 13 build, starlette, uvicorn, unpacked) and loose wheels (flashinfer's apache-tvm-ffi and cuda-tile,
-# prometheus_client, pydantic and its parts). Without apache-tvm-ffi flashinfer does not import and ranks
-# fall back to the torch attention backend without CUDA graphs (seen 2026-12-03: TPOT 120 ms instead of 20).
+# prometheus_client, pydantic and its parts, jsonschema and its parts for the grammar GPU test). Without
+# apache-tvm-ffi flashinfer does not import and ranks fall back to the torch attention backend without CUDA
+# graphs (seen 2026-12-03: TPOT 120 ms instead of 20).
 # The whole carry (pack + working tree) must stay under 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +21,7 @@ for w in "$tmp"/site/*.whl; do python3 -c "import sys, zipfile; zipfile.ZipFile(
 rm -f "$tmp"/gsite/mooncake/_store*.so "$tmp"/gsite/mooncake/mooncake_client "$tmp"/gsite/mooncake/mooncake_master
 tar -C "$tmp" -cf - gsite | xz -T0 -6 > .gpu-pack/site.tar.xz
 get .gpu-pack apache-tvm-ffi==0.1.15.post2 cuda-tile==1.7.0 prometheus_client pydantic pydantic-core llguidance \
-  annotated-types typing-inspection
+  annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py attrs
 grep -qx "/.gpu-pack/" .git/info/exclude 2>/dev/null || echo "/.gpu-pack/" >> .git/info/exclude
 rm -rf "$tmp"
 du -sh .gpu-pack
