@@ -11,12 +11,11 @@ are integers, weights are selected, not computed.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from types import ModuleType
 
 import torch
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from pd.kernels.moe import HAS_TRITON
 
 
 @functools.cache

@@ -17,12 +17,11 @@ are (0,1), (2,3), ... in, and ``[first of each pair..., second of each pair...]`
 from __future__ import annotations
 
 import functools
-import importlib.util
 from types import ModuleType
 
 import torch
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from pd.kernels.moe import HAS_TRITON
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pd.kernels import moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig
-from tests.support.interpreter import HAS_TRITON, INTERPRETING, rerun_interpreted
+from tests.support.interpreter import HAS_TRITON, INTERPRETING, interpreter_test
 from tests.support.oracle import rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -191,11 +191,7 @@ def test_bad_inputs_are_refused_with_the_offending_value():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
-def test_triton_interpreter():
-    """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
-    rerun_interpreted(__file__)
+test_triton_interpreter = interpreter_test(__file__, runs=HAS_TRITON)
 
 
 def small_config(block_m: int, block_n: int, block_k: int, tma: bool = False) -> MoeConfig:

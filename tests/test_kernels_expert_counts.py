@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pd.kernels.expert_counts import count_and_mask, count_and_mask_ref
-from tests.support.interpreter import HAS_TRITON, INTERPRETER_OK, INTERPRETING, rerun_interpreted
+from tests.support.interpreter import HAS_TRITON, INTERPRETING, interpreter_test
 
 CASES = [(1, 6, 64), (64, 6, 64), (40, 8, 256), (3000, 6, 64), (0, 6, 64)]  # (tokens, top-k, experts)
 
@@ -57,11 +57,7 @@ class TestInterpreted:
         check("cpu", case)
 
 
-@pytest.mark.skipif(not INTERPRETER_OK, reason="needs triton >= 3.9 (its CPU interpreter)")
-@pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
-def test_triton_interpreter():
-    """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
-    rerun_interpreted(__file__)
+test_triton_interpreter = interpreter_test(__file__)
 
 
 @pytest.mark.gpu

@@ -17,10 +17,9 @@ from pd.kernels import fp8, moe
 from pd.kernels.moe_config import GemmConfig, MoeConfig
 from tests.support.interpreter import (
     HAS_TRITON,
-    INTERPRETER_OK,
     INTERPRETING,
+    interpreter_test,
     patch_float_casts,
-    rerun_interpreted,
 )
 from tests.support.oracle import rel_err
 
@@ -328,11 +327,7 @@ if HAS_TRITON and INTERPRETING:
     patch_float_casts()
 
 
-@pytest.mark.skipif(not INTERPRETER_OK, reason="needs triton >= 3.9 (its CPU interpreter)")
-@pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
-def test_triton_interpreter():
-    """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
-    rerun_interpreted(__file__)
+test_triton_interpreter = interpreter_test(__file__)
 
 
 def config(block_m: int, gate_up_n: int, down_n: int, tma: bool = False) -> MoeConfig:

@@ -16,10 +16,9 @@ from pd.kernels.mla_rope import mla_rope_norm
 from pd.model.layers import RMSNorm, RotaryEmbedding
 from tests.support.interpreter import (
     HAS_TRITON,
-    INTERPRETER_OK,
     INTERPRETING,
+    interpreter_test,
     patch_float_casts,
-    rerun_interpreted,
 )
 
 if HAS_TRITON and INTERPRETING:
@@ -147,11 +146,7 @@ def test_refuses_shapes_that_do_not_fit():
         mla_rope_norm(q, kv, pos, cs, torch.ones(32), 1e-6, True, cache=(pages, pos))
 
 
-@pytest.mark.skipif(not INTERPRETER_OK, reason="needs triton >= 3.9 (its CPU interpreter)")
-@pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
-def test_triton_interpreter():
-    """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
-    rerun_interpreted(__file__)
+test_triton_interpreter = interpreter_test(__file__)
 
 
 @pytest.mark.gpu

@@ -207,9 +207,11 @@ class DecodeGraphs:
         out, tokens, logprobs, full = (t[:n] for t in self.graphs.replay(bs))
         params = [r.sampling for r in reqs]
         step = None
-        if logits is None and any(p.needs_processing for p in params):
-            raise ValueError("requests with penalties, bias or min_tokens need the engine's LogitsProcessor")
-        if logits is not None and any(p.needs_processing for p in params):
+        if any(p.needs_processing for p in params):
+            if logits is None:
+                raise ValueError(
+                    "requests with penalties, bias or min_tokens need the engine's LogitsProcessor"
+                )
             assert not any(p.grammar is not None for p in params), "a grammar's mask needs the host's token"
             step = logits.prepare(reqs, ahead=[int(k != NO_SOURCE) for k in src])
             assert step is not None

@@ -33,16 +33,7 @@ from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
 from pd.sampling import choice_seed
 from pd.tokenizer import Tokenizer
-from pd.types import (
-    Batch,
-    BatchMode,
-    FinishReason,
-    Req,
-    Sampled,
-    SamplingParams,
-    StepResult,
-    TopLogprobs,
-)
+from pd.types import Batch, BatchMode, FinishReason, Req, Sampled, SamplingParams, StepResult, TopLogprobs
 
 log = logging.getLogger(__name__)
 

@@ -202,10 +202,9 @@ class LogitsProcessor:
         slot = self._free.pop()
         self._slot[req] = slot
         out = torch.tensor(req.output_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        every = torch.tensor(req.all_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         self.counts[slot].zero_()
         self.counts[slot].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)
         self.seen[slot].zero_()
-        self.seen[slot, torch.tensor(req.all_ids, dtype=torch.int64).to(self.device, non_blocking=True)] = (
-            True
-        )
+        self.seen[slot, every] = True
         return slot

@@ -76,16 +76,11 @@ class MLAttention(nn.Module):
         q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         attn = ctx.attn
-        if mla_rope.usable(kv):  # one kernel, the cache write included where the pool has kv's dtype
-            norm = self.kv_a_layernorm
-            target = attn.store_target(self.layer)
-            cache = target if target[0].dtype == kv.dtype else None
-            rotary = self.rotary
+        if mla_rope.usable(kv):  # one kernel, the cache write included
+            norm, rotary, cache = self.kv_a_layernorm, self.rotary, attn.store_target(self.layer)
             q_rope, latent = mla_rope.mla_rope_norm(
                 q_rope, kv, positions, rotary.cos_sin, norm.weight, norm.eps, rotary.interleave, cache
             )
-            if cache is None:
-                attn.store(self.layer, latent)
         else:
             c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             q_rope, k_rope = self.rotary.rotate_pair(positions, q_rope, k_rope)

@@ -1,9 +1,9 @@
 """Triton kernels in Triton's CPU interpreter: the switches, the float-cast fix, and the subprocess rerun.
 
 A test module with CPU-interpreted cases puts them in a ``TestInterpreted`` class skipped unless
-``INTERPRETING``, calls ``patch_float_casts()`` at import when interpreting, and has a ``test_triton_interpreter``
-that calls ``rerun_interpreted(__file__)`` (a fresh interpreter: ``TRITON_INTERPRET`` must be set before
-Triton is imported)."""
+``INTERPRETING``, calls ``patch_float_casts()`` at import when interpreting, and sets
+``test_triton_interpreter = interpreter_test(__file__)``, which reruns that class in a fresh interpreter
+(``TRITON_INTERPRET`` must be set before Triton is imported)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -57,6 +59,19 @@ def patch_float_casts() -> None:
         return values.view(torch_int).numpy().view(np_int)
 
     interpreter._convert_float = convert
+
+
+def interpreter_test(test_file: str, runs: bool = INTERPRETER_OK) -> Callable[[], None]:
+    """``test_file``'s ``test_triton_interpreter``: reruns its ``TestInterpreted`` (``rerun_interpreted``); skipped
+    where ``runs`` is false (default: no interpreter of triton >= 3.9) and inside the rerun itself."""
+
+    @pytest.mark.skipif(not runs, reason="needs triton's CPU interpreter (triton >= 3.9)")
+    @pytest.mark.skipif(INTERPRETING, reason="this is the subprocess")
+    def test_triton_interpreter() -> None:
+        """Runs ``TestInterpreted`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
+        rerun_interpreted(test_file)
+
+    return test_triton_interpreter
 
 
 def rerun_interpreted(test_file: str) -> None:
