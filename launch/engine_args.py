@@ -108,7 +108,17 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             "--graph-extend-tokens",
             E,
             "graph_extend_tokens",
-            help="prompt steps of at most this many tokens run in CUDA graphs on single-rank engines (0: eager)",
+            help="prompt steps of at most this many tokens run in CUDA graphs (piecewise on multi-rank engines; "
+            "0: eager)",
+        ),
+        add_field_arg(
+            g,
+            "--piecewise-graphs",
+            E,
+            "piecewise_graphs",
+            help="cut the CUDA graphs at every MoE layer's routed experts, run eagerly between them in the EP "
+            "backend's normal mode: decode without low-latency dispatch (e.g. no GPU-initiated RDMA), and "
+            "single-rank prompt steps (multi-rank prompt steps always run so)",
         ),
         add_field_arg(
             g,
@@ -189,6 +199,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed,
         cuda_graph=args.cuda_graph,
         graph_extend_tokens=args.graph_extend_tokens,
+        piecewise_graphs=args.piecewise_graphs,
         overlap=args.overlap,
         kv_layout=args.kv_layout,
         prefix_cache=args.prefix_cache,

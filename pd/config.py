@@ -341,6 +341,11 @@ class EngineConfig:
     # engines prompt steps of at most graph_extend_tokens tokens (pd.engine.extend_graph; 0: those eager).
     cuda_graph: bool = True
     graph_extend_tokens: int = 256
+    # Graphs cut at every MoE layer's routed experts, which run eagerly between them in the EP backend's normal
+    # mode (pd.engine.graph.PiecewiseGraph): decode without low-latency dispatch (multi-rank decode ranks then use
+    # normal mode), and single-rank prompt steps. Multi-rank prompt steps always run so (normal-mode dispatch
+    # synchronises with the host).
+    piecewise_graphs: bool = False
     # Decode steps launched before the host reads the step in flight (pd.engine.engine.Engine.step): the host's
     # work of a step runs while the GPU computes the next. Single-rank decode graphs without MTP.
     overlap: bool = True
@@ -369,6 +374,10 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if not 0 < self.gpu_memory_fraction < 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}")
+        if self.piecewise_graphs and self.speculative.enabled:
+            raise ValueError(
+                "piecewise_graphs: speculative decoding's verify graphs are captured whole (turn one of them off)"
+            )
         if self.graph_extend_tokens < 0:
             raise ValueError(
                 f"graph_extend_tokens must be >= 0 (0: prompt steps eager), got {self.graph_extend_tokens}"

@@ -34,6 +34,7 @@ from pd.engine.logits import LogitsProcessor
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.moe import Pieces
 from pd.sampling import SamplingTensors, pair_top_logprobs, sample
 from pd.types import MAX_TOP_LOGPROBS, Batch, BatchMode, StepResult
 
@@ -97,7 +98,8 @@ class DecodeGraphs:
     ``attn`` must support graphs (``AttentionBackend.supports_graphs``) to capture; ``capture=False`` runs the
     same steps on the same buffers uncaptured (CPU, tests). ``pool``: the KV pool it reads; ``context_len``: the
     longest sequence (sizes the page tables); ``low_latency_moe``: MoE layers use the graph-safe low-latency EP
-    path (multi-rank decode).
+    path (multi-rank decode); ``piecewise``: instead, the routed experts run eagerly in normal mode between
+    graphs of the rest (``pd.engine.graph.PiecewiseGraph``).
     """
 
     def __init__(
@@ -109,8 +111,11 @@ class DecodeGraphs:
         context_len: int,
         low_latency_moe: bool = False,
         capture: bool = True,
+        piecewise: bool = False,
     ) -> None:
-        self.graphs = StepGraphs(attn, capture)
+        if piecewise and low_latency_moe:
+            raise ValueError("piecewise decode graphs run the routed experts in normal mode, not low-latency")
+        self.graphs = StepGraphs(attn, capture, piecewise)
         self.model, self.attn, self.low_latency_moe = model, attn, low_latency_moe
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
@@ -131,17 +136,22 @@ class DecodeGraphs:
         for bs in reversed(self.buckets):
             self.states[bs] = attn.graph_state(bs, max_pages)
             self._load(bs, [], [], [], [])
-            self.graphs.record(bs, functools.partial(self._forward, bs))
+            self.graphs.record_pieces(bs, functools.partial(self._forward, bs))
         log.info(
-            "%s decode CUDA graphs for batch buckets %s", "captured" if capture else "built", self.buckets
+            "%s decode CUDA graphs for batch buckets %s%s",
+            "captured" if capture else "built",
+            self.buckets,
+            ", piecewise (routed experts eager, normal EP mode)" if piecewise else "",
         )
 
-    def _forward(self, bs: int) -> Outputs:
+    def _forward(self, bs: int) -> Pieces[Outputs]:
         row_mask = self.real[:bs] != 0
         src = self.src[:bs]
         ids = torch.where(src >= 0, self.prev.index_select(0, src.clamp(min=0)), self.ids[:bs])
-        ctx = ForwardContext(BatchMode.DECODE, self.attn, self.rows[:bs], self.low_latency_moe, row_mask)
-        logits = self.model(ids, self.positions[:bs], ctx)  # [bs, V] float32
+        rows = self.rows[:bs]
+        ctx = ForwardContext(BatchMode.DECODE, self.attn, rows, self.low_latency_moe, row_mask)
+        hidden = yield from self.model.hidden_pieces(ids, self.positions[:bs], ctx, rows)
+        logits = self.model.logits(hidden)  # [bs, V] float32
         tokens = logits.argmax(-1)
         full = logits.log_softmax(-1)  # kept: top logprobs, the sampler's logprobs
         return logits, tokens, full.gather(1, tokens[:, None])[:, 0], full

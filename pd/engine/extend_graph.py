@@ -7,6 +7,8 @@ requests runs in a graph: each request's new positions are causal queries of the
 cache (the decode form: the prefix is read as latent, never expanded per head), its first and last positions
 anywhere; padding rows take the bucket's other tokens on the dummy page and route to no expert. The graph
 returns float32 logits ``[ROWS, V]`` of each request's last position of the step (padding rows: garbage).
+``piecewise`` (multi-rank engines, whose normal-mode EP dispatch synchronises with the host): the routed
+experts run eagerly between graphs of the rest (``pd.engine.graph.PiecewiseGraph``).
 
 Longer steps stay eager (the non-absorbed form wins over long new ranges), as do steps that need prompt
 logprobs or the hidden states of every row (speculative decoding's MTP layer). ``capture=False`` runs the
@@ -27,6 +29,7 @@ from pd.engine.graph import StepGraphs
 from pd.kv_cache import KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pd.model.moe import Pieces
 from pd.types import Batch, BatchMode
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,9 @@ class ExtendGraphs:
         buckets: Sequence[int],
         context_len: int,
         capture: bool = True,
+        piecewise: bool = False,
     ) -> None:
-        self.graphs = StepGraphs(attn, capture)
+        self.graphs = StepGraphs(attn, capture, piecewise)
         self.model, self.attn = model, attn
         self.buckets = sorted(set(buckets))
         rows = ROWS + 1
@@ -73,13 +77,15 @@ class ExtendGraphs:
         for t in reversed(self.buckets):
             self.states[t] = attn.graph_state(rows, max_pages, t)
             self._load(t, [], [], [], [])
-            self.graphs.record(t, functools.partial(self._step, t))
+            self.graphs.record_pieces(t, functools.partial(self._step, t))
         if capture:
-            log.info("captured extend CUDA graphs for token buckets %s", self.buckets)
+            how = "piecewise (routed experts eager)" if piecewise else "whole"
+            log.info("captured extend CUDA graphs for token buckets %s, %s", self.buckets, how)
 
-    def _step(self, t: int) -> tuple[torch.Tensor]:
+    def _step(self, t: int) -> Pieces[tuple[torch.Tensor]]:
         ctx = ForwardContext(BatchMode.DECODE, self.attn, self.last, False, self.real[:t] != 0)
-        return (self.model.logits(self.model.hidden(self.ids[:t], self.positions[:t], ctx, self.last)),)
+        hidden = yield from self.model.hidden_pieces(self.ids[:t], self.positions[:t], ctx, self.last)
+        return (self.model.logits(hidden),)
 
     def bucket(self, batch: Batch) -> int | None:
         """The bucket that runs ``batch`` (an extend step), or None: too many tokens or requests."""

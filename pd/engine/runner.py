@@ -214,20 +214,28 @@ class ModelRunner:
             self._capture_graphs(cfg, low_latency_moe)
 
     def _capture_graphs(self, cfg: EngineConfig, low_latency_moe: bool) -> None:
-        """The CUDA graphs this rank replays: short prompt steps on a single rank without MTP (whose prompt steps
-        keep every row's hidden state for the draft layer), and, if it decodes, decode steps (MTP's verify
-        steps on a single rank; multi-rank speculation runs eager)."""
+        """The CUDA graphs this rank replays: short prompt steps without MTP (whose prompt steps keep every row's
+        hidden state for the draft layer), piecewise on multi-rank engines (normal-mode dispatch synchronises
+        with the host), and, if it decodes, decode steps (MTP's verify steps on a single rank; multi-rank
+        speculation runs eager), piecewise unless the MoE layers dispatch in low-latency mode."""
+        piecewise = cfg.piecewise_graphs or self.lockstep
         extend_buckets = default_extend_buckets(min(cfg.graph_extend_tokens, cfg.chunk_size))
-        if extend_buckets and not self.lockstep and not cfg.speculative.enabled:
+        if extend_buckets and not cfg.speculative.enabled:
             self.extend_graphs = ExtendGraphs(
-                self.model, self.attn, self.pool, extend_buckets, self.context_len
+                self.model, self.attn, self.pool, extend_buckets, self.context_len, piecewise=piecewise
             )
         if not cfg.decodes:
             return
         buckets = default_buckets(cfg.max_running)
         if not cfg.speculative.enabled:
             self.graphs = DecodeGraphs(
-                self.model, self.attn, self.pool, buckets, self.context_len, low_latency_moe
+                self.model,
+                self.attn,
+                self.pool,
+                buckets,
+                self.context_len,
+                low_latency_moe,
+                piecewise=piecewise and not low_latency_moe,
             )
         elif self.lockstep:
             log.info("speculative decoding on %d ranks: decode runs eager", self.ep.config.world_size)

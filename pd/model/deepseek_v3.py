@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ from pd.ep.placement import PlacementMap
 from pd.model.context import ForwardContext
 from pd.model.layers import MLP, RMSNorm, RotaryEmbedding
 from pd.model.mla import MLAttention
-from pd.model.moe import MoE
+from pd.model.moe import MoE, Pieces, run_pieces
 
 
 class DecoderLayer(nn.Module):
@@ -38,13 +40,22 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the previous layer's output; ``residual``: the stream before it (None at layer 0).
         Returns this layer's output and the stream before it; the sum of the two is the hidden state."""
+        return run_pieces(self.pieces(x, residual, positions, ctx))
+
+    def pieces(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, ctx: ForwardContext
+    ) -> Pieces[tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` cut at its routed experts (``pd.model.moe.run_pieces``)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
-        return (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h)), residual
+        if not isinstance(self.mlp, MoE):
+            return self.mlp(h), residual
+        routed = yield self.mlp.route(h, ctx)
+        return self.mlp.finish(h, routed), residual
 
 
 class DeepseekV3Model(nn.Module):
@@ -116,10 +127,16 @@ class DeepseekV3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """``input_ids``, ``positions`` ``[T]`` int64 -> the final-normed hidden states of ``rows``
         (``[R]`` int64) ``[R, hidden]``."""
+        return run_pieces(self.hidden_pieces(input_ids, positions, ctx, rows))
+
+    def hidden_pieces(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor
+    ) -> Pieces[torch.Tensor]:
+        """``hidden`` cut at every MoE layer's routed experts (``pd.model.moe.run_pieces``)."""
         x = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, positions, ctx)
+            x, residual = yield from cast(DecoderLayer, layer).pieces(x, residual, positions, ctx)
         assert residual is not None  # set by the first layer
         x, _ = self.model.norm(x[rows], residual[rows])
         return x

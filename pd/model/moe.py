@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +208,10 @@ class MoE(nn.Module):
         return placement_of(self.placement, c.num_experts, c.world_size).local_experts(c.rank)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.finish(x, self.route(x, ctx).run())
+
+    def route(self, x: torch.Tensor, ctx: ForwardContext) -> RoutedCall:
+        """Chooses the experts of ``x [T, H]``; returns the routed experts' call, not yet run."""
         gate = self.gate
         topk_weights, topk_idx = select_experts(
             x, gate.weight, gate.e_score_correction_bias, self.cfg
@@ -213,10 +220,12 @@ class MoE(nn.Module):
             topk_idx = torch.where(ctx.row_mask[:, None], topk_idx, -1)
         if self.placement is not None:
             topk_idx = self.placement.to_physical(topk_idx)  # [T, K] physical ids
-        out = self.routed(x, topk_idx, topk_weights, ctx.low_latency_moe)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return RoutedCall(self, x, topk_idx, topk_weights, ctx.low_latency_moe)
+
+    def finish(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input ``x [T, H]`` and the routed experts' ``routed [T, H]``: plus the
+        shared experts."""
+        return routed if self.shared_experts is None else routed + self.shared_experts(x)
 
     def routed(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, low_latency: bool
@@ -242,3 +251,35 @@ class MoE(nn.Module):
         x = torch.empty(0, self.cfg.hidden_size, dtype=self.ep.config.dtype, device=device)
         idx = torch.empty(0, k, dtype=torch.int64, device=device)
         self.routed(x, idx, torch.empty(0, k, dtype=torch.float32, device=device), low_latency)
+
+
+@dataclass(frozen=True)
+class RoutedCall:
+    """A MoE layer's routed experts, chosen but not run: ``x [T, H]``, ``topk_idx [T, K]`` physical ids (-1: none),
+    ``topk_weights [T, K]`` float32. Piecewise CUDA graphs (``pd.engine.graph``) run it eagerly between two graphs:
+    normal-mode EP dispatch synchronises with the host."""
+
+    moe: MoE
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    low_latency: bool
+
+    def run(self) -> torch.Tensor:
+        """-> ``[T, H]`` in ``x``'s dtype, a fresh tensor."""
+        return self.moe.routed(self.x, self.topk_idx, self.topk_weights, self.low_latency)
+
+
+R = TypeVar("R")
+Pieces = Generator[RoutedCall, torch.Tensor, R]
+"""A forward cut at its MoE layers: yields each layer's ``RoutedCall`` and is sent its result; returns ``R``."""
+
+
+def run_pieces(pieces: Pieces[R]) -> R:
+    """Runs a cut forward through, each routed call in place (the uncut forward)."""
+    try:
+        call = next(pieces)
+        while True:
+            call = pieces.send(call.run())
+    except StopIteration as stop:
+        return stop.value

@@ -68,22 +68,23 @@ class WorkerConfig:
         return self.model_name or Path(self.engine.model_path).resolve().name
 
 
-def uses_low_latency_moe(role: str, par: ParallelConfig) -> bool:
-    """Decode ranks of a multi-rank instance dispatch MoE tokens in low-latency mode (graph-safe)."""
-    return role == "decode" and par.size > 1
+def uses_low_latency_moe(role: str, par: ParallelConfig, engine: EngineConfig) -> bool:
+    """Decode ranks of a multi-rank instance dispatch MoE tokens in low-latency mode (graph-safe), unless the
+    engine runs piecewise graphs (the routed experts eager, in normal mode)."""
+    return role == "decode" and par.size > 1 and not engine.piecewise_graphs
 
 
 def rank_engine_config(role: str, engine: EngineConfig, par: ParallelConfig) -> EngineConfig:
     """The engine config of one rank of a ``role`` instance: its own device; no decode graphs on prefill (it
-    never decodes; its short prompt steps run in graphs on a single rank, normal EP dispatch synchronises with
-    the host), no prompt-step graphs on decode (it never prefills); on low-latency decode ranks, steps no
+    never decodes; its short prompt steps run in graphs, piecewise on several ranks), no prompt-step graphs on
+    decode (it never prefills); on low-latency decode ranks, steps no
     larger than the low-latency buffers (M = max_running)."""
     cfg = dataclasses.replace(engine, device=par.rank_device(engine.device))
     if role == "prefill":
         cfg = dataclasses.replace(cfg, decodes=False)
     if role == "decode":
         cfg = dataclasses.replace(cfg, graph_extend_tokens=0)
-    if uses_low_latency_moe(role, par):
+    if uses_low_latency_moe(role, par, engine):
         cfg = dataclasses.replace(cfg, chunk_size=min(cfg.chunk_size, cfg.max_running))
     return cfg
 
@@ -119,7 +120,7 @@ def build_rank(cfg: WorkerConfig) -> Rank:
     model_cfg = ModelConfig.from_hf(hf_config)
     check_speculative(cfg.engine, model_cfg)
     engine_cfg = rank_engine_config(role, cfg.engine, par)
-    low_latency = uses_low_latency_moe(role, par)
+    low_latency = uses_low_latency_moe(role, par, engine_cfg)
     lockstep, ep_group = None, None
     if par.size > 1:
         ep_group, control = init_process_groups(par, engine_cfg.device)
