@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -65,11 +66,12 @@ def test_runner_on_cpu_binds_no_cuda_state(monkeypatch, tiny_model_dir) -> None:
 
 
 def test_rank_engine_config_per_role() -> None:
-    """Prefill ranks build no decode graphs (their prompt-step graphs are the runner's to skip on several
-    ranks: normal EP dispatch cannot be captured, it invalidated the capture on two H200s); decode ranks no
-    prompt-step graphs; low-latency decode ranks keep steps within the low-latency buffers."""
+    """Prefill ranks build no decode graphs (on several ranks their prompt-step graphs are piecewise: normal EP
+    dispatch cannot be captured, it invalidated a whole graph's capture on two H200s); decode ranks no
+    prompt-step graphs; low-latency decode ranks keep steps within the low-latency buffers, piecewise ones
+    (normal dispatch) need not."""
     from pd.config import EngineConfig, ParallelConfig
-    from pd.worker.builder import rank_engine_config
+    from pd.worker.builder import rank_engine_config, uses_low_latency_moe
 
     engine = EngineConfig(model_path="m", device="cuda:0", chunk_size=2048, max_running=64)
     two = ParallelConfig(size=2, rank=1, dist_init_addr="127.0.0.1:1")
@@ -89,6 +91,10 @@ def test_rank_engine_config_per_role() -> None:
     )
     one = rank_engine_config("decode", engine, ParallelConfig())
     assert (one.device, one.cuda_graph, one.chunk_size) == ("cuda:0", True, 2048)
+    assert uses_low_latency_moe("decode", two, engine) and not uses_low_latency_moe("prefill", two, engine)
+    cut = dataclasses.replace(engine, piecewise_graphs=True)
+    assert not uses_low_latency_moe("decode", two, cut)
+    assert rank_engine_config("decode", cut, two).chunk_size == 2048
 
 
 def test_warm_up_runs_every_kernel_path_of_the_role_and_leaves_the_pool_idle(tiny_model_dir) -> None:
