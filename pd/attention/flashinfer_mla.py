@@ -89,32 +89,14 @@ def _host(a: npt.ArrayLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
 
 
-def _staged(arrays: tuple[np.ndarray, ...], staging: torch.Tensor | None) -> list[torch.Tensor]:
-    """``arrays`` as int32 host tensors: consecutive slices of ``staging`` (filled here), or fresh ones."""
-    if staging is None:
-        return [_host(a) for a in arrays]
-    out, at, host = [], 0, staging.numpy()
-    for a in arrays:
-        host[at : at + len(a)] = a
-        out.append(staging[at : at + len(a)])
-        at += len(a)
-    return out
-
-
 @dataclass
 class _GraphState:
-    """One bucket's decode wrapper and the static buffers its captured kernels read, with the host buffers a plan
-    stages its metadata in: pinned on CUDA (a copy from pageable memory waits for the stream to drain, which
-    stalled the overlapped decode loop's host behind the step in flight) and reused once ``staged``, recorded
-    behind the last plan's copies, has passed."""
+    """One bucket's decode wrapper and the static buffers its captured kernels read."""
 
     batch: int
     tokens: int  # positions the rows compute in all (batch: plain decode; more: causal queries)
     wrapper: Any  # flashinfer.mla.BatchMLAPagedAttentionWrapper
     out_slots: torch.Tensor  # [tokens] int64: where each new latent goes (padded rows: the dummy page)
-    staging: torch.Tensor  # [2 * (batch + 1) + max_pages + batch] int32, host: the planner's CSR inputs
-    slots_staging: torch.Tensor  # [tokens] int64, host: out_slots' source
-    staged: torch.cuda.Event | None  # None on CPU
 
 
 class FlashInferMLABackend(AttentionBackend):
@@ -161,20 +143,16 @@ class FlashInferMLABackend(AttentionBackend):
     def _to_device(self, a: npt.ArrayLike, dtype: npt.DTypeLike = np.int32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
 
-    def _plan_decode(
-        self, wrapper: Any, meta: _StepMeta, causal: bool, staging: torch.Tensor | None = None
-    ) -> None:
+    def _plan_decode(self, wrapper: Any, meta: _StepMeta, causal: bool) -> None:
         # Host tensors: the planner reads the lengths on the host (a device tensor costs a blocking copy back
-        # each, which waits for whatever the stream still runs) and copies them into its buffers itself, from
-        # ``staging`` (pinned) where given. Causal: a sequence's query i sees the cache up to kv_len - q_len + i
-        # (its own position).
-        arrays = (
-            np.concatenate([[0], np.cumsum(meta.ends - meta.starts)]),
-            np.concatenate([[0], np.cumsum(meta.pages_used)]),
-            meta.flat_pages,
-            meta.ends,
+        # each, which waits for whatever the stream still runs) and copies them into its buffers itself.
+        # Causal: a sequence's query i sees the cache up to kv_len - q_len + i (its own position).
+        metadata = self._MLAPlanMetadata.csr(
+            _host(np.concatenate([[0], np.cumsum(meta.ends - meta.starts)])),
+            _host(np.concatenate([[0], np.cumsum(meta.pages_used)])),
+            _host(meta.flat_pages),
+            _host(meta.ends),
         )
-        metadata = self._MLAPlanMetadata.csr(*_staged(arrays, staging))
         wrapper.plan(
             metadata=metadata,
             num_heads=self.num_heads,
@@ -227,29 +205,15 @@ class FlashInferMLABackend(AttentionBackend):
             kv_indices=torch.zeros(max_pages, **i32),
             kv_len_arr=torch.zeros(batch, **i32),
         )
-        pin = self.device.type == "cuda"
-        return _GraphState(
-            batch,
-            tokens,
-            wrapper,
-            torch.zeros(tokens, dtype=torch.int64, device=self.device),
-            torch.zeros(2 * (batch + 1) + max_pages + batch, dtype=torch.int32, pin_memory=pin),
-            torch.zeros(tokens, dtype=torch.int64, pin_memory=pin),
-            torch.cuda.Event() if pin else None,
-        )
+        return _GraphState(batch, tokens, wrapper, torch.zeros(tokens, dtype=torch.int64, device=self.device))
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
         """Plans a bucket for one replay: real rows from ``inputs``, the rest padded onto the dummy page."""
         assert isinstance(state, _GraphState)
         padded = pad_for_graph(inputs, state.batch, state.tokens, self.pool.layout.page_size)
         meta = _StepMeta.of(padded, self.pool.layout.page_size)
-        if state.staged is not None:
-            state.staged.synchronize()  # the last plan's copies out of the staging buffers have run
-        self._plan_decode(state.wrapper, meta, causal=state.tokens > state.batch, staging=state.staging)
-        state.slots_staging.numpy()[:] = meta.out_slots
-        state.out_slots.copy_(state.slots_staging, non_blocking=True)
-        if state.staged is not None:
-            state.staged.record()
+        self._plan_decode(state.wrapper, meta, causal=state.tokens > state.batch)
+        state.out_slots.copy_(torch.from_numpy(meta.out_slots), non_blocking=True)
         self.inputs = padded
         self.active = state
 

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pd.attention.base import AttentionBackend, AttnInputs
@@ -122,16 +123,13 @@ class DecodeGraphs:
         # The graphs' inputs, one host-to-device copy per replay: token ids, positions, real-row flags, and
         # the row of the previous step's tokens each row's token is (NO_SOURCE: its token is in ids).
         self.inputs = torch.zeros(4, max_bs, dtype=torch.int64, device=dev)
-        # Their host side, pinned on CUDA: a copy from pageable memory waits for the stream to drain (the host
-        # stalled behind the step in flight), and is reused once ``_loaded`` has passed.
-        self._staging = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.ids, self.positions, self.real, self.src = self.inputs
         self.prev = torch.zeros(max_bs, dtype=torch.int64, device=dev)  # the last launched step's tokens
         self.rows = torch.arange(max_bs, dtype=torch.int64, device=dev)
         self._host = [HostOut(max_bs, dev), HostOut(max_bs, dev)]
         self._launches = 0
-        # Recorded behind a load's input copies: the inputs' staging buffer, and the attention planner's pinned
-        # buffers it reuses, must have been copied to the device before the next load rewrites them.
+        # Recorded behind a launch's input copies: the attention planner stages a step's metadata in a pinned
+        # host buffer it reuses, whose copy to the device must have run before the next plan rewrites it.
         self._loaded = torch.cuda.Event() if dev.type == "cuda" else None
         self.states: dict[int, object] = {}
         max_pages = max_bs * pool.layout.pages_for(context_len)
@@ -171,19 +169,14 @@ class DecodeGraphs:
         src: list[int] | None = None,
     ) -> None:
         n = len(ids)
-        if self._loaded is not None:
-            self._loaded.synchronize()  # the previous load's copies: they run once the step before it ended
-        host = self._staging.numpy()
-        host[:] = 0  # padding rows: token 0 at position 0
+        host = np.zeros((4, self.inputs.shape[1]), dtype=np.int64)  # padding rows: token 0 at position 0
         host[0, :n], host[1, :n], host[2, :n] = ids, positions, 1
         host[3] = NO_SOURCE
         if src is not None:
             host[3, :n] = src
-        self.inputs.copy_(self._staging, non_blocking=True)
+        self.inputs.copy_(torch.from_numpy(host), non_blocking=True)
         inputs = AttnInputs(BatchMode.DECODE, [e - 1 for e in ends], ends, pages)
         self.attn.prepare_graph(self.states[bs], inputs)
-        if self._loaded is not None:
-            self._loaded.record()
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +209,11 @@ class DecodeGraphs:
         starts = [s + (k != NO_SOURCE) for s, k in zip(batch.starts, src)]
         ends = [e + (k != NO_SOURCE) for e, k in zip(batch.ends, src)]
         ids = [0 if k != NO_SOURCE else r.token_at(s) for r, s, k in zip(reqs, starts, src)]
+        if self._loaded is not None:
+            self._loaded.synchronize()  # the previous launch's copies: they run once the step before it ended
         self._load(bs, ids, starts, ends, [r.pages for r in reqs], src)
+        if self._loaded is not None:
+            self._loaded.record()
         out, tokens, logprobs, full = (t[:n] for t in self.graphs.replay(bs))
         params = [r.sampling for r in reqs]
         step = None
