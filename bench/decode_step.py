@@ -157,24 +157,30 @@ def graph_breakdown(runner: ModelRunner, batch: Batch, iters: int) -> tuple[floa
     return wall(load, iters) * 1e3, timed(lambda: g.graphs.replay(bs), iters) * 1e3
 
 
+def decoding_requests(engine: Engine, batch: int, context: int, max_tokens: int) -> list[Req]:
+    """``batch`` greedy requests of ``context`` prompt tokens added to ``engine`` as prefilled (their pages
+    allocated, their prompt KV whatever the pool holds), each to decode ``max_tokens`` tokens."""
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = []
+    for i in range(batch):
+        req = engine.make_request([(7 * i + j) % 1000 + 3 for j in range(context)], sp)
+        req.pages = engine.allocator.alloc(engine.runner.pool.layout.pages_for(context + 1)) or []
+        engine.add_prefilled(req, Sampled(5, 0.0))
+        reqs.append(req)
+    return reqs
+
+
 def engine_loop(runner: ModelRunner, batch: int, context: int, iters: int) -> dict[str, float]:
     """Mean ms per step of the engine's decode loop (``Engine.step``: schedule, run, postprocess; no tokenizer,
     so no detokenizing) over ``batch`` requests at ``context`` tokens, one step at a time (``serial_ms``) and
     overlapped (``overlapped_ms``). The requests' prompt KV is whatever the pool holds."""
     engine = Engine(runner.cfg, runner=runner)
     engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
-    layout = runner.pool.layout
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
     out = {}
     for overlap in (False, True):
         engine.overlap = overlap
-        sp = SamplingParams(temperature=0, max_tokens=iters + 8, ignore_eos=True)
-        reqs = []
-        for i in range(batch):
-            req = engine.make_request([(7 * i + j) % 1000 + 3 for j in range(context)], sp)
-            req.pages = engine.allocator.alloc(layout.pages_for(context + 1)) or []
-            engine.add_prefilled(req, Sampled(5, 0.0))
-            reqs.append(req)
+        reqs = decoding_requests(engine, batch, context, iters + 8)
         for _ in range(3):
             engine.step()
         sync()

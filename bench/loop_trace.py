@@ -20,11 +20,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from pd.bench.decode_step import kernel_times, make_batch
+from pd.bench.decode_step import decoding_requests, kernel_times, make_batch
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner
-from pd.types import Sampled, SamplingParams
 
 
 def idle_gaps(kernels: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
@@ -41,14 +40,7 @@ def trace_loop(runner: ModelRunner, batch: int, context: int, steps: int, out: P
     engine = Engine(runner.cfg, runner=runner)
     engine.scheduler.lookahead = 1
     engine.overlap = True
-    layout = runner.pool.layout
-    sp = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
-    reqs = []
-    for i in range(batch):
-        req = engine.make_request([(7 * i + j) % 1000 + 3 for j in range(context)], sp)
-        req.pages = engine.allocator.alloc(layout.pages_for(context + 1)) or []
-        engine.add_prefilled(req, Sampled(5, 0.0))
-        reqs.append(req)
+    reqs = decoding_requests(engine, batch, context, steps + 16)
     for _ in range(4):
         engine.step()
     torch.cuda.synchronize()

@@ -2,7 +2,7 @@
 # Device run on nvidia-h200 (one GPU), 2026-12-04: the decode launch's host inputs staged in pinned buffers (the
 # loop trace showed the host blocked in pageable copies, which wait for the stream to drain, so the GPU idled
 # ~0.6 ms a step at batch 64). GPU tests of every graph path the staging feeds, then the decode table and the
-# loop trace at batch 1 and 64 again. Carry: .gpu-pack. One archive comes back.
+# loop trace at batch 1 and 64 again (the staging gave no time and was reverted in 71cb243). Carry: .gpu-pack.
 set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
