@@ -34,8 +34,8 @@ from pd.kernels.moe_config import GemmConfig, MoeConfig
 # group before the next group), so a group's weight tiles are reused from L2 at large token counts.
 GROUP_M = 8
 # Elements of the [pairs, experts] one-hot tile one alignment program holds; up to _ONE_PROGRAM_TILE the
-# whole alignment runs as one program (16 warps past _ALIGN_TILE): one launch instead of three for a decode
-# batch of up to 512 pairs at 64 experts (batch 64 at top-6 took three passes, ~13.6 us a layer on an H200).
+# whole alignment is one launch of a program per expert (a decode batch of up to 512 pairs at 64 experts:
+# three passes took ~13.6 us a layer at batch 64 on an H200, one program for all experts ~17 us).
 _ALIGN_TILE = 16384
 _ONE_PROGRAM_TILE = 32768
 
@@ -76,24 +76,39 @@ def _write_padding_and_blocks(
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
-def _align_one_chunk_kernel(
+def _align_small_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, num_experts, max_blocks,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
 ):  # fmt: skip
-    """All of moe_align in one program, for ``num_pairs <= CHUNK`` (decode)."""
+    """All of moe_align for ``num_pairs <= CHUNK`` (decode), one program per expert: program ``e`` counts every
+    expert's pairs (for its group's first slot), then writes expert ``e``'s pairs in order, its padding and its
+    row blocks' expert; program 0 also marks the blocks past the last group -1."""
+    e = tl.program_id(0)
     pairs = tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1).to(tl.int32)
-    hit = _onehot(ids, num_experts, E_PAD)
-    rank = tl.cumsum(hit, axis=0)  # 1-based rank of each pair among its expert's pairs
-    total = tl.sum(hit, axis=0)
-    end = tl.cumsum((total + BLOCK_M - 1) // BLOCK_M * BLOCK_M, axis=0)
-    start = end - (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    dest = tl.sum(hit * (start[None, :] + rank - 1), axis=1)
-    tl.store(sorted_pairs_ptr + dest, pairs, mask=tl.sum(hit, axis=1) > 0)
-    _write_padding_and_blocks(
-        sorted_pairs_ptr, block_expert_ptr, total, start, end, num_pairs, max_blocks,
-        BLOCK_M, E_PAD, BLOCKS_PER_STEP,
-    )  # fmt: skip
+    total = tl.sum(_onehot(ids, num_experts, E_PAD), axis=0)  # [E_PAD] pairs per expert
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    experts = tl.arange(0, E_PAD)
+    start = tl.sum(tl.where(experts < e, padded, 0), axis=0)
+    mine = tl.sum(tl.where(experts == e, total, 0), axis=0)
+    end = start + (mine + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    hit = (ids == e).to(tl.int32)
+    tl.store(sorted_pairs_ptr + start + tl.cumsum(hit, axis=0) - 1, pairs, mask=hit > 0)
+    PAD_STEP: tl.constexpr = min(BLOCK_M, 16)
+    for s0 in tl.static_range(0, BLOCK_M, PAD_STEP):  # fewer than BLOCK_M padding slots
+        pad = start + mine + s0 + tl.arange(0, PAD_STEP)
+        tl.store(sorted_pairs_ptr + pad, tl.zeros([PAD_STEP], tl.int32) + num_pairs, mask=pad < end)
+    for b0 in range(start // BLOCK_M, end // BLOCK_M, BLOCKS_PER_STEP):
+        blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+        tl.store(
+            block_expert_ptr + blocks, tl.zeros([BLOCKS_PER_STEP], tl.int32) + e, mask=blocks < end // BLOCK_M
+        )
+    if e == 0:
+        for b0 in range(tl.sum(padded, axis=0) // BLOCK_M, max_blocks, BLOCKS_PER_STEP):
+            blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+            tl.store(
+                block_expert_ptr + blocks, tl.zeros([BLOCKS_PER_STEP], tl.int32) - 1, mask=blocks < max_blocks
+            )
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -186,10 +201,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     if num_pairs <= max(16, _ONE_PROGRAM_TILE // e_pad):
         one_chunk = max(16, triton.next_power_of_2(num_pairs))
         tile = one_chunk * e_pad
-        _align_one_chunk_kernel[(1,)](
+        _align_small_kernel[(num_experts,)](
             ids, sorted_pairs, block_expert, num_pairs, num_experts, max_blocks,
-            BLOCK_M=block_m, CHUNK=one_chunk, E_PAD=e_pad, BLOCKS_PER_STEP=max(16, _ALIGN_TILE // e_pad // 4),
-            num_warps=4 if tile <= 4096 else 8 if tile <= _ALIGN_TILE else 16,
+            BLOCK_M=block_m, CHUNK=one_chunk, E_PAD=e_pad, BLOCKS_PER_STEP=64,
+            num_warps=4 if tile <= 8192 else 8,
         )  # fmt: skip
         return sorted_pairs, block_expert
     num_chunks = triton.cdiv(num_pairs, chunk)
