@@ -5,8 +5,9 @@ kernel inventory of one replay (name, launches a step, microseconds a step).
     python -m pd.bench.loop_trace [--batches 1,64] [--context 1024] [--steps 8] --out DIR
 
 DESIGN.md §8 shape, dummy weights, one GPU. Writes ``DIR/trace_b{B}.json`` (Chrome trace) and prints, per
-batch: steps' wall, GPU busy time, the idle total, the largest gaps with the host calls overlapping them, and
-the replay's kernels by time.
+batch: the unprofiled loop's phases (``phases``), then from the profile the steps' wall, GPU busy time, the idle
+total, the largest gaps with the host calls overlapping them (CUPTI inflates graph launches: read these with
+the unprofiled phases), and the replay's kernels by time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pd.bench.decode_step import decoding_requests, kernel_times, make_batch
 from pd.config import EngineConfig, ModelConfig
+from pd.engine.decode_graph import Launched
 from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner
 
@@ -75,6 +77,77 @@ def trace_loop(runner: ModelRunner, batch: int, context: int, steps: int, out: P
         engine.step()
 
 
+def phases(runner: ModelRunner, batch: int, context: int, steps: int) -> None:
+    """The overlapped loop without a profiler (CUPTI tracing makes each graph launch cost ~1 ms of host time):
+    CUDA events around each replay give its GPU time and the GPU time from one replay's end to the next one's
+    start (input copies, planning copies, results copied back, idle); at each replay's launch the host notes
+    whether the replay before had already ended (the GPU then waits for the host); host clocks time the inputs'
+    load and planning (``_load``) and the wait for a step's results."""
+    graphs = runner.graphs
+    assert graphs is not None
+    engine = Engine(runner.cfg, runner=runner)
+    engine.scheduler.lookahead = 1
+    engine.overlap = True
+    reqs = decoding_requests(engine, batch, context, steps + 16)
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
+    load_s: list[float] = []
+    wait_s: list[float] = []
+    replay, load = graphs.graphs.replay, graphs._load
+
+    def timed_replay(key):
+        late = bool(marks) and marks[-1][1].query()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = replay(key)
+        end.record()
+        marks.append((start, end, late))
+        return out
+
+    def timed_load(*args, **kwargs):
+        t0 = time.perf_counter()
+        load(*args, **kwargs)
+        load_s.append(time.perf_counter() - t0)
+
+    result = Launched.result
+
+    def timed_result(self):
+        t0 = time.perf_counter()
+        if self.out.event is not None:
+            self.out.event.synchronize()
+        wait_s.append(time.perf_counter() - t0)
+        return result(self)
+
+    graphs.graphs.replay, graphs._load = timed_replay, timed_load  # type: ignore[method-assign]
+    Launched.result = timed_result  # type: ignore[method-assign]
+    try:
+        for _ in range(4):
+            engine.step()
+        torch.cuda.synchronize()
+        marks.clear()
+        load_s.clear()
+        wait_s.clear()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    finally:
+        graphs.graphs.replay, graphs._load = replay, load  # type: ignore[method-assign]
+        Launched.result = result  # type: ignore[method-assign]
+    run = [a.elapsed_time(b) for a, b, _ in marks]
+    between = [marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
+    late = sum(m[2] for m in marks[1:]) / max(1, len(marks) - 1)
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    print(f"\n## batch {batch}, unprofiled: {wall * 1e3:.2f} ms a step; replay {mean(run):.2f} ms; GPU from one "
+          f"replay's end to the next's start {mean(between):.3f} ms (max {max(between, default=0):.3f}); replays "
+          f"launched after the one before had ended: {late:.0%}; host load + plan {mean(load_s) * 1e3:.3f} ms, "
+          f"host wait for results {mean(wait_s) * 1e3:.3f} ms")  # fmt: skip
+    for req in reqs:
+        engine.abort(req)
+    while engine.has_work():
+        engine.step()
+
+
 def inventory(runner: ModelRunner, batch: int, context: int) -> None:
     b = make_batch(runner, batch, context)
     assert runner.graphs is not None
@@ -117,6 +190,7 @@ def main() -> None:
     runner = ModelRunner(cfg, ModelConfig.from_dir(model))
     runner.pool.buffer.normal_()
     for b in batches:
+        phases(runner, b, args.context, max(args.steps, 20))
         inventory(runner, b, args.context)
         trace_loop(runner, b, args.context, args.steps, args.out)
     runner.close()
