@@ -153,3 +153,29 @@ def test_warm_up_compiles_each_moe_block_config_a_prompt_step_can_pick(tiny_mode
     ids = torch.zeros(rows, engine.model_cfg.num_experts_per_tok, dtype=torch.int64)
     every = {experts.sorted_config(x[:n], ids[:n]) for n in range(1, rows + 1)}
     assert {experts.sorted_config(x[:n], ids[:n]) for n in ran} == every and len(ran) == len(every)
+
+
+def test_warm_up_compiles_the_moe_configs_of_every_eager_step_kind(tiny_model_dir) -> None:
+    """Rows the sorted-layout experts take outside a whole graph: prompt steps' chunk, and decode steps in normal
+    mode outside a whole decode graph (piecewise or eager) up to max_running; none for whole decode graphs
+    (compiled when captured) or low-latency decode (masked layout)."""
+    from types import SimpleNamespace
+
+    from pd.config import EngineConfig
+    from pd.engine.engine import Engine
+    from pd.engine.warmup import sorted_moe_rows
+
+    cfg = EngineConfig(
+        model_path=str(tiny_model_dir), page_size=4, num_pages=8, chunk_size=96, max_running=200
+    )
+    engine = Engine(cfg)
+    assert engine.runner.graphs is None  # CPU: decode runs eager
+    assert sorted_moe_rows(engine, extend=True, decode=False) == 96
+    assert sorted_moe_rows(engine, extend=False, decode=True) == 200
+    assert sorted_moe_rows(engine, extend=True, decode=True) == 200
+    for piecewise, rows in ((False, 0), (True, 200)):
+        engine.runner.graphs = SimpleNamespace(graphs=SimpleNamespace(piecewise=piecewise))  # type: ignore[assignment]
+        assert sorted_moe_rows(engine, extend=False, decode=True) == rows
+    engine.runner.graphs = None
+    engine.runner.low_latency_moe = True
+    assert sorted_moe_rows(engine, extend=False, decode=True) == 0

@@ -11,8 +11,8 @@ scratch requests whose pages it allocates and frees:
   grammar (the launched step: processing, sampling and top logprobs behind the replay), then a replay of every
   other graph bucket (the decode graphs, or speculative decoding's verify and draft graphs);
 - the prompt steps' graph buckets (``pd.engine.extend_graph``) replayed once each;
-- ``extend`` on CUDA: the routed experts' kernels at each block config an eager prompt step can pick
-  (``compile_moe_configs``).
+- on CUDA: the routed experts' kernels at each block config an eager prompt step, or a decode step run in
+  normal mode outside a whole graph, can pick (``compile_moe_configs``, ``sorted_moe_rows``).
 
 Ranks of a multi-rank instance run the same sequence, so their EP collectives meet. The model's expert
 counters are reset afterwards: ``pd_expert_tokens`` counts served tokens only.
@@ -73,6 +73,19 @@ def compile_moe_configs(model: torch.nn.Module, max_rows: int, dtype: torch.dtyp
     return len(rows)
 
 
+def sorted_moe_rows(engine: Engine, extend: bool, decode: bool) -> int:
+    """The most rows the routed experts' sorted-layout kernels take eagerly on this rank: a prompt step's
+    ``chunk_size`` tokens from every rank, and, where decode steps dispatch in normal mode outside a whole graph
+    (piecewise graphs, eager decode), ``max_running`` from every rank. Whole decode graphs compiled theirs when
+    captured; low-latency decode uses the masked layout."""
+    runner, world = engine.runner, engine.runner.ep.config.world_size
+    rows = engine.cfg.chunk_size * world if extend else 0
+    graphs = runner.graphs
+    if decode and not runner.low_latency_moe and (graphs is None or graphs.graphs.piecewise):
+        rows = max(rows, engine.cfg.max_running * world)
+    return rows
+
+
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
     """Runs the role's kernel paths once (see the module docstring); returns the seconds it took."""
     t0 = time.perf_counter()
@@ -129,10 +142,8 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
         if extend and runner.extend_graphs is not None:
             for t in runner.extend_graphs.buckets:
                 runner.extend_graphs.run_idle(t)
-        if extend and runner.device.type == "cuda":
-            compile_moe_configs(
-                runner.model, engine.cfg.chunk_size * runner.ep.config.world_size, runner.dtype
-            )
+        if runner.device.type == "cuda":
+            compile_moe_configs(runner.model, sorted_moe_rows(engine, extend, decode), runner.dtype)
     finally:
         for req in reqs:
             engine.allocator.free(req.pages)
