@@ -1,4 +1,4 @@
-"""CUDA graphs of short extend steps on a single-rank engine, one per token bucket.
+"""CUDA graphs of short extend steps, one per token bucket (piecewise on multi-rank engines).
 
 A prompt step of few tokens (a short prompt, the tail of a prompt whose prefix is cached, the last small
 chunk) costs its eager launches, not its math: on the DESIGN.md §8 shape an eager forward of 100 tokens took
