@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 GB = 1e9
+KV_FREE_HEADROOM = 0.05  # of the device's memory left free by the KV pool (activations, graphs, other ranks)
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,22 @@ def check_fits(weights: WeightBytes, share: float, total: int, fraction: float, 
             f"{share / GB:.2f} GB (--gpu-memory-fraction {fraction} of {total / GB:.2f} GB, less what the "
             "process holds); use more EP ranks, FP8 weights, or a larger share"
         )
+
+
+def pages_in_share(device: torch.device, fraction: float, page_nbytes: int) -> int:
+    """KV pages of ``page_nbytes`` that fit this process's share of the GPU: ``fraction`` of the device's memory,
+    less what the process holds already (weights), and never more than is free now. A share, not a floor of free
+    memory, so two instances on one GPU (``pd-serve`` gives each half) size their pools the same whichever
+    starts first."""
+    free, _ = torch.cuda.mem_get_info(device)
+    share, total = gpu_share(device, fraction)
+    num_pages = int(min(share, free - total * KV_FREE_HEADROOM) // page_nbytes)
+    if num_pages < 2:
+        gib = 1 << 30
+        raise MemoryError(
+            f"no room for a KV cache on {device}: this rank's share (--gpu-memory-fraction {fraction}) is "
+            f"{total * fraction / gib:.1f} GiB of {total / gib:.1f}, it holds "
+            f"{torch.cuda.memory_reserved(device) / gib:.1f} GiB already and {free / gib:.1f} GiB are free: raise the "
+            "share, free the GPU, or set --num-pages"
+        )
+    return num_pages

@@ -14,7 +14,7 @@ from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.decode_graph import DecodeGraphs, Launched, default_buckets
 from pd.engine.extend_graph import ExtendGraphs, default_extend_buckets
 from pd.engine.logits import LogitsProcessor
-from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share
+from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share, pages_in_share
 from pd.engine.verify_graph import VerifyGraphs
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
@@ -127,8 +127,6 @@ def top_logprobs(full: torch.Tensor, rows: list[Req]) -> list[TopLogprobs]:
 log = logging.getLogger(__name__)
 
 PROMPT_LOGPROBS_BLOCK = 1024  # prompt positions scored per lm_head call (echo)
-
-KV_FREE_HEADROOM = 0.05  # of the device's memory left free by the KV pool (activations, graphs, other ranks)
 
 
 class ModelRunner:
@@ -264,7 +262,9 @@ class ModelRunner:
         num_pages = self.cfg.num_pages
         if num_pages is None:
             if self.device.type == "cuda":
-                num_pages = self._pages_in_share(layout.page_nbytes_per_layer * layers)
+                num_pages = pages_in_share(
+                    self.device, self.cfg.gpu_memory_fraction, layout.page_nbytes_per_layer * layers
+                )
             else:
                 num_pages = DEFAULT_CPU_KV_TOKENS // self.cfg.page_size + 1
         order = KVOrder(self.cfg.kv_layout)
@@ -284,25 +284,6 @@ class ModelRunner:
                 f"and other processes (share {self.cfg.gpu_memory_fraction})"
             )
         return line
-
-    def _pages_in_share(self, page_nbytes: int) -> int:
-        """KV pages that fit this process's share of the GPU: ``gpu_memory_fraction`` of the device's memory,
-        less what the process holds already (weights), and never more than is free now. A share, not a
-        floor of free memory, so two instances on one GPU (``pd-serve`` gives each half) size their pools
-        the same whichever starts first."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        share, total = gpu_share(self.device, self.cfg.gpu_memory_fraction)
-        budget = min(share, free - total * KV_FREE_HEADROOM)
-        num_pages = int(budget // page_nbytes)
-        if num_pages < 2:
-            gib = 1 << 30
-            raise MemoryError(
-                f"no room for a KV cache on {self.device}: this rank's share (--gpu-memory-fraction "
-                f"{self.cfg.gpu_memory_fraction}) is {total * self.cfg.gpu_memory_fraction / gib:.1f} GiB of "
-                f"{total / gib:.1f}, it holds {torch.cuda.memory_reserved(self.device) / gib:.1f} GiB already and "
-                f"{free / gib:.1f} GiB are free: raise the share, free the GPU, or set --num-pages"
-            )
-        return num_pages
 
     @torch.inference_mode()
     def run(
