@@ -151,6 +151,7 @@ def _search(row_tiles, default: MoeConfig, tma: bool) -> Result:
 
 def tune_fused(num_tokens: int, w13, w2, itemsize: int = 2) -> Result:
     from pd.kernels import moe_triton as mt
+    from pd.kernels.moe_align_triton import moe_align
 
     num_experts = w13.shape[0]
     ids, weights = uniform_routing(num_tokens, NUM_EXPERTS, TOP_K, w13.device)
@@ -163,7 +164,7 @@ def tune_fused(num_tokens: int, w13, w2, itemsize: int = 2) -> Result:
 
     def row_tiles():
         for bm in block_m_choices(rows_per_expert):
-            sorted_pairs, block_expert = mt.moe_align(ids, num_experts, bm)
+            sorted_pairs, block_expert = moe_align(ids, num_experts, bm)
             h = torch.empty(block_expert.numel() * bm, INTER, dtype=x.dtype, device=x.device)
             y = torch.empty(num_tokens * TOP_K, HIDDEN, dtype=x.dtype, device=x.device)
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pd.kernels.moe_align_triton import moe_align
 from pd.kernels.moe_config import GemmConfig, MoeConfig
 from pd.kernels.moe_triton import (
     GROUP_M,
@@ -33,7 +34,6 @@ from pd.kernels.moe_triton import (
     _tile_ids,
     _weight,
     masked_programs,
-    moe_align,
     sum_topk,
 )
 

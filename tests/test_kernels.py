@@ -210,7 +210,7 @@ class TestInterpreted:
     def test_moe_align_sorts_and_pads(self, num_pairs, num_experts, block_m):
         """Both paths (one program; three passes past 32768 / next_pow2(E) pairs) produce every valid
         pair once, grouped by expert in pair order, each group padded with the sentinel."""
-        from pd.kernels.moe_triton import max_row_blocks, moe_align
+        from pd.kernels.moe_align_triton import max_row_blocks, moe_align
 
         seed = fresh_seed()
         gen = torch.Generator().manual_seed(seed)
