@@ -123,3 +123,29 @@ def test_two_rank_instances_with_mtp_give_transformers_tokens(tiny_model, hf_mod
             if name == "pd_spec_tokens_per_step_count" and d.get("role") == "decode":
                 verified[d["rank"]] = verified.get(d["rank"], 0.0) + value
         assert sorted(verified) == ["0", "1"] and all(v > 0 for v in verified.values())
+
+
+def test_two_rank_decode_in_normal_mode_with_piecewise_graphs_gives_transformers_tokens(
+    tiny_model_dir, hf_model, tmp_path
+):
+    """``--piecewise-graphs``: decode ranks dispatch in the EP backend's normal mode (between piecewise graphs on
+    GPUs, eager here) instead of low-latency; a rank with nothing to decode still joins each layer's normal
+    collectives, so concurrent requests on both ranks give transformers' tokens."""
+    hf = hf_model(tiny_model_dir)
+    flags = ["--dp", "2", "--ep", "2", "--chunk-size", "16", "--model-name", "tiny-ci", "--piecewise-graphs"]
+    rng = random.Random(13)
+    prompts = [random_prompt(rng, rng.choice([3, 20, 45]), 1000) for _ in range(8)]
+    log = tmp_path / "pd-serve.log"
+    with pd_serve(tiny_model_dir, log, *flags) as url:
+        wait_until(lambda: len(kv_pages_used(url)) >= 4, 30, "4 ranks registered", interval=0.2)
+
+        async def run():
+            c = async_openai_client(url)
+            outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
+            await c.close()
+            return [o.choices[0].model_extra["token_ids"] for o in outs]
+
+        assert asyncio.run(run()) == [hf_greedy(hf, p, 12) for p in prompts]
+        assert all(v == 0 for v in wait_pages_idle(url).values())
+    text = log.read_text()
+    assert "low-latency MoE True" not in text and text.count("low-latency MoE False") == 4, text[-3000:]
