@@ -30,6 +30,13 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
+# The grouped GEMMs requantize the SiLU-gated intermediate to FP8 as their references do, but sum in float32 in
+# another order: an element that lands on the other side of an FP8 rounding boundary moves by one e4m3 step (up
+# to 1/8 of its value). Over 150 seeds the masked kernel's error stayed below 1.9e-3; CI met a seed at 4.9e-3
+# (1418322679, every config alike). A wrong row, expert or scale gives errors of order 1.
+MOE_TOL = 1e-2
+
+
 def quantized_weight(shape: tuple[int, ...], gen: torch.Generator, block: int = 128):
     """Random ``w [..., N, K]`` ~ N(0, 1/K) quantized the way DeepSeek checkpoints are: per block
     scale = amax / 448 (computed here independently of pd.kernels.fp8), on the generator's device."""
@@ -384,7 +391,7 @@ class TestInterpreted:
         fp8.fused_moe_fp8(x, w13, s13, w2, s2, ids, weights, backend="triton", config=CONFIGS[name], out=out)
         assert not out.isnan().any(), f"seed {seed}: unwritten outputs"
         err = rel_err(out, fp8.fused_moe_fp8_ref(x, w13, s13, w2, s2, ids, weights))
-        assert err < 2e-3, f"seed {seed}: rel err {err}"
+        assert err < MOE_TOL, f"seed {seed}: rel err {err}"
 
     @pytest.mark.parametrize("name", CONFIGS)
     @pytest.mark.parametrize("fp8_input", [None, "row", "col"])
@@ -421,7 +428,7 @@ class TestInterpreted:
         assert not out[live].isnan().any(), f"seed {seed}: unwritten live rows"
         assert out[~live].isnan().all(), f"seed {seed}: rows past the count were written"
         err = rel_err(out[live], ref[live])
-        assert err < 2e-3, f"seed {seed}: rel err {err}"
+        assert err < MOE_TOL, f"seed {seed}: rel err {err}"
 
     def test_masked_moe_no_rows(self):
         w13, s13, w2, s2 = expert_weights(2, 128, 128, torch.Generator().manual_seed(0))
