@@ -175,6 +175,14 @@ def decoding_requests(engine: Engine, batch: int, context: int, max_tokens: int)
     return reqs
 
 
+def finish_requests(engine: Engine, reqs: list[Req]) -> None:
+    """Aborts ``reqs`` and lands whatever is still in flight, so the pool is free for the next measurement."""
+    for req in reqs:
+        engine.abort(req)
+    while engine.has_work():
+        engine.step()
+
+
 def engine_loop(runner: ModelRunner, batch: int, context: int, iters: int) -> dict[str, float]:
     """Mean ms per step of the engine's decode loop (``Engine.step``: schedule, run, postprocess; no tokenizer,
     so no detokenizing) over ``batch`` requests at ``context`` tokens, one step at a time (``serial_ms``) and
@@ -194,10 +202,7 @@ def engine_loop(runner: ModelRunner, batch: int, context: int, iters: int) -> di
             engine.step()
         sync()
         out["overlapped_ms" if overlap else "serial_ms"] = (time.perf_counter() - t0) / iters * 1e3
-        for req in reqs:
-            engine.abort(req)
-        while engine.has_work():  # lands the step in flight
-            engine.step()
+        finish_requests(engine, reqs)
     return out
 
 

@@ -21,11 +21,22 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from pd.bench.decode_step import decoding_requests, kernel_times, make_batch
+from pd.bench.decode_step import decoding_requests, finish_requests, kernel_times, make_batch
 from pd.config import EngineConfig, ModelConfig
 from pd.engine.decode_graph import Launched
 from pd.engine.engine import Engine
 from pd.engine.runner import ModelRunner
+from pd.types import Req
+
+
+def overlapped_engine(
+    runner: ModelRunner, batch: int, context: int, max_tokens: int
+) -> tuple[Engine, list[Req]]:
+    """An engine on ``runner`` whose decode loop overlaps, with ``batch`` prefilled requests decoding."""
+    engine = Engine(runner.cfg, runner=runner)
+    engine.scheduler.lookahead = 1
+    engine.overlap = True
+    return engine, decoding_requests(engine, batch, context, max_tokens)
 
 
 def idle_gaps(kernels: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
@@ -39,10 +50,7 @@ def idle_gaps(kernels: list[tuple[float, float]], min_us: float) -> list[tuple[f
 
 
 def trace_loop(runner: ModelRunner, batch: int, context: int, steps: int, out: Path) -> None:
-    engine = Engine(runner.cfg, runner=runner)
-    engine.scheduler.lookahead = 1
-    engine.overlap = True
-    reqs = decoding_requests(engine, batch, context, steps + 16)
+    engine, reqs = overlapped_engine(runner, batch, context, steps + 16)
     for _ in range(4):
         engine.step()
     torch.cuda.synchronize()
@@ -71,10 +79,7 @@ def trace_loop(runner: ModelRunner, batch: int, context: int, steps: int, out: P
             if e.name not in names:
                 names.append(e.name)
         print(f"| {b - a:.0f} | {', '.join(names[:8])} |")
-    for req in reqs:
-        engine.abort(req)
-    while engine.has_work():
-        engine.step()
+    finish_requests(engine, reqs)
 
 
 def phases(runner: ModelRunner, batch: int, context: int, steps: int) -> None:
@@ -85,10 +90,7 @@ def phases(runner: ModelRunner, batch: int, context: int, steps: int) -> None:
     load and planning (``_load``) and the wait for a step's results."""
     graphs = runner.graphs
     assert graphs is not None
-    engine = Engine(runner.cfg, runner=runner)
-    engine.scheduler.lookahead = 1
-    engine.overlap = True
-    reqs = decoding_requests(engine, batch, context, steps + 16)
+    engine, reqs = overlapped_engine(runner, batch, context, steps + 16)
     marks: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
     load_s: list[float] = []
     wait_s: list[float] = []
@@ -142,10 +144,7 @@ def phases(runner: ModelRunner, batch: int, context: int, steps: int) -> None:
           f"replay's end to the next's start {mean(between):.3f} ms (max {max(between, default=0):.3f}); replays "
           f"launched after the one before had ended: {late:.0%}; host load + plan {mean(load_s) * 1e3:.3f} ms, "
           f"host wait for results {mean(wait_s) * 1e3:.3f} ms")  # fmt: skip
-    for req in reqs:
-        engine.abort(req)
-    while engine.has_work():
-        engine.step()
+    finish_requests(engine, reqs)
 
 
 def inventory(runner: ModelRunner, batch: int, context: int) -> None:

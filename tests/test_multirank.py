@@ -16,6 +16,18 @@ from tests.support.polling import wait_until
 openai = pytest.importorskip("openai")
 
 
+def greedy_token_ids(url: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The token ids of greedy completions of every prompt, all sent at once."""
+
+    async def run():
+        c = async_openai_client(url)
+        outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, max_tokens)) for p in prompts))
+        await c.close()
+        return [o.choices[0].model_extra["token_ids"] for o in outs]
+
+    return asyncio.run(run())
+
+
 @pytest.fixture(scope="module", params=["linear", "round_robin"])
 def deployment_dp2(request, tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-dp2") / "pd-serve.log"
@@ -38,15 +50,9 @@ def test_two_rank_instances_give_transformers_tokens(deployment_dp2, tiny_model_
     rng = random.Random(7)
     prompts = [random_prompt(rng, rng.choice([3, 20, 45]), 1000) for _ in range(12)]
 
-    async def run():
-        c = async_openai_client(deployment_dp2)
-        outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
-        await c.close()
-        return [o.choices[0].model_extra["token_ids"] for o in outs]
-
     # Concurrent requests spread over both ranks of each instance: one rank may decode while the
     # other prefills again or idles, and every MoE collective still lines up.
-    got = asyncio.run(run())
+    got = greedy_token_ids(deployment_dp2, prompts, 12)
     assert got == [hf_greedy(hf, p, 12) for p in prompts]
     assert all(v == 0 for v in wait_pages_idle(deployment_dp2).values())
     # Per-rank expert counters, relayed by the proxy: each rank reports the experts it holds.
@@ -109,13 +115,7 @@ def test_two_rank_instances_with_mtp_give_transformers_tokens(tiny_model, hf_mod
     with pd_serve(path, tmp_path / "pd-serve.log", *flags) as url:
         wait_until(lambda: len(kv_pages_used(url)) >= 4, 30, "4 ranks registered", interval=0.2)
 
-        async def run():
-            c = async_openai_client(url)
-            outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
-            await c.close()
-            return [o.choices[0].model_extra["token_ids"] for o in outs]
-
-        assert asyncio.run(run()) == [hf_greedy(hf, p, 12) for p in prompts]
+        assert greedy_token_ids(url, prompts, 12) == [hf_greedy(hf, p, 12) for p in prompts]
         assert all(v == 0 for v in wait_pages_idle(url).values())
         verified: dict[str, float] = {}  # verify steps of each decode rank (the histogram's count)
         for (name, labels), value in metric_samples(url).items():
@@ -139,13 +139,7 @@ def test_two_rank_decode_in_normal_mode_with_piecewise_graphs_gives_transformers
     with pd_serve(tiny_model_dir, log, *flags) as url:
         wait_until(lambda: len(kv_pages_used(url)) >= 4, 30, "4 ranks registered", interval=0.2)
 
-        async def run():
-            c = async_openai_client(url)
-            outs = await asyncio.gather(*(c.completions.create(**greedy_request(p, 12)) for p in prompts))
-            await c.close()
-            return [o.choices[0].model_extra["token_ids"] for o in outs]
-
-        assert asyncio.run(run()) == [hf_greedy(hf, p, 12) for p in prompts]
+        assert greedy_token_ids(url, prompts, 12) == [hf_greedy(hf, p, 12) for p in prompts]
         assert all(v == 0 for v in wait_pages_idle(url).values())
     text = log.read_text()
     assert "low-latency MoE True" not in text and text.count("low-latency MoE False") == 4, text[-3000:]

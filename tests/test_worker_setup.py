@@ -174,7 +174,7 @@ def test_warm_up_compiles_the_moe_configs_of_every_eager_step_kind(tiny_model_di
     assert sorted_moe_rows(engine, extend=False, decode=True) == 200
     assert sorted_moe_rows(engine, extend=True, decode=True) == 200
     for piecewise, rows in ((False, 0), (True, 200)):
-        engine.runner.graphs = SimpleNamespace(graphs=SimpleNamespace(piecewise=piecewise))  # type: ignore[assignment]
+        engine.runner.graphs = SimpleNamespace(piecewise=piecewise)  # type: ignore[assignment]
         assert sorted_moe_rows(engine, extend=False, decode=True) == rows
     engine.runner.graphs = None
     engine.runner.low_latency_moe = True

@@ -117,7 +117,6 @@ class StepGraphs:
         """Captures (or runs once) the cut step ``step`` under ``key``, piecewise or whole; returns its outputs."""
         if self._pool is None or not self.piecewise:
             return self.record(key, lambda: run_pieces(step()))
-        self._steps[key] = lambda: run_pieces(step())
         graph = self._graphs[key] = PiecewiseGraph(step, self._pool)
         self.out[key] = graph.out
         return graph.out

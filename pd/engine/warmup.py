@@ -81,7 +81,7 @@ def sorted_moe_rows(engine: Engine, extend: bool, decode: bool) -> int:
     runner, world = engine.runner, engine.runner.ep.config.world_size
     rows = engine.cfg.chunk_size * world if extend else 0
     graphs = runner.graphs
-    if decode and not runner.low_latency_moe and (graphs is None or graphs.graphs.piecewise):
+    if decode and not runner.low_latency_moe and (graphs is None or graphs.piecewise):
         rows = max(rows, engine.cfg.max_running * world)
     return rows
 
