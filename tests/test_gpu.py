@@ -506,3 +506,27 @@ def test_extend_graph_replay_equals_uncaptured_and_tracks_eager(gpu_tiny):
         err = rel_err(got, want)
         print(f"\nextend graph vs eager prefill: rel err {err:.4f} ({t}-token bucket)")
         assert err < 3e-2 and (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+
+
+def test_shared_experts_on_the_side_stream_equal_in_line(gpu_tiny):
+    """MoE layers start their shared experts on a side stream (``pd.model.moe.side_stream``) and join it before
+    adding them: the same kernels on the same inputs as in line, so the logits are equal bit for bit."""
+    from pd.model.context import ForwardContext
+    from pd.model.moe import MoE
+
+    runner = _decode_runner(gpu_tiny, cuda_graph=False)
+    assert any(isinstance(layer.mlp, MoE) and layer.mlp.shared_experts for layer in runner.model.model.layers)
+    rng = random.Random(4)
+    prompts = [random_prompt(rng, rng.randint(12, 60), 1000) for _ in range(4)]
+    starts, ends = [0] * 4, [len(p) for p in prompts]
+    pages = [list(range(1 + i * 8, 1 + (i + 1) * 8)) for i in range(4)]
+    ids = torch.tensor([i for p in prompts for i in p], device="cuda")
+    pos = torch.tensor([j for e in ends for j in range(e)], device="cuda")
+    last = torch.tensor(ends, device="cuda").cumsum(0) - 1
+    got = {}
+    for overlap in (True, False):
+        runner.attn.prepare(AttnInputs(BatchMode.EXTEND, starts, ends, pages))
+        ctx = ForwardContext(BatchMode.EXTEND, runner.attn, last, overlap_shared=overlap)
+        with torch.inference_mode():
+            got[overlap] = runner.model(ids, pos, ctx)
+    assert torch.equal(got[True], got[False])

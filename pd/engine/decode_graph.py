@@ -149,7 +149,14 @@ class DecodeGraphs:
         src = self.src[:bs]
         ids = torch.where(src >= 0, self.prev.index_select(0, src.clamp(min=0)), self.ids[:bs])
         rows = self.rows[:bs]
-        ctx = ForwardContext(BatchMode.DECODE, self.attn, rows, self.low_latency_moe, row_mask)
+        ctx = ForwardContext(
+            BatchMode.DECODE,
+            self.attn,
+            rows,
+            self.low_latency_moe,
+            row_mask,
+            overlap_shared=not self.piecewise,
+        )
         hidden = yield from self.model.hidden_pieces(ids, self.positions[:bs], ctx, rows)
         logits = self.model.logits(hidden)  # [bs, V] float32
         tokens = logits.argmax(-1)

@@ -83,7 +83,10 @@ class ExtendGraphs:
             log.info("captured extend CUDA graphs for token buckets %s, %s", self.buckets, how)
 
     def _step(self, t: int) -> Pieces[tuple[torch.Tensor]]:
-        ctx = ForwardContext(BatchMode.DECODE, self.attn, self.last, False, self.real[:t] != 0)
+        piecewise = self.graphs.piecewise
+        ctx = ForwardContext(
+            BatchMode.DECODE, self.attn, self.last, False, self.real[:t] != 0, overlap_shared=not piecewise
+        )
         hidden = yield from self.model.hidden_pieces(self.ids[:t], self.positions[:t], ctx, self.last)
         return (self.model.logits(hidden),)
 

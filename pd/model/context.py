@@ -25,3 +25,6 @@ class ForwardContext:
     low_latency_moe: bool = False
     row_mask: torch.Tensor | None = None  # [T] bool, False for padding rows; None: every row is real
     kv_stored: Callable[[int], None] | None = None
+    # MoE layers may run their shared experts on a side stream from ``route`` to ``finish`` (CUDA). False where
+    # the forward is cut between the two: each piece of a piecewise CUDA graph must join the streams it forks.
+    overlap_shared: bool = True

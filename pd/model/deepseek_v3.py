@@ -54,8 +54,9 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         if not isinstance(self.mlp, MoE):
             return self.mlp(h), residual
-        routed = yield self.mlp.route(h, ctx)
-        return self.mlp.finish(h, routed), residual
+        call = self.mlp.route(h, ctx)
+        routed = yield call
+        return self.mlp.finish(call, routed), residual
 
 
 class DeepseekV3Model(nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pd.config import FP8Quant, ModelConfig
-from pd.kernels import mla_rope
+from pd.kernels import mla_rope, skinny
 from pd.model.context import ForwardContext
 from pd.model.layers import RMSNorm, RotaryEmbedding
 from pd.model.quant import linear
@@ -99,7 +99,13 @@ class MLAttention(nn.Module):
             out = attn.extend(self.layer, torch.cat([q_nope, q_rope], dim=-1), k, v)  # [T, Hh, v]
         else:
             w_uk, w_uv = self.absorbed_weights()
-            q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+            if skinny.usable(q_nope, w_uk):  # no copies of the strided operands (pd.kernels.skinny)
+                q_latent = skinny.head_mm(q_nope, w_uk.transpose(1, 2))
+            else:
+                q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
             out_latent = attn.decode(self.layer, q_latent, q_rope)  # [T, Hh, kv_lora]
-            out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
+            if skinny.usable(out_latent, w_uv):
+                out = skinny.head_mm(out_latent, w_uv)
+            else:
+                out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))

@@ -91,6 +91,12 @@ def route_ref(
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream MoE layers run their shared experts on (one per device, for the process's lifetime)."""
+    return torch.cuda.Stream(device)
+
+
 def fp8_dispatch(cfg: ModelConfig, quant: FP8Quant | None, device: torch.device) -> bool:
     """Whether low-latency dispatch should send FP8 rows (``EPConfig.ll_fp8``): when the routed experts
     run on the W8A8 kernels, which take those rows and their scales as they arrive."""
@@ -208,10 +214,14 @@ class MoE(nn.Module):
         return placement_of(self.placement, c.num_experts, c.world_size).local_experts(c.rank)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.finish(x, self.route(x, ctx).run())
+        call = self.route(x, ctx)
+        return self.finish(call, call.run())
 
     def route(self, x: torch.Tensor, ctx: ForwardContext) -> RoutedCall:
-        """Chooses the experts of ``x [T, H]``; returns the routed experts' call, not yet run."""
+        """Chooses the experts of ``x [T, H]``; returns the routed experts' call, not yet run. On CUDA with
+        ``ctx.overlap_shared`` the shared experts start first, on a side stream (``finish`` joins it): a decode
+        step's shared-expert GEMMs then run beside the routing and routed kernels instead of after them."""
+        shared = self._start_shared(x) if ctx.overlap_shared else None
         gate = self.gate
         topk_weights, topk_idx = select_experts(
             x, gate.weight, gate.e_score_correction_bias, self.cfg
@@ -220,12 +230,28 @@ class MoE(nn.Module):
             topk_idx = torch.where(ctx.row_mask[:, None], topk_idx, -1)
         if self.placement is not None:
             topk_idx = self.placement.to_physical(topk_idx)  # [T, K] physical ids
-        return RoutedCall(self, x, topk_idx, topk_weights, ctx.low_latency_moe)
+        return RoutedCall(self, x, topk_idx, topk_weights, ctx.low_latency_moe, shared)
 
-    def finish(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """The layer's output from its input ``x [T, H]`` and the routed experts' ``routed [T, H]``: plus the
-        shared experts."""
-        return routed if self.shared_experts is None else routed + self.shared_experts(x)
+    def _start_shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts of ``x`` issued on the device's side stream after the work queued so far, or None
+        (no shared experts, or not CUDA). Allocator-safe without ``record_stream``: ``x`` stays referenced by the
+        call until ``finish`` joins, and the output's only reader is ``finish``'s add, before the next fork."""
+        if self.shared_experts is None or not x.is_cuda:
+            return None
+        side, main = side_stream(x.device), torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            return self.shared_experts(x)
+
+    def finish(self, call: RoutedCall, routed: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its ``call`` (``route``'s) and the routed experts' result ``routed [T, H]``:
+        plus the shared experts (joined from the side stream where ``route`` started them)."""
+        if self.shared_experts is None:
+            return routed
+        if call.shared is None:
+            return routed + self.shared_experts(call.x)
+        torch.cuda.current_stream(routed.device).wait_stream(side_stream(routed.device))
+        return routed + call.shared
 
     def routed(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, low_latency: bool
@@ -264,6 +290,7 @@ class RoutedCall:
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
     low_latency: bool
+    shared: torch.Tensor | None = None  # [T, H]: the shared experts' output, pending on the side stream
 
     def run(self) -> torch.Tensor:
         """-> ``[T, H]`` in ``x``'s dtype, a fresh tensor."""
