@@ -18,7 +18,7 @@ import torch
 
 from pd.kernels.moe import HAS_TRITON
 
-MAX_ROWS = 64  # the kernel keeps every row of x in registers next to its weight tile
+MAX_ROWS = 128  # a program walks the rows in blocks of up to 64, each beside its weight tile in registers
 _HALF = (torch.bfloat16, torch.float16)
 
 
