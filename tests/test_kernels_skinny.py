@@ -16,8 +16,8 @@ from tests.support.interpreter import HAS_TRITON, INTERPRETING, interpreter_test
 if HAS_TRITON and INTERPRETING:
     patch_float_casts()
 
-# (tokens, heads, nope, v, kv_lora): the DESIGN.md §8 heads at 1, 64 and 128 tokens (the kernel's largest: two row
-# blocks), 8 tokens of DeepSeek-V3's 128 heads, and small odd shapes whose K is no multiple of the block, the second
+# (tokens, heads, nope, v, kv_lora): the DESIGN.md §8 heads at 1, 64 (MAX_ROWS) and 128 tokens (two row blocks: the
+# kernel computes them, the model does not use it there), 8 tokens of DeepSeek-V3's 128 heads, and small odd shapes whose K is no multiple of the block, the second
 # over two row blocks.
 CASES = [
     (1, 16, 128, 128, 512), (64, 16, 128, 128, 512), (128, 16, 128, 128, 512), (8, 128, 128, 128, 512),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device run on nvidia-h200 (one GPU), 2026-12-04 (session 8), the session's last: head_mm up to 128 rows (the
-# kernel against einsum on CUDA, then the decode step b1-128 and graph replay == eager with it), the MTP K=1 step
-# with what time is left. Carry: .gpu-pack.
+# Device run on nvidia-h200 (one GPU), 2026-12-04 (session 8), the last: head_mm up to 128 rows (the kernel against
+# einsum on CUDA, then the decode step b1-128 and graph replay == eager with it), the MTP K=1 step with what time is
+# left. Carry: .gpu-pack. Outcome: decode_step timed out behind a cold FlashInfer JIT (no b128 timing), so
+# skinny.MAX_ROWS went back to the measured 64; the tests and spec_step ran.
 set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
