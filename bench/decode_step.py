@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pd.attention import ATTENTION_BACKENDS
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.bench.moe_kernels import measure_ceilings
 from pd.config import EngineConfig, ModelConfig
@@ -248,6 +249,9 @@ def main() -> None:
         default="",
         help="batches (e.g. 1,64; first context) whose graph step is split into kernel classes and the gap",
     )
+    p.add_argument(
+        "--attention-backend", default="auto", choices=ATTENTION_BACKENDS, help="as the launchers' flag"
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -270,7 +274,7 @@ def main() -> None:
     pages = max_b * (-(-(max_ctx + 1) // page_size) + 1) + 2  # a page more each: the engine loop's growth
     cfg = EngineConfig(
         args.model, device="cuda", dtype="bfloat16", load_format="dummy", quantization=args.quantization,
-        page_size=page_size, num_pages=pages,
+        page_size=page_size, num_pages=pages, attention_backend=args.attention_backend,
         max_running=max_b, chunk_size=args.prefill_tokens, max_context_len=max(max_ctx + 64, args.prefill_seq_len + 64),
     )  # fmt: skip
     t0 = time.perf_counter()

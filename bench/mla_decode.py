@@ -1,6 +1,7 @@
-"""FlashInfer's paged MLA decode kernels at decode batch sizes, one per backend it offers on this GPU.
+"""FlashInfer's paged MLA decode kernels at decode batch sizes, one per backend it offers on this GPU, and pd's
+split-KV Triton kernel (``pd.kernels.mla_decode``, the ``triton`` attention backend's decode).
 
-    python -m pd.bench.mla_decode                                   # fa3 and fa2, §8 heads (16), context 1K
+    python -m pd.bench.mla_decode                         # fa3, fa2 and pd's triton kernel, §8 heads (16), context 1K
     python -m pd.bench.mla_decode --heads 128 --contexts 1024,4096 --out mla.json
 
 Why: on an H200 the decode step at batch 1 spends ~19 us a layer in the MLA kernel (FlashInfer's "auto" picks
@@ -45,7 +46,7 @@ def run_backend(
         torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(batch))[: batch * pages_per] + 1
     )
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    wrapper = BatchMLAPagedAttentionWrapper(workspace, backend=backend)
+    wrapper = BatchMLAPagedAttentionWrapper(workspace, backend="fa3" if backend == "triton" else backend)
     metadata = MLAPlanMetadata.csr(
         _host(np.arange(batch + 1)), _host(np.arange(batch + 1) * pages_per), _host(pages.numpy()),
         _host(np.full(batch, context)),
@@ -57,11 +58,24 @@ def run_backend(
     )  # fmt: skip
     kv = (cache[..., :LORA], cache[..., LORA:])
 
+    def call() -> torch.Tensor:
+        return wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
+
+    if backend == "triton":  # pd's split-KV kernel (pd.kernels.mla_decode), the way TritonMLABackend calls it
+        from pd.kernels.mla_decode import mla_decode, splits_for
+
+        table = pages.view(batch, pages_per).to(device="cuda", dtype=torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        splits = splits_for(batch, heads, torch.cuda.get_device_properties(0).multi_processor_count)
+
+        def call() -> torch.Tensor:
+            return mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, splits)
+
     def layers() -> None:
         for _ in range(LAYERS):
-            wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
+            call()
 
-    out = wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
+    out = call()
     graph = torch.cuda.CUDAGraph()
     layers()  # warm-up outside the capture
     torch.cuda.synchronize()
@@ -72,7 +86,7 @@ def run_backend(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="fa3,fa2")
+    p.add_argument("--backends", default="fa3,fa2,triton")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     p.add_argument("--contexts", default="1024")
     p.add_argument("--heads", type=int, default=16)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pd.attention import ATTENTION_BACKENDS
 from pd.bench.decode_step import kernel_times, wall
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
@@ -92,6 +93,9 @@ def main() -> None:
     p.add_argument(
         "--preset", default="moonlight-shape", help="pd-make-tiny-model preset (ci: a CPU smoke run)"
     )
+    p.add_argument(
+        "--attention-backend", default="auto", choices=ATTENTION_BACKENDS, help="as the launchers' flag"
+    )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
     from pd.tiny_model import make_tiny_model
@@ -106,7 +110,7 @@ def main() -> None:
     cfg = EngineConfig(
         str(model), device=args.device, dtype="bfloat16" if gpu else "float32", load_format="dummy", page_size=page_size,
         num_pages=max(batches) * per + 2, max_running=max(batches), max_context_len=args.context + 64,
-        speculative=SpeculativeConfig("mtp", max_k, oracle=True),
+        speculative=SpeculativeConfig("mtp", max_k, oracle=True), attention_backend=args.attention_backend,
     )  # fmt: skip
     engine = Engine(cfg)
     runner = engine.runner

@@ -84,7 +84,7 @@ def worker_main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world,
-        timeout=timedelta(seconds=30),
+        timeout=timedelta(seconds=60),  # as tests/test_ep.py: a loaded 2-core CI box once aborted at 30
     )  # fmt: skip
     try:
         cfg = EngineConfig(model_path=args.model, page_size=16, num_pages=128)

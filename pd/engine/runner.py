@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pd.attention import ATTENTION_BACKENDS
 from pd.attention.base import AttentionBackend, AttnInputs
 from pd.attention.flashinfer_mla import FlashInferMLABackend, flashinfer_unusable
 from pd.attention.torch_ref import TorchMLABackend
+from pd.attention.triton_mla import TritonMLABackend
 from pd.config import DEFAULT_CPU_KV_TOKENS, EngineConfig, FP8Quant, ModelConfig
 from pd.engine.decode_graph import DecodeGraphs, Launched, default_buckets
 from pd.engine.extend_graph import ExtendGraphs, default_extend_buckets
@@ -91,10 +93,11 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
         name = "flashinfer" if why is None else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
-    if name == "flashinfer":
+    if name in ("flashinfer", "triton"):
         if not pool.buffer.is_cuda:
-            raise ValueError("the flashinfer attention backend needs a CUDA device")
-        return FlashInferMLABackend(
+            raise ValueError(f"the {name} attention backend needs a CUDA device")
+        backend = FlashInferMLABackend if name == "flashinfer" else TritonMLABackend
+        return backend(
             pool,
             cfg.softmax_scale,
             cfg.kv_lora_rank,
@@ -102,7 +105,7 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
             cfg.qk_head_dim,
             cfg.v_head_dim,
         )
-    raise ValueError(f"unknown attention backend {name!r}; expected 'auto', 'torch' or 'flashinfer'")
+    raise ValueError(f"unknown attention backend {name!r}; expected one of {ATTENTION_BACKENDS}")
 
 
 def resolve_device(name: str) -> torch.device:
