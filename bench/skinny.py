@@ -5,9 +5,10 @@
 Shapes: the DESIGN.md §8 (Moonlight) layer's projections (``q_kv_a``, ``o_proj``, the shared experts, the router
 with float32 output, the dense layer's MLP) and MLA's absorbed ``kv_b_proj`` factors (per head). Time per call:
 a CUDA graph of calls over distinct weight copies (more bytes than L2 holds, so each call reads its weight from
-HBM), replayed, divided by the calls. Floor = weight bytes / 4.3 TB/s (H200 copy bandwidth, shared/gpu/NOTES.md).
-``--sweep`` also times a grid of kernel configs and prints the best per shape and row count beside the default
-``pd.kernels.skinny.config``. Every row carries the kernel's max relative error against a float32 product.
+HBM), replayed, divided by the calls (``pd.bench.moe_kernels.graph_us``). Floor = weight bytes / 4.3 TB/s (H200
+copy bandwidth, shared/gpu/NOTES.md). ``--sweep`` also times a grid of kernel configs and prints the best per shape
+and row count beside ``pd.kernels.skinny.config``. Every row carries the kernel's max relative error against a
+float32 product. The Triton kernel serves only the per-head factors in the model (``skinny_h200.md`` says why).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from pd.bench.moe_kernels import graph_us
 from pd.kernels import skinny
 
 HBM_BYTES_PER_S = 4.3e12
@@ -39,28 +41,6 @@ SWEEP = [
     *itertools.product((16, 32, 64), (128, 256), (4,), (3, 5)),
     (16, 512, 4, 3), (32, 512, 8, 3), (64, 128, 8, 4), (16, 64, 4, 6),
 ]  # fmt: skip
-
-
-def per_call_us(calls: list[Callable[[], object]], replays: int = 5) -> float:
-    """Median over ``replays`` of one graph replay of every call, divided by the calls (µs)."""
-    for c in calls[:2]:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def weights(heads: int, n: int, k: int) -> list[torch.Tensor]:
@@ -115,15 +95,15 @@ def run(rows: list[int], sweep: bool) -> list[dict]:
             default = skinny.config(n, k, m)
             r = {
                 "shape": name, "rows": m, "floor_us": floor,
-                "cublas_us": per_call_us(calls_for(heads, fp32, x, ws, None)),
-                "skinny_us": per_call_us(calls_for(heads, fp32, x, ws, default)),
+                "cublas_us": graph_us(calls_for(heads, fp32, x, ws, None)),
+                "skinny_us": graph_us(calls_for(heads, fp32, x, ws, default)),
                 "default": list(default), "rel_err": rel_err(heads, fp32, x, ws[0]),
             }  # fmt: skip
             if sweep:
                 timed = []
                 for c in SWEEP:
                     try:
-                        timed.append((per_call_us(calls_for(heads, fp32, x, ws, c)), c))
+                        timed.append((graph_us(calls_for(heads, fp32, x, ws, c)), c))
                     except Exception as e:  # a config past the SM's shared memory: not a candidate
                         if "out of resource" not in str(e):
                             raise
