@@ -3,7 +3,9 @@
 Triton's CPU interpreter (``test_triton_interpreter`` reruns ``TestInterpreted`` in a subprocess with
 ``TRITON_INTERPRET=1``, when triton >= 3.9 is installed, float32) and on CUDA (``-m gpu``, bf16). Cases: both pool
 axis orders (a page-major layer is a strided view), scattered pages, lengths of one position, of a page boundary
-and past it, more splits than positions, one split; the inputs must come back untouched."""
+and past it, more splits than positions, one split; the inputs must come back untouched. ``TritonMLABackend``'s metadata (page
+tables, lengths, cache slots, a padded graph bucket) is checked on CPU through the reference and, in the
+interpreter, through the kernel."""
 
 from __future__ import annotations
 
@@ -87,6 +89,15 @@ class TestInterpreted:
     def test_against_the_torch_backend(self, case, order):
         check("cpu", torch.float32, case, order)
 
+    @pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
+    def test_backend_metadata_through_the_kernel(self, order, monkeypatch):
+        import functools
+
+        from pd.attention import triton_mla
+
+        monkeypatch.setattr(triton_mla, "mla_decode", functools.partial(mla_decode, triton=True))
+        test_triton_backend_plain_decode_metadata_eager_and_in_a_padded_bucket(order)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,3 +110,48 @@ def test_on_cuda(case, order):
 
 
 test_triton_interpreter = interpreter_test(__file__)
+
+
+def _cpu_backend(pool: KVPool, heads: int, lora: int, scale: float):
+    """A ``TritonMLABackend`` without FlashInfer (its plain decode steps need none): the metadata it builds, run
+    through ``mla_decode``'s reference on CPU (its kernel in the interpreter)."""
+    from pd.attention.triton_mla import TritonMLABackend
+
+    b = TritonMLABackend.__new__(TritonMLABackend)
+    b.pool, b.scale, b.kv_lora_rank, b.num_heads = pool, scale, lora, heads
+    b.device, b.dtype, b.sms = pool.buffer.device, pool.layout.dtype, 8
+    b.active, b.inputs, b._eager = None, None, None
+    return b
+
+
+@pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
+def test_triton_backend_plain_decode_metadata_eager_and_in_a_padded_bucket(order):
+    """``TritonMLABackend``'s page tables, lengths and cache slots: an eager plain decode step and the same step
+    planned into a bucket of 5 rows (3 padding rows on the dummy page) give the reference backend's attention for
+    the real rows, and store the new latent where the reference does (padding rows: the dummy page only)."""
+    from pd.kv_cache import DUMMY_PAGE
+
+    lens, heads, lora, rope, page_size = [3, 9], 4, 32, 16, 4
+    layout = KVLayout(2, 12, page_size, lora + rope, torch.float32, order)
+    pool = KVPool(layout, "cpu")
+    pool.buffer.copy_(torch.randn(layout.shape, generator=torch.Generator().manual_seed(3)))
+    tables = [[7], [2, 11, 5]]
+    inputs = AttnInputs(BatchMode.DECODE, [n - 1 for n in lens], lens, tables)
+    gen = torch.Generator().manual_seed(4)
+    q_latent, q_rope = torch.randn(2, heads, lora, generator=gen), torch.randn(2, heads, rope, generator=gen)
+    ref = TorchMLABackend(pool, 0.2, lora)
+    ref.prepare(inputs)
+    want = ref.decode(1, q_latent, q_rope)
+    _, want_slots = ref.store_target(1)
+    backend = _cpu_backend(pool, heads, lora, 0.2)
+    backend.prepare(inputs)
+    torch.testing.assert_close(backend.decode(1, q_latent, q_rope), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(backend.store_target(1)[1], want_slots)
+    state = backend.graph_state(5, 5 * 4)
+    backend.prepare_graph(state, inputs)
+    pad = torch.zeros(3, heads, lora), torch.zeros(3, heads, rope)
+    got = backend.decode(1, torch.cat([q_latent, pad[0]]), torch.cat([q_rope, pad[1]]))
+    torch.testing.assert_close(got[:2], want, rtol=1e-5, atol=1e-5)
+    slots = backend.store_target(1)[1]
+    assert torch.equal(slots[:2], want_slots) and (slots[2:] // page_size == DUMMY_PAGE).all()
+    assert state.kv_lens.tolist() == [3, 9, 1, 1, 1]
