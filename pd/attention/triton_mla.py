@@ -45,9 +45,8 @@ class TritonMLABackend(FlashInferMLABackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self._eager: tuple[torch.Tensor, torch.Tensor, int] | None = (
-            None  # an eager plain decode step's metadata
-        )
+        # An eager plain decode step's (page table, lengths, splits); None otherwise.
+        self._eager: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def prepare(self, inputs: AttnInputs) -> None:
         self._eager = None
@@ -58,11 +57,8 @@ class TritonMLABackend(FlashInferMLABackend):
         meta = _StepMeta.of(inputs, self.pool.layout.page_size)
         self.out_slots = self._to_device(meta.out_slots, np.int64)
         table = self._to_device(_page_table(meta, int(meta.pages_used.max())))
-        self._eager = (
-            table,
-            self._to_device(meta.ends),
-            splits_for(len(meta.ends), self.num_heads, self.sms),
-        )
+        splits = splits_for(len(meta.ends), self.num_heads, self.sms)
+        self._eager = (table, self._to_device(meta.ends), splits)
 
     def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> _GraphState:
         if tokens is not None:  # extend and verify buckets: rows of several (causal) queries
