@@ -62,14 +62,13 @@ def run_backend(
         return wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
 
     if backend == "triton":  # pd's split-KV kernel (pd.kernels.mla_decode), the way TritonMLABackend calls it
-        from pd.kernels.mla_decode import mla_decode, splits_for
+        from pd.kernels.mla_decode import mla_decode
 
         table = pages.view(batch, pages_per).to(device="cuda", dtype=torch.int32)
         lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-        splits = splits_for(batch, heads, torch.cuda.get_device_properties(0).multi_processor_count)
 
         def call() -> torch.Tensor:
-            return mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, splits)
+            return mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, context)
 
     def layers() -> None:
         for _ in range(LAYERS):

@@ -1,12 +1,15 @@
 """Triton kernels of ``pd.kernels.mla_decode``: split-KV absorbed MLA decode over a paged latent cache.
 
-Pass 1 (grid: sequence x split x head block): one program walks its split of a sequence's cache positions in
-blocks of ``BLOCK_N``, gathering each position's latent row ``[c_kv | k_pe]`` through the page table, and keeps an
-online softmax for ``BLOCK_H`` heads: scores ``q_c . c_kv + q_r . k_pe`` (float32 accumulation), probabilities
-rounded to the cache dtype for the value product (values are ``c_kv``), running max and sum in float32. It writes
-its normalised partial output and its log-sum-exp (base 2). Pass 2 (grid: sequence x head) weighs the splits by
-their log-sum-exps. Each sequence's splits adapt to its length (``cdiv(len, splits)`` positions rounded up to a
-block; splits past the end write an empty result), so one grid serves every length: graph-safe, no host reads.
+Pass 1 (grid: row x split x head block): one program walks its split of a row's cache positions in blocks of
+``BLOCK_N``, gathering each position's latent row ``[c_kv | k_pe]`` through the page table, and keeps an online
+softmax for ``BLOCK_H`` heads: scores ``q_c . c_kv + q_r . k_pe`` (float32 accumulation), probabilities rounded to
+the cache dtype for the value product (values are ``c_kv``), running max and sum in float32. It writes its
+normalised partial output and its log-sum-exp (base 2); a split past the row's end writes only a log-sum-exp of
+-inf. Pass 2 (grid: row x head) weighs the live splits by their log-sum-exps, in split order.
+
+A row's splits depend on its own length alone: ``max(CHUNK, cdiv(len, MAX_SPLITS) rounded up to a block)``
+positions each. So a row's result does not depend on the batch, the bucket or the grid (the grid's split count
+only bounds which programs exist): eager and graph steps agree bit for bit. Graph-safe: no host reads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _split_kernel(
     qc_ptr, qr_ptr, cache_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr, num_heads, scale_log2,
     stride_qc_b, stride_qc_h, stride_qr_b, stride_qr_h, stride_page, stride_slot, stride_table,
     stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_s,
-    PAGE_SIZE: tl.constexpr, C: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, C: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, MAX_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
@@ -31,21 +34,19 @@ def _split_kernel(
     heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
     kv_len = tl.load(lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(CHUNK, tl.cdiv(tl.cdiv(kv_len, MAX_SPLITS), BLOCK_N) * BLOCK_N)
     lo = s * chunk
     hi = tl.minimum(kv_len, lo + chunk)
+    lse_at = lse_ptr + b * stride_lse_b + s * stride_lse_s + heads
+    if lo >= hi:  # past the row's end: no output, weight 0
+        tl.store(lse_at, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=h_ok)
+        return
     offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, R)
-    q_c = tl.load(
-        qc_ptr + b * stride_qc_b + heads[:, None] * stride_qc_h + offs_c[None, :],
-        mask=h_ok[:, None],
-        other=0.0,
-    )
-    q_r = tl.load(
-        qr_ptr + b * stride_qr_b + heads[:, None] * stride_qr_h + offs_r[None, :],
-        mask=h_ok[:, None],
-        other=0.0,
-    )
+    q_c = tl.load(qc_ptr + b * stride_qc_b + heads[:, None] * stride_qc_h + offs_c[None, :], mask=h_ok[:, None],
+                  other=0.0)  # fmt: skip
+    q_r = tl.load(qr_ptr + b * stride_qr_b + heads[:, None] * stride_qr_h + offs_r[None, :], mask=h_ok[:, None],
+                  other=0.0)  # fmt: skip
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, C], tl.float32)
@@ -64,54 +65,55 @@ def _split_kernel(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(k_c.dtype), k_c)
         m = m_new
-    live = total > 0
-    out = acc / tl.where(live, total, 1.0)[:, None]
-    lse = tl.where(live, m + tl.log2(tl.where(live, total, 1.0)), float("-inf"))
-    tl.store(o_ptr + b * stride_o_b + s * stride_o_s + heads[:, None] * stride_o_h + offs_c[None, :], out,
-             mask=h_ok[:, None])  # fmt: skip
-    tl.store(lse_ptr + b * stride_lse_b + s * stride_lse_s + heads, lse, mask=h_ok)
+    tl.store(o_ptr + b * stride_o_b + s * stride_o_s + heads[:, None] * stride_o_h + offs_c[None, :],
+             acc / total[:, None], mask=h_ok[:, None])  # fmt: skip
+    tl.store(lse_at, m + tl.log2(total), mask=h_ok)
 
 
 @triton.jit
 def _merge_kernel(
-    o_ptr, lse_ptr, out_ptr, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_s, stride_out_b,
-    stride_out_h, C: tl.constexpr, SPLITS: tl.constexpr,
+    o_ptr, lse_ptr, out_ptr, num_splits, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_s,
+    stride_out_b, stride_out_h, C: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    top = float("-inf")
-    for s in tl.static_range(SPLITS):
+    top = tl.load(lse_ptr + b * stride_lse_b + h)  # split 0 always holds positions (a row sees >= 1)
+    for s in range(1, num_splits):
         top = tl.maximum(top, tl.load(lse_ptr + b * stride_lse_b + s * stride_lse_s + h))
-    top = tl.where(top == float("-inf"), 0.0, top)  # no position at all (never for a real row)
     offs_c = tl.arange(0, C)
     acc = tl.zeros([C], tl.float32)
     weight = 0.0
-    for s in tl.static_range(SPLITS):
-        w = tl.exp2(tl.load(lse_ptr + b * stride_lse_b + s * stride_lse_s + h) - top)
-        acc += w * tl.load(o_ptr + b * stride_o_b + s * stride_o_s + h * stride_o_h + offs_c)
-        weight += w
-    out = acc / tl.where(weight > 0, weight, 1.0)
-    tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_c, out.to(out_ptr.dtype.element_ty))
+    for s in range(0, num_splits):
+        lse = tl.load(lse_ptr + b * stride_lse_b + s * stride_lse_s + h)
+        if lse > float("-inf"):  # splits past the row's end wrote no output
+            w = tl.exp2(lse - top)
+            acc += w * tl.load(o_ptr + b * stride_o_b + s * stride_o_s + h * stride_o_h + offs_c)
+            weight += w
+    tl.store(
+        out_ptr + b * stride_out_b + h * stride_out_h + offs_c, (acc / weight).to(out_ptr.dtype.element_ty)
+    )
 
 
 def mla_decode(
     q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor,
-    kv_lens: torch.Tensor, scale: float, splits: int, out: torch.Tensor, block_h: int, block_n: int,
+    kv_lens: torch.Tensor, scale: float, splits: int, out: torch.Tensor, chunk: int, max_splits: int,
+    block_h: int, block_n: int,
 ) -> torch.Tensor:  # fmt: skip
-    """Launches both passes; shapes and dtypes checked by the caller (``pd.kernels.mla_decode``)."""
-    batch, heads, c = q_latent.shape
+    """Launches both passes over ``splits`` programs a row (enough for the longest row); shapes and dtypes checked
+    by the caller (``pd.kernels.mla_decode``)."""
+    rows, heads, c = q_latent.shape
     r = q_rope.shape[-1]
-    o = torch.empty(batch, splits, heads, c, dtype=torch.float32, device=q_latent.device)
-    lse = torch.empty(batch, splits, heads, dtype=torch.float32, device=q_latent.device)
-    _split_kernel[(batch, splits, triton.cdiv(heads, block_h))](
+    o = torch.empty(rows, splits, heads, c, dtype=torch.float32, device=q_latent.device)
+    lse = torch.empty(rows, splits, heads, dtype=torch.float32, device=q_latent.device)
+    _split_kernel[(rows, splits, triton.cdiv(heads, block_h))](
         q_latent, q_rope, cache, page_table, kv_lens, o, lse, heads, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), page_table.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        PAGE_SIZE=cache.shape[1], C=c, R=r, SPLITS=splits, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=8,
-        num_stages=2,
+        PAGE_SIZE=cache.shape[1], C=c, R=r, CHUNK=chunk, MAX_SPLITS=max_splits, BLOCK_H=block_h, BLOCK_N=block_n,
+        num_warps=8, num_stages=2,
     )  # fmt: skip
-    _merge_kernel[(batch, heads)](
-        o, lse, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
-        out.stride(1), C=c, SPLITS=splits, num_warps=4,
+    _merge_kernel[(rows, heads)](
+        o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
+        out.stride(1), C=c, num_warps=4,
     )  # fmt: skip
     return out

@@ -439,8 +439,9 @@ def test_warm_up_replays_every_graph_bucket(gpu_tiny, monkeypatch):
     assert engine.pages_held == 0
 
 
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
 @pytest.mark.parametrize("mode", ["greedy", "seeded", "oracle"])
-def test_mtp_graph_replay_equals_eager(tiny_model, mode):
+def test_mtp_graph_replay_equals_eager(tiny_model, mode, backend):
     """Speculative decoding through the graphs (pd.engine.verify_graph) emits what eager speculative decoding
     emits: greedy requests (the greedy graph: verify, acceptance and draft in one replay, then the chain
     graph), seeded ones (the verify graph, acceptance, the draft graph) and under the oracle, where every draft
@@ -459,7 +460,7 @@ def test_mtp_graph_replay_equals_eager(tiny_model, mode):
     for graph in (True, False):
         cfg = EngineConfig(
             str(path), device="cuda", dtype="bfloat16", page_size=16, num_pages=256, max_running=8,
-            cuda_graph=graph, speculative=SpeculativeConfig("mtp", 2, oracle),
+            cuda_graph=graph, speculative=SpeculativeConfig("mtp", 2, oracle), attention_backend=backend,
         )  # fmt: skip
         engine = Engine(cfg)
         assert (engine.runner.verify_graphs is not None) == graph

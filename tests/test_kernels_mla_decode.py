@@ -3,7 +3,8 @@
 Triton's CPU interpreter (``test_triton_interpreter`` reruns ``TestInterpreted`` in a subprocess with
 ``TRITON_INTERPRET=1``, when triton >= 3.9 is installed, float32) and on CUDA (``-m gpu``, bf16). Cases: both pool
 axis orders (a page-major layer is a strided view), scattered pages, lengths of one position, of a page boundary
-and past it, more splits than positions, one split; the inputs must come back untouched. ``TritonMLABackend``'s metadata (page
+and past it, several splits, splits grown past ``MAX_SPLITS`` blocks, one split; a larger grid must not change a
+row's result, and the inputs must come back untouched. ``TritonMLABackend``'s metadata (page
 tables, lengths, cache slots, a padded graph bucket) is checked on CPU through the reference and, in the
 interpreter, through the kernel."""
 
@@ -16,7 +17,7 @@ import torch
 
 from pd.attention.base import AttnInputs
 from pd.attention.torch_ref import TorchMLABackend
-from pd.kernels.mla_decode import mla_decode, mla_decode_ref, splits_for
+from pd.kernels.mla_decode import BLOCK_N, MAX_SPLITS, chunk_for, mla_decode, mla_decode_ref
 from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.types import BatchMode
 from tests.support.interpreter import HAS_TRITON, INTERPRETING, interpreter_test, patch_float_casts
@@ -24,16 +25,18 @@ from tests.support.interpreter import HAS_TRITON, INTERPRETING, interpreter_test
 if HAS_TRITON and INTERPRETING:
     patch_float_casts()
 
-# (context lengths, heads, kv_lora, rope, page size, splits)
+# (context lengths, heads, kv_lora, rope, page size, fewest positions a split holds (None: the default)): splits
+# of one block, a row longer than MAX_SPLITS of them (its splits grow), one split a row.
 CASES = [
-    ([1, 5, 16, 17, 40], 3, 32, 16, 8, 4),
-    ([33], 16, 32, 16, 4, 32),
-    ([7, 64], 20, 64, 16, 16, 1),
+    ([1, 5, 16, 17, 40], 3, 32, 16, 8, BLOCK_N),
+    ([33], 16, 32, 16, 4, BLOCK_N),
+    ([MAX_SPLITS * BLOCK_N + 70, 2], 2, 32, 16, 16, BLOCK_N),
+    ([7, 64], 20, 64, 16, 16, None),
 ]
 
 
 def check(device: str, dtype: torch.dtype, case, order: KVOrder, triton: bool = True) -> None:
-    lens, heads, lora, rope, page_size, splits = case
+    lens, heads, lora, rope, page_size, chunk = case
     rng = random.Random(len(lens) * 100 + heads)
     num_pages = sum(-(-n // page_size) for n in lens) + 5
     layout = KVLayout(2, num_pages, page_size, lora + rope, dtype, order)
@@ -52,8 +55,11 @@ def check(device: str, dtype: torch.dtype, case, order: KVOrder, triton: bool = 
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
     kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     before = pool.buffer.clone(), q_latent.clone(), q_rope.clone()
-    got = mla_decode(q_latent, q_rope, pool.layer(1), table, kv_lens, scale, splits, triton=triton)
+    args = (q_latent, q_rope, pool.layer(1), table, kv_lens, scale)
+    got = mla_decode(*args, max(lens), chunk=chunk, triton=triton)
     assert all(torch.equal(a, b) for a, b in zip(before, (pool.buffer, q_latent, q_rope))), "an input changed"
+    # A larger grid (a graph's capacity) leaves every row's splits, and so its result, as they were.
+    assert torch.equal(mla_decode(*args, 8 * max(lens), chunk=chunk, triton=triton), got)
     assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got, want, **tol)
@@ -64,9 +70,9 @@ def test_reference_equals_the_torch_backend(order):
     check("cpu", torch.float32, CASES[0], order, triton=False)
 
 
-def test_splits_fill_the_gpu_and_stay_bounded():
-    assert splits_for(1, 16, 132) == 32 and splits_for(8, 16, 132) == 32 and splits_for(32, 16, 132) == 8
-    assert splits_for(64, 128, 132) == 1  # 8 head blocks of 64 sequences already fill it
+def test_chunks_grow_with_the_heads_in_whole_blocks():
+    assert chunk_for(16) == 128 and chunk_for(128) == 1024 and chunk_for(20) == 160
+    assert all(chunk_for(h) % BLOCK_N == 0 for h in range(1, 200))
 
 
 def test_refuses_inputs_that_do_not_fit():
@@ -74,9 +80,9 @@ def test_refuses_inputs_that_do_not_fit():
     cache, lens = torch.zeros(5, 4, 48), torch.ones(2, dtype=torch.int32)
     table = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="do not fit"):
-        mla_decode(q, r, torch.zeros(5, 4, 40), table, lens, 1.0, 2)
+        mla_decode(q, r, torch.zeros(5, 4, 40), table, lens, 1.0, 4)
     with pytest.raises(ValueError, match="int32"):
-        mla_decode(q, r, cache, table.long(), lens, 1.0, 2)
+        mla_decode(q, r, cache, table.long(), lens, 1.0, 4)
     assert mla_decode_ref(q, r, cache, table, lens, 1.0).shape == (2, 4, 32)
 
 
@@ -89,14 +95,15 @@ class TestInterpreted:
     def test_against_the_torch_backend(self, case, order):
         check("cpu", torch.float32, case, order)
 
+    @pytest.mark.parametrize("q", [1, 3], ids=["plain", "verify"])
     @pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
-    def test_backend_metadata_through_the_kernel(self, order, monkeypatch):
+    def test_backend_metadata_through_the_kernel(self, order, q, monkeypatch):
         import functools
 
         from pd.attention import triton_mla
 
         monkeypatch.setattr(triton_mla, "mla_decode", functools.partial(mla_decode, triton=True))
-        test_triton_backend_plain_decode_metadata_eager_and_in_a_padded_bucket(order)
+        test_triton_backend_metadata_eager_and_in_a_padded_bucket(order, q)
 
 
 @pytest.mark.gpu
@@ -119,39 +126,48 @@ def _cpu_backend(pool: KVPool, heads: int, lora: int, scale: float):
 
     b = TritonMLABackend.__new__(TritonMLABackend)
     b.pool, b.scale, b.kv_lora_rank, b.num_heads = pool, scale, lora, heads
-    b.device, b.dtype, b.sms = pool.buffer.device, pool.layout.dtype, 8
+    b.device, b.dtype = pool.buffer.device, pool.layout.dtype
     b.active, b.inputs, b._eager = None, None, None
     return b
 
 
+@pytest.mark.parametrize("q", [1, 3], ids=["plain", "verify"])
 @pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
-def test_triton_backend_plain_decode_metadata_eager_and_in_a_padded_bucket(order):
-    """``TritonMLABackend``'s page tables, lengths and cache slots: an eager plain decode step and the same step
-    planned into a bucket of 5 rows (3 padding rows on the dummy page) give the reference backend's attention for
-    the real rows, and store the new latent where the reference does (padding rows: the dummy page only)."""
+def test_triton_backend_metadata_eager_and_in_a_padded_bucket(order, q):
+    """``TritonMLABackend``'s per-query page tables, lengths and cache slots: a decode step of ``q`` causal queries
+    a sequence (1: plain decode; 3: a verify step), eager and planned into a bucket of 5 rows (3 padding rows on the
+    dummy page), gives the reference backend's attention for the real queries and stores the new latent where the
+    reference does (padding rows: the dummy page only)."""
     from pd.kv_cache import DUMMY_PAGE
 
-    lens, heads, lora, rope, page_size = [3, 9], 4, 32, 16, 4
+    lens, heads, lora, rope, page_size, rows = [3, 9], 4, 32, 16, 4, 5
     layout = KVLayout(2, 12, page_size, lora + rope, torch.float32, order)
     pool = KVPool(layout, "cpu")
     pool.buffer.copy_(torch.randn(layout.shape, generator=torch.Generator().manual_seed(3)))
     tables = [[7], [2, 11, 5]]
-    inputs = AttnInputs(BatchMode.DECODE, [n - 1 for n in lens], lens, tables)
+    inputs = AttnInputs(BatchMode.DECODE, [n - q for n in lens], lens, tables)
+    t = q * len(lens)
     gen = torch.Generator().manual_seed(4)
-    q_latent, q_rope = torch.randn(2, heads, lora, generator=gen), torch.randn(2, heads, rope, generator=gen)
+    q_latent, q_rope = torch.randn(t, heads, lora, generator=gen), torch.randn(t, heads, rope, generator=gen)
     ref = TorchMLABackend(pool, 0.2, lora)
     ref.prepare(inputs)
     want = ref.decode(1, q_latent, q_rope)
     _, want_slots = ref.store_target(1)
     backend = _cpu_backend(pool, heads, lora, 0.2)
     backend.prepare(inputs)
+    assert backend._eager is not None  # the split kernel's path, not FlashInfer's
     torch.testing.assert_close(backend.decode(1, q_latent, q_rope), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(backend.store_target(1)[1], want_slots)
-    state = backend.graph_state(5, 5 * 4)
+    state = backend.graph_state(rows, rows * 4, None if q == 1 else rows * q, max_q_per_row=q)
     backend.prepare_graph(state, inputs)
-    pad = torch.zeros(3, heads, lora), torch.zeros(3, heads, rope)
-    got = backend.decode(1, torch.cat([q_latent, pad[0]]), torch.cat([q_rope, pad[1]]))
-    torch.testing.assert_close(got[:2], want, rtol=1e-5, atol=1e-5)
+    pad = rows * q - t  # the padding rows' queries
+    got = backend.decode(
+        1,
+        torch.cat([q_latent, torch.zeros(pad, heads, lora)]),
+        torch.cat([q_rope, torch.zeros(pad, heads, rope)]),
+    )
+    torch.testing.assert_close(got[:t], want, rtol=1e-5, atol=1e-5)
     slots = backend.store_target(1)[1]
-    assert torch.equal(slots[:2], want_slots) and (slots[2:] // page_size == DUMMY_PAGE).all()
-    assert state.kv_lens.tolist() == [3, 9, 1, 1, 1]
+    assert torch.equal(slots[:t], want_slots) and (slots[t:] // page_size == DUMMY_PAGE).all()
+    own = [p + 1 for n in lens for p in range(n - q, n)]  # causal: each query sees up to its own position
+    assert state.kv_lens.tolist()[:t] == own and len(state.kv_lens) == rows * q

@@ -78,9 +78,13 @@ class AttentionBackend(ABC):
 
     supports_graphs = False  # whether decode can be captured in CUDA graphs (the graph hooks below)
 
-    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> object:
+    def graph_state(
+        self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
+    ) -> object:
         """A decode bucket's persistent metadata (made once, before capture): room for ``batch`` rows computing
         ``tokens`` positions in all (default: one each; more: causal queries) and ``max_pages`` page ids.
+        ``max_q_per_row``: a bound on the positions any real row computes, where the caller has one (a verify
+        step's K + 1; None: any, as a graphed prompt step's rows); a backend may pick its kernel by it.
         Lifetime: the backend's."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 

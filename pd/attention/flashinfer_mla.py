@@ -192,7 +192,9 @@ class FlashInferMLABackend(AttentionBackend):
 
     # ---- CUDA graphs ----
 
-    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> _GraphState:
+    def graph_state(
+        self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
+    ) -> _GraphState:
         """A new decode wrapper with static metadata buffers (its own planner buffers: states planned one after
         another before their replays do not overwrite each other's plan)."""
         tokens = batch if tokens is None else tokens

@@ -45,7 +45,9 @@ class TorchMLABackend(AttentionBackend):
                 [torch.arange(s, e, device=device) for s, e in zip(inputs.starts, inputs.ends)]
             )
 
-    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> object:
+    def graph_state(
+        self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
+    ) -> object:
         return (batch, batch if tokens is None else tokens)
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:

@@ -1,10 +1,15 @@
-"""MLA attention with pd's split-KV decode kernel (``pd.kernels.mla_decode``) for steps of one query a sequence,
-FlashInfer (``FlashInferMLABackend``) for everything else: prompt steps and causal multi-query steps (MTP verify).
+"""MLA attention with pd's split-KV decode kernel (``pd.kernels.mla_decode``) for decode-mode steps of few queries,
+FlashInfer (``FlashInferMLABackend``) for everything else (prompt steps, graphed prompt steps, larger verify steps).
 
 Why: FlashInfer's MLA decode kernel has a fixed cost of ~12-17 us a layer on an H200 at batch 1-32 (a 1K context
-reads in ~2 us); this one splits every sequence's positions over enough programs to fill the GPU. Its metadata is
-a page table and the lengths (two small copies a step, no planning on the host). Chosen by name
-(``--attention-backend triton``); ``pd.bench.decode_step --attention-backend`` compares the two.
+reads in ~2 us); this one splits every query's positions over several programs. Each query is a row of its own,
+with its sequence's page table and the positions it sees (its own included): plain decode steps, and causal
+verify steps whose rows compute at most a few positions (``graph_state``'s ``max_q_per_row``), up to
+``QUERY_ROWS`` queries a step: there a sequence's cache, read once per query, stays in L2, and the splits' partial
+outputs stay small beside the cache they read. A row's result depends on its own inputs alone, so eager and graph
+steps that both take the kernel agree bit for bit. Its metadata is a page table and the lengths (small
+copies a step, no planning on the host). Chosen by name (``--attention-backend triton``); ``pd.bench.decode_step``
+and ``pd.bench.spec_step`` take ``--attention-backend`` to compare the two.
 """
 
 from __future__ import annotations
@@ -17,57 +22,67 @@ import torch
 
 from pd.attention.base import AttnInputs, pad_for_graph
 from pd.attention.flashinfer_mla import FlashInferMLABackend, _GraphState, _StepMeta
-from pd.kernels.mla_decode import mla_decode, splits_for
+from pd.kernels.mla_decode import mla_decode
 from pd.types import BatchMode
+
+QUERY_ROWS = 32  # the most queries (rows) a step runs on the split kernel
 
 
 @dataclass
 class _SplitState(_GraphState):
-    """A plain decode bucket's static buffers (no FlashInfer wrapper: ``wrapper`` is None)."""
+    """A bucket's static buffers for the split kernel, one row per query (no FlashInfer wrapper: None)."""
 
-    page_table: torch.Tensor | None = None  # [batch, width] int32: each row's pages in order
-    kv_lens: torch.Tensor | None = None  # [batch] int32: positions each row sees, its own included
-    splits: int = 1
+    page_table: torch.Tensor | None = None  # [tokens, width] int32: each query's sequence's pages in order
+    kv_lens: torch.Tensor | None = None  # [tokens] int32: positions each query sees, its own included
+    max_len: int = 1  # positions the table holds: the grid's bound
 
 
-def _page_table(meta: _StepMeta, width: int) -> np.ndarray:
-    """``[B, width]`` int32: row i holds sequence i's ``pages_used[i]`` pages, zeros after."""
-    table = np.zeros((len(meta.ends), width), dtype=np.int32)
+def _query_rows(meta: _StepMeta, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query of the step: its sequence's page table ``[T, width]`` int32 (zeros past the pages) and the
+    positions it sees ``[T]`` int32 (its own position + 1: causal)."""
+    tables = np.zeros((len(meta.ends), width), dtype=np.int32)
     for i, (p0, n) in enumerate(zip(meta.page_starts.tolist(), meta.pages_used.tolist())):
-        table[i, :n] = meta.flat_pages[p0 : p0 + n]
-    return table
+        tables[i, :n] = meta.flat_pages[p0 : p0 + n]
+    q_lens = meta.ends - meta.starts
+    seq = np.repeat(np.arange(len(q_lens)), q_lens)
+    first = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    positions = meta.starts[seq] + np.arange(len(seq)) - first[seq]
+    return tables[seq], (positions + 1).astype(np.int32)
 
 
 class TritonMLABackend(FlashInferMLABackend):
-    """``FlashInferMLABackend`` whose plain decode steps (every query alone in its sequence) run the split-KV
-    kernel, eagerly and in CUDA graphs."""
+    """``FlashInferMLABackend`` whose decode-mode steps of few queries run the split-KV kernel, eagerly and in
+    CUDA graphs (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        # An eager plain decode step's (page table, lengths, splits); None otherwise.
+        # An eager step's (page table, lengths, longest length) when the split kernel runs it; None otherwise.
         self._eager: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def prepare(self, inputs: AttnInputs) -> None:
         self._eager = None
-        if inputs.mode is not BatchMode.DECODE or max(inputs.q_lens) > 1:
+        if inputs.mode is not BatchMode.DECODE or sum(inputs.q_lens) > QUERY_ROWS:
             super().prepare(inputs)
             return
         self.inputs, self.active = inputs, None
         meta = _StepMeta.of(inputs, self.pool.layout.page_size)
         self.out_slots = self._to_device(meta.out_slots, np.int64)
-        table = self._to_device(_page_table(meta, int(meta.pages_used.max())))
-        splits = splits_for(len(meta.ends), self.num_heads, self.sms)
-        self._eager = (table, self._to_device(meta.ends), splits)
+        tables, lens = _query_rows(meta, int(meta.pages_used.max()))
+        self._eager = (self._to_device(tables), self._to_device(lens), int(lens.max()))
 
-    def graph_state(self, batch: int, max_pages: int, tokens: int | None = None) -> _GraphState:
-        if tokens is not None:  # extend and verify buckets: rows of several (causal) queries
-            return super().graph_state(batch, max_pages, tokens)
-        dev, i32 = self.device, torch.int32
+    def graph_state(
+        self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
+    ) -> _GraphState:
+        rows = batch if tokens is None else tokens
+        if rows > QUERY_ROWS or (
+            tokens is not None and max_q_per_row is None
+        ):  # larger steps, graphed prompts
+            return super().graph_state(batch, max_pages, tokens, max_q_per_row)
+        dev, i32, width = self.device, torch.int32, -(-max_pages // batch)
         return _SplitState(
-            batch, batch, None, torch.zeros(batch, dtype=torch.int64, device=dev),
-            torch.zeros(batch, -(-max_pages // batch), dtype=i32, device=dev), torch.zeros(batch, dtype=i32, device=dev),
-            splits_for(batch, self.num_heads, self.sms),
+            batch, rows, None, torch.zeros(rows, dtype=torch.int64, device=dev),
+            torch.zeros(rows, width, dtype=i32, device=dev), torch.zeros(rows, dtype=i32, device=dev),
+            width * self.pool.layout.page_size,
         )  # fmt: skip
 
     def prepare_graph(self, state: object, inputs: AttnInputs) -> None:
@@ -78,10 +93,9 @@ class TritonMLABackend(FlashInferMLABackend):
         assert state.page_table is not None and state.kv_lens is not None
         padded = pad_for_graph(inputs, state.batch, state.tokens, self.pool.layout.page_size)
         meta = _StepMeta.of(padded, self.pool.layout.page_size)
-        state.page_table.copy_(
-            torch.from_numpy(_page_table(meta, state.page_table.shape[1])), non_blocking=True
-        )
-        state.kv_lens.copy_(torch.from_numpy(meta.ends.astype(np.int32)), non_blocking=True)
+        tables, lens = _query_rows(meta, state.page_table.shape[1])
+        state.page_table.copy_(torch.from_numpy(tables), non_blocking=True)
+        state.kv_lens.copy_(torch.from_numpy(lens), non_blocking=True)
         state.out_slots.copy_(torch.from_numpy(meta.out_slots), non_blocking=True)
         self.inputs, self.active = padded, state
 
@@ -89,10 +103,10 @@ class TritonMLABackend(FlashInferMLABackend):
         state = self.active
         if isinstance(state, _SplitState):
             assert state.page_table is not None and state.kv_lens is not None
-            meta = (state.page_table, state.kv_lens, state.splits)
+            meta = (state.page_table, state.kv_lens, state.max_len)
         elif state is None and self._eager is not None:
             meta = self._eager
         else:
             return super().decode(layer, q_latent, q_rope)
-        table, lens, splits = meta
-        return mla_decode(q_latent, q_rope, self.pool.layer(layer), table, lens, self.scale, splits)
+        table, lens, max_len = meta
+        return mla_decode(q_latent, q_rope, self.pool.layer(layer), table, lens, self.scale, max_len)

@@ -80,7 +80,7 @@ class VerifyGraphs:
         self.states: dict[tuple[int, int], object] = {}  # (bucket, 0: the step's; j: chain step j's)
         max_pages = max_bs * pool.layout.pages_for(context_len + 2 * k)
         for bs in reversed(self.buckets):  # graphs keyed (bucket, step name)
-            self.states[(bs, 0)] = attn.graph_state(bs, max_pages, bs * self.q)
+            self.states[(bs, 0)] = attn.graph_state(bs, max_pages, bs * self.q, max_q_per_row=self.q)
             self._load(bs, [], [], [])
             # In this order: the draft graph reads the verify graph's hidden states.
             for name, step in (("verify", self._verify), ("draft", self._draft), ("greedy", self._greedy)):
