@@ -15,7 +15,9 @@ cache bytes read / the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,22 +33,16 @@ def _host(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
 
 
-def run_backend(
-    backend: str, batch: int, context: int, heads: int, gen: torch.Generator
-) -> tuple[float, torch.Tensor]:
-    """(seconds per call, output of one call) of ``backend`` for ``batch`` sequences of ``context`` tokens."""
+def _flashinfer_call(
+    backend: str, batch: int, context: int, heads: int, pages_per: int, pages: torch.Tensor,
+    cache: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """One planned FlashInfer MLA decode call (``backend``: fa3 or fa2) the way ``pd.attention.flashinfer_mla``
+    plans it."""
     from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
 
-    pages_per = -(-context // PAGE)
-    num_pages = batch * pages_per + 1
-    cache = torch.randn(num_pages, PAGE, LORA + ROPE, generator=gen, device="cuda").to(torch.bfloat16)
-    q_nope = torch.randn(batch, heads, LORA, generator=gen, device="cuda").to(torch.bfloat16)
-    q_pe = torch.randn(batch, heads, ROPE, generator=gen, device="cuda").to(torch.bfloat16)
-    pages = (
-        torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(batch))[: batch * pages_per] + 1
-    )
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    wrapper = BatchMLAPagedAttentionWrapper(workspace, backend="fa3" if backend == "triton" else backend)
+    wrapper = BatchMLAPagedAttentionWrapper(workspace, backend=backend)
     metadata = MLAPlanMetadata.csr(
         _host(np.arange(batch + 1)), _host(np.arange(batch + 1) * pages_per), _host(pages.numpy()),
         _host(np.full(batch, context)),
@@ -57,18 +53,35 @@ def run_backend(
         query_layout="split", kv_cache_layout="split",
     )  # fmt: skip
     kv = (cache[..., :LORA], cache[..., LORA:])
+    return lambda: wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
 
-    def call() -> torch.Tensor:
-        return wrapper.run(query=(q_nope, q_pe), kv_cache=kv)
 
-    if backend == "triton":  # pd's split-KV kernel (pd.kernels.mla_decode), the way TritonMLABackend calls it
-        from pd.kernels.mla_decode import mla_decode
+def _triton_call(
+    batch: int, context: int, heads: int, pages_per: int, pages: torch.Tensor, cache: torch.Tensor,
+    q_nope: torch.Tensor, q_pe: torch.Tensor,
+) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """One call of pd's split-KV kernel (``pd.kernels.mla_decode``) the way ``TritonMLABackend`` makes it."""
+    from pd.kernels.mla_decode import mla_decode
 
-        table = pages.view(batch, pages_per).to(device="cuda", dtype=torch.int32)
-        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    table = pages.view(batch, pages_per).to(device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return lambda: mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, context)
 
-        def call() -> torch.Tensor:
-            return mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, context)
+
+def run_backend(
+    backend: str, batch: int, context: int, heads: int, gen: torch.Generator
+) -> tuple[float, torch.Tensor]:
+    """(seconds per call, output of one call) of ``backend`` for ``batch`` sequences of ``context`` tokens."""
+    pages_per = -(-context // PAGE)
+    num_pages = batch * pages_per + 1
+    cache = torch.randn(num_pages, PAGE, LORA + ROPE, generator=gen, device="cuda").to(torch.bfloat16)
+    q_nope = torch.randn(batch, heads, LORA, generator=gen, device="cuda").to(torch.bfloat16)
+    q_pe = torch.randn(batch, heads, ROPE, generator=gen, device="cuda").to(torch.bfloat16)
+    pages = (
+        torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(batch))[: batch * pages_per] + 1
+    )
+    make = _triton_call if backend == "triton" else functools.partial(_flashinfer_call, backend)
+    call = make(batch, context, heads, pages_per, pages, cache, q_nope, q_pe)
 
     def layers() -> None:
         for _ in range(LAYERS):

@@ -55,6 +55,8 @@ class _StepMeta:
     flat_pages: np.ndarray  # [sum(pages_used)] every sequence's pages, in order
     page_starts: np.ndarray  # [B] offset of each sequence's pages in flat_pages
     out_slots: np.ndarray  # [T] cache slot of every new token
+    seq_of: np.ndarray  # [T] the sequence of every new token
+    positions: np.ndarray  # [T] the position of every new token
 
     @classmethod
     def of(cls, inputs: AttnInputs, page_size: int) -> _StepMeta:
@@ -75,7 +77,7 @@ class _StepMeta:
         out_slots = (
             flat_pages[page_starts[seq_of] + positions // page_size] * page_size + positions % page_size
         )
-        return cls(starts, ends, pages_used, flat_pages, page_starts, out_slots)
+        return cls(starts, ends, pages_used, flat_pages, page_starts, out_slots, seq_of, positions)
 
     def context_slots(self, page_size: int) -> np.ndarray:
         """Slots of every context position ``[0, end)`` of every sequence, in batch order."""

@@ -43,11 +43,7 @@ def _query_rows(meta: _StepMeta, width: int) -> tuple[np.ndarray, np.ndarray]:
     tables = np.zeros((len(meta.ends), width), dtype=np.int32)
     for i, (p0, n) in enumerate(zip(meta.page_starts.tolist(), meta.pages_used.tolist())):
         tables[i, :n] = meta.flat_pages[p0 : p0 + n]
-    q_lens = meta.ends - meta.starts
-    seq = np.repeat(np.arange(len(q_lens)), q_lens)
-    first = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
-    positions = meta.starts[seq] + np.arange(len(seq)) - first[seq]
-    return tables[seq], (positions + 1).astype(np.int32)
+    return tables[meta.seq_of], (meta.positions + 1).astype(np.int32)
 
 
 class TritonMLABackend(FlashInferMLABackend):

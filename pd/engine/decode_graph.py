@@ -116,7 +116,7 @@ class DecodeGraphs:
         if piecewise and low_latency_moe:
             raise ValueError("piecewise decode graphs run the routed experts in normal mode, not low-latency")
         self.graphs = StepGraphs(attn, capture, piecewise)
-        self.model, self.attn, self.low_latency_moe, self.piecewise = model, attn, low_latency_moe, piecewise
+        self.model, self.attn, self.low_latency_moe = model, attn, low_latency_moe
         self.buckets = sorted(set(buckets))
         max_bs = self.buckets[-1]
         dev = self.device = pool.buffer.device
@@ -143,6 +143,11 @@ class DecodeGraphs:
             self.buckets,
             ", piecewise (routed experts eager, normal EP mode)" if piecewise else "",
         )
+
+    @property
+    def piecewise(self) -> bool:
+        """Whether the routed experts run eagerly between graphs of the rest (``StepGraphs.piecewise``)."""
+        return self.graphs.piecewise
 
     def _forward(self, bs: int) -> Pieces[Outputs]:
         row_mask = self.real[:bs] != 0
