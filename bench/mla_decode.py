@@ -58,14 +58,15 @@ def _flashinfer_call(
 
 def _triton_call(
     batch: int, context: int, heads: int, pages_per: int, pages: torch.Tensor, cache: torch.Tensor,
-    q_nope: torch.Tensor, q_pe: torch.Tensor,
+    q_nope: torch.Tensor, q_pe: torch.Tensor, chunk: int | None = None,
 ) -> Callable[[], torch.Tensor]:  # fmt: skip
-    """One call of pd's split-KV kernel (``pd.kernels.mla_decode``) the way ``TritonMLABackend`` makes it."""
+    """One call of pd's split-KV kernel (``pd.kernels.mla_decode``) the way ``TritonMLABackend`` makes it
+    (``chunk``: the fewest positions a split holds, default the kernel's)."""
     from pd.kernels.mla_decode import mla_decode
 
     table = pages.view(batch, pages_per).to(device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    return lambda: mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, context)
+    return lambda: mla_decode(q_nope, q_pe, cache, table, lens, (128 + ROPE) ** -0.5, context, chunk=chunk)
 
 
 def run_backend(
@@ -80,7 +81,11 @@ def run_backend(
     pages = (
         torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(batch))[: batch * pages_per] + 1
     )
-    make = _triton_call if backend == "triton" else functools.partial(_flashinfer_call, backend)
+    name, _, chunk = backend.partition(":")  # triton:64: pd's kernel with splits of at least 64 positions
+    if name == "triton":
+        make = functools.partial(_triton_call, chunk=int(chunk) if chunk else None)
+    else:
+        make = functools.partial(_flashinfer_call, backend)
     call = make(batch, context, heads, pages_per, pages, cache, q_nope, q_pe)
 
     def layers() -> None:
@@ -98,7 +103,11 @@ def run_backend(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="fa3,fa2,triton")
+    p.add_argument(
+        "--backends",
+        default="fa3,fa2,triton",
+        help="triton:N: pd's kernel with splits of at least N positions",
+    )
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     p.add_argument("--contexts", default="1024")
     p.add_argument("--heads", type=int, default=16)

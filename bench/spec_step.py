@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pd.attention import ATTENTION_BACKENDS
-from pd.bench.decode_step import kernel_times, wall
+from pd.bench.decode_step import kernel_times, timed, wall
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
 from pd.engine.decode_graph import DecodeGraphs, default_buckets
@@ -69,6 +69,19 @@ def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
         spec.drafts.setdefault(r, [3] * spec.k)
     spec.decode(Batch(BatchMode.DECODE, reqs, [context - 1] * len(reqs), [context] * len(reqs)), postprocess)
     return emitted
+
+
+def spec_replay_ms(graphs: VerifyGraphs, batch: int, k: int, iters: int) -> float:
+    """GPU ms of a greedy speculative step's replays alone (the step graph, then its K - 1 chain graphs), on the
+    inputs the last step loaded: what a step costs once no host work stands between replays."""
+    bs = graphs.bucket(batch)
+
+    def replays() -> None:
+        graphs.graphs.replay((bs, "greedy"))
+        for j in range(1, k):
+            graphs.graphs.replay((bs, f"chain{j}"))
+
+    return timed(replays, iters) * 1e3
 
 
 def print_classes(what: str, step, iters: int) -> None:
@@ -123,12 +136,17 @@ def main() -> None:
     rows = []
     if gpu:
         runner.graphs = DecodeGraphs(runner.model, runner.attn, runner.pool, buckets, runner.context_len)
-    plain = {}
+    plain: dict[int, float] = {}
+    plain_replay: dict[int, float] = {}  # GPU ms of the plain step's graph replay alone
     for b in batches:
         reqs = make_reqs(engine, b, args.context, 0)
         batch = Batch(BatchMode.DECODE, reqs, [args.context - 1] * b, [args.context] * b)
         plain[b] = wall(lambda batch=batch: runner.run(batch), args.iters) * 1e3
         rows.append({"batch": b, "k": 0, "step_ms": plain[b], "tokens_per_step": 1.0})
+        if gpu:  # the last step's inputs are loaded: the GPU time of its replay alone
+            bs = runner.graphs.bucket(b)
+            plain_replay[b] = timed(lambda bs=bs: runner.graphs.graphs.replay(bs), args.iters) * 1e3
+            rows[-1]["replay_ms"] = plain_replay[b]
         print(json.dumps(rows[-1]), flush=True)
     runner.close()
     splits = [int(b) for b in args.breakdown.split(",") if b] if gpu else []
@@ -160,6 +178,8 @@ def main() -> None:
             }
             for a in ACCEPTANCE:
                 row[f"tpot_at_{a}"] = ms / sum(a**i for i in range(k + 1))
+            if gpu:
+                row["replay_ms"] = spec_replay_ms(runner.verify_graphs, b, k, args.iters)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if k == 1 and b in splits:
@@ -181,6 +201,20 @@ def main() -> None:
         cells = " | ".join(f"{r[f'tpot_at_{a}']:.2f} ({r[f'tpot_at_{a}'] / base:.2f}x)" for a in ACCEPTANCE)
         print(f"| {r['batch']} | {r['k']} | {r['step_ms']:.2f} | {base:.2f} | {r['tokens_per_step']:.2f} | "
               f"{r['oracle_tpot_ms']:.2f} | {cells} |")  # fmt: skip
+    if plain_replay:
+        print(
+            "\nGPU replays alone (no host work between steps: the bound of a loop that overlaps it), ms; "
+            "TPOT ratio at 0.8 = spec replay / (1 + 0.8 + ..) / plain replay\n"
+        )
+        print("| batch | K | spec replay ms | plain replay ms | spec / plain | TPOT at 0.8 (ratio) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            if r["k"] == 0:
+                continue
+            base = plain_replay[r["batch"]]
+            tpot = r["replay_ms"] / sum(0.8**i for i in range(r["k"] + 1))
+            print(f"| {r['batch']} | {r['k']} | {r['replay_ms']:.2f} | {base:.2f} | {r['replay_ms'] / base:.2f} | "
+                  f"{tpot:.2f} ({tpot / base:.2f}x) |")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     runner.close()

@@ -22,7 +22,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_kernel(
+def _mla_decode_split(
     qc_ptr, qr_ptr, cache_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr, num_heads, scale_log2,
     stride_qc_b, stride_qc_h, stride_qr_b, stride_qr_h, stride_page, stride_slot, stride_table,
     stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_s,
@@ -71,7 +71,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(
+def _mla_decode_merge(
     o_ptr, lse_ptr, out_ptr, num_splits, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_s,
     stride_out_b, stride_out_h, C: tl.constexpr,
 ):  # fmt: skip
@@ -105,14 +105,14 @@ def mla_decode(
     r = q_rope.shape[-1]
     o = torch.empty(rows, splits, heads, c, dtype=torch.float32, device=q_latent.device)
     lse = torch.empty(rows, splits, heads, dtype=torch.float32, device=q_latent.device)
-    _split_kernel[(rows, splits, triton.cdiv(heads, block_h))](
+    _mla_decode_split[(rows, splits, triton.cdiv(heads, block_h))](
         q_latent, q_rope, cache, page_table, kv_lens, o, lse, heads, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), page_table.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         PAGE_SIZE=cache.shape[1], C=c, R=r, CHUNK=chunk, MAX_SPLITS=max_splits, BLOCK_H=block_h, BLOCK_N=block_n,
         num_warps=8, num_stages=2,
     )  # fmt: skip
-    _merge_kernel[(rows, heads)](
+    _mla_decode_merge[(rows, heads)](
         o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), out.stride(0),
         out.stride(1), C=c, num_warps=4,
     )  # fmt: skip

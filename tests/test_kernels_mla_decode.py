@@ -110,7 +110,7 @@ class TestInterpreted:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("order", list(KVOrder), ids=lambda o: o.value)
 @pytest.mark.parametrize(
-    "case", [*CASES, ([1024] * 8, 16, 512, 64, 64, 32), ([300, 1, 2000], 128, 512, 64, 64, 8)]
+    "case", [*CASES, ([1024] * 8, 16, 512, 64, 64, 32), ([300, 1, 2000], 128, 512, 64, 64, BLOCK_N)]
 )
 def test_on_cuda(case, order):
     check("cuda", torch.bfloat16, case, order)
