@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pd.attention import ATTENTION_BACKENDS
-from pd.bench.decode_step import kernel_times, timed, wall
+from pd.bench.decode_step import kernel_times, measure_ceilings, timed, wall
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
 from pd.engine.decode_graph import DecodeGraphs, default_buckets
@@ -69,6 +69,41 @@ def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
         spec.drafts.setdefault(r, [3] * spec.k)
     spec.decode(Batch(BatchMode.DECODE, reqs, [context - 1] * len(reqs), [context] * len(reqs)), postprocess)
     return emitted
+
+
+def step_floors(runner, batch: int, k: int, context: int) -> tuple[float, float]:
+    """Bytes that a plain decode step and a K-draft greedy speculative step (verify of ``K + 1`` tokens a row, the
+    MTP layer over them, ``K - 1`` chained drafts) read at least: the weights they touch, routed experts hit as
+    uniformly random routing hits them (the dummy weights' routing; ``pd.bench.decode_step``'s floor), each
+    sequence's KV once a layer. Verify rows of one sequence touch more distinct experts than one row does, so at
+    small batches the speculative step's floor grows nearly with its tokens."""
+    cfg = runner.model_cfg
+    dense = expert = mtp_dense = 0
+    for name, p in runner.model.named_parameters():
+        n = p.numel() * p.element_size()
+        if name == "model.embed_tokens.weight":
+            continue
+        if name.startswith("mtp."):
+            mtp_dense += 0 if ".experts." in name else n
+        elif ".experts." in name:
+            expert += n
+        else:
+            dense += n
+    e, top = cfg.n_routed_experts, cfg.num_experts_per_tok
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    per_expert = expert / (moe_layers * e)
+
+    def hit(tokens: int) -> float:
+        return e * (1 - (1 - top / e) ** tokens)
+
+    kv_layer = batch * context * cfg.latent_dim * runner.pool.layout.dtype.itemsize
+    head = runner.model.lm_head.weight.numel() * runner.model.lm_head.weight.element_size()
+    plain = dense + moe_layers * hit(batch) * per_expert + cfg.num_hidden_layers * kv_layer
+    rows = batch * (k + 1)
+    verify = dense + moe_layers * hit(rows) * per_expert + cfg.num_hidden_layers * kv_layer
+    draft = mtp_dense + hit(rows) * per_expert + head + kv_layer
+    chain = (k - 1) * (mtp_dense + hit(batch) * per_expert + head + kv_layer)
+    return plain, verify + draft + chain
 
 
 def spec_replay_ms(graphs: VerifyGraphs, batch: int, k: int, iters: int) -> float:
@@ -127,6 +162,7 @@ def main() -> None:
     )  # fmt: skip
     engine = Engine(cfg)
     runner = engine.runner
+    bw = measure_ceilings()[0] if gpu else 4.25e12  # CPU smoke runs: an H200's copy bandwidth
     assert isinstance(runner.model, DeepseekV3WithMTP)
     if gpu and runner.verify_graphs is None:
         raise SystemExit("spec_step: no CUDA graphs were captured (see the attention backend warning above)")
@@ -178,6 +214,8 @@ def main() -> None:
             }
             for a in ACCEPTANCE:
                 row[f"tpot_at_{a}"] = ms / sum(a**i for i in range(k + 1))
+            plain_b, spec_b = step_floors(runner, b, k, args.context)
+            row["floor_ms"], row["plain_floor_ms"] = spec_b / bw * 1e3, plain_b / bw * 1e3
             if gpu:
                 row["replay_ms"] = spec_replay_ms(runner.verify_graphs, b, k, args.iters)
             rows.append(row)
@@ -201,20 +239,26 @@ def main() -> None:
         cells = " | ".join(f"{r[f'tpot_at_{a}']:.2f} ({r[f'tpot_at_{a}'] / base:.2f}x)" for a in ACCEPTANCE)
         print(f"| {r['batch']} | {r['k']} | {r['step_ms']:.2f} | {base:.2f} | {r['tokens_per_step']:.2f} | "
               f"{r['oracle_tpot_ms']:.2f} | {cells} |")  # fmt: skip
-    if plain_replay:
-        print(
-            "\nGPU replays alone (no host work between steps: the bound of a loop that overlaps it), ms; "
-            "TPOT ratio at 0.8 = spec replay / (1 + 0.8 + ..) / plain replay\n"
-        )
-        print("| batch | K | spec replay ms | plain replay ms | spec / plain | TPOT at 0.8 (ratio) |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for r in rows:
-            if r["k"] == 0:
-                continue
+    print(
+        "\nFloors (bytes / copy bandwidth; routed experts hit as uniform routing hits them) and, on a GPU, the "
+        "replays alone (no host work between steps: the bound of a loop that overlaps it), ms; TPOT ratio at 0.8 = "
+        "spec / (1 + 0.8 + ..) / plain\n"
+    )
+    print("| batch | K | spec floor | plain floor | floor TPOT ratio at 0.8 | spec replay | plain replay | "
+          "replay TPOT ratio at 0.8 |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["k"] == 0:
+            continue
+        per = sum(0.8**i for i in range(r["k"] + 1))
+        cells = [f"{r['floor_ms']:.2f}", f"{r['plain_floor_ms']:.2f}",
+                 f"{r['floor_ms'] / per / r['plain_floor_ms']:.2f}x"]  # fmt: skip
+        if "replay_ms" in r:
             base = plain_replay[r["batch"]]
-            tpot = r["replay_ms"] / sum(0.8**i for i in range(r["k"] + 1))
-            print(f"| {r['batch']} | {r['k']} | {r['replay_ms']:.2f} | {base:.2f} | {r['replay_ms'] / base:.2f} | "
-                  f"{tpot:.2f} ({tpot / base:.2f}x) |")  # fmt: skip
+            cells += [f"{r['replay_ms']:.2f}", f"{base:.2f}", f"{r['replay_ms'] / per / base:.2f}x"]
+        else:
+            cells += ["-"] * 3
+        print(f"| {r['batch']} | {r['k']} | {' | '.join(cells)} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     runner.close()
