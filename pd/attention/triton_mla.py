@@ -1,15 +1,15 @@
 """MLA attention with pd's split-KV decode kernel (``pd.kernels.mla_decode``) for decode-mode steps of few queries,
 FlashInfer (``FlashInferMLABackend``) for everything else (prompt steps, graphed prompt steps, larger verify steps).
 
-Why: FlashInfer's MLA decode kernel has a fixed cost of ~12-17 us a layer on an H200 at batch 1-32 (a 1K context
-reads in ~2 us); this one splits every query's positions over several programs. Each query is a row of its own,
-with its sequence's page table and the positions it sees (its own included): plain decode steps, and causal
-verify steps whose rows compute at most a few positions (``graph_state``'s ``max_q_per_row``), up to
-``QUERY_ROWS`` queries a step: there a sequence's cache, read once per query, stays in L2, and the splits' partial
-outputs stay small beside the cache they read. A row's result depends on its own inputs alone, so eager and graph
-steps that both take the kernel agree bit for bit. Its metadata is a page table and the lengths (small
-copies a step, no planning on the host). Chosen by name (``--attention-backend triton``); ``pd.bench.decode_step``
-and ``pd.bench.spec_step`` take ``--attention-backend`` to compare the two.
+Why: FlashInfer plans each decode step on the host (~1.3 ms at batch 1 on an H200: hidden by the overlapped plain
+decode loop, not by serial steps such as speculative ones), and its MLA decode kernel has a fixed cost of ~12-17 us
+a layer at batch 1-32. This kernel needs no planning and splits every query's positions over several programs.
+Each query is a row of its own, with its sequence's page table and the positions it sees (its own included): plain
+decode steps, and causal verify steps whose rows compute at most a few positions (``graph_state``'s
+``max_q_per_row``), of up to ``SPLIT_SEQUENCES`` sequences. A row's result depends on its own
+inputs alone, so eager and graph steps that both take the kernel agree bit for bit. Its metadata is a page table
+and the lengths (small copies a step). ``auto``'s choice on CUDA (``pd.engine.runner``); ``pd.bench.decode_step``
+and ``pd.bench.spec_step`` take ``--attention-backend`` to compare it with ``flashinfer``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pd.attention.flashinfer_mla import FlashInferMLABackend, _GraphState, _Step
 from pd.kernels.mla_decode import mla_decode
 from pd.types import BatchMode
 
-QUERY_ROWS = 32  # the most queries (rows) a step runs on the split kernel
+# The most sequences a decode-mode step runs on the split kernel: a graph bucket size, so an eager step and the
+# bucket that would replay it take the same kernel. fa3 is faster beyond at plain decode on an H200.
+SPLIT_SEQUENCES = 16
 
 
 @dataclass
@@ -57,7 +59,7 @@ class TritonMLABackend(FlashInferMLABackend):
 
     def prepare(self, inputs: AttnInputs) -> None:
         self._eager = None
-        if inputs.mode is not BatchMode.DECODE or sum(inputs.q_lens) > QUERY_ROWS:
+        if inputs.mode is not BatchMode.DECODE or len(inputs.starts) > SPLIT_SEQUENCES:
             super().prepare(inputs)
             return
         self.inputs, self.active = inputs, None
@@ -69,11 +71,9 @@ class TritonMLABackend(FlashInferMLABackend):
     def graph_state(
         self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
     ) -> _GraphState:
-        rows = batch if tokens is None else tokens
-        if rows > QUERY_ROWS or (
-            tokens is not None and max_q_per_row is None
-        ):  # larger steps, graphed prompts
+        if batch > SPLIT_SEQUENCES or (tokens is not None and max_q_per_row is None):  # larger steps, prompts
             return super().graph_state(batch, max_pages, tokens, max_q_per_row)
+        rows = batch if tokens is None else tokens
         dev, i32, width = self.device, torch.int32, -(-max_pages // batch)
         return _SplitState(
             batch, rows, None, torch.zeros(rows, dtype=torch.int64, device=dev),
