@@ -158,7 +158,7 @@ def test_tiny_model_agrees_with_transformers_fp32(gpu_tiny, hf_model):
             out = torch.tensor([p + f], device="cuda")
             hf16_top1.append(hf16(out).logits[0, len(p) - 1 : -1].float().argmax(-1).tolist())
     runner = _decode_runner(gpu_tiny)
-    assert runner.graphs is not None and type(runner.attn).__name__ == "TritonMLABackend"  # auto's choice
+    assert runner.graphs is not None and type(runner.attn).__name__ == "FlashInferMLABackend"
     picks = _teacher_forced_top1(runner, prompts, forced)
     pairs = [
         (a, b, m, h)

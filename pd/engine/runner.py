@@ -20,7 +20,6 @@ from pd.engine.memory import GB, WeightBytes, check_fits, gpu_share, pages_in_sh
 from pd.engine.verify_graph import VerifyGraphs
 from pd.ep import EPBackend, EPConfig, make_ep_backend
 from pd.ep.placement import ExpertPlacement, PlacementMap
-from pd.kernels.moe import HAS_TRITON
 from pd.kv_cache import KVLayout, KVOrder, KVPool
 from pd.model.context import ForwardContext
 from pd.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -91,9 +90,10 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
                 "graphs: decode is several times slower",
                 why,
             )
-        # Triton's split-KV decode for few queries (no attention planning on the host: ~1.3 ms a step on an H200
-        # at batch 1), FlashInfer for the rest (bench/results/decode_step_h200_1203.md, "Session 9").
-        name = "torch" if why is not None else "triton" if HAS_TRITON else "flashinfer"
+        # FlashInfer plans each decode step on the host (~1.3 ms on an H200 at batch 1), which serial steps pay;
+        # "triton" does not (bench/results/decode_step_h200_1203.md, "Session 9"). It becomes auto's choice once
+        # the GPU tests have run with it as the default (bench/gpu/run_h200_next9.sh).
+        name = "flashinfer" if why is None else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
     if name in ("flashinfer", "triton"):
