@@ -171,3 +171,25 @@ def test_triton_backend_metadata_eager_and_in_a_padded_bucket(order, q):
     assert torch.equal(slots[:t], want_slots) and (slots[t:] // page_size == DUMMY_PAGE).all()
     own = [p + 1 for n in lens for p in range(n - q, n)]  # causal: each query sees up to its own position
     assert state.kv_lens.tolist()[:t] == own and len(state.kv_lens) == rows * q
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, monkeypatch):
+    """Eager and graph steps agree bit for bit only if both take the same kernel: for every count of sequences up
+    to the largest bucket, and ``q`` queries a sequence (plain decode; verify steps of K = 1-3), an eager step runs
+    the split kernel exactly when the bucket that would replay it does (FlashInfer's planning stubbed)."""
+    from pd.attention import triton_mla
+    from pd.engine.decode_graph import default_buckets
+
+    monkeypatch.setattr(triton_mla.FlashInferMLABackend, "prepare", lambda self, inputs: None)
+    monkeypatch.setattr(triton_mla.FlashInferMLABackend, "graph_state", lambda self, *a, **k: "flashinfer")
+    layout = KVLayout(1, 4, 4, 48, torch.float32, KVOrder.LAYER_MAJOR)
+    backend = _cpu_backend(KVPool(layout, "cpu"), 4, 32, 1.0)
+    buckets = default_buckets(64)
+    assert triton_mla.SPLIT_SEQUENCES in buckets
+    for n in range(1, 65):
+        backend.prepare(AttnInputs(BatchMode.DECODE, [4] * n, [4 + q] * n, [[1, 2]] * n))
+        bucket = next(b for b in buckets if b >= n)
+        state = backend.graph_state(bucket, bucket * 2, None if q == 1 else bucket * q, max_q_per_row=q)
+        assert (backend._eager is not None) == isinstance(state, triton_mla._SplitState), (n, bucket)
+        assert (backend._eager is not None) == (n <= triton_mla.SPLIT_SEQUENCES)
