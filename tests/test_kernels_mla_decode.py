@@ -193,3 +193,8 @@ def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, monkeypatch):
         state = backend.graph_state(bucket, bucket * 2, None if q == 1 else bucket * q, max_q_per_row=q)
         assert (backend._eager is not None) == isinstance(state, triton_mla._SplitState), (n, bucket)
         assert (backend._eager is not None) == (n <= triton_mla.SPLIT_SEQUENCES)
+    # Longer rows than a verify step's (a prompt in decode form) go to FlashInfer, eager and graphed alike.
+    q = triton_mla.MAX_Q_PER_ROW + 1
+    backend.prepare(AttnInputs(BatchMode.DECODE, [4], [4 + q], [[1, 2, 3]]))
+    assert backend._eager is None and backend.graph_state(1, 3, q, max_q_per_row=q) == "flashinfer"
+    assert backend.graph_state(1, 3, q) == "flashinfer"  # a graphed prompt step

@@ -23,11 +23,13 @@ import torch
 from pd.attention.base import AttnInputs, pad_for_graph
 from pd.attention.flashinfer_mla import FlashInferMLABackend, _GraphState, _StepMeta
 from pd.kernels.mla_decode import mla_decode
+from pd.speculative import MAX_SPECULATIVE_TOKENS
 from pd.types import BatchMode
 
 # The most sequences a decode-mode step runs on the split kernel: a graph bucket size, so an eager step and the
 # bucket that would replay it take the same kernel. fa3 is faster beyond at plain decode on an H200.
 SPLIT_SEQUENCES = 16
+MAX_Q_PER_ROW = MAX_SPECULATIVE_TOKENS + 1  # a verify step's queries a sequence; longer rows go to FlashInfer
 
 
 @dataclass
@@ -59,7 +61,11 @@ class TritonMLABackend(FlashInferMLABackend):
 
     def prepare(self, inputs: AttnInputs) -> None:
         self._eager = None
-        if inputs.mode is not BatchMode.DECODE or len(inputs.starts) > SPLIT_SEQUENCES:
+        if (
+            inputs.mode is not BatchMode.DECODE
+            or len(inputs.starts) > SPLIT_SEQUENCES
+            or max(inputs.q_lens, default=1) > MAX_Q_PER_ROW
+        ):
             super().prepare(inputs)
             return
         self.inputs, self.active = inputs, None
@@ -71,7 +77,8 @@ class TritonMLABackend(FlashInferMLABackend):
     def graph_state(
         self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
     ) -> _GraphState:
-        if batch > SPLIT_SEQUENCES or (tokens is not None and max_q_per_row is None):  # larger steps, prompts
+        q = 1 if tokens is None else max_q_per_row  # None: a graphed prompt step
+        if batch > SPLIT_SEQUENCES or q is None or q > MAX_Q_PER_ROW:
             return super().graph_state(batch, max_pages, tokens, max_q_per_row)
         rows = batch if tokens is None else tokens
         dev, i32, width = self.device, torch.int32, -(-max_pages // batch)
