@@ -184,11 +184,14 @@ def finish_requests(engine: Engine, reqs: list[Req]) -> None:
         engine.step()
 
 
-def engine_loop(runner: ModelRunner, batch: int, context: int, iters: int) -> dict[str, float]:
+def engine_loop(
+    runner: ModelRunner, batch: int, context: int, iters: int, cfg: EngineConfig | None = None
+) -> dict[str, float]:
     """Mean ms per step of the engine's decode loop (``Engine.step``: schedule, run, postprocess; no tokenizer,
     so no detokenizing) over ``batch`` requests at ``context`` tokens, one step at a time (``serial_ms``) and
-    overlapped (``overlapped_ms``). The requests' prompt KV is whatever the pool holds."""
-    engine = Engine(runner.cfg, runner=runner)
+    overlapped (``overlapped_ms``). The requests' prompt KV is whatever the pool holds. ``cfg``: the engine's
+    (default the runner's)."""
+    engine = Engine(cfg or runner.cfg, runner=runner)
     engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
     out = {}
