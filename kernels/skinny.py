@@ -5,7 +5,7 @@ output that the next consumer copies again: small launches that cost ~2.5 us eac
 several per layer. The Triton kernel (``pd.kernels.skinny_triton``) reads the strided operands in place and writes
 ``[T, H, N]`` contiguous, with float32 accumulation and one rounding (what cuBLAS's bf16 batched GEMM computes, up
 to the order of the sum). It is taken on CUDA for 16-bit tensors and at most ``MAX_ROWS`` tokens; elsewhere the
-caller's einsum runs (the reference). ``pd.bench.skinny`` measured it against cuBLAS, plain projections included:
+einsum runs (the reference). ``pd.bench.skinny`` measured it against cuBLAS, plain projections included:
 for those cuBLAS is as fast or faster from 16 rows on, and at most ~1 us faster below, so they stay on cuBLAS.
 """
 
@@ -54,9 +54,12 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def head_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per head ``h``: ``x[:, h] [T, K] @ w[h] [N, K]^T`` -> ``[T, H, N]`` contiguous; ``w [H, N, K]`` in any
-    strides. Callers check ``usable(x, w)`` first."""
+def head_mm(x: torch.Tensor, w: torch.Tensor, *, triton: bool | None = None) -> torch.Tensor:
+    """Per head ``h``: ``x[:, h] [T, K] @ w[h] [N, K]^T`` -> ``[T, H, N]``; ``w [H, N, K]`` in any strides. The
+    Triton kernel (contiguous output) where ``usable(x, w)``; ``triton=True`` forces it (tests: more rows, the
+    interpreter), ``False`` the einsum reference."""
+    if not (usable(x, w) if triton is None else triton):
+        return torch.einsum("thk,hnk->thn", x, w)
     out = torch.empty(x.shape[0], x.shape[1], w.shape[1], dtype=x.dtype, device=x.device)
     cfg = config(w.shape[1], w.shape[2], x.shape[0])
     _triton_ops().skinny_bmm(x.transpose(0, 1), w, out.transpose(0, 1), *cfg)

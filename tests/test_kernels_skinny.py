@@ -34,8 +34,8 @@ def check(device: str, dtype: torch.dtype, case) -> None:
     q_nope = q[..., :nope]  # strided: the query heads' rows also hold their rotary part
     latent = torch.randn(t, heads, lora, generator=gen).to(device=device, dtype=dtype)
     before = kv_b.clone(), q.clone(), latent.clone()
-    q_latent = skinny.head_mm(q_nope, w_uk.transpose(1, 2))
-    out = skinny.head_mm(latent, w_uv)
+    q_latent = skinny.head_mm(q_nope, w_uk.transpose(1, 2), triton=True)
+    out = skinny.head_mm(latent, w_uv, triton=True)
     assert all(torch.equal(a, b) for a, b in zip(before, (kv_b, q, latent))), "an input changed"
     assert q_latent.shape == (t, heads, lora) and q_latent.is_contiguous() and q_latent.dtype == dtype
     assert out.shape == (t, heads, v) and out.is_contiguous() and out.dtype == dtype
@@ -98,7 +98,7 @@ def test_on_cuda(case):
 
 def test_usable_only_for_few_rows_of_16_bit_cuda_tensors():
     x, w = torch.zeros(4, 2, 8, dtype=torch.bfloat16), torch.zeros(2, 16, 8, dtype=torch.bfloat16)
-    assert not skinny.usable(x, w)  # CPU: the caller's einsum
+    assert not skinny.usable(x, w)  # CPU: the einsum
     if torch.cuda.is_available():
         assert skinny.usable(x.cuda(), w.cuda())
         assert not skinny.usable(

@@ -99,13 +99,7 @@ class MLAttention(nn.Module):
             out = attn.extend(self.layer, torch.cat([q_nope, q_rope], dim=-1), k, v)  # [T, Hh, v]
         else:
             w_uk, w_uv = self.absorbed_weights()
-            if skinny.usable(q_nope, w_uk):  # no copies of the strided operands (pd.kernels.skinny)
-                q_latent = skinny.head_mm(q_nope, w_uk.transpose(1, 2))
-            else:
-                q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+            q_latent = skinny.head_mm(q_nope, w_uk.transpose(1, 2))  # no copies of strided operands on CUDA
             out_latent = attn.decode(self.layer, q_latent, q_rope)  # [T, Hh, kv_lora]
-            if skinny.usable(out_latent, w_uv):
-                out = skinny.head_mm(out_latent, w_uv)
-            else:
-                out = torch.einsum("thc,hvc->thv", out_latent, w_uv)
+            out = skinny.head_mm(out_latent, w_uv)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
