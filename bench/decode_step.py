@@ -101,28 +101,43 @@ def wall(fn, iters: int, warmup: int = 3) -> float:
 
 
 def parameter_bytes(runner: ModelRunner) -> dict[str, float]:
-    """Bytes of the model's weights by kind: dense (everything always read), per-expert, embedding row."""
+    """Bytes of the target model's weights by kind: dense (everything always read), per-expert, embedding row; and
+    of its MTP layer's dense weights (``mtp_dense``, 0 without one) and of ``lm_head`` (``head``, in dense too)."""
     cfg = runner.model_cfg
-    dense = expert = 0
+    dense = expert = mtp_dense = 0
     for name, p in runner.model.named_parameters():
         n = p.numel() * p.element_size()
-        if ".experts." in name:  # w13, w2 and (FP8) their scales
+        if name.startswith("mtp."):
+            mtp_dense += 0 if ".experts." in name else n
+        elif ".experts." in name:  # w13, w2 and (FP8) their scales
             expert += n
         elif name != "model.embed_tokens.weight":
             dense += n
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     per_expert = expert / (moe_layers * cfg.n_routed_experts)
-    return {"dense": dense, "per_expert": per_expert, "moe_layers": moe_layers, "row": cfg.hidden_size * 2}
+    head = runner.model.lm_head.weight
+    return {"dense": dense, "per_expert": per_expert, "moe_layers": moe_layers, "row": cfg.hidden_size * 2,
+            "mtp_dense": mtp_dense, "head": head.numel() * head.element_size()}  # fmt: skip
+
+
+def kv_bytes_per_token(runner: ModelRunner) -> int:
+    """Cache bytes a token holds over the target's layers."""
+    cfg = runner.model_cfg
+    return cfg.num_hidden_layers * cfg.latent_dim * runner.pool.layout.dtype.itemsize
+
+
+def experts_hit(cfg: ModelConfig, tokens: int) -> float:
+    """Routed experts a layer that ``tokens`` tokens hit on average under uniformly random routing."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** tokens)
 
 
 def decode_floor_bytes(
     pb: dict, cfg: ModelConfig, batch: int, context: int, kv_bytes_per_token: int
 ) -> float:
-    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    experts_hit = e * (1 - (1 - k / e) ** batch)
     return (
         pb["dense"]
-        + pb["moe_layers"] * experts_hit * pb["per_expert"]
+        + pb["moe_layers"] * experts_hit(cfg, batch) * pb["per_expert"]
         + batch * pb["row"]
         + batch * context * kv_bytes_per_token
     )
@@ -290,7 +305,7 @@ def main() -> None:
     runner.pool.buffer.normal_()  # never time on zeros
     mc = runner.model_cfg
     pb = parameter_bytes(runner)
-    kv_per_token = mc.num_hidden_layers * mc.latent_dim * 2
+    kv_per_token = kv_bytes_per_token(runner)
     rows, graphs = [], runner.graphs
     for ctx in contexts:
         for b in batches:

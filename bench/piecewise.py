@@ -22,6 +22,7 @@ import torch
 from pd.bench.decode_step import (
     _commit,
     decode_floor_bytes,
+    kv_bytes_per_token,
     make_batch,
     parameter_bytes,
     prefill_flops,
@@ -76,7 +77,7 @@ def main() -> None:
     pieces_extend = ExtendGraphs(m.model, m.attn, m.pool, whole_extend.buckets, m.context_len, piecewise=True)
     runner.pool.buffer.normal_()
     mc, pb = runner.model_cfg, parameter_bytes(runner)
-    kv_per_token = mc.num_hidden_layers * mc.latent_dim * 2
+    kv_per_token = kv_bytes_per_token(runner)
 
     def time_modes(batch: Batch, modes: dict) -> dict[str, float]:
         out = {}

@@ -23,7 +23,18 @@ from pathlib import Path
 import torch
 
 from pd.attention import ATTENTION_BACKENDS
-from pd.bench.decode_step import LOOP_STEPS, engine_loop, kernel_times, measure_ceilings, timed, wall
+from pd.bench.decode_step import (
+    LOOP_STEPS,
+    decode_floor_bytes,
+    engine_loop,
+    experts_hit,
+    kernel_times,
+    kv_bytes_per_token,
+    measure_ceilings,
+    parameter_bytes,
+    timed,
+    wall,
+)
 from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
 from pd.engine.decode_graph import DecodeGraphs, default_buckets
@@ -72,39 +83,31 @@ def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
     return emitted
 
 
-def step_floors(runner, batch: int, k: int, context: int) -> tuple[float, float]:
+def step_floors(pb: dict, cfg, batch: int, k: int, context: int, kv_per_token: int) -> tuple[float, float]:
     """Bytes that a plain decode step and a K-draft greedy speculative step (verify of ``K + 1`` tokens a row, the
-    MTP layer over them, ``K - 1`` chained drafts) read at least: the weights they touch, routed experts hit as
-    uniformly random routing hits them (the dummy weights' routing; ``pd.bench.decode_step``'s floor), each
-    sequence's KV once a layer. Verify rows of one sequence touch more distinct experts than one row does, so at
-    small batches the speculative step's floor grows nearly with its tokens."""
-    cfg = runner.model_cfg
-    dense = expert = mtp_dense = 0
-    for name, p in runner.model.named_parameters():
-        n = p.numel() * p.element_size()
-        if name == "model.embed_tokens.weight":
-            continue
-        if name.startswith("mtp."):
-            mtp_dense += 0 if ".experts." in name else n
-        elif ".experts." in name:
-            expert += n
-        else:
-            dense += n
-    e, top = cfg.n_routed_experts, cfg.num_experts_per_tok
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    per_expert = expert / (moe_layers * e)
-
-    def hit(tokens: int) -> float:
-        return e * (1 - (1 - top / e) ** tokens)
-
-    kv_layer = batch * context * cfg.latent_dim * runner.pool.layout.dtype.itemsize
-    head = runner.model.lm_head.weight.numel() * runner.model.lm_head.weight.element_size()
-    plain = dense + moe_layers * hit(batch) * per_expert + cfg.num_hidden_layers * kv_layer
+    MTP layer over them, ``K - 1`` chained drafts) read at least (``pd.bench.decode_step``'s floor: routed experts
+    hit as the dummy weights' uniform routing hits them; ``pb``: its ``parameter_bytes``). Each sequence's KV is
+    read once a layer; verify rows of one sequence hit more distinct experts than one row does, so at small batches
+    the speculative step's floor grows nearly with its tokens."""
+    plain = decode_floor_bytes(pb, cfg, batch, context, kv_per_token)
+    kv = batch * context * kv_per_token
     rows = batch * (k + 1)
-    verify = dense + moe_layers * hit(rows) * per_expert + cfg.num_hidden_layers * kv_layer
-    draft = mtp_dense + hit(rows) * per_expert + head + kv_layer
-    chain = (k - 1) * (mtp_dense + hit(batch) * per_expert + head + kv_layer)
-    return plain, verify + draft + chain
+
+    def mtp_layer(tokens: int) -> float:  # its dense weights, the experts hit, lm_head, its own KV layer
+        return (
+            pb["mtp_dense"]
+            + experts_hit(cfg, tokens) * pb["per_expert"]
+            + pb["head"]
+            + kv / cfg.num_hidden_layers
+        )
+
+    verify = decode_floor_bytes(pb, cfg, rows, 0, 0) + kv
+    return plain, verify + mtp_layer(rows) + (k - 1) * mtp_layer(batch)
+
+
+def tokens_per_step(acceptance: float, k: int) -> float:
+    """Tokens a step emits when each draft is kept with probability ``acceptance`` once the ones before it were."""
+    return sum(acceptance**i for i in range(k + 1))
 
 
 def spec_replay_ms(graphs: VerifyGraphs, batch: int, k: int, iters: int) -> float:
@@ -118,6 +121,52 @@ def spec_replay_ms(graphs: VerifyGraphs, batch: int, k: int, iters: int) -> floa
             graphs.graphs.replay((bs, f"chain{j}"))
 
     return timed(replays, iters) * 1e3
+
+
+def print_tables(rows: list[dict], context: int) -> None:
+    """The speculative rows against their batch's plain row: serial steps, floors and replays alone, and (on a
+    GPU) against the overlapped plain loop."""
+    plain = {r["batch"]: r for r in rows if r["k"] == 0}
+    spec = [r for r in rows if r["k"]]
+    print(f"\nMTP draft + verify step (ms, median wall), context {context}; TPOT ratio = TPOT / plain step\n")
+    head = " | ".join(f"TPOT at {a} (ratio)" for a in ACCEPTANCE)
+    print(f"| batch | K | step ms | plain ms | oracle tokens/step | oracle TPOT ms | {head} |")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
+    for r in spec:
+        base = plain[r["batch"]]["step_ms"]
+        cells = " | ".join(f"{r[f'tpot_at_{a}']:.2f} ({r[f'tpot_at_{a}'] / base:.2f}x)" for a in ACCEPTANCE)
+        print(f"| {r['batch']} | {r['k']} | {r['step_ms']:.2f} | {base:.2f} | {r['tokens_per_step']:.2f} | "
+              f"{r['oracle_tpot_ms']:.2f} | {cells} |")  # fmt: skip
+    print(
+        "\nFloors (bytes / copy bandwidth; routed experts hit as uniform routing hits them) and, on a GPU, the "
+        "replays alone (no host work between steps: the bound of a loop that overlaps it), ms; TPOT ratio at 0.8 = "
+        "spec / tokens a step at 0.8 / plain\n"
+    )
+    print("| batch | K | spec floor | plain floor | floor TPOT ratio at 0.8 | spec replay | plain replay | "
+          "replay TPOT ratio at 0.8 |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in spec:
+        per = tokens_per_step(0.8, r["k"])
+        cells = [f"{r['floor_ms']:.2f}", f"{r['plain_floor_ms']:.2f}",
+                 f"{r['floor_ms'] / per / r['plain_floor_ms']:.2f}x"]  # fmt: skip
+        if "replay_ms" in r:
+            base = plain[r["batch"]]["replay_ms"]
+            cells += [f"{r['replay_ms']:.2f}", f"{base:.2f}", f"{r['replay_ms'] / per / base:.2f}x"]
+        else:
+            cells += ["-"] * 3
+        print(f"| {r['batch']} | {r['k']} | {' | '.join(cells)} |")
+    if not all("loop_ms" in plain[r["batch"]] for r in spec):
+        return
+    print(
+        "\nAgainst the plain decode users run (the engine's overlapped loop, host work hidden): the serial "
+        "speculative step's TPOT at each acceptance / the loop's step\n"
+    )
+    print(f"| batch | K | plain loop ms | step ms | {' | '.join(f'at {a}' for a in ACCEPTANCE)} |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
+    for r in spec:
+        base = plain[r["batch"]]["loop_ms"]
+        cells = " | ".join(f"{r[f'tpot_at_{a}'] / base:.2f}x" for a in ACCEPTANCE)
+        print(f"| {r['batch']} | {r['k']} | {base:.2f} | {r['step_ms']:.2f} | {cells} |")
 
 
 def print_classes(what: str, step, iters: int) -> None:
@@ -173,22 +222,17 @@ def main() -> None:
     rows = []
     if gpu:
         runner.graphs = DecodeGraphs(runner.model, runner.attn, runner.pool, buckets, runner.context_len)
-    plain: dict[int, float] = {}
-    plain_replay: dict[int, float] = {}  # GPU ms of the plain step's graph replay alone
-    plain_loop: dict[int, float] = {}  # ms a step of the engine's overlapped plain decode loop
+    pb, kv_per_token = parameter_bytes(runner), kv_bytes_per_token(runner)
+    plain_cfg = dataclasses.replace(cfg, speculative=SpeculativeConfig())  # what a user runs without MTP
     for b in batches:
         reqs = make_reqs(engine, b, args.context, 0)
         batch = Batch(BatchMode.DECODE, reqs, [args.context - 1] * b, [args.context] * b)
-        plain[b] = wall(lambda batch=batch: runner.run(batch), args.iters) * 1e3
-        rows.append({"batch": b, "k": 0, "step_ms": plain[b], "tokens_per_step": 1.0})
-        if gpu:  # the last step's inputs are loaded: the GPU time of its replay alone
+        ms = wall(lambda batch=batch: runner.run(batch), args.iters) * 1e3
+        rows.append({"batch": b, "k": 0, "step_ms": ms, "tokens_per_step": 1.0})
+        if gpu:  # the last step's inputs are loaded: the GPU time of its replay alone; the overlapped loop
             bs = runner.graphs.bucket(b)
-            plain_replay[b] = timed(lambda bs=bs: runner.graphs.graphs.replay(bs), args.iters) * 1e3
-            rows[-1]["replay_ms"] = plain_replay[b]
-            # What a user runs without MTP: the engine's overlapped decode loop (host work hidden).
-            plain_cfg = dataclasses.replace(cfg, speculative=SpeculativeConfig())
-            plain_loop[b] = engine_loop(runner, b, args.context, LOOP_STEPS, plain_cfg)["overlapped_ms"]
-            rows[-1]["loop_ms"] = plain_loop[b]
+            rows[-1]["replay_ms"] = timed(lambda bs=bs: runner.graphs.graphs.replay(bs), args.iters) * 1e3
+            rows[-1]["loop_ms"] = engine_loop(runner, b, args.context, LOOP_STEPS, plain_cfg)["overlapped_ms"]
         print(json.dumps(rows[-1]), flush=True)
     runner.close()
     splits = [int(b) for b in args.breakdown.split(",") if b] if gpu else []
@@ -219,8 +263,8 @@ def main() -> None:
                 "oracle_tpot_ms": ms / per_step,
             }
             for a in ACCEPTANCE:
-                row[f"tpot_at_{a}"] = ms / sum(a**i for i in range(k + 1))
-            plain_b, spec_b = step_floors(runner, b, k, args.context)
+                row[f"tpot_at_{a}"] = ms / tokens_per_step(a, k)
+            plain_b, spec_b = step_floors(pb, runner.model_cfg, b, k, args.context, kv_per_token)
             row["floor_ms"], row["plain_floor_ms"] = spec_b / bw * 1e3, plain_b / bw * 1e3
             if gpu:
                 row["replay_ms"] = spec_replay_ms(runner.verify_graphs, b, k, args.iters)
@@ -232,52 +276,7 @@ def main() -> None:
         runner.close()
         if gpu:
             torch.cuda.empty_cache()
-    print(
-        f"\nMTP draft + verify step (ms, median wall), context {args.context}; TPOT ratio = TPOT / plain step\n"
-    )
-    head = " | ".join(f"TPOT at {a} (ratio)" for a in ACCEPTANCE)
-    print(f"| batch | K | step ms | plain ms | oracle tokens/step | oracle TPOT ms | {head} |")
-    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
-    for r in rows:
-        if r["k"] == 0:
-            continue
-        base = plain[r["batch"]]
-        cells = " | ".join(f"{r[f'tpot_at_{a}']:.2f} ({r[f'tpot_at_{a}'] / base:.2f}x)" for a in ACCEPTANCE)
-        print(f"| {r['batch']} | {r['k']} | {r['step_ms']:.2f} | {base:.2f} | {r['tokens_per_step']:.2f} | "
-              f"{r['oracle_tpot_ms']:.2f} | {cells} |")  # fmt: skip
-    print(
-        "\nFloors (bytes / copy bandwidth; routed experts hit as uniform routing hits them) and, on a GPU, the "
-        "replays alone (no host work between steps: the bound of a loop that overlaps it), ms; TPOT ratio at 0.8 = "
-        "spec / (1 + 0.8 + ..) / plain\n"
-    )
-    print("| batch | K | spec floor | plain floor | floor TPOT ratio at 0.8 | spec replay | plain replay | "
-          "replay TPOT ratio at 0.8 |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if r["k"] == 0:
-            continue
-        per = sum(0.8**i for i in range(r["k"] + 1))
-        cells = [f"{r['floor_ms']:.2f}", f"{r['plain_floor_ms']:.2f}",
-                 f"{r['floor_ms'] / per / r['plain_floor_ms']:.2f}x"]  # fmt: skip
-        if "replay_ms" in r:
-            base = plain_replay[r["batch"]]
-            cells += [f"{r['replay_ms']:.2f}", f"{base:.2f}", f"{r['replay_ms'] / per / base:.2f}x"]
-        else:
-            cells += ["-"] * 3
-        print(f"| {r['batch']} | {r['k']} | {' | '.join(cells)} |")
-    if plain_loop:
-        print(
-            "\nAgainst the plain decode users run (the engine's overlapped loop, host work hidden): the serial "
-            "speculative step's TPOT at each acceptance / the loop's step\n"
-        )
-        print(f"| batch | K | plain loop ms | step ms | {' | '.join(f'at {a}' for a in ACCEPTANCE)} |")
-        print("|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
-        for r in rows:
-            if r["k"] == 0:
-                continue
-            base = plain_loop[r["batch"]]
-            cells = " | ".join(f"{r[f'tpot_at_{a}'] / base:.2f}x" for a in ACCEPTANCE)
-            print(f"| {r['batch']} | {r['k']} | {base:.2f} | {r['step_ms']:.2f} | {cells} |")
+    print_tables(rows, args.context)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     runner.close()
