@@ -204,23 +204,32 @@ def engine_loop(
 ) -> dict[str, float]:
     """Mean ms per step of the engine's decode loop (``Engine.step``: schedule, run, postprocess; no tokenizer,
     so no detokenizing) over ``batch`` requests at ``context`` tokens, one step at a time (``serial_ms``) and
-    overlapped (``overlapped_ms``). The requests' prompt KV is whatever the pool holds. ``cfg``: the engine's
-    (default the runner's)."""
+    overlapped (``overlapped_ms``: plain steps launched before the host reads the one before; with MTP, verify
+    steps launched before the host postprocesses the one before). The requests' prompt KV is whatever the pool
+    holds. ``cfg``: the engine's (default the runner's); with MTP under the oracle a step emits K + 1 tokens,
+    and each request decodes enough for ``iters`` steps and the warm-up. ``tokens_per_step``: tokens a request
+    emitted a step in the overlapped loop's timed steps."""
     engine = Engine(cfg or runner.cfg, runner=runner)
-    engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
+    spec = engine.spec
+    per_step = spec.k + 1 if spec is not None and spec.oracle else 1
+    if spec is None:
+        engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
     out = {}
     for overlap in (False, True):
-        engine.overlap = overlap
-        reqs = decoding_requests(engine, batch, context, iters + 8)
+        if spec is None:
+            engine.overlap = overlap
+        else:
+            engine.pipelined = overlap
+        reqs = decoding_requests(engine, batch, context, (iters + 8) * per_step)
         for _ in range(3):
             engine.step()
         sync()
         t0 = time.perf_counter()
-        for _ in range(iters):
-            engine.step()
+        emitted = sum(len(o.token_ids) for _ in range(iters) for o in engine.step())
         sync()
         out["overlapped_ms" if overlap else "serial_ms"] = (time.perf_counter() - t0) / iters * 1e3
+        out["tokens_per_step"] = emitted / iters / batch
         finish_requests(engine, reqs)
     return out
 

@@ -347,7 +347,8 @@ class EngineConfig:
     # synchronises with the host).
     piecewise_graphs: bool = False
     # Decode steps launched before the host reads the step in flight (pd.engine.engine.Engine.step): the host's
-    # work of a step runs while the GPU computes the next. Single-rank decode graphs without MTP.
+    # work of a step runs while the GPU computes the next. Single-rank decode graphs; with MTP, each verify step is
+    # launched once the one before is read, before the host postprocesses it (Engine.pipelined).
     overlap: bool = True
     decodes: bool = True  # runs decode steps (False on prefill ranks: no decode graphs); set by the launcher
     # The KV pool's axis order (pd.kv_cache.KVOrder): layer_major, or page_major (all layers of a page contiguous:

@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from pd.config import EngineConfig
+from pd.config import EngineConfig, ModelConfig
 from pd.engine.engine import Engine
+from pd.engine.runner import ModelRunner
 from pd.model.mtp import DeepseekV3WithMTP
 from pd.speculative import SpeculativeConfig
 from pd.types import FinishReason, SamplingParams
@@ -42,12 +43,15 @@ def prompts(path):
     return [random_prompt(rng, n, 100) for n in LENGTHS]
 
 
-def engine(path, k: int = 0, oracle: bool = False, num_pages: int = 256) -> Engine:
+def config(path, k: int = 0, oracle: bool = False, num_pages: int = 256, **kw) -> EngineConfig:
     spec = SpeculativeConfig("mtp", k, oracle) if k else SpeculativeConfig()
-    cfg = EngineConfig(
-        str(path), page_size=PAGE_SIZE, num_pages=num_pages, chunk_size=CHUNK, speculative=spec
+    return EngineConfig(
+        str(path), page_size=PAGE_SIZE, num_pages=num_pages, chunk_size=CHUNK, speculative=spec, **kw
     )
-    return Engine(cfg)
+
+
+def engine(path, k: int = 0, oracle: bool = False, num_pages: int = 256) -> Engine:
+    return Engine(config(path, k, oracle, num_pages))
 
 
 def generate(e: Engine, prompts, params) -> list[tuple[list[int], list[float], FinishReason]]:
@@ -63,22 +67,24 @@ def same(got, want) -> None:
 
 
 def plant(e: Engine, want: list[list[int]], vocab: int, wrong: int = 0) -> None:
-    """Before each verify step, each request's drafts become its plain-run continuation, the draft at
-    offset ``(tokens out) % wrong`` corrupted (``wrong`` 0: every draft right)."""
+    """Before each verify step is launched, each request's drafts become its plain-run continuation from the
+    tokens it has by then (those of a step read but not postprocessed yet included), the draft at offset
+    ``(tokens) % wrong`` corrupted (``wrong`` 0: every draft right)."""
     spec = e.spec
     assert spec is not None
-    decode = spec.decode
+    launch = spec.launch
 
-    def planted(batch, postprocess):
+    def planted(batch, ahead=None):
+        rows = {r: b for b, r in enumerate(ahead.step.batch.reqs)} if ahead is not None else {}
         for r in batch.reqs:
-            n = len(r.output_ids)
+            n = len(r.output_ids) + (ahead.counts[rows[r]] if r in rows else 0)
             drafts = list(want[r.rid][n : n + spec.k])
             if wrong and n % wrong < len(drafts):
                 drafts[n % wrong] = (drafts[n % wrong] + 1) % vocab
             spec.drafts[r] = drafts
-        return decode(batch, postprocess)
+        return launch(batch, ahead)
 
-    spec.decode = planted  # type: ignore[method-assign]
+    spec.launch = planted  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
@@ -164,18 +170,17 @@ def test_processed_requests_speculate_and_decode_as_plain(path, prompts, graphs,
     steps (all right: the stop token min_tokens holds back arrives at a step's last offset)."""
     want = generate(engine(path), prompts, params)
     assert all(len(t) == 7 and t[-1] == 7 for (t, _, _), sp in zip(want, params) if sp.min_tokens)
-    e = engine(path, 2)
-    if graphs:
-        with_verify_graphs(e, [1, 2, 8])
+    e = graph_engine(config(path, 2), [1, 2, 8])[0] if graphs else engine(path, 2)  # not pipelined
     plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=wrong)
     same(generate(e, prompts, params), want)
     assert e.spec is not None and sum(e.spec.stats.accepted_at) > 0  # every request here asks for processing
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, temperature):
+def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, temperature, graphs):
     """A request asking for top logprobs drafts like any other; the alternatives of every emitted token (from
-    the target's logits at its offset of the verify) equal a plain run's."""
+    the target's logits at its offset of the verify, read with the step) equal a plain run's."""
     params = SamplingParams(max_tokens=9, temperature=temperature, seed=3, ignore_eos=True, top_logprobs=4)
 
     def run(e: Engine) -> list[tuple[list[int], list]]:
@@ -185,9 +190,10 @@ def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, tempera
         return [(r.output_ids, r.output_top_logprobs) for r in reqs]
 
     want = run(engine(path))
-    e = engine(path, 2)
+    e, steps = graph_engine(config(path, 2), [1, 2, 4]) if graphs else (engine(path, 2), [])
     plant(e, [ids + [0] * 2 for ids, _ in want], e.model_cfg.vocab_size)  # every draft right
     got = run(e)
+    assert (("ahead", 4) in steps) == graphs
     assert e.spec.stats.emitted_hist[3] > 0  # steps that emitted three tokens, two of them drafts
     for (g_ids, g_top), (w_ids, w_top) in zip(got, want, strict=True):
         assert g_ids == w_ids and len(g_top) == len(w_top) == len(w_ids)
@@ -196,18 +202,31 @@ def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, tempera
             assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-4)
 
 
-def test_preemption_and_aborts_free_every_page_once(path, prompts):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])
+def test_preemption_and_aborts_free_every_page_once(path, prompts, graphs):
+    """A pool too small for all four requests preempts some (with pipelined steps, while one is in flight):
+    the plain run's tokens still come out; aborts mid-run free every page once."""
+
+    def make(k: int, num_pages: int = 256) -> Engine:
+        cfg = config(path, k, num_pages=num_pages)
+        return graph_engine(cfg, [1, 2, 4])[0] if graphs else Engine(cfg)
+
     want = generate(engine(path), prompts, GREEDY)
-    small = engine(path, 3, num_pages=40)  # too few pages for all four: requests are preempted
+    small = make(3, num_pages=40)
+    preempt, preempted = small.scheduler._preempt, []
+    small.scheduler._preempt = lambda r: (preempted.append(r.rid), preempt(r))[1]  # type: ignore[method-assign]
     same(generate(small, prompts, GREEDY), want)
-    e = engine(path, 2)
+    assert preempted
+    e = make(2)
     reqs = [e.add_request(p, GREEDY) for p in prompts]
     for _ in range(6):
         e.step()
     assert any(r.output_ids for r in reqs) and e.pages_held > 0
     for r in reqs:
         e.abort(r)
-    assert e.pages_held == 0 and not e.spec.drafts and not e.has_work()
+    while e.has_work():  # a step in flight holds its pages until it is read; it emits nothing
+        assert not e.step()
+    assert e.pages_held == 0 and not e.spec.drafts
 
 
 def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model):
@@ -310,14 +329,63 @@ def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocate
     assert p.pages_held == 0 and d.pages_held == 0
 
 
-def with_verify_graphs(e: Engine, buckets: list[int]) -> list[tuple[str, int]]:
-    """Gives ``e`` the verify graphs' steps, run uncaptured on their static buffers (CPU); returns the list
-    each step appends (which graph: ``verify``, then ``draft``, or ``greedy`` alone; its batch size) to."""
+def test_a_pipelined_decode_engine_emits_the_colocated_tokens_as_rooms_arrive(path, prompts):
+    """A decode engine on the verify graphs' steps, pipelined: rooms whose KV and first drafts arrive from a
+    prefill engine while others verify (one between a step's launch and its read) emit the plain colocated
+    run's tokens, and every page is free on both sides at the end."""
+    from pd.engine.decode import DecodeEngine
+    from pd.engine.messages import DecodeRoom, PrefillRoom, Tokens, TransferEnded
+    from pd.engine.prefill import PrefillEngine
+    from pd.transfer.aux import SlotAllocator
+    from pd.transfer.state import TransferState
+    from tests.test_role_engines import Loopback
+
+    params = dataclasses.replace(GREEDY, max_tokens=9)
+    want = generate(engine(path), prompts[:3], params)
+    p = engine(path, 2)
+    d, steps = graph_engine(config(path, 2), [1, 2, 4])
+    link = Loopback(p, d)
+    prefill = PrefillEngine(p, link)
+    decode = DecodeEngine(d, link, SlotAllocator(4), headroom_tokens=8, max_pending=4)
+    tokens: dict[int, list[int]] = {}
+
+    def arrive(room: int) -> None:
+        prefill.handle(PrefillRoom(room, tuple(prompts[room]), params))
+        decode.handle(DecodeRoom(room, tuple(prompts[room]), params, "prefill:1"))
+        while prefill.has_work():
+            prefill.step()
+        link.copy(room)
+        prefill.handle(TransferEnded(room, TransferState.DONE))
+        for event in decode.handle(TransferEnded(room, TransferState.DONE, aux=link.aux[room])):
+            assert isinstance(event, Tokens)
+            tokens.setdefault(room, []).extend(event.token_ids)
+
+    arrive(0)
+    arrive(1)
+    while decode.has_work():
+        for event in decode.step():
+            assert isinstance(event, Tokens)
+            tokens.setdefault(event.room, []).extend(event.token_ids)
+        if 2 not in tokens and len(tokens[0]) >= 4:
+            arrive(2)
+    assert [tokens[i] for i in range(3)] == [t for t, _, _ in want]
+    assert ("ahead", 2) in steps and ("ahead", 3) in steps
+    assert p.pages_held == 0 and d.pages_held == 0
+
+
+def graph_engine(cfg: EngineConfig, buckets: list[int]) -> tuple[Engine, list[tuple[str, int]]]:
+    """An engine whose runner has the verify graphs' steps, run uncaptured on their static buffers (CPU), so
+    it pipelines its verify steps (unless ``cfg.overlap`` is off); returns it and the list each step appends
+    (which graph: ``verify``, then ``draft``, or ``greedy`` alone; its batch size) to, with ``("ahead", n)``
+    for each step launched before the one before it was postprocessed."""
     from pd.engine.verify_graph import VerifyGraphs
 
-    r, spec = e.runner, e.spec
-    assert spec is not None and isinstance(r.model, DeepseekV3WithMTP)
-    graphs = VerifyGraphs(r.model, r.attn, r.pool, buckets, r.context_len, spec.k, spec.oracle, capture=False)
+    r = ModelRunner(cfg, ModelConfig.from_dir(cfg.model_path))  # CPU: no graphs of its own
+    spec = cfg.speculative
+    assert isinstance(r.model, DeepseekV3WithMTP)
+    graphs = VerifyGraphs(
+        r.model, r.attn, r.pool, buckets, r.context_len, spec.num_tokens, spec.oracle, capture=False
+    )
     steps: list[tuple[str, int]] = []
     for name in ("verify", "greedy"):
         step = getattr(graphs, name)
@@ -327,18 +395,32 @@ def with_verify_graphs(e: Engine, buckets: list[int]) -> list[tuple[str, int]]:
             lambda t, n, p, step=step, name=name: (steps.append((name, len(t))), step(t, n, p))[1],
         )
     r.verify_graphs = graphs
-    return steps
+    e = Engine(cfg, runner=r)
+    assert e.pipelined == cfg.overlap and e.spec is not None
+    launch = e.spec.launch
+
+    def launched(batch, ahead=None):
+        if ahead is not None:
+            steps.append(("ahead", len(batch.reqs)))
+        return launch(batch, ahead)
+
+    e.spec.launch = launched  # type: ignore[method-assign]
+    return e, steps
 
 
+PIPELINED = pytest.mark.parametrize("overlap", [False, True], ids=["serial", "pipelined"])
+
+
+@PIPELINED
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k):
+def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k, overlap):
     """The graphs' static-buffer steps (pd.engine.verify_graph; uncaptured here): rows padded to K + 1 tokens
     and buckets padded with dummy rows, drafts planted right and wrong, give the plain run's tokens (greedy
-    requests through the greedy graph's own acceptance, seeded ones through the verify and draft graphs)."""
+    requests through the greedy graph's own acceptance, seeded ones through the verify and draft graphs),
+    serially and pipelined (each verify step launched before the host postprocesses the one before)."""
     want = generate(engine(path), prompts, params)
-    e = engine(path, k)
-    steps = with_verify_graphs(e, [1, 2, 8])
+    e, steps = graph_engine(config(path, k, overlap=overlap), [1, 2, 8])
     plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=3)
     same(generate(e, prompts, params), want)
     assert (
@@ -346,23 +428,25 @@ def test_verify_graph_steps_emit_the_plain_tokens(path, prompts, params, k):
         and e.spec is not None
         and sum(e.spec.stats.accepted_at) > 0
     )
+    assert (("ahead", 4) in steps) == overlap
 
 
+@PIPELINED
 @pytest.mark.parametrize("k", [2, 3])
-def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts, k):
+def test_draft_graph_drafts_what_the_eager_mtp_layer_drafts(path, prompts, k, overlap):
     """Under the oracle every draft is accepted and fed to the target, so the output depends on every draft
     the MTP layer makes: the graphs' (the MTP layer over all K + 1 offsets, the row picked by the count on the
     device, then the chain graphs) must equal eager drafting's."""
     params = dataclasses.replace(GREEDY, max_tokens=20)
     want = generate(engine(path, k, oracle=True), prompts, params)
-    e = engine(path, k, oracle=True)
-    steps = with_verify_graphs(e, [2, 4])
+    e, steps = graph_engine(config(path, k, oracle=True, overlap=overlap), [2, 4])
     same(generate(e, prompts, params), want)
-    assert ("greedy", 4) in steps
+    assert ("greedy", 4) in steps and (("ahead", 4) in steps) == overlap
 
 
 def test_spec_step_bench_emits_k_plus_one_tokens_per_step_under_the_oracle(tmp_path):
-    """pd.bench.spec_step's CPU smoke run (graph steps uncaptured): every step emits K + 1 tokens a request."""
+    """pd.bench.spec_step's CPU smoke run (graph steps uncaptured): every step emits K + 1 tokens a request, in
+    the engine's pipelined speculative loop too."""
     out = tmp_path / "rows.json"
     cmd = [sys.executable, "-m", "pd.bench.spec_step", "--device", "cpu", "--preset", "ci", "--batches", "1,3",
            "--ks", "1,3", "--context", "12", "--iters", "2", "--out", str(out)]  # fmt: skip
@@ -370,3 +454,4 @@ def test_spec_step_bench_emits_k_plus_one_tokens_per_step_under_the_oracle(tmp_p
     rows = json.loads(out.read_text())
     got = [(r["batch"], r["k"], r["tokens_per_step"]) for r in rows]
     assert got == [(1, 0, 1.0), (3, 0, 1.0), (1, 1, 2.0), (3, 1, 2.0), (1, 3, 4.0), (3, 3, 4.0)]
+    assert [r["loop_tokens_per_step"] for r in rows if r["k"]] == [2.0, 2.0, 4.0, 4.0]

@@ -28,7 +28,7 @@ from pd.engine.logits import LogitsProcessor
 from pd.engine.prefix_cache import PrefixCache
 from pd.engine.runner import ModelRunner
 from pd.engine.scheduler import Scheduler
-from pd.engine.speculative import MTPSpeculator, lookahead
+from pd.engine.speculative import MTPSpeculator, Verified, Verifying, lookahead
 from pd.grammar import GRAMMAR_BACKENDS, GrammarBackend, make_grammar_backend
 from pd.kv_cache import PageAllocator
 from pd.sampling import choice_seed
@@ -74,15 +74,15 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset(self.model_cfg.eos_token_ids)
         self.allocator = PageAllocator(self.runner.pool.layout.num_pages)  # the one owner of page ids
         cache = PrefixCache(self.allocator, cfg.page_size) if cfg.prefix_cache else None
-        # Decode steps overlap the host's work (``step``) on a single rank with decode graphs, without MTP.
-        self.overlap = (
-            cfg.overlap
-            and self.runner.graphs is not None
-            and not self.runner.lockstep
-            and not cfg.speculative.enabled
-        )
-        # A step in flight computes one token past what the host knows of: its pages are reserved a token ahead.
-        ahead = max(lookahead(cfg.speculative), int(self.overlap))
+        # Decode steps overlap the host's work (``step``) on a single rank with decode graphs, without MTP; with
+        # MTP, verify steps on the verify graphs are launched before the host postprocesses the one before.
+        single = cfg.overlap and not self.runner.lockstep
+        self.overlap = single and self.runner.graphs is not None and not cfg.speculative.enabled
+        self.pipelined = single and self.runner.verify_graphs is not None
+        # A step in flight computes one token past what the host knows of (K + 1 with MTP, pipelined): its pages
+        # are reserved that far ahead, beyond the drafts' own lookahead.
+        k = cfg.speculative.num_tokens
+        ahead = lookahead(cfg.speculative) + (k + 1 if self.pipelined else int(self.overlap))
         self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache, ahead)
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)
@@ -95,6 +95,7 @@ class Engine:
         self.scheduler.on_end = self._released
         self.forwards = 0  # target forwards run (extend, decode or verify steps)
         self._inflight: Launched | None = None  # the decode step on the device whose tokens are not read yet
+        self._verifying: Verifying | None = None  # the same, a verify step (pipelined MTP)
         self.context_len = cfg.context_len(self.model_cfg)
         self._rids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)
@@ -177,7 +178,8 @@ class Engine:
         return self.allocator.num_used - (cache.num_idle_pages() if cache is not None else 0)
 
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+        in_flight = self._inflight is not None or self._verifying is not None
+        return self.scheduler.num_unfinished > 0 or in_flight
 
     def step(self) -> list[TokenOutput]:
         """One forward step; returns the outputs of the requests that sampled in it or, overlapped (below), in
@@ -187,7 +189,9 @@ class Engine:
         host's work (reading and postprocessing one step, scheduling and planning the next) runs while the GPU
         computes. A request that the landed step ends ran one token too many in the new one: that token is
         dropped. A step that is not a launched decode step (a prompt, a request with a grammar) first lands the
-        one in flight and runs as before."""
+        one in flight and runs as before. With MTP the loop is pipelined instead (``_speculate``)."""
+        if self.pipelined:
+            return self._speculate()
         if not self.overlap:
             return self._step()
         outputs = self._land() if self._inflight is not None and not self._keeps_overlapping() else []
@@ -203,6 +207,49 @@ class Engine:
         # A request of this step that ends or is preempted holds its pages until the step lands.
         self.scheduler.in_flight, self.scheduler.flight_tag = frozenset(batch.reqs), self.forwards
         return outputs + (self._land(landing, self.forwards - 1) if landing is not None else [])
+
+    def _speculate(self) -> list[TokenOutput]:
+        """A step of the pipelined speculative loop: the verify step in flight is read (its tokens, counts and
+        the next drafts, which the next step takes as inputs), the next one is launched, and only then does
+        the host postprocess what it read, so postprocessing and scheduling run while the GPU verifies. A
+        request that the read step ends ran one step too far in the launched one: its tokens are dropped.
+        A prompt step, or a request whose logits are processed, first lands the step in flight."""
+        spec = self.spec
+        assert spec is not None
+        sch = self.scheduler
+        keeps = not sch.waiting and not sch.prefilling and spec.launches(sch.running)
+        outputs = self._land_verify() if self._verifying is not None and not keeps else []
+        batch = sch.schedule()
+        if batch is None:
+            if self._verifying is None:
+                self.idle()
+            return outputs + self._land_verify()
+        self.forwards += 1
+        if batch.mode is not BatchMode.DECODE or not spec.launches(batch.reqs):
+            assert self._verifying is None, "a verify step in flight is followed by one launched after it"
+            return outputs + self._run(batch)
+        done = self._read_verify()
+        self._verifying = spec.launch(batch, done)
+        # A request of this step that ends or is preempted holds its pages until the step is read.
+        sch.in_flight, sch.flight_tag = frozenset(batch.reqs), self.forwards
+        return outputs + (spec.emit(done, self._postprocess) if done is not None else [])
+
+    def _read_verify(self) -> Verified | None:
+        """Reads the verify step in flight (None if there is none); the pages held for it are free from here."""
+        step, self._verifying = self._verifying, None
+        if step is None:
+            return None
+        assert self.spec is not None
+        done = self.spec.read(step)
+        self.allocator.release(self.scheduler.flight_tag)
+        self.scheduler.in_flight = frozenset()
+        return done
+
+    def _land_verify(self) -> list[TokenOutput]:
+        """Reads and postprocesses the verify step in flight, if there is one."""
+        done = self._read_verify()
+        assert self.spec is not None
+        return self.spec.emit(done, self._postprocess) if done is not None else []
 
     def _step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()

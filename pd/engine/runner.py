@@ -308,7 +308,7 @@ class ModelRunner:
         sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
         if self.launches(batch.mode, batch.reqs):
             return self.launch(batch, logits=logits).result()
-        self._copy_on_write(batch)
+        self.copy_on_write(batch)
         if batch.mode is BatchMode.DECODE and self.graphs is not None and self.graphs.bucket(len(batch.reqs)):
             out, _, _, full = self.graphs.run(batch)
             return self._sample(out, batch, sampled, logits, full)
@@ -366,10 +366,10 @@ class ModelRunner:
         """Queues a decode step without waiting for it (``DecodeGraphs.launch``; ``launches`` must hold), after
         its copies on write. ``logits``: the engine's processor (requests with penalties, bias, min_tokens)."""
         assert self.graphs is not None
-        self._copy_on_write(batch)
+        self.copy_on_write(batch)
         return self.graphs.launch(batch, prev, logits)
 
-    def _copy_on_write(self, batch: Batch) -> None:
+    def copy_on_write(self, batch: Batch) -> None:
         """The step's page copies (``Batch.copies``), queued before any write of the step."""
         for src, dst in batch.copies:
             self.pool.copy_page(src, dst)

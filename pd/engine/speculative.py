@@ -11,6 +11,11 @@ token that ends it; the rest are dropped). ``num_computed`` becomes ``L + c - 1`
 is overwritten by a later step. On single-rank CUDA engines the step runs in the verify and draft graphs of
 ``pd.engine.verify_graph`` (K + 1 tokens for every request, fewer drafts padded), eagerly otherwise.
 
+A step is ``launch``ed, ``read`` (the host waits for its counts and tokens; on the graphs the next drafts are
+made here) and ``emit``ted (the engine's postprocessing). ``decode`` does the three in a row; the engine's
+pipelined loop (``Engine.pipelined``) launches the next step between a step's read and its emission, on the
+tokens read (``launch``'s ``ahead``), so emission and scheduling run while the GPU verifies.
+
 Then the MTP layer (its own KV layer of the pool) runs over positions ``L - 1 .. L + c - 2`` with the target's
 hidden states there and the tokens after them, and drafts the next token from the last row; ``K > 1``
 chains the layer on its own head input, one position further each time. After a prompt's chunk the MTP
@@ -84,6 +89,38 @@ class SpecStats:
 Postprocess = Callable[[Batch, StepResult], list["TokenOutput"]]
 
 
+@dataclass(eq=False)
+class Verifying:
+    """A verify step queued on the device whose results the host has not read (``MTPSpeculator.launch``).
+
+    ``batch``: its requests, ``ends[b]`` the length request ``b`` had at launch (every token the host had read,
+    postprocessed or not); ``dlens[b]``: the drafts it verifies; ``verdict``: what it emits, on the device;
+    ``bucket``: the verify graphs' bucket, with ``first [n]`` the draft graph's next drafts (0: eager, with
+    ``hidden [T, H]`` and each request's first row ``bases``); ``logits3 [n, K + 1, V]`` float32: the target's
+    logits at each offset where a request asks for top logprobs (read with the step)."""
+
+    batch: Batch
+    dlens: list[int]
+    verdict: Verdict
+    bucket: int = 0
+    first: torch.Tensor | None = None
+    logits3: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    bases: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Verified:
+    """A verify step's results on the host, before the engine postprocesses them: request ``b`` emits the first
+    ``counts[b]`` of ``tokens[b]`` (with ``logprobs[b]``, ``tops[b]``), unless one of them ends it first."""
+
+    step: Verifying
+    counts: list[int]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    tops: list[list[TopLogprobs]]
+
+
 class MTPSpeculator:
     """Drafts with the MTP layer and verifies with the target for one engine (any role; each rank of an EP
     group for its own requests). ``drafts`` holds each running request's next drafts (host ints); an entry
@@ -145,68 +182,109 @@ class MTPSpeculator:
             self._draft(segs, hidden[self._tensor(rows)], drafting)
         self.join_collectives()
 
-    # ---- a decode step ----
+    # ---- a decode step: launch, read, emit ----
+
+    def decode(self, batch: Batch, postprocess: Postprocess) -> list[TokenOutput]:
+        """One verify step, serially: every running request's drafts verified in one target forward, what is
+        accepted emitted through ``postprocess`` (the engine's, one token offset at a time), drafts made again."""
+        return self.emit(self.read(self.launch(batch)), postprocess)
+
+    def launches(self, reqs: Sequence[Req]) -> bool:
+        """Whether a decode step of ``reqs`` can be launched after a verify step whose results the host has read
+        but not postprocessed (``launch``'s ``ahead``): it runs on the verify graphs, and no request's logits
+        are processed (penalties, bias, min_tokens and grammars count the tokens the host has recorded)."""
+        graphs = self.runner.verify_graphs
+        return (
+            graphs is not None
+            and graphs.bucket(len(reqs)) is not None
+            and not any(r.sampling.needs_processing for r in reqs)
+        )
 
     @torch.inference_mode()
-    def decode(self, batch: Batch, postprocess: Postprocess) -> list[TokenOutput]:
-        """Verifies every running request's drafts in one target forward, emits what is accepted through
-        ``postprocess`` (the engine's, one token offset at a time) and drafts again."""
-        for src, dst in batch.copies:  # copy on write (a forked request's shared page), before any write
-            self.runner.pool.copy_page(src, dst)
+    def launch(self, batch: Batch, ahead: Verified | None = None) -> Verifying:
+        """Queues the verify step of ``batch`` (and, on the graphs, the drafting after it) without reading it.
+        ``ahead``: the verify step read just before, whose tokens the host has not postprocessed yet (its
+        requests have ``counts`` tokens more than the host has recorded, the last of them their input here,
+        and the drafts its read made); ``launches`` must hold then."""
+        self.runner.copy_on_write(batch)
         reqs = batch.reqs
-        k = self.k
-        dlens = [self._room(r, len(self.drafts.get(r, []))) for r in reqs]
-        rows = [[r.token_at(r.seq_len - 1), *self.drafts.get(r, [])[:d]] for r, d in zip(reqs, dlens)]
-        lengths = [r.seq_len for r in reqs]
+        rows_of = {r: b for b, r in enumerate(ahead.step.batch.reqs)} if ahead is not None else {}
+        lengths, lasts, made = [], [], []  # per request: its length, last token and tokens generated
+        for r in reqs:
+            b = rows_of.get(r)
+            c = ahead.counts[b] if ahead is not None and b is not None else 0
+            lengths.append(r.seq_len + c)
+            lasts.append(
+                ahead.tokens[b][c - 1] if ahead is not None and b is not None else r.token_at(r.seq_len - 1)
+            )
+            made.append(len(r.output_ids) + c)
+        dlens = [self._room(r, len(self.drafts.get(r, [])), n, m) for r, n, m in zip(reqs, lengths, made)]
+        rows = [[t, *self.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
+        step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lengths], lengths)
         graphs = self.runner.verify_graphs
         bucket = (graphs.bucket(len(reqs)) if graphs is not None else None) or 0
-        if not bucket:
-            graphs = None  # no graphs, or more requests than the largest bucket: eager
-        hidden: torch.Tensor | None = None
-        bases: list[int] = []
-        first: torch.Tensor | None = None  # the draft graph's next drafts
         pages = [r.pages for r in reqs]
-        if graphs is not None and all(r.sampling.greedy and not self._asks(r) for r in reqs):
-            tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
-            verdict = Verdict(tokens, counts, logprobs)
-            tops: list[list[TopLogprobs]] = [[()] * (k + 1) for _ in reqs]
-        else:
-            if graphs is not None:
-                out, hidden = graphs.verify(rows, lengths, pages)
-                bases = [b * (k + 1) for b in range(len(reqs))]
-            else:
-                out, hidden, bases = self._verify_eager(reqs, rows, lengths)
-            verdict, tops = self._accept(reqs, out, bases, dlens)
-            counts = verdict.counts  # clipped to each row's drafts + 1
-            # The draft graph runs before the host reads the counts: done before postprocessing frees a page.
-            if graphs is not None:
-                first, _ = graphs.draft(bucket, verdict.tokens, counts)
         self.stats.verify_forwards += 1
-        emitted = counts.tolist()
-        outputs = self._emit(batch, verdict, emitted, tops, postprocess)
-        for c, d in zip(emitted, dlens):
+        if graphs is None or not bucket:  # no graphs, or more requests than the largest bucket: eager
+            assert ahead is None, "only graphed verify steps are launched ahead of postprocessing"
+            out, hidden, bases = self._verify_eager(reqs, rows, lengths)
+            verdict, logits3 = self._accept(reqs, out, bases, dlens, lengths)
+            return Verifying(step, dlens, verdict, logits3=logits3, hidden=hidden, bases=bases)
+        if all(r.sampling.greedy and not self._asks(r) for r in reqs):
+            tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
+            return Verifying(step, dlens, Verdict(tokens, counts, logprobs), bucket, first)
+        out, _ = graphs.verify(rows, lengths, pages)
+        bases = [b * (self.k + 1) for b in range(len(reqs))]
+        verdict, logits3 = self._accept(reqs, out, bases, dlens, lengths)
+        first, _ = graphs.draft(bucket, verdict.tokens, verdict.counts)
+        return Verifying(step, dlens, verdict, bucket, first, logits3=logits3)
+
+    @torch.inference_mode()
+    def read(self, step: Verifying) -> Verified:
+        """Waits for a launched verify step and reads what it emits; on the graphs, drafts the next step's
+        (each request still running takes the draft graph's draft and its chained ones) before the engine
+        postprocesses the tokens: a launch may follow at once."""
+        v = step.verdict
+        assert v.logprobs is not None  # sample_accept, accept_all and the greedy graph give them
+        counts, tokens, logprobs = v.counts.tolist(), v.tokens.tolist(), v.logprobs.tolist()
+        reqs = step.batch.reqs
+        none: list[list[TopLogprobs]] = [[()] * (self.k + 1) for _ in reqs]
+        tops = top_logprobs_at(reqs, step.logits3) if step.logits3 is not None else none
+        if step.bucket:
+            graphs = self.runner.verify_graphs
+            assert graphs is not None and step.first is not None
+            lengths = [n + c for n, c in zip(step.batch.ends, counts)]
+            self._draft_graphed(graphs, step.bucket, reqs, step.first, lengths)
+        return Verified(step, counts, tokens, logprobs, tops)
+
+    @torch.inference_mode()
+    def emit(self, done: Verified, postprocess: Postprocess) -> list[TokenOutput]:
+        """Emits a read verify step's tokens through ``postprocess`` and counts them; eager steps draft after."""
+        step = done.step
+        outputs = self._emit(step.batch.reqs, done, postprocess)
+        for c, d in zip(done.counts, step.dlens):
             self.stats.emitted_hist[c] += 1
             self.stats.drafted += d
             for j in range(c - 1):
                 self.stats.accepted_at[j] += 1
         if self.on_verify is not None:
-            self.on_verify(dlens, emitted)
-        for req in reqs:
-            self.drafts.pop(req, None)
-        if graphs is not None:
-            assert first is not None
-            self._draft_graphed(graphs, bucket, reqs, first)
-        else:
-            assert hidden is not None  # the verify graph's or the eager forward's
-            self._after_verify(reqs, hidden, bases, emitted)
+            self.on_verify(step.dlens, done.counts)
+        if not step.bucket:
+            for req in step.batch.reqs:
+                self.drafts.pop(req, None)
+            assert step.hidden is not None
+            self._after_verify(step.batch.reqs, step.hidden, step.bases, done.counts)
         self.join_collectives()
         return outputs
 
-    def _draft_graphed(self, graphs: VerifyGraphs, bucket: int, reqs: list[Req], first: torch.Tensor) -> None:
+    def _draft_graphed(
+        self, graphs: VerifyGraphs, bucket: int, reqs: list[Req], first: torch.Tensor, lengths: list[int]
+    ) -> None:
         """Each request still running takes the draft graph's draft (``first [n]``) and the ``K - 1`` chained
-        drafts of the bucket's chain graphs, the first at its new last position."""
+        drafts of the bucket's chain graphs, the first at its new last position (``lengths``: each request's
+        length once the step's tokens are recorded)."""
         live = [not r.finished and bool(r.pages) for r in reqs]
-        at = [r.seq_len - 1 if ok else None for r, ok in zip(reqs, live)]
+        at = [n - 1 if ok else None for n, ok in zip(lengths, live)]
         limits = [self._limit(r) for r in reqs]
         chained = (
             graphs.chain(bucket, at, limits, [r.pages for r in reqs]) if self.k > 1 else [[]] * len(reqs)
@@ -215,6 +293,8 @@ class MTPSpeculator:
         for req, ok, token, more in zip(reqs, live, first.tolist(), chained):
             if ok:
                 self.drafts[req] = [token, *more]
+            else:
+                self.drafts.pop(req, None)
 
     @staticmethod
     def _asks(req: Req) -> bool:
@@ -222,29 +302,30 @@ class MTPSpeculator:
         return req.sampling.needs_processing or bool(req.sampling.top_logprobs)
 
     def _accept(
-        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int]
-    ) -> tuple[Verdict, list[list[TopLogprobs]]]:
+        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], lengths: list[int]
+    ) -> tuple[Verdict, torch.Tensor | None]:
         """Acceptance of the verify's logits ``out [T, V]`` (request ``b``'s offsets from row ``bases[b]``, its
-        ``dlens[b]`` drafts): logits processing at each offset, top logprobs, then ``sample_accept`` (or the
-        oracle's ``accept_all``); the verdict's counts clipped to each row's drafts + 1."""
+        ``dlens[b]`` drafts, its length ``lengths[b]``): logits processing at each offset, then
+        ``sample_accept`` (or the oracle's ``accept_all``); the verdict's counts clipped to each row's drafts +
+        1. Also returns the logits per offset ``[B, K + 1, V]`` where a request asks for top logprobs (read with
+        the step), else None. Nothing here waits for the device."""
         k = self.k
         offsets = torch.arange(k + 1, device=self.runner.device)
         dl = self._tensor(dlens)
         index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
         padded = [[*self.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
-        drafts = torch.tensor(padded, dtype=torch.int64).view(len(reqs), k).to(dl.device)  # one copy
+        drafts = self._tensor([t for row in padded for t in row]).view(len(reqs), k)
         step = self._process(reqs, logits3, drafts, dlens)
-        tops = top_logprobs_at(reqs, logits3)
         st = SamplingTensors.build(
-            [r.sampling for r in reqs], [r.seed for r in reqs], [r.seq_len for r in reqs], self.runner.device
+            [r.sampling for r in reqs], [r.seed for r in reqs], lengths, self.runner.device
         )
         verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
         verdict.counts = torch.minimum(verdict.counts, dl + 1)
         if step is not None:  # every token the processed rows emit counts for their penalties
             rows = self._tensor([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
             self.logits.record(step, verdict.tokens[rows], verdict.counts[rows])
-        return verdict, tops
+        return verdict, logits3 if any(r.sampling.top_logprobs for r in reqs) else None
 
     def _verify_eager(
         self, reqs: list[Req], rows: list[list[int]], lengths: list[int]
@@ -263,9 +344,10 @@ class MTPSpeculator:
         bases = [0, *itertools.accumulate(len(r) for r in rows[:-1])]
         return self.model.logits(hidden), hidden, bases
 
-    def _room(self, req: Req, have: int) -> int:
-        """Drafts ``req`` may verify this step: never past max_tokens or the context length."""
-        left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len)
+    def _room(self, req: Req, have: int, length: int, made: int) -> int:
+        """Drafts ``req`` (of ``length`` tokens, ``made`` of them generated) may verify this step: never past
+        max_tokens or the context length."""
+        left = min(req.sampling.max_tokens - made, req.max_context_len - length)
         return max(0, min(have, self.k, left - 1))
 
     def _process(
@@ -290,29 +372,21 @@ class MTPSpeculator:
             first = step if j == 0 else first
         return first
 
-    def _emit(
-        self,
-        batch: Batch,
-        verdict: Verdict,
-        counts: list[int],
-        tops: list[list[TopLogprobs]],
-        postprocess: Postprocess,
-    ) -> list[TokenOutput]:
-        tokens = verdict.tokens.tolist()
-        assert verdict.logprobs is not None  # sample_accept and accept_all give them
-        logprobs = verdict.logprobs.tolist()
+    def _emit(self, reqs: list[Req], done: Verified, postprocess: Postprocess) -> list[TokenOutput]:
+        """Each request's accepted tokens through ``postprocess``, one offset at a time (a token that ends a
+        request drops the ones after it; a request that ended before is skipped)."""
         outputs: list[TokenOutput] = []
         for j in range(self.k + 1):
-            live = [b for b, r in enumerate(batch.reqs) if counts[b] > j and not r.finished]
+            live = [b for b, r in enumerate(reqs) if done.counts[b] > j and not r.finished]
             if not live:
                 break
-            reqs = [batch.reqs[b] for b in live]
-            lens = [r.seq_len for r in reqs]
-            step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lens], lens)
+            step_reqs = [reqs[b] for b in live]
+            lens = [r.seq_len for r in step_reqs]
+            step = Batch(BatchMode.DECODE, step_reqs, [n - 1 for n in lens], lens)
             result = StepResult(
-                [tokens[b][j] for b in live],
-                [logprobs[b][j] for b in live],
-                [tops[b][j] for b in live],
+                [done.tokens[b][j] for b in live],
+                [done.logprobs[b][j] for b in live],
+                [done.tops[b][j] for b in live],
                 [[] for _ in live],
                 [[] for _ in live],
             )
@@ -396,4 +470,5 @@ class MTPSpeculator:
         return min(len(req.pages) * self.runner.pool.layout.page_size, req.max_context_len)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.runner.device)
+        """``values`` as int64 on the device, copied without waiting for the steps queued there."""
+        return torch.tensor(values, dtype=torch.int64).to(self.runner.device, non_blocking=True)
