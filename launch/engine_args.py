@@ -126,7 +126,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             E,
             "overlap",
             help="launch each decode step before reading the one in flight, so the host's work of a step runs "
-            "while the GPU computes the next (single-rank decode graphs without MTP; --no-overlap: one at a time)",
+            "while the GPU computes the next (single-rank decode graphs; with MTP, each verify step is launched "
+            "once the one before is read, before it is postprocessed; --no-overlap: one at a time)",
         ),
         add_field_arg(
             g,

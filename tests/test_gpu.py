@@ -325,24 +325,67 @@ def test_logits_processing_and_logprobs_in_graph_equal_eager(gpu_tiny):
         ]
 
 
+# Greedy, seeded and with top logprobs, ending at different steps; the last arrives while the first ones decode.
+LOOP_PARAMS = [
+    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+    SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True, top_logprobs=2),
+]
+
+
+def loop_outputs(engine) -> list:
+    """Runs ``LOOP_PARAMS``'s requests through ``engine.step`` (the last added once the first has 3 tokens);
+    returns them, every page freed."""
+    rng = random.Random(6)
+    prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in LOOP_PARAMS]
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], LOOP_PARAMS)]
+    while engine.has_work():
+        engine.step()
+        if len(reqs) == 3 and len(reqs[0].output_ids) >= 3:
+            reqs.append(engine.add_request(prompts[3], LOOP_PARAMS[3]))
+    assert engine.pages_held == 0
+    return reqs
+
+
+def assert_same_outputs(got: list, want: list) -> None:
+    """Token for token, logprobs within bf16 rounding, the same top-logprob alternatives."""
+    for o, s in zip(got, want, strict=True):
+        assert o.output_ids == s.output_ids
+        assert o.output_logprobs == pytest.approx(s.output_logprobs, abs=2e-2)
+        assert [[t for t, _ in top] for top in o.output_top_logprobs] == [
+            [t for t, _ in top] for top in s.output_top_logprobs
+        ]
+
+
+def test_overlapped_decode_loop_equals_the_serial_one(gpu_tiny):
+    """The overlapped loop (step N + 1 launched on the graphs before step N's tokens are read; input ids taken
+    on the device, results through pinned buffers and an event) emits what the serial loop emits: greedy,
+    seeded and with top logprobs, requests ending at different steps and one arriving mid-run."""
+    from pd.engine.engine import Engine
+
+    out = []
+    for overlap in (True, False):
+        cfg = EngineConfig(
+            str(gpu_tiny), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8,
+            graph_extend_tokens=0, overlap=overlap,
+        )  # fmt: skip
+        engine = Engine(cfg)
+        assert engine.overlap == overlap
+        out.append(loop_outputs(engine))
+    assert_same_outputs(*out)
+
+
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
 def test_pipelined_speculative_loop_equals_the_serial_one(tiny_model, backend):
     """MTP's pipelined loop (each verify step launched on the graphs after the one before is read, before the
-    host postprocesses it; copies that do not wait for the device) emits what the serial loop emits: greedy,
-    seeded and with top logprobs, requests ending at different steps and one arriving mid-run, all drafts
-    accepted (the oracle: every token depends on every draft) and the MTP layer's own."""
+    host postprocesses it; copies that do not wait for the device) emits what the serial loop emits, as
+    ``test_overlapped_decode_loop_equals_the_serial_one``, all drafts accepted (the oracle: every token depends
+    on every draft) and the MTP layer's own."""
     from pd.engine.engine import Engine
     from pd.speculative import SpeculativeConfig
 
     path = tiny_model("gpu-tiny", with_mtp=True)
-    params = [
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
-        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
-        SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True, top_logprobs=2),
-    ]
-    rng = random.Random(6)
-    prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in params]
     for oracle in (True, False):
         out = []
         for overlap in (True, False):
@@ -352,57 +395,9 @@ def test_pipelined_speculative_loop_equals_the_serial_one(tiny_model, backend):
             )  # fmt: skip
             engine = Engine(cfg)
             assert engine.pipelined == overlap
-            reqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params)]
-            while engine.has_work():
-                engine.step()
-                if len(reqs) == 3 and len(reqs[0].output_ids) >= 3:
-                    reqs.append(engine.add_request(prompts[3], params[3]))
-            assert engine.pages_held == 0
+            out.append(loop_outputs(engine))
             engine.runner.close()
-            out.append(reqs)
-        for o, s in zip(*out):
-            assert o.output_ids == s.output_ids
-            assert o.output_logprobs == pytest.approx(s.output_logprobs, abs=2e-2)
-            assert [[t for t, _ in top] for top in o.output_top_logprobs] == [
-                [t for t, _ in top] for top in s.output_top_logprobs
-            ]
-
-
-def test_overlapped_decode_loop_equals_the_serial_one(gpu_tiny):
-    """The overlapped loop (step N + 1 launched on the graphs before step N's tokens are read; input ids taken
-    on the device, results through pinned buffers and an event) emits what the serial loop emits: greedy,
-    seeded and with top logprobs, requests ending at different steps and one arriving mid-run."""
-    from pd.engine.engine import Engine
-
-    params = [
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
-        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
-        SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True, top_logprobs=2),
-    ]
-    rng = random.Random(6)
-    prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in params]
-    out = []
-    for overlap in (True, False):
-        cfg = EngineConfig(
-            str(gpu_tiny), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8,
-            graph_extend_tokens=0, overlap=overlap,
-        )  # fmt: skip
-        engine = Engine(cfg)
-        assert engine.overlap == overlap
-        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params)]
-        while engine.has_work():
-            engine.step()
-            if len(reqs) == 3 and len(reqs[0].output_ids) >= 3:
-                reqs.append(engine.add_request(prompts[3], params[3]))
-        assert engine.pages_held == 0
-        out.append(reqs)
-    for o, s in zip(*out):
-        assert o.output_ids == s.output_ids
-        assert o.output_logprobs == pytest.approx(s.output_logprobs, abs=2e-2)
-        assert [[t for t, _ in top] for top in o.output_top_logprobs] == [
-            [t for t, _ in top] for top in s.output_top_logprobs
-        ]
+        assert_same_outputs(*out)
 
 
 def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny):

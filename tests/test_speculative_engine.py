@@ -162,18 +162,20 @@ GREEDY_PROCESSED = [PROCESSED[0], PROCESSED[2], PROCESSED[0], PROCESSED[2]]
 
 @pytest.mark.parametrize("params", [PROCESSED, GREEDY_PROCESSED], ids=["mixed", "greedy"])
 @pytest.mark.parametrize("wrong", [0, 3], ids=["right", "some-wrong"])
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])
 def test_processed_requests_speculate_and_decode_as_plain(path, prompts, graphs, wrong, params):
     """Penalties, bias and min_tokens apply at every offset of a verify, the drafts before it counted as
-    generated: with drafts planted from the plain run (all right, or every third wrong), requests that ask for
+    generated (and, pipelined, the tokens of the step read but not yet postprocessed, which the device has
+    recorded): with drafts planted from the plain run (all right, or every third wrong), requests that ask for
     processing accept drafts and emit the plain run's tokens and logprobs, eagerly and through the graphs'
     steps (all right: the stop token min_tokens holds back arrives at a step's last offset)."""
     want = generate(engine(path), prompts, params)
     assert all(len(t) == 7 and t[-1] == 7 for (t, _, _), sp in zip(want, params) if sp.min_tokens)
-    e = graph_engine(config(path, 2), [1, 2, 8])[0] if graphs else engine(path, 2)  # not pipelined
+    e, steps = graph_engine(config(path, 2), [1, 2, 8]) if graphs else (engine(path, 2), [])
     plant(e, [t for t, _, _ in want], e.model_cfg.vocab_size, wrong=wrong)
     same(generate(e, prompts, params), want)
     assert e.spec is not None and sum(e.spec.stats.accepted_at) > 0  # every request here asks for processing
+    assert (("ahead", 4) in steps) == graphs
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])

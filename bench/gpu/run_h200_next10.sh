@@ -18,6 +18,11 @@ for backend in triton flashinfer; do
     --context 1024 --iters 10 --out $OUT/spec_$backend.json > $OUT/spec_$backend.txt 2>&1
   echo "== spec_step $backend rc=$? (t=$(elapsed) s)"; grep -E "^\| [0-9]" $OUT/spec_$backend.txt | tail -4
 done
+# Would the split kernel win verify steps of 32 sequences (64 queries at K = 1), which go to FlashInfer (and its
+# ~1.3 ms host plan) now? Query rows 16-128 against fa3, per layer.
+timeout 60 python3 -m pd.bench.mla_decode --backends fa3,triton --batches 16,32,64,128 --out $OUT/mla_rows.json \
+  > $OUT/mla_rows.txt 2>&1
+echo "== mla_decode rc=$? (t=$(elapsed) s)"; grep -E "^\| 1024" $OUT/mla_rows.txt
 timeout $(( 560 - $(elapsed) )) python3 -m pd.bench.decode_step --attention-backend triton --contexts 1024 \
   --iters 10 --prefill-tokens 4096 --out $OUT/decode_triton.json > $OUT/decode_triton.txt 2>&1
 echo "== decode_step triton rc=$? (t=$(elapsed) s)"; grep -E "^\| 1024" $OUT/decode_triton.txt

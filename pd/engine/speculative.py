@@ -191,13 +191,13 @@ class MTPSpeculator:
 
     def launches(self, reqs: Sequence[Req]) -> bool:
         """Whether a decode step of ``reqs`` can be launched after a verify step whose results the host has read
-        but not postprocessed (``launch``'s ``ahead``): it runs on the verify graphs, and no request's logits
-        are processed (penalties, bias, min_tokens and grammars count the tokens the host has recorded)."""
+        but not postprocessed (``launch``'s ``ahead``): it runs on the verify graphs, and no request has a grammar
+        (its matcher must have consumed the tokens before it masks the next)."""
         graphs = self.runner.verify_graphs
         return (
             graphs is not None
             and graphs.bucket(len(reqs)) is not None
-            and not any(r.sampling.needs_processing for r in reqs)
+            and not any(r.sampling.grammar is not None for r in reqs)
         )
 
     @torch.inference_mode()
@@ -209,16 +209,16 @@ class MTPSpeculator:
         self.runner.copy_on_write(batch)
         reqs = batch.reqs
         rows_of = {r: b for b, r in enumerate(ahead.step.batch.reqs)} if ahead is not None else {}
-        lengths, lasts, made = [], [], []  # per request: its length, last token and tokens generated
+        unread, lasts = [], []  # per request: tokens read but not recorded, and its last token
         for r in reqs:
             b = rows_of.get(r)
             c = ahead.counts[b] if ahead is not None and b is not None else 0
-            lengths.append(r.seq_len + c)
+            unread.append(c)
             lasts.append(
                 ahead.tokens[b][c - 1] if ahead is not None and b is not None else r.token_at(r.seq_len - 1)
             )
-            made.append(len(r.output_ids) + c)
-        dlens = [self._room(r, len(self.drafts.get(r, [])), n, m) for r, n, m in zip(reqs, lengths, made)]
+        lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
+        dlens = [self._room(r, len(self.drafts.get(r, [])), c) for r, c in zip(reqs, unread)]
         rows = [[t, *self.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
         step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lengths], lengths)
         graphs = self.runner.verify_graphs
@@ -228,14 +228,14 @@ class MTPSpeculator:
         if graphs is None or not bucket:  # no graphs, or more requests than the largest bucket: eager
             assert ahead is None, "only graphed verify steps are launched ahead of postprocessing"
             out, hidden, bases = self._verify_eager(reqs, rows, lengths)
-            verdict, logits3 = self._accept(reqs, out, bases, dlens, lengths)
+            verdict, logits3 = self._accept(reqs, out, bases, dlens, unread)
             return Verifying(step, dlens, verdict, logits3=logits3, hidden=hidden, bases=bases)
         if all(r.sampling.greedy and not self._asks(r) for r in reqs):
             tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
             return Verifying(step, dlens, Verdict(tokens, counts, logprobs), bucket, first)
         out, _ = graphs.verify(rows, lengths, pages)
         bases = [b * (self.k + 1) for b in range(len(reqs))]
-        verdict, logits3 = self._accept(reqs, out, bases, dlens, lengths)
+        verdict, logits3 = self._accept(reqs, out, bases, dlens, unread)
         first, _ = graphs.draft(bucket, verdict.tokens, verdict.counts)
         return Verifying(step, dlens, verdict, bucket, first, logits3=logits3)
 
@@ -302,10 +302,10 @@ class MTPSpeculator:
         return req.sampling.needs_processing or bool(req.sampling.top_logprobs)
 
     def _accept(
-        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], lengths: list[int]
+        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], unread: list[int]
     ) -> tuple[Verdict, torch.Tensor | None]:
         """Acceptance of the verify's logits ``out [T, V]`` (request ``b``'s offsets from row ``bases[b]``, its
-        ``dlens[b]`` drafts, its length ``lengths[b]``): logits processing at each offset, then
+        ``dlens[b]`` drafts, ``unread[b]`` tokens beyond those the host recorded): logits processing at each offset, then
         ``sample_accept`` (or the oracle's ``accept_all``); the verdict's counts clipped to each row's drafts +
         1. Also returns the logits per offset ``[B, K + 1, V]`` where a request asks for top logprobs (read with
         the step), else None. Nothing here waits for the device."""
@@ -316,7 +316,8 @@ class MTPSpeculator:
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
         padded = [[*self.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
         drafts = self._tensor([t for row in padded for t in row]).view(len(reqs), k)
-        step = self._process(reqs, logits3, drafts, dlens)
+        step = self._process(reqs, logits3, drafts, dlens, unread)
+        lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], lengths, self.runner.device
         )
@@ -344,25 +345,32 @@ class MTPSpeculator:
         bases = [0, *itertools.accumulate(len(r) for r in rows[:-1])]
         return self.model.logits(hidden), hidden, bases
 
-    def _room(self, req: Req, have: int, length: int, made: int) -> int:
-        """Drafts ``req`` (of ``length`` tokens, ``made`` of them generated) may verify this step: never past
-        max_tokens or the context length."""
-        left = min(req.sampling.max_tokens - made, req.max_context_len - length)
+    def _room(self, req: Req, have: int, unread: int) -> int:
+        """Drafts ``req`` (with ``unread`` tokens beyond those the host recorded) may verify this step: never
+        past max_tokens or the context length."""
+        left = min(req.sampling.max_tokens - len(req.output_ids), req.max_context_len - req.seq_len) - unread
         return max(0, min(have, self.k, left - 1))
 
     def _process(
-        self, reqs: list[Req], logits3: torch.Tensor, drafts: torch.Tensor, dlens: list[int]
+        self,
+        reqs: list[Req],
+        logits3: torch.Tensor,
+        drafts: torch.Tensor,
+        dlens: list[int],
+        unread: list[int],
     ) -> StepLogits | None:
         """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify up to
         their drafts: the drafts before it count as generated (penalties, min_tokens) and are consumed by the
-        grammar (its mask after them): if offset ``j`` is emitted at all, they were accepted. Returns the
-        first offset's inputs (whose penalty rows record what the step emits)."""
+        grammar (its mask after them): if offset ``j`` is emitted at all, they were accepted; so do a row's
+        ``unread`` tokens (read, recorded on the device, not yet on the host). Returns the first offset's inputs
+        (whose penalty rows record what the step emits)."""
         proc = [b for b, r in enumerate(reqs) if r.sampling.needs_processing]
         first: StepLogits | None = None
         for j in range(self.k + 1):
             rows = [b for b in proc if j <= dlens[b]]  # past a row's drafts its offsets repeat its last
             before = [self.drafts[reqs[b]][:j] if j else [] for b in rows]
-            step = self.logits.prepare([reqs[b] for b in rows], before) if rows else None
+            ahead = [unread[b] for b in rows]  # recorded on the device already: min_tokens counts them
+            step = self.logits.prepare([reqs[b] for b in rows], before, ahead) if rows else None
             if step is None:
                 continue
             index = self._tensor(rows)
