@@ -119,12 +119,14 @@ def test_max_tokens_and_stop_tokens_end_a_request_inside_a_step(path, prompts, k
     assert e.spec.stats.emitted_hist[k + 1] > 0  # whole steps accepted
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_choices_of_a_forked_request_decode_as_plain(path, prompts, k):
+def test_choices_of_a_forked_request_decode_as_plain(path, prompts, k, graphs):
     """n = 2: the choices share the prompt's partial last page until the first write copies it (the verify
     step does the batch's copies first); each choice emits its plain tokens."""
     params = SamplingParams(max_tokens=12, temperature=0.8, seed=5, n=2, ignore_eos=True)
-    same(generate(engine(path, k), prompts[:2], params), generate(engine(path), prompts[:2], params))
+    e = graph_engine(config(path, k), [1, 2, 4])[0] if graphs else engine(path, k)
+    same(generate(e, prompts[:2], params), generate(engine(path), prompts[:2], params))
 
 
 def test_the_oracle_accepts_every_draft_and_needs_fewer_forwards(path, prompts):
