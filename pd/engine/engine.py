@@ -213,7 +213,7 @@ class Engine:
         the next drafts, which the next step takes as inputs), the next one is launched, and only then does
         the host postprocess what it read, so postprocessing and scheduling run while the GPU verifies. A
         request that the read step ends ran one step too far in the launched one: its tokens are dropped.
-        A prompt step, or a request whose logits are processed, first lands the step in flight."""
+        A prompt step, or a request with a grammar, first lands the step in flight."""
         spec = self.spec
         assert spec is not None
         sch = self.scheduler
