@@ -209,11 +209,29 @@ def test_top_logprobs_of_speculating_requests_equal_plain(path, prompts, tempera
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "pipelined"])
 def test_preemption_and_aborts_free_every_page_once(path, prompts, graphs):
     """A pool too small for all four requests preempts some (with pipelined steps, while one is in flight):
-    the plain run's tokens still come out; aborts mid-run free every page once."""
+    the plain run's tokens still come out; aborts mid-run free every page once. Pipelined, no page of the step
+    in flight is free while it is (a transfer or another request could take it while the step writes it)."""
 
     def make(k: int, num_pages: int = 256) -> Engine:
         cfg = config(path, k, num_pages=num_pages)
-        return graph_engine(cfg, [1, 2, 4])[0] if graphs else Engine(cfg)
+        if not graphs:
+            return Engine(cfg)
+        e = graph_engine(cfg, [1, 2, 4])[0]
+        assert e.spec is not None
+        launch, step, flying = e.spec.launch, e.step, set()
+
+        def launched(batch, ahead=None):
+            flying.clear()
+            flying.update(p for r in batch.reqs for p in r.pages)
+            return launch(batch, ahead)
+
+        def checked_step():
+            outputs = step()
+            assert e._verifying is None or flying.isdisjoint(e.allocator._free)
+            return outputs
+
+        e.spec.launch, e.step = launched, checked_step  # type: ignore[method-assign]
+        return e
 
     want = generate(engine(path), prompts, GREEDY)
     small = make(3, num_pages=40)
