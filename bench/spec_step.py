@@ -81,7 +81,7 @@ def spec_step(spec: MTPSpeculator, reqs: list[Req], context: int) -> int:
     for r in reqs:
         del r.output_ids[:]
         r.num_computed = context - 1
-        spec.drafts.setdefault(r, [3] * spec.k)
+        spec.drafter.drafts.setdefault(r, [3] * spec.k)
     spec.decode(Batch(BatchMode.DECODE, reqs, [context - 1] * len(reqs), [context] * len(reqs)), postprocess)
     return emitted
 

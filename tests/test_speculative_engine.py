@@ -81,7 +81,7 @@ def plant(e: Engine, want: list[list[int]], vocab: int, wrong: int = 0) -> None:
             drafts = list(want[r.rid][n : n + spec.k])
             if wrong and n % wrong < len(drafts):
                 drafts[n % wrong] = (drafts[n % wrong] + 1) % vocab
-            spec.drafts[r] = drafts
+            spec.drafter.drafts[r] = drafts
         return launch(batch, ahead)
 
     spec.launch = planted  # type: ignore[method-assign]
@@ -248,7 +248,7 @@ def test_preemption_and_aborts_free_every_page_once(path, prompts, graphs):
         e.abort(r)
     while e.has_work():  # a step in flight holds its pages until it is read; it emits nothing
         assert not e.step()
-    assert e.pages_held == 0 and not e.spec.drafts
+    assert e.pages_held == 0 and not e.spec.drafter.drafts
 
 
 def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model):
@@ -262,7 +262,7 @@ def test_mtp_drafts_are_the_dense_reference_mtp_over_the_sequence(path, hf_model
     checked = 0
     while not req.finished and len(req.output_ids) < 8:
         e.step()
-        drafts = e.spec.drafts.get(req)
+        drafts = e.spec.drafter.drafts.get(req)
         if not drafts:
             continue
         ids = req.all_ids
@@ -323,7 +323,7 @@ def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocate
     while colocated.has_work():
         colocated.step()
         if req.output_ids and not req.finished:
-            want.append(list(colocated.spec.drafts[req]))
+            want.append(list(colocated.spec.drafter.drafts[req]))
 
     p, d = engine(path, 2), engine(path, 2)
     link = Loopback(p, d)
@@ -346,7 +346,7 @@ def test_prefill_ships_the_mtp_kv_and_first_drafts_and_decode_drafts_as_colocate
             assert isinstance(event, Tokens)
             tokens += event.token_ids
         if not running.finished:
-            got.append(list(d.spec.drafts[running]))
+            got.append(list(d.spec.drafter.drafts[running]))
     assert got == want and tokens == req.output_ids
     assert p.pages_held == 0 and d.pages_held == 0
 

@@ -104,7 +104,7 @@ class Engine:
     def _released(self, req: Req) -> None:
         self.logits.release(req)
         if self.spec is not None:
-            self.spec.release(req)
+            self.spec.drafter.release(req)
 
     def _grammar_backend(self) -> GrammarBackend | None:
         """Structured output needs the tokenizer (and an EOS token in it); without, it is refused."""
@@ -157,7 +157,7 @@ class Engine:
         result = StepResult([first.token], [first.logprob], [first.top], [[]], [list(forks)])
         outputs = self._postprocess(batch, result)
         if self.spec is not None and drafts and not req.finished:
-            self.spec.drafts[req] = list(drafts)
+            self.spec.drafter.drafts[req] = list(drafts)
         return outputs
 
     def abort(self, req: Req) -> list[Req]:
@@ -265,7 +265,7 @@ class Engine:
         result = self.runner.run(batch, self.logits)
         outputs = self._postprocess(batch, result)
         if self.spec is not None:
-            self.spec.after_extend(batch, result.tokens)
+            self.spec.drafter.after_extend(batch, result.tokens)
         return outputs
 
     def _keeps_overlapping(self) -> bool:
@@ -302,7 +302,7 @@ class Engine:
         collectives (the model's and, with MTP, the draft layer's)."""
         self.runner.run_idle()
         if self.spec is not None:
-            self.spec.join_collectives()
+            self.spec.drafter.join_collectives()
 
     def _postprocess(self, batch: Batch, result: StepResult) -> list[TokenOutput]:
         # Forks are made before choice 0's token is recorded: a token that ends choice 0 frees its pages.

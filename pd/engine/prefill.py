@@ -120,7 +120,7 @@ class PrefillEngine:
         try:
             result = self.runner.run(batch, self.engine.logits, layers.mark if layers is not None else None)
             if self.engine.spec is not None:  # the MTP layer's KV, and the first drafts, before the pages go
-                self.engine.spec.after_extend(batch, result.tokens)
+                self.engine.spec.drafter.after_extend(batch, result.tokens)
         except BaseException as e:
             if layers is not None:  # the writers waiting for this step's layers give up at once
                 layers.fail(f"the forward step failed: {e!r}")
@@ -223,7 +223,7 @@ class PrefillEngine:
             forks = result.forks[i]
             self.scheduler.cache_prompt(req)  # the cache takes its own references to the full pages
             spec = self.engine.spec
-            drafts = tuple(spec.drafts.get(req, ())) if spec is not None else ()  # release drops them
+            drafts = tuple(spec.drafter.drafts.get(req, ())) if spec is not None else ()  # release drops them
             room.pages, room.computed = self.scheduler.release(req), now
             room.first_tokens = (token, *(f.token for f in forks))
             room.first_tops = (result.top[i], *(f.top for f in forks))

@@ -316,7 +316,7 @@ class ModelRunner:
         if bucket is not None:
             assert self.extend_graphs is not None
             out = self.extend_graphs.run(batch, bucket)
-            picked = self._tensor([i for i, s in enumerate(batch.samples) if s])
+            picked = self.ints([i for i, s in enumerate(batch.samples) if s])
             return self._sample(out[picked], batch, sampled, logits)
         ids: list[int] = []
         positions: list[int] = []
@@ -335,11 +335,11 @@ class ModelRunner:
                 targets += req.prompt_ids[start + 1 : last + 1]
         self.attn.prepare(AttnInputs(batch.mode, batch.starts, batch.ends, [r.pages for r in batch.reqs]))
         ctx = ForwardContext(
-            batch.mode, self.attn, self._tensor(rows), self.low_latency_moe, kv_stored=kv_stored
+            batch.mode, self.attn, self.ints(rows), self.low_latency_moe, kv_stored=kv_stored
         )
         every = list(range(len(ids))) if self.keep_hidden else []
         hidden = self.model.hidden(
-            self._tensor(ids), self._tensor(positions), ctx, self._tensor(rows + scored + every)
+            self.ints(ids), self.ints(positions), ctx, self.ints(rows + scored + every)
         )
         if every:
             self.last_hidden = hidden[len(rows) + len(scored) :]
@@ -441,7 +441,7 @@ class ModelRunner:
         ``[len(targets), hidden]`` predicts, in blocks of ``PROMPT_LOGPROBS_BLOCK`` rows (logits of a whole
         chunk at once would take chunk x vocab x 4 bytes)."""
         k = max((r.sampling.prompt_logprobs or 0 for r in batch.reqs), default=0)
-        target = self._tensor(targets)
+        target = self.ints(targets)
         chosen: list[float] = []
         top_v: list[list[float]] = []
         top_i: list[list[int]] = []
@@ -486,5 +486,7 @@ class ModelRunner:
             self.extend_graphs.close()
             self.extend_graphs = None
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+    def ints(self, values: Sequence[int]) -> torch.Tensor:
+        """``values`` as int64 on the device, copied without waiting for the steps queued there (the copy
+        reads the host list before it returns)."""
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)

@@ -16,19 +16,15 @@ made here) and ``emit``ted (the engine's postprocessing). ``decode`` does the th
 pipelined loop (``Engine.pipelined``) launches the next step between a step's read and its emission, on the
 tokens read (``launch``'s ``ahead``), so emission and scheduling run while the GPU verifies.
 
-Then the MTP layer (its own KV layer of the pool) runs over positions ``L - 1 .. L + c - 2`` with the target's
-hidden states there and the tokens after them, and drafts the next token from the last row; ``K > 1``
-chains the layer on its own head input, one position further each time. After a prompt's chunk the MTP
-layer runs over the chunk the same way (the last chunk's last row takes the token just sampled) and drafts
-the first ``K``. The MTP layer's KV only shapes drafts, never what is emitted: a stale entry (a prefix-cache
-hit, a forked choice sharing its prompt's pages) can only lower acceptance.
+Then the MTP layer (``pd.engine.drafter``) runs over positions ``L - 1 .. L + c - 2`` with the target's hidden
+states there and the tokens after them, and drafts the next ``K`` tokens.
 
 Drafts per row are clipped so the step never emits past ``max_tokens`` or the context length; logits
 processing (penalties, bias, min_tokens, a grammar's mask) applies at every offset, the drafts before it
 counted as generated (and consumed by the grammar, then rolled back); top logprobs come from the target's
-logits at each emitted offset. Pages: the scheduler reserves
-``2K - 1`` tokens beyond the request's length (``lookahead``): the verify writes up to ``L - 1 + K``, a
-chain up to ``L + 2K - 2``.
+logits at each emitted offset. Pages: the scheduler reserves ``2K - 1`` tokens beyond the request's length
+(``lookahead``): the verify writes up to ``L - 1 + K``, a chain up to ``L + 2K - 2``; the pipelined loop's
+engine ``K + 1`` more (a step read but not recorded moved ``L`` by up to ``K + 1``).
 """
 
 from __future__ import annotations
@@ -41,12 +37,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from pd.attention.base import AttnInputs
+from pd.engine.drafter import MTPDrafter
 from pd.engine.logits import LogitsProcessor, StepLogits
 from pd.engine.runner import ModelRunner, top_logprobs
 from pd.engine.spec import PAD_TOKEN, Verdict, accept_all, sample_accept
-from pd.engine.verify_graph import VerifyGraphs
 from pd.model.context import ForwardContext
-from pd.model.mtp import DeepseekV3WithMTP
 from pd.sampling import SamplingTensors
 from pd.speculative import SpeculativeConfig
 from pd.types import Batch, BatchMode, Req, StepResult, TopLogprobs
@@ -122,65 +117,16 @@ class Verified:
 
 
 class MTPSpeculator:
-    """Drafts with the MTP layer and verifies with the target for one engine (any role; each rank of an EP
-    group for its own requests). ``drafts`` holds each running request's next drafts (host ints); an entry
-    is dropped when its request leaves."""
+    """Verifies the drafts of ``drafter`` (the MTP layer's, ``pd.engine.drafter``) with the target for one engine
+    (any role; each rank of an EP group for its own requests)."""
 
     def __init__(self, runner: ModelRunner, logits: LogitsProcessor, spec: SpeculativeConfig) -> None:
-        if not isinstance(runner.model, DeepseekV3WithMTP):
-            raise ValueError("speculative decoding with MTP needs the model built with its MTP layer")
-        self.runner, self.model, self.logits = runner, runner.model, logits
+        self.drafter = MTPDrafter(runner, spec.num_tokens)
+        self.runner, self.model, self.logits = runner, self.drafter.model, logits
         self.k, self.oracle = spec.num_tokens, spec.oracle
-        self.drafts: dict[Req, list[int]] = {}
         # Called after each verify step with, per request, the drafts verified and the tokens emitted.
         self.on_verify: Callable[[list[int], list[int]], None] | None = None
         self.stats = SpecStats(accepted_at=[0] * self.k, emitted_hist=[0] * (self.k + 2))
-        self._rounds = 0  # MTP layer forwards this step (join_collectives pads them to K)
-        runner.keep_hidden = True  # extend steps keep every row's hidden state for the MTP layer
-
-    def release(self, req: Req) -> None:
-        self.drafts.pop(req, None)
-
-    def join_collectives(self) -> None:
-        """Ends a step (a verify, a prompt chunk, or none here): the ranks of an EP group run the MTP layer's
-        MoE the same number of times each step, K, so a rank that drafted fewer times (or not at all) joins
-        the rest with no tokens. Single-rank engines do nothing."""
-        if self.runner.lockstep:
-            for _ in range(self.k - self._rounds):
-                self.model.mtp.idle(self.runner.low_latency_moe)
-        self._rounds = 0
-
-    # ---- after a prompt chunk ----
-
-    @torch.inference_mode()
-    def after_extend(self, batch: Batch, tokens: Sequence[int | None]) -> None:
-        """Runs the MTP layer over each live request's chunk just computed (``runner.last_hidden``, the
-        chunk rows in batch order) and drafts for those that sampled their first token (``tokens[i]``; on a
-        prefill rank it is not appended to the request). Before the chunk's pages are shipped."""
-        hidden = self.runner.last_hidden
-        assert hidden is not None, "the runner keeps the extend step's hidden states"
-        self.runner.last_hidden = None
-        rows: list[int] = []
-        segs: list[tuple[Req, int, list[int]]] = []
-        drafting: list[bool] = []
-        base = 0
-        for req, start, end, token in zip(batch.reqs, batch.starts, batch.ends, tokens):
-            ids, n = req.all_ids, end - start
-            base += n
-            if req.finished or not req.pages:
-                continue
-            if end < len(ids):  # a prompt chunk, or the first token already appended (colocated)
-                after = ids[start + 1 : end + 1]
-            elif token is not None:  # a prefill rank: the first token is not appended
-                after = [*ids[start + 1 : end], token]
-            else:
-                continue
-            rows += range(base - n, base)
-            segs.append((req, start, after))
-            drafting.append(token is not None)
-        if segs:
-            self._draft(segs, hidden[self._tensor(rows)], drafting)
-        self.join_collectives()
 
     # ---- a decode step: launch, read, emit ----
 
@@ -218,8 +164,8 @@ class MTPSpeculator:
                 ahead.tokens[b][c - 1] if ahead is not None and b is not None else r.token_at(r.seq_len - 1)
             )
         lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
-        dlens = [self._room(r, len(self.drafts.get(r, [])), c) for r, c in zip(reqs, unread)]
-        rows = [[t, *self.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
+        dlens = [self._room(r, len(self.drafter.drafts.get(r, [])), c) for r, c in zip(reqs, unread)]
+        rows = [[t, *self.drafter.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
         step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lengths], lengths)
         graphs = self.runner.verify_graphs
         bucket = (graphs.bucket(len(reqs)) if graphs is not None else None) or 0
@@ -254,7 +200,7 @@ class MTPSpeculator:
             graphs = self.runner.verify_graphs
             assert graphs is not None and step.first is not None
             lengths = [n + c for n, c in zip(step.batch.ends, counts)]
-            self._draft_graphed(graphs, step.bucket, reqs, step.first, lengths)
+            self.drafter.after_graphs(graphs, step.bucket, reqs, step.first, lengths)
         return Verified(step, counts, tokens, logprobs, tops)
 
     @torch.inference_mode()
@@ -271,30 +217,11 @@ class MTPSpeculator:
             self.on_verify(step.dlens, done.counts)
         if not step.bucket:
             for req in step.batch.reqs:
-                self.drafts.pop(req, None)
+                self.drafter.release(req)
             assert step.hidden is not None
-            self._after_verify(step.batch.reqs, step.hidden, step.bases, done.counts)
-        self.join_collectives()
+            self.drafter.after_verify(step.batch.reqs, step.hidden, step.bases, done.counts)
+        self.drafter.join_collectives()
         return outputs
-
-    def _draft_graphed(
-        self, graphs: VerifyGraphs, bucket: int, reqs: list[Req], first: torch.Tensor, lengths: list[int]
-    ) -> None:
-        """Each request still running takes the draft graph's draft (``first [n]``) and the ``K - 1`` chained
-        drafts of the bucket's chain graphs, the first at its new last position (``lengths``: each request's
-        length once the step's tokens are recorded)."""
-        live = [not r.finished and bool(r.pages) for r in reqs]
-        at = [n - 1 if ok else None for n, ok in zip(lengths, live)]
-        limits = [self._limit(r) for r in reqs]
-        chained = (
-            graphs.chain(bucket, at, limits, [r.pages for r in reqs]) if self.k > 1 else [[]] * len(reqs)
-        )
-        self._rounds += self.k
-        for req, ok, token, more in zip(reqs, live, first.tolist(), chained):
-            if ok:
-                self.drafts[req] = [token, *more]
-            else:
-                self.drafts.pop(req, None)
 
     @staticmethod
     def _asks(req: Req) -> bool:
@@ -311,11 +238,11 @@ class MTPSpeculator:
         the step), else None. Nothing here waits for the device."""
         k = self.k
         offsets = torch.arange(k + 1, device=self.runner.device)
-        dl = self._tensor(dlens)
-        index = self._tensor(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
+        dl = self.runner.ints(dlens)
+        index = self.runner.ints(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
-        padded = [[*self.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
-        drafts = self._tensor([t for row in padded for t in row]).view(len(reqs), k)
+        padded = [[*self.drafter.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
+        drafts = self.runner.ints([t for row in padded for t in row]).view(len(reqs), k)
         step = self._process(reqs, logits3, drafts, dlens, unread)
         lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
         st = SamplingTensors.build(
@@ -324,7 +251,7 @@ class MTPSpeculator:
         verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
         verdict.counts = torch.minimum(verdict.counts, dl + 1)
         if step is not None:  # every token the processed rows emit counts for their penalties
-            rows = self._tensor([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
+            rows = self.runner.ints([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
             self.logits.record(step, verdict.tokens[rows], verdict.counts[rows])
         return verdict, logits3 if any(r.sampling.top_logprobs for r in reqs) else None
 
@@ -337,10 +264,10 @@ class MTPSpeculator:
         ends = [s + len(r) for s, r in zip(starts, rows)]
         attn = self.runner.attn
         attn.prepare(AttnInputs(BatchMode.DECODE, starts, ends, [r.pages for r in reqs]))
-        every = self._tensor(list(range(sum(len(r) for r in rows))))
+        every = self.runner.ints(list(range(sum(len(r) for r in rows))))
         ctx = ForwardContext(BatchMode.DECODE, attn, every, self.runner.low_latency_moe)
-        ids = self._tensor([t for r in rows for t in r])
-        positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
+        ids = self.runner.ints([t for r in rows for t in r])
+        positions = self.runner.ints([p for s, e in zip(starts, ends) for p in range(s, e)])
         hidden = self.model.hidden(ids, positions, ctx, every)
         bases = [0, *itertools.accumulate(len(r) for r in rows[:-1])]
         return self.model.logits(hidden), hidden, bases
@@ -368,12 +295,12 @@ class MTPSpeculator:
         first: StepLogits | None = None
         for j in range(self.k + 1):
             rows = [b for b in proc if j <= dlens[b]]  # past a row's drafts its offsets repeat its last
-            before = [self.drafts[reqs[b]][:j] if j else [] for b in rows]
+            before = [self.drafter.drafts[reqs[b]][:j] if j else [] for b in rows]
             ahead = [unread[b] for b in rows]  # recorded on the device already: min_tokens counts them
             step = self.logits.prepare([reqs[b] for b in rows], before, ahead) if rows else None
             if step is None:
                 continue
-            index = self._tensor(rows)
+            index = self.runner.ints(rows)
             at = logits3[index, j]
             self.logits.apply(at, step, drafts[index, :j].clamp(min=0))  # past a row's drafts: never emitted
             logits3[index, j] = at
@@ -400,83 +327,3 @@ class MTPSpeculator:
             )
             outputs += postprocess(step, result)
         return outputs
-
-    def _after_verify(
-        self, reqs: list[Req], hidden: torch.Tensor, bases: list[int], counts: list[int]
-    ) -> None:
-        """The MTP layer over the verified positions of each request still running, and its next drafts."""
-        rows: list[int] = []
-        segs: list[tuple[Req, int, list[int]]] = []
-        for req, base, c in zip(reqs, bases, counts):
-            if req.finished or not req.pages:
-                continue
-            start = req.seq_len - 1 - c  # the position of the step's first input
-            rows += range(base, base + c)
-            segs.append((req, start, req.ids(start + 1, start + 1 + c)))
-        if segs:
-            # Decode's attention form (absorbed, causal queries), as the draft graph: the same drafts either way.
-            self._draft(segs, hidden[self._tensor(rows)], [True] * len(segs), BatchMode.DECODE)
-
-    # ---- the MTP layer ----
-
-    def _draft(
-        self,
-        segs: list[tuple[Req, int, list[int]]],
-        hidden: torch.Tensor,
-        drafting: list[bool],
-        mode: BatchMode = BatchMode.EXTEND,
-    ) -> None:
-        """``segs``: (request, first position, the tokens after each position) with ``hidden`` their rows
-        ``[T, H]`` in order. Stores the MTP KV at those positions (``mode``: the attention form; a prompt
-        chunk's is extend's); for the requests ``drafting``, drafts ``K`` tokens from the last row, chaining
-        while the next position has a reserved page."""
-        starts = [s for _, s, _ in segs]
-        ends = [s + len(n) for _, s, n in segs]
-        reqs = [r for r, _, _ in segs]
-        attn, low_latency = self.runner.attn, self.runner.low_latency_moe
-        attn.prepare(AttnInputs(mode, starts, ends, [r.pages for r in reqs]))
-        last = self._tensor(list(itertools.accumulate(e - s for s, e in zip(starts, ends)))) - 1
-        ctx = ForwardContext(mode, attn, last, low_latency)
-        next_ids = self._tensor([t for _, _, n in segs for t in n])
-        positions = self._tensor([p for s, e in zip(starts, ends) for p in range(s, e)])
-        logits, head = self.model.draft(hidden, next_ids, positions, ctx)
-        self._rounds += 1
-        chain = [b for b, d in enumerate(drafting) if d]
-        if chain:
-            pick = self._tensor(chain)
-            self._chain(
-                [reqs[b] for b in chain], head[pick], logits[pick].argmax(-1), [ends[b] for b in chain]
-            )
-
-    def _chain(self, reqs: list[Req], head: torch.Tensor, token: torch.Tensor, at: list[int]) -> None:
-        """Each of ``reqs`` drafted ``token [R]`` with the MTP head state ``head [R, H]`` at the position
-        before ``at`` (a chained draft's position: one after the row it follows). Stores the drafts and
-        chains the MTP layer up to ``K`` of them while the next position has a reserved page."""
-        attn, low_latency = self.runner.attn, self.runner.low_latency_moe
-        for req in reqs:
-            self.drafts[req] = []
-        for step in range(self.k):
-            for req, t in zip(reqs, token.tolist()):
-                self.drafts[req].append(t)
-            if step == self.k - 1:
-                break
-            keep = [i for i, (req, p) in enumerate(zip(reqs, at)) if p < self._limit(req)]
-            if not keep:
-                break
-            reqs, at = [reqs[i] for i in keep], [at[i] for i in keep]
-            pick = self._tensor(keep)
-            head, token = head[pick], token[pick]
-            attn.prepare(AttnInputs(BatchMode.DECODE, at, [p + 1 for p in at], [r.pages for r in reqs]))
-            ctx = ForwardContext(BatchMode.DECODE, attn, self._tensor(list(range(len(reqs)))), low_latency)
-            logits, head = self.model.draft(head, token, self._tensor(at), ctx)
-            self._rounds += 1
-            token = logits.argmax(-1)
-            at = [p + 1 for p in at]
-
-    def _limit(self, req: Req) -> int:
-        """Positions below this have a reserved page and a rotary entry."""
-        return min(len(req.pages) * self.runner.pool.layout.page_size, req.max_context_len)
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        """``values`` as int64 on the device, copied without waiting for the steps queued there."""
-        return torch.tensor(values, dtype=torch.int64).to(self.runner.device, non_blocking=True)
