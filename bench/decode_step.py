@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -208,12 +209,18 @@ def engine_loop(
     steps launched before the host postprocesses the one before). The requests' prompt KV is whatever the pool
     holds. ``cfg``: the engine's (default the runner's); with MTP under the oracle a step emits K + 1 tokens,
     and each request decodes enough for ``iters`` steps and the warm-up. ``tokens_per_step``: tokens a request
-    emitted a step in the overlapped loop's timed steps."""
+    emitted a step in the overlapped loop's timed steps. With MTP, also the host's ms a step in the pipelined
+    loop's three parts of a verify step (``launch_ms``, ``read_ms``: the wait for the GPU included, ``emit_ms``);
+    the rest of a step is scheduling."""
     engine = Engine(cfg or runner.cfg, runner=runner)
     spec = engine.spec
     per_step = spec.k + 1 if spec is not None and spec.oracle else 1
+    parts: dict[str, float] = {}
     if spec is None:
         engine.scheduler.lookahead = 1  # as an overlapping engine reserves, in both modes
+    else:  # the bench's own timers around the speculator's three parts
+        for name in ("launch", "read", "emit"):
+            setattr(spec, name, _timed_part(getattr(spec, name), parts, f"{name}_ms"))
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
     out = {}
     for overlap in (False, True):
@@ -225,13 +232,28 @@ def engine_loop(
         for _ in range(3):
             engine.step()
         sync()
+        parts.clear()
         t0 = time.perf_counter()
         emitted = sum(len(o.token_ids) for _ in range(iters) for o in engine.step())
         sync()
         out["overlapped_ms" if overlap else "serial_ms"] = (time.perf_counter() - t0) / iters * 1e3
         out["tokens_per_step"] = emitted / iters / batch
         finish_requests(engine, reqs)
+    out.update({name: total / iters * 1e3 for name, total in parts.items()})  # the pipelined loop's
     return out
+
+
+def _timed_part(fn: Callable, totals: dict[str, float], name: str) -> Callable:
+    """``fn``, adding the seconds each call takes to ``totals[name]``."""
+
+    def timed_fn(*args: object, **kwargs: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+    return timed_fn
 
 
 def make_batch(runner: ModelRunner, batch: int, context: int, page_base: int = 1) -> Batch:

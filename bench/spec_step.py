@@ -166,15 +166,15 @@ def print_tables(rows: list[dict], context: int) -> None:
         "the one before); TPOT ratio = pipelined loop / tokens a step at each acceptance / the plain overlapped "
         "loop (the plain decode users run)\n"
     )
-    print(f"| batch | K | plain loop ms | spec serial ms | spec pipelined ms | "
-          f"{' | '.join(f'at {a}' for a in ACCEPTANCE)} |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|" + "---:|" * len(ACCEPTANCE))
+    print(f"| batch | K | plain loop ms | spec serial ms | spec pipelined ms | pipelined host: launch / read "
+          f"(wait incl.) / emit ms | {' | '.join(f'at {a}' for a in ACCEPTANCE)} |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---|" + "---:|" * len(ACCEPTANCE))
     for r in spec:
         base = plain[r["batch"]]["loop_ms"]
         cells = " | ".join(f"{r['loop_ms'] / tokens_per_step(a, r['k']) / base:.2f}x" for a in ACCEPTANCE)
-        print(
-            f"| {r['batch']} | {r['k']} | {base:.2f} | {r['loop_serial_ms']:.2f} | {r['loop_ms']:.2f} | {cells} |"
-        )
+        host = " / ".join(f"{r[f'loop_{part}_ms']:.2f}" for part in ("launch", "read", "emit"))
+        print(f"| {r['batch']} | {r['k']} | {base:.2f} | {r['loop_serial_ms']:.2f} | {r['loop_ms']:.2f} | {host} | "
+              f"{cells} |")  # fmt: skip
 
 
 def print_classes(what: str, step, iters: int) -> None:
@@ -282,6 +282,7 @@ def main() -> None:
             loop = engine_loop(runner, b, args.context, LOOP_STEPS if gpu else args.iters, spec_cfg)
             row["loop_serial_ms"], row["loop_ms"] = loop["serial_ms"], loop["overlapped_ms"]
             row["loop_tokens_per_step"] = loop["tokens_per_step"]
+            row.update({f"loop_{part}_ms": loop[f"{part}_ms"] for part in ("launch", "read", "emit")})
             rows.append(row)
             print(json.dumps(row), flush=True)
             if k == 1 and b in splits:
