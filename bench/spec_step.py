@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pd.attention import ATTENTION_BACKENDS
+from pd.attention.triton_mla import TritonMLABackend
 from pd.bench.decode_step import (
     LOOP_STEPS,
     decode_floor_bytes,
@@ -202,6 +203,12 @@ def main() -> None:
     p.add_argument(
         "--attention-backend", default="auto", choices=ATTENTION_BACKENDS, help="as the launchers' flag"
     )
+    p.add_argument(
+        "--split-sequences",
+        type=int,
+        help="triton backend: the most sequences a speculative step runs on pd's split kernel (a bucket size; "
+        "default the backend's); the plain rows keep the default",
+    )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
     from pd.tiny_model import make_tiny_model
@@ -252,6 +259,10 @@ def main() -> None:
         batch = Batch(BatchMode.DECODE, reqs, [args.context - 1] * b, [args.context] * b)
         print_classes(f"plain decode step, batch {b}", lambda batch=batch: runner.run(batch), args.iters)
         runner.close()
+    if args.split_sequences is not None:
+        if not isinstance(runner.attn, TritonMLABackend) or args.split_sequences not in buckets:
+            raise SystemExit(f"--split-sequences needs the triton backend and a bucket size ({buckets})")
+        runner.attn.split_sequences = args.split_sequences
     for k in ks:
         runner.verify_graphs = VerifyGraphs(
             runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, oracle=True, capture=gpu

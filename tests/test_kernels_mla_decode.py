@@ -122,12 +122,14 @@ test_triton_interpreter = interpreter_test(__file__)
 def _cpu_backend(pool: KVPool, heads: int, lora: int, scale: float):
     """A ``TritonMLABackend`` without FlashInfer (its plain decode steps need none): the metadata it builds, run
     through ``mla_decode``'s reference on CPU (its kernel in the interpreter)."""
+    from pd.attention import triton_mla
     from pd.attention.triton_mla import TritonMLABackend
 
     b = TritonMLABackend.__new__(TritonMLABackend)
     b.pool, b.scale, b.kv_lora_rank, b.num_heads = pool, scale, lora, heads
     b.device, b.dtype = pool.buffer.device, pool.layout.dtype
     b.active, b.inputs, b._eager = None, None, None
+    b.split_sequences = triton_mla.SPLIT_SEQUENCES
     return b
 
 
@@ -173,11 +175,13 @@ def test_triton_backend_metadata_eager_and_in_a_padded_bucket(order, q):
     assert state.kv_lens.tolist()[:t] == own and len(state.kv_lens) == rows * q
 
 
+@pytest.mark.parametrize("split", [None, 32], ids=["default", "32"])
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
-def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, monkeypatch):
+def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, split, monkeypatch):
     """Eager and graph steps agree bit for bit only if both take the same kernel: for every count of sequences up
     to the largest bucket, and ``q`` queries a sequence (plain decode; verify steps of K = 1-3), an eager step runs
-    the split kernel exactly when the bucket that would replay it does (FlashInfer's planning stubbed)."""
+    the split kernel exactly when the bucket that would replay it does (FlashInfer's planning stubbed), with the
+    default sequence bound and one a benchmark sets."""
     from pd.attention import triton_mla
     from pd.engine.decode_graph import default_buckets
 
@@ -185,14 +189,15 @@ def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, monkeypatch):
     monkeypatch.setattr(triton_mla.FlashInferMLABackend, "graph_state", lambda self, *a, **k: "flashinfer")
     layout = KVLayout(1, 4, 4, 48, torch.float32, KVOrder.LAYER_MAJOR)
     backend = _cpu_backend(KVPool(layout, "cpu"), 4, 32, 1.0)
+    backend.split_sequences = split or triton_mla.SPLIT_SEQUENCES
     buckets = default_buckets(64)
-    assert triton_mla.SPLIT_SEQUENCES in buckets
+    assert backend.split_sequences in buckets
     for n in range(1, 65):
         backend.prepare(AttnInputs(BatchMode.DECODE, [4] * n, [4 + q] * n, [[1, 2]] * n))
         bucket = next(b for b in buckets if b >= n)
         state = backend.graph_state(bucket, bucket * 2, None if q == 1 else bucket * q, max_q_per_row=q)
         assert (backend._eager is not None) == isinstance(state, triton_mla._SplitState), (n, bucket)
-        assert (backend._eager is not None) == (n <= triton_mla.SPLIT_SEQUENCES)
+        assert (backend._eager is not None) == (n <= backend.split_sequences)
     # Longer rows than a verify step's (a prompt in decode form) go to FlashInfer, eager and graphed alike.
     q = triton_mla.MAX_Q_PER_ROW + 1
     backend.prepare(AttnInputs(BatchMode.DECODE, [4], [4 + q], [[1, 2, 3]]))

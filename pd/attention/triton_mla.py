@@ -56,6 +56,9 @@ class TritonMLABackend(FlashInferMLABackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The most sequences a decode-mode step runs on the split kernel: a graph bucket size, set before any graph
+        # is captured (``pd.bench.spec_step --split-sequences`` tries others).
+        self.split_sequences = SPLIT_SEQUENCES
         # An eager step's (page table, lengths, longest length) when the split kernel runs it; None otherwise.
         self._eager: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -63,7 +66,7 @@ class TritonMLABackend(FlashInferMLABackend):
         self._eager = None
         if (
             inputs.mode is not BatchMode.DECODE
-            or len(inputs.starts) > SPLIT_SEQUENCES
+            or len(inputs.starts) > self.split_sequences
             or max(inputs.q_lens, default=1) > MAX_Q_PER_ROW
         ):
             super().prepare(inputs)
@@ -78,7 +81,7 @@ class TritonMLABackend(FlashInferMLABackend):
         self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
     ) -> _GraphState:
         q = 1 if tokens is None else max_q_per_row  # None: a graphed prompt step
-        if batch > SPLIT_SEQUENCES or q is None or q > MAX_Q_PER_ROW:
+        if batch > self.split_sequences or q is None or q > MAX_Q_PER_ROW:
             return super().graph_state(batch, max_pages, tokens, max_q_per_row)
         rows = batch if tokens is None else tokens
         dev, i32, width = self.device, torch.int32, -(-max_pages // batch)
