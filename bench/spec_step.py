@@ -43,7 +43,7 @@ from pd.bench.kernel_classes import breakdown, format_breakdown
 from pd.config import EngineConfig
 from pd.engine.decode_graph import DecodeGraphs, default_buckets
 from pd.engine.engine import Engine
-from pd.engine.speculative import MTPSpeculator
+from pd.engine.speculative import MTPSpeculator, lookahead
 from pd.engine.verify_graph import VerifyGraphs
 from pd.model.mtp import DeepseekV3WithMTP
 from pd.speculative import SpeculativeConfig
@@ -220,7 +220,7 @@ def main() -> None:
     batches, ks = [int(b) for b in args.batches.split(",")], [int(k) for k in args.ks.split(",")]
     page_size, max_k = 64, max(ks)
     # The engine loops' requests decode LOOP_STEPS steps and a warm-up, K + 1 tokens a step, pages reserved ahead.
-    headroom = (LOOP_STEPS + 8) * (max_k + 1) + 3 * max_k
+    headroom = (LOOP_STEPS + 8) * (max_k + 1) + lookahead(SpeculativeConfig("mtp", max_k), pipelined=True)
     per = -(-(args.context + headroom) // page_size)
     cfg = EngineConfig(
         str(model), device=args.device, dtype="bfloat16" if gpu else "float32", load_format="dummy", page_size=page_size,

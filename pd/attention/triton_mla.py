@@ -6,7 +6,7 @@ decode loop, not by serial steps such as speculative ones), and its MLA decode k
 a layer at batch 1-32. This kernel needs no planning and splits every query's positions over several programs.
 Each query is a row of its own, with its sequence's page table and the positions it sees (its own included): plain
 decode steps, and causal verify steps whose rows compute at most a few positions (``graph_state``'s
-``max_q_per_row``), of up to ``SPLIT_SEQUENCES`` sequences. A row's result depends on its own
+``max_q_per_row``), of up to ``split_sequences`` sequences (16). A row's result depends on its own
 inputs alone, so eager and graph steps that both take the kernel agree bit for bit. Its metadata is a page table
 and the lengths (small copies a step). Chosen by name (``--attention-backend triton``); ``pd.bench.decode_step``
 and ``pd.bench.spec_step`` take ``--attention-backend`` to compare it with ``flashinfer``.

@@ -19,7 +19,6 @@ import torch
 
 from pd.attention.base import AttnInputs
 from pd.engine.runner import ModelRunner
-from pd.engine.verify_graph import VerifyGraphs
 from pd.model.context import ForwardContext
 from pd.model.mtp import DeepseekV3WithMTP
 from pd.types import Batch, BatchMode, Req
@@ -83,9 +82,12 @@ class MTPDrafter:
     def after_verify(
         self, reqs: list[Req], hidden: torch.Tensor, bases: list[int], counts: list[int]
     ) -> None:
-        """The MTP layer over the verified positions of each request still running, and its next drafts."""
+        """The MTP layer over the verified positions of each request still running, and its next drafts (they
+        replace the verified ones)."""
         rows: list[int] = []
         segs: list[tuple[Req, int, list[int]]] = []
+        for req in reqs:
+            self.release(req)
         for req, base, c in zip(reqs, bases, counts):
             if req.finished or not req.pages:
                 continue
@@ -97,12 +99,12 @@ class MTPDrafter:
             self._draft(segs, hidden[self.runner.ints(rows)], [True] * len(segs), BatchMode.DECODE)
 
     @torch.inference_mode()
-    def after_graphs(
-        self, graphs: VerifyGraphs, bucket: int, reqs: list[Req], first: torch.Tensor, lengths: list[int]
-    ) -> None:
-        """Each request still running takes the draft graph's draft (``first [n]``) and the ``K - 1`` chained
-        drafts of the bucket's chain graphs, the first at its new last position (``lengths``: each request's
-        length once the step's tokens are recorded)."""
+    def after_graphs(self, bucket: int, reqs: list[Req], first: torch.Tensor, lengths: list[int]) -> None:
+        """After a verify step on the verify graphs' ``bucket``: each request still running takes the draft graph's
+        draft (``first [n]``) and the ``K - 1`` chained drafts of the bucket's chain graphs, the first at its new
+        last position (``lengths``: each request's length once the step's tokens are recorded)."""
+        graphs = self.runner.verify_graphs
+        assert graphs is not None
         live = [not r.finished and bool(r.pages) for r in reqs]
         at = [n - 1 if ok else None for n, ok in zip(lengths, live)]
         limits = [self._limit(r) for r in reqs]

@@ -79,10 +79,9 @@ class Engine:
         single = cfg.overlap and not self.runner.lockstep
         self.overlap = single and self.runner.graphs is not None and not cfg.speculative.enabled
         self.pipelined = single and self.runner.verify_graphs is not None
-        # A step in flight computes one token past what the host knows of (K + 1 with MTP, pipelined): its pages
-        # are reserved that far ahead, beyond the drafts' own lookahead.
-        k = cfg.speculative.num_tokens
-        ahead = lookahead(cfg.speculative) + (k + 1 if self.pipelined else int(self.overlap))
+        # A step in flight computes past what the host knows of (a token; with MTP, its drafts and, pipelined, the
+        # tokens of the step read before): its pages are reserved that far ahead.
+        ahead = lookahead(cfg.speculative, self.pipelined) or int(self.overlap)
         self.scheduler = Scheduler(cfg.scheduler, self.allocator, frozenset(eos), cache, ahead)
         # Per-request logits state (penalties, grammar matchers); freed wherever a request ends.
         self.grammar = GrammarMatchers(self._grammar_backend(), self.runner.device)

@@ -92,7 +92,7 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
             )
         # FlashInfer plans each decode step on the host (~1.3 ms on an H200 at batch 1), which serial steps pay;
         # "triton" does not (bench/results/decode_step_h200_1203.md, "Session 9"). It becomes auto's choice once
-        # the GPU tests have run with it as the default (bench/gpu/run_h200_next9.sh).
+        # the GPU tests have run with it as the default (bench/gpu/run_h200_next10.sh).
         name = "flashinfer" if why is None else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)

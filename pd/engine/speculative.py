@@ -65,9 +65,13 @@ def top_logprobs_at(reqs: list[Req], logits3: torch.Tensor) -> list[list[TopLogp
     return tops
 
 
-def lookahead(spec: SpeculativeConfig) -> int:
-    """Tokens beyond a request's length a decode step may write KV for (0 without speculation)."""
-    return 2 * spec.num_tokens - 1 if spec.enabled else 0
+def lookahead(spec: SpeculativeConfig, pipelined: bool = False) -> int:
+    """Tokens beyond a request's length (as the host has recorded it) a decode step may write KV for (0 without
+    speculation): its drafts and their chain, and with ``pipelined`` the K + 1 tokens of a step read but not
+    recorded yet."""
+    if not spec.enabled:
+        return 0
+    return 2 * spec.num_tokens - 1 + (spec.num_tokens + 1 if pipelined else 0)
 
 
 @dataclass
@@ -158,11 +162,12 @@ class MTPSpeculator:
         unread, lasts = [], []  # per request: tokens read but not recorded, and its last token
         for r in reqs:
             b = rows_of.get(r)
-            c = ahead.counts[b] if ahead is not None and b is not None else 0
-            unread.append(c)
-            lasts.append(
-                ahead.tokens[b][c - 1] if ahead is not None and b is not None else r.token_at(r.seq_len - 1)
-            )
+            if ahead is None or b is None:
+                unread.append(0)
+                lasts.append(r.token_at(r.seq_len - 1))
+            else:
+                unread.append(ahead.counts[b])
+                lasts.append(ahead.tokens[b][ahead.counts[b] - 1])
         lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
         dlens = [self._room(r, len(self.drafter.drafts.get(r, [])), c) for r, c in zip(reqs, unread)]
         rows = [[t, *self.drafter.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
@@ -174,14 +179,14 @@ class MTPSpeculator:
         if graphs is None or not bucket:  # no graphs, or more requests than the largest bucket: eager
             assert ahead is None, "only graphed verify steps are launched ahead of postprocessing"
             out, hidden, bases = self._verify_eager(reqs, rows, lengths)
-            verdict, logits3 = self._accept(reqs, out, bases, dlens, unread)
+            verdict, logits3 = self._accept(step, out, bases, dlens, unread)
             return Verifying(step, dlens, verdict, logits3=logits3, hidden=hidden, bases=bases)
         if all(r.sampling.greedy and not self._asks(r) for r in reqs):
             tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
             return Verifying(step, dlens, Verdict(tokens, counts, logprobs), bucket, first)
         out, _ = graphs.verify(rows, lengths, pages)
         bases = [b * (self.k + 1) for b in range(len(reqs))]
-        verdict, logits3 = self._accept(reqs, out, bases, dlens, unread)
+        verdict, logits3 = self._accept(step, out, bases, dlens, unread)
         first, _ = graphs.draft(bucket, verdict.tokens, verdict.counts)
         return Verifying(step, dlens, verdict, bucket, first, logits3=logits3)
 
@@ -197,10 +202,9 @@ class MTPSpeculator:
         none: list[list[TopLogprobs]] = [[()] * (self.k + 1) for _ in reqs]
         tops = top_logprobs_at(reqs, step.logits3) if step.logits3 is not None else none
         if step.bucket:
-            graphs = self.runner.verify_graphs
-            assert graphs is not None and step.first is not None
+            assert step.first is not None
             lengths = [n + c for n, c in zip(step.batch.ends, counts)]
-            self.drafter.after_graphs(graphs, step.bucket, reqs, step.first, lengths)
+            self.drafter.after_graphs(step.bucket, reqs, step.first, lengths)
         return Verified(step, counts, tokens, logprobs, tops)
 
     @torch.inference_mode()
@@ -216,8 +220,6 @@ class MTPSpeculator:
         if self.on_verify is not None:
             self.on_verify(step.dlens, done.counts)
         if not step.bucket:
-            for req in step.batch.reqs:
-                self.drafter.release(req)
             assert step.hidden is not None
             self.drafter.after_verify(step.batch.reqs, step.hidden, step.bases, done.counts)
         self.drafter.join_collectives()
@@ -229,13 +231,15 @@ class MTPSpeculator:
         return req.sampling.needs_processing or bool(req.sampling.top_logprobs)
 
     def _accept(
-        self, reqs: list[Req], out: torch.Tensor, bases: list[int], dlens: list[int], unread: list[int]
+        self, step: Batch, out: torch.Tensor, bases: list[int], dlens: list[int], unread: list[int]
     ) -> tuple[Verdict, torch.Tensor | None]:
-        """Acceptance of the verify's logits ``out [T, V]`` (request ``b``'s offsets from row ``bases[b]``, its
-        ``dlens[b]`` drafts, ``unread[b]`` tokens beyond those the host recorded): logits processing at each offset, then
+        """Acceptance of the verify's logits ``out [T, V]`` for the launched ``step`` (request ``b``'s offsets from
+        row ``bases[b]``, its ``dlens[b]`` drafts, ``unread[b]`` of its tokens not recorded by the host yet;
+        ``step.ends[b]`` its length with them): logits processing at each offset, then
         ``sample_accept`` (or the oracle's ``accept_all``); the verdict's counts clipped to each row's drafts +
         1. Also returns the logits per offset ``[B, K + 1, V]`` where a request asks for top logprobs (read with
         the step), else None. Nothing here waits for the device."""
+        reqs = step.reqs
         k = self.k
         offsets = torch.arange(k + 1, device=self.runner.device)
         dl = self.runner.ints(dlens)
@@ -243,16 +247,15 @@ class MTPSpeculator:
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
         padded = [[*self.drafter.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
         drafts = self.runner.ints([t for row in padded for t in row]).view(len(reqs), k)
-        step = self._process(reqs, logits3, drafts, dlens, unread)
-        lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
+        processed = self._process(reqs, logits3, drafts, dlens, unread)
         st = SamplingTensors.build(
-            [r.sampling for r in reqs], [r.seed for r in reqs], lengths, self.runner.device
+            [r.sampling for r in reqs], [r.seed for r in reqs], step.ends, self.runner.device
         )
         verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
         verdict.counts = torch.minimum(verdict.counts, dl + 1)
-        if step is not None:  # every token the processed rows emit counts for their penalties
+        if processed is not None:  # every token the processed rows emit counts for their penalties
             rows = self.runner.ints([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
-            self.logits.record(step, verdict.tokens[rows], verdict.counts[rows])
+            self.logits.record(processed, verdict.tokens[rows], verdict.counts[rows])
         return verdict, logits3 if any(r.sampling.top_logprobs for r in reqs) else None
 
     def _verify_eager(
