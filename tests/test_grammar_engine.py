@@ -202,11 +202,13 @@ def test_grammar_needs_a_tokenizer_and_a_valid_spec(tiny_model_dir, engine) -> N
         engine.make_request([1, 2], SamplingParams(grammar=GrammarSpec.json_schema({"type": "nonsense"})))
 
 
+@pytest.mark.parametrize("oracle", [False, True], ids=["", "oracle"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_grammar_requests_speculate_and_emit_the_plain_tokens(tiny_model, temperature) -> None:
+def test_grammar_requests_speculate_and_emit_the_plain_tokens(tiny_model, temperature, oracle) -> None:
     """With MTP, a request's grammar masks every offset of a verify after consuming the drafts before it
     (rolled back after the fill): with drafts planted from the plain run (every third wrong), grammar
-    requests accept drafts and emit exactly the plain run's tokens and logprobs."""
+    requests accept drafts and emit exactly the plain run's tokens and logprobs. The benchmark oracle leaves
+    them verified for real (its argmax after a wrong draft would break the grammar)."""
     from pd.speculative import SpeculativeConfig
     from tests.test_speculative_engine import plant
 
@@ -217,7 +219,7 @@ def test_grammar_requests_speculate_and_emit_the_plain_tokens(tiny_model, temper
         for i, spec in enumerate(list(SPECS.values())[: len(PROMPTS)])
     ]
     want = run(make_engine(str(path), tok), PROMPTS, params)
-    e = make_engine(str(path), tok, speculative=SpeculativeConfig("mtp", 2))
+    e = make_engine(str(path), tok, speculative=SpeculativeConfig("mtp", 2, oracle))
     plant(e, [r.output_ids for r in want], e.model_cfg.vocab_size, wrong=3)
     got = run(e, PROMPTS, params)
     for g, w in zip(got, want, strict=True):

@@ -186,3 +186,54 @@ def test_cutting_a_constrained_stream_frees_every_page(deployment) -> None:
     pages = wait_pages_idle(deployment)
     assert {role for role, _, _ in pages} == {"prefill", "decode"}
     assert all(v == 0 for v in pages.values()), pages
+
+
+def strict_json(text: str):
+    """``text`` parsed as JSON proper: Python's parser takes -Infinity and NaN, which clients' do not."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def tokens_and_alternatives(choice: dict, chat: bool) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """(token, logprob, its alternatives) of each token in one choice (or chunk) of either endpoint."""
+    lp = choice.get("logprobs")
+    if not lp:
+        return []
+    if chat:
+        return [
+            (t["token"], t["logprob"], [(a["token"], a["logprob"]) for a in t["top_logprobs"]])
+            for t in lp["content"]
+        ]
+    return [
+        (t, p, list(top.items())) for t, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])
+    ]
+
+
+def test_alternatives_a_grammar_forbids_are_left_out_of_top_logprobs(deployment) -> None:
+    """A choice between two words asked for 5 alternatives a token: where the grammar allows fewer tokens, the
+    forbidden ones (logprob -inf) are left out instead of breaking the JSON (a 500 before), on both endpoints,
+    streamed and not; every alternative is finite and the greedy token is the first."""
+    tokens = []
+    for chat in (False, True):
+        for stream in (False, True):
+            body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "stream": stream}
+            body |= {"guided_choice": ["yes", "no"]}
+            if chat:
+                body |= {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 5}
+            else:
+                body |= {"prompt": "hi", "logprobs": 5}
+            path = "chat/completions" if chat else "completions"
+            r = httpx.post(f"{deployment}/v1/{path}", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            events = [strict_json(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            for event in events if stream else [strict_json(r.text)]:
+                for choice in event["choices"]:
+                    tokens += tokens_and_alternatives(choice, chat)
+    assert len(tokens) >= 4  # each request emitted "yes" or "no", one token or more
+    for token, logprob, alternatives in tokens:
+        assert 1 <= len(alternatives) <= 5 and alternatives[0][0] == token
+        assert all(-1e9 < p <= 0 for _, p in alternatives) and -1e9 < logprob <= 0
+    assert any(len(alts) < 5 for _, _, alts in tokens), "the grammar allowed fewer than 5 tokens somewhere"

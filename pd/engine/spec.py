@@ -58,6 +58,15 @@ class Verdict:
         """``[B]`` int64: drafts accepted per row (``counts - 1``)."""
         return self.counts - 1
 
+    def where(self, rows: torch.Tensor, other: Verdict) -> Verdict:
+        """This verdict with ``other``'s rows where ``rows [B]`` bool is True."""
+        assert self.logprobs is not None and other.logprobs is not None
+        return Verdict(
+            torch.where(rows[:, None], other.tokens, self.tokens),
+            torch.where(rows, other.counts, self.counts),
+            torch.where(rows[:, None], other.logprobs, self.logprobs),
+        )
+
 
 def accept_prefix(
     drafts: torch.Tensor, target: torch.Tensor, logprobs: torch.Tensor | None = None

@@ -251,12 +251,26 @@ class MTPSpeculator:
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], step.ends, self.runner.device
         )
-        verdict = accept_all(logits3) if self.oracle else sample_accept(drafts, logits3, st)
+        verdict = self._verdict(reqs, drafts, logits3, st)
         verdict.counts = torch.minimum(verdict.counts, dl + 1)
         if processed is not None:  # every token the processed rows emit counts for their penalties
             rows = self.runner.ints([b for b, r in enumerate(reqs) if r.sampling.needs_processing])
             self.logits.record(processed, verdict.tokens[rows], verdict.counts[rows])
         return verdict, logits3 if any(r.sampling.top_logprobs for r in reqs) else None
+
+    def _verdict(
+        self, reqs: list[Req], drafts: torch.Tensor, logits3: torch.Tensor, st: SamplingTensors
+    ) -> Verdict:
+        """``sample_accept``; under the oracle, ``accept_all`` for the rows without logits processing. A processed
+        row is verified for real: its logits were masked and penalised after its real drafts, so the oracle's
+        tokens (the argmax at each offset) could break its grammar."""
+        if not self.oracle:
+            return sample_accept(drafts, logits3, st)
+        oracle = accept_all(logits3)
+        processed = [r.sampling.needs_processing for r in reqs]
+        if not any(processed):
+            return oracle
+        return oracle.where(self.runner.ints(processed).bool(), sample_accept(drafts, logits3, st))
 
     def _verify_eager(
         self, reqs: list[Req], rows: list[list[int]], lengths: list[int]
