@@ -45,8 +45,15 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> t
     key = _mix32(key ^ ((seeds >> 32) & _M32))
     key = _mix32(key ^ (positions & _M32))[:, None]  # [B, 1]
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :]
-    h = _mix32(_mix32(idx ^ key) ^ (key >> 1))  # [B, V]
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_floats(_mix32(_mix32(idx ^ key) ^ (key >> 1)))  # [B, V]
+
+
+def unit_floats(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes ``h`` (int64 in [0, 2**32)) to float32 strictly inside (0, 1): their top 23 bits, centred
+    (k + 0.5) / 2**23, every one exact in float32. (With 24 bits the largest, 2**24 - 0.5, rounds to 2**24:
+    u = 1 made a Gumbel key of +inf, and a token whose logit a filter or a grammar had set to -inf won the
+    argmax as NaN, once in 2**24 draws per token of the vocabulary.)"""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pd.sampling import SamplingTensors, apply_filters, sample, uniform_noise
+from pd.sampling import SamplingTensors, apply_filters, sample, uniform_noise, unit_floats
 from pd.types import SamplingParams
 
 
@@ -52,6 +52,21 @@ def test_uniform_noise_in_open_interval_and_uniformish():
     u = uniform_noise(torch.tensor([1, 2**62 + 5]), torch.tensor([0, 10**9]), 50000)
     assert u.min() > 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_noise_never_reaches_1_so_a_forbidden_token_is_never_drawn():
+    """Seed 851 at position 0 hashes token 49,475 of 65,536 to the largest 24-bit value, which as (k + 0.5) /
+    2**24 rounded to u = 1.0 in float32: its Gumbel key was +inf, and with its logit at -inf (a grammar's
+    mask, a top-k or top-p filter) the sum was NaN, which argmax takes. Every other token is allowed here,
+    all equally likely: the forbidden one must never come out."""
+    vocab, seed, token = 1 << 16, 851, 49475
+    u = uniform_noise(torch.tensor([seed]), torch.tensor([0]), vocab)[0]
+    assert u[token] == u.max() and u.max() < 1 and u.min() > 0
+    assert unit_floats(torch.tensor([0, 2**32 - 1])).tolist() == [2**-24, 1 - 2**-24]
+    logits = torch.zeros(1, vocab)
+    logits[0, token] = float("-inf")
+    drawn, logprob = sample(logits, build([SamplingParams(temperature=1.0)], seeds=[seed], positions=[0]))
+    assert drawn.item() != token and math.isfinite(logprob.item())
 
 
 def test_top_k_top_p_min_p_masks():
