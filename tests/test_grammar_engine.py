@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from pd.config import EngineConfig
 from pd.engine.colocated import ColocatedEngine
@@ -226,3 +227,19 @@ def test_grammar_requests_speculate_and_emit_the_plain_tokens(tiny_model, temper
         assert g.output_ids == w.output_ids and g.finish_reason == w.finish_reason
         assert g.output_logprobs == pytest.approx(w.output_logprobs, abs=1e-4)
     assert e.spec is not None and sum(e.spec.stats.accepted_at) > 0 and idle(e)
+
+
+def test_a_verifys_bitmasks_keep_their_own_buffers(engine) -> None:
+    """A verify fills one bitmask per offset, each copied to the device without waiting: the host buffer of
+    offset 0 must not be filled again for offset 1 before that copy ran. On CPU the "copy" is the host
+    buffer itself, so the mask of offset 0 would change under it; it must stay the mask after no drafts."""
+    matchers = engine.grammar
+    req = engine.make_request([1, 2], SamplingParams(max_tokens=8, grammar=SPECS["choice"]))
+    with torch.inference_mode():  # as the engine's steps (its buffers are inference tensors)
+        first = matchers.fill([req], [[]], part=0)
+        want = first.clone()
+        allowed = np.flatnonzero(np.unpackbits(want.numpy().view(np.uint8), bitorder="little"))
+        after = matchers.fill([req], [[int(allowed[0])]], part=1)  # the mask after one allowed draft
+    assert after is not None and not torch.equal(after, want)
+    assert torch.equal(first, want)
+    matchers.release(req)

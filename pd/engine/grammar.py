@@ -10,7 +10,8 @@ sampled on another rank, or a preempted request that recomputes its prompt all n
 
 Each step: ``fill`` writes one bitmask row per sampled row on the host (after the forward was launched:
 the host work overlaps the device's) into a reused buffer, pinned on CUDA, and copies it to the device
-without waiting; ``pd.grammar.mask.apply_bitmask`` applies it before sampling. After the step ``advance``
+without waiting (a speculative verify fills one bitmask per offset, each in a buffer of its own: the copy of
+one may not have run when the host fills the next); ``pd.grammar.mask.apply_bitmask`` applies it before sampling. After the step ``advance``
 says whether the request's grammar is complete (it ends with ``stop``) or failed (it fails, alone).
 """
 
@@ -41,7 +42,9 @@ class GrammarMatchers:
     def __init__(self, backend: GrammarBackend | None, device: torch.device) -> None:
         self.backend, self.device = backend, device
         self._entries: dict[Req, _Entry] = {}  # by sequence: the n choices of a request have one each
-        self._host: torch.Tensor | None = None  # int32 [rows, words], grown on demand; reused every step
+        self._host: list[
+            torch.Tensor
+        ] = []  # per part, int32 [rows, words], grown on demand; reused every step
 
     @property
     def active(self) -> int:
@@ -60,11 +63,12 @@ class GrammarMatchers:
         self._entries.pop(req, None)
 
     def fill(
-        self, reqs: Sequence[Req], drafted: Sequence[Sequence[int]] | None = None
+        self, reqs: Sequence[Req], drafted: Sequence[Sequence[int]] | None = None, part: int = 0
     ) -> torch.Tensor | None:
         """The bitmask of a step's sampled rows ``reqs`` on the device, int32 ``[len(reqs), words]`` (rows
         without a grammar all ones); None when no row has a grammar. The copy to the device is queued, not
-        waited for; the host buffer is reused next step (the step's results are read back before that).
+        waited for; the host buffer of ``part`` is reused next step (the step's results are read back before
+        that): the parts of one step (a verify's offsets) must differ.
 
         ``drafted[i]``: tokens row ``i`` is to be taken as having generated after its output (a speculative
         verify's drafts before this offset): the mask is the one after them, and the matcher is rolled back
@@ -74,7 +78,7 @@ class GrammarMatchers:
         if not rows:
             return None
         backend = self._backend()
-        host = self._buffer(len(reqs), backend.bitmask_words)
+        host = self._buffer(part, len(reqs), backend.bitmask_words)
         host.fill_(ALL_ALLOWED)
         live: list[tuple[int, Matcher]] = []
         taken: list[tuple[Matcher, int]] = []  # drafts each matcher consumed, rolled back after the fill
@@ -130,10 +134,12 @@ class GrammarMatchers:
             raise GrammarError(NO_BACKEND)
         return self.backend
 
-    def _buffer(self, rows: int, words: int) -> torch.Tensor:
-        if self._host is None or self._host.shape[0] < rows:
-            self._host = new_bitmask(max(rows, 8), words, pin_memory=self.device.type == "cuda")
-        return self._host[:rows]
+    def _buffer(self, part: int, rows: int, words: int) -> torch.Tensor:
+        while len(self._host) <= part:
+            self._host.append(new_bitmask(8, words, pin_memory=self.device.type == "cuda"))
+        if self._host[part].shape[0] < rows:
+            self._host[part] = new_bitmask(rows, words, pin_memory=self.device.type == "cuda")
+        return self._host[part][:rows]
 
 
 def _bit(b: int) -> int:

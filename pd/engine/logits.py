@@ -88,20 +88,22 @@ class LogitsProcessor:
         reqs: Sequence[Req],
         drafted: Sequence[Sequence[int]] | None = None,
         ahead: Sequence[int] | None = None,
+        part: int = 0,
     ) -> StepLogits | None:
         """The device inputs for the rows ``reqs`` (one per sampled row, in order); None if no row asks.
         Called after the step's forward was launched: the grammars' bitmask is filled on the host while the
         device runs it. ``drafted[i]``: tokens row ``i`` counts as generated before the token it scores (a
         speculative verify's drafts before an offset): min_tokens counts them, grammars consume them.
         ``ahead[i]``: tokens row ``i`` sampled in a step still in flight (recorded on the device already, not
-        on the host; rows without a grammar): min_tokens counts them."""
+        on the host; rows without a grammar): min_tokens counts them. ``part``: which of the step's inputs these
+        are (a verify prepares one per offset; see ``GrammarMatchers.fill``)."""
         if not any(r.sampling.needs_processing for r in reqs):
             return None
         bitmask = None
         if any(r.sampling.grammar is not None for r in reqs):
             if self.grammar is None:
                 raise ValueError("a request with a grammar reached an engine without grammar matchers")
-            bitmask = self.grammar.fill(reqs, drafted)
+            bitmask = self.grammar.fill(reqs, drafted, part)
         prows, pslots, rep, freq, pres = [], [], [], [], []
         brows, bids, bvals, mrows, mids = [], [], [], [], []
         for row, req in enumerate(reqs):

@@ -314,7 +314,7 @@ class MTPSpeculator:
             rows = [b for b in proc if j <= dlens[b]]  # past a row's drafts its offsets repeat its last
             before = [self.drafter.drafts[reqs[b]][:j] if j else [] for b in rows]
             ahead = [unread[b] for b in rows]  # recorded on the device already: min_tokens counts them
-            step = self.logits.prepare([reqs[b] for b in rows], before, ahead) if rows else None
+            step = self.logits.prepare([reqs[b] for b in rows], before, ahead, part=j) if rows else None
             if step is None:
                 continue
             index = self.runner.ints(rows)
