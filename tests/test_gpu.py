@@ -400,18 +400,22 @@ def test_pipelined_speculative_loop_equals_the_serial_one(tiny_model, backend):
         assert_same_outputs(*out)
 
 
-def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny):
+@pytest.mark.parametrize("k", [0, 2], ids=["plain", "mtp"])
+def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny, tiny_model, k):
     """Constrained requests never take the graph's greedy tokens: masked on the graph's logits they sample
-    what eager decoding samples, and every output is complete and valid."""
+    what eager decoding samples, and every output is complete and valid. With MTP each verify offset has its
+    own bitmask, copied to the GPU while the host fills the next (each in a buffer of its own)."""
     import json
     import re
 
     jsonschema = pytest.importorskip("jsonschema")
     from pd.engine.engine import Engine
     from pd.grammar import GrammarSpec
+    from pd.speculative import SpeculativeConfig
     from pd.tokenizer import Tokenizer
     from tests.support.schemas import SCHEMAS
 
+    path = tiny_model("gpu-tiny", with_mtp=True) if k else gpu_tiny
     regex = r"[a-c]{2,5}-[0-9]{1,3}"
     specs = [GrammarSpec.json_schema(SCHEMAS["nested"], strict=True), GrammarSpec.regex(regex)]
     params = [
@@ -422,15 +426,15 @@ def test_grammar_masks_in_graph_equal_eager_and_hold(gpu_tiny):
     params.append(SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))  # unconstrained beside them
     rng = random.Random(9)
     prompts = [random_prompt(rng, rng.randint(4, 40), 1000) for _ in params]
-    tok = Tokenizer.from_dir(gpu_tiny)
+    tok = Tokenizer.from_dir(path)
     out = []
     for graph in (True, False):
         cfg = EngineConfig(
-            str(gpu_tiny), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8,
-            graph_extend_tokens=0,
+            str(path), device="cuda", dtype="bfloat16", page_size=16, num_pages=64, max_running=8,
+            graph_extend_tokens=0, speculative=SpeculativeConfig("mtp", k) if k else SpeculativeConfig(),
         )  # fmt: skip
         engine = Engine(dataclasses.replace(cfg, cuda_graph=graph), tok)
-        assert (engine.runner.graphs is not None) == graph
+        assert (engine.runner.graphs is not None) == graph and (engine.spec is not None) == bool(k)
         reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         while engine.has_work():
             engine.step()

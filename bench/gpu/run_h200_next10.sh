@@ -8,12 +8,13 @@
 # kernel at 16-128 query rows against fa3. run_h200_next11.sh follows (FlashInfer's figures, the decode table).
 # If the tests hold and triton's loop is the faster, `auto` picks triton (pd/engine/runner.py
 # make_attention_backend; tests/test_gpu.py's agreement test). Carry: .gpu-pack.
+# Session 11 added the grammar tests (plain and MTP: a verify fills a bitmask per offset, each in its own buffer).
 set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 source bench/gpu/setup_pack.sh
 timeout 220 python3 -m pytest -q -m gpu tests/test_kernels_mla_decode.py tests/test_gpu.py -rfE \
-  -k "cuda or triton or mtp or pipelined or overlapped" > $OUT/pytest_gpu.txt 2>&1
+  -k "cuda or triton or mtp or pipelined or overlapped or grammar" > $OUT/pytest_gpu.txt 2>&1
 echo "== GPU tests (t=$(elapsed) s): $(tail -1 $OUT/pytest_gpu.txt)"; grep -E "^E|FAILED" $OUT/pytest_gpu.txt | head
 timeout 150 python3 -m pd.bench.spec_step --attention-backend triton --batches 1,8,16,32 --ks 1 \
   --context 1024 --iters 10 --out $OUT/spec_triton.json > $OUT/spec_triton.txt 2>&1
