@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 
 import httpx
 import pytest
 
+from tests.support.clients import strict_json
 from tests.support.cluster import MODEL_NAME, pd_serve, wait_idle
 
 REQUESTS = 300
@@ -103,13 +103,6 @@ def random_body(rng: random.Random) -> tuple[str, dict, str | None]:
         invalid, value = rng.choice(INVALID)
         body[invalid] = value
     return ("chat/completions" if chat else "completions"), body, invalid
-
-
-def strict_json(data: str):
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(data, parse_constant=refuse)
 
 
 def problems(chat: bool, body: dict, status: int, data: str, invalid: str | None) -> list:

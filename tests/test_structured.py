@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pd.tokenizer import Tokenizer
-from tests.support.clients import async_openai_client, openai_client
+from tests.support.clients import async_openai_client, openai_client, strict_json
 from tests.support.cluster import MODEL_NAME, pd_serve, proxy_metric, wait_pages_idle
 from tests.support.schemas import SCHEMAS
 
@@ -186,15 +186,6 @@ def test_cutting_a_constrained_stream_frees_every_page(deployment) -> None:
     pages = wait_pages_idle(deployment)
     assert {role for role, _, _ in pages} == {"prefill", "decode"}
     assert all(v == 0 for v in pages.values()), pages
-
-
-def strict_json(text: str):
-    """``text`` parsed as JSON proper: Python's parser takes -Infinity and NaN, which clients' do not."""
-
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def tokens_and_alternatives(choice: dict, chat: bool) -> list[tuple[str, float, list[tuple[str, float]]]]:

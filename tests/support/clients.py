@@ -1,4 +1,4 @@
-"""Clients of a test deployment: completion bodies and random prompts; streamed requests that record what
+"""Clients of a test deployment: completion bodies and random prompts; JSON parsed strictly; streamed requests that record what
 came back and when (``Outcome``); requests abandoned at a random moment (the connection is closed, as a
 client that goes away), bursts and random aborts; and the official openai client, set up for greedy
 requests whose token ids come back.
@@ -37,6 +37,15 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.done and self.error is None and self.finish is not None
+
+
+def strict_json(text: str):
+    """``text`` parsed as JSON proper: Python's parser takes -Infinity and NaN, which clients' do not."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def random_prompt(rng: random.Random, n: int, vocab: int = 500) -> list[int]:
