@@ -1,7 +1,7 @@
-"""Clients of a test deployment: completion bodies and random prompts; JSON parsed strictly; streamed requests that record what
-came back and when (``Outcome``); requests abandoned at a random moment (the connection is closed, as a
-client that goes away), bursts and random aborts; and the official openai client, set up for greedy
-requests whose token ids come back.
+"""Clients of a test deployment: completion bodies and random prompts; JSON parsed strictly; streamed
+requests that record what came back and when (``Outcome``); requests abandoned at a random moment (the
+connection is closed, as a client that goes away), bursts and random aborts; and the official openai client,
+set up for greedy requests whose token ids come back.
 """
 
 from __future__ import annotations
