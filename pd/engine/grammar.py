@@ -11,8 +11,9 @@ sampled on another rank, or a preempted request that recomputes its prompt all n
 Each step: ``fill`` writes one bitmask row per sampled row on the host (after the forward was launched:
 the host work overlaps the device's) into a reused buffer, pinned on CUDA, and copies it to the device
 without waiting (a speculative verify fills one bitmask per offset, each in a buffer of its own: the copy of
-one may not have run when the host fills the next); ``pd.grammar.mask.apply_bitmask`` applies it before sampling. After the step ``advance``
-says whether the request's grammar is complete (it ends with ``stop``) or failed (it fails, alone).
+one may not have run when the host fills the next); ``pd.grammar.mask.apply_bitmask`` applies it before
+sampling. After the step ``advance`` says whether the request's grammar is complete (it ends with ``stop``)
+or failed (it fails, alone).
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ class GrammarMatchers:
     def __init__(self, backend: GrammarBackend | None, device: torch.device) -> None:
         self.backend, self.device = backend, device
         self._entries: dict[Req, _Entry] = {}  # by sequence: the n choices of a request have one each
-        self._host: list[
-            torch.Tensor
-        ] = []  # per part, int32 [rows, words], grown on demand; reused every step
+        # Per part (see ``fill``): int32 [rows, words], grown on demand; reused every step.
+        self._host: list[torch.Tensor] = []
 
     @property
     def active(self) -> int:
