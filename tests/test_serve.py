@@ -23,6 +23,7 @@ from pd.tokenizer import Tokenizer
 from pd.types import SamplingParams
 from tests.support.clients import (
     async_openai_client,
+    completion_body,
     greedy_request,
     greedy_tokens,
     openai_client,
@@ -663,10 +664,14 @@ def test_colocated_mode_gives_transformers_tokens(tiny_model_dir, hf_model, tmp_
 
 
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated", "layer_sends"])
-def test_mtp_speculative_decoding_gives_transformers_tokens(mode, tiny_model, hf_model, tmp_path, tok):
+def test_mtp_speculative_decoding_gives_transformers_tokens(
+    mode, tiny_model, hf_model, tmp_path, tok, deployment
+):
     """--speculative-algorithm mtp, colocated and prefill/decode (the prefill rank ships the MTP layer's KV
     with the pages and the first drafts in the aux record): the verified tokens are transformers' greedy
-    tokens (one prompt of several chunks), and the rank that decodes counts the drafts it verified.
+    tokens (one prompt of several chunks), seeded choices with a penalty and logprobs are the plain
+    deployment's (the same checkpoint without its MTP layer), and the rank that decodes counts the drafts it
+    verified.
     ``layer_sends``: --transfer-granularity layer (each layer's pages leave as the forward stores them; the
     MTP layer's after the forward) through host staging, with --kv-checksum verifying every page."""
     path = tiny_model("ci", with_mtp=True)
@@ -688,6 +693,15 @@ def test_mtp_speculative_decoding_gives_transformers_tokens(mode, tiny_model, hf
     with pd_serve(path, tmp_path / "mtp.log", *flags) as url:
         for ids in prompts(tok.vocab_size, 4)[1:]:
             assert greedy_tokens(openai_client(url), ids, 10) == hf_greedy(hf, ids, 10)
+        extra = {"temperature": 0.9, "seed": 11, "n": 2, "frequency_penalty": 0.7, "logprobs": 2}
+        body = completion_body(prompts(tok.vocab_size, 4)[1], 12, stream=False, **extra)
+        got, want = (
+            httpx.post(f"{u}/v1/completions", json=body, timeout=60).json() for u in (url, deployment)
+        )
+        for g, w in zip(got["choices"], want["choices"], strict=True):
+            assert g["token_ids"] == w["token_ids"] and len(set(g["token_ids"])) > 1
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-4)
+        assert got["choices"][0]["token_ids"] != got["choices"][1]["token_ids"]
         assert proxy_metric(url, "pd_spec_draft_tokens_total") > 0
         assert all(v == 0 for v in wait_pages_idle(url).values())
 
