@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import pytest
 import torch
 
 from pd.engine.messages import AbortRoom, Event, TransferEnded
@@ -179,3 +180,32 @@ def test_warm_up_compiles_the_moe_configs_of_every_eager_step_kind(tiny_model_di
     engine.runner.graphs = None
     engine.runner.low_latency_moe = True
     assert sorted_moe_rows(engine, extend=False, decode=True) == 0
+
+
+def test_decode_warm_up_masks_from_a_live_grammar_matcher(tiny_model_dir) -> None:
+    """A decode-only warm-up has no prompt step to sample the grammar request's first token: it starts from a
+    token the grammar allows, so the decode step's mask is llguidance's (more than the EOS tokens a failed
+    matcher would allow), and every matcher is gone afterwards."""
+    pytest.importorskip("llguidance")
+    from pd.config import EngineConfig
+    from pd.engine.engine import Engine
+    from pd.engine.warmup import warm_up
+    from pd.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    engine = Engine(EngineConfig(model_path=str(tiny_model_dir), page_size=4, num_pages=8), tok)
+    assert engine.grammar.backend is not None
+    allowed: list[int] = []
+    fill = engine.grammar.fill
+
+    def spy(reqs, drafted=None, part=0):
+        mask = fill(reqs, drafted, part)
+        if mask is not None:
+            rows = [i for i, r in enumerate(reqs) if r.sampling.grammar is not None and r.output_ids]
+            allowed.extend(sum(bin(w & 0xFFFFFFFF).count("1") for w in mask[i].tolist()) for i in rows)
+        return mask
+
+    engine.grammar.fill = spy  # type: ignore[method-assign]
+    assert warm_up(engine, extend=False, decode=True) >= 0
+    assert allowed and all(n > len(tok.eos_token_ids) for n in allowed), allowed
+    assert engine.grammar.active == 0 and engine.pages_held == 0

@@ -86,6 +86,16 @@ def sorted_moe_rows(engine: Engine, extend: bool, decode: bool) -> int:
     return rows
 
 
+def _first_allowed(engine: Engine, req: Req) -> int:
+    """The lowest token id ``req``'s grammar allows as its first token (so the decode step masks from a live
+    matcher, not from one that failed on a token the grammar forbids)."""
+    mask = engine.grammar.fill([req])
+    assert mask is not None
+    words = mask[0].cpu().tolist()
+    word = next(i for i, w in enumerate(words) if w)
+    return 32 * word + ((words[word] & -words[word]).bit_length() - 1)
+
+
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
     """Runs the role's kernel paths once (see the module docstring); returns the seconds it took."""
     t0 = time.perf_counter()
@@ -119,8 +129,8 @@ def warm_up(engine: Engine, extend: bool, decode: bool) -> float:
             tokens = runner.run(
                 Batch(BatchMode.EXTEND, reqs, [chunk] * count, [n] * count), engine.logits
             ).tokens
-        else:
-            tokens = [0] * count  # the decode step reads whatever the pages hold
+        else:  # the decode step reads whatever the pages hold; a grammar's request starts where its mask allows
+            tokens = [_first_allowed(engine, r) if r.sampling.grammar is not None else 0 for r in reqs]
         if decode:
             for req, token in zip(reqs, tokens):
                 req.output_ids.append(int(token or 0))
