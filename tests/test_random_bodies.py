@@ -1,6 +1,6 @@
 """Random OpenAI bodies against a running deployment (pd-serve, prefill and decode processes, MTP with K = 2:
 on CPU the serial verify loop): valid ones with every sampling, logprobs, stop, grammar and choice field mixed,
-invalid ones by one mutation each, a third of all abandoned by the client at a random moment. Oracles: the
+invalid ones by one mutation each, about half abandoned by the client at a random moment. Oracles: the
 OpenAI contract and the ranks' gauges: no 5xx, every 4xx carries an error that names its problem, every 200
 is JSON proper (no NaN or Infinity) with one finished choice per ``n``, no stop string in a choice's text and
 no more tokens than asked; afterwards no page, room or request is held anywhere and the server still serves.
