@@ -21,7 +21,8 @@ MAX_SPECULATIVE_TOKENS = 3  # drafts per step; more than one chains the one MTP 
 class SpeculativeConfig:
     """Speculative decoding: ``algorithm`` None (off) or ``"mtp"``; ``num_tokens`` drafts per step (K, in
     ``[1, MAX_SPECULATIVE_TOKENS]`` when on, 0 when off); ``oracle`` (a benchmark mode) forces acceptance by
-    drafting the target's own argmax. Prefill and decode instances must agree on ``algorithm`` and
+    drafting the target's own argmax (requests with logits processing are verified for real: their masks and
+    penalties saw their real drafts). Prefill and decode instances must agree on ``algorithm`` and
     ``num_tokens`` (pd.bootstrap.compat); ``oracle`` changes only what decode accepts."""
 
     algorithm: str | None = None
