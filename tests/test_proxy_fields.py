@@ -119,6 +119,13 @@ def test_every_field_is_implemented_or_refused_by_name(endpoint, name, value, ac
     parse_request(body, chat=endpoint == "chat")
 
 
+def test_a_developer_message_is_the_system_prompt():
+    """OpenAI's newer models take the system prompt as a "developer" message; templates know "system"."""
+    chat = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    got = parse_request({**BASE["chat"], "messages": chat}, chat=True).messages
+    assert got == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
 def test_logprobs_fields_reach_the_sampling_parameters():
     chat = parse_request({**BASE["chat"], "logprobs": True, "top_logprobs": 3}, chat=True)
     assert (chat.logprobs, chat.sampling.top_logprobs, chat.sampling.prompt_logprobs) == (3, 3, None)

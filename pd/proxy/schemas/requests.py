@@ -179,8 +179,10 @@ class ChatMessage(TableModel):
         return "".join(p.text for p in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: role, content (a string), and the tool fields it has."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text}
+        """The message as chat templates read it: role, content (a string), and the tool fields it has. OpenAI's
+        "developer" role (its newer models' name for the system prompt) is "system", the role templates know."""
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": self.text}
         if self.tool_calls:
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
