@@ -8,6 +8,7 @@ Only integer and elementwise tensor ops: it runs the same way on CPU and GPU and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,8 +142,14 @@ def pair_top_logprobs(
     values: list[list[float]], ids: list[list[int]], rows: Sequence[Req]
 ) -> list[TopLogprobs]:
     """Each row's ``top_logprobs`` alternatives as (token id, logprob) pairs, best first, from the rows'
-    top-k ``values`` and ``ids`` (k at least what any row asks for); ``()`` for rows that ask for none."""
+    top-k ``values`` and ``ids`` (k at least what any row asks for); ``()`` for rows that ask for none. A token
+    that could not have been sampled (logprob -inf: a grammar's mask, a min_tokens stop) is no alternative: it
+    is left out, so a row may have fewer (as OpenAI's API allows; JSON cannot carry -inf either)."""
     return [
-        tuple(zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs]))
+        tuple(
+            (token, lp)
+            for token, lp in zip(t[: r.sampling.top_logprobs], v[: r.sampling.top_logprobs])
+            if lp > -math.inf
+        )
         for r, v, t in zip(rows, values, ids)
     ]

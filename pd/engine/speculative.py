@@ -169,8 +169,10 @@ class MTPSpeculator:
                 unread.append(ahead.counts[b])
                 lasts.append(ahead.tokens[b][ahead.counts[b] - 1])
         lengths = [r.seq_len + c for r, c in zip(reqs, unread)]
-        dlens = [self._room(r, len(self.drafter.drafts.get(r, [])), c) for r, c in zip(reqs, unread)]
-        rows = [[t, *self.drafter.drafts.get(r, [])[:d]] for r, t, d in zip(reqs, lasts, dlens)]
+        held = [self.drafter.drafts.get(r, []) for r in reqs]
+        drafted = [d[: self._room(r, len(d), c)] for r, d, c in zip(reqs, held, unread)]  # what each verifies
+        dlens = [len(d) for d in drafted]
+        rows = [[t, *d] for t, d in zip(lasts, drafted)]
         step = Batch(BatchMode.DECODE, reqs, [n - 1 for n in lengths], lengths)
         graphs = self.runner.verify_graphs
         bucket = (graphs.bucket(len(reqs)) if graphs is not None else None) or 0
@@ -179,14 +181,14 @@ class MTPSpeculator:
         if graphs is None or not bucket:  # no graphs, or more requests than the largest bucket: eager
             assert ahead is None, "only graphed verify steps are launched ahead of postprocessing"
             out, hidden, bases = self._verify_eager(reqs, rows, lengths)
-            verdict, logits3 = self._accept(step, out, bases, dlens, unread)
+            verdict, logits3 = self._accept(step, out, bases, drafted, unread)
             return Verifying(step, dlens, verdict, logits3=logits3, hidden=hidden, bases=bases)
         if all(r.sampling.greedy and not self._asks(r) for r in reqs):
             tokens, logprobs, counts, first, _ = graphs.greedy(rows, lengths, pages)  # nothing to process
             return Verifying(step, dlens, Verdict(tokens, counts, logprobs), bucket, first)
         out, _ = graphs.verify(rows, lengths, pages)
         bases = [b * (self.k + 1) for b in range(len(reqs))]
-        verdict, logits3 = self._accept(step, out, bases, dlens, unread)
+        verdict, logits3 = self._accept(step, out, bases, drafted, unread)
         first, _ = graphs.draft(bucket, verdict.tokens, verdict.counts)
         return Verifying(step, dlens, verdict, bucket, first, logits3=logits3)
 
@@ -231,10 +233,10 @@ class MTPSpeculator:
         return req.sampling.needs_processing or bool(req.sampling.top_logprobs)
 
     def _accept(
-        self, step: Batch, out: torch.Tensor, bases: list[int], dlens: list[int], unread: list[int]
+        self, step: Batch, out: torch.Tensor, bases: list[int], drafted: list[list[int]], unread: list[int]
     ) -> tuple[Verdict, torch.Tensor | None]:
         """Acceptance of the verify's logits ``out [T, V]`` for the launched ``step`` (request ``b``'s offsets from
-        row ``bases[b]``, its ``dlens[b]`` drafts, ``unread[b]`` of its tokens not recorded by the host yet;
+        row ``bases[b]``, the drafts ``drafted[b]`` it verifies, ``unread[b]`` of its tokens not recorded by the host yet;
         ``step.ends[b]`` its length with them): logits processing at each offset, then
         ``sample_accept`` (or the oracle's ``accept_all``); the verdict's counts clipped to each row's drafts +
         1. Also returns the logits per offset ``[B, K + 1, V]`` where a request asks for top logprobs (read with
@@ -242,12 +244,12 @@ class MTPSpeculator:
         reqs = step.reqs
         k = self.k
         offsets = torch.arange(k + 1, device=self.runner.device)
-        dl = self.runner.ints(dlens)
+        dl = self.runner.ints([len(d) for d in drafted])
         index = self.runner.ints(bases)[:, None] + torch.minimum(offsets[None, :], dl[:, None])  # [B, K + 1]
         logits3 = out[index]  # [B, K + 1, V] (a copy); offsets past a row's drafts repeat its last
-        padded = [[*self.drafter.drafts.get(r, [])[:d], *[PAD_TOKEN] * (k - d)] for r, d in zip(reqs, dlens)]
-        drafts = self.runner.ints([t for row in padded for t in row]).view(len(reqs), k)
-        processed = self._process(reqs, logits3, drafts, dlens, unread)
+        padded = [t for d in drafted for t in (*d, *[PAD_TOKEN] * (k - len(d)))]
+        drafts = self.runner.ints(padded).view(len(reqs), k)
+        processed = self._process(reqs, logits3, drafts, drafted, unread)
         st = SamplingTensors.build(
             [r.sampling for r in reqs], [r.seed for r in reqs], step.ends, self.runner.device
         )
@@ -300,19 +302,21 @@ class MTPSpeculator:
         reqs: list[Req],
         logits3: torch.Tensor,
         drafts: torch.Tensor,
-        dlens: list[int],
+        drafted: list[list[int]],
         unread: list[int],
     ) -> StepLogits | None:
         """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify up to
-        their drafts: the drafts before it count as generated (penalties, min_tokens) and are consumed by the
+        their drafts (``drafts [B, K]``, ``drafted`` on the host): the drafts before it count as generated (penalties, min_tokens) and are consumed by the
         grammar (its mask after them): if offset ``j`` is emitted at all, they were accepted; so do a row's
         ``unread`` tokens (read, recorded on the device, not yet on the host). Returns the first offset's inputs
         (whose penalty rows record what the step emits)."""
         proc = [b for b, r in enumerate(reqs) if r.sampling.needs_processing]
         first: StepLogits | None = None
         for j in range(self.k + 1):
-            rows = [b for b in proc if j <= dlens[b]]  # past a row's drafts its offsets repeat its last
-            before = [self.drafter.drafts[reqs[b]][:j] if j else [] for b in rows]
+            rows = [
+                b for b in proc if j <= len(drafted[b])
+            ]  # past a row's drafts its offsets repeat its last
+            before = [drafted[b][:j] for b in rows]
             ahead = [unread[b] for b in rows]  # recorded on the device already: min_tokens counts them
             step = self.logits.prepare([reqs[b] for b in rows], before, ahead, part=j) if rows else None
             if step is None:

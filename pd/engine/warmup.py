@@ -28,6 +28,7 @@ import torch
 
 from pd.engine.engine import Engine
 from pd.grammar import GrammarSpec
+from pd.grammar.mask import allowed_tokens
 from pd.model.moe import MoE
 from pd.types import Batch, BatchMode, Req, SamplingParams
 
@@ -91,9 +92,7 @@ def _first_allowed(engine: Engine, req: Req) -> int:
     matcher, not from one that failed on a token the grammar forbids)."""
     mask = engine.grammar.fill([req])
     assert mask is not None
-    words = mask[0].cpu().tolist()
-    word = next(i for i, w in enumerate(words) if w)
-    return 32 * word + ((words[word] & -words[word]).bit_length() - 1)
+    return int(allowed_tokens(mask)[0].nonzero()[0])
 
 
 def warm_up(engine: Engine, extend: bool, decode: bool) -> float:

@@ -23,6 +23,15 @@ def new_bitmask(rows: int, words: int, pin_memory: bool = False) -> torch.Tensor
     return torch.full((rows, words), ALL_ALLOWED, dtype=torch.int32, pin_memory=pin_memory)
 
 
+def allowed_tokens(bitmask: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, 32 * W]`` on the bitmask's device: column ``t`` True when bit ``t`` of its row is set."""
+    # Bytes of the little-endian words (CPUs and CUDA GPUs alike), then their 8 bits: 1 byte per token.
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [B, 4 * W]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1  # [B, 4 * W, 8]
+    return bits.view(bitmask.shape[0], 32 * bitmask.shape[1]) == 1
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Sets the logits of disallowed tokens to -inf, in place.
 
@@ -39,14 +48,9 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         )
     if bitmask.dtype != torch.int32 or bitmask.device != logits.device:
         raise ValueError(f"bitmask must be int32 on {logits.device}, got {bitmask.dtype} on {bitmask.device}")
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     covered = min(vocab, 32 * bitmask.shape[1])
-    # Bytes of the little-endian words (CPUs and CUDA GPUs alike), then their 8 bits: 1 byte per token.
-    as_bytes = bitmask.contiguous().view(torch.uint8)  # [B, 4 * W]
-    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1  # [B, 4 * W, 8]
-    allowed = bits.view(batch, 32 * bitmask.shape[1])[:, :covered]
-    logits[:, :covered].masked_fill_(allowed == 0, float("-inf"))
+    logits[:, :covered].masked_fill_(~allowed_tokens(bitmask)[:, :covered], float("-inf"))
     if vocab > covered:
         constrained = (bitmask != ALL_ALLOWED).any(dim=1, keepdim=True)  # [B, 1]
         logits[:, covered:].masked_fill_(constrained, float("-inf"))

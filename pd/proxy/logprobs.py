@@ -4,14 +4,13 @@ A token shows as its text; a token that is not whole UTF-8 on its own (a piece o
 ``bytes:\\xNN...``, as OpenAI does; chat also gives each token's bytes. Logprobs are those of the logits
 the token was sampled from after penalties, bias, min_tokens and a grammar's mask, before temperature and the
 top-k/p/min-p filters (``pd.engine.logits``), so a filter or a temperature never makes a logprob ``-inf``. A
-mask does: alternatives it forbids (logprob ``-inf``, which JSON cannot carry) are left out, so a token may have
-fewer alternatives than asked for, as OpenAI's API allows.
+mask does: the ranks leave the alternatives it forbids out (``pd.sampling.pair_top_logprobs``), so a token may
+have fewer alternatives than asked for.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from pd.proxy.schemas import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 from pd.tokenizer import Tokenizer
@@ -24,11 +23,6 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
         return data.decode()
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-
-
-def possible(top: TopLogprobs) -> Iterator[tuple[int, float]]:
-    """The alternatives of ``top`` that could have been sampled (a finite logprob)."""
-    return ((t, lp) for t, lp in top if lp > -math.inf)
 
 
 class CompletionLogprobsBuilder:
@@ -51,8 +45,7 @@ class CompletionLogprobsBuilder:
             tokens=texts,
             token_logprobs=list(logprobs),
             top_logprobs=[
-                None if top is None else {token_text(self.tok, t): lp for t, lp in possible(top)}
-                for top in tops
+                None if top is None else {token_text(self.tok, t): lp for t, lp in top} for top in tops
             ],
             text_offset=offsets,
         )
@@ -72,7 +65,7 @@ def chat_logprobs(
 
     content = []
     for i, (t, lp) in enumerate(zip(ids, logprobs)):
-        alts = [top(a, alp) for a, alp in possible(tops[i])] if i < len(tops) else []
+        alts = [top(a, alp) for a, alp in tops[i]] if i < len(tops) else []
         entry = top(t, lp)
         content.append(TokenLogprob(token=entry.token, logprob=lp, bytes=entry.bytes, top_logprobs=alts))
     return ChatLogprobs(content=content)
