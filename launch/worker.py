@@ -65,6 +65,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_field_arg(g, "--aux-slots", W, "aux_slots", help="rooms that can be in transfer at once")
     add_field_arg(
         g,
+        "--drain-timeout",
+        W,
+        "drain_timeout_s",
+        help="on SIGTERM, seconds to serve the requests held (new ones are refused) before stopping; a second "
+        "signal stops at once; 0: stop at once",
+    )
+    add_field_arg(
+        g,
         "--decode-headroom-tokens",
         W,
         "decode_headroom_tokens",
@@ -205,6 +213,7 @@ def worker_config(role: str, args: argparse.Namespace) -> WorkerConfig:
         aux_slots=args.aux_slots,
         decode_headroom_tokens=args.decode_headroom_tokens,
         max_pending=args.max_waiting,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -326,7 +335,9 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
         for c in children:
             if c.poll() is None:
                 c.terminate()
-    deadline = time.monotonic() + 30
+    deadline = (
+        time.monotonic() + 30 + (args.drain_timeout if stopping else 0)
+    )  # asked to stop: they drain first
     for c in children:
         try:
             c.wait(max(0.1, deadline - time.monotonic()))

@@ -87,10 +87,11 @@ def reference(cluster, prompts):
 
 
 async def run_with_fault(
-    url: str, prompts, fault, when_tokens: int, max_tokens: int = MAX_TOKENS
+    url: str, prompts, fault, when_tokens: int, max_tokens: int = MAX_TOKENS, then=()
 ) -> tuple[list, float]:
     """Sends every prompt as a stream at once; calls ``fault()`` once ``when_tokens`` requests have their
-    first token. Returns the outcomes and the time of the fault."""
+    first token, then sends the prompts of ``then`` (``MAX_TOKENS`` each). Returns the outcomes (``then``'s
+    last) and the time of the fault."""
     started: set[int] = set()
     fired = asyncio.Event()
 
@@ -107,6 +108,7 @@ async def run_with_fault(
         await asyncio.wait_for(fired.wait(), CLIENT_TIMEOUT)
         at = time.monotonic()
         fault()
+        tasks += [asyncio.ensure_future(request(client, url, completion_body(p, MAX_TOKENS))) for p in then]
         return await asyncio.gather(*tasks), at
 
 
@@ -349,6 +351,62 @@ def test_decode_killed_ends_its_streams_with_an_error_and_prefill_frees(cluster,
     )
     outs, _ = asyncio.run(run_with_fault(cluster.url, prompts[:4], lambda: None, 1))
     assert [o.tokens for o in outs] == reference[:4]
+    cluster.heal()
+    cluster.assert_idle()
+
+
+@pytest.mark.parametrize("name", ["decode0", "prefill0"])
+def test_sigterm_drains_a_rank_what_it_holds_finishes_and_new_requests_go_elsewhere(
+    cluster, prompts, reference, name
+):
+    """SIGTERM: the rank deregisters and refuses new rooms (UNAVAILABLE: the proxy tries another instance;
+    its registry view drops the rank within a second), serves every room it holds to the end, then exits
+    with status 0 by itself. Sent while its rooms stream (decode) or are queued and prefilling (prefill),
+    with more requests right behind: not one request fails."""
+    decode = name.startswith("decode")
+    outs, signalled = asyncio.run(
+        run_with_fault(
+            cluster.url,
+            prompts,
+            lambda: cluster.signal(name, signal.SIGTERM),
+            N if decode else 3,
+            LONG_TOKENS if decode else MAX_TOKENS,
+            then=prompts[:8],
+        )
+    )
+    assert all(o.ok for o in outs), [(o.status, o.error, o.exception) for o in outs if not o.ok]
+    assert [o.tokens[:MAX_TOKENS] for o in outs] == reference + reference[:8]
+    assert all(len(o.tokens) == (LONG_TOKENS if decode else MAX_TOKENS) for o in outs[:N])
+    assert cluster.procs[name].wait(CLIENT_TIMEOUT) == 0
+    retries = {s: proxy_metric(cluster.url, f"pd_proxy_{s}_retries_total") for s in ("prefill", "decode")}
+    print(
+        f"\n{name} SIGTERM: all {N + 8} requests complete; exited {time.monotonic() - signalled:.1f}s after "
+        f"the signal; proxy retries {retries}"
+    )
+    cluster.assert_idle(ranks=3)
+    cluster.heal()
+    cluster.assert_idle()
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(cluster, prompts, reference):
+    """The drain's way out: a second SIGTERM stops the rank at once; its streams end with an error event."""
+
+    def twice():
+        cluster.signal("decode1", signal.SIGTERM)
+        time.sleep(0.5)
+        cluster.signal("decode1", signal.SIGTERM)
+
+    outs, signalled = asyncio.run(run_with_fault(cluster.url, prompts, twice, N, LONG_TOKENS))
+    failed = [o for o in outs if not o.ok]
+    assert failed and all(o.status == 200 and "decode failed" in o.error for o in failed), [
+        (o.error, o.exception) for o in failed
+    ]
+    assert cluster.procs["decode1"].wait(CLIENT_TIMEOUT) == 0
+    assert all(o.tokens[:MAX_TOKENS] == ref[: len(o.tokens)] for o, ref in zip(outs, reference))
+    print(
+        f"\ndecode SIGTERM x2: {len(failed)} streams ended; exited {time.monotonic() - signalled:.1f}s after"
+    )
+    cluster.assert_idle(ranks=3)
     cluster.heal()
     cluster.assert_idle()
 

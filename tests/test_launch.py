@@ -109,6 +109,7 @@ WORKER_FIELDS = {
     "model_name": (WorkerConfig, "model_name"),
     "aux_slots": (WorkerConfig, "aux_slots"),
     "decode_headroom_tokens": (WorkerConfig, "decode_headroom_tokens"),
+    "drain_timeout": (WorkerConfig, "drain_timeout_s"),
     "transfer_protocol": (TransferConfig, "protocol"),
     "transfer_device_names": (TransferConfig, "device_names"),
     "transfer_timeout": (TransferConfig, "transfer_timeout_s"),
@@ -443,6 +444,8 @@ def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected)
         ("pd.launch.serve", ["--kv-layout", "rows"], "invalid choice: 'rows'"),
         ("pd.launch.decode", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--transfer-writers", "0"],
          "writers_per_peer must be >= 1"),
+        ("pd.launch.prefill", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--drain-timeout", "-1"],
+         "drain_timeout_s must be >= 0"),
     ],
 )  # fmt: skip
 def test_launchers_refuse_bad_settings_by_name_before_starting(launcher, flags, message):

@@ -24,6 +24,7 @@ from pd.types import SamplingParams
 P1 = Rank(bpb.ROLE_PREFILL, "p1", 0, "127.0.0.1:1", "m", 512)
 P2 = Rank(bpb.ROLE_PREFILL, "p2", 0, "127.0.0.1:2", "m", 512)
 D = Rank(bpb.ROLE_DECODE, "d1", 0, "127.0.0.1:3", "m", 512)
+D2 = Rank(bpb.ROLE_DECODE, "d2", 0, "127.0.0.1:4", "m", 512)
 PROMPT = [5, 6, 7]
 
 
@@ -35,18 +36,27 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
 
 class FakeCluster:
     """A router and the ranks behind it. ``prefill[label]`` scripts each prefill rank: "ok", or the
-    grpc.StatusCode it fails with. The decode rank streams ``chunks`` chunks of one token, then
+    grpc.StatusCode it fails with; ``decode[label]`` each decode rank (D alone by default): "ok", or the code
+    its Generate fails with at once. An "ok" decode rank streams ``chunks`` chunks of one token, then
     ``then``: "finish" (the last chunk carries finish_reason "length"), "stall" (waits until cancelled),
     or the grpc.StatusCode it fails with. As in pd, the decode stream of a room produces nothing until
     that room's prefill succeeded (a room whose prefill failed stalls until cancelled)."""
 
     metadata = ()
 
-    def __init__(self, prefill: dict[str, object], chunks: int = 3, then: object = "finish") -> None:
+    def __init__(
+        self,
+        prefill: dict[str, object],
+        chunks: int = 3,
+        then: object = "finish",
+        decode: dict[str, object] | None = None,
+    ) -> None:
         self.prefill, self.chunks, self.then = prefill, chunks, then
+        self.decode = {D.label: "ok"} if decode is None else decode
         self.outstanding: collections.Counter[str] = collections.Counter()
         self.prefills: list[tuple[str, int]] = []  # (rank, room) of every Prefill call
         self.generates: list[int] = []  # room of every Generate call
+        self.generated_on: list[str] = []  # the decode rank of every Generate call
         self.aborts: list[tuple[str, int]] = []  # (rank, room) of every Abort call
         self.cancelled: list[int] = []  # rooms whose Generate call was cancelled
         self.failed: list[str] = []  # ranks reported by call_failed
@@ -58,10 +68,13 @@ class FakeCluster:
         self.outstanding.update([P1.label, D.label])
         return Route(D, P1)
 
-    def pick_prefill(self, model: str, exclude_instances, prompt_ids=()) -> Rank:
-        others = [r for r in (P1, P2) if r.label in self.prefill and r.instance_id not in exclude_instances]
+    def pick_instead(self, failed: Rank, model: str, prompt_ids=()) -> Rank:
+        ranks, scripts = (
+            ((P1, P2), self.prefill) if failed.role == bpb.ROLE_PREFILL else ((D, D2), self.decode)
+        )
+        others = [r for r in ranks if r.label in scripts and r.instance_id != failed.instance_id]
         if not others:
-            raise NoWorkers("no other prefill rank")
+            raise NoWorkers("no other rank")
         self.outstanding.update([others[0].label])
         return others[0]
 
@@ -87,7 +100,7 @@ class _Stub:
 
     async def Prefill(self, req: wpb.PrefillRequest, timeout, metadata) -> wpb.PrefillReply:
         self.c.prefills.append((self.rank.label, req.room))
-        assert (req.decode_instance, list(req.token_ids)) == (D.instance_id, PROMPT)
+        assert req.decode_instance in (D.instance_id, D2.instance_id) and list(req.token_ids) == PROMPT
         await asyncio.sleep(0.01)
         outcome = self.c.prefill[self.rank.label]
         if outcome != "ok":
@@ -97,7 +110,8 @@ class _Stub:
 
     def Generate(self, req: wpb.GenerateRequest, timeout, metadata) -> _Call:
         self.c.generates.append(req.room)
-        return _Call(self.c, req.room)
+        self.c.generated_on.append(self.rank.label)
+        return _Call(self.c, req.room, self.c.decode[self.rank.label])
 
     async def Abort(self, req: wpb.CancelRequest, timeout, metadata) -> wpb.CancelReply:
         self.c.aborts.append((self.rank.label, req.room))
@@ -107,14 +121,16 @@ class _Stub:
 class _Call:
     """A Generate call: an async iterator of GenerateChunks, with cancel()."""
 
-    def __init__(self, cluster: FakeCluster, room: int) -> None:
-        self.c, self.room = cluster, room
+    def __init__(self, cluster: FakeCluster, room: int, outcome: object) -> None:
+        self.c, self.room, self.outcome = cluster, room, outcome
 
     def cancel(self) -> bool:
         self.c.cancelled.append(self.room)
         return True
 
     async def _chunks(self):
+        if self.outcome != "ok":
+            raise rpc_error(self.outcome)
         await self.c.prefilled[self.room].wait()
         for i in range(1, self.c.chunks + 1):
             await asyncio.sleep(0.001)
@@ -223,10 +239,36 @@ def test_prefill_refused_with_a_code_not_worth_retrying_is_not_retried():
     assert [rank for rank, _ in cluster.prefills] == [P1.label] and cluster.failed == []
 
 
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_decode_failing_before_the_first_token_is_retried_once_on_another_instance(code):
+    """Dead, shutting down (UNAVAILABLE) or full (RESOURCE_EXHAUSTED): nothing was streamed, so the request
+    runs again in a new room on another decode instance; the failed room is aborted on both sides."""
+    cluster = FakeCluster({P1.label: "ok"}, decode={D.label: code, D2.label: "ok"})
+    got, registry = run(cluster, read_all)
+    assert [c.token_ids for c in got] == [(101,), (102,), (103,)] and got[-1].finish_reason == "length"
+    room1, room2 = cluster.generates
+    assert cluster.generated_on == [D.label, D2.label] and {c.room for c in got} == {room2}
+    assert sorted(cluster.aborts) == sorted([(P1.label, room1), (D.label, room1)])
+    assert cluster.failed == ([D.label] if code == grpc.StatusCode.UNAVAILABLE else [])
+    assert metric(registry, "pd_proxy_decode_retries_total") == 1
+    assert metric(registry, "pd_proxy_prefill_retries_total") == 0
+    assert cluster.busy == {}
+
+
+def test_decode_failing_everywhere_gives_503_after_one_retry():
+    code = grpc.StatusCode.UNAVAILABLE
+    cluster = FakeCluster({P1.label: "ok"}, decode={D.label: code, D2.label: code})
+    err, registry = run(cluster, read_all)
+    assert isinstance(err, APIError) and err.status == 503 and "decode failed" in err.message
+    assert cluster.generated_on == [D.label, D2.label]
+    assert metric(registry, "pd_proxy_decode_retries_total") == 1
+    assert cluster.busy == {}
+
+
 @pytest.mark.parametrize("after", [0, 2])
 def test_decode_failure_aborts_the_prefill_side(after):
-    """D fails (before or after streaming some tokens): the request fails, and the room is aborted on P
-    (and on D), once."""
+    """D fails (before or after streaming some tokens; before, no other decode rank is there to retry on): the
+    request fails, and the room is aborted on P (and on D), once."""
     cluster = FakeCluster({P1.label: "ok"}, chunks=after, then=grpc.StatusCode.UNAVAILABLE)
     got = []
 

@@ -1,8 +1,8 @@
 """Dispatch: one admitted ``Job`` through a prefill rank and a decode rank.
 
 Owns the choice of ranks (``Router.pick``: the least busy), the room id, ``Prefill`` on P and
-``Generate`` on D sent concurrently, one retry of a failed prefill on another prefill instance, the
-``Abort`` of every attempt that did not run to its finish on both of its sides, and the metrics of the
+``Generate`` on D sent concurrently, one retry on another instance of a side that failed before the first
+token, the ``Abort`` of every attempt that did not run to its finish on both of its sides, and the metrics of the
 request path (TTFT, TPOT, latency, tokens, retries, aborts). No HTTP here: ``Dispatcher.run(job)`` is an
 async generator of ``Chunk``s that raises ``APIError`` when P or D fails; closing it (or cancelling the
 task that awaits it) before the last chunk aborts the room.
@@ -38,8 +38,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-# Prefill failures worth one more try on another prefill instance (see Dispatcher.run).
-_RETRY_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Failures before the first token worth one more try on another instance (see Dispatcher.run).
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 ABORT_TIMEOUT_S = 2.0
 PREFILL_REPLY_GRACE_S = 0.05  # how long the last chunk waits for a prefill reply still on its way
 
@@ -89,12 +89,13 @@ class Chunk:
     done: bool = False  # the request's last chunk
 
 
-class _PrefillFailed(Exception):
-    """The prefill rank failed before the decode stream produced anything (a retry may help)."""
+class _AttemptFailed(Exception):
+    """A rank (``side``: "prefill" or "decode") failed before the decode stream produced anything: the attempt
+    is lost, and another rank may do better."""
 
-    def __init__(self, error: APIError, code: grpc.StatusCode | None) -> None:
+    def __init__(self, side: str, error: APIError, code: grpc.StatusCode | None) -> None:
         super().__init__(error.message)
-        self.error, self.code = error, code
+        self.side, self.error, self.code = side, error, code
 
 
 class Dispatcher:
@@ -114,9 +115,13 @@ class Dispatcher:
             "pd_proxy_aborts_total", "Rooms aborted (client gone or failure).", ["reason"]
         )
         self.m_tokens = m.counter("pd_proxy_tokens_total", "Tokens, by kind.", ["kind"])
-        self.m_retries = m.counter(
-            "pd_proxy_prefill_retries_total", "Requests moved to another prefill instance after a failure."
-        )
+        self.m_retries = {
+            side: m.counter(
+                f"pd_proxy_{side}_retries_total",
+                f"Requests moved to another {side} instance after a failure.",
+            )
+            for side in ("prefill", "decode")
+        }
         self.m_phase = m.histogram(
             "pd_request_phase_seconds", "Where each request's latency went, by phase (see PHASES).", ["phase"]
         )
@@ -133,16 +138,16 @@ class Dispatcher:
     async def run(self, job: Job) -> AsyncGenerator[Chunk, None]:
         """D's chunks for ``job``; raises APIError if no rank is there (503) or P or D fails.
 
-        A prefill rank that fails with UNAVAILABLE (dead, hung past the keepalive, or its transfer
-        failed) or refuses with RESOURCE_EXHAUSTED (its queue is full) before the first token is
-        replaced once by a rank of another prefill instance when ``retry_prefill`` is set: a new room
-        on the same decode rank.
+        A rank that fails with UNAVAILABLE (dead, hung past the keepalive, shutting down, or its transfer
+        failed) or refuses with RESOURCE_EXHAUSTED (its queue is full) before the first token is replaced
+        once per side by a rank of another instance of its role, in a new room: a prefill rank when
+        ``retry_prefill`` is set, a decode (or colocated) rank always (nothing was streamed yet).
         """
         try:
             route = self.router.pick(job.model.name, job.prompt_ids)
         except NoWorkers as e:
             raise APIError(503, str(e)) from None
-        retries = 1 if self.retry_prefill else 0
+        retried: set[str] = set() if self.retry_prefill else {"prefill"}
         first_at, sent = None, time.monotonic()
         tokens: dict[int, int] = {}  # per choice
         try:
@@ -165,20 +170,19 @@ class Dispatcher:
                                     chunk = dataclasses.replace(chunk, phases=phases)
                             yield chunk
                     return
-                except _PrefillFailed as e:
-                    if retries == 0 or e.code not in _RETRY_PREFILL or route.prefill is None:
+                except _AttemptFailed as e:
+                    failed = route.decode if e.side == "decode" else route.prefill
+                    if e.side in retried or e.code not in _RETRY or failed is None:
                         raise e.error from None
                     try:
-                        other = self.router.pick_prefill(
-                            job.model.name, [route.prefill.instance_id], job.prompt_ids
-                        )
+                        other = self.router.pick_instead(failed, job.model.name, job.prompt_ids)
                     except NoWorkers:
                         raise e.error from None
-                    retries -= 1
-                    self.m_retries.inc()
+                    retried.add(e.side)
+                    self.m_retries[e.side].inc()
                     log.warning("room %x: %s; retrying on %s", room, e.error.message, other.label)
-                    self.router.release(route.prefill)
-                    route = Route(route.decode, other)
+                    self.router.release(failed)
+                    route = Route(other, route.prefill) if e.side == "decode" else Route(route.decode, other)
         finally:
             self.router.release(*route.ranks)
 
@@ -227,8 +231,8 @@ class Dispatcher:
         self.m_tokens.inc(sum(tokens.values()), kind="completion")
 
     async def _attempt(self, job: Job, room: int, route: Route) -> AsyncGenerator[Chunk, None]:
-        """One try of ``job`` in ``room`` on ``route``. Raises _PrefillFailed if the prefill rank fails
-        before D produced anything (after that its outcome no longer matters). Unless it ran to the last
+        """One try of ``job`` in ``room`` on ``route``. Raises _AttemptFailed if a rank fails before D produced
+        anything (after that the prefill's outcome no longer matters). Unless it ran to the last
         chunk, the room is aborted on both sides."""
         prefill_rank, decode_rank = route.prefill, route.decode
         sampling = sampling_to_proto(job.sampling)
@@ -269,12 +273,14 @@ class Dispatcher:
                 # Prefill failed and D has no token to show for it: this attempt is lost.
                 if prefill_error is not None and (not next_chunk.done() or next_chunk.exception()):
                     assert prefill_rank is not None  # a colocated rank's prefill future does not fail
-                    raise self._prefill_failed(prefill_rank, prefill_error)
+                    raise self._attempt_failed("prefill", prefill_rank, prefill_error)
                 try:
                     reply = await next_chunk
                 except StopAsyncIteration:
                     raise APIError(500, "the decode stream ended without a finish reason") from None
                 except grpc.aio.AioRpcError as e:
+                    if not started:
+                        raise self._attempt_failed("decode", decode_rank, e) from None
                     self._call_failed(decode_rank, e)
                     raise _api_error(e, "decode") from None
                 started = True
@@ -325,10 +331,10 @@ class Dispatcher:
                     fut.cancel()
                     fut.add_done_callback(_consume_exception)
 
-    def _prefill_failed(self, rank: Rank, exc: BaseException) -> _PrefillFailed:
+    def _attempt_failed(self, side: str, rank: Rank, exc: BaseException) -> _AttemptFailed:
         self._call_failed(rank, exc)
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-        return _PrefillFailed(_api_error(exc, "prefill"), code)
+        return _AttemptFailed(side, _api_error(exc, side), code)
 
     def _call_failed(self, rank: Rank, exc: BaseException) -> None:
         if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:

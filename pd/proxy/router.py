@@ -232,11 +232,10 @@ class Router:
             self._take(r)
         return route
 
-    def pick_prefill(
-        self, model: str, exclude_instances: Iterable[str], prompt_ids: Sequence[int] = ()
-    ) -> Rank:
-        """Another prefill rank for a retry, on none of ``exclude_instances``; counted busy until ``release``."""
-        rank = self._choose(bpb.ROLE_PREFILL, model, frozenset(exclude_instances), self._prompt(prompt_ids))
+    def pick_instead(self, failed: Rank, model: str, prompt_ids: Sequence[int] = ()) -> Rank:
+        """A rank of ``failed``'s role on another instance, for a retry; counted busy until ``release``."""
+        tally = self.decode_decisions if failed.role == bpb.ROLE_DECODE else None
+        rank = self._choose(failed.role, model, {failed.instance_id}, self._prompt(prompt_ids), tally)
         self._take(rank)
         return rank
 

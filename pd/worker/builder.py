@@ -58,10 +58,15 @@ class WorkerConfig:
     aux_slots: int = 1024  # rooms that can be in transfer at once
     decode_headroom_tokens: int = 64  # decode: pages reserved beyond the prompt when a room arrives
     max_pending: int = 4096  # decode: rooms waiting for pages before new ones are refused
+    # On SIGTERM the rank deregisters, refuses new rooms and serves the ones it holds to their end, for this
+    # many seconds at most (a second signal stops it at once); 0: it stops at once, failing them.
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 
     @property
     def served_model_name(self) -> str:

@@ -31,6 +31,9 @@ class CommandQueue:
     def put(self, cmd: Command | None) -> None:
         self._queue.put(cmd)
 
+    def empty(self) -> bool:
+        return self._queue.empty()
+
     def get(self, timeout: float | None) -> Command | None:
         """The next command; raises ``queue.Empty`` after ``timeout`` (0: don't wait)."""
         return self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
@@ -49,8 +52,9 @@ class EngineThread:
 
     Commands run between steps, in arrival order. With ``lockstep`` (a multi-rank instance) the ranks
     agree before each step: all step if any has work (the engine then runs an idle forward on ranks with
-    nothing to do), and all stop together when any is asked to stop. ``bind``: called first on the thread
-    (``ModelRunner.bind_thread``: the model's CUDA device and stream are per thread).
+    nothing to do), all stop together when any is asked to ``stop``, and, asked to ``finish``, when no rank
+    holds a room any more. ``bind``: called first on the thread (``ModelRunner.bind_thread``: the model's CUDA
+    device and stream are per thread).
     """
 
     IDLE_WAIT_S = 0.05  # bounds how long a stop request waits on an idle thread
@@ -68,6 +72,7 @@ class EngineThread:
         self.engine, self.commands, self._emit = engine, commands, emit
         self._bind, self._lockstep = bind, lockstep
         self._stop = threading.Event()
+        self._finishing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
 
@@ -79,9 +84,20 @@ class EngineThread:
         self.commands.put(cmd)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stops after the step running now; the rooms held are abandoned."""
         self._stop.set()
         self.commands.put(None)
         self._thread.join(timeout)
+
+    def finish(self, timeout: float) -> None:
+        """Runs on until the engine holds no room (on every rank of a multi-rank instance), then stops; after
+        ``timeout`` seconds, or on ``stop``, it stops anyway. The caller must refuse new rooms first: one
+        submitted after this call may find the thread gone."""
+        self._finishing.set()
+        self.commands.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
 
     @property
     def alive(self) -> bool:
@@ -102,19 +118,29 @@ class EngineThread:
         if events:
             self._emit(events)
 
+    def _done(self) -> bool:
+        """Asked to finish, and nothing is left: no room, no work, no command (``_finishing`` is read first:
+        a room's command was queued before the worker stopped taking rooms, which was before ``finish``)."""
+        return (
+            self._finishing.is_set()
+            and self.commands.empty()
+            and not self.engine.has_work()
+            and self.engine.rooms_open == 0
+        )
+
     def _run(self) -> None:
         try:
             if self._bind is not None:  # without it a rank on cuda:1 launched its kernels on cuda:0
                 self._bind()
             while True:
                 self._drain(block=not self.engine.has_work())
+                work, staying = self.engine.has_work(), not self._done()
                 if self._lockstep is None:
-                    if self._stop.is_set():
+                    if self._stop.is_set() or not staying:
                         return
-                    work = self.engine.has_work()
                 else:
-                    work, stopping = self._lockstep.agree(self.engine.has_work(), self._stop.is_set())
-                    if stopping:
+                    work, stopping, staying = self._lockstep.agree(work, self._stop.is_set(), staying)
+                    if stopping or not staying:
                         return
                 if work:
                     self._send(self.engine.step())

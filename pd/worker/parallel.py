@@ -2,8 +2,9 @@
 
 EP collectives need every rank of the instance: a rank with no work still joins the MoE
 collectives of any step another rank runs (``ModelRunner.run_idle``). Before each step the ranks
-agree, with one small all-reduce on a gloo group, on whether anyone has work and whether anyone
-is stopping, so they all step, or all wait, or all stop, together.
+agree, with one small all-reduce on a gloo group, on whether anyone has work, whether anyone is
+stopping and whether anyone stays (a draining rank stays while it holds a room; the instance stops once none does), so they all
+step, or all wait, or all stop, together.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ def init_process_groups(par: ParallelConfig, device: str) -> tuple[dist.ProcessG
 
 
 class Lockstep:
-    """``agree(has_work, stopping) -> (anyone_has_work, anyone_stopping)``: one all-reduce (MAX) per call."""
+    """``agree(has_work, stopping, staying) -> (anyone_has_work, anyone_stopping, anyone_staying)``: one
+    all-reduce (MAX) per call. A rank stays unless it was asked to finish and holds nothing."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
-        self._flags = torch.zeros(2, dtype=torch.int32)
+        self._flags = torch.zeros(3, dtype=torch.int32)
 
-    def agree(self, has_work: bool, stopping: bool) -> tuple[bool, bool]:
-        self._flags[0], self._flags[1] = int(has_work), int(stopping)
+    def agree(self, has_work: bool, stopping: bool, staying: bool) -> tuple[bool, bool, bool]:
+        self._flags[0], self._flags[1], self._flags[2] = int(has_work), int(stopping), int(staying)
         dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(self._flags[0]), bool(self._flags[1])
+        return bool(self._flags[0]), bool(self._flags[1]), bool(self._flags[2])
 
 
 def destroy_process_groups() -> None:

@@ -27,10 +27,7 @@ class PrefillWorker(RankServer, wpb_grpc.PrefillWorkerServicer):
     ) -> wpb.PrefillReply:
         sampling = sampling_from_proto(request.sampling)
         await self.compile_grammar(sampling, context)
-        events = self.open_room(request.room)
-        if events is None:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {request.room:x} is already open here")
-            raise AssertionError("context.abort raises")
+        events = await self.open_room(request.room, context)
         self.submit(PrefillRoom(request.room, tuple(request.token_ids), sampling))
         try:
             event = await events.get()

@@ -82,15 +82,21 @@ class RankServer:
         self.bootstrap: BootstrapClient | None = None
         self._rooms: dict[int, asyncio.Queue[Event]] = {}  # open RPCs by room (event loop only)
         self._stopping: asyncio.Event | None = None
+        self.draining = False  # stopping: no new room is taken; the ones held run to their end (serve)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._labels = {"role": self.cfg.role, "instance": "", "rank": str(par.rank)}
 
     # ---- rooms: commands out, events back ----
 
-    def open_room(self, room: int) -> asyncio.Queue[Event] | None:
-        """The event queue of a new RPC for ``room``; None if one is open already."""
+    async def open_room(self, room: int, context: grpc.aio.ServicerContext) -> asyncio.Queue[Event]:
+        """The event queue of a new RPC for ``room``. Refuses the call (``context.abort`` raises) when the rank
+        is draining (UNAVAILABLE: the proxy tries another rank) or an RPC for the room is open already."""
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this rank is shutting down: it takes no new rooms"
+            )
         if room in self._rooms:
-            return None
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {room:x} is already open here")
         q = self._rooms[room] = asyncio.Queue()
         return q
 
@@ -128,10 +134,7 @@ class RankServer:
         """Submits a decode (or colocated) room and yields its tokens, each choice's as they come; the room
         is aborted if the caller goes away before the last chunk of its last choice."""
         await self.compile_grammar(cmd.sampling, context)
-        events = self.open_room(cmd.room)
-        if events is None:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"room {cmd.room:x} is already open here")
-            return
+        events = await self.open_room(cmd.room, context)
         self.submit(cmd)
         unfinished, finished = cmd.sampling.n, False
         try:
@@ -181,6 +184,8 @@ class RankServer:
     ) -> wpb.WorkerHealthReply:
         if not self.thread.alive:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine thread is dead: {self.thread.error!r}")
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this rank is shutting down")
         load, allocator = self.engine.load(), self.rank.engine.allocator
         return wpb.WorkerHealthReply(
             role=self.cfg.role,
@@ -319,9 +324,17 @@ class RankServer:
             ready.set()
         try:
             await self._stopping.wait()
+            self.draining = True
+            await asyncio.to_thread(self._deregister)  # the proxies stop picking this rank
+            if held := self.engine.rooms_open:
+                log.info("draining %d rooms, for %.0f s at most", held, cfg.drain_timeout_s)
+            await asyncio.to_thread(self.thread.finish, cfg.drain_timeout_s)
+            if held := self.engine.rooms_open:
+                log.warning("stopping with %d rooms still held (drain timeout, or a second signal)", held)
         finally:
+            self.draining = True
             await asyncio.to_thread(self._deregister)
-            await server.stop(grace=1.0)
+            await server.stop(grace=1.0)  # the last replies go out
             self.thread.stop(timeout=par.collective_timeout_s)
             if self.rank.transfer is not None:
                 self.rank.transfer.close()
@@ -338,11 +351,16 @@ class RankServer:
             except Exception as e:  # best effort: the lease expires anyway
                 log.info("deregister failed: %s", e)
             self.bootstrap.close()
+            self.bootstrap = None
 
     def stop(self) -> None:
-        """Asks ``serve`` to return (thread-safe)."""
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+        """Asks ``serve`` to return (thread-safe): the first call drains (new rooms are refused, the held ones
+        run to their end, for ``drain_timeout_s`` at most), a second one stops at once."""
+        if self._loop is None or self._stopping is None:
+            return
+        if self._stopping.is_set():
+            self.thread.stop(timeout=0)  # ends the drain: finish() returns
+        self._loop.call_soon_threadsafe(self._stopping.set)
 
 
 def _queue_length(engine: RoleEngine, name: str) -> int:
