@@ -77,6 +77,14 @@ def add_proxy_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
         ),
         add_field_arg(
             g,
+            "--drain-timeout",
+            ProxyConfig,
+            "drain_timeout_s",
+            help="on SIGTERM: new connections are refused and open requests run on for this many seconds at "
+            "most; the ones still open then are cut (their rooms aborted)",
+        ),
+        add_field_arg(
+            g,
             "--routing",
             RoutingConfig,
             "policy",
@@ -171,6 +179,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         body_timeout_s=args.body_timeout,
         keepalive_s=args.keepalive,
         retry_prefill=args.retry_prefill,
+        drain_timeout_s=args.drain_timeout,
         reasoning_parser=args.reasoning_parser,
         routing=routing_config(args),
         tool_call_parser=args.tool_call_parser,
@@ -205,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
         limit_concurrency=args.max_connections,
+        timeout_graceful_shutdown=cfg.drain_timeout_s,
         # With TLS, HTTPS on the public port with the same certificate; clients need not present one
         # (OpenAI clients do not), only pd's own gRPC peers must.
         ssl_certfile=cfg.tls.cert if cfg.tls else None,

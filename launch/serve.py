@@ -295,17 +295,19 @@ def wait_healthy(
     raise TimeoutError(f"{url}/health did not become healthy within {timeout:.0f} s")
 
 
-def stop_all(children: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
+def stop_all(children: dict[str, subprocess.Popen], proxy_drain_s: float, grace: float = 10.0) -> None:
     """Stops the children in reverse start order (proxy first, bootstrap last, so workers can still
-    deregister): SIGTERM, then SIGKILL for one still alive after ``grace`` seconds."""
+    deregister): SIGTERM, then SIGKILL for one still alive after ``grace`` seconds (the proxy: after its
+    drain, ``proxy_drain_s``, and ``grace``; its open streams run on meanwhile)."""
     for name in reversed(list(children)):
         p = children[name]
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
+        wait = grace + (proxy_drain_s if name == "proxy" else 0)
         try:
-            p.wait(grace)
+            p.wait(wait)
         except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not stop in %.0f s: killing it", name, p.pid, grace)
+            log.warning("%s (pid %d) did not stop in %.0f s: killing it", name, p.pid, wait)
             p.kill()
             p.wait()
 
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         boot_sock.close()
         proxy_sock.close()
-        stop_all(children)
+        stop_all(children, args.drain_timeout)
     sys.exit(code)
 
 

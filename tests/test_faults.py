@@ -57,7 +57,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
         proxies={
             "proxy": proxy,
             "noretry": (*proxy, "--no-retry-prefill"),
-            "small": (*proxy, "--max-inflight", "4"),
+            "small": (*proxy, "--max-inflight", "4", "--drain-timeout", "0"),
         },
         common_args=("--cluster-token-file", str(d / "token")),
     ) as c:
@@ -407,6 +407,29 @@ def test_a_second_sigterm_ends_the_drain_at_once(cluster, prompts, reference):
         f"\ndecode SIGTERM x2: {len(failed)} streams ended; exited {time.monotonic() - signalled:.1f}s after"
     )
     cluster.assert_idle(ranks=3)
+    cluster.heal()
+    cluster.assert_idle()
+
+
+@pytest.mark.parametrize("name", ["proxy", "small"])
+def test_sigterm_on_a_proxy_lets_its_open_streams_finish_within_its_drain(cluster, prompts, reference, name):
+    """SIGTERM on a proxy: it takes no new connection; its open streams run to their end within
+    ``--drain-timeout`` (30 s: all do) or are cut when it is over (``small``: 0 s, at once: none does, and the
+    workers free their rooms). It exits with status 0."""
+    outs, signalled = asyncio.run(
+        run_with_fault(
+            cluster.urls[name], prompts, lambda: cluster.signal(name, signal.SIGTERM), 4, LONG_TOKENS
+        )
+    )
+    admitted = [o for o in outs if o.status == 200]
+    assert cluster.procs[name].wait(CLIENT_TIMEOUT) == 0
+    if name == "proxy":
+        assert len(admitted) == N and all(o.ok and len(o.tokens) == LONG_TOKENS for o in outs)
+    else:  # the others got 429 (--max-inflight 4)
+        assert len(admitted) == 4 and not any(o.ok for o in admitted), [(o.error, o.exception) for o in outs]
+    assert all(o.tokens[:MAX_TOKENS] == ref[: len(o.tokens)] for o, ref in zip(outs, reference))
+    print(f"\n{name} SIGTERM: {sum(o.ok for o in outs)} of {len(admitted)} streams finished; exited after "
+          f"{time.monotonic() - signalled:.1f}s")  # fmt: skip
     cluster.heal()
     cluster.assert_idle()
 

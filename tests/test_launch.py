@@ -131,6 +131,7 @@ PROXY_FIELDS = {
     "body_timeout": (ProxyConfig, "body_timeout_s"),
     "keepalive": (ProxyConfig, "keepalive_s"),
     "retry_prefill": (ProxyConfig, "retry_prefill"),
+    "drain_timeout": (ProxyConfig, "drain_timeout_s"),
 }
 BOOTSTRAP_FIELDS = {
     "host": (BootstrapConfig, "host"),

@@ -25,6 +25,11 @@ class ProxyConfig:
     refresh_s: float = 1.0  # how often the registry view is refreshed
     keepalive_s: float = 5.0  # pings on worker channels: a hung worker fails its calls within ~2x this
     retry_prefill: bool = True  # a prefill rank that fails before the first token: retry once elsewhere
+    drain_timeout_s: float = 30.0  # on SIGTERM: seconds open requests may run on before they are cut
     reasoning_parser: str | None = None  # chat: reasoning text to reasoning_content (pd.proxy.reasoning)
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # which rank computes a prompt
     tool_call_parser: str | None = None  # chat: the model's tool-call format (pd.proxy.tools); None: no tools
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
