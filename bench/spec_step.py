@@ -262,7 +262,7 @@ def main() -> None:
     if args.split_sequences is not None:
         if not isinstance(runner.attn, TritonMLABackend) or args.split_sequences not in buckets:
             raise SystemExit(f"--split-sequences needs the triton backend and a bucket size ({buckets})")
-        runner.attn.split_sequences = args.split_sequences
+        runner.attn.split_sequences = runner.attn.split_verify_sequences = args.split_sequences
     for k in ks:
         runner.verify_graphs = VerifyGraphs(
             runner.model, runner.attn, runner.pool, buckets, runner.context_len, k, oracle=True, capture=gpu

@@ -84,7 +84,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
             E,
             "attention_backend",
             choices=ATTENTION_BACKENDS,
-            help="auto: flashinfer on CUDA when installed, else the torch reference; flashinfer: FlashInfer's MLA kernels for every step; triton: flashinfer with pd's split-KV Triton kernel for decode steps of few queries (plain decode, small verify steps: no attention planning on the host)",
+            help="auto: triton on CUDA when FlashInfer is installed, else the torch reference; flashinfer: FlashInfer's MLA kernels for every step; triton: flashinfer with pd's split-KV Triton kernel for decode steps of few queries (plain decode, small verify steps: no attention planning on the host)",
         ),
         add_field_arg(g, "--seed", E, "seed", help="seed of dummy weights and of requests without a seed"),
         add_field_arg(

@@ -129,7 +129,10 @@ def _cpu_backend(pool: KVPool, heads: int, lora: int, scale: float):
     b.pool, b.scale, b.kv_lora_rank, b.num_heads = pool, scale, lora, heads
     b.device, b.dtype = pool.buffer.device, pool.layout.dtype
     b.active, b.inputs, b._eager = None, None, None
-    b.split_sequences = triton_mla.SPLIT_SEQUENCES
+    b.split_sequences, b.split_verify_sequences = (
+        triton_mla.SPLIT_SEQUENCES,
+        triton_mla.SPLIT_VERIFY_SEQUENCES,
+    )
     return b
 
 
@@ -181,7 +184,7 @@ def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, split, monkeypatch
     """Eager and graph steps agree bit for bit only if both take the same kernel: for every count of sequences up
     to the largest bucket, and ``q`` queries a sequence (plain decode; verify steps of K = 1-3), an eager step runs
     the split kernel exactly when the bucket that would replay it does (FlashInfer's planning stubbed), with the
-    default sequence bound and one a benchmark sets."""
+    default sequence bounds (16; 32 for verify steps of two queries a sequence) and one a benchmark sets."""
     from pd.attention import triton_mla
     from pd.engine.decode_graph import default_buckets
 
@@ -189,15 +192,18 @@ def test_an_eager_step_and_its_bucket_take_the_same_kernel(q, split, monkeypatch
     monkeypatch.setattr(triton_mla.FlashInferMLABackend, "graph_state", lambda self, *a, **k: "flashinfer")
     layout = KVLayout(1, 4, 4, 48, torch.float32, KVOrder.LAYER_MAJOR)
     backend = _cpu_backend(KVPool(layout, "cpu"), 4, 32, 1.0)
-    backend.split_sequences = split or triton_mla.SPLIT_SEQUENCES
+    if split is not None:
+        backend.split_sequences = backend.split_verify_sequences = split
+    bound = backend.split_verify_sequences if q == 2 else backend.split_sequences
+    assert bound == (split or {2: 32}.get(q, 16))
     buckets = default_buckets(64)
-    assert backend.split_sequences in buckets
+    assert bound in buckets
     for n in range(1, 65):
         backend.prepare(AttnInputs(BatchMode.DECODE, [4] * n, [4 + q] * n, [[1, 2]] * n))
         bucket = next(b for b in buckets if b >= n)
         state = backend.graph_state(bucket, bucket * 2, None if q == 1 else bucket * q, max_q_per_row=q)
         assert (backend._eager is not None) == isinstance(state, triton_mla._SplitState), (n, bucket)
-        assert (backend._eager is not None) == (n <= backend.split_sequences)
+        assert (backend._eager is not None) == (n <= bound)
     # Longer rows than a verify step's (a prompt in decode form) go to FlashInfer, eager and graphed alike.
     q = triton_mla.MAX_Q_PER_ROW + 1
     backend.prepare(AttnInputs(BatchMode.DECODE, [4], [4 + q], [[1, 2, 3]]))

@@ -5,11 +5,12 @@ Why: FlashInfer plans each decode step on the host (~1.3 ms at batch 1 on an H20
 decode loop, not by serial steps such as speculative ones), and its MLA decode kernel has a fixed cost of ~12-17 us
 a layer at batch 1-32. This kernel needs no planning and splits every query's positions over several programs.
 Each query is a row of its own, with its sequence's page table and the positions it sees (its own included): plain
-decode steps, and causal verify steps whose rows compute at most a few positions (``graph_state``'s
-``max_q_per_row``), of up to ``split_sequences`` sequences (16). A row's result depends on its own
+decode steps of up to ``split_sequences`` sequences (16), and causal verify steps whose rows compute at most a few
+positions (``graph_state``'s ``max_q_per_row``), of up to 32 sequences at two queries a sequence (K = 1), else 16.
+A row's result depends on its own
 inputs alone, so eager and graph steps that both take the kernel agree bit for bit. Its metadata is a page table
-and the lengths (small copies a step). Chosen by name (``--attention-backend triton``); ``pd.bench.decode_step``
-and ``pd.bench.spec_step`` take ``--attention-backend`` to compare it with ``flashinfer``.
+and the lengths (small copies a step). ``auto``'s choice on CUDA (``pd.engine.runner.make_attention_backend``);
+``pd.bench.decode_step`` and ``pd.bench.spec_step`` take ``--attention-backend`` to compare it with ``flashinfer``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from pd.kernels.mla_decode import mla_decode
 from pd.speculative import MAX_SPECULATIVE_TOKENS
 from pd.types import BatchMode
 
-# The most sequences a decode-mode step runs on the split kernel: a graph bucket size, so an eager step and the
-# bucket that would replay it take the same kernel. fa3 is faster beyond at plain decode on an H200.
+# The most sequences a decode-mode step runs on the split kernel: graph bucket sizes, so an eager step and the
+# bucket that would replay it take the same kernel. Plain decode: fa3 is faster beyond 16 on an H200, and the
+# overlapped loop hides its plan. Verify steps of two queries a sequence: at 32 sequences the split kernel is
+# slower than fa3 (33 against 16 us a layer at 64 rows) but spares the pipelined loop FlashInfer's plan: 12.3
+# against 16.2 ms a step (bench/results/spec_step_h200.md, session 12). More queries a sequence: 16, as plain.
 SPLIT_SEQUENCES = 16
+SPLIT_VERIFY_SEQUENCES = 32
 MAX_Q_PER_ROW = MAX_SPECULATIVE_TOKENS + 1  # a verify step's queries a sequence; longer rows go to FlashInfer
 
 
@@ -56,18 +61,17 @@ class TritonMLABackend(FlashInferMLABackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # The most sequences a decode-mode step runs on the split kernel: a graph bucket size, set before any graph
-        # is captured (``pd.bench.spec_step --split-sequences`` tries others).
-        self.split_sequences = SPLIT_SEQUENCES
+        # The most sequences a decode-mode step (a verify step of two queries a sequence) runs on the split kernel:
+        # graph bucket sizes, set before any graph is captured (``pd.bench.spec_step --split-sequences`` tries
+        # others).
+        self.split_sequences, self.split_verify_sequences = SPLIT_SEQUENCES, SPLIT_VERIFY_SEQUENCES
         # An eager step's (page table, lengths, longest length) when the split kernel runs it; None otherwise.
         self._eager: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def prepare(self, inputs: AttnInputs) -> None:
         self._eager = None
-        if (
-            inputs.mode is not BatchMode.DECODE
-            or len(inputs.starts) > self.split_sequences
-            or max(inputs.q_lens, default=1) > MAX_Q_PER_ROW
+        if inputs.mode is not BatchMode.DECODE or not self._splits(
+            len(inputs.starts), max(inputs.q_lens, default=1)
         ):
             super().prepare(inputs)
             return
@@ -77,11 +81,18 @@ class TritonMLABackend(FlashInferMLABackend):
         tables, lens = _query_rows(meta, int(meta.pages_used.max()))
         self._eager = (self._to_device(tables), self._to_device(lens), int(lens.max()))
 
+    def _splits(self, sequences: int, max_q: int) -> bool:
+        """Whether a decode-mode step of ``sequences`` sequences of at most ``max_q`` queries each runs the split
+        kernel (the bounds above)."""
+        if max_q > MAX_Q_PER_ROW:
+            return False
+        return sequences <= (self.split_verify_sequences if max_q == 2 else self.split_sequences)
+
     def graph_state(
         self, batch: int, max_pages: int, tokens: int | None = None, max_q_per_row: int | None = None
     ) -> _GraphState:
         q = 1 if tokens is None else max_q_per_row  # None: a graphed prompt step
-        if batch > self.split_sequences or q is None or q > MAX_Q_PER_ROW:
+        if q is None or not self._splits(batch, q):
             return super().graph_state(batch, max_pages, tokens, max_q_per_row)
         rows = batch if tokens is None else tokens
         dev, i32, width = self.device, torch.int32, -(-max_pages // batch)

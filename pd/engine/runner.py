@@ -90,10 +90,10 @@ def make_attention_backend(name: str, pool: KVPool, cfg: ModelConfig) -> Attenti
                 "graphs: decode is several times slower",
                 why,
             )
-        # FlashInfer plans each decode step on the host (~1.3 ms on an H200 at batch 1), which serial steps pay;
-        # "triton" does not (bench/results/decode_step_h200_1203.md, "Session 9"). It becomes auto's choice once
-        # the GPU tests have run with it as the default (bench/gpu/run_h200_next10.sh).
-        name = "flashinfer" if why is None else "torch"
+        # "triton" runs small decode and verify steps on pd's split kernel, which plans nothing on the host, and
+        # the rest on FlashInfer, whose plan (~1.3 ms on an H200 at batch 1) serial and pipelined speculative
+        # steps pay: as fast at plain decode, faster with MTP (bench/results/spec_step_h200.md, session 12).
+        name = "triton" if why is None else "torch"
     if name == "torch":
         return TorchMLABackend(pool, cfg.softmax_scale, cfg.kv_lora_rank)
     if name in ("flashinfer", "triton"):
