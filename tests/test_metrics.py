@@ -176,6 +176,7 @@ def test_proxy_metrics_render_parseable_with_types():
         "pd_proxy_aborts": "counter",
         "pd_proxy_tokens": "counter",
         "pd_proxy_prefill_retries": "counter",
+        "pd_proxy_decode_retries": "counter",
     }
 
 

@@ -7,9 +7,9 @@ set -u
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 source bench/gpu/setup_pack.sh
-timeout 230 python3 -m pytest -q -m gpu tests/test_gpu.py -rfE --tb=long \
+timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -rfE --tb=long \
   -k "grammar_masks or agrees_with_transformers_fp32" > $OUT/pytest_gpu3.txt 2>&1
 echo "== GPU tests (t=$(elapsed) s): $(tail -1 $OUT/pytest_gpu3.txt)"; grep -E "^E |^FAILED|Error" $OUT/pytest_gpu3.txt | head -30
-timeout $(( 320 - $(elapsed) )) python3 -m pd.bench.spec_step --batches 32 --ks 1 --context 1024 --iters 10 \
+timeout $(( 280 - $(elapsed) )) python3 -m pd.bench.spec_step --batches 32 --ks 1 --context 1024 --iters 10 \
   --out $OUT/spec_auto_b32.json > $OUT/spec_auto_b32.txt 2>&1
 echo "== spec_step auto b32 rc=$? (t=$(elapsed) s)"; grep -E "^\| [0-9]" $OUT/spec_auto_b32.txt | tail -1
