@@ -3,8 +3,8 @@
 EP collectives need every rank of the instance: a rank with no work still joins the MoE
 collectives of any step another rank runs (``ModelRunner.run_idle``). Before each step the ranks
 agree, with one small all-reduce on a gloo group, on whether anyone has work, whether anyone is
-stopping and whether anyone stays (a draining rank stays while it holds a room; the instance stops once none does), so they all
-step, or all wait, or all stop, together.
+stopping and whether anyone stays (a draining rank stays while it holds a room; the instance stops
+once none does), so they all step, or all wait, or all stop, together.
 """
 
 from __future__ import annotations
