@@ -335,9 +335,8 @@ def spawn_ranks(role: str, args: argparse.Namespace, argv: list[str]) -> int:
         for c in children:
             if c.poll() is None:
                 c.terminate()
-    deadline = (
-        time.monotonic() + 30 + (args.drain_timeout if stopping else 0)
-    )  # asked to stop: they drain first
+    drain = args.drain_timeout if stopping else 0  # asked to stop, the ranks drain first
+    deadline = time.monotonic() + 30 + drain
     for c in children:
         try:
             c.wait(max(0.1, deadline - time.monotonic()))

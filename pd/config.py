@@ -336,9 +336,7 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 4096
     max_context_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str = (
-        "auto"  # auto: triton (FlashInfer plus pd's split kernel) on CUDA when installed, else torch
-    )
+    attention_backend: str = "auto"  # auto: triton (FlashInfer + pd's split kernel) on CUDA, else torch
     # Full-model CUDA graphs on CUDA (needs a graph-capable attention backend): decode steps, and on single-rank
     # engines prompt steps of at most graph_extend_tokens tokens (pd.engine.extend_graph; 0: those eager).
     cuda_graph: bool = True

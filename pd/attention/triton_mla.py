@@ -7,9 +7,8 @@ a layer at batch 1-32. This kernel needs no planning and splits every query's po
 Each query is a row of its own, with its sequence's page table and the positions it sees (its own included): plain
 decode steps of up to ``split_sequences`` sequences (16), and causal verify steps whose rows compute at most a few
 positions (``graph_state``'s ``max_q_per_row``), of up to 32 sequences at two queries a sequence (K = 1), else 16.
-A row's result depends on its own
-inputs alone, so eager and graph steps that both take the kernel agree bit for bit. Its metadata is a page table
-and the lengths (small copies a step). ``auto``'s choice on CUDA (``pd.engine.runner.make_attention_backend``);
+A row's result depends on its own inputs alone, so eager and graph steps that both take the kernel agree bit for
+bit. Its metadata is a page table and the lengths (small copies a step). ``auto``'s choice on CUDA (``pd.engine.runner.make_attention_backend``);
 ``pd.bench.decode_step`` and ``pd.bench.spec_step`` take ``--attention-backend`` to compare it with ``flashinfer``.
 """
 

@@ -236,8 +236,8 @@ class MTPSpeculator:
         self, step: Batch, out: torch.Tensor, bases: list[int], drafted: list[list[int]], unread: list[int]
     ) -> tuple[Verdict, torch.Tensor | None]:
         """Acceptance of the verify's logits ``out [T, V]`` for the launched ``step`` (request ``b``'s offsets from
-        row ``bases[b]``, the drafts ``drafted[b]`` it verifies, ``unread[b]`` of its tokens not recorded by the host yet;
-        ``step.ends[b]`` its length with them): logits processing at each offset, then
+        row ``bases[b]``, the drafts ``drafted[b]`` it verifies, ``unread[b]`` of its tokens not recorded by the
+        host yet; ``step.ends[b]`` its length with them): logits processing at each offset, then
         ``sample_accept`` (or the oracle's ``accept_all``); the verdict's counts clipped to each row's drafts +
         1. Also returns the logits per offset ``[B, K + 1, V]`` where a request asks for top logprobs (read with
         the step), else None. Nothing here waits for the device."""
@@ -306,16 +306,15 @@ class MTPSpeculator:
         unread: list[int],
     ) -> StepLogits | None:
         """Logits processing (in place) of the rows that ask for it, at every offset ``j`` of the verify up to
-        their drafts (``drafts [B, K]``, ``drafted`` on the host): the drafts before it count as generated (penalties, min_tokens) and are consumed by the
-        grammar (its mask after them): if offset ``j`` is emitted at all, they were accepted; so do a row's
-        ``unread`` tokens (read, recorded on the device, not yet on the host). Returns the first offset's inputs
-        (whose penalty rows record what the step emits)."""
+        their drafts (``drafts [B, K]``, ``drafted`` on the host): the drafts before it count as generated
+        (penalties, min_tokens) and are consumed by the grammar (its mask after them): if offset ``j`` is
+        emitted at all, they were accepted; so do a row's ``unread`` tokens (read, recorded on the device, not
+        yet on the host). Returns the first offset's inputs (whose penalty rows record what the step emits)."""
         proc = [b for b, r in enumerate(reqs) if r.sampling.needs_processing]
         first: StepLogits | None = None
         for j in range(self.k + 1):
-            rows = [
-                b for b in proc if j <= len(drafted[b])
-            ]  # past a row's drafts its offsets repeat its last
+            # Past a row's drafts its offsets repeat its last.
+            rows = [b for b in proc if j <= len(drafted[b])]
             before = [drafted[b][:j] for b in rows]
             ahead = [unread[b] for b in rows]  # recorded on the device already: min_tokens counts them
             step = self.logits.prepare([reqs[b] for b in rows], before, ahead, part=j) if rows else None

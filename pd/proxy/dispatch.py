@@ -25,6 +25,7 @@ from pd.metrics import Registry
 from pd.proxy.admission import Job
 from pd.proxy.protocol import APIError
 from pd.proxy.router import NoWorkers, Rank, Route, Router
+from pd.rpc import bootstrap_pb2 as bpb
 from pd.rpc import worker_pb2 as wpb
 from pd.rpc.sampling import prompt_from_proto, sampling_to_proto, top_from_proto
 from pd.types import TopLogprobs
@@ -90,12 +91,21 @@ class Chunk:
 
 
 class _AttemptFailed(Exception):
-    """A rank (``side``: "prefill" or "decode") failed before the decode stream produced anything: the attempt
-    is lost, and another rank may do better."""
+    """``rank`` (the attempt's prefill or decode rank) failed before the decode stream produced anything: the
+    attempt is lost, and another rank may do better."""
 
-    def __init__(self, side: str, error: APIError, code: grpc.StatusCode | None) -> None:
+    def __init__(self, rank: Rank, error: APIError, code: grpc.StatusCode | None) -> None:
         super().__init__(error.message)
-        self.side, self.error, self.code = side, error, code
+        self.rank, self.error, self.code = rank, error, code
+
+    @property
+    def side(self) -> str:
+        return _side(self.rank)
+
+
+def _side(rank: Rank) -> str:
+    """The side of an attempt a retry replaces: "prefill", or "decode" for a decode or colocated rank."""
+    return "prefill" if rank.role == bpb.ROLE_PREFILL else "decode"
 
 
 class Dispatcher:
@@ -171,18 +181,17 @@ class Dispatcher:
                             yield chunk
                     return
                 except _AttemptFailed as e:
-                    failed = route.decode if e.side == "decode" else route.prefill
-                    if e.side in retried or e.code not in _RETRY or failed is None:
+                    if e.side in retried or e.code not in _RETRY:
                         raise e.error from None
                     try:
-                        other = self.router.pick_instead(failed, job.model.name, job.prompt_ids)
+                        other = self.router.pick_instead(e.rank, job.model.name, job.prompt_ids)
                     except NoWorkers:
                         raise e.error from None
                     retried.add(e.side)
                     self.m_retries[e.side].inc()
                     log.warning("room %x: %s; retrying on %s", room, e.error.message, other.label)
-                    self.router.release(failed)
-                    route = Route(other, route.prefill) if e.side == "decode" else Route(route.decode, other)
+                    self.router.release(e.rank)
+                    route = Route(route.decode, other) if e.side == "prefill" else Route(other, route.prefill)
         finally:
             self.router.release(*route.ranks)
 
@@ -273,14 +282,14 @@ class Dispatcher:
                 # Prefill failed and D has no token to show for it: this attempt is lost.
                 if prefill_error is not None and (not next_chunk.done() or next_chunk.exception()):
                     assert prefill_rank is not None  # a colocated rank's prefill future does not fail
-                    raise self._attempt_failed("prefill", prefill_rank, prefill_error)
+                    raise self._attempt_failed(prefill_rank, prefill_error)
                 try:
                     reply = await next_chunk
                 except StopAsyncIteration:
                     raise APIError(500, "the decode stream ended without a finish reason") from None
                 except grpc.aio.AioRpcError as e:
                     if not started:
-                        raise self._attempt_failed("decode", decode_rank, e) from None
+                        raise self._attempt_failed(decode_rank, e) from None
                     self._call_failed(decode_rank, e)
                     raise _api_error(e, "decode") from None
                 started = True
@@ -331,10 +340,10 @@ class Dispatcher:
                     fut.cancel()
                     fut.add_done_callback(_consume_exception)
 
-    def _attempt_failed(self, side: str, rank: Rank, exc: BaseException) -> _AttemptFailed:
+    def _attempt_failed(self, rank: Rank, exc: BaseException) -> _AttemptFailed:
         self._call_failed(rank, exc)
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-        return _AttemptFailed(side, _api_error(exc, side), code)
+        return _AttemptFailed(rank, _api_error(exc, _side(rank)), code)
 
     def _call_failed(self, rank: Rank, exc: BaseException) -> None:
         if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
