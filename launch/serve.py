@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # the configs the children will build, checked here too
         engine_config(args, args.model or "")
         routing_config(args)
+        ProxyConfig(bootstrap="", drain_timeout_s=args.drain_timeout)
         TransferConfig(
             protocol=transfer_protocol(args),
             kv_checksum=args.kv_checksum,

@@ -443,6 +443,7 @@ def test_pd_serve_splits_a_shared_gpu_between_prefill_and_decode(argv, expected)
         ("pd.launch.serve", ["--piecewise-graphs", "--speculative-algorithm", "mtp", "--num-speculative-tokens",
                              "1"], "piecewise_graphs: speculative decoding's verify graphs are captured whole"),
         ("pd.launch.serve", ["--kv-layout", "rows"], "invalid choice: 'rows'"),
+        ("pd.launch.serve", ["--drain-timeout", "-1"], "drain_timeout_s must be >= 0"),
         ("pd.launch.decode", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--transfer-writers", "0"],
          "writers_per_peer must be >= 1"),
         ("pd.launch.prefill", ["--model", "/m", "--bootstrap", "127.0.0.1:1", "--drain-timeout", "-1"],
